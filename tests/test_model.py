@@ -1,0 +1,270 @@
+"""The positional variants: upstream equivalence, kv-cache correctness, RoPE properties, encoder lengths."""
+
+import contextlib
+
+import pytest
+import torch
+import whisper
+import whisper.decoding
+from whisper.model import Whisper, disable_sdpa
+
+import whisper_rope
+from whisper_rope.model import PositionalAttention, trailing_padding_start
+from whisper_rope.positional import RotaryEmbedding, rotate_half
+
+from .conftest import MIXED_VARIANTS, randomise_
+
+ALL_VARIANTS = whisper_rope.available_variants() + MIXED_VARIANTS
+
+
+def _model(dims, variant):
+    return randomise_(whisper_rope.build_model(dims, variant)).eval()
+
+
+def _upstream_pair(dims):
+    upstream = randomise_(Whisper(dims)).eval()
+    ours = whisper_rope.build_model(dims, "whisper").eval()
+    ours.load_state_dict(upstream.state_dict())
+    return upstream, ours
+
+
+def test_presets_and_canonical_names():
+    assert whisper_rope.available_variants() == [
+        "whisper", "rotary", "rotary/sinusoidal", "rotary/rotary+sinusoidal", "rotary/learned-sinusoidal"
+    ]  # fmt: skip
+    assert whisper_rope.parse_variant("whisper").name == "sinusoidal/learned"
+    assert whisper_rope.parse_variant("sinusoidal+rotary/learned+rotary").name == "rotary+sinusoidal/rotary+learned"
+
+
+@pytest.mark.parametrize("bad", ["rope", "rotary/", "learned/learned", "rotary/rotary+learned-sinusoidal", "a/b/c", ""])
+def test_invalid_variant_lists_valid_schemes(bad):
+    with pytest.raises(ValueError) as info:
+        whisper_rope.parse_variant(bad)
+    message = str(info.value)
+    assert "valid encoder schemes: sinusoidal, rotary, rotary+sinusoidal" in message
+    assert "learned-sinusoidal" in message
+
+
+def test_whisper_variant_is_upstream_bit_for_bit(dims):
+    upstream, ours = _upstream_pair(dims)
+    assert list(ours.state_dict()) == list(upstream.state_dict())
+    assert isinstance(ours, Whisper)
+    mel = torch.randn(2, 80, 2 * dims.n_audio_ctx)
+    tokens = torch.randint(0, 50000, (2, 12))
+    for context in (contextlib.nullcontext, disable_sdpa):
+        with context():
+            assert torch.equal(ours(mel, tokens), upstream(mel, tokens))
+    # Incremental decoding through upstream's cache hooks, one token at a time.
+    for model_pair in [(upstream, ours)]:
+        results = []
+        for model in model_pair:
+            cache, hooks = model.install_kv_cache_hooks()
+            audio = model.embed_audio(mel)
+            steps = [model.decoder(tokens[:, :5], audio, kv_cache=cache)]
+            steps += [model.decoder(tokens[:, i : i + 1], audio, kv_cache=cache) for i in range(5, 12)]
+            for hook in hooks:
+                hook.remove()
+            results.append(torch.cat(steps, dim=1))
+        assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("beam_size", [None, 3])
+def test_whisper_variant_decodes_upstream_tokens(dims, beam_size):
+    upstream, ours = _upstream_pair(dims)
+    # Upstream's beam search only works on one clip at a time (it does not repeat the audio features per beam).
+    mel = torch.randn(2 if beam_size is None else 1, 80, 2 * dims.n_audio_ctx)
+    options = whisper.DecodingOptions(language="en", beam_size=beam_size, sample_len=10, fp16=False)
+    expected = [r.tokens for r in whisper.decode(upstream, mel, options)]
+    assert [r.tokens for r in whisper.decode(ours, mel, options)] == expected
+    assert all(len(tokens) > 0 for tokens in expected)
+
+
+@contextlib.contextmanager
+def _record_cache_errors(reference, errors):
+    """Compare every cached decoding step of upstream's inference loop against a full forward pass.
+
+    Upstream's `PyTorchInference.logits` sees the whole token history of every (rearranged) beam, so the last
+    position's full-forward logits are the ground truth for the cached step. The full forward runs on a separate
+    ``reference`` copy because upstream's cache hooks fire on every call of the decoding model's projections.
+    """
+    original = whisper.decoding.PyTorchInference.logits
+
+    def checked(self, tokens, audio_features):
+        cached = original(self, tokens, audio_features)
+        with torch.no_grad():
+            full = reference.decoder(tokens, audio_features)[:, -cached.shape[1] :]
+        errors.append((cached - full).abs().max().item())
+        return cached
+
+    whisper.decoding.PyTorchInference.logits = checked
+    try:
+        yield
+    finally:
+        whisper.decoding.PyTorchInference.logits = original
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+@pytest.mark.parametrize("beam_size", [None, 3])
+def test_cached_decoding_matches_full_forward(dims, variant, beam_size):
+    """Greedy and beam search (with cache rearrangement), batch of 2, fp32: every step equals a full forward."""
+    model = _model(dims, variant)
+    reference = whisper_rope.build_model(dims, variant).eval()
+    reference.load_state_dict(model.state_dict())
+    mel = torch.randn(2, 80, 2 * dims.n_audio_ctx)
+    errors = []
+    with _record_cache_errors(reference, errors):
+        results = model.decode(mel, whisper.DecodingOptions(language="en", beam_size=beam_size, sample_len=12, fp16=False))
+    assert len(results) == 2 and len(errors) >= 10
+    assert max(errors) < 1e-5, f"{variant}: max |cached - full| = {max(errors):.2e}"
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_chunked_decoding_onto_cache_matches_full_forward(dims, variant):
+    """Several tokens fed at once onto a non-empty cache (where upstream's own masking is wrong)."""
+    model = _model(dims, variant)
+    mel = torch.randn(2, 80, 2 * dims.n_audio_ctx)
+    tokens = torch.randint(0, 50000, (2, 20))
+    audio = model.embed_audio(mel)
+    full = model.decoder(tokens, audio)
+    for context in (contextlib.nullcontext, disable_sdpa):
+        with context():
+            cache, hooks = model.install_kv_cache_hooks()
+            chunks = [model.decoder(tokens[:, a:b], audio, kv_cache=cache) for a, b in [(0, 4), (4, 5), (5, 11), (11, 20)]]
+            for hook in hooks:
+                hook.remove()
+            torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_batched_beam_search_equals_one_clip_at_a_time(dims):
+    model = _model(dims, "rotary")
+    mel = torch.randn(3, 80, 2 * dims.n_audio_ctx)
+    options = whisper.DecodingOptions(language="en", beam_size=3, sample_len=8, fp16=False)
+    batched = [r.tokens for r in model.decode(mel, options)]
+    assert batched == [whisper.decode(model, mel[i], options).tokens for i in range(3)]
+    greedy = whisper.DecodingOptions(language="en", sample_len=8, fp16=False)
+    assert [r.tokens for r in model.decode(mel, greedy)] == [model.decode(mel[i], greedy).tokens for i in range(3)]
+
+
+def test_upstream_is_wrong_on_chunked_decoding(dims):
+    """Documents why our attention aligns the causal mask: upstream mis-masks several tokens onto a cache."""
+    upstream = randomise_(Whisper(dims)).eval()
+    tokens = torch.randint(0, 50000, (1, 10))
+    audio = upstream.embed_audio(torch.randn(1, 80, 2 * dims.n_audio_ctx))
+    full = upstream.decoder(tokens, audio)
+    cache, hooks = upstream.install_kv_cache_hooks()
+    chunked = torch.cat([upstream.decoder(tokens[:, :4], audio, kv_cache=cache), upstream.decoder(tokens[:, 4:], audio, kv_cache=cache)], 1)
+    assert (chunked - full).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_sdpa_and_explicit_attention_agree(dims, variant):
+    model = _model(dims, variant)
+    mel = torch.randn(2, 80, 2 * dims.n_audio_ctx)
+    tokens = torch.randint(0, 50000, (2, 9))
+    with_sdpa = model(mel, tokens)
+    with disable_sdpa():
+        explicit = model(mel, tokens)
+    torch.testing.assert_close(with_sdpa, explicit, atol=1e-5, rtol=1e-5)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    rotary = RotaryEmbedding(head_dim=16)
+    q, k = torch.randn(2, 7, 3, 16), torch.randn(2, 7, 3, 16)
+
+    def scores(offset):
+        rq, rk = rotary.rotate(q, offset), rotary.rotate(k, offset)
+        return torch.einsum("bqhd,bkhd->bhqk", rq, rk)
+
+    torch.testing.assert_close(scores(0), scores(123), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(scores(0), torch.einsum("bqhd,bkhd->bhqk", q, k), atol=1e-3)
+
+
+def test_rope_rotates_every_head_and_keeps_norms():
+    rotary = RotaryEmbedding(head_dim=8)
+    x = torch.randn(1, 5, 4, 8)
+    rotated = rotary.rotate(x)
+    assert torch.equal(rotated[:, 0], x[:, 0])  # position 0 is the identity
+    for head in range(4):
+        assert not torch.allclose(rotated[:, 1:, head], x[:, 1:, head])
+    torch.testing.assert_close(rotated.norm(dim=-1), x.norm(dim=-1))
+    assert torch.equal(rotate_half(torch.tensor([1.0, 2.0, 3.0, 4.0])), torch.tensor([-3.0, -4.0, 1.0, 2.0]))
+
+
+def test_rope_tables_are_cached_in_fp32_and_not_in_state_dict(dims):
+    model = whisper_rope.build_model(dims, "rotary")
+    assert not any("rotary" in key or "freqs" in key for key in model.state_dict())
+    rotary = model.encoder.rotary
+    assert all(block.attn.rotary is rotary for block in model.encoder.blocks)
+    cos16, _ = rotary.tables(1500, torch.device("cpu"), torch.float16)
+    cos32, _ = rotary.tables(1500, torch.device("cpu"), torch.float32)
+    # Computed in fp32 then cast: position 1499 is exact, not rounded to a representable half-precision position.
+    torch.testing.assert_close(cos16.float(), cos32.half().float())
+    assert rotary.tables(10, torch.device("cpu"), torch.float32)[0].data_ptr() == cos32.data_ptr()
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_cross_attention_is_never_rotated(dims, variant):
+    model = whisper_rope.build_model(dims, variant)
+    parsed = whisper_rope.parse_variant(variant)
+    for block in model.decoder.blocks:
+        assert block.cross_attn.rotary is None
+        assert (block.attn.rotary is not None) == parsed.decoder.rotary
+    for block in model.encoder.blocks:
+        assert (block.attn.rotary is not None) == parsed.encoder.rotary
+
+
+def test_table_free_encoder_accepts_any_length_and_table_encoder_names_shapes(dims):
+    rotary = whisper_rope.build_model(dims, "rotary")
+    for n_frames in (2, 10, 48, 100):
+        assert rotary.encoder(torch.randn(1, 80, n_frames)).shape == (1, n_frames // 2, 64)
+    with pytest.raises(ValueError, match=r"mel input has 10 frames .* needs exactly 48 frames"):
+        whisper_rope.build_model(dims, "whisper").encoder(torch.randn(1, 80, 10))
+    with pytest.raises(ValueError, match="needs exactly 48 frames"):
+        whisper_rope.build_model(dims, "rotary+sinusoidal/learned").encoder(torch.randn(1, 80, 10))
+
+
+def test_padded_batch_encodes_each_clip_as_if_alone(dims):
+    """Unpadded training batches: padding frames leak neither into the encoder nor into cross-attention."""
+    model = _model(dims, "rotary")
+    lengths = [18, 40, 31]
+    clips = [torch.randn(80, n) for n in lengths]
+    batch = torch.zeros(3, 80, 40)
+    for i, clip in enumerate(clips):
+        batch[i, :, : clip.shape[1]] = clip
+    n_frames = torch.tensor(lengths)
+    encoded = model.encoder(batch, n_frames)
+    tokens = torch.randint(0, 50000, (3, 6))
+    logits = model(batch, tokens, n_frames)
+    for i, clip in enumerate(clips):
+        alone = model.encoder(clip[None])
+        torch.testing.assert_close(encoded[i, : alone.shape[1]], alone[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logits[i], model(clip[None], tokens[i : i + 1])[0], atol=1e-4, rtol=1e-5)
+
+
+def test_unpadded_encoder_drops_transcribe_padding(dims):
+    model = _model(dims, "rotary")
+    audio = torch.randn(16000) * 0.1
+    mel = whisper.log_mel_spectrogram(audio, padding=whisper.audio.N_SAMPLES)[:, :3000]
+    n_real = trailing_padding_start(mel)
+    assert 100 <= n_real <= 102  # 1 s of audio is 100 frames (+ the frame centred on the last sample)
+    model.unpadded = True
+    assert model.encoder(mel[None]).shape[1] == n_real // 2
+    model.unpadded = False
+    assert model.encoder(mel[None]).shape[1] == 1500
+    with pytest.raises(ValueError, match="needs an encoder without an absolute table"):
+        whisper_rope.build_model(dims, "whisper").unpadded = True
+
+
+def test_gated_rope_at_zero_is_the_unrotated_model(dims):
+    hybrid = randomise_(whisper_rope.build_model(dims, "rotary+sinusoidal/rotary+learned", gated_rotary=True)).eval()
+    plain = whisper_rope.build_model(dims, "whisper").eval()
+    plain.load_state_dict({k: v for k, v in hybrid.state_dict().items() if "rotary_gate" not in k})
+    mel = torch.randn(1, 80, 2 * dims.n_audio_ctx)
+    tokens = torch.randint(0, 50000, (1, 8))
+    torch.testing.assert_close(hybrid(mel, tokens), plain(mel, tokens), atol=1e-6, rtol=0)
+    hybrid(mel, tokens).square().mean().backward()
+    assert all(block.attn.rotary_gate.grad.abs().sum() > 0 for block in hybrid.decoder.blocks)
+
+
+def test_positional_attention_subclasses_upstream():
+    assert issubclass(PositionalAttention, whisper.model.MultiHeadAttention)

@@ -1,0 +1,366 @@
+"""Whisper with pluggable positional schemes, as subclasses of `whisper.model`.
+
+Only *how positions enter* changes; weights, tokenizer, ``transcribe``, ``decode``, beam search and word timestamps
+stay upstream's. Module and parameter names are upstream's too, so pretrained state dicts load unchanged.
+
+Shapes use: batch ``b``, mel frames ``n_frames`` (10 ms each), audio positions ``n_audio = ceil(n_frames / 2)``
+(20 ms each), text tokens ``n_tokens``.
+"""
+
+from dataclasses import asdict, replace
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from whisper import model as upstream
+from whisper.decoding import DecodingOptions
+from whisper.decoding import decode as upstream_decode
+from whisper.model import AudioEncoder, ModelDimensions, MultiHeadAttention, ResidualAttentionBlock, TextDecoder, Whisper
+
+from .positional import RotaryEmbedding
+from .variants import SideScheme, Variant, parse_variant
+
+DEFAULT_ROTARY_THETA = 10000.0
+
+
+def trailing_padding_start(mel: Tensor, min_frames: int = 2) -> int:
+    """Number of leading mel frames that hold audio, for a batch padded the way upstream `transcribe` pads.
+
+    Upstream appends 30 s of digital silence before computing the log-mel, so padding frames all sit at the
+    spectrogram's floor (its global minimum, identical in every mel bin). The real audio ends after the last frame
+    that rises above that floor in any bin of any batch item. mel: (b, n_mels, n_frames) or (n_mels, n_frames).
+    Returns an even count >= ``min_frames`` (even, so that the stride-2 conv reads no padding frame).
+    """
+    mel = mel.reshape(-1, *mel.shape[-2:])
+    floor = mel.amin(dim=(-2, -1), keepdim=True)
+    above = (mel > floor).any(dim=1).any(dim=0)  # (n_frames,)
+    indices = torch.nonzero(above)
+    n_real = int(indices[-1]) + 1 if len(indices) else 0
+    n_real = max(min_frames, n_real + (n_real % 2))
+    return min(n_real, mel.shape[-1])
+
+
+class PositionalAttention(MultiHeadAttention):
+    """Upstream attention plus optional RoPE, a cache-aligned causal mask and key-padding masks.
+
+    rotary: rotates queries and keys of *self*-attention. With upstream's kv-cache hooks the cached keys are the
+        raw projections of positions ``0 .. n_k - 1``, so queries sit at ``offset .. offset + n_q - 1`` with
+        ``offset = n_k - n_q`` and the rotation happens here, after the cache.
+    causal: this is the decoder's self-attention; ``mask`` is then the (n_text_ctx, n_text_ctx) causal table.
+        Otherwise a given ``mask`` is a boolean key mask (b, n_k), True where a key may be attended.
+    gated: a learnable per-head gate ``g`` (initialised to 0) mixes the rotation in: ``x + g * (rope(x) - x)``;
+        at ``g = 0`` the module computes exactly the un-rotated function.
+    """
+
+    def __init__(
+        self,
+        n_state: int,
+        n_head: int,
+        rotary: Optional[RotaryEmbedding] = None,
+        causal: bool = False,
+        gated: bool = False,
+    ):
+        super().__init__(n_state, n_head)
+        self.rotary = rotary
+        self.causal = causal
+        self.rotary_gate = nn.Parameter(torch.zeros(n_head)) if (gated and rotary is not None) else None
+
+    def _rotate(self, x: Tensor, offset: int) -> Tensor:
+        """(b, n, n_state) -> (b, n, n_state), every head rotated."""
+        heads = x.view(*x.shape[:2], self.n_head, -1)
+        rotated = self.rotary.rotate(heads, offset)
+        if self.rotary_gate is not None:
+            gate = self.rotary_gate.to(x.dtype)[:, None]
+            rotated = heads + gate * (rotated - heads)
+        return rotated.reshape(x.shape)
+
+    def qkv_attention(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        n_q, n_k = q.shape[1], k.shape[1]
+        if self.rotary is not None:
+            q = self._rotate(q, n_k - n_q)
+            k = self._rotate(k, 0)
+        if mask is None:
+            return super().qkv_attention(q, k, v, None)
+        if self.causal:
+            if n_q == n_k or n_q == 1:
+                # The two shapes upstream decoding produces: upstream's own code is right for them (and stays
+                # bit-identical for the `whisper` variant).
+                return super().qkv_attention(q, k, v, mask)
+            # Several tokens onto a non-empty cache: align the causal table to the cache offset.
+            return self._masked_attention(q, k, v, mask[n_k - n_q : n_k, :n_k] == 0)
+        return self._masked_attention(q, k, v, mask[:, None, None, :])
+
+    def _masked_attention(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        """Attention with an explicit boolean mask broadcastable to (b, n_head, n_q, n_k); True = may attend."""
+        b, n_q, n_state = q.shape
+        q, k, v = (t.view(b, t.shape[1], self.n_head, -1).transpose(1, 2) for t in (q, k, v))
+        if upstream.SDPA_AVAILABLE and MultiHeadAttention.use_sdpa:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+            return out.transpose(1, 2).flatten(start_dim=2), None
+        scale = (n_state // self.n_head) ** -0.25
+        qk = ((q * scale) @ (k * scale).transpose(-1, -2)).float()
+        qk = qk.masked_fill(~allowed, float("-inf"))
+        weights = qk.softmax(dim=-1).to(q.dtype)
+        out = (weights @ v).transpose(1, 2).flatten(start_dim=2)
+        return out, qk.detach()
+
+
+class PositionalResidualBlock(ResidualAttentionBlock):
+    """Upstream residual block whose attentions are `PositionalAttention`; accepts a mask over audio frames."""
+
+    def __init__(
+        self,
+        n_state: int,
+        n_head: int,
+        cross_attention: bool = False,
+        rotary: Optional[RotaryEmbedding] = None,
+        gated: bool = False,
+    ):
+        super().__init__(n_state, n_head, cross_attention)
+        # Self-attention of the decoder is causal; cross-attention is never rotated (text positions and audio
+        # frames share no position space).
+        self.attn = PositionalAttention(n_state, n_head, rotary=rotary, causal=cross_attention, gated=gated)
+        if cross_attention:
+            self.cross_attn = PositionalAttention(n_state, n_head)
+
+    def forward(
+        self,
+        x: Tensor,
+        xa: Optional[Tensor] = None,
+        mask: Optional[Tensor] = None,
+        kv_cache: Optional[dict] = None,
+        xa_mask: Optional[Tensor] = None,
+    ) -> Tensor:
+        """x: (b, n, n_state); xa: (b, n_audio, n_state) or None; xa_mask: (b, n_audio) bool, True = real frame."""
+        if xa_mask is None:
+            return super().forward(x, xa, mask=mask, kv_cache=kv_cache)
+        x = x + self.attn(self.attn_ln(x), mask=mask, kv_cache=kv_cache)[0]
+        x = x + self.cross_attn(self.cross_attn_ln(x), xa, mask=xa_mask, kv_cache=kv_cache)[0]
+        return x + self.mlp(self.mlp_ln(x))
+
+
+def _audio_mask(n_frames: Optional[Tensor], n_audio: int, device: torch.device) -> Optional[Tensor]:
+    """(b,) real mel frames -> (b, n_audio) bool, True for audio positions that hold real frames."""
+    if n_frames is None:
+        return None
+    real_positions = (n_frames.to(device) + 1) // 2
+    return torch.arange(n_audio, device=device)[None, :] < real_positions[:, None]
+
+
+class PositionalAudioEncoder(AudioEncoder):
+    """Upstream's encoder with the sinusoid table optional and RoPE optional.
+
+    Without a table the encoder accepts any number of mel frames. With ``drop_padding`` it encodes only the frames
+    before the silent padding upstream's ``transcribe`` appends (see `trailing_padding_start`).
+    """
+
+    def __init__(
+        self,
+        n_mels: int,
+        n_ctx: int,
+        n_state: int,
+        n_head: int,
+        n_layer: int,
+        scheme: SideScheme,
+        rotary_theta: float = DEFAULT_ROTARY_THETA,
+        gated: bool = False,
+    ):
+        super().__init__(n_mels, n_ctx, n_state, n_head, n_layer=0)
+        self.n_ctx = n_ctx
+        self.scheme = scheme
+        self.rotary = RotaryEmbedding(n_state // n_head, rotary_theta) if scheme.rotary else None
+        if scheme.table is None:
+            del self.positional_embedding
+        self.blocks = nn.ModuleList(
+            PositionalResidualBlock(n_state, n_head, rotary=self.rotary, gated=gated) for _ in range(n_layer)
+        )
+        self.table_scale = 1.0  # annealed towards 0 by positional transplant schedules
+        self.drop_padding = False
+
+    @property
+    def has_table(self) -> bool:
+        return self.scheme.table is not None
+
+    def forward(self, x: Tensor, n_frames: Optional[Tensor] = None) -> Tensor:
+        """x: (b, n_mels, n_frames) log-mel; n_frames: (b,) real frames per item of a padded batch, or None.
+
+        Returns (b, n_audio, n_state). Padding frames (zeros in the mel) are masked out of self-attention.
+        """
+        if not self.has_table and n_frames is None and self.drop_padding:
+            x = x[..., : trailing_padding_start(x)]
+        if self.has_table and x.shape[-1] != 2 * self.n_ctx:
+            raise ValueError(
+                f"mel input has {x.shape[-1]} frames (shape {tuple(x.shape)}); encoder scheme "
+                f"{self.scheme.name!r} adds a {self.n_ctx}-position table and needs exactly {2 * self.n_ctx} frames "
+                "(pad with whisper.pad_or_trim, or use a rotary-only encoder for other lengths)"
+            )
+        x = F.gelu(self.conv1(x))
+        if n_frames is not None:
+            # Zero what the first conv made of padding, as a lone clip's conv2 sees zero padding there.
+            x = x * (torch.arange(x.shape[-1], device=x.device)[None, :] < n_frames.to(x.device)[:, None])[:, None]
+        x = F.gelu(self.conv2(x)).permute(0, 2, 1)
+        if self.has_table:
+            table = self.positional_embedding if self.table_scale == 1.0 else self.positional_embedding * self.table_scale
+            x = (x + table).to(x.dtype)
+        key_mask = _audio_mask(n_frames, x.shape[1], x.device)
+        for block in self.blocks:
+            x = block(x, mask=key_mask)
+        return self.ln_post(x)
+
+
+class PositionalTextDecoder(TextDecoder):
+    """Upstream's decoder with the positional table chosen by the scheme and optional RoPE in self-attention.
+
+    Tables: ``learned`` (upstream's parameter), ``learned-sinusoidal`` (a parameter initialised with sinusoids),
+    ``sinusoidal`` (a fixed, non-persistent buffer: not in the state dict), or none.
+    """
+
+    def __init__(
+        self,
+        n_vocab: int,
+        n_ctx: int,
+        n_state: int,
+        n_head: int,
+        n_layer: int,
+        scheme: SideScheme,
+        rotary_theta: float = DEFAULT_ROTARY_THETA,
+        gated: bool = False,
+    ):
+        super().__init__(n_vocab, n_ctx, n_state, n_head, n_layer=0)
+        self.scheme = scheme
+        self.rotary = RotaryEmbedding(n_state // n_head, rotary_theta) if scheme.rotary else None
+        table = scheme.table
+        if table is None:
+            del self.positional_embedding
+        elif table == "sinusoidal":
+            del self.positional_embedding
+            self.register_buffer("positional_embedding", upstream.sinusoids(n_ctx, n_state), persistent=False)
+        elif table == "learned-sinusoidal":
+            self.positional_embedding = nn.Parameter(upstream.sinusoids(n_ctx, n_state))
+        else:
+            # Upstream leaves the learned table uninitialised (it is always loaded); a model built from scratch
+            # needs finite values.
+            nn.init.normal_(self.positional_embedding, std=0.01)
+        self.blocks = nn.ModuleList(
+            PositionalResidualBlock(n_state, n_head, cross_attention=True, rotary=self.rotary, gated=gated)
+            for _ in range(n_layer)
+        )
+        self.table_scale = 1.0
+
+    @property
+    def has_table(self) -> bool:
+        return self.scheme.table is not None
+
+    def forward(
+        self, x: Tensor, xa: Tensor, kv_cache: Optional[dict] = None, xa_mask: Optional[Tensor] = None
+    ) -> Tensor:
+        """x: (b, n_tokens) token ids; xa: (b, n_audio, n_audio_state); xa_mask: (b, n_audio) bool or None.
+
+        Returns logits (b, n_tokens, n_vocab) in fp32.
+        """
+        offset = next(iter(kv_cache.values())).shape[1] if kv_cache else 0
+        h = self.token_embedding(x)
+        if self.has_table:
+            table = self.positional_embedding[offset : offset + x.shape[-1]]
+            h = h + (table if self.table_scale == 1.0 else table * self.table_scale)
+        h = h.to(xa.dtype)
+        for block in self.blocks:
+            h = block(h, xa, mask=self.mask, kv_cache=kv_cache, xa_mask=xa_mask)
+        h = self.ln(h)
+        return (h @ self.token_embedding.weight.to(h.dtype).transpose(0, 1)).float()
+
+
+class WhisperRope(Whisper):
+    """`whisper.model.Whisper` with a positional variant; upstream's decode/transcribe/detect_language work as is.
+
+    Attributes:
+        variant: canonical ``ENCODER/DECODER`` string.
+        rotary_options: options stored in checkpoints (``theta``, ``gated``, ``unpadded``).
+        load_report: set by `whisper_rope.load_model` (what was loaded, dropped, newly initialised).
+    """
+
+    def __init__(
+        self,
+        dims: ModelDimensions,
+        variant: "str | Variant" = "whisper",
+        rotary_theta: float = DEFAULT_ROTARY_THETA,
+        gated_rotary: bool = False,
+    ):
+        parsed = parse_variant(variant)
+        # Upstream's constructor builds its own encoder and decoder, which ours replace: let it build them without
+        # layers so that the discarded copies cost almost nothing.
+        super().__init__(replace(dims, n_audio_layer=0, n_text_layer=0))
+        self.dims = dims
+        self.encoder = PositionalAudioEncoder(
+            dims.n_mels, dims.n_audio_ctx, dims.n_audio_state, dims.n_audio_head, dims.n_audio_layer,
+            parsed.encoder, rotary_theta, gated_rotary,
+        )  # fmt: skip
+        self.decoder = PositionalTextDecoder(
+            dims.n_vocab, dims.n_text_ctx, dims.n_text_state, dims.n_text_head, dims.n_text_layer,
+            parsed.decoder, rotary_theta, gated_rotary,
+        )  # fmt: skip
+        # Upstream's default alignment heads (the decoder's last half), rebuilt for the real layer count.
+        heads = torch.zeros(dims.n_text_layer, dims.n_text_head, dtype=torch.bool)
+        heads[dims.n_text_layer // 2 :] = True
+        self.register_buffer("alignment_heads", heads.to_sparse(), persistent=False)
+        self._variant = parsed
+        self.rotary_theta = float(rotary_theta)
+        self.gated_rotary = bool(gated_rotary and parsed.uses_rotary)
+        self.load_report = None
+
+    @property
+    def variant(self) -> str:
+        return self._variant.name
+
+    @property
+    def parsed_variant(self) -> Variant:
+        return self._variant
+
+    @property
+    def unpadded(self) -> bool:
+        """Whether the encoder drops the 30-s padding upstream's ``transcribe`` feeds it."""
+        return self.encoder.drop_padding
+
+    @unpadded.setter
+    def unpadded(self, value: bool) -> None:
+        if value and self.encoder.has_table:
+            raise ValueError(
+                f"unpadded encoding needs an encoder without an absolute table; variant {self.variant!r} adds one"
+            )
+        self.encoder.drop_padding = bool(value)
+
+    @property
+    def rotary_options(self) -> Dict[str, object]:
+        return {"theta": self.rotary_theta, "gated": self.gated_rotary, "unpadded": self.unpadded}
+
+    def alignment_heads_dense(self) -> Tensor:
+        """(n_text_layer, n_text_head) bool."""
+        return self.alignment_heads.to_dense().cpu()
+
+    def dims_dict(self) -> Dict[str, int]:
+        return asdict(self.dims)
+
+    def decode(self, mel: Tensor, options: DecodingOptions = DecodingOptions(), **kwargs):
+        """Upstream's `whisper.decode`, made safe for batches with beam search or best-of-n sampling.
+
+        Upstream repeats the token rows once per beam but not the audio features, which only works for a single
+        clip (several clips fail its shape assertion); such batches are decoded one clip at a time.
+        mel: (n_mels, n_frames) or (b, n_mels, n_frames). Returns a DecodingResult or a list of them.
+        """
+        if kwargs:
+            options = replace(options, **kwargs)
+        groups = options.beam_size or (options.best_of if options.temperature > 0 else None) or 1
+        if mel.ndim == 3 and mel.shape[0] > 1 and groups > 1:
+            return [upstream_decode(self, clip, options) for clip in mel]
+        return upstream_decode(self, mel, options)
+
+    def forward(self, mel: Tensor, tokens: Tensor, n_frames: Optional[Tensor] = None) -> Tensor:
+        """mel: (b, n_mels, n_frames); tokens: (b, n_tokens); n_frames: (b,) real frames of a padded batch.
+
+        Returns logits (b, n_tokens, n_vocab).
+        """
+        audio = self.encoder(mel, n_frames)
+        return self.decoder(tokens, audio, xa_mask=_audio_mask(n_frames, audio.shape[1], audio.device))
