@@ -7,17 +7,21 @@ Shapes use: batch ``b``, mel frames ``n_frames`` (10 ms each), audio positions `
 (20 ms each), text tokens ``n_tokens``.
 """
 
+import os
 from dataclasses import asdict, replace
 from typing import Dict, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from whisper import model as upstream
 from whisper.decoding import DecodingOptions
 from whisper.decoding import decode as upstream_decode
+from whisper.transcribe import transcribe as upstream_transcribe
 from whisper.model import AudioEncoder, ModelDimensions, MultiHeadAttention, ResidualAttentionBlock, TextDecoder, Whisper
 
+from .audio import load_audio
 from .positional import RotaryEmbedding
 from .variants import SideScheme, Variant, parse_variant
 
@@ -342,6 +346,15 @@ class WhisperRope(Whisper):
 
     def dims_dict(self) -> Dict[str, int]:
         return asdict(self.dims)
+
+    def transcribe(self, audio: "str | os.PathLike | np.ndarray | Tensor", **kwargs) -> dict:
+        """Upstream's `whisper.transcribe`; a file path is decoded in-process first (no ffmpeg for WAV/FLAC/OGG/MP3).
+
+        Takes every keyword of upstream's ``transcribe`` (``language``, ``word_timestamps``, ``fp16``, ...).
+        """
+        if isinstance(audio, (str, os.PathLike)):
+            audio = load_audio(audio)
+        return upstream_transcribe(self, audio, **kwargs)
 
     def decode(self, mel: Tensor, options: DecodingOptions = DecodingOptions(), **kwargs):
         """Upstream's `whisper.decode`, made safe for batches with beam search or best-of-n sampling.

@@ -1,0 +1,78 @@
+"""The `whisper-rope` command: upstream's transcribe options, output writers, one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import whisper_rope
+from whisper_rope import cli
+
+from .conftest import FIXTURES, randomise_, small_dims
+
+HELLO = FIXTURES / "hello.flac"
+
+
+@pytest.fixture(scope="module")
+def random_model_file(tmp_path_factory):
+    """A small random `rotary` checkpoint with upstream's 1500 audio positions (transcribe pads to 30 s)."""
+    torch.manual_seed(0)
+    model = randomise_(whisper_rope.build_model(small_dims(n_audio_ctx=1500), "rotary/learned-sinusoidal"))
+    return whisper_rope.save_checkpoint(model, tmp_path_factory.mktemp("model") / "random.pt")
+
+
+def _run(*args):
+    return cli.main([str(a) for a in args])
+
+
+def test_transcribe_writes_every_output_format(random_model_file, tmp_path):
+    status = _run(HELLO, "--model", random_model_file, "--output_dir", tmp_path, "--fp16", "False",
+                  "--verbose", "False", "--temperature_increment_on_fallback", "None", "--word_timestamps", "True")
+    assert status == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"hello.{ext}" for ext in ("json", "srt", "tsv", "txt", "vtt")]
+    result = json.loads((tmp_path / "hello.json").read_text())
+    assert result["language"] == "en" and "segments" in result
+
+
+def test_missing_file_among_several_fails_only_itself(random_model_file, tmp_path, capsys):
+    missing = tmp_path / "nope.wav"
+    status = _run("transcribe", missing, HELLO, "--model", random_model_file, "--output_dir", tmp_path,
+                  "--output_format", "txt", "--fp16", "False", "--verbose", "False",
+                  "--temperature_increment_on_fallback", "None")
+    assert status == 1
+    assert (tmp_path / "hello.txt").exists() and not (tmp_path / "nope.txt").exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("whisper-rope: error: ") and "nope.wav" in err[0]
+    assert err[-1] == "whisper-rope: 1 of 2 files failed"
+    assert "Traceback" not in "\n".join(err)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "no-such-model"], "neither an existing path nor a model name"),
+        (["--variant", "rope/rope"], "invalid encoder scheme 'rope'"),
+    ],
+)
+def test_bad_model_or_variant_is_one_line(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _run(HELLO, *args, "--verbose", "False")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and err.startswith("whisper-rope: error:")
+
+
+def test_help_lists_upstream_options_and_ours():
+    result = subprocess.run([sys.executable, "-m", "whisper_rope.cli", "transcribe", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for option in ("--model_dir", "--output_format", "--best_of", "--carry_initial_prompt", "--clip_timestamps",
+                   "--hallucination_silence_threshold", "--max_words_per_line", "--variant", "--rotary_theta", "--unpadded"):
+        assert option in result.stdout, option
+
+
+def test_variants_subcommand_lists_presets(capsys):
+    assert _run("variants") == 0
+    out = capsys.readouterr().out
+    assert "rotary/learned-sinusoidal" in out and "decoder schemes: learned, sinusoidal" in out
