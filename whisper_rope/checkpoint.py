@@ -19,7 +19,6 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -30,6 +29,7 @@ import whisper
 from torch import Tensor
 from whisper.model import ModelDimensions
 
+from .atomic import atomic_torch_save
 from .errors import CheckpointError, ModelNotFoundError
 from .model import DEFAULT_ROTARY_THETA, WhisperRope
 from .variants import PRESETS, Variant, parse_variant
@@ -353,36 +353,6 @@ def checkpoint_dict(model: WhisperRope) -> dict:
         "alignment_heads": model.alignment_heads_dense(),
         "whisper_rope_version": _version(),
     }
-
-
-def atomic_torch_save(obj: object, path: PathLike) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over it.
-
-    A crash at any moment leaves either the previous file or the complete new one, never a partial file.
-    """
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fp:
-            torch.save(obj, fp)
-            fp.flush()
-            os.fsync(fp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-    return path
 
 
 def save_checkpoint(model: WhisperRope, path: PathLike) -> Path:

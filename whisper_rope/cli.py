@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     convert.add_argument("src", help="CTranslate2 directory, Hugging Face directory, or .pt file")
     convert.add_argument("dst", help="output .pt file (from a directory) or output directory (from a .pt)")
+    convert.add_argument("--force", action="store_true", help="replace an existing destination")
     convert.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
 
     sub.add_parser("variants", help="list presets and the schemes of each side")
@@ -147,7 +148,7 @@ def _run_variants(_: argparse.Namespace) -> int:
 def _run_convert(args: argparse.Namespace) -> int:
     from .convert import convert
 
-    out = convert(args.src, args.dst, progress=args.progress)
+    out = convert(args.src, args.dst, progress=args.progress, overwrite=args.force)
     print(f"wrote {out}")
     return 0
 

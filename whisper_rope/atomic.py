@@ -1,0 +1,60 @@
+"""Atomic file writes: a crash at any moment leaves either the previous file or the complete new one.
+
+Checkpoints, converted models, caches and training state all go through `atomic_write`.
+"""
+
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Callable, Union
+
+import torch
+
+PathLike = Union[str, os.PathLike]
+
+
+def atomic_write(path: PathLike, write: Callable[[BinaryIO], object]) -> Path:
+    """Call ``write(file_object)`` on a temporary file beside ``path``, fsync it, then rename it onto ``path``.
+
+    The rename is atomic on POSIX: a concurrent reader sees the old file or the complete new one, and two writers
+    racing on the same path both succeed (the last rename wins). The directory is fsynced so the rename survives a
+    power loss. On any error the temporary file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; model files should be readable like any other file
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return path
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories; the rename itself already happened
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def atomic_write_text(path: PathLike, text: str) -> Path:
+    """`atomic_write` of UTF-8 text."""
+    return atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def atomic_torch_save(obj: object, path: PathLike) -> Path:
+    """``torch.save`` through `atomic_write`."""
+    return atomic_write(path, lambda handle: torch.save(obj, handle))
