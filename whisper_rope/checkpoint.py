@@ -335,6 +335,7 @@ def load_model(
                 "(Whisper learned to stop at the 30-s padding)", source,
             )  # fmt: skip
         model.unpadded = unpadded
+    _restore_table_scales(model, stored_options.get("table_scale"), parse_variant(stored_variant), source)
     model.load_report = report
     logger.info("%s", report.summary())
     del checkpoint, state
@@ -343,13 +344,25 @@ def load_model(
     return model.to(device)
 
 
+def _restore_table_scales(model: WhisperRope, scales: object, stored: Variant, source: str) -> None:
+    """Restore the absolute-table scales of a checkpoint saved mid-transplant, side by side, where both the stored
+    and the target variant have that table (a table that was not stored starts at full scale)."""
+    if scales is None:
+        return
+    if not (isinstance(scales, (list, tuple)) and len(scales) == 2 and all(isinstance(x, (int, float)) for x in scales)):
+        raise CheckpointError(f"checkpoint {source!r}: rotary.table_scale must be [encoder, decoder] numbers")
+    for coder, side, scale in ((model.encoder, "encoder", scales[0]), (model.decoder, "decoder", scales[1])):
+        if coder.has_table and getattr(stored, side).table == getattr(model.parsed_variant, side).table:
+            coder.table_scale = float(scale)
+
+
 def checkpoint_dict(model: WhisperRope) -> dict:
     """The checkpoint dict of DESIGN invariant 7, with CPU tensors."""
     return {
         "dims": asdict(model.dims),
         "model_state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "variant": model.variant,
-        "rotary": dict(model.rotary_options),
+        "rotary": {**model.rotary_options, "table_scale": [model.encoder.table_scale, model.decoder.table_scale]},
         "alignment_heads": model.alignment_heads_dense(),
         "whisper_rope_version": _version(),
     }

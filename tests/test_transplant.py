@@ -1,0 +1,101 @@
+"""Positional transplant: exact start, gradients at the gates, schedules, and the finished model."""
+
+import pytest
+import torch
+from whisper.model import Whisper
+
+import whisper_rope
+from whisper_rope.transplant import (
+    TRANSPLANT_VARIANT,
+    TransplantSchedule,
+    apply_schedule,
+    finalize_transplant,
+    ramp,
+    rotary_gates,
+)
+
+from .conftest import randomise_
+
+
+@pytest.fixture
+def pretrained(dims):
+    return randomise_(Whisper(dims)).eval()
+
+
+def _transplant_model(dims, pretrained):
+    model = whisper_rope.build_model(dims, TRANSPLANT_VARIANT, gated_rotary=True).eval()
+    model.load_state_dict({**pretrained.state_dict(), **{k: v for k, v in model.state_dict().items() if "rotary_gate" in k}})
+    return model
+
+
+def test_gates_at_zero_compute_the_pretrained_function_full_and_cached(dims, pretrained):
+    model = _transplant_model(dims, pretrained)
+    mel, tokens = torch.randn(2, 80, 2 * dims.n_audio_ctx), torch.randint(0, 50000, (2, 10))
+    assert (model(mel, tokens) - pretrained(mel, tokens)).abs().max() <= 1e-6
+    audio = model.embed_audio(mel)
+    assert (audio - pretrained.embed_audio(mel)).abs().max() <= 1e-6
+    cache, hooks = model.install_kv_cache_hooks()
+    cached = torch.cat([model.decoder(tokens[:, :4], audio, kv_cache=cache)]
+                       + [model.decoder(tokens[:, i : i + 1], audio, kv_cache=cache) for i in range(4, 10)], dim=1)
+    for hook in hooks:
+        hook.remove()
+    assert (cached - pretrained(mel, tokens)).abs().max() <= 1e-5
+
+
+def test_gradient_reaches_every_gate_at_zero(dims, pretrained):
+    model = _transplant_model(dims, pretrained).train()
+    model(torch.randn(1, 80, 2 * dims.n_audio_ctx), torch.randint(0, 50000, (1, 6))).logsumexp(-1).mean().backward()
+    gates = list(rotary_gates(model))
+    assert len(gates) == dims.n_audio_layer + dims.n_text_layer
+    assert all(g.grad is not None and g.grad.abs().min() > 0 for g in gates)
+
+
+def test_schedule_endpoints():
+    schedule = TransplantSchedule(anneal_start=10, anneal_steps=100, shape="cosine", gate_start=0, gate_steps=50)
+    assert schedule.table_scale(0) == 1.0 and schedule.table_scale(10) == 1.0
+    assert schedule.table_scale(60) == pytest.approx(0.5) and schedule.table_scale(110) == 0.0
+    assert schedule.gate_value(0) == 0.0 and schedule.gate_value(50) == 1.0 and schedule.gate_value(500) == 1.0
+    assert ramp(5, 0, 10, "linear") == 0.5 and TransplantSchedule().gate_value(3) is None
+    with pytest.raises(ValueError, match="shape"):
+        TransplantSchedule(shape="square")
+
+
+def test_alpha_one_is_the_pretrained_table_and_zero_removes_it(dims, pretrained):
+    model = _transplant_model(dims, pretrained)
+    mel, tokens = torch.randn(1, 80, 2 * dims.n_audio_ctx), torch.randint(0, 50000, (1, 5))
+    reference = model(mel, tokens)
+    apply_schedule(model, TransplantSchedule(anneal_steps=10), step=0)
+    assert torch.equal(model(mel, tokens), reference)
+    apply_schedule(model, TransplantSchedule(anneal_steps=10), step=10)
+    assert model.encoder.table_scale == 0.0 and model.decoder.table_scale == 0.0
+    untabled = whisper_rope.build_model(dims, "rotary/rotary", gated_rotary=True).eval()
+    untabled.load_state_dict({k: v for k, v in model.state_dict().items() if "positional_embedding" not in k})
+    torch.testing.assert_close(model(mel, tokens), untabled(mel, tokens), atol=1e-5, rtol=0)
+
+
+def test_finished_transplant_saves_and_reloads_as_plain_rotary(dims, pretrained, tmp_path):
+    model = randomise_(_transplant_model(dims, pretrained))
+    with pytest.raises(ValueError, match="has not finished"):
+        finalize_transplant(model)
+    apply_schedule(model, TransplantSchedule(anneal_steps=1, gate_steps=1), step=1)
+    plain, report = finalize_transplant(model)
+    assert plain.variant == "rotary/rotary" and not plain.gated_rotary
+    assert set(report.dropped) == {"encoder.positional_embedding", "decoder.positional_embedding"} | {
+        k for k in model.state_dict() if k.endswith("rotary_gate")
+    }
+    path = whisper_rope.save_checkpoint(plain, tmp_path / "rotary.pt")
+    reloaded = whisper_rope.load_model(path, device="cpu")
+    mel, tokens = torch.randn(1, 80, 40), torch.randint(0, 50000, (1, 6))
+    full_length_mel = torch.randn(1, 80, 2 * dims.n_audio_ctx)
+    torch.testing.assert_close(reloaded(full_length_mel, tokens), model(full_length_mel, tokens), atol=1e-5, rtol=1e-5)
+    assert reloaded(mel, tokens).shape == (1, 6, dims.n_vocab)  # table-free: any length
+
+
+def test_mid_transplant_checkpoint_keeps_its_table_scales(dims, pretrained, tmp_path):
+    model = _transplant_model(dims, pretrained)
+    apply_schedule(model, TransplantSchedule(anneal_steps=10, sides="decoder"), step=5)
+    path = whisper_rope.save_checkpoint(model, tmp_path / "mid.pt")
+    reloaded = whisper_rope.load_model(path, device="cpu")
+    assert reloaded.encoder.table_scale == 1.0 and reloaded.decoder.table_scale == pytest.approx(0.5)
+    mel, tokens = torch.randn(1, 80, 2 * dims.n_audio_ctx), torch.randint(0, 50000, (1, 5))
+    assert torch.equal(reloaded(mel, tokens), model(mel, tokens))
