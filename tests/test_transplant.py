@@ -99,3 +99,31 @@ def test_mid_transplant_checkpoint_keeps_its_table_scales(dims, pretrained, tmp_
     assert reloaded.encoder.table_scale == 1.0 and reloaded.decoder.table_scale == pytest.approx(0.5)
     mel, tokens = torch.randn(1, 80, 2 * dims.n_audio_ctx), torch.randint(0, 50000, (1, 5))
     assert torch.equal(reloaded(mel, tokens), model(mel, tokens))
+
+
+def test_short_transplant_run_ends_as_plain_rotary(tmp_path):
+    from whisper_rope.train import FinetuneConfig, finetune
+
+    from .conftest import FIXTURES, small_dims
+
+    source = randomise_(whisper_rope.build_model(small_dims(n_audio_ctx=1500), "whisper"))
+    source_path = whisper_rope.save_checkpoint(source, tmp_path / "source.pt")
+    config = FinetuneConfig(
+        model=str(source_path), train=str(FIXTURES / "speech" / "manifest.jsonl"), output=str(tmp_path / "run"),
+        steps=4, batch_size=2, lr=1e-3, warmup_steps=0, num_workers=0, progress=False, transplant=True,
+        transplant_anneal_steps=3, transplant_gate_steps=3, distill=True,
+    )  # fmt: skip
+    result = finetune(config=config)
+    losses = [r["loss"] for r in result.history if r["event"] == "train"]
+    assert losses and all(map(lambda x: x == x and x < 1e4, losses))
+    assert [r["finished"] for r in result.history if r["event"] == "transplant"] == [True]
+    saved = whisper_rope.load_model(result.model_path, device="cpu")
+    assert saved.variant == "rotary/rotary" and not saved.gated_rotary
+    assert result.model.variant == "rotary/rotary"
+
+
+def test_transplant_refuses_another_target_variant():
+    from whisper_rope.train import FinetuneConfig
+
+    with pytest.raises(ValueError, match="--transplant ends in the rotary variant"):
+        FinetuneConfig(train="x.jsonl", transplant=True, variant="whisper").validate()

@@ -11,6 +11,7 @@ Public API::
 __version__ = "0.1.0"
 
 from .checkpoint import LoadReport, build_model, load_model, save_checkpoint
+from .evaluate import EvaluationOptions, EvaluationResult, evaluate
 from .errors import AudioError, CheckpointError, ModelNotFoundError, VariantError, WhisperRopeError
 from .model import WhisperRope
 from .variants import available_variants, parse_variant
@@ -18,6 +19,8 @@ from .variants import available_variants, parse_variant
 __all__ = [
     "AudioError",
     "CheckpointError",
+    "EvaluationOptions",
+    "EvaluationResult",
     "LoadReport",
     "ModelNotFoundError",
     "VariantError",
@@ -25,6 +28,7 @@ __all__ = [
     "WhisperRopeError",
     "available_variants",
     "build_model",
+    "evaluate",
     "load_model",
     "parse_variant",
     "save_checkpoint",

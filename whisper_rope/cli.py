@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-SUBCOMMANDS = ("transcribe", "convert", "variants")
+SUBCOMMANDS = ("transcribe", "convert", "variants", "finetune", "evaluate", "compare")
 WORD_OPTIONS = ("highlight_words", "max_line_count", "max_line_width", "max_words_per_line")
 
 
@@ -79,6 +79,9 @@ def _add_transcribe_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max_words_per_line", type=optional_int, default=None,
         help="(needs --word_timestamps True; ignored with --max_line_width) words per subtitle segment")
     add("--threads", type=optional_int, default=0, help="torch CPU threads (0 keeps torch's default)")
+    add("--batch_size", type=int, default=1,
+        help="decode up to this many files of at most 30 s together (same results as one by one; longer files are "
+             "transcribed alone)")
     add("--clip_timestamps", default="0", help="comma-separated start,end,... seconds of the spans to transcribe")
     add("--hallucination_silence_threshold", type=optional_float, default=None,
         help="(needs --word_timestamps True) skip silences longer than this many seconds around suspected hallucinations")
@@ -124,6 +127,27 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
 
     sub.add_parser("variants", help="list presets and the schemes of each side")
+
+    from .compare import add_compare_arguments
+    from .evaluate import add_evaluate_arguments
+    from .train import add_finetune_arguments
+
+    add_finetune_arguments(sub.add_parser(
+        "finetune", help="fine-tune a checkpoint into a variant",
+        description="Fine-tune pretrained or fine-tuned weights into a positional variant on a manifest or a folder "
+        "of audio with .txt transcripts; under torchrun, with DistributedDataParallel.",
+    ))  # fmt: skip
+    add_evaluate_arguments(sub.add_parser(
+        "evaluate", help="WER/CER and real-time factor of a model on a manifest",
+        description="Decode every clip of a manifest in batches and score it: WER and CER (with substitutions, "
+        "deletions, insertions), real-time factor, per-utterance JSONL.",
+    ))  # fmt: skip
+    add_compare_arguments(sub.add_parser(
+        "compare", help="fine-tune and evaluate several variants side by side",
+        description="Evaluate a source checkpoint, fine-tune it into each run's variant with identical settings, "
+        "evaluate every run on every set, and write results.md, results.csv and plots. Finished runs are kept and "
+        "skipped when the comparison is run again.",
+    ))  # fmt: skip
     return parser
 
 
@@ -167,6 +191,7 @@ def _run_transcribe(args: argparse.Namespace) -> int:
     from whisper.utils import get_writer
 
     from .audio import load_audio
+    from .batch import transcribe_many
     from .checkpoint import load_model
     from .variants import parse_variant
 
@@ -211,15 +236,34 @@ def _run_transcribe(args: argparse.Namespace) -> int:
     os.makedirs(output_dir, exist_ok=True)
     writer = get_writer(output_format, output_dir)
     writer_options = {name: options.pop(name) for name in WORD_OPTIONS}
+    batch_size = options.pop("batch_size")
+    if batch_size < 1:
+        _fail(f"--batch_size must be at least 1, got {batch_size}")
     failures = 0
-    for path in audio_paths:
+    for start in range(0, len(audio_paths), batch_size):
+        loaded = []  # (path, waveform) of the files of this batch that could be read
+        for path in audio_paths[start : start + batch_size]:
+            try:
+                loaded.append((path, load_audio(path)))
+            except (ValueError, OSError) as error:
+                failures += 1
+                print(f"whisper-rope: error: {path}: {_one_line(error)}", file=sys.stderr)
         try:
-            audio = load_audio(path)
-            result = transcribe(model, audio, temperature=temperature, **options)
-            writer(result, path, **writer_options)
+            waveforms = [audio for _, audio in loaded]
+            if batch_size == 1:
+                results = [transcribe(model, audio, temperature=temperature, **options) for audio in waveforms]
+            else:
+                results = transcribe_many(model, waveforms, batch_size, temperature=temperature, **options)
         except (ValueError, OSError, RuntimeError) as error:
-            failures += 1
-            print(f"whisper-rope: error: {path}: {_one_line(error)}", file=sys.stderr)
+            failures += len(loaded)
+            print(f"whisper-rope: error: {', '.join(p for p, _ in loaded)}: {_one_line(error)}", file=sys.stderr)
+            continue
+        for (path, _), result in zip(loaded, results):
+            try:
+                writer(result, path, **writer_options)
+            except OSError as error:
+                failures += 1
+                print(f"whisper-rope: error: {path}: {_one_line(error)}", file=sys.stderr)
     if failures:
         print(f"whisper-rope: {failures} of {len(audio_paths)} files failed", file=sys.stderr)
     return 1 if failures else 0
@@ -230,6 +274,15 @@ def _one_line(error: BaseException) -> str:
     return text or type(error).__name__
 
 
+def _lazy(module: str, function: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(f"whisper_rope.{module}"), function)(args)
+
+    return run
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(_normalise_argv(sys.argv[1:] if argv is None else argv))
@@ -237,6 +290,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "transcribe": _run_transcribe,
         "convert": _run_convert,
         "variants": _run_variants,
+        "finetune": _lazy("train", "run_finetune_cli"),
+        "evaluate": _lazy("evaluate", "run_evaluate_cli"),
+        "compare": _lazy("compare", "run_compare_cli"),
     }
     if args.command is None:
         parser.print_help()

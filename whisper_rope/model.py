@@ -9,15 +9,16 @@ Shapes use: batch ``b``, mel frames ``n_frames`` (10 ms each), audio positions `
 
 import os
 from dataclasses import asdict, replace
-from typing import Dict, Optional, Tuple
+from types import SimpleNamespace
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from whisper import model as upstream
-from whisper.decoding import DecodingOptions
-from whisper.decoding import decode as upstream_decode
+from whisper.decoding import BeamSearchDecoder, DecodingOptions, DecodingResult, DecodingTask, PyTorchInference
+from whisper.decoding import detect_language as upstream_detect_language
 from whisper.transcribe import transcribe as upstream_transcribe
 from whisper.model import AudioEncoder, ModelDimensions, MultiHeadAttention, ResidualAttentionBlock, TextDecoder, Whisper
 
@@ -28,21 +29,27 @@ from .variants import SideScheme, Variant, parse_variant
 DEFAULT_ROTARY_THETA = 10000.0
 
 
-def trailing_padding_start(mel: Tensor, min_frames: int = 2) -> int:
-    """Number of leading mel frames that hold audio, for a batch padded the way upstream `transcribe` pads.
+def real_frame_counts(mel: Tensor, min_frames: int = 2) -> Tensor:
+    """Per clip, the number of leading mel frames that hold audio, for clips padded the way upstream pads them.
 
-    Upstream appends 30 s of digital silence before computing the log-mel, so padding frames all sit at the
-    spectrogram's floor (its global minimum, identical in every mel bin). The real audio ends after the last frame
-    that rises above that floor in any bin of any batch item. mel: (b, n_mels, n_frames) or (n_mels, n_frames).
-    Returns an even count >= ``min_frames`` (even, so that the stride-2 conv reads no padding frame).
+    Two kinds of padding end a clip's real frames: digital silence appended before the log-mel is computed (its
+    frames sit at the spectrogram's floor, the clip's minimum, identical in every mel bin), and zero frames appended
+    to the log-mel (``pad_or_trim``, which is how upstream `transcribe` fills the last window of a file). A clip's
+    audio ends after the last frame that is neither. mel: (b, n_mels, n_frames) or (n_mels, n_frames).
+    Returns (b,) int64 counts, each even (so that the stride-2 conv reads no padding frame), at least
+    ``min_frames`` and at most ``n_frames``.
     """
     mel = mel.reshape(-1, *mel.shape[-2:])
     floor = mel.amin(dim=(-2, -1), keepdim=True)
-    above = (mel > floor).any(dim=1).any(dim=0)  # (n_frames,)
-    indices = torch.nonzero(above)
-    n_real = int(indices[-1]) + 1 if len(indices) else 0
-    n_real = max(min_frames, n_real + (n_real % 2))
-    return min(n_real, mel.shape[-1])
+    padding = (mel == floor).all(dim=1) | (mel == 0).all(dim=1)  # (b, n_frames)
+    frame_numbers = torch.arange(1, mel.shape[-1] + 1, device=mel.device)
+    n_real = torch.where(padding, 0, frame_numbers).amax(dim=-1)
+    return (n_real + n_real % 2).clamp(min_frames, mel.shape[-1])
+
+
+def trailing_padding_start(mel: Tensor, min_frames: int = 2) -> int:
+    """Frames to keep so that no clip of a padded batch loses audio: the largest of `real_frame_counts`."""
+    return int(real_frame_counts(mel, min_frames).max())
 
 
 class PositionalAttention(MultiHeadAttention):
@@ -82,6 +89,8 @@ class PositionalAttention(MultiHeadAttention):
     def qkv_attention(
         self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None
     ) -> Tuple[Tensor, Optional[Tensor]]:
+        if 1 < k.shape[0] < q.shape[0]:
+            return self._grouped_cross_attention(q, k, v, mask)
         n_q, n_k = q.shape[1], k.shape[1]
         if self.rotary is not None:
             q = self._rotate(q, n_k - n_q)
@@ -96,6 +105,24 @@ class PositionalAttention(MultiHeadAttention):
             # Several tokens onto a non-empty cache: align the causal table to the cache offset.
             return self._masked_attention(q, k, v, mask[n_k - n_q : n_k, :n_k] == 0)
         return self._masked_attention(q, k, v, mask[:, None, None, :])
+
+    def _grouped_cross_attention(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """Cross-attention of several consecutive decoding rows per clip (beams, samples) onto one row of audio.
+
+        q: (b * g, n_q, n_state); k, v: (b, n_audio, n_state), encoded once per clip. The g rows of a clip become
+        g * n_q queries of that clip: cross-attention has no causal order, so this is the same attention without g
+        copies of the audio keys. Upstream relies on broadcasting instead, which only works for one clip.
+        """
+        n_rows, n_q, n_state = q.shape
+        n_clips = k.shape[0]
+        if n_rows % n_clips:
+            raise ValueError(f"{n_rows} decoding rows cannot be split evenly over {n_clips} audio clips")
+        out, qk = self.qkv_attention(q.reshape(n_clips, -1, n_state), k, v, mask)
+        if qk is not None:  # (b, n_head, g * n_q, n_audio) -> (b * g, n_head, n_q, n_audio)
+            qk = qk.unflatten(2, (n_rows // n_clips, n_q)).transpose(1, 2).flatten(0, 1)
+        return out.reshape(n_rows, n_q, -1), qk
 
     def _masked_attention(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         """Attention with an explicit boolean mask broadcastable to (b, n_head, n_q, n_k); True = may attend."""
@@ -157,8 +184,8 @@ def _audio_mask(n_frames: Optional[Tensor], n_audio: int, device: torch.device) 
 class PositionalAudioEncoder(AudioEncoder):
     """Upstream's encoder with the sinusoid table optional and RoPE optional.
 
-    Without a table the encoder accepts any number of mel frames. With ``drop_padding`` it encodes only the frames
-    before the silent padding upstream's ``transcribe`` appends (see `trailing_padding_start`).
+    Without a table the encoder accepts any number of mel frames. With ``drop_padding`` it encodes only each clip's
+    frames before the padding upstream's ``transcribe`` appends (see `real_frame_counts`).
     """
 
     def __init__(
@@ -175,7 +202,7 @@ class PositionalAudioEncoder(AudioEncoder):
         super().__init__(n_mels, n_ctx, n_state, n_head, n_layer=0)
         self.n_ctx = n_ctx
         self.scheme = scheme
-        self.rotary = RotaryEmbedding(n_state // n_head, rotary_theta) if scheme.rotary else None
+        self.rotary = RotaryEmbedding(n_state // n_head, rotary_theta, n_ctx) if scheme.rotary else None
         if scheme.table is None:
             del self.positional_embedding
         self.blocks = nn.ModuleList(
@@ -191,20 +218,25 @@ class PositionalAudioEncoder(AudioEncoder):
     def forward(self, x: Tensor, n_frames: Optional[Tensor] = None) -> Tensor:
         """x: (b, n_mels, n_frames) log-mel; n_frames: (b,) real frames per item of a padded batch, or None.
 
-        Returns (b, n_audio, n_state). Padding frames (zeros in the mel) are masked out of self-attention.
+        Returns (b, n_audio, n_state). Frames past ``n_frames`` (whatever their value) are zeroed before each conv,
+        as a lone clip's zero padding, and masked out of self-attention.
         """
         if not self.has_table and n_frames is None and self.drop_padding:
-            x = x[..., : trailing_padding_start(x)]
+            x, n_frames = self.drop_trailing_padding(x)
         if self.has_table and x.shape[-1] != 2 * self.n_ctx:
             raise ValueError(
                 f"mel input has {x.shape[-1]} frames (shape {tuple(x.shape)}); encoder scheme "
                 f"{self.scheme.name!r} adds a {self.n_ctx}-position table and needs exactly {2 * self.n_ctx} frames "
                 "(pad with whisper.pad_or_trim, or use a rotary-only encoder for other lengths)"
             )
+        if n_frames is not None:
+            # A lone clip's convs see zeros beyond its last frame: zero the padding (whatever its value) before
+            # conv1, and what conv1 made of it before conv2.
+            real = (torch.arange(x.shape[-1], device=x.device)[None, :] < n_frames.to(x.device)[:, None])[:, None]
+            x = x * real
         x = F.gelu(self.conv1(x))
         if n_frames is not None:
-            # Zero what the first conv made of padding, as a lone clip's conv2 sees zero padding there.
-            x = x * (torch.arange(x.shape[-1], device=x.device)[None, :] < n_frames.to(x.device)[:, None])[:, None]
+            x = x * real
         x = F.gelu(self.conv2(x)).permute(0, 2, 1)
         if self.has_table:
             table = self.positional_embedding if self.table_scale == 1.0 else self.positional_embedding * self.table_scale
@@ -213,6 +245,16 @@ class PositionalAudioEncoder(AudioEncoder):
         for block in self.blocks:
             x = block(x, mask=key_mask)
         return self.ln_post(x)
+
+    def drop_trailing_padding(self, mel: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        """Cut a padded batch to its longest clip (see `real_frame_counts`).
+
+        mel: (b, n_mels, n_frames). Returns the cut mel and, when its clips differ in length, their (b,) frame
+        counts (to be passed as ``n_frames``, so that each clip is encoded as if alone); None when they agree.
+        """
+        counts = real_frame_counts(mel)
+        n_keep = int(counts.max())
+        return mel[..., :n_keep], (counts if int(counts.min()) < n_keep else None)
 
 
 class PositionalTextDecoder(TextDecoder):
@@ -235,7 +277,7 @@ class PositionalTextDecoder(TextDecoder):
     ):
         super().__init__(n_vocab, n_ctx, n_state, n_head, n_layer=0)
         self.scheme = scheme
-        self.rotary = RotaryEmbedding(n_state // n_head, rotary_theta) if scheme.rotary else None
+        self.rotary = RotaryEmbedding(n_state // n_head, rotary_theta, n_ctx) if scheme.rotary else None
         table = scheme.table
         if table is None:
             del self.positional_embedding
@@ -356,19 +398,23 @@ class WhisperRope(Whisper):
             audio = load_audio(audio)
         return upstream_transcribe(self, audio, **kwargs)
 
-    def decode(self, mel: Tensor, options: DecodingOptions = DecodingOptions(), **kwargs):
-        """Upstream's `whisper.decode`, made safe for batches with beam search or best-of-n sampling.
+    @torch.no_grad()
+    def decode(
+        self, mel: Tensor, options: DecodingOptions = DecodingOptions(), **kwargs
+    ) -> Union[DecodingResult, List[DecodingResult]]:
+        """Upstream's `whisper.decode`, made right for batches: every clip decodes as it would alone.
 
-        Upstream repeats the token rows once per beam but not the audio features, which only works for a single
-        clip (several clips fail its shape assertion); such batches are decoded one clip at a time.
+        Upstream repeats the token rows once per beam (or best-of-n sample) but not the audio features, which only
+        works for a single clip; here each clip's features are encoded and cross-attended once for all its rows. For
+        an unpadded encoder, clips of different lengths are each encoded from their own frames and the padding is
+        masked out of cross-attention (see `BatchDecodingTask`).
         mel: (n_mels, n_frames) or (b, n_mels, n_frames). Returns a DecodingResult or a list of them.
         """
         if kwargs:
             options = replace(options, **kwargs)
-        groups = options.beam_size or (options.best_of if options.temperature > 0 else None) or 1
-        if mel.ndim == 3 and mel.shape[0] > 1 and groups > 1:
-            return [upstream_decode(self, clip, options) for clip in mel]
-        return upstream_decode(self, mel, options)
+        single = mel.ndim == 2
+        results = BatchDecodingTask(self, options).run(mel[None] if single else mel)
+        return results[0] if single else results
 
     def forward(self, mel: Tensor, tokens: Tensor, n_frames: Optional[Tensor] = None) -> Tensor:
         """mel: (b, n_mels, n_frames); tokens: (b, n_tokens); n_frames: (b,) real frames of a padded batch.
@@ -377,3 +423,80 @@ class WhisperRope(Whisper):
         """
         audio = self.encoder(mel, n_frames)
         return self.decoder(tokens, audio, xa_mask=_audio_mask(n_frames, audio.shape[1], audio.device))
+
+
+class ClipMaskedInference(PyTorchInference):
+    """Upstream's kv-cached decoder calls, passing a mask over audio positions when clips differ in length.
+
+    xa_mask: (b, n_audio) bool, True for a clip's real positions, one row per clip (not per beam), or None.
+    """
+
+    def __init__(self, model: Whisper, initial_token_length: int):
+        super().__init__(model, initial_token_length)
+        self.xa_mask: Optional[Tensor] = None
+
+    def logits(self, tokens: Tensor, audio_features: Tensor) -> Tensor:
+        if self.xa_mask is None:
+            return super().logits(tokens, audio_features)
+        if not self.kv_cache:
+            self.kv_cache, self.hooks = self.model.install_kv_cache_hooks()
+        if tokens.shape[-1] > self.initial_token_length:
+            tokens = tokens[:, -1:]  # as upstream: only the new token once the cache holds the prompt
+        return self.model.decoder(tokens, audio_features, kv_cache=self.kv_cache, xa_mask=self.xa_mask)
+
+
+class BatchDecodingTask(DecodingTask):
+    """Upstream's `DecodingTask` (same options, same results) for batches of clips.
+
+    * Several decoding rows per clip (beam search, best-of-n): upstream's ``run`` needs one feature row per
+      decoding row, so the features are repeated for it, but the decoding loop gets one row per clip and
+      `PositionalAttention` folds a clip's rows into its query length: cross-attention keys and values are
+      computed once per clip, not once per beam.
+    * An unpadded encoder (``model.unpadded``): clips of different lengths are cut to the longest, each encoded as
+      if alone, and cross-attention masks the rest (`ClipMaskedInference`); languages are detected per clip.
+    """
+
+    def __init__(self, model: "WhisperRope", options: DecodingOptions):
+        super().__init__(model, options)
+        self.inference = ClipMaskedInference(model, len(self.initial_tokens))
+        if isinstance(self.decoder, BeamSearchDecoder):
+            self.decoder.inference = self.inference
+        self.rows_per_clip = 1
+        self.audio_lengths: Optional[List[int]] = None
+
+    def _get_audio_features(self, mel: Tensor) -> Tensor:
+        dims = self.model.dims
+        n_frames = None
+        if self.model.unpadded and mel.shape[0] > 1 and mel.shape[-2:] != (dims.n_audio_ctx, dims.n_audio_state):
+            mel, n_frames = self.model.encoder.drop_trailing_padding(mel)
+        if n_frames is None:
+            features = super()._get_audio_features(mel)
+        else:
+            features = self.model.encoder(mel.half() if self.options.fp16 else mel, n_frames)
+            self.inference.xa_mask = _audio_mask(n_frames, features.shape[1], features.device)
+            self.audio_lengths = self.inference.xa_mask.sum(dim=-1).tolist()
+        if self.n_group > 1 and features.shape[0] > 1 and self.options.task != "lang_id":
+            self.rows_per_clip = self.n_group
+            features = features.repeat_interleave(self.n_group, dim=0)
+        return features
+
+    def _main_loop(self, audio_features: Tensor, tokens: Tensor):
+        return super()._main_loop(audio_features[:: self.rows_per_clip], tokens)
+
+    def _detect_language(self, audio_features: Tensor, tokens: Tensor):
+        audio_features = audio_features[:: self.rows_per_clip]
+        detects = self.options.language is None or self.options.task == "lang_id"
+        if not detects or (self.audio_lengths is None and audio_features.shape[1] == self.model.dims.n_audio_ctx):
+            return super()._detect_language(audio_features, tokens)
+        # Upstream's detect_language takes features only if they are n_audio_ctx long (else it runs the encoder on
+        # them): give it each clip's own frames and a view of the model whose dims say how many there are.
+        lengths = self.audio_lengths or [audio_features.shape[1]] * audio_features.shape[0]
+        languages, language_probs = [], []
+        for i, length in enumerate(lengths):
+            view = SimpleNamespace(dims=replace(self.model.dims, n_audio_ctx=length), logits=self.model.logits)
+            token, probs = upstream_detect_language(view, audio_features[i : i + 1, :length], self.tokenizer)
+            languages.append(max(probs[0], key=probs[0].get))
+            language_probs.append(probs[0])
+            if self.options.language is None:
+                tokens[i, self.sot_index + 1] = token[0]
+        return languages, language_probs

@@ -109,17 +109,24 @@ _ROTARY_FUNCTIONS = SourceEdit(
     _SINUSOIDS_RETURN
     + '''
 
-def rotate_half(x: Tensor) -> Tensor:
-    """(..., d) -> (..., d): the last dimension's halves (x1, x2) become (-x2, x1)"""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """
+    Rotate pair i of the last dimension's halves, (x1[i], x2[i]), by the angles of
+    cos/sin (half-width tables): (x1 cos - x2 sin, x2 cos + x1 sin).
+    """
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat(
+        (torch.addcmul(x1 * cos, x2, sin, value=-1), torch.addcmul(x2 * cos, x1, sin)),
+        dim=-1,
+    )
 
 
 def rotary_tables(
     n_ctx: int, head_dim: int, device: torch.device, dtype: torch.dtype
 ) -> Tuple[Tensor, Tensor]:
     """
-    RoPE cos and sin, each (n_ctx, head_dim), for positions 0 .. n_ctx - 1: pair i of
+    RoPE cos and sin, each (n_ctx, head_dim // 2), for positions 0 .. n_ctx - 1: pair i of
     the halves, (x1[i], x2[i]), turns by position * ROTARY_THETA ** (-2 i / head_dim).
     Angles are computed in fp32, then cast (fp16 holds no position above 2048 exactly).
     """
@@ -127,7 +134,6 @@ def rotary_tables(
     inv_freq = ROTARY_THETA ** (-exponents / head_dim)
     positions = torch.arange(n_ctx, dtype=torch.float32, device=device)
     angles = positions[:, None] * inv_freq[None, :]
-    angles = torch.cat((angles, angles), dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 ''',
 )
@@ -181,8 +187,8 @@ _ATTENTION_ROTATION = SourceEdit(
         if self.rotary:
             # rotated after the cache, so that every cached key keeps its own position
             cos, sin = rotary_tables(n_k, q.shape[-1], q.device, q.dtype)
-            q = q * cos[n_k - n_ctx :] + rotate_half(q) * sin[n_k - n_ctx :]
-            k = k * cos + rotate_half(k) * sin
+            q = apply_rotary(q, cos[n_k - n_ctx :], sin[n_k - n_ctx :])
+            k = apply_rotary(k, cos, sin)
 
         if SDPA_AVAILABLE and MultiHeadAttention.use_sdpa:
             if mask is not None and 1 < n_ctx < n_k:

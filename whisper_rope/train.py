@@ -1,0 +1,1210 @@
+"""Fine-tuning pretrained Whisper checkpoints into any positional variant.
+
+``finetune(model, train, eval, config)`` is the Python API; ``whisper-rope finetune`` builds its options from the
+fields of `FinetuneConfig` (`add_finetune_arguments`, `config_from_args`, `run_finetune_cli`), so the two cannot
+drift. Under ``torchrun`` the same code trains with DistributedDataParallel.
+
+Output directory::
+
+    model.pt                 the final model, our checkpoint format (``whisper_rope.load_model`` reads it)
+    step-0000500/            every --save-every steps and at the end; the last --keep-last are kept
+        model.pt             the model at that step
+        training_state.pt    optimizer, LR scheduler, grad scaler, step, RNG states, sampler position, config
+    best/model.pt            the model with the lowest evaluation WER so far (best/metrics.json says which)
+    train_log.jsonl          every logged metric, one JSON object per line
+    training_curves.png      loss and WER curves, drawn at the end
+
+Every file is written atomically (a temporary file, fsynced, renamed), and a step directory only appears once both
+of its files are complete, so a crash at any moment leaves the previous checkpoint loadable. Every ``.pt`` file
+holds only tensors and plain data: ``torch.load(path, weights_only=True)`` reads it.
+
+Batch sizes: ``batch_size`` is the *global* number of clips per forward pass (split evenly over the processes);
+one optimizer step uses ``batch_size * grad_accum`` clips. The loss is the mean over the target tokens of each
+global forward batch, so a run gives the same updates on one process or several.
+"""
+
+import argparse
+import contextlib
+import functools
+import json
+import logging
+import math
+import os
+import pickle
+import random
+import re
+import shutil
+import struct
+import sys
+import time
+import warnings
+import zipfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+from whisper.decoding import DecodingOptions
+
+from .checkpoint import atomic_torch_save, checkpoint_dict, load_model, read_checkpoint
+from .data import (
+    IGNORE_INDEX,
+    Batch,
+    BucketBatchSampler,
+    SpeechDataset,
+    eval_batches,
+    load_examples,
+    make_loader,
+    pad_token_rows,
+    spec_augment_,
+    target_sequence,
+)
+from .distributed import DistributedContext, from_environment
+from .errors import WhisperRopeError
+from .metrics import error_rates, normalizer_for
+from .model import WhisperRope, _audio_mask
+from .transplant import TRANSPLANT_VARIANT, TransplantSchedule, apply_schedule, check_transplant_model, finalize_transplant
+from .variants import parse_variant
+
+logger = logging.getLogger("whisper_rope")
+
+PathLike = Union[str, os.PathLike]
+POLICIES = ("all", "positional", "decoder", "encoder")
+MODEL_FILE = "model.pt"
+STATE_FILE = "training_state.pt"
+LOG_FILE = "train_log.jsonl"
+CURVES_FILE = "training_curves.png"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+#: Settings that do not change the training trajectory: a resumed run may differ in these.
+_BOOKKEEPING = {"output", "resume", "steps", "progress", "save_every", "keep_last", "log_every", "eval_every",
+                "eval_at_start", "eval", "num_workers", "threads", "device", "strict"}
+
+
+class TrainingError(WhisperRopeError, RuntimeError):
+    """Training cannot continue (a non-finite loss, a checkpoint that does not fit this run)."""
+
+
+def _option(help: str, **argparse_options: Any) -> Dict[str, Any]:
+    return {"help": help, **argparse_options}
+
+
+@dataclass
+class FinetuneConfig:
+    """Every setting of a fine-tuning run; the ``whisper-rope finetune`` options are built from these fields."""
+
+    # What to train.
+    model: str = field(default="tiny.en", metadata=_option(
+        "pretrained or fine-tuned weights: a model name (tiny.en ... large-v3-turbo), a .pt checkpoint, or a "
+        "faster-whisper / Hugging Face directory; also the distillation teacher"))
+    variant: Optional[str] = field(default=None, metadata=_option(
+        "positional variant to train (a preset such as rotary, or ENCODER/DECODER); default: the checkpoint's own"))
+    rotary_theta: Optional[float] = field(default=None, metadata=_option(
+        "RoPE base; default: the checkpoint's (10000 for new rotary variants)"))
+    gated_rotary: Optional[bool] = field(default=None, metadata=_option(
+        "learn a per-head gate (initialised to 0) that mixes RoPE in; default: the checkpoint's"))
+    train: Optional[str] = field(default=None, metadata=_option(
+        "training manifest (.jsonl/.csv/.tsv with audio,text[,language,start,end,prompt]) or a directory of audio "
+        "files with same-named .txt transcripts"))
+    eval: Optional[str] = field(default=None, metadata=_option(
+        "evaluation manifest: validation loss and greedy WER/CER every --eval-every steps and at the end"))
+    output: str = field(default="finetune-output", metadata=_option(
+        "output directory: checkpoints, logs, curves", flags=("-o",)))
+    language: Optional[str] = field(default=None, metadata=_option(
+        "language of rows that name none (multilingual models; default en)"))
+    task: str = field(default="transcribe", metadata=_option(
+        "task token of multilingual models", choices=("transcribe", "translate")))
+
+    # Optimisation.
+    steps: int = field(default=1000, metadata=_option("optimizer steps to train for (in total, when resuming)"))
+    batch_size: int = field(default=8, metadata=_option(
+        "clips per forward pass over all processes (a multiple of the number of processes)"))
+    grad_accum: int = field(default=1, metadata=_option(
+        "forward passes accumulated per optimizer step (clips per step: batch_size * grad_accum)"))
+    lr: float = field(default=1e-5, metadata=_option("peak learning rate (AdamW)"))
+    warmup_steps: int = field(default=50, metadata=_option("steps of linear learning-rate warm-up from zero"))
+    schedule: str = field(default="cosine", metadata=_option(
+        "learning-rate decay after warm-up, to zero at --steps", choices=("cosine", "linear")))
+    weight_decay: float = field(default=0.01, metadata=_option(
+        "AdamW weight decay, applied to matrices only (biases, norms and gates are not decayed)"))
+    grad_clip: float = field(default=1.0, metadata=_option("clip the gradient norm to this (0: no clipping)"))
+    label_smoothing: float = field(default=0.0, metadata=_option("label smoothing of the token cross-entropy"))
+    train_policy: str = field(default="all", metadata=_option(
+        "which parameters train: all, positional (positional parameters and attention), decoder, encoder, or a "
+        "regular expression searched in parameter names; newly initialised parameters (rotary gates, re-initialised "
+        "tables) always train"))
+    precision: str = field(default="auto", metadata=_option(
+        "auto: bf16 autocast on CUDA where supported, else fp16 with a gradient scaler; fp32 on the CPU",
+        choices=("auto", "fp32", "bf16", "fp16")))
+    gradient_checkpointing: bool = field(default=False, metadata=_option(
+        "recompute each residual block in the backward pass (less memory, about a third more compute)"))
+    spec_augment: bool = field(default=False, metadata=_option(
+        "SpecAugment: mask 2 frequency bands (up to 27 mel bins) and 2 time spans (up to 40 frames, 10%% of the clip)"))
+
+    # Data.
+    pad_to_30s: bool = field(default=False, metadata=_option(
+        "give rotary-only encoders 30-s padded input too (encoders with an absolute table always get it)"))
+    num_workers: int = field(default=2, metadata=_option(
+        "DataLoader processes decoding audio (0: in the main process)"))
+    strict: bool = field(default=False, metadata=_option(
+        "stop at the first unusable manifest row instead of skipping and listing it"))
+    seed: int = field(default=0, metadata=_option("seed of the batch order, SpecAugment and initialisation"))
+
+    # Self-distillation.
+    distill: bool = field(default=False, metadata=_option(
+        "add KL(teacher || student) on token distributions; the teacher is --model loaded as the upstream "
+        "whisper variant, frozen, fed 30-s padded input"))
+    distill_only: bool = field(default=False, metadata=_option(
+        "train on untranscribed audio: the teacher's greedy transcript is the target (implies --distill)"))
+    distill_weight: float = field(default=1.0, metadata=_option("weight of the distillation KL term"))
+    distill_temperature: float = field(default=2.0, metadata=_option("softmax temperature of the distillation KL"))
+    distill_encoder_weight: float = field(default=0.0, metadata=_option(
+        "weight of an L2 loss between student and teacher encoder outputs (only when their lengths match)"))
+
+    # Positional transplant.
+    transplant: bool = field(default=False, metadata=_option(
+        "move the checkpoint to rotary embeddings continuously: train the gated hybrid "
+        "rotary+sinusoidal/rotary+learned (identical to the checkpoint at the start), fade the absolute tables out, "
+        "open the RoPE gates; a run that ends with the tables at 0 and every gate at 1 is saved as plain rotary/rotary"))
+    transplant_anneal_start: int = field(default=0, metadata=_option("step at which the absolute tables start to fade"))
+    transplant_anneal_steps: Optional[int] = field(default=None, metadata=_option(
+        "steps over which the tables fade from 1 to 0 (default: half of --steps)"))
+    transplant_shape: str = field(default="cosine", metadata=_option(
+        "shape of the fade and gate ramps", choices=("linear", "cosine")))
+    transplant_sides: str = field(default="both", metadata=_option(
+        "which tables fade (encoder or decoder alone leaves a hybrid)", choices=("both", "encoder", "decoder")))
+    transplant_gate_start: int = field(default=0, metadata=_option("step at which scheduled gates start to open"))
+    transplant_gate_steps: Optional[int] = field(default=None, metadata=_option(
+        "drive every gate from 0 to 1 over this many steps instead of learning the gates"))
+
+    # Bookkeeping.
+    eval_every: int = field(default=0, metadata=_option("evaluate every N steps (0: only at the end)"))
+    eval_at_start: bool = field(default=False, metadata=_option("also evaluate before the first step (a baseline)"))
+    save_every: int = field(default=0, metadata=_option("write a checkpoint every N steps (0: only at the end)"))
+    keep_last: int = field(default=2, metadata=_option("step checkpoints to keep (the best-WER model is kept apart)"))
+    log_every: int = field(default=10, metadata=_option("log training metrics every N steps"))
+    resume: Optional[str] = field(default=None, metadata=_option(
+        "continue exactly from a checkpoint: a step-N directory, or an output directory (its latest); without a "
+        "value, --output's latest", nargs="?", const=""))
+    device: Optional[str] = field(default=None, metadata=_option(
+        "cpu or cuda (default: cuda when available; under torchrun each rank uses cuda:LOCAL_RANK)"))
+    threads: int = field(default=0, metadata=_option("torch CPU threads (0 keeps torch's default)"))
+    progress: bool = field(default=True, metadata=_option("show a progress bar"))
+
+    def validate(self) -> "FinetuneConfig":
+        """Raise ValueError naming the first invalid setting."""
+        checks = [
+            (self.steps >= 1, f"--steps must be at least 1, got {self.steps}"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+            (self.grad_accum >= 1, f"--grad-accum must be at least 1, got {self.grad_accum}"),
+            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (self.warmup_steps >= 0, f"--warmup-steps must not be negative, got {self.warmup_steps}"),
+            (self.weight_decay >= 0, f"--weight-decay must not be negative, got {self.weight_decay}"),
+            (self.grad_clip >= 0, f"--grad-clip must not be negative, got {self.grad_clip}"),
+            (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (self.schedule in ("cosine", "linear"), f"--schedule must be cosine or linear, got {self.schedule!r}"),
+            (self.precision in ("auto", "fp32", "bf16", "fp16"),
+             f"--precision must be auto, fp32, bf16 or fp16, got {self.precision!r}"),
+            (self.task in ("transcribe", "translate"), f"--task must be transcribe or translate, got {self.task!r}"),
+            (self.distill_temperature > 0, f"--distill-temperature must be positive, got {self.distill_temperature}"),
+            (self.distill_weight >= 0, f"--distill-weight must not be negative, got {self.distill_weight}"),
+            (self.distill_encoder_weight >= 0,
+             f"--distill-encoder-weight must not be negative, got {self.distill_encoder_weight}"),
+            (self.num_workers >= 0, f"--num-workers must not be negative, got {self.num_workers}"),
+            (self.eval_every >= 0, f"--eval-every must not be negative, got {self.eval_every}"),
+            (self.save_every >= 0, f"--save-every must not be negative, got {self.save_every}"),
+            (self.keep_last >= 1, f"--keep-last must be at least 1, got {self.keep_last}"),
+            (self.log_every >= 1, f"--log-every must be at least 1, got {self.log_every}"),
+            (bool(self.output), "--output must name a directory"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        if self.transplant and parse_variant(self.variant or "rotary").name != "rotary/rotary":
+            raise ValueError(f"--transplant ends in the rotary variant; --variant {self.variant!r} is another one")
+        if self.train_policy not in POLICIES:
+            try:
+                re.compile(self.train_policy)
+            except re.error as error:
+                raise ValueError(
+                    f"--train-policy {self.train_policy!r} is neither one of {', '.join(POLICIES)} nor a valid "
+                    f"regular expression ({error})"
+                ) from None
+        return self
+
+
+@dataclass
+class FinetuneResult:
+    """What a run produced. ``history`` holds every logged record (as in ``train_log.jsonl``)."""
+
+    model: WhisperRope
+    steps: int
+    output: Path
+    model_path: Optional[Path]
+    checkpoint: Optional[Path]
+    final_loss: Optional[float]
+    best_wer: Optional[float]
+    best_step: Optional[int]
+    history: List[Dict[str, Any]]
+    skipped_rows: Dict[str, List[str]]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Parameters, optimizer, schedule
+
+
+def select_trainable(model: WhisperRope, policy: str) -> List[str]:
+    """Set ``requires_grad`` by the train policy; returns the names of the trainable parameters.
+
+    Policies: ``all``; ``positional`` (positional tables, rotary gates, and every self- and cross-attention
+    projection); ``decoder``; ``encoder``; otherwise a regular expression searched in each parameter name.
+    Parameters the checkpoint did not provide (``model.load_report.initialised``) and rotary gates always train.
+    """
+    report = getattr(model, "load_report", None)
+    new = set(report.initialised) if report is not None else set()
+    names = []
+    for name, parameter in model.named_parameters():
+        if policy == "all":
+            chosen = True
+        elif policy == "positional":
+            chosen = "positional_embedding" in name or ".attn." in name or ".cross_attn." in name
+        elif policy in ("decoder", "encoder"):
+            chosen = name.startswith(policy + ".")
+        else:
+            chosen = re.search(policy, name) is not None
+        chosen = chosen or name in new or name.endswith("rotary_gate")
+        parameter.requires_grad_(chosen)
+        if chosen:
+            names.append(name)
+    if not names:
+        raise ValueError(f"--train-policy {policy!r} selects no parameter of the model")
+    return names
+
+
+def build_optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.AdamW:
+    """AdamW over trainable parameters; weight decay on matrices (ndim >= 2) only."""
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (decay if parameter.ndim >= 2 else no_decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """Learning-rate multiplier for optimizer step ``step`` (0-based): linear warm-up, then cosine/linear to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0 - progress
+
+
+def _precision(config: FinetuneConfig, device: torch.device) -> Tuple[Optional[torch.dtype], bool]:
+    """(autocast dtype or None for fp32, whether to use a GradScaler)."""
+    if device.type != "cuda":
+        if config.precision in ("bf16", "fp16"):
+            raise ValueError(f"--precision {config.precision} needs a CUDA device; the CPU trains in fp32")
+        return None, False
+    if config.precision == "fp32":
+        return None, False
+    if config.precision == "bf16" or (config.precision == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16, False
+    return torch.float16, True
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(model: WhisperRope, enabled: bool = True) -> Iterator[None]:
+    """Recompute every residual block's activations in the backward pass while the context is active.
+
+    Only forward passes that record gradients are checkpointed; decoding (no grad, kv-cache) runs unchanged.
+    """
+    if not enabled:
+        yield
+        return
+    blocks = list(model.encoder.blocks) + list(model.decoder.blocks)
+
+    def wrap(forward: Callable) -> Callable:
+        @functools.wraps(forward)
+        def checkpointed(*args, **kwargs):
+            if torch.is_grad_enabled() and kwargs.get("kv_cache") is None:
+                return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+            return forward(*args, **kwargs)
+
+        return checkpointed
+
+    for block in blocks:
+        block.forward = wrap(block.forward)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward  # back to the class's method
+
+
+class _Student(nn.Module):
+    """The model's forward returning logits and (optionally) encoder outputs, as one module for DDP."""
+
+    def __init__(self, model: WhisperRope):
+        super().__init__()
+        self.model = model
+
+    def forward(self, mel: Tensor, tokens: Tensor, n_frames: Optional[Tensor], with_audio: bool = False):
+        audio = self.model.encoder(mel, n_frames)
+        logits = self.model.decoder(tokens, audio, xa_mask=_audio_mask(n_frames, audio.shape[1], audio.device))
+        return logits, (audio if with_audio else None)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# State files
+
+
+def _rng_state() -> Dict[str, Any]:
+    """Python, numpy, torch and CUDA RNG states as tensors and plain data (``weights_only``-loadable)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": {"version": version, "state": list(internal), "gauss": gauss},
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},  # fmt: skip
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    np_state = state["numpy"]
+    np.random.set_state((np_state["name"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))  # fmt: skip
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+#: Entries every training-state file holds, and their types.
+_STATE_ENTRIES = {"step": int, "optimizer": dict, "scheduler": dict, "scaler": dict, "sampler": dict, "rng": dict,
+                  "config": dict, "variant": str, "dims": dict}  # fmt: skip
+
+
+def read_training_state(path: PathLike) -> dict:
+    """Read a ``training_state.pt`` with ``weights_only=True``; a damaged, incomplete or hostile file is a
+    `TrainingError` naming it (a pickled program in it is refused, never run)."""
+    label = str(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise TrainingError(
+            f"refusing training state {label!r}: it holds objects other than tensors and plain data"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, zipfile.BadZipFile, struct.error):
+        raise TrainingError(f"cannot read training state {label!r}: truncated or not a PyTorch file") from None
+    if not isinstance(state, dict):
+        raise TrainingError(f"training state {label!r} is a {type(state).__name__}, expected a dict")
+    for key, kind in _STATE_ENTRIES.items():
+        if not isinstance(state.get(key), kind):
+            raise TrainingError(f"training state {label!r} has no valid {key!r} entry (expected a {kind.__name__})")
+    return state
+
+
+def _restore(path: Path, key: str, load: Callable[[Any], None], state: dict) -> None:
+    """Load one entry of a training state into its object; a malformed entry is a TrainingError naming the file."""
+    try:
+        load(state[key])
+    except TrainingError:
+        raise
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError, AttributeError) as error:
+        raise TrainingError(f"training state {str(path)!r} has an unusable {key!r} entry ({error})") from None
+
+
+def step_checkpoints(output: PathLike) -> List[Tuple[int, Path]]:
+    """Complete step directories under ``output`` (both files present), oldest first."""
+    root = Path(output)
+    found = []
+    if root.is_dir():
+        for entry in root.iterdir():
+            match = STEP_DIR.match(entry.name)
+            if match and (entry / MODEL_FILE).is_file() and (entry / STATE_FILE).is_file():
+                found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def latest_checkpoint(output: PathLike) -> Optional[Path]:
+    """The newest complete step directory under ``output``, or None."""
+    found = step_checkpoints(output)
+    return found[-1][1] if found else None
+
+
+def resolve_resume(path: PathLike) -> Path:
+    """A step directory from ``--resume``: the directory itself, or the latest one inside an output directory."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file() and (path / MODEL_FILE).is_file():
+        return path
+    if path.is_file() and path.name in (STATE_FILE, MODEL_FILE):
+        return resolve_resume(path.parent)
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise TrainingError(
+            f"cannot resume from {str(path)!r}: it holds no complete checkpoint ({MODEL_FILE} and {STATE_FILE}, or "
+            "step-N directories with both)"
+        )
+    return latest
+
+
+def save_step_checkpoint(output: PathLike, step: int, model_state: dict, training_state: dict, keep_last: int) -> Path:
+    """Write ``step-N/{model.pt, training_state.pt}`` atomically, then prune old step directories.
+
+    Both files go to a hidden staging directory first; renaming it to ``step-N`` publishes them together, so a
+    crash leaves either no ``step-N`` or a complete one.
+    """
+    root = Path(output)
+    final = root / f"step-{step:07d}"
+    staging = root / f".step-{step:07d}.partial"
+    if staging.exists():
+        shutil.rmtree(staging)
+    atomic_torch_save(model_state, staging / MODEL_FILE)
+    atomic_torch_save(training_state, staging / STATE_FILE)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    _fsync_directory(root)
+    for _, old in step_checkpoints(root)[:-keep_last]:
+        # Remove the state first: a half-removed directory is then no longer "complete" and never resumed from.
+        (old / STATE_FILE).unlink(missing_ok=True)
+        shutil.rmtree(old, ignore_errors=True)
+    for leftover in root.glob(".step-*.partial"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    return final
+
+
+def _sweep_temporary_files(output: Path) -> None:
+    """Remove what writes cut short by a crash left behind: staging directories and atomic writes' temporary files
+    (``.model.pt.XXXX.tmp``, ``.metrics.json.tmp``) in the output directory and its ``best/``."""
+    for leftover in output.glob(".step-*.partial"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    for folder in (output, output / "best"):
+        for leftover in folder.glob(".*.tmp"):
+            if leftover.is_file():
+                leftover.unlink(missing_ok=True)
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fp:
+        fp.write(text)
+        fp.flush()
+        os.fsync(fp.fileno())
+    os.replace(tmp, path)
+
+
+def _model_file(model: WhisperRope, trained_unpadded: bool) -> dict:
+    """Our checkpoint dict, recording whether the encoder was trained on unpadded input."""
+    previous = model.unpadded
+    model.unpadded = trained_unpadded
+    try:
+        return checkpoint_dict(model)
+    finally:
+        model.unpadded = previous
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Logging
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+class _Log:
+    """Appends records to ``train_log.jsonl`` (rank 0 only) and keeps them in memory."""
+
+    def __init__(self, path: Optional[Path]):
+        self.path = path
+        self.records: List[Dict[str, Any]] = []
+
+    def write(self, record: Dict[str, Any]) -> None:
+        record = _jsonable(record)
+        self.records.append(record)
+        if self.path is not None:
+            with open(self.path, "a", encoding="utf-8") as fp:
+                fp.write(json.dumps(record) + "\n")
+
+
+def plot_curves(log_path: PathLike, png_path: PathLike) -> Optional[Path]:
+    """Draw training/validation loss and WER against steps from a ``train_log.jsonl``; None without matplotlib."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        logger.warning("matplotlib is not installed (pip install 'whisper-rope[train]'); no training curves drawn")
+        return None
+    records = [json.loads(line) for line in Path(log_path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    train = [r for r in records if r.get("event") == "train" and isinstance(r.get("loss"), (int, float))]
+    evals = [r for r in records if r.get("event") == "eval"]
+    figure = Figure(figsize=(10, 4))
+    FigureCanvasAgg(figure)
+    loss_axes, wer_axes = figure.subplots(1, 2)
+    if train:
+        loss_axes.plot([r["step"] for r in train], [r["loss"] for r in train], label="training loss")
+    if evals:
+        loss_axes.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="validation loss")
+        wer_axes.plot([r["step"] for r in evals], [100 * r["wer"] for r in evals], "o-", label="WER")
+        wer_axes.plot([r["step"] for r in evals], [100 * r["cer"] for r in evals], "s--", label="CER")
+    loss_axes.set(xlabel="step", ylabel="cross-entropy per token", title="loss")
+    losses = [r["loss"] for r in train] + [r["loss"] for r in evals if isinstance(r.get("loss"), (int, float))]
+    if losses and min(losses) > 0:
+        loss_axes.set_yscale("log")  # fine-tuning losses fall by orders of magnitude
+    wer_axes.set(xlabel="step", ylabel="%", title="validation error rates (greedy)")
+    for axes in (loss_axes, wer_axes):
+        axes.grid(alpha=0.3)
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend()
+    figure.tight_layout()
+    figure.savefig(png_path, dpi=100)
+    return Path(png_path)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def _decode_options(language: str, prompt: Optional[str], sample_len: int) -> DecodingOptions:
+    return DecodingOptions(
+        language=language, without_timestamps=True, fp16=False, sample_len=sample_len, prompt=prompt
+    )
+
+
+@torch.no_grad()
+def validation_metrics(
+    model: WhisperRope, dataset: SpeechDataset, batch_size: int, device: torch.device
+) -> Dict[str, Any]:
+    """Validation loss and greedy WER/CER on every clip of ``dataset``, decoded through upstream's ``decode``.
+
+    Clips go in the form the model trains on: 30-s windows (decoded in batches) or, for unpadded datasets, each
+    clip's own frames (decoded one clip at a time, since upstream's decoding passes no frame counts). The decoding
+    length is capped at three times the longest reference in tokens plus ten (and half the text context), so a
+    looping model cannot stall evaluation; ``capped`` counts the hypotheses that reached the cap.
+    """
+    was_training = model.training
+    model.eval()
+    loader = make_loader(dataset, eval_batches(dataset, batch_size))
+    loss_sum, n_tokens = 0.0, 0
+    references, hypotheses, capped = [], [], 0
+    started = time.perf_counter()
+    for batch in loader:
+        batch = batch.to(device)
+        logits = model(batch.mel, batch.tokens, batch.n_frames)
+        loss_sum += float(F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX,
+                                          reduction="sum"))  # fmt: skip
+        n_tokens += int((batch.labels != IGNORE_INDEX).sum())
+        groups: Dict[Tuple[str, Optional[str]], List[int]] = {}
+        for row, index in enumerate(batch.indices):
+            groups.setdefault((dataset.languages[index], dataset.examples[index].prompt), []).append(row)
+        results: Dict[int, Any] = {}
+        for (language, prompt), rows in groups.items():
+            text_lengths = [int((batch.labels[r] != IGNORE_INDEX).sum()) for r in rows]
+            sample_len = min(model.dims.n_text_ctx // 2, 3 * max(text_lengths) + 10)
+            options = _decode_options(language, prompt, sample_len)
+            if batch.padded_30s:
+                decoded = model.decode(batch.mel[rows], options)
+            else:
+                decoded = []
+                for r in rows:
+                    frames = int(batch.frames[r])
+                    decoded.append(model.decode(batch.mel[r : r + 1, :, : frames + frames % 2], options)[0])
+            for r, result in zip(rows, decoded):
+                results[r] = result
+                capped += len(result.tokens) >= sample_len
+        for row, index in enumerate(batch.indices):
+            references.append(dataset.examples[index].text)
+            hypotheses.append(results[row].text)
+    model.train(was_training)
+    language = dataset.languages[0] if len(set(dataset.languages)) == 1 else None
+    rates = error_rates(references, hypotheses, normalizer_for(language))
+    return {
+        "loss": loss_sum / max(n_tokens, 1),
+        "wer": rates.wer,
+        "cer": rates.cer,
+        "substitutions": rates.substitutions,
+        "deletions": rates.deletions,
+        "insertions": rates.insertions,
+        "n_words": rates.n_words,
+        "n_clips": len(references),
+        "capped": capped,
+        "seconds": time.perf_counter() - started,
+        "examples": [{"reference": r, "hypothesis": h} for r, h in list(zip(references, hypotheses))[:3]],
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Distillation targets
+
+
+class _TeacherTargets:
+    """Greedy transcripts of the frozen teacher as training targets (``--distill-only``), cached per clip."""
+
+    def __init__(self, teacher: WhisperRope, dataset: SpeechDataset, eot: int):
+        self.teacher = teacher
+        self.dataset = dataset
+        self.eot = eot
+        self.cache: Dict[int, List[int]] = {}
+
+    @torch.no_grad()
+    def fill(self, batch: Batch, device: torch.device) -> Batch:
+        windows = batch.teacher_mel if batch.teacher_mel is not None else batch.mel
+        missing = [r for r, i in enumerate(batch.indices) if i not in self.cache]
+        groups: Dict[Tuple[str, Optional[str]], List[int]] = {}
+        for r in missing:
+            example = self.dataset.examples[batch.indices[r]]
+            groups.setdefault((self.dataset.languages[batch.indices[r]], example.prompt), []).append(r)
+        for (language, prompt), rows in groups.items():
+            options = DecodingOptions(language=language, without_timestamps=True, fp16=False, prompt=prompt)
+            for r, result in zip(rows, self.teacher.decode(windows[rows].to(device), options)):
+                self.cache[batch.indices[r]] = list(result.tokens)
+        token_rows, label_rows = [], []
+        n_ctx = self.dataset.spec.n_text_ctx
+        for index in batch.indices:
+            tokenizer = self.dataset.tokenizer(index)
+            prompt = self.dataset.prompts[index]
+            room = n_ctx - len(prompt) - len(tokenizer.sot_sequence_including_notimestamps)  # decoder inputs <= n_ctx
+            tokens, labels = target_sequence(tokenizer, self.cache[index][:room], prompt)
+            token_rows.append(tokens)
+            label_rows.append(labels)
+        batch.tokens = pad_token_rows(token_rows, self.eot)
+        batch.labels = pad_token_rows(label_rows, IGNORE_INDEX)
+        return batch
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def _load_datasets(model, train, eval, config: FinetuneConfig, unpadded: bool, distill: bool):
+    train_set = load_examples(
+        train, model, pad_30s=not unpadded, strict=config.strict, require_text=not config.distill_only,
+        teacher_30s=distill, language=config.language, task=config.task,
+    )  # fmt: skip
+    eval_set = None
+    if eval is not None:
+        eval_set = load_examples(
+            eval, model, pad_30s=not unpadded, strict=config.strict, language=config.language, task=config.task
+        )
+    return train_set, eval_set
+
+
+def _check_resumable(state: dict, model: WhisperRope, source: Path) -> None:
+    dims = asdict(model.dims)
+    if state.get("variant") != model.variant:
+        raise TrainingError(
+            f"cannot resume from {str(source)!r}: it was trained as variant {state.get('variant')!r}, this run builds "
+            f"{model.variant!r} (pass the same --variant)"
+        )
+    if state.get("dims") != dims:
+        differing = sorted(k for k in dims if (state.get("dims") or {}).get(k) != dims[k])
+        raise TrainingError(
+            f"cannot resume from {str(source)!r}: it is a different model size ({', '.join(differing)} differ from "
+            f"--model {state.get('config', {}).get('model')!r})"
+        )
+
+
+def finetune(
+    model: Optional[WhisperRope] = None,
+    train: Optional[PathLike] = None,
+    eval: Optional[PathLike] = None,
+    config: Optional[FinetuneConfig] = None,
+    *,
+    teacher: Optional[WhisperRope] = None,
+) -> FinetuneResult:
+    """Fine-tune ``model`` (default: ``config.model`` loaded into ``config.variant``) on a manifest.
+
+    Args:
+        model: the model to train, in place; it stays on the training device.
+        train, eval: manifests (default ``config.train`` / ``config.eval``); ``eval`` may be None.
+        config: every other setting (`FinetuneConfig`).
+        teacher: the distillation teacher (default: ``config.model`` loaded as the upstream ``whisper`` variant).
+
+    Under ``torchrun`` every process calls this; rank 0 logs, evaluates and writes files.
+    Raises ValueError / `WhisperRopeError` for bad settings or data, `TrainingError` when the loss becomes
+    non-finite (the last checkpoint written stays intact).
+    """
+    config = (config or FinetuneConfig()).validate()
+    train = train if train is not None else config.train
+    eval = eval if eval is not None else config.eval
+    if train is None:
+        raise ValueError("no training data: pass --train (a manifest or a directory of audio with .txt transcripts)")
+    context = from_environment(config.device)
+    threads = torch.get_num_threads()
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+    try:
+        return _run(model, train, eval, config, teacher, context)
+    finally:
+        torch.set_num_threads(threads)
+        context.close()
+
+
+def _run(model, train, eval, config: FinetuneConfig, teacher, context: DistributedContext) -> FinetuneResult:
+    device = context.device
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    output = Path(config.output)
+    if config.resume is None and step_checkpoints(output):
+        raise TrainingError(
+            f"output directory {str(output)!r} already holds checkpoints of another run: pass --resume to continue "
+            "it, or choose another --output"
+        )
+    if context.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        _sweep_temporary_files(output)
+        if config.resume is None and (output / LOG_FILE).exists():
+            (output / LOG_FILE).unlink()  # a run that never wrote a checkpoint: start its log afresh
+
+    schedule = _transplant_schedule(config)
+    if model is None:
+        model = load_model(config.model, variant=TRANSPLANT_VARIANT if schedule else config.variant, device="cpu",
+                           rotary_theta=config.rotary_theta,
+                           gated_rotary=True if schedule else config.gated_rotary)  # fmt: skip
+    if schedule is not None:
+        check_transplant_model(model)
+    model = model.to(device)
+    unpadded = not model.encoder.has_table and not config.pad_to_30s
+    model.unpadded = False  # training batches carry their frame counts; nothing is trimmed
+    distill = config.distill or config.distill_only
+    encoder_l2 = distill and config.distill_encoder_weight > 0
+    if encoder_l2 and unpadded:
+        logger.warning("--distill-encoder-weight is ignored: the unpadded student's encoder outputs are shorter than "
+                       "the teacher's 30-s ones (use --pad-to-30s to compare them)")  # fmt: skip
+        encoder_l2 = False
+    train_set, eval_set = _load_datasets(model, train, eval, config, unpadded, distill)
+
+    trainable = select_trainable(model, config.train_policy)
+    optimizer = build_optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(lr_factor, warmup_steps=config.warmup_steps, total_steps=config.steps,
+                                     schedule=config.schedule))  # fmt: skip
+    autocast_dtype, use_scaler = _precision(config, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    sampler = BucketBatchSampler(train_set.durations, config.batch_size, config.seed, bucket=unpadded,
+                                 rank=context.rank, world_size=context.world_size)  # fmt: skip
+
+    step, best_wer, best_step = 0, None, None
+    resumed_from = None
+    if config.resume is not None:
+        resumed_from = resolve_resume(config.resume or output)
+        state = read_training_state(resumed_from / STATE_FILE)
+        _check_resumable(state, model, resumed_from)
+        weights = read_checkpoint(resumed_from / MODEL_FILE)["model_state_dict"]
+        model.load_state_dict(weights, strict=True)
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise TrainingError(
+                f"cannot resume from {str(resumed_from)!r}: its optimizer state does not fit this run's trainable "
+                f"parameters (use the same --train-policy; {error})"
+            ) from None
+        _restore(resumed_from / STATE_FILE, "scheduler", scheduler.load_state_dict, state)
+        _restore(resumed_from / STATE_FILE, "scaler", scaler.load_state_dict, state)
+        _restore(resumed_from / STATE_FILE, "sampler", sampler.load_state_dict, state)
+        _restore(resumed_from / STATE_FILE, "rng", _set_rng_state, state)
+        step = int(state["step"])
+        best_wer, best_step = state.get("best_wer"), state.get("best_step")
+        changed = sorted(k for k, v in state.get("config", {}).items()
+                         if k in asdict(config) and asdict(config)[k] != v and k not in _BOOKKEEPING)  # fmt: skip
+        if changed and context.is_main:
+            logger.warning("resuming with changed settings (%s): the run will not repeat an uninterrupted one",
+                           ", ".join(changed))  # fmt: skip
+        if step >= config.steps and context.is_main:
+            logger.warning("checkpoint %s is at step %d, which already reaches --steps %d", resumed_from, step,
+                           config.steps)  # fmt: skip
+
+    if not distill:
+        teacher = None
+    elif teacher is None:
+        teacher = load_model(config.model, variant="whisper", device="cpu")
+    if teacher is not None:
+        teacher = teacher.to(device).eval().requires_grad_(False)
+    targets = _TeacherTargets(teacher, train_set, train_set.tokenizer(0).eot) if config.distill_only else None
+
+    student: nn.Module = _Student(model)
+    if context.enabled:
+        # Every buffer (sinusoid tables, rotary caches, the sparse alignment-head mask, which collectives cannot
+        # broadcast) is computed identically on each rank: keep them out of DDP's synchronisation.
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            student, [name for name, _ in student.named_buffers()]
+        )
+        student = nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    log = _Log(output / LOG_FILE if context.is_main else None)
+    if context.is_main:
+        log.write({"event": "start", "step": step, "variant": model.variant, "model": config.model,
+                   "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                   "train_clips": len(train_set), "eval_clips": len(eval_set) if eval_set else 0,
+                   "skipped_train_rows": [str(p) for p in train_set.problems],
+                   "skipped_eval_rows": [str(p) for p in eval_set.problems] if eval_set else [],
+                   "unpadded": unpadded, "world_size": context.world_size,
+                   "resumed_from": str(resumed_from) if resumed_from else None})  # fmt: skip
+        logger.info("training %s (%s) on %d clips, %s input, %d process(es), %d trainable tensors", config.model,
+                    model.variant, len(train_set), "unpadded" if unpadded else "30-s padded", context.world_size,
+                    len(trainable))  # fmt: skip
+
+    loader = make_loader(train_set, sampler, config.num_workers, pin_memory=device.type == "cuda")
+    batches = iter(loader)
+    trainable_params = [p for p in model.parameters() if p.requires_grad]
+    last_saved: Optional[Path] = resumed_from
+    last_eval_step, last_save_step = None, step if resumed_from else None
+    final_loss: Optional[float] = None
+
+    def run_eval() -> None:
+        nonlocal best_wer, best_step, last_eval_step
+        last_eval_step = step
+        if context.is_main and eval_set is not None:
+            evaluate_and_keep_best()
+        context.barrier()
+
+    def evaluate_and_keep_best() -> None:
+        nonlocal best_wer, best_step
+        metrics = validation_metrics(model, eval_set, config.batch_size, device)
+        log.write({"event": "eval", "step": step, **metrics})
+        logger.info("step %d: validation loss %.4f, WER %.2f%%, CER %.2f%% (%d clips, %.1f s)", step,
+                    metrics["loss"], 100 * metrics["wer"], 100 * metrics["cer"], metrics["n_clips"],
+                    metrics["seconds"])  # fmt: skip
+        if best_wer is None or metrics["wer"] < best_wer:
+            best_wer, best_step = metrics["wer"], step
+            best_dir = output / "best"
+            best_dir.mkdir(exist_ok=True)
+            atomic_torch_save(_model_file(model, unpadded), best_dir / MODEL_FILE)
+            _atomic_write_text(best_dir / "metrics.json", json.dumps(_jsonable({"step": step, **metrics}), indent=2))
+
+    def save() -> None:
+        nonlocal last_saved, last_save_step
+        last_save_step = step
+        if context.is_main:
+            state = {
+                "step": step,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "sampler": sampler.state_dict(),
+                "rng": _rng_state(),
+                "config": asdict(config),
+                "variant": model.variant,
+                "dims": asdict(model.dims),
+                "trained_unpadded": unpadded,
+                "world_size": context.world_size,
+                "best_wer": best_wer,
+                "best_step": best_step,
+            }
+            last_saved = save_step_checkpoint(output, step, _model_file(model, unpadded), state, config.keep_last)
+            log.write({"event": "checkpoint", "step": step, "path": str(last_saved)})
+        context.barrier()
+
+    position = sampler.position
+    window = _new_window()
+    progress = _progress_bar(config, context, step)
+    if config.eval_at_start and resumed_from is None:
+        run_eval()
+
+    model.train()
+    with gradient_checkpointing(model, config.gradient_checkpointing), logging_redirect_tqdm():
+        while step < config.steps:
+            if schedule is not None:
+                apply_schedule(model, schedule, step)
+            for micro in range(config.grad_accum):
+                batch: Batch = next(batches)
+                position += 1
+                for row in batch.replaced_rows:
+                    logger.warning("%s, row %d could not be decoded and was replaced in this batch", train_set.source,
+                                   row)  # fmt: skip
+                batch = _prepare_batch(batch, position, targets, config, distill, device)
+                # DDP synchronises gradients on the last micro-batch of a step only.
+                sync = micro == config.grad_accum - 1 or not context.enabled
+                with contextlib.nullcontext() if sync else student.no_sync():
+                    loss, stats, n_tokens = _micro_batch_loss(student, teacher, batch, config, context, autocast_dtype,
+                                                              encoder_l2)  # fmt: skip
+                    if not math.isfinite(stats["loss"]):
+                        _stop_non_finite(log, context, step, stats["loss"], last_saved)
+                    scaler.scale(loss).backward()
+                window["loss"] += stats["ce"]
+                window["kl"] += stats["kl"]
+                window["tokens"] += n_tokens
+                window["seconds"] += stats["seconds"]
+
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable_params, config.grad_clip or float("inf"))
+            scaler.step(optimizer)
+            scaler.update()
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step used
+            with warnings.catch_warnings():
+                # With fp16 the scaler skips steps whose gradients overflowed (the first ones, while it calibrates);
+                # the schedule still advances by one step, which is what torch warns about here.
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window["steps"] += 1
+            sampler.position = position
+
+            if step % config.log_every == 0 or step == config.steps:
+                elapsed = time.perf_counter() - window["started"]
+                final_loss = window["loss"] / max(window["tokens"], 1.0)
+                record = {"event": "train", "step": step, "loss": final_loss,
+                          "lr": lr, "grad_norm": float(grad_norm),
+                          "audio_seconds_per_second": window["seconds"] / max(elapsed, 1e-9),
+                          "seconds_per_step": elapsed / window["steps"]}  # fmt: skip
+                if distill:
+                    record["kl"] = window["kl"] / max(window["tokens"], 1.0)
+                if context.is_main:
+                    log.write(record)
+                    progress.set_postfix(loss=f"{final_loss:.4f}", lr=f"{record['lr']:.2e}",
+                                         audio_s_per_s=f"{record['audio_seconds_per_second']:.1f}")  # fmt: skip
+                window = _new_window()
+            progress.update(1)
+
+            if config.eval_every and step % config.eval_every == 0:
+                run_eval()
+            if config.save_every and step % config.save_every == 0:
+                save()
+
+        if eval_set is not None and last_eval_step != step:
+            run_eval()
+        if last_save_step != step:
+            save()
+    progress.close()
+
+    if schedule is not None:
+        apply_schedule(model, schedule, step)
+        model = _finish_transplant(model, schedule, log, context)
+    model_path = None
+    if context.is_main:
+        model_path = atomic_torch_save(_model_file(model, unpadded), output / MODEL_FILE)
+        log.write({"event": "end", "step": step, "model": str(model_path), "best_wer": best_wer,
+                   "best_step": best_step})  # fmt: skip
+        plot_curves(output / LOG_FILE, output / CURVES_FILE)
+    context.barrier()
+    model.unpadded = unpadded
+    return FinetuneResult(
+        model=model, steps=step, output=output, model_path=model_path, checkpoint=last_saved,
+        final_loss=final_loss, best_wer=best_wer, best_step=best_step, history=log.records,
+        skipped_rows={"train": [str(p) for p in train_set.problems],
+                      "eval": [str(p) for p in eval_set.problems] if eval_set else []},
+    )  # fmt: skip
+
+
+def _transplant_schedule(config: FinetuneConfig) -> Optional[TransplantSchedule]:
+    if not config.transplant:
+        return None
+    anneal_steps = config.transplant_anneal_steps
+    return TransplantSchedule(
+        anneal_start=config.transplant_anneal_start,
+        anneal_steps=max(1, config.steps // 2) if anneal_steps is None else anneal_steps,
+        shape=config.transplant_shape, sides=config.transplant_sides,
+        gate_start=config.transplant_gate_start, gate_steps=config.transplant_gate_steps,
+    )  # fmt: skip
+
+
+def _finish_transplant(model: WhisperRope, schedule: TransplantSchedule, log: "_Log",
+                       context: DistributedContext) -> WhisperRope:
+    """Turn a finished transplant into the plain rotary model; otherwise keep (and say why) the hybrid."""
+    if not schedule.ends_pure_rotary():
+        return model
+    try:
+        plain, report = finalize_transplant(model)
+    except WhisperRopeError as error:
+        if context.is_main:
+            logger.warning("keeping the hybrid model: %s", error)
+            log.write({"event": "transplant", "finished": False, "reason": str(error)})
+        return model
+    if context.is_main:
+        logger.info("transplant finished: saved as %s (%s)", plain.variant, report.summary())
+        log.write({"event": "transplant", "finished": True, "variant": plain.variant, "dropped": report.dropped})
+    return plain
+
+
+def _new_window() -> Dict[str, float]:
+    """Sums over the steps since the last log record."""
+    return {"loss": 0.0, "kl": 0.0, "tokens": 0.0, "seconds": 0.0, "steps": 0, "started": time.perf_counter()}
+
+
+def _prepare_batch(batch: Batch, position: int, targets: Optional["_TeacherTargets"], config: FinetuneConfig,
+                   distill: bool, device: torch.device) -> Batch:
+    """Teacher transcripts (--distill-only), SpecAugment (seeded by run position and clip), then onto the device."""
+    if targets is not None:
+        batch = targets.fill(batch, device)
+    if config.spec_augment:
+        if distill and batch.teacher_mel is None:
+            batch.teacher_mel = batch.mel.clone()  # the teacher hears the clean audio
+        for row, index in enumerate(batch.indices):
+            # Masks depend on (seed, position, clip) alone: the same on any number of ranks, and after a resume.
+            generator = torch.Generator().manual_seed(hash((config.seed, position, index)) & 0x7FFFFFFF)
+            spec_augment_(batch.mel[row], batch.frames[row], generator)
+    return batch.to(device)
+
+
+def _micro_batch_loss(student: nn.Module, teacher: Optional[WhisperRope], batch: Batch, config: FinetuneConfig,
+                      context: DistributedContext, autocast_dtype: Optional[torch.dtype],
+                      encoder_l2: bool) -> Tuple[Tensor, Dict[str, float], float]:
+    """Forward one micro-batch; returns (loss to backpropagate, statistics summed over ranks, global target tokens).
+
+    The loss is normalised by the *global* number of target tokens and multiplied by the world size, because DDP
+    averages gradients over ranks: the update is then that of the whole global batch on one process.
+    """
+    device = batch.mel.device
+    target_mask = batch.labels != IGNORE_INDEX
+    n_tokens = float(context.all_reduce_sum(target_mask.sum().to(torch.float64).reshape(1))[0])
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        logits, audio = student(batch.mel, batch.tokens, batch.n_frames, with_audio=encoder_l2)
+    ce_sum = F.cross_entropy(logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX,
+                             reduction="sum", label_smoothing=config.label_smoothing)  # fmt: skip
+    kl_sum = torch.zeros((), device=device)
+    encoder_term = torch.zeros((), device=device)
+    if teacher is not None:
+        kl_sum, encoder_term = _distillation_terms(teacher, batch, logits, audio, target_mask, config, context)
+    scale = context.world_size / config.grad_accum
+    loss = (ce_sum + config.distill_weight * kl_sum) * (scale / max(n_tokens, 1.0)) + encoder_term * scale
+    stats = torch.stack([ce_sum.detach(), kl_sum.detach(), loss.detach() / scale]).double()
+    stats = torch.cat([stats, torch.tensor([sum(batch.seconds)], dtype=torch.float64, device=device)])
+    ce, kl, total, seconds = context.all_reduce_sum(stats).tolist()
+    return loss, {"ce": ce, "kl": kl, "loss": total, "seconds": seconds}, n_tokens
+
+
+def _distillation_terms(teacher, batch: Batch, logits: Tensor, audio: Optional[Tensor], target_mask: Tensor,
+                        config: FinetuneConfig, context: DistributedContext) -> Tuple[Tensor, Tensor]:
+    """(KL(teacher || student) summed over target tokens, encoder L2 term normalised over the global batch).
+
+    ``audio`` is the student's encoder output, given only when it has the teacher's length (30-s input).
+    """
+    windows = batch.teacher_mel if batch.teacher_mel is not None else batch.mel
+    with torch.no_grad():
+        teacher_audio = teacher.encoder(windows)
+        teacher_logits = teacher.decoder(batch.tokens, teacher_audio)
+    t = config.distill_temperature
+    student_log_p = F.log_softmax(logits.float()[target_mask] / t, dim=-1)
+    teacher_log_p = F.log_softmax(teacher_logits.float()[target_mask] / t, dim=-1)
+    kl_sum = F.kl_div(student_log_p, teacher_log_p, log_target=True, reduction="sum") * (t * t)
+    encoder_term = torch.zeros((), device=logits.device)
+    if audio is not None:
+        count = torch.tensor([float(audio.numel())], dtype=torch.float64, device=logits.device)
+        total = float(context.all_reduce_sum(count)[0])
+        encoder_term = config.distill_encoder_weight * ((audio.float() - teacher_audio.float()) ** 2).sum() / total
+    return kl_sum, encoder_term
+
+
+def _stop_non_finite(
+    log: _Log, context: DistributedContext, step: int, loss: float, last_saved: Optional[Path]
+) -> None:
+    kept = f"the last good checkpoint is {str(last_saved)!r}" if last_saved else "no checkpoint had been written yet"
+    message = (
+        f"training stopped: the loss became {loss if not math.isfinite(loss) else 'non-finite'} at step {step + 1} "
+        f"({kept}); lower --lr, lengthen --warmup-steps or keep --grad-clip on"
+    )
+    if context.is_main:
+        log.write({"event": "error", "step": step + 1, "message": message})
+    raise TrainingError(message)
+
+
+def _progress_bar(config: FinetuneConfig, context: DistributedContext, step: int) -> tqdm:
+    return tqdm(total=config.steps, initial=step, unit="step", disable=not (config.progress and context.is_main),
+                dynamic_ncols=True)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _argument_type(annotation: Any) -> Tuple[Any, bool]:
+    """(the value type, whether None is allowed) of a field annotation such as ``Optional[int]``."""
+    arguments = getattr(annotation, "__args__", None)
+    if arguments and type(None) in arguments:
+        return next(a for a in arguments if a is not type(None)), True
+    return annotation, False
+
+
+def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add one option per `FinetuneConfig` field: ``--batch-size`` (also ``--batch_size``); booleans as
+    ``--flag``/``--no-flag``."""
+    for spec in fields(FinetuneConfig):
+        meta = dict(spec.metadata)
+        kind, _ = _argument_type(spec.type)
+        names = list(meta.pop("flags", ())) + [f"--{spec.name.replace('_', '-')}"]
+        options: Dict[str, Any] = {"dest": spec.name, "default": spec.default, "help": meta.pop("help")}
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        else:
+            if "_" in spec.name:
+                names.append(f"--{spec.name}")  # the spelling of upstream whisper's options
+            options["type"] = kind
+            if "choices" not in meta:
+                options["metavar"] = spec.name.upper()
+            if spec.default is not None:
+                options["help"] += " (default: %(default)s)"
+        options.update(meta)
+        parser.add_argument(*names, **options)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
+    """The `FinetuneConfig` of parsed ``whisper-rope finetune`` arguments (validated)."""
+    names = {spec.name for spec in fields(FinetuneConfig)}
+    return FinetuneConfig(**{k: v for k, v in vars(args).items() if k in names}).validate()
+
+
+def run_finetune_cli(args: argparse.Namespace) -> int:
+    """Run ``whisper-rope finetune`` from parsed arguments; returns the exit status."""
+    config = config_from_args(args)
+    rank = int(os.environ.get("RANK", "0") or 0)
+    if rank == 0:
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    result = finetune(config=config)
+    if rank == 0:
+        summary = f"trained {result.steps} steps; final model {result.model_path}"
+        if result.best_wer is not None:
+            summary += f"; best WER {100 * result.best_wer:.2f}% at step {result.best_step} ({result.output / 'best'})"
+        print(summary)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m whisper_rope.train ...``: the finetune command on its own (also under torchrun)."""
+    parser = argparse.ArgumentParser(prog="whisper-rope finetune", description="Fine-tune a Whisper checkpoint "
+                                     "into a positional variant.")  # fmt: skip
+    add_finetune_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_finetune_cli(args)
+    except (ValueError, OSError, RuntimeError) as error:
+        print(f"whisper-rope: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
