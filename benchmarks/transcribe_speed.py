@@ -1,0 +1,307 @@
+"""Transcription speed on the CPU: upstream openai-whisper, whisper_rope's presets, faster-whisper, same clips.
+
+Two measurements, each system timed in this one process after a warm-up, runs interleaved across systems (so that
+load from other processes hits them alike), median of the runs, in CPU seconds of the process (robust to other jobs
+on a shared machine) and wall seconds:
+
+1. RoPE overhead, controlled: the ``whisper`` and ``rotary`` presets of tiny.en encode one 30-s window and decode a
+   fixed number of tokens (end-of-text suppressed, so both do exactly the same steps), greedy and beam 5.
+2. End to end, upstream ``transcribe`` settings: short clips (the committed speech fixtures, 2-4 s) and long-form
+   clips (fixtures joined with silences, 45 s and 100 s), greedy and beam 5, temperature 0 without fallback,
+   decoding capped at ``--sample-len`` tokens per window for every system. Reported: median seconds per set,
+   ratio to faster-whisper int8, corpus WER (jiwer, upstream's EnglishTextNormalizer).
+
+The ``rotary`` preset here is tiny.en's pretrained weights with the positional tables swapped for RoPE and *no
+fine-tuning*: it transcribes garbage (expected, see EXPERIMENTS.md) and loops until the token cap, so its
+end-to-end rows measure the cost of capped garbage, not of a usable model; the controlled measurement is the fair
+speed comparison. Unpadded rows encode only each window's real frames.
+
+Usage: ``python3 benchmarks/transcribe_speed.py [--runs 3] [--threads 2] [--json results.json]``;
+``--quick`` (one short clip, one run, no long-form) only checks that the script works.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import whisper
+from whisper.normalizers import EnglishTextNormalizer
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import whisper_rope  # noqa: E402
+from whisper_rope.audio import SAMPLE_RATE, load_audio  # noqa: E402
+from whisper_rope.batch import transcribe_many  # noqa: E402
+from whisper_rope.convert import packages  # noqa: E402
+
+SPEECH = ROOT / "tests" / "fixtures" / "speech"
+MODEL = "tiny.en"
+LONG_SECONDS = (45.0, 100.0)
+Clip = Tuple[str, np.ndarray, str]  # name, 16-kHz waveform, reference text
+Transcriber = Callable[[Sequence[np.ndarray], Optional[int]], List[str]]
+
+
+def short_clips() -> List[Clip]:
+    return [(p.stem, load_audio(p), p.with_suffix(".txt").read_text().strip()) for p in sorted(SPEECH.glob("*.flac"))]
+
+
+def long_clip(clips: Sequence[Clip], seconds: float, offset: int) -> Clip:
+    """Fixtures in turn from ``offset``, separated by 0.8-2.0 s of silence, until ``seconds`` of audio."""
+    pieces, texts, n, i = [], [], 0, offset
+    while n < seconds * SAMPLE_RATE:
+        _, audio, text = clips[i % len(clips)]
+        silence = np.zeros(int((0.8 + 0.4 * (i % 4)) * SAMPLE_RATE), dtype=np.float32)
+        pieces += [audio, silence]
+        texts.append(text)
+        n += len(audio) + len(silence)
+        i += 1
+    return f"long_{seconds:.0f}s", np.concatenate(pieces)[: int(seconds * SAMPLE_RATE)], " ".join(texts)
+
+
+@contextlib.contextmanager
+def unpadded(model, value: bool):
+    previous = model.unpadded
+    model.unpadded = value
+    try:
+        yield
+    finally:
+        model.unpadded = previous
+
+
+def load_torch_models() -> dict:
+    """tiny.en converted from the installed package: upstream's model and whisper_rope's two presets."""
+    return {
+        "upstream": whisper.load_model(str(packages.cached_conversion(MODEL)), device="cpu"),
+        "whisper": whisper_rope.load_model(MODEL, device="cpu"),
+        "rotary": whisper_rope.load_model(MODEL, variant="rotary", device="cpu"),
+    }
+
+
+def torch_systems(models: dict, sample_len: int) -> Dict[str, Transcriber]:
+    """Transcribers for upstream openai-whisper and whisper_rope."""
+    upstream, ours, rotary = models["upstream"], models["whisper"], models["rotary"]
+
+    def options(beam: Optional[int]) -> dict:
+        return dict(language="en", temperature=0.0, beam_size=beam, fp16=False, sample_len=sample_len, verbose=None)
+
+    def one_by_one(model, use_unpadded: bool = False) -> Transcriber:
+        def run(audios, beam):
+            with unpadded(model, use_unpadded) if use_unpadded else contextlib.nullcontext():
+                return [whisper.transcribe(model, a, **options(beam))["text"] for a in audios]
+
+        return run
+
+    def batched(model, use_unpadded: bool = False) -> Transcriber:
+        def run(audios, beam):
+            with unpadded(model, use_unpadded) if use_unpadded else contextlib.nullcontext():
+                return [r["text"] for r in transcribe_many(model, audios, batch_size=8, **options(beam))]
+
+        return run
+
+    return {
+        "openai-whisper": one_by_one(upstream),
+        "whisper_rope whisper": one_by_one(ours),
+        "whisper_rope whisper, batch 8": batched(ours),
+        "whisper_rope rotary": one_by_one(rotary),
+        "whisper_rope rotary unpadded": one_by_one(rotary, True),
+        "whisper_rope rotary unpadded, batch 8": batched(rotary, True),
+    }
+
+
+def faster_whisper_systems(threads: int, sample_len: int) -> Dict[str, Transcriber]:
+    try:
+        from faster_whisper import WhisperModel
+    except ImportError:
+        print("faster-whisper is not installed: its rows are skipped", file=sys.stderr)
+        return {}
+    directory = str(packages.find_installed_model(MODEL).config_dir)
+
+    def system(compute_type: str) -> Transcriber:
+        model = WhisperModel(directory, device="cpu", compute_type=compute_type, cpu_threads=threads)
+
+        def run(audios, beam):
+            texts = []
+            for audio in audios:
+                segments, _ = model.transcribe(
+                    audio, language="en", beam_size=beam or 1, temperature=0.0, max_new_tokens=sample_len,
+                    condition_on_previous_text=True, vad_filter=False,
+                )  # fmt: skip
+                texts.append("".join(segment.text for segment in segments))
+            return texts
+
+        return run
+
+    return {"faster-whisper int8": system("int8"), "faster-whisper fp32": system("float32")}
+
+
+def timed(function: Callable[[], object]) -> Tuple[float, float, object]:
+    """(CPU seconds of this process, wall seconds, value) of one call."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    value = function()
+    return time.process_time() - cpu, time.perf_counter() - wall, value
+
+
+def interleaved(tasks: Dict[str, Callable[[], object]], runs: int, warmup: bool) -> Dict[str, Tuple[float, float, object]]:
+    """Median CPU seconds, median wall seconds and last value of each task, run ``runs`` times in turn.
+
+    CPU time is the primary number: on a machine shared with other jobs, wall time measures their load as much as
+    ours, while the CPU time of a process running a fixed number of threads does not (much).
+    """
+    if warmup:
+        for task in tasks.values():
+            task()
+    cpu: Dict[str, List[float]] = {name: [] for name in tasks}
+    wall: Dict[str, List[float]] = {name: [] for name in tasks}
+    values: Dict[str, object] = {}
+    for _ in range(runs):
+        for name, task in tasks.items():
+            cpu_s, wall_s, values[name] = timed(task)
+            cpu[name].append(cpu_s)
+            wall[name].append(wall_s)
+    return {name: (statistics.median(cpu[name]), statistics.median(wall[name]), values[name]) for name in tasks}
+
+
+def rope_overhead(models: dict, runs: int, n_tokens: int, warmup: bool) -> List[dict]:
+    """Encoder forward and fixed-length decoding, ``whisper`` vs ``rotary`` preset, on one padded window."""
+    models = {name: models[name] for name in ("whisper", "rotary")}
+    audio = load_audio(SPEECH / "espeak_en.flac")
+    mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(audio))[None]
+    eot = whisper.tokenizer.get_tokenizer(False).eot
+    rows = []
+    for label, beam in (("encoder forward", 0), (f"greedy, {n_tokens} tokens", None), (f"beam 5, {n_tokens} tokens", 5)):
+        def task(model, beam=beam):
+            if beam == 0:
+                with torch.no_grad():
+                    return model.encoder(mel)
+            options = whisper.DecodingOptions(
+                language="en", fp16=False, beam_size=beam, sample_len=n_tokens, without_timestamps=True,
+                suppress_tokens=[-1, eot],
+            )  # fmt: skip
+            return model.decode(mel, options)
+
+        result = interleaved({name: (lambda m=model: task(m)) for name, model in models.items()}, runs, warmup)
+        (whisper_s, whisper_wall, _), (rotary_s, rotary_wall, _) = result["whisper"], result["rotary"]
+        rows.append({
+            "measure": label, "whisper_s": whisper_s, "rotary_s": rotary_s, "ratio": rotary_s / whisper_s,
+            "wall_ratio": rotary_wall / whisper_wall,
+        })  # fmt: skip
+    return rows
+
+
+def word_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> float:
+    import jiwer
+
+    normalise = EnglishTextNormalizer()
+    refs = [normalise(text) for text in references]
+    hyps = [normalise(text) for text in hypotheses]
+    return jiwer.wer(refs, hyps)
+
+
+def end_to_end(systems: Dict[str, Transcriber], sets: Dict[str, List[Clip]], runs: int, warmup: bool) -> List[dict]:
+    """One row per (clip set, decoding, system). Only the first measurement warms up: it leaves every system warm."""
+    rows = []
+    for set_name, clips in sets.items():
+        audios = [audio for _, audio, _ in clips]
+        references = [text for _, _, text in clips]
+        seconds_of_audio = sum(len(a) for a in audios) / SAMPLE_RATE
+        for decoding, beam in (("greedy", None), ("beam 5", 5)):
+            tasks = {
+                name: (lambda run=run: run(audios, beam))
+                for name, run in systems.items()
+                if not (set_name != "short" and "batch" in name)  # clips over 30 s are never batched
+            }
+            results = interleaved(tasks, runs, warmup)
+            warmup = False
+            base = results.get("faster-whisper int8", (None, None))
+            for name, (cpu_s, wall_s, texts) in results.items():
+                rows.append({
+                    "set": set_name, "audio_s": seconds_of_audio, "decoding": decoding, "system": name,
+                    "cpu_s": cpu_s, "wall_s": wall_s, "ratio_to_fw_int8": cpu_s / base[0] if base[0] else None,
+                    "wall_ratio_to_fw_int8": wall_s / base[1] if base[1] else None,
+                    "wer": word_error_rate(references, texts),
+                })  # fmt: skip
+            print(f"done: {set_name}, {decoding}", file=sys.stderr, flush=True)
+    return rows
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def markdown(rope_rows: List[dict], rows: List[dict]) -> str:
+    lines = [
+        "| RoPE overhead (tiny.en, one 30-s window) | `whisper` CPU s | `rotary` CPU s | rotary / whisper, CPU | "
+        "rotary / whisper, wall |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['measure']} | {r['whisper_s']:.3f} | {r['rotary_s']:.3f} | {r['ratio']:.3f} | {r['wall_ratio']:.3f} |"
+        for r in rope_rows
+    ]
+    lines += [
+        "",
+        "| clips | decoding | system | CPU s | × fw int8, CPU | wall s | × fw int8, wall | WER % |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ratio = f"{r['ratio_to_fw_int8']:.2f}" if r["ratio_to_fw_int8"] else "-"
+        wall_ratio = f"{r['wall_ratio_to_fw_int8']:.2f}" if r["wall_ratio_to_fw_int8"] else "-"
+        clips = f"{r['set']} ({r['audio_s']:.0f} s audio)"
+        lines.append(
+            f"| {clips} | {r['decoding']} | {r['system']} | {r['cpu_s']:.2f} | {ratio} | {r['wall_s']:.2f} | "
+            f"{wall_ratio} | {100 * r['wer']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per measurement (median reported)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for torch and CTranslate2 (1: CPU time then equals compute time)")
+    parser.add_argument("--sample-len", type=int, default=128, help="token cap per 30-s window, for every system")
+    parser.add_argument("--rope-tokens", type=int, default=48, help="tokens decoded in the RoPE overhead measurement")
+    parser.add_argument("--quick", action="store_true", help="one short clip, one run, no long-form: a smoke test")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    runs = 1 if args.quick else args.runs
+    sample_len = 16 if args.quick else args.sample_len
+    clips = short_clips()
+    sets = {"short": clips[:1]} if args.quick else {
+        "short": clips, "long-form": [long_clip(clips, s, offset=i * 3) for i, s in enumerate(LONG_SECONDS)],
+    }  # fmt: skip
+
+    models = load_torch_models()
+    rope_rows = rope_overhead(models, 1 if args.quick else 2 * runs + 1, 4 if args.quick else args.rope_tokens, not args.quick)
+    systems = {**faster_whisper_systems(args.threads, sample_len), **torch_systems(models, sample_len)}
+    rows = end_to_end(systems, sets, runs, warmup=not args.quick)
+
+    command = "python3 benchmarks/transcribe_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    header = (f"CPU: {cpu_model()}, {args.threads} threads (torch {torch.__version__}); runs: {runs}; "
+              f"token cap {sample_len} per window; command: `{command.strip()}`")  # fmt: skip
+    print(header)
+    print(markdown(rope_rows, rows))
+    if args.json:
+        args.json.write_text(json.dumps({"header": header, "rope_overhead": rope_rows, "end_to_end": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
