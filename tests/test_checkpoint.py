@@ -1,7 +1,6 @@
 """Loading pretrained weights into every variant, our checkpoint format, and refusing bad files."""
 
 import os
-import pickle
 
 import pytest
 import torch

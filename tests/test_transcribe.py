@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import whisper
 
 import whisper_rope
 from whisper_rope.audio import load_audio

@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import warnings
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, NoReturn, Optional, Sequence
 
 import numpy as np
 
@@ -21,7 +21,7 @@ SUBCOMMANDS = ("transcribe", "convert", "variants", "finetune", "evaluate", "com
 WORD_OPTIONS = ("highlight_words", "max_line_count", "max_line_width", "max_words_per_line")
 
 
-def _fail(message: str, status: int = 2) -> "NoReturn":  # noqa: F821
+def _fail(message: str, status: int = 2) -> NoReturn:
     print(f"whisper-rope: error: {message}", file=sys.stderr)
     raise SystemExit(status)
 

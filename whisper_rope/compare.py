@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from .atomic import atomic_write_text
 from .checkpoint import load_model
 from .evaluate import EvaluationOptions, evaluate
+from .options import add_dataclass_arguments, dataclass_from_args
 from .variants import parse_variant
 
 RUN_FLAGS = ("distill", "transplant")
@@ -338,18 +339,9 @@ def plot_results(results: Dict[str, Any], config: CompareConfig, output: Path) -
 
 
 def add_compare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--config", help="JSON file with any of the options below (command-line flags override it)")
-    for item in fields(CompareConfig):
-        flag = "--" + item.name.replace("_", "-")
-        kwargs = {k: v for k, v in item.metadata.items()}
-        if item.type in ("bool", bool):
-            parser.add_argument(flag, dest=item.name, action=argparse.BooleanOptionalAction, default=None, **kwargs)
-            continue
-        if "type" not in kwargs and "nargs" not in kwargs:
-            kwargs["type"] = {"int": int, "float": float}.get(str(item.type), None) or {
-                int: int, float: float}.get(item.type, str)
-        parser.add_argument(flag, dest=item.name, default=None, **kwargs)
-    return parser
+    parser.add_argument("--config", help="JSON file with any of the options below (command-line options override it)")
+    # No defaults here: an option left out keeps the config file's value, or the field's default.
+    return add_dataclass_arguments(parser, CompareConfig, defaults=False)
 
 
 def config_from_args(args: argparse.Namespace) -> CompareConfig:
@@ -362,11 +354,7 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
         unknown = set(values) - {f.name for f in fields(CompareConfig)}
         if unknown:
             raise ValueError(f"compare config {args.config!r}: unknown keys {', '.join(sorted(unknown))}")
-    for item in fields(CompareConfig):
-        value = getattr(args, item.name, None)
-        if value is not None:
-            values[item.name] = value
-    return CompareConfig(**values)
+    return dataclass_from_args(CompareConfig, args, base=values)
 
 
 def run_compare_cli(args: argparse.Namespace) -> int:

@@ -359,13 +359,14 @@ def check_audio(manifest: Manifest, strict: bool = False) -> Manifest:
     return Manifest(manifest.source, examples, rows.problems)
 
 
-def _language_code(language: Optional[str]) -> Optional[str]:
+def language_code(language: Optional[str]) -> Optional[str]:
+    """A Whisper language code from a code or a name (``"German"`` -> ``"de"``); None stays None."""
     if language is None:
         return None
     code = language.strip().lower()
     code = TO_LANGUAGE_CODE.get(code, code)
     if code not in LANGUAGES:
-        raise ValueError(f"unknown language {language!r}")
+        raise ValueError(f"unknown language {language!r}: expected a Whisper language code (en, de, ...) or name")
     return code
 
 
@@ -381,11 +382,11 @@ class TokenizerSpec:
 
     @classmethod
     def for_model(cls, model, task: str = "transcribe", language: Optional[str] = None) -> "TokenizerSpec":
-        return cls(model.is_multilingual, model.num_languages, model.dims.n_text_ctx, task, _language_code(language))
+        return cls(model.is_multilingual, model.num_languages, model.dims.n_text_ctx, task, language_code(language))
 
     def language_of(self, example: Example) -> str:
         """The example's language code (``en`` for English-only models); ValueError when unusable."""
-        code = _language_code(example.language) or self.default_language
+        code = language_code(example.language) or self.default_language
         if not self.multilingual:
             if code not in (None, "en"):
                 raise ValueError(f"language {code!r} given, but the model is English-only")

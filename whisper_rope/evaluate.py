@@ -30,18 +30,21 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from whisper.decoding import DecodingOptions
 from whisper.model import Whisper
-from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE, Tokenizer, get_tokenizer
+from whisper.tokenizer import Tokenizer, get_tokenizer
 
-from .data import DataError, Example, Manifest, SpeechDataset, TokenizerSpec, check_audio, make_loader, read_manifest
+from .data import (
+    DataError, Example, Manifest, SpeechDataset, TokenizerSpec, check_audio, language_code, make_loader, read_manifest,
+)  # fmt: skip
 from .metrics import ErrorRates, Normalizer, error_rates, normalizer_for
 from .model import WhisperRope
+from .options import add_dataclass_arguments, dataclass_from_args
 
 PathLike = Union[str, "os.PathLike[str]"]
 NORMALIZERS = ("auto", "english", "basic", "none")
@@ -94,7 +97,7 @@ class EvaluationOptions:
             raise ValueError(f"limit must be at least 1 row, got {self.limit}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must not be negative, got {self.num_workers}")
-        _language_code(self.language)
+        language_code(self.language)
         return self
 
 
@@ -191,7 +194,7 @@ class EvaluationResult:
             lines.append(f"  skipped {len(self.skipped)} rows: {shown}")
         bad = sorted((r for r in self.rows if r.errors), key=lambda r: (-r.errors, r.index))[:worst]
         if bad:
-            lines.append(f"  most word errors:")
+            lines.append("  most word errors:")
             for r in bad:
                 plural = "s" if r.errors > 1 else ""
                 lines.append(f"    row {r.row} ({r.errors} error{plural}){' [capped]' if r.capped else ''}")
@@ -219,16 +222,6 @@ class EvaluationResult:
 
 def _shorten(text: str, width: int = 100) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
-
-
-def _language_code(language: Optional[str]) -> Optional[str]:
-    if language is None:
-        return None
-    code = language.strip().lower()
-    code = TO_LANGUAGE_CODE.get(code, code)
-    if code not in LANGUAGES:
-        raise ValueError(f"unknown language {language!r}: expected a Whisper language code (en, de, ...) or name")
-    return code
 
 
 def _normalizer(choice: str, language: Optional[str]) -> Tuple[str, Normalizer]:
@@ -338,9 +331,9 @@ def _evaluate(model, data, options, strict, device, fp16, unpadded, progress, st
     if n == 0:
         raise DataError(f"manifest {manifest.source!r} has no usable rows ({'; '.join(skipped[:3])})")
 
-    default_language = "en" if not model.is_multilingual else _language_code(options.language)
+    default_language = "en" if not model.is_multilingual else language_code(options.language)
     languages = [
-        "en" if not model.is_multilingual else (_language_code(e.language) or default_language)
+        "en" if not model.is_multilingual else (language_code(e.language) or default_language)
         for e in dataset.examples
     ]
     tokenizers: Dict[Optional[str], Tokenizer] = {}
@@ -483,13 +476,6 @@ def _score(model, dataset, source, options, results, caps, languages, references
 # ---- command line ------------------------------------------------------------------------------------------------
 
 
-def _argument_type(annotation: Any) -> Any:
-    arguments = getattr(annotation, "__args__", None)
-    if arguments and type(None) in arguments:
-        return next(a for a in arguments if a is not type(None))
-    return annotation
-
-
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of ``whisper-rope evaluate``: model and data, then one per `EvaluationOptions` field
     (``--batch-size``, also ``--batch_size``; booleans as ``--skip-invalid``/``--no-skip-invalid``)."""
@@ -509,29 +495,13 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="PyTorch device to run on")
     add("--threads", type=int, default=0, help="torch CPU threads (0 keeps torch's default)")
     add("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
-    for spec in fields(EvaluationOptions):
-        meta = dict(spec.metadata)
-        kind = _argument_type(spec.type)
-        names = [f"--{spec.name.replace('_', '-')}"]
-        options: Dict[str, Any] = {"dest": spec.name, "default": spec.default, "help": meta.pop("help")}
-        if kind is bool:
-            options["action"] = argparse.BooleanOptionalAction
-        else:
-            names += [f"--{spec.name}"] if "_" in spec.name else []
-            options["type"] = kind
-            if "choices" not in meta:
-                options["metavar"] = spec.name.upper()
-            if spec.default is not None:
-                options["help"] += " (default: %(default)s)"
-        options.update(meta)
-        parser.add_argument(*names, **options)
+    add_dataclass_arguments(parser, EvaluationOptions)
     return parser
 
 
 def options_from_args(args: argparse.Namespace) -> EvaluationOptions:
     """The `EvaluationOptions` of parsed ``whisper-rope evaluate`` arguments (validated)."""
-    names = {spec.name for spec in fields(EvaluationOptions)}
-    return EvaluationOptions(**{k: v for k, v in vars(args).items() if k in names}).validate()
+    return dataclass_from_args(EvaluationOptions, args).validate()
 
 
 def run_evaluate_cli(args: argparse.Namespace) -> int:

@@ -39,7 +39,7 @@ import sys
 import time
 import warnings
 import zipfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -68,6 +68,7 @@ from .distributed import DistributedContext, from_environment
 from .errors import WhisperRopeError
 from .metrics import error_rates, normalizer_for
 from .model import WhisperRope, _audio_mask
+from .options import add_dataclass_arguments, dataclass_from_args
 from .transplant import TRANSPLANT_VARIANT, TransplantSchedule, apply_schedule, check_transplant_model, finalize_transplant
 from .variants import parse_variant
 
@@ -885,7 +886,7 @@ def _run(model, train, eval, config: FinetuneConfig, teacher, context: Distribut
     final_loss: Optional[float] = None
 
     def run_eval() -> None:
-        nonlocal best_wer, best_step, last_eval_step
+        nonlocal last_eval_step
         last_eval_step = step
         if context.is_main and eval_set is not None:
             evaluate_and_keep_best()
@@ -1141,41 +1142,15 @@ def _progress_bar(config: FinetuneConfig, context: DistributedContext, step: int
 # Command line
 
 
-def _argument_type(annotation: Any) -> Tuple[Any, bool]:
-    """(the value type, whether None is allowed) of a field annotation such as ``Optional[int]``."""
-    arguments = getattr(annotation, "__args__", None)
-    if arguments and type(None) in arguments:
-        return next(a for a in arguments if a is not type(None)), True
-    return annotation, False
-
-
 def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add one option per `FinetuneConfig` field: ``--batch-size`` (also ``--batch_size``); booleans as
     ``--flag``/``--no-flag``."""
-    for spec in fields(FinetuneConfig):
-        meta = dict(spec.metadata)
-        kind, _ = _argument_type(spec.type)
-        names = list(meta.pop("flags", ())) + [f"--{spec.name.replace('_', '-')}"]
-        options: Dict[str, Any] = {"dest": spec.name, "default": spec.default, "help": meta.pop("help")}
-        if kind is bool:
-            options["action"] = argparse.BooleanOptionalAction
-        else:
-            if "_" in spec.name:
-                names.append(f"--{spec.name}")  # the spelling of upstream whisper's options
-            options["type"] = kind
-            if "choices" not in meta:
-                options["metavar"] = spec.name.upper()
-            if spec.default is not None:
-                options["help"] += " (default: %(default)s)"
-        options.update(meta)
-        parser.add_argument(*names, **options)
-    return parser
+    return add_dataclass_arguments(parser, FinetuneConfig)
 
 
 def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     """The `FinetuneConfig` of parsed ``whisper-rope finetune`` arguments (validated)."""
-    names = {spec.name for spec in fields(FinetuneConfig)}
-    return FinetuneConfig(**{k: v for k, v in vars(args).items() if k in names}).validate()
+    return dataclass_from_args(FinetuneConfig, args).validate()
 
 
 def run_finetune_cli(args: argparse.Namespace) -> int:
