@@ -31,12 +31,16 @@ def atomic_write(path: PathLike, write: Callable[[BinaryIO], object]) -> Path:
             os.fsync(handle.fileno())
         os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; model files should be readable like any other file
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as error:
         try:
             os.unlink(tmp_name)
         except FileNotFoundError:
             pass
-        raise
+        cause = _os_error(error)
+        if cause is None:
+            raise
+        # torch.save reports a failed write (a full disk) as its own RuntimeError; name the file and the cause.
+        raise OSError(cause.errno, f"cannot write {path}: {cause.strerror or cause}") from error
     try:
         dir_fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -48,6 +52,17 @@ def atomic_write(path: PathLike, write: Callable[[BinaryIO], object]) -> Path:
     finally:
         os.close(dir_fd)
     return path
+
+
+def _os_error(error: BaseException) -> "OSError | None":
+    """The OSError behind ``error`` (itself, or in its cause/context chain), or None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and error.errno is not None:
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def atomic_write_text(path: PathLike, text: str) -> Path:

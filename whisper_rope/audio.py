@@ -20,8 +20,11 @@ import math
 import os
 import re
 import shutil
+import contextlib
 import subprocess
-from typing import Optional, Tuple, Union
+import sys
+import threading
+from typing import Iterator, Optional, Tuple, Union
 
 import ffmpeg  # ffmpeg-python: builds the command line and runs it
 import numpy as np
@@ -171,7 +174,8 @@ def audio_duration(path: PathLike) -> float:
     _check_file(name)
     if _suffix(name) not in _FFMPEG_ONLY_SUFFIXES:
         try:
-            info = sf.info(name)
+            with _quiet_c_stderr(name):
+                info = sf.info(name)
             if info.samplerate > 0 and info.frames > 0:
                 return info.frames / info.samplerate
         except (sf.SoundFileError, RuntimeError, OSError, TypeError):
@@ -250,9 +254,51 @@ def _span_frames(
 # soundfile decoder
 
 
-def _soundfile_reason(exc: BaseException) -> str:
+# Suffixes libsndfile hands to a bundled C decoder (libmpg123) that prints its own warnings straight to the process's
+# stderr (e.g. "[src/libmpg123/parse.c:...] warning: Cannot read next header"), bypassing our one-line reports.
+_CHATTY_SUFFIXES = frozenset({".mp3", ".mp2", ".mp1", ".mpga"})
+
+_STDERR_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _quiet_c_stderr(name: str) -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null while a chatty C decoder reads ``name``; a no-op for other files."""
+    if _suffix(name) not in _CHATTY_SUFFIXES:
+        yield
+        return
+    with _STDERR_LOCK:
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+        saved = devnull = None
+        try:
+            saved = os.dup(2)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+        except OSError:  # no fd 2 or no /dev/null: read with the library's output as it is
+            pass
+        try:
+            yield
+        finally:
+            if saved is not None:
+                if devnull is not None:
+                    os.dup2(saved, 2)
+                    os.close(devnull)
+                os.close(saved)
+
+
+# libsndfile's message for any failed open of a file it routes to a codec library (MP3), whatever the cause.
+_MISLEADING_OPEN_ERROR = "does not exist or is not a regular file"
+
+
+def _soundfile_reason(exc: BaseException, name: Optional[str] = None) -> str:
     # LibsndfileError carries libsndfile's own message ("Format not recognised."); str() adds "Error opening '...'".
-    return _one_line(str(getattr(exc, "error_string", "") or exc).rstrip(".")) or type(exc).__name__
+    reason = _one_line(str(getattr(exc, "error_string", "") or exc).rstrip(".")) or type(exc).__name__
+    if name is not None and _MISLEADING_OPEN_ERROR in reason.lower() and os.path.isfile(name):
+        return "its data is not a stream libsndfile recognises (corrupt or not audio)"
+    return reason
 
 
 class _Output:
@@ -285,7 +331,7 @@ def _decode_with_soundfile(name: str, sample_rate: int, start: Optional[float], 
     the next is read.
     """
     try:
-        with sf.SoundFile(name) as f:
+        with _quiet_c_stderr(name), sf.SoundFile(name) as f:
             in_rate, total = int(f.samplerate), int(f.frames)
             if total <= 0:
                 # Let ffmpeg have a go (libsndfile reports 0 frames for some streams it cannot size); if it also
@@ -312,7 +358,7 @@ def _decode_with_soundfile(name: str, sample_rate: int, start: Optional[float], 
     except (AudioError, _DecoderFailed):
         raise
     except (sf.SoundFileError, RuntimeError, OSError, TypeError, ValueError) as exc:
-        raise _DecoderFailed(_soundfile_reason(exc)) from None
+        raise _DecoderFailed(_soundfile_reason(exc, name)) from None
 
     audio = output.result()
     if audio.size == 0:

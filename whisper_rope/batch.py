@@ -8,8 +8,9 @@ further windows, word timestamps, segments, the result dict) is upstream's own c
 the next temperature, alone, as upstream does it; so are any later windows. Longer clips go through `transcribe`
 unchanged.
 
-Batches are formed from clips sorted by length, so that an unpadded encoder (``model.unpadded``) encodes little
-padding; `WhisperRope.decode` encodes each clip of such a batch as if alone and masks the rest.
+Batches are formed from clips sorted by length (within a read-ahead of a few batches, so that memory stays bounded
+however many files there are), so that an unpadded encoder (``model.unpadded``) encodes little padding;
+`WhisperRope.decode` encodes each clip of such a batch as if alone and masks the rest.
 
 Results agree with one-by-one `transcribe` to floating-point rounding: texts, tokens and timestamps are the same
 (on the committed fixtures), log-probabilities agree to about 1e-6 (a batched matrix product sums in another order).
@@ -18,7 +19,7 @@ Results agree with one-by-one `transcribe` to floating-point rounding: texts, to
 import contextlib
 import inspect
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
@@ -36,6 +37,10 @@ __all__ = ["transcribe_many"]
 
 AudioInput = Union[str, "os.PathLike[str]", np.ndarray, Tensor]
 
+# Clips read ahead and sorted by length before they are cut into batches: an unpadded encoder then encodes little
+# padding, while only this many batches of audio are held in memory at once.
+_SORTED_BATCHES = 4
+
 # Options of upstream `transcribe` itself; every other keyword goes to `DecodingOptions`, as upstream does it.
 _TRANSCRIBE_OPTIONS = frozenset(
     name for name, p in inspect.signature(upstream_transcribe).parameters.items() if p.kind is p.KEYWORD_ONLY
@@ -51,7 +56,6 @@ class _Clip:
     window: Tensor  # (n_mels, N_FRAMES), exactly as upstream `transcribe` builds its first window
     n_frames: int  # real mel frames (10 ms each)
     language: Optional[str] = None
-    first: Optional[DecodingResult] = field(default=None, repr=False)
 
 
 def transcribe_many(
@@ -78,30 +82,35 @@ def transcribe_many(
         raise ValueError(f"batch_size must be a positive number of clips, got {batch_size}")
     results: List[Optional[dict]] = [None] * len(audio)
     batchable = transcribe_options.get("clip_timestamps", "0") in ("0", [0], [0.0], (0,), (0.0,))
-    clips: List[_Clip] = []
-    for index, item in enumerate(audio):
-        waveform = load_audio(item) if isinstance(item, (str, os.PathLike)) else item
-        clip = _first_window(model, index, waveform) if batchable else None
-        if clip is None:
-            results[index] = upstream_transcribe(model, waveform, **transcribe_options)
-        else:
-            clips.append(clip)
+    chunk = batch_size * _SORTED_BATCHES
+    for start in range(0, len(audio), chunk):
+        clips: List[_Clip] = []
+        for index in range(start, min(start + chunk, len(audio))):
+            item = audio[index]
+            waveform = load_audio(item) if isinstance(item, (str, os.PathLike)) else item
+            clip = _first_window(model, index, waveform) if batchable else None
+            if clip is None:
+                results[index] = upstream_transcribe(model, waveform, **transcribe_options)
+            else:
+                clips.append(clip)
+        _transcribe_clips(model, clips, batch_size, transcribe_options, results)
+    return results
 
-    clips.sort(key=lambda clip: clip.n_frames)
-    dtype = _dtype(model, transcribe_options.get("fp16", True))
-    for language, group in _by_language(model, clips, transcribe_options):
-        options = _first_decoding_options(model, language, transcribe_options)
+
+def _transcribe_clips(
+    model: WhisperRope, clips: List[_Clip], batch_size: int, options: Dict[str, Any], results: List[Optional[dict]]
+) -> None:
+    """Batched first decodes of ``clips`` (sorted by length), then upstream `transcribe` of each, into ``results``."""
+    clips = sorted(clips, key=lambda clip: clip.n_frames)
+    dtype = _dtype(model, options.get("fp16", True))
+    for language, group in _by_language(model, clips, options):
+        decoding_options = _first_decoding_options(model, language, options)
         for start in range(0, len(group), batch_size):
             batch = group[start : start + batch_size]
             windows = torch.stack([clip.window for clip in batch]).to(model.device).to(dtype)
-            decoded = model.decode(windows, options)
-            for clip, result in zip(batch, decoded):
-                clip.first = result
-        for clip in group:
-            with _first_decode_given(model, clip.window, options, clip.first):
-                results[clip.index] = upstream_transcribe(model, clip.audio, **{**transcribe_options, "language": language})
-            clip.first = None
-    return results
+            for clip, first in zip(batch, model.decode(windows, decoding_options)):
+                with _first_decode_given(model, clip.window, decoding_options, first):
+                    results[clip.index] = upstream_transcribe(model, clip.audio, **{**options, "language": language})
 
 
 def _dtype(model: WhisperRope, fp16: bool) -> torch.dtype:

@@ -19,7 +19,6 @@ import logging
 import os
 import pickle
 import re
-import zipfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
@@ -78,17 +77,34 @@ def read_checkpoint(source: Union[PathLike, bytes], name: Optional[str] = None) 
     except IsADirectoryError:
         raise CheckpointError(f"checkpoint {label!r} is a directory, not a .pt file") from None
     except pickle.UnpicklingError as error:
-        refused = [line.strip() for line in str(error).splitlines() if "Unsupported global" in line]
+        refused = unsafe_pickle_global(error)
         if refused:
             raise CheckpointError(
                 f"refusing checkpoint {label!r}: it holds objects other than tensors and plain data, which "
-                f"weights_only loading does not execute ({refused[0]})"
+                f"weights_only loading does not execute ({refused})"
             ) from None
         raise CheckpointError(f"cannot read checkpoint {label!r}: truncated or not a PyTorch file") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"cannot read checkpoint {label!r}: truncated or not a PyTorch file ({first_line})") from None
+    except Exception as error:  # torch's unpickler raises many types on garbage (IndexError, struct.error, ...)
+        raise CheckpointError(
+            f"cannot read checkpoint {label!r}: truncated or not a PyTorch file ({_first_line(error)})"
+        ) from None
     return validate_checkpoint(checkpoint, label)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    return re.sub(r"[\x00-\x1f\x7f]", "", text)[:200]
+
+
+def unsafe_pickle_global(error: BaseException) -> Optional[str]:
+    """The global a weights-only unpickler refused (``builtins.exec``, ``posix.system``, ...), or None.
+
+    torch words the refusal in several ways ("Unsupported global: GLOBAL x.y", "unsupported GLOBAL x.y whose module
+    x is blocked"); both name the global after the word GLOBAL.
+    """
+    match = re.search(r"GLOBAL\s+([\w.]+)", str(error))
+    return f"Unsupported global {match.group(1)}" if match else None
 
 
 def validate_checkpoint(checkpoint: object, label: str) -> dict:
@@ -102,10 +118,56 @@ def validate_checkpoint(checkpoint: object, label: str) -> dict:
     state = checkpoint["model_state_dict"]
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
         raise CheckpointError(f"checkpoint {label!r} has an invalid 'model_state_dict': expected a dict of tensors")
+    odd = [k for k, v in state.items() if v.is_nested or v.layout != torch.strided]
+    if odd:
+        raise CheckpointError(f"checkpoint {label!r}: tensor {odd[0]!r} is sparse or nested, expected a dense tensor")
     bad = [k for k, v in state.items() if not (v.is_floating_point() or v.dtype == torch.bool)]
     if bad:
         raise CheckpointError(f"checkpoint {label!r}: tensor {bad[0]!r} has dtype {state[bad[0]].dtype}, expected a floating-point dtype")
+    heads = checkpoint.get("alignment_heads")
+    if heads is not None and not isinstance(heads, (bytes, Tensor)):
+        raise CheckpointError(
+            f"checkpoint {label!r} has invalid 'alignment_heads': expected a bool tensor (layers, heads) or upstream's "
+            f"encoded bytes, got {type(heads).__name__}"
+        )
+    _check_against_dims(state, dims, label)
     return checkpoint
+
+
+_BLOCK = re.compile(r"^(encoder|decoder)\.blocks\.(\d+)\.")
+
+
+def _check_against_dims(state: Dict[str, Tensor], dims: Dict[str, int], label: str) -> None:
+    """Refuse a state dict that does not fit its own dims *before* a model of those dims is allocated.
+
+    Layer counts come first (they bound how many names there are to check), then the shape of every upstream tensor
+    present. Missing and scheme-specific tensors are left to `adapt_state_dict`.
+    """
+    from .convert.common import upstream_shapes
+
+    present = {"encoder": set(), "decoder": set()}
+    for key in state:
+        match = _BLOCK.match(key)
+        if match:
+            present[match.group(1)].add(int(match.group(2)))
+    for side, field_name in (("encoder", "n_audio_layer"), ("decoder", "n_text_layer")):
+        if present[side] != set(range(dims[field_name])):
+            raise CheckpointError(
+                f"checkpoint {label!r}: dims say {dims[field_name]} {side} layers, its tensors hold "
+                f"{len(present[side])} ({side}.blocks.N for N in {_ranges(present[side])})"
+            )
+    for key, shape in upstream_shapes(dims).items():
+        if key in state and tuple(state[key].shape) != shape:
+            raise CheckpointError(
+                f"checkpoint {label!r}: tensor {key!r} has shape {tuple(state[key].shape)}, the model's dims expect {shape}"
+            )
+
+
+def _ranges(numbers: set) -> str:
+    if not numbers:
+        return "none"
+    ordered = sorted(numbers)
+    return f"{ordered[0]}..{ordered[-1]}" if ordered == list(range(ordered[0], ordered[-1] + 1)) else str(ordered[:8])
 
 
 def _table_kind(variant: Variant, side: str) -> Optional[str]:
@@ -276,7 +338,10 @@ def _set_alignment_heads(model: WhisperRope, heads: Optional[Union[bytes, Tensor
     if heads is None:
         return
     if isinstance(heads, bytes):
-        model.set_alignment_heads(heads)
+        try:
+            model.set_alignment_heads(heads)
+        except Exception as error:  # not upstream's base85 + gzip encoding, or the wrong size
+            raise CheckpointError(f"alignment_heads cannot be decoded: {_first_line(error)}") from None
         return
     expected = (model.dims.n_text_layer, model.dims.n_text_head)
     heads = heads.to_dense() if heads.is_sparse else heads

@@ -23,7 +23,7 @@ import soundfile as sf
 from whisper_rope.audio import SAMPLE_RATE, load_audio
 from whisper_rope.errors import AudioError
 
-from . import LONG, REPO, assert_clear_message, known_bug, random_model, subprocess_env, transcribe
+from . import LONG, REPO, assert_clear_message, random_model, subprocess_env, transcribe
 
 HELLO = REPO / "tests" / "fixtures" / "hello.flac"
 M4A = REPO / "tests" / "fixtures" / "formats" / "clip.m4a"
@@ -256,9 +256,6 @@ def test_cli_reports_each_bad_input_in_one_line_and_still_transcribes_the_rest(t
     assert written == sorted(Path(p).stem + ".txt" for p in good.values())
 
 
-@known_bug("libsndfile's mpg123 prints its own warning straight to stderr for an .mp3 of random bytes, so "
-           "the CLI's report of that file is two lines, and its reason is 'File does not exist or is not a "
-           "regular file (possibly a pipe?)' for a regular file that exists")
 def test_cli_reports_a_random_bytes_mp3_in_one_line(tmp_path, capfd, random_model):
     path = tmp_path / "random.mp3"
     path.write_bytes(np.random.default_rng(1).bytes(5000))

@@ -23,7 +23,7 @@ import whisper_rope
 import whisper_rope.atomic
 from tests.convert_helpers import SMALL_DIMS, write_model
 
-from . import REPO, SPEECH, assert_one_line_error, known_bug, random_model, run_cli, transcribe
+from . import REPO, SPEECH, assert_one_line_error, random_model, run_cli, transcribe
 
 HELLO = REPO / "tests" / "fixtures" / "hello.flac"
 
@@ -126,9 +126,6 @@ def test_a_failed_checkpoint_save_raises_one_line_and_keeps_the_previous_file(tm
     _assert_intact(previous, content)
 
 
-@known_bug("torch.save turns a write that fails part-way (ENOSPC, EFBIG) into RuntimeError('[enforce fail at "
-           "inline_container.cc:672] . unexpected pos N vs M'), the OSError only in __context__; atomic_write passes "
-           "it on, so neither the caller nor the CLI learns that the disk is full")
 def test_a_checkpoint_save_on_a_full_disk_says_the_disk_is_full(tmp_path, monkeypatch, previous):
     disk_fills_after(monkeypatch, previous.stat().st_size // 2)
     with pytest.raises(OSError) as failed:
@@ -160,9 +157,6 @@ def test_convert_on_a_full_disk_exits_2_with_one_line_and_keeps_the_previous_out
     assert not [p.name for p in destination.parent.iterdir() if p.name.startswith(".")]
 
 
-@known_bug("write_huggingface lets safetensors' SafetensorError ('I/O error: File too large') through, which is "
-           "neither ValueError nor OSError, so `whisper-rope convert x.pt dir` on a full disk ends in a traceback "
-           "(the previous directory does stay intact)")
 def test_export_to_hugging_face_on_a_full_disk_exits_2_with_one_line(tmp_path, capsys, previous):
     destination = tmp_path / "hf"
     try:
@@ -174,8 +168,6 @@ def test_export_to_hugging_face_on_a_full_disk_exits_2_with_one_line(tmp_path, c
     assert_one_line_error(err)
 
 
-@known_bug("a failed write reaches the CLI as torch's '[enforce fail at inline_container.cc:672] . unexpected pos "
-           "N vs M' (or a bare '[Errno 27] File too large'), naming neither the file nor the cause")
 def test_convert_on_a_full_disk_names_the_file_and_the_cause(tmp_path, capsys):
     write_model(tmp_path / "ct2")
     _, _, err = _convert_twice(tmp_path / "ct2", tmp_path / "converted.pt", capsys)

@@ -28,7 +28,7 @@ from whisper_rope.checkpoint import checkpoint_dict
 from whisper_rope.convert import write_huggingface
 from whisper_rope.errors import CheckpointError, WhisperRopeError
 
-from . import (LONG, REPO, Hang, address_space_cap, assert_clear_message, assert_one_line_error, known_bug, run_cli,
+from . import (LONG, REPO, Hang, address_space_cap, assert_clear_message, assert_one_line_error, run_cli,
                scaled, time_limit, transcribe)
 
 HELLO = REPO / "tests" / "fixtures" / "hello.flac"
@@ -111,9 +111,6 @@ def test_a_pickle_payload_is_refused_by_load_model_and_never_runs(tmp_path, vali
     assert not marker.exists()
 
 
-@known_bug("torch words a refused global from a blocked module (posix.system, the classic payload) differently "
-           "('unsupported GLOBAL posix.system whose module posix is blocked'), and read_checkpoint then reports "
-           "the file as 'truncated or not a PyTorch file' instead of refusing it as unsafe")
 def test_a_payload_calling_os_system_is_reported_as_refused_not_as_truncated(tmp_path, valid_checkpoint):
     marker = tmp_path / "marker"
     path = _save(_placed(valid_checkpoint, SystemPayload(marker), "dims"), tmp_path / "evil.pt", "zip")
@@ -151,9 +148,6 @@ def test_a_pickle_payload_in_a_hugging_face_pytorch_model_bin_is_refused_and_nev
     assert not marker.exists()
 
 
-@known_bug("convert's and the Hugging Face reader's refusals of an unsafe pickle embed torch's whole multi-line "
-           "explanation, with terminal escape codes, instead of one sentence naming the refused global "
-           "(read_checkpoint already does this right)")
 def test_refusals_of_unsafe_pickles_are_one_sentence_everywhere(tmp_path, valid_checkpoint):
     marker = tmp_path / "marker"
     evil = _save(_placed(valid_checkpoint, ExecPayload(marker), "tensor"), tmp_path / "evil.pt", "zip")
@@ -167,8 +161,6 @@ def test_refusals_of_unsafe_pickles_are_one_sentence_everywhere(tmp_path, valid_
         assert "\x1b[" not in message and len(message) < 400, message
 
 
-@known_bug("whisper-rope convert reads .pt files with mmap=True and no fallback, so a legacy-format (non-zip) "
-           "checkpoint, which load_model and whisper.load_model read fine, is refused with torch's mmap message")
 def test_convert_reads_a_legacy_format_checkpoint(tmp_path, valid_checkpoint):
     from whisper_rope.convert import convert
 
@@ -281,9 +273,6 @@ def test_every_malformed_checkpoint_given_to_the_cli_exits_2_with_one_line(tmp_p
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-@known_bug("load_model builds the model from the checkpoint's dims before checking that its tensors fit them: "
-           "a 1-MB file claiming 4096-wide layers allocates gigabytes (6 GB, 28 s measured) before the shape error, "
-           "and 2**20-wide ones raise torch's allocator RuntimeError instead of a CheckpointError")
 @pytest.mark.parametrize("claim", [{"n_audio_state": 4096, "n_text_state": 4096}, {"n_text_layer": 10**6}])
 def test_dims_claiming_a_huge_model_are_refused_before_allocating_it(tmp_path, valid_checkpoint, claim):
     path = tmp_path / "liar.pt"
@@ -296,9 +285,6 @@ def test_dims_claiming_a_huge_model_are_refused_before_allocating_it(tmp_path, v
             raise AssertionError(str(hang)) from None
 
 
-@known_bug("an alignment_heads entry that is not a tensor crashes _set_alignment_heads: a str or int raises "
-           "AttributeError (a traceback from the CLI), bytes that are not upstream's base85 gzip raise ValueError "
-           "or BadGzipFile without naming the file, instead of a CheckpointError")
 @pytest.mark.parametrize("heads", ["abc", 3, b"not base85 gzip"])
 def test_alignment_heads_of_the_wrong_type_are_refused(tmp_path, valid_checkpoint, heads):
     path = tmp_path / "heads.pt"
@@ -307,8 +293,6 @@ def test_alignment_heads_of_the_wrong_type_are_refused(tmp_path, valid_checkpoin
         whisper_rope.load_model(path, device="cpu")
 
 
-@known_bug("validate_checkpoint lets sparse and nested tensors through (they are floating point), so "
-           "load_state_dict fails later with a multi-line RuntimeError instead of a CheckpointError")
 @pytest.mark.parametrize("layout", ["sparse", "nested"])
 def test_sparse_or_nested_tensors_are_refused_as_a_checkpoint_error(tmp_path, valid_checkpoint, layout):
     weight = valid_checkpoint["model_state_dict"][CONV]
@@ -400,9 +384,6 @@ GARBAGE = {  # files on which torch's weights-only unpickler raises other than U
 }
 
 
-@known_bug("read_checkpoint catches only some of the exceptions torch's weights-only unpickler raises on garbage: "
-           "IndexError, KeyError, TypeError, AttributeError and struct.error escape load_model and reach the CLI "
-           "as a traceback (found by flipping single bits of a saved checkpoint)")
 @pytest.mark.parametrize("crash", sorted(GARBAGE))
 def test_garbage_that_crashes_the_weights_only_unpickler_is_refused(tmp_path, capsys, saved_checkpoint, crash):
     path = tmp_path / "garbage.pt"

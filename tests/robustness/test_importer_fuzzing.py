@@ -34,7 +34,7 @@ from whisper_rope.convert import read_ctranslate2, read_huggingface, write_huggi
 from whisper_rope.convert.huggingface import hf_name
 from whisper_rope.errors import CheckpointError
 
-from . import LONG, Hang, PeakMemory, address_space_cap, assert_clear_message, known_bug, scaled, time_limit
+from . import LONG, Hang, PeakMemory, address_space_cap, assert_clear_message, scaled, time_limit
 
 #: Wall-clock limit of one import; a valid small file takes about 3 ms (CTranslate2) or 12 ms (Hugging Face).
 CASE_SECONDS = 5.0
@@ -480,8 +480,6 @@ def test_lying_safetensors_headers_are_refused(hf_model, fuzzing_limits, data):
              _tally("safetensors lying headers"))
 
 
-@known_bug("the Hugging Face reader puts safetensors' error text into its message unchanged, and that text quotes "
-           "the header: a header holding a newline (or any control character) gives a multi-line CheckpointError")
 def test_a_safetensors_header_with_a_newline_is_refused_in_one_line(hf_model, fuzzing_limits):
     header = json.loads(json.dumps(hf_model.header))
     header["model.decoder.embed_positions.weight"]["dtype"] = {"\n": None}
@@ -545,20 +543,14 @@ def _refuses_config_change(model: HfBase, **changes: object) -> None:
         raise AssertionError(str(hang)) from None
 
 
-@known_bug("read_huggingface builds every upstream name for the config's layer counts before checking them "
-           "against the tensors present: a 1-kB config.json claiming 10**6 layers takes minutes and gigabytes")
 def test_a_config_claiming_a_million_layers_is_refused_quickly(hf_model, fuzzing_limits):
     _refuses_config_change(hf_model, encoder_layers=10**6)
 
 
-@known_bug("config_to_dims accepts head counts that do not divide d_model (the CTranslate2 reader checks this); "
-           "the model then fails at its first forward pass")
 def test_a_config_whose_head_count_does_not_divide_the_width_is_refused(hf_model, fuzzing_limits):
     _refuses_config_change(hf_model, encoder_attention_heads=3)
 
 
-@known_bug("the alignment-head mask is allocated from the config's unchecked decoder head count: "
-           "decoder_attention_heads = 2**31 allocates 4 GiB (a RuntimeError from torch, not a CheckpointError)")
 def test_a_config_claiming_two_billion_heads_is_refused_without_allocating(hf_model, fuzzing_limits):
     _refuses_config_change(hf_model, decoder_attention_heads=2**31)
 

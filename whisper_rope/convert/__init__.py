@@ -120,11 +120,15 @@ def _upstream_to_huggingface(src: Path, dst: Path, overwrite: bool) -> Path:
 
 
 def load_upstream(path: Path) -> Dict[str, Any]:
-    """An upstream-format checkpoint dict, loaded with ``weights_only=True`` and memory-mapped."""
+    """An upstream-format checkpoint dict, loaded with ``weights_only=True``: memory-mapped where the file allows it,
+    else (legacy non-zip files cannot be mapped) through :func:`whisper_rope.checkpoint.read_checkpoint`, which also
+    words every refusal (an unsafe pickle, a truncated file) as the library's loaders do."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # torch raises many types for a bad or unsafe pickle; all mean "not usable"
-        raise CheckpointError(f"Checkpoint {path} cannot be loaded as a PyTorch file: {exc}.") from exc
+    except Exception:  # legacy format, or a bad or unsafe pickle: read_checkpoint reads or refuses it in one line
+        from whisper_rope.checkpoint import read_checkpoint
+
+        checkpoint = read_checkpoint(path)
     if not isinstance(checkpoint, dict) or "dims" not in checkpoint or "model_state_dict" not in checkpoint:
         raise CheckpointError(
             f"Checkpoint {path} is not in upstream Whisper format (a dict with dims and model_state_dict)."

@@ -7,6 +7,7 @@ between the CTranslate2 importer, the Hugging Face importer/exporter and ``whisp
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
@@ -31,6 +32,37 @@ DIM_KEYS: Tuple[str, ...] = (
     "n_text_head",
     "n_text_layer",
 )
+
+# Terminal escape sequences (torch colours parts of its unsafe-pickle explanation) and other control characters.
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def one_line(text: object, limit: int = 300) -> str:
+    """``text`` as one readable line for an error message: escape codes dropped, control characters (newlines
+    included) turned into spaces, whitespace collapsed, cut to ``limit`` characters."""
+    text = _CONTROL.sub(" ", _ANSI_ESCAPE.sub("", str(text)))
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def exception_text(exc: BaseException, limit: int = 300) -> str:
+    """One line describing ``exc``: its message via :func:`one_line`, or its type name when it has none."""
+    return one_line(exc, limit) or type(exc).__name__
+
+
+def refused_global(exc: BaseException) -> Optional[str]:
+    """The global a weights-only unpickler refused (``builtins.exec``, ``posix.system``, ...), or None.
+
+    torch words the refusal in several ways ("Unsupported global: GLOBAL x.y", "unsupported GLOBAL x.y whose module
+    x is blocked") inside a long multi-line explanation; both name the global after the word GLOBAL.
+    """
+    match = re.search(r"GLOBAL\s+([\w.]+)", _ANSI_ESCAPE.sub("", str(exc)))
+    return match.group(1) if match else None
+
+
+UNSAFE_PICKLE = "objects other than tensors and plain data, which weights_only loading does not execute"
+
 
 # Whisper's vocabularies: the English-only GPT-2 based one has 51864 entries, the multilingual ones 51865 and more
 # (upstream's ``Whisper.is_multilingual`` test).
@@ -142,6 +174,12 @@ def check_dims(dims: Dict[str, Any], origin: str) -> Dict[str, int]:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise CheckpointError(f"{origin} dims: {key} is {value!r}, expected a positive integer.")
         out[key] = int(value)
+    for head, state in (("n_audio_head", "n_audio_state"), ("n_text_head", "n_text_state")):
+        if out[state] % out[head]:  # also bounds the head count by the width before anything is sized from it
+            raise CheckpointError(
+                f"{origin} dims: {head} {out[head]} does not divide {state} {out[state]}; "
+                "attention splits the width evenly between heads."
+            )
     return out
 
 

@@ -38,7 +38,11 @@ from whisper_rope.convert.common import (
     atomic_write,
     check_dims,
     check_state_dict,
+    exception_text,
     float_dtype_of,
+    UNSAFE_PICKLE,
+    one_line,
+    refused_global,
     upstream_shapes,
 )
 from whisper_rope.errors import CheckpointError, ModelNotFoundError
@@ -153,7 +157,7 @@ def config_to_dims(config: Dict[str, Any], origin: str) -> Dict[str, int]:
             "n_text_layer": config["decoder_layers"],
         }
     except KeyError as exc:
-        raise CheckpointError(f"{origin} lacks {exc.args[0]!r}, which a WhisperConfig needs.") from None
+        raise CheckpointError(f"{origin} lacks {one_line(repr(exc.args[0]))}, which a WhisperConfig needs.") from None
     dims = check_dims(dims, origin)
     for key in ("encoder_ffn_dim", "decoder_ffn_dim"):
         if key in config and config[key] != 4 * dims["n_audio_state"]:
@@ -185,7 +189,7 @@ def _read_json(path: Path) -> Dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"Hugging Face file {path} is not readable JSON: {exc}.") from exc
+        raise CheckpointError(f"Hugging Face file {path} is not readable JSON: {exception_text(exc)}.") from exc
     if not isinstance(data, dict):
         raise CheckpointError(f"Hugging Face file {path} holds a {type(data).__name__}, expected a JSON object.")
     return data
@@ -216,17 +220,24 @@ def _safetensors_getters(files: list) -> Dict[str, Callable[[], torch.Tensor]]:
             with safe_open(str(path), framework="pt") as handle:
                 names = list(handle.keys())
         except (OSError, SafetensorError) as exc:
-            raise CheckpointError(f"Hugging Face weights {path} are not a readable safetensors file: {exc}.") from exc
+            raise CheckpointError(
+                f"Hugging Face weights {path} are not a readable safetensors file: {exception_text(exc)}."
+            ) from exc
         for name in names:
             getters[name] = functools.partial(_safetensors_tensor, path, name)
     return getters
 
 
 def _safetensors_tensor(path: Path, name: str) -> torch.Tensor:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
-        return handle.get_tensor(name)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.get_tensor(name)
+    except (OSError, SafetensorError) as exc:
+        raise CheckpointError(
+            f"Hugging Face weights {path}: tensor {one_line(name)} cannot be read: {exception_text(exc)}."
+        ) from exc
 
 
 def _pytorch_getters(path: Path) -> Dict[str, Callable[[], torch.Tensor]]:
@@ -237,7 +248,14 @@ def _pytorch_getters(path: Path) -> Dict[str, Callable[[], torch.Tensor]]:
         except RuntimeError:
             state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) files cannot mmap
     except Exception as exc:  # torch raises many types for a bad pickle; all mean "not a checkpoint"
-        raise CheckpointError(f"Hugging Face weights {path} cannot be loaded safely: {exc}.") from exc
+        refused = refused_global(exc)
+        if refused is not None:
+            raise CheckpointError(
+                f"Hugging Face weights {path} cannot be loaded safely: they hold {UNSAFE_PICKLE} (GLOBAL {refused})."
+            ) from None
+        raise CheckpointError(
+            f"Hugging Face weights {path} cannot be loaded safely: {exception_text(exc)}."
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"Hugging Face weights {path} do not hold a dict of tensors.")
     return {name: functools.partial(_same, tensor) for name, tensor in state.items()}
@@ -279,11 +297,14 @@ def read_huggingface(directory: PathLike, dtype: Optional[torch.dtype] = torch.f
     dims = config_to_dims(config, f"{directory / 'config.json'}")
     getters = _tensor_getter(directory)
     prefix = _prefix(getters, origin)
+    _check_layer_counts(getters, prefix, dims, directory / "config.json")
     expected = upstream_shapes(dims)
     names = {upstream: hf_name(upstream, prefix) for upstream in expected}
     unexpected = sorted(set(getters) - set(names.values()) - {TIED_OUTPUT})
     if unexpected:
-        raise CheckpointError(f"{origin} has tensor {unexpected[0]}, which upstream Whisper has no place for.")
+        raise CheckpointError(
+            f"{origin} has tensor {one_line(repr(unexpected[0]))}, which upstream Whisper has no place for."
+        )
     state_dict = _load_tensors(getters, names, dtype, origin)
     check_state_dict(state_dict, dims, origin)
     _check_tied_output(getters, state_dict["decoder.token_embedding.weight"], origin)
@@ -293,6 +314,26 @@ def read_huggingface(directory: PathLike, dtype: Optional[torch.dtype] = torch.f
         alignment_heads=_alignment(directory, config, dims),
         source=f"Hugging Face Whisper from {directory}",
     )
+
+
+def _check_layer_counts(getters: Dict[str, Any], prefix: str, dims: Dict[str, int], config: Path) -> None:
+    """Refuse a config whose layer counts differ from the layers the weights hold.
+
+    Done before any per-layer name is built, so that a small config.json claiming millions of layers costs nothing.
+    """
+    for side, key, dim in (("encoder", "encoder_layers", "n_audio_layer"), ("decoder", "decoder_layers", "n_text_layer")):
+        pattern = re.compile(rf"{re.escape(prefix)}{side}\.layers\.(\d{{1,9}})\.")
+        present = set()
+        for name in getters:
+            match = pattern.match(name)
+            if match:
+                present.add(int(match.group(1)))
+        claimed = dims[dim]
+        if len(present) != claimed or (present and max(present) != claimed - 1):
+            found = f"{len(present)} (numbered up to {max(present)})" if present else "none"
+            raise CheckpointError(
+                f"{config} says {key} is {claimed}, but the weights hold {side} layers: {found}."
+            )
 
 
 def _load_tensors(
@@ -381,15 +422,35 @@ def write_huggingface(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
     try:
-        save_file(tensors, str(staging / SAFETENSORS), metadata={"format": "pt"})
-        _write_json(staging / "config.json", config)
-        _write_json(staging / "generation_config.json", _generation_config(config, pairs))
+        _writing(out_dir / SAFETENSORS, lambda: save_file(tensors, str(staging / SAFETENSORS), metadata={"format": "pt"}))
+        _writing(out_dir / "config.json", lambda: _write_json(staging / "config.json", config))
+        generation = _generation_config(config, pairs)
+        _writing(out_dir / "generation_config.json", lambda: _write_json(staging / "generation_config.json", generation))
         os.chmod(staging, 0o755)  # mkdtemp makes 0700
         _move_into_place(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+def _writing(target: Path, write: Callable[[], Any]) -> None:
+    """Run ``write``; a failure (safetensors' SafetensorError, torch's or Python's OSError) becomes an OSError whose
+    one-line message names ``target`` and the cause (e.g. "[Errno 28] cannot write .../model.safetensors: No space
+    left on device")."""
+    import errno as errno_codes
+
+    from safetensors import SafetensorError
+
+    try:
+        write()
+    except (OSError, SafetensorError) as exc:
+        code = getattr(exc, "errno", None)
+        if code is None:  # SafetensorError: "I/O error: File too large (os error 27)"
+            match = re.search(r"os error (\d+)", str(exc))
+            code = int(match.group(1)) if match else None
+        cause = os.strerror(code) if code else exception_text(exc)
+        raise OSError(code or errno_codes.EIO, f"cannot write {target}: {cause}") from exc
 
 
 def _exportable(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
