@@ -7,7 +7,7 @@ on a shared machine) and wall seconds:
 1. RoPE overhead, controlled: the ``whisper`` and ``rotary`` presets of tiny.en encode one 30-s window and decode a
    fixed number of tokens (end-of-text suppressed, so both do exactly the same steps), greedy and beam 5.
 2. End to end, upstream ``transcribe`` settings: short clips (the committed speech fixtures, 2-4 s) and long-form
-   clips (fixtures joined with silences, 45 s and 100 s), greedy and beam 5, temperature 0 without fallback,
+   clips (whole fixtures joined with silences, 45 s and 100 s), greedy and beam 5, temperature 0 without fallback,
    decoding capped at ``--sample-len`` tokens per window for every system. Reported: median seconds per set,
    ratio to faster-whisper int8, corpus WER (jiwer, upstream's EnglishTextNormalizer).
 
@@ -57,16 +57,24 @@ def short_clips() -> List[Clip]:
 
 
 def long_clip(clips: Sequence[Clip], seconds: float, offset: int) -> Clip:
-    """Fixtures in turn from ``offset``, separated by 0.8-2.0 s of silence, until ``seconds`` of audio."""
-    pieces, texts, n, i = [], [], 0, offset
-    while n < seconds * SAMPLE_RATE:
-        _, audio, text = clips[i % len(clips)]
+    """Whole fixtures separated by 0.8-2.0 s of silence, then silence up to ``seconds``.
+
+    Each pass over the fixtures takes them in another order (steps 1, 3, 5, 7 through the list from ``offset``), so
+    that no window repeats the previous one's sentences in the same sequence.
+    """
+    pieces, texts, n = [], [], 0
+    for i in range(10_000):
+        step = (1, 3, 5, 7)[(i // len(clips)) % 4]
+        _, audio, text = clips[(offset + step * i) % len(clips)]
         silence = np.zeros(int((0.8 + 0.4 * (i % 4)) * SAMPLE_RATE), dtype=np.float32)
+        if n + len(audio) > seconds * SAMPLE_RATE:
+            break
         pieces += [audio, silence]
         texts.append(text)
         n += len(audio) + len(silence)
-        i += 1
-    return f"long_{seconds:.0f}s", np.concatenate(pieces)[: int(seconds * SAMPLE_RATE)], " ".join(texts)
+    audio = np.concatenate(pieces)[: int(seconds * SAMPLE_RATE)]
+    audio = np.pad(audio, (0, int(seconds * SAMPLE_RATE) - len(audio)))
+    return f"long_{seconds:.0f}s", audio, " ".join(texts)
 
 
 @contextlib.contextmanager
