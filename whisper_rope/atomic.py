@@ -41,17 +41,23 @@ def atomic_write(path: PathLike, write: Callable[[BinaryIO], object]) -> Path:
             raise
         # torch.save reports a failed write (a full disk) as its own RuntimeError; name the file and the cause.
         raise OSError(cause.errno, f"cannot write {path}: {cause.strerror or cause}") from error
+    fsync_directory(directory)
+    return path
+
+
+def fsync_directory(directory: PathLike) -> None:
+    """Make renames inside ``directory`` durable; a filesystem that refuses fsync on directories is ignored (the
+    rename itself already happened)."""
     try:
         dir_fd = os.open(directory, os.O_RDONLY)
     except OSError:
-        return path
+        return
     try:
         os.fsync(dir_fd)
     except OSError:
-        pass  # some filesystems refuse fsync on directories; the rename itself already happened
+        pass
     finally:
         os.close(dir_fd)
-    return path
 
 
 def _os_error(error: BaseException) -> "OSError | None":

@@ -51,6 +51,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 from whisper.decoding import DecodingOptions
 
+from .atomic import atomic_write_text, fsync_directory
 from .checkpoint import atomic_torch_save, checkpoint_dict, load_model, read_checkpoint
 from .data import (
     IGNORE_INDEX,
@@ -478,7 +479,7 @@ def save_step_checkpoint(output: PathLike, step: int, model_state: dict, trainin
     if final.exists():
         shutil.rmtree(final)
     os.replace(staging, final)
-    _fsync_directory(root)
+    fsync_directory(root)
     for _, old in step_checkpoints(root)[:-keep_last]:
         # Remove the state first: a half-removed directory is then no longer "complete" and never resumed from.
         (old / STATE_FILE).unlink(missing_ok=True)
@@ -497,26 +498,6 @@ def _sweep_temporary_files(output: Path) -> None:
         for leftover in folder.glob(".*.tmp"):
             if leftover.is_file():
                 leftover.unlink(missing_ok=True)
-
-
-def _fsync_directory(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fp:
-        fp.write(text)
-        fp.flush()
-        os.fsync(fp.fileno())
-    os.replace(tmp, path)
 
 
 def _model_file(model: WhisperRope, trained_unpadded: bool) -> dict:
@@ -904,7 +885,7 @@ def _run(model, train, eval, config: FinetuneConfig, teacher, context: Distribut
             best_dir = output / "best"
             best_dir.mkdir(exist_ok=True)
             atomic_torch_save(_model_file(model, unpadded), best_dir / MODEL_FILE)
-            _atomic_write_text(best_dir / "metrics.json", json.dumps(_jsonable({"step": step, **metrics}), indent=2))
+            atomic_write_text(best_dir / "metrics.json", json.dumps(_jsonable({"step": step, **metrics}), indent=2))
 
     def save() -> None:
         nonlocal last_saved, last_save_step
