@@ -24,6 +24,10 @@ def test_run_specs():
     assert RunSpec.parse("rotary@distill") == RunSpec("rotary", distill=True)
     assert RunSpec.parse("rotary@transplant,distill").slug == "rotary_rotary-distill-transplant"
     assert RunSpec.parse("rotary/learned-sinusoidal").label == "rotary/learned-sinusoidal"
+    spec = RunSpec.parse("rotary@transplant,distill,unpadded")
+    assert spec.unpadded and spec.label == "rotary (distill, transplant, unpadded)"
+    with pytest.raises(ValueError, match="unpadded flag belongs to transplant runs"):
+        RunSpec.parse("rotary@unpadded")
     with pytest.raises(ValueError, match="unknown flag 'fast'"):
         RunSpec.parse("rotary@fast")
     with pytest.raises(ValueError, match="invalid encoder scheme"):

@@ -122,6 +122,80 @@ def test_short_transplant_run_ends_as_plain_rotary(tmp_path):
     assert result.model.variant == "rotary/rotary"
 
 
+def test_faded_encoder_table_takes_any_length_like_the_finished_model(dims, pretrained):
+    model = randomise_(_transplant_model(dims, pretrained))
+    short_mel, tokens = torch.randn(2, 80, 40), torch.randint(0, 50000, (2, 6))
+    with pytest.raises(ValueError, match="needs exactly"):
+        model(short_mel, tokens)
+    with pytest.raises(ValueError, match="unpadded encoding needs"):
+        model.unpadded = True
+    apply_schedule(model, TransplantSchedule(anneal_steps=4, gate_steps=4), step=4)
+    model.unpadded = True  # the table adds nothing any more
+    plain, _ = finalize_transplant(model)
+    torch.testing.assert_close(model(short_mel, tokens), plain(short_mel, tokens), atol=1e-5, rtol=1e-5)
+    padded = torch.nn.functional.pad(short_mel, (0, 2 * dims.n_audio_ctx - 40))  # as transcribe feeds it
+    assert model.embed_audio(padded).shape[1] == plain.embed_audio(short_mel).shape[1] == 20  # padding dropped
+
+
+def _unpadded_transplant_config(tmp_path, output, **overrides):
+    from whisper_rope.train import FinetuneConfig
+
+    from .conftest import FIXTURES, small_dims
+
+    source_path = tmp_path / "source.pt"
+    if not source_path.exists():
+        torch.manual_seed(0)
+        whisper_rope.save_checkpoint(randomise_(whisper_rope.build_model(small_dims(n_audio_ctx=1500), "whisper")),
+                                     source_path)  # fmt: skip
+    settings = dict(
+        model=str(source_path), train=str(FIXTURES / "speech" / "manifest.jsonl"), output=str(output), steps=5,
+        batch_size=2, lr=1e-3, warmup_steps=0, num_workers=0, progress=False, transplant=True, log_every=1,
+        transplant_anneal_steps=2, transplant_gate_steps=2, transplant_unpadded=True, distill=True, device="cpu",
+        threads=1,
+    )  # fmt: skip
+    settings.update(overrides)
+    return FinetuneConfig(**settings)
+
+
+def test_transplant_continues_unpadded_once_the_tables_are_gone(tmp_path):
+    from whisper_rope.train import finetune
+
+    result = finetune(config=_unpadded_transplant_config(tmp_path, tmp_path / "run"))
+    assert [(r["step"], r["unpadded"]) for r in result.history if r["event"] == "input"] == [(2, True)]
+    assert result.history[0]["unpadded"] is False  # the start: 30-s windows while the tables fade
+    losses = [r["loss"] for r in result.history if r["event"] == "train"]
+    assert len(losses) == 5 and all(loss == loss and loss < 1e4 for loss in losses)
+    saved = whisper_rope.load_model(result.model_path, device="cpu")
+    assert saved.variant == "rotary/rotary" and saved.unpadded  # stored as trained unpadded
+    assert result.model.unpadded
+
+
+def test_resume_inside_the_unpadded_phase_repeats_the_uninterrupted_run(tmp_path):
+    import shutil
+
+    from whisper_rope.checkpoint import read_checkpoint
+    from whisper_rope.train import finetune
+
+    straight = finetune(config=_unpadded_transplant_config(tmp_path, tmp_path / "straight", save_every=3, keep_last=3))
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(tmp_path / "straight" / "step-0000003", interrupted / "step-0000003")
+    resumed = finetune(config=_unpadded_transplant_config(tmp_path, interrupted, resume=str(interrupted)))
+    assert resumed.steps == 5 and not [r for r in resumed.history if r["event"] == "input"]  # resumed unpadded
+    expected = [r["loss"] for r in straight.history if r["event"] == "train"][3:]
+    assert [r["loss"] for r in resumed.history if r["event"] == "train"] == pytest.approx(expected, abs=1e-6)
+    a, b = (read_checkpoint(p)["model_state_dict"] for p in (straight.model_path, resumed.model_path))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
+def test_unpadded_transplant_needs_both_tables_to_fade():
+    from whisper_rope.train import FinetuneConfig
+
+    with pytest.raises(ValueError, match="--transplant-unpadded needs --transplant"):
+        FinetuneConfig(train="x.jsonl", transplant=True, transplant_sides="decoder", transplant_unpadded=True).validate()
+    with pytest.raises(ValueError, match="--transplant-unpadded needs --transplant"):
+        FinetuneConfig(train="x.jsonl", transplant_unpadded=True).validate()
+
+
 def test_transplant_refuses_another_target_variant():
     from whisper_rope.train import FinetuneConfig
 

@@ -390,9 +390,10 @@ def load_model(
     state, report = adapt_state_dict(checkpoint["model_state_dict"], stored_variant, model, source=source)
     model.load_state_dict(state, strict=True)
     _set_alignment_heads(model, heads)
+    _restore_table_scales(model, stored_options.get("table_scale"), parse_variant(stored_variant), source)
     trained_unpadded = bool(stored_options.get("unpadded", False))
     if unpadded is None:
-        model.unpadded = trained_unpadded and not model.encoder.has_table
+        model.unpadded = trained_unpadded and not model.encoder.needs_full_window
     else:
         if unpadded and not trained_unpadded:
             logger.warning(
@@ -400,7 +401,6 @@ def load_model(
                 "(Whisper learned to stop at the 30-s padding)", source,
             )  # fmt: skip
         model.unpadded = unpadded
-    _restore_table_scales(model, stored_options.get("table_scale"), parse_variant(stored_variant), source)
     model.load_report = report
     logger.info("%s", report.summary())
     del checkpoint, state

@@ -12,7 +12,8 @@ with the same keys) does, in order:
 4. writes ``results.csv`` (one row per run, seed, set and decoding), ``results.md`` (mean ± std over seeds) and PNG
    plots: WER per set before/after, training-loss curves overlaid, and training cost per run.
 
-A run spec is ``VARIANT`` or ``VARIANT@FLAG[,FLAG]`` with flags ``distill`` and ``transplant``. Every finished run
+A run spec is ``VARIANT`` or ``VARIANT@FLAG[,FLAG]`` with flags ``distill``, ``transplant`` and ``unpadded`` (a
+transplant that trains on unpadded input once the tables are gone). Every finished run
 leaves ``runs/<run>/result.json``; an interrupted comparison run again skips the runs that have one.
 """
 
@@ -33,7 +34,7 @@ from .evaluate import EvaluationOptions, evaluate
 from .options import add_dataclass_arguments, dataclass_from_args
 from .variants import parse_variant
 
-RUN_FLAGS = ("distill", "transplant")
+RUN_FLAGS = ("distill", "transplant", "unpadded")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class RunSpec:
     variant: str
     distill: bool = False
     transplant: bool = False
+    unpadded: bool = False
 
     @classmethod
     def parse(cls, text: str) -> "RunSpec":
@@ -52,7 +54,10 @@ class RunSpec:
         if unknown:
             raise ValueError(f"run {text!r}: unknown flag {unknown[0]!r}; flags are {', '.join(RUN_FLAGS)}")
         parse_variant(variant)
-        return cls(variant.strip(), "distill" in names, "transplant" in names)
+        if "unpadded" in names and "transplant" not in names:
+            raise ValueError(f"run {text!r}: the unpadded flag belongs to transplant runs (rotary encoders train "
+                             "unpadded anyway)")  # fmt: skip
+        return cls(variant.strip(), "distill" in names, "transplant" in names, "unpadded" in names)
 
     @property
     def label(self) -> str:
@@ -71,7 +76,8 @@ class CompareConfig:
 
     model: str = field(default="tiny.en", metadata={"help": "source checkpoint (name or path)"})
     runs: List[str] = field(default_factory=lambda: ["whisper", "rotary"], metadata={
-        "help": "runs to compare: VARIANT or VARIANT@distill / @transplant / @transplant,distill", "nargs": "+"})
+        "help": "runs to compare: VARIANT or VARIANT@FLAGS, FLAGS a comma-separated subset of distill, transplant, "
+                "unpadded (with transplant)", "nargs": "+"})
     train: Optional[str] = field(default=None, metadata={"help": "training manifest (the same for every run)"})
     eval: List[str] = field(default_factory=list, metadata={
         "help": "evaluation sets as NAME=MANIFEST, e.g. in-domain=in.jsonl retained=ret.jsonl", "nargs": "+"})
@@ -123,7 +129,7 @@ def _evaluation_options(config: CompareConfig, unpadded: bool) -> EvaluationOpti
 
 def _decodings(model) -> List[Tuple[str, bool]]:
     """padded always; unpadded too for encoders without an absolute table."""
-    return [("padded", False)] + ([("unpadded", True)] if not model.encoder.has_table else [])
+    return [("padded", False)] + ([("unpadded", True)] if not model.encoder.needs_full_window else [])
 
 
 def _evaluate_all(model, config: CompareConfig) -> List[Dict[str, Any]]:
@@ -146,7 +152,8 @@ def _finetune_config(config: CompareConfig, spec: RunSpec, seed: int, output: Pa
     )  # fmt: skip
     if spec.transplant:
         span = max(1, int(config.steps * config.transplant_fraction))
-        options.update(transplant=True, transplant_anneal_steps=span, transplant_gate_steps=span)
+        options.update(transplant=True, transplant_anneal_steps=span, transplant_gate_steps=span,
+                       transplant_unpadded=spec.unpadded)
     return FinetuneConfig(**options)
 
 
@@ -161,7 +168,8 @@ def run_one(config: CompareConfig, spec: RunSpec, seed: int, directory: Path) ->
     model.eval()
     result = {
         "run": spec.label, "slug": spec.slug, "variant": model.variant, "distill": spec.distill,
-        "transplant": spec.transplant, "seed": seed, "steps": trained.steps, "final_loss": trained.final_loss,
+        "transplant": spec.transplant, "unpadded_phase": spec.unpadded, "seed": seed, "steps": trained.steps,
+        "final_loss": trained.final_loss,
         "train_seconds": train_seconds, "seconds_per_step": train_seconds / max(trained.steps, 1),
         "model_path": str(trained.model_path), "evaluations": _evaluate_all(model, config),
     }  # fmt: skip

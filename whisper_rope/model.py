@@ -215,15 +215,21 @@ class PositionalAudioEncoder(AudioEncoder):
     def has_table(self) -> bool:
         return self.scheme.table is not None
 
+    @property
+    def needs_full_window(self) -> bool:
+        """Whether input must be exactly the 30-s window: true while an absolute table is added (a table annealed to
+        scale 0 by a transplant adds nothing, and the encoder then takes any length, like a table-free one)."""
+        return self.has_table and self.table_scale != 0.0
+
     def forward(self, x: Tensor, n_frames: Optional[Tensor] = None) -> Tensor:
         """x: (b, n_mels, n_frames) log-mel; n_frames: (b,) real frames per item of a padded batch, or None.
 
         Returns (b, n_audio, n_state). Frames past ``n_frames`` (whatever their value) are zeroed before each conv,
         as a lone clip's zero padding, and masked out of self-attention.
         """
-        if not self.has_table and n_frames is None and self.drop_padding:
+        if not self.needs_full_window and n_frames is None and self.drop_padding:
             x, n_frames = self.drop_trailing_padding(x)
-        if self.has_table and x.shape[-1] != 2 * self.n_ctx:
+        if self.needs_full_window and x.shape[-1] != 2 * self.n_ctx:
             raise ValueError(
                 f"mel input has {x.shape[-1]} frames (shape {tuple(x.shape)}); encoder scheme "
                 f"{self.scheme.name!r} adds a {self.n_ctx}-position table and needs exactly {2 * self.n_ctx} frames "
@@ -238,7 +244,7 @@ class PositionalAudioEncoder(AudioEncoder):
         if n_frames is not None:
             x = x * real
         x = F.gelu(self.conv2(x)).permute(0, 2, 1)
-        if self.has_table:
+        if self.needs_full_window:
             table = self.positional_embedding if self.table_scale == 1.0 else self.positional_embedding * self.table_scale
             x = (x + table).to(x.dtype)
         key_mask = _audio_mask(n_frames, x.shape[1], x.device)
@@ -372,7 +378,7 @@ class WhisperRope(Whisper):
 
     @unpadded.setter
     def unpadded(self, value: bool) -> None:
-        if value and self.encoder.has_table:
+        if value and self.encoder.needs_full_window:
             raise ValueError(
                 f"unpadded encoding needs an encoder without an absolute table; variant {self.variant!r} adds one"
             )

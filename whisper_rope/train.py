@@ -184,6 +184,9 @@ class FinetuneConfig:
     transplant_gate_start: int = field(default=0, metadata=_option("step at which scheduled gates start to open"))
     transplant_gate_steps: Optional[int] = field(default=None, metadata=_option(
         "drive every gate from 0 to 1 over this many steps instead of learning the gates"))
+    transplant_unpadded: bool = field(default=False, metadata=_option(
+        "once the tables have faded to 0, train the rest of the run on unpadded input (each clip's own frames, "
+        "length-bucketed batches), so that the result transcribes unpadded (see --unpadded of transcribe)"))
 
     # Bookkeeping.
     eval_every: int = field(default=0, metadata=_option("evaluate every N steps (0: only at the end)"))
@@ -230,6 +233,11 @@ class FinetuneConfig:
                 raise ValueError(message)
         if self.transplant and parse_variant(self.variant or "rotary").name != "rotary/rotary":
             raise ValueError(f"--transplant ends in the rotary variant; --variant {self.variant!r} is another one")
+        if self.transplant_unpadded and not (self.transplant and self.transplant_sides == "both"):
+            raise ValueError("--transplant-unpadded needs --transplant with --transplant-sides both (the encoder's "
+                             "table must fade out before the input can be unpadded)")  # fmt: skip
+        if self.transplant_unpadded and self.pad_to_30s:
+            raise ValueError("--transplant-unpadded and --pad-to-30s contradict each other")
         if self.train_policy not in POLICIES:
             try:
                 re.compile(self.train_policy)
@@ -688,6 +696,16 @@ class _TeacherTargets:
 # The run
 
 
+def _input_pipeline(model, train, eval, config: FinetuneConfig, unpadded: bool, distill: bool,
+                    context: DistributedContext):
+    """The training and evaluation sets and the training batch sampler for one form of input (30-s windows, or
+    unpadded clips in length-bucketed batches)."""
+    train_set, eval_set = _load_datasets(model, train, eval, config, unpadded, distill)
+    sampler = BucketBatchSampler(train_set.durations, config.batch_size, config.seed, bucket=unpadded,
+                                 rank=context.rank, world_size=context.world_size)  # fmt: skip
+    return train_set, eval_set, sampler
+
+
 def _load_datasets(model, train, eval, config: FinetuneConfig, unpadded: bool, distill: bool):
     train_set = load_examples(
         train, model, pad_30s=not unpadded, strict=config.strict, require_text=not config.distill_only,
@@ -777,7 +795,12 @@ def _run(model, train, eval, config: FinetuneConfig, teacher, context: Distribut
     if schedule is not None:
         check_transplant_model(model)
     model = model.to(device)
-    unpadded = not model.encoder.has_table and not config.pad_to_30s
+    resumed_from = resolve_resume(config.resume or output) if config.resume is not None else None
+    state = read_training_state(resumed_from / STATE_FILE) if resumed_from is not None else None
+    unpadded_from = schedule.anneal_end if schedule is not None and config.transplant_unpadded else None
+    if unpadded_from is not None and state is not None and int(state["step"]) >= unpadded_from:
+        apply_schedule(model, schedule, int(state["step"]))  # resuming in the unpadded phase
+    unpadded = not model.encoder.needs_full_window and not config.pad_to_30s
     model.unpadded = False  # training batches carry their frame counts; nothing is trimmed
     distill = config.distill or config.distill_only
     encoder_l2 = distill and config.distill_encoder_weight > 0
@@ -785,7 +808,7 @@ def _run(model, train, eval, config: FinetuneConfig, teacher, context: Distribut
         logger.warning("--distill-encoder-weight is ignored: the unpadded student's encoder outputs are shorter than "
                        "the teacher's 30-s ones (use --pad-to-30s to compare them)")  # fmt: skip
         encoder_l2 = False
-    train_set, eval_set = _load_datasets(model, train, eval, config, unpadded, distill)
+    train_set, eval_set, sampler = _input_pipeline(model, train, eval, config, unpadded, distill, context)
 
     trainable = select_trainable(model, config.train_policy)
     optimizer = build_optimizer(model, config)
@@ -794,14 +817,9 @@ def _run(model, train, eval, config: FinetuneConfig, teacher, context: Distribut
                                      schedule=config.schedule))  # fmt: skip
     autocast_dtype, use_scaler = _precision(config, device)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    sampler = BucketBatchSampler(train_set.durations, config.batch_size, config.seed, bucket=unpadded,
-                                 rank=context.rank, world_size=context.world_size)  # fmt: skip
 
     step, best_wer, best_step = 0, None, None
-    resumed_from = None
-    if config.resume is not None:
-        resumed_from = resolve_resume(config.resume or output)
-        state = read_training_state(resumed_from / STATE_FILE)
+    if state is not None:
         _check_resumable(state, model, resumed_from)
         weights = read_checkpoint(resumed_from / MODEL_FILE)["model_state_dict"]
         model.load_state_dict(weights, strict=True)
@@ -921,6 +939,19 @@ def _run(model, train, eval, config: FinetuneConfig, teacher, context: Distribut
         while step < config.steps:
             if schedule is not None:
                 apply_schedule(model, schedule, step)
+            if unpadded_from is not None and not unpadded and step >= unpadded_from:
+                # The tables are gone: from here on the encoder sees each clip's own frames.
+                unpadded, encoder_l2 = True, False
+                del batches, loader  # shuts down the padded pipeline's workers
+                train_set, eval_set, sampler = _input_pipeline(model, train, eval, config, True, distill, context)
+                sampler.position = position
+                if config.distill_only:
+                    targets = _TeacherTargets(teacher, train_set, train_set.tokenizer(0).eot)
+                loader = make_loader(train_set, sampler, config.num_workers, pin_memory=device.type == "cuda")
+                batches = iter(loader)
+                if context.is_main:
+                    logger.info("step %d: the absolute tables are gone; training continues on unpadded input", step)
+                    log.write({"event": "input", "step": step, "unpadded": True})
             for micro in range(config.grad_accum):
                 batch: Batch = next(batches)
                 position += 1

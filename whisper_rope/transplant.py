@@ -59,6 +59,11 @@ class TransplantSchedule:
             raise ValueError(f"transplant sides must be both, encoder or decoder, got {self.sides!r}")
         ramp(0, 0, 1, self.shape)
 
+    @property
+    def anneal_end(self) -> int:
+        """The first step at which the tables are at scale 0."""
+        return self.anneal_start + max(self.anneal_steps, 0)
+
     def table_scale(self, step: int) -> float:
         return 1.0 - ramp(step, self.anneal_start, self.anneal_steps, self.shape)
 
