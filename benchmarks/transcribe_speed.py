@@ -16,8 +16,14 @@ fine-tuning*: it transcribes garbage (expected, see EXPERIMENTS.md) and loops un
 end-to-end rows measure the cost of capped garbage, not of a usable model; the controlled measurement is the fair
 speed comparison. Unpadded rows encode only each window's real frames.
 
-Usage: ``python3 benchmarks/transcribe_speed.py [--runs 3] [--threads 2] [--json results.json]``;
-``--quick`` (one short clip, one run, no long-form) only checks that the script works.
+``--finetuned PATH`` adds a rotary model fine-tuned unpadded (e.g. the end of ``whisper-rope finetune --transplant
+--transplant-unpadded``), padded and unpadded, one by one and in batches: the usable counterpart of the ``rotary``
+rows. ``--clips MANIFEST`` takes the short clips from a manifest (JSON lines with ``audio`` and ``text``, clips up to
+10 s, the first ``--max-clips``) instead of the committed fixtures, e.g. the domain that model was trained for.
+
+Usage: ``python3 benchmarks/transcribe_speed.py [--runs 3] [--threads 2] [--finetuned PATH] [--clips MANIFEST]
+[--no-long-form] [--json results.json]``; ``--quick`` (one short clip, one run, no long-form) only checks that the
+script works.
 """
 
 import argparse
@@ -56,6 +62,23 @@ def short_clips() -> List[Clip]:
     return [(p.stem, load_audio(p), p.with_suffix(".txt").read_text().strip()) for p in sorted(SPEECH.glob("*.flac"))]
 
 
+def manifest_clips(manifest: Path, limit: int, max_seconds: float = 10.0) -> List[Clip]:
+    """The first ``limit`` clips of at most ``max_seconds`` listed in a JSON-lines manifest (audio, text)."""
+    clips = []
+    for line in manifest.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        audio = load_audio(manifest.parent / row["audio"])
+        if len(audio) <= max_seconds * SAMPLE_RATE:
+            clips.append((Path(row["audio"]).stem, audio, row["text"]))
+        if len(clips) == limit:
+            break
+    if not clips:
+        raise SystemExit(f"--clips {manifest}: no clip of at most {max_seconds:g} s")
+    return clips
+
+
 def long_clip(clips: Sequence[Clip], seconds: float, offset: int) -> Clip:
     """Whole fixtures separated by 0.8-2.0 s of silence, then silence up to ``seconds``.
 
@@ -87,13 +110,21 @@ def unpadded(model, value: bool):
         model.unpadded = previous
 
 
-def load_torch_models() -> dict:
-    """tiny.en converted from the installed package: upstream's model and whisper_rope's two presets."""
-    return {
+def load_torch_models(finetuned: Optional[Path] = None) -> dict:
+    """tiny.en converted from the installed package: upstream's model and whisper_rope's two presets; and the
+    fine-tuned rotary model when given (fp32, like the others)."""
+    models = {
         "upstream": whisper.load_model(str(packages.cached_conversion(MODEL)), device="cpu"),
         "whisper": whisper_rope.load_model(MODEL, device="cpu"),
         "rotary": whisper_rope.load_model(MODEL, variant="rotary", device="cpu"),
     }
+    if finetuned is not None:
+        model = whisper_rope.load_model(str(finetuned), device="cpu").float()
+        if model.encoder.needs_full_window:
+            raise SystemExit(f"--finetuned {finetuned}: variant {model.variant} has an encoder table; it cannot run "
+                             "unpadded")  # fmt: skip
+        models["finetuned"] = model
+    return models
 
 
 def torch_systems(models: dict, sample_len: int) -> Dict[str, Transcriber]:
@@ -105,18 +136,24 @@ def torch_systems(models: dict, sample_len: int) -> Dict[str, Transcriber]:
 
     def one_by_one(model, use_unpadded: bool = False) -> Transcriber:
         def run(audios, beam):
-            with unpadded(model, use_unpadded) if use_unpadded else contextlib.nullcontext():
+            with unpadded(model, use_unpadded) if hasattr(model, "unpadded") else contextlib.nullcontext():
                 return [whisper.transcribe(model, a, **options(beam))["text"] for a in audios]
 
         return run
 
     def batched(model, use_unpadded: bool = False) -> Transcriber:
         def run(audios, beam):
-            with unpadded(model, use_unpadded) if use_unpadded else contextlib.nullcontext():
+            with unpadded(model, use_unpadded) if hasattr(model, "unpadded") else contextlib.nullcontext():
                 return [r["text"] for r in transcribe_many(model, audios, batch_size=8, **options(beam))]
 
         return run
 
+    finetuned = models.get("finetuned")
+    extra = {} if finetuned is None else {
+        "fine-tuned rotary": one_by_one(finetuned, False),
+        "fine-tuned rotary unpadded": one_by_one(finetuned, True),
+        "fine-tuned rotary unpadded, batch 8": batched(finetuned, True),
+    }  # fmt: skip
     return {
         "openai-whisper": one_by_one(upstream),
         "whisper_rope whisper": one_by_one(ours),
@@ -124,6 +161,7 @@ def torch_systems(models: dict, sample_len: int) -> Dict[str, Transcriber]:
         "whisper_rope rotary": one_by_one(rotary),
         "whisper_rope rotary unpadded": one_by_one(rotary, True),
         "whisper_rope rotary unpadded, batch 8": batched(rotary, True),
+        **extra,
     }
 
 
@@ -285,20 +323,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--sample-len", type=int, default=128, help="token cap per 30-s window, for every system")
     parser.add_argument("--rope-tokens", type=int, default=48, help="tokens decoded in the RoPE overhead measurement")
     parser.add_argument("--quick", action="store_true", help="one short clip, one run, no long-form: a smoke test")
+    parser.add_argument("--finetuned", type=Path, default=None,
+                        help="also time this rotary checkpoint fine-tuned unpadded (padded, unpadded, batched)")
+    parser.add_argument("--clips", type=Path, default=None,
+                        help="short clips from this JSON-lines manifest (audio, text) instead of the fixtures")
+    parser.add_argument("--max-clips", type=int, default=20, help="clips taken from --clips (those up to 10 s)")
+    parser.add_argument("--no-long-form", action="store_true", help="time the short clips only")
+    parser.add_argument("--systems", nargs="+", default=None, metavar="NAME",
+                        help="time only these systems (names as in the table, e.g. 'faster-whisper int8')")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     runs = 1 if args.quick else args.runs
     sample_len = 16 if args.quick else args.sample_len
-    clips = short_clips()
-    sets = {"short": clips[:1]} if args.quick else {
-        "short": clips, "long-form": [long_clip(clips, s, offset=i * 3) for i, s in enumerate(LONG_SECONDS)],
-    }  # fmt: skip
+    clips = manifest_clips(args.clips, args.max_clips) if args.clips else short_clips()
+    sets = {"short": clips[:1]} if args.quick else {"short": clips}
+    if not (args.quick or args.no_long_form):
+        sets["long-form"] = [long_clip(clips, s, offset=i * 3) for i, s in enumerate(LONG_SECONDS)]
 
-    models = load_torch_models()
+    models = load_torch_models(args.finetuned)
     rope_rows = rope_overhead(models, 1 if args.quick else 2 * runs + 1, 4 if args.quick else args.rope_tokens, not args.quick)
     systems = {**faster_whisper_systems(args.threads, sample_len), **torch_systems(models, sample_len)}
+    if args.systems:
+        unknown = [name for name in args.systems if name not in systems]
+        if unknown:
+            parser.error(f"--systems: unknown {unknown[0]!r}; the systems are: {', '.join(map(repr, systems))}")
+        systems = {name: run for name, run in systems.items() if name in args.systems}
     rows = end_to_end(systems, sets, runs, warmup=not args.quick)
 
     command = "python3 benchmarks/transcribe_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
