@@ -157,10 +157,12 @@ def _unpadded_transplant_config(tmp_path, output, **overrides):
     return FinetuneConfig(**settings)
 
 
-def test_transplant_continues_unpadded_once_the_tables_are_gone(tmp_path):
+@pytest.mark.parametrize("targets", ["transcripts", "teacher transcripts"])
+def test_transplant_continues_unpadded_once_the_tables_are_gone(tmp_path, targets):
     from whisper_rope.train import finetune
 
-    result = finetune(config=_unpadded_transplant_config(tmp_path, tmp_path / "run"))
+    result = finetune(config=_unpadded_transplant_config(tmp_path, tmp_path / "run",
+                                                         distill_only=targets == "teacher transcripts"))
     assert [(r["step"], r["unpadded"]) for r in result.history if r["event"] == "input"] == [(2, True)]
     assert result.history[0]["unpadded"] is False  # the start: 30-s windows while the tables fade
     losses = [r["loss"] for r in result.history if r["event"] == "train"]
