@@ -24,3 +24,7 @@ class ModelNotFoundError(WhisperRopeError, FileNotFoundError):
 
 class AudioError(WhisperRopeError, ValueError):
     """An audio file that is missing, empty or cannot be decoded."""
+
+
+class TrainingError(WhisperRopeError, RuntimeError):
+    """Training cannot continue (a non-finite loss, a checkpoint that does not fit this run)."""

@@ -30,15 +30,11 @@ import json
 import logging
 import math
 import os
-import pickle
 import random
 import re
-import shutil
-import struct
 import sys
 import time
 import warnings
-import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -51,7 +47,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 from whisper.decoding import DecodingOptions
 
-from .atomic import atomic_write_text, fsync_directory
+from .atomic import atomic_write_text
 from .checkpoint import atomic_torch_save, checkpoint_dict, load_model, read_checkpoint
 from .data import (
     IGNORE_INDEX,
@@ -66,10 +62,24 @@ from .data import (
     target_sequence,
 )
 from .distributed import DistributedContext, from_environment
-from .errors import WhisperRopeError
+from .errors import TrainingError, WhisperRopeError
 from .metrics import error_rates, normalizer_for
 from .model import WhisperRope, _audio_mask
 from .options import add_dataclass_arguments, dataclass_from_args
+from .train_log import TrainingLog, jsonable, plot_curves
+from .train_state import (  # the step-directory helpers are part of this module's API too
+    MODEL_FILE,
+    STATE_FILE,
+    latest_checkpoint,  # noqa: F401
+    read_training_state,
+    resolve_resume,
+    restore_entry,
+    rng_state,
+    save_step_checkpoint,
+    set_rng_state,
+    step_checkpoints,
+    sweep_temporary_files,
+)
 from .transplant import TRANSPLANT_VARIANT, TransplantSchedule, apply_schedule, check_transplant_model, finalize_transplant
 from .variants import parse_variant
 
@@ -77,20 +87,13 @@ logger = logging.getLogger("whisper_rope")
 
 PathLike = Union[str, os.PathLike]
 POLICIES = ("all", "positional", "decoder", "encoder")
-MODEL_FILE = "model.pt"
-STATE_FILE = "training_state.pt"
 LOG_FILE = "train_log.jsonl"
 CURVES_FILE = "training_curves.png"
-STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 #: Settings that do not change the training trajectory: a resumed run may differ in these.
 _BOOKKEEPING = {"output", "resume", "steps", "progress", "save_every", "keep_last", "log_every", "eval_every",
                 "eval_at_start", "eval", "num_workers", "threads", "device", "strict"}
-
-
-class TrainingError(WhisperRopeError, RuntimeError):
-    """Training cannot continue (a non-finite loss, a checkpoint that does not fit this run)."""
 
 
 def _option(help: str, **argparse_options: Any) -> Dict[str, Any]:
@@ -372,142 +375,6 @@ class _Student(nn.Module):
         return logits, (audio if with_audio else None)
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# State files
-
-
-def _rng_state() -> Dict[str, Any]:
-    """Python, numpy, torch and CUDA RNG states as tensors and plain data (``weights_only``-loadable)."""
-    version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": {"version": version, "state": list(internal), "gauss": gauss},
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},  # fmt: skip
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Dict[str, Any]) -> None:
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
-    np_state = state["numpy"]
-    np.random.set_state((np_state["name"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
-                         np_state["has_gauss"], np_state["cached_gaussian"]))  # fmt: skip
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-#: Entries every training-state file holds, and their types.
-_STATE_ENTRIES = {"step": int, "optimizer": dict, "scheduler": dict, "scaler": dict, "sampler": dict, "rng": dict,
-                  "config": dict, "variant": str, "dims": dict}  # fmt: skip
-
-
-def read_training_state(path: PathLike) -> dict:
-    """Read a ``training_state.pt`` with ``weights_only=True``; a damaged, incomplete or hostile file is a
-    `TrainingError` naming it (a pickled program in it is refused, never run)."""
-    label = str(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise TrainingError(
-            f"refusing training state {label!r}: it holds objects other than tensors and plain data"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, zipfile.BadZipFile, struct.error):
-        raise TrainingError(f"cannot read training state {label!r}: truncated or not a PyTorch file") from None
-    if not isinstance(state, dict):
-        raise TrainingError(f"training state {label!r} is a {type(state).__name__}, expected a dict")
-    for key, kind in _STATE_ENTRIES.items():
-        if not isinstance(state.get(key), kind):
-            raise TrainingError(f"training state {label!r} has no valid {key!r} entry (expected a {kind.__name__})")
-    return state
-
-
-def _restore(path: Path, key: str, load: Callable[[Any], None], state: dict) -> None:
-    """Load one entry of a training state into its object; a malformed entry is a TrainingError naming the file."""
-    try:
-        load(state[key])
-    except TrainingError:
-        raise
-    except (ValueError, KeyError, TypeError, IndexError, RuntimeError, AttributeError) as error:
-        raise TrainingError(f"training state {str(path)!r} has an unusable {key!r} entry ({error})") from None
-
-
-def step_checkpoints(output: PathLike) -> List[Tuple[int, Path]]:
-    """Complete step directories under ``output`` (both files present), oldest first."""
-    root = Path(output)
-    found = []
-    if root.is_dir():
-        for entry in root.iterdir():
-            match = STEP_DIR.match(entry.name)
-            if match and (entry / MODEL_FILE).is_file() and (entry / STATE_FILE).is_file():
-                found.append((int(match.group(1)), entry))
-    return sorted(found)
-
-
-def latest_checkpoint(output: PathLike) -> Optional[Path]:
-    """The newest complete step directory under ``output``, or None."""
-    found = step_checkpoints(output)
-    return found[-1][1] if found else None
-
-
-def resolve_resume(path: PathLike) -> Path:
-    """A step directory from ``--resume``: the directory itself, or the latest one inside an output directory."""
-    path = Path(path)
-    if (path / STATE_FILE).is_file() and (path / MODEL_FILE).is_file():
-        return path
-    if path.is_file() and path.name in (STATE_FILE, MODEL_FILE):
-        return resolve_resume(path.parent)
-    latest = latest_checkpoint(path)
-    if latest is None:
-        raise TrainingError(
-            f"cannot resume from {str(path)!r}: it holds no complete checkpoint ({MODEL_FILE} and {STATE_FILE}, or "
-            "step-N directories with both)"
-        )
-    return latest
-
-
-def save_step_checkpoint(output: PathLike, step: int, model_state: dict, training_state: dict, keep_last: int) -> Path:
-    """Write ``step-N/{model.pt, training_state.pt}`` atomically, then prune old step directories.
-
-    Both files go to a hidden staging directory first; renaming it to ``step-N`` publishes them together, so a
-    crash leaves either no ``step-N`` or a complete one.
-    """
-    root = Path(output)
-    final = root / f"step-{step:07d}"
-    staging = root / f".step-{step:07d}.partial"
-    if staging.exists():
-        shutil.rmtree(staging)
-    atomic_torch_save(model_state, staging / MODEL_FILE)
-    atomic_torch_save(training_state, staging / STATE_FILE)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staging, final)
-    fsync_directory(root)
-    for _, old in step_checkpoints(root)[:-keep_last]:
-        # Remove the state first: a half-removed directory is then no longer "complete" and never resumed from.
-        (old / STATE_FILE).unlink(missing_ok=True)
-        shutil.rmtree(old, ignore_errors=True)
-    for leftover in root.glob(".step-*.partial"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    return final
-
-
-def _sweep_temporary_files(output: Path) -> None:
-    """Remove what writes cut short by a crash left behind: staging directories and atomic writes' temporary files
-    (``.model.pt.XXXX.tmp``, ``.metrics.json.tmp``) in the output directory and its ``best/``."""
-    for leftover in output.glob(".step-*.partial"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    for folder in (output, output / "best"):
-        for leftover in folder.glob(".*.tmp"):
-            if leftover.is_file():
-                leftover.unlink(missing_ok=True)
-
-
 def _model_file(model: WhisperRope, trained_unpadded: bool) -> dict:
     """Our checkpoint dict, recording whether the encoder was trained on unpadded input."""
     previous = model.unpadded
@@ -516,69 +383,6 @@ def _model_file(model: WhisperRope, trained_unpadded: bool) -> dict:
         return checkpoint_dict(model)
     finally:
         model.unpadded = previous
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Logging
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-class _Log:
-    """Appends records to ``train_log.jsonl`` (rank 0 only) and keeps them in memory."""
-
-    def __init__(self, path: Optional[Path]):
-        self.path = path
-        self.records: List[Dict[str, Any]] = []
-
-    def write(self, record: Dict[str, Any]) -> None:
-        record = _jsonable(record)
-        self.records.append(record)
-        if self.path is not None:
-            with open(self.path, "a", encoding="utf-8") as fp:
-                fp.write(json.dumps(record) + "\n")
-
-
-def plot_curves(log_path: PathLike, png_path: PathLike) -> Optional[Path]:
-    """Draw training/validation loss and WER against steps from a ``train_log.jsonl``; None without matplotlib."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        logger.warning("matplotlib is not installed (pip install 'whisper-rope[train]'); no training curves drawn")
-        return None
-    records = [json.loads(line) for line in Path(log_path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    train = [r for r in records if r.get("event") == "train" and isinstance(r.get("loss"), (int, float))]
-    evals = [r for r in records if r.get("event") == "eval"]
-    figure = Figure(figsize=(10, 4))
-    FigureCanvasAgg(figure)
-    loss_axes, wer_axes = figure.subplots(1, 2)
-    if train:
-        loss_axes.plot([r["step"] for r in train], [r["loss"] for r in train], label="training loss")
-    if evals:
-        loss_axes.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="validation loss")
-        wer_axes.plot([r["step"] for r in evals], [100 * r["wer"] for r in evals], "o-", label="WER")
-        wer_axes.plot([r["step"] for r in evals], [100 * r["cer"] for r in evals], "s--", label="CER")
-    loss_axes.set(xlabel="step", ylabel="cross-entropy per token", title="loss")
-    losses = [r["loss"] for r in train] + [r["loss"] for r in evals if isinstance(r.get("loss"), (int, float))]
-    if losses and min(losses) > 0:
-        loss_axes.set_yscale("log")  # fine-tuning losses fall by orders of magnitude
-    wer_axes.set(xlabel="step", ylabel="%", title="validation error rates (greedy)")
-    for axes in (loss_axes, wer_axes):
-        axes.grid(alpha=0.3)
-        if axes.get_legend_handles_labels()[0]:
-            axes.legend()
-    figure.tight_layout()
-    figure.savefig(png_path, dpi=100)
-    return Path(png_path)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -783,7 +587,7 @@ def _run(model, train, eval, config: FinetuneConfig, teacher, context: Distribut
         )
     if context.is_main:
         output.mkdir(parents=True, exist_ok=True)
-        _sweep_temporary_files(output)
+        sweep_temporary_files(output)
         if config.resume is None and (output / LOG_FILE).exists():
             (output / LOG_FILE).unlink()  # a run that never wrote a checkpoint: start its log afresh
 
@@ -830,10 +634,10 @@ def _run(model, train, eval, config: FinetuneConfig, teacher, context: Distribut
                 f"cannot resume from {str(resumed_from)!r}: its optimizer state does not fit this run's trainable "
                 f"parameters (use the same --train-policy; {error})"
             ) from None
-        _restore(resumed_from / STATE_FILE, "scheduler", scheduler.load_state_dict, state)
-        _restore(resumed_from / STATE_FILE, "scaler", scaler.load_state_dict, state)
-        _restore(resumed_from / STATE_FILE, "sampler", sampler.load_state_dict, state)
-        _restore(resumed_from / STATE_FILE, "rng", _set_rng_state, state)
+        restore_entry(resumed_from / STATE_FILE, "scheduler", scheduler.load_state_dict, state)
+        restore_entry(resumed_from / STATE_FILE, "scaler", scaler.load_state_dict, state)
+        restore_entry(resumed_from / STATE_FILE, "sampler", sampler.load_state_dict, state)
+        restore_entry(resumed_from / STATE_FILE, "rng", set_rng_state, state)
         step = int(state["step"])
         best_wer, best_step = state.get("best_wer"), state.get("best_step")
         changed = sorted(k for k, v in state.get("config", {}).items()
@@ -864,7 +668,7 @@ def _run(model, train, eval, config: FinetuneConfig, teacher, context: Distribut
             student, device_ids=[device.index] if device.type == "cuda" else None
         )
 
-    log = _Log(output / LOG_FILE if context.is_main else None)
+    log = TrainingLog(output / LOG_FILE if context.is_main else None)
     if context.is_main:
         log.write({"event": "start", "step": step, "variant": model.variant, "model": config.model,
                    "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -903,7 +707,7 @@ def _run(model, train, eval, config: FinetuneConfig, teacher, context: Distribut
             best_dir = output / "best"
             best_dir.mkdir(exist_ok=True)
             atomic_torch_save(_model_file(model, unpadded), best_dir / MODEL_FILE)
-            atomic_write_text(best_dir / "metrics.json", json.dumps(_jsonable({"step": step, **metrics}), indent=2))
+            atomic_write_text(best_dir / "metrics.json", json.dumps(jsonable({"step": step, **metrics}), indent=2))
 
     def save() -> None:
         nonlocal last_saved, last_save_step
@@ -915,7 +719,7 @@ def _run(model, train, eval, config: FinetuneConfig, teacher, context: Distribut
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
                 "sampler": sampler.state_dict(),
-                "rng": _rng_state(),
+                "rng": rng_state(),
                 "config": asdict(config),
                 "variant": model.variant,
                 "dims": asdict(model.dims),
@@ -1045,7 +849,7 @@ def _transplant_schedule(config: FinetuneConfig) -> Optional[TransplantSchedule]
     )  # fmt: skip
 
 
-def _finish_transplant(model: WhisperRope, schedule: TransplantSchedule, log: "_Log",
+def _finish_transplant(model: WhisperRope, schedule: TransplantSchedule, log: TrainingLog,
                        context: DistributedContext) -> WhisperRope:
     """Turn a finished transplant into the plain rotary model; otherwise keep (and say why) the hybrid."""
     if not schedule.ends_pure_rotary():
@@ -1133,7 +937,7 @@ def _distillation_terms(teacher, batch: Batch, logits: Tensor, audio: Optional[T
 
 
 def _stop_non_finite(
-    log: _Log, context: DistributedContext, step: int, loss: float, last_saved: Optional[Path]
+    log: TrainingLog, context: DistributedContext, step: int, loss: float, last_saved: Optional[Path]
 ) -> None:
     kept = f"the last good checkpoint is {str(last_saved)!r}" if last_saved else "no checkpoint had been written yet"
     message = (
