@@ -137,6 +137,16 @@ def test_faded_encoder_table_takes_any_length_like_the_finished_model(dims, pret
     assert model.embed_audio(padded).shape[1] == plain.embed_audio(short_mel).shape[1] == 20  # padding dropped
 
 
+def test_checkpoint_of_the_unpadded_phase_reloads_unpadded(dims, pretrained, tmp_path):
+    model = _transplant_model(dims, pretrained)
+    apply_schedule(model, TransplantSchedule(anneal_steps=2), step=2)  # tables gone, gates still learning
+    model.unpadded = True
+    reloaded = whisper_rope.load_model(whisper_rope.save_checkpoint(model, tmp_path / "mid.pt"), device="cpu")
+    assert reloaded.unpadded and reloaded.encoder.table_scale == 0.0 and reloaded.variant == TRANSPLANT_VARIANT
+    mel, tokens = torch.randn(1, 80, 40), torch.randint(0, 50000, (1, 5))
+    assert torch.equal(reloaded(mel, tokens), model(mel, tokens))
+
+
 def _unpadded_transplant_config(tmp_path, output, **overrides):
     from whisper_rope.train import FinetuneConfig
 
