@@ -44,7 +44,7 @@ from .data import (
 )  # fmt: skip
 from .metrics import ErrorRates, Normalizer, error_rates, normalizer_for
 from .model import WhisperRope
-from .options import add_dataclass_arguments, dataclass_from_args
+from .options import add_dataclass_arguments, dataclass_from_args, standalone_main
 
 PathLike = Union[str, "os.PathLike[str]"]
 NORMALIZERS = ("auto", "english", "basic", "none")
@@ -528,15 +528,8 @@ def run_evaluate_cli(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m whisper_rope.evaluate ...``: the evaluate command on its own."""
-    parser = argparse.ArgumentParser(prog="whisper-rope evaluate", description="Word and character error rates and "
-                                     "real-time factor of a model on a manifest of transcribed clips.")  # fmt: skip
-    add_evaluate_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_evaluate_cli(args)
-    except (ValueError, OSError, RuntimeError) as error:
-        print(f"whisper-rope: error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 2
+    description = "Word and character error rates and real-time factor of a model on a manifest of transcribed clips."
+    return standalone_main("whisper-rope evaluate", description, add_evaluate_arguments, run_evaluate_cli, argv)
 
 
 if __name__ == "__main__":

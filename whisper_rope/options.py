@@ -7,7 +7,8 @@ Each field becomes ``--field-name`` (also ``--field_name``, the spelling of upst
 
 import argparse
 import dataclasses
-from typing import Any, Dict, Optional, Sequence, Type
+import sys
+from typing import Any, Callable, Dict, Optional, Sequence, Type
 
 
 def field_type(annotation: Any) -> Any:
@@ -61,3 +62,21 @@ def _default(spec: dataclasses.Field) -> Any:
     if spec.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
         return spec.default_factory()  # type: ignore[misc]
     return None if spec.default is dataclasses.MISSING else spec.default
+
+
+def standalone_main(
+    prog: str,
+    description: str,
+    add_arguments: Callable[[argparse.ArgumentParser], argparse.ArgumentParser],
+    run: Callable[[argparse.Namespace], int],
+    argv: Optional[Sequence[str]] = None,
+) -> int:
+    """One job as its own command (``python -m whisper_rope.train``): parse, run, and turn a bad-input error into
+    one line on stderr and exit status 2."""
+    parser = add_arguments(argparse.ArgumentParser(prog=prog, description=description))
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, OSError, RuntimeError) as error:
+        print(f"whisper-rope: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2

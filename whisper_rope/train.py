@@ -65,7 +65,7 @@ from .distributed import DistributedContext, from_environment
 from .errors import TrainingError, WhisperRopeError
 from .metrics import error_rates, normalizer_for
 from .model import WhisperRope, _audio_mask
-from .options import add_dataclass_arguments, dataclass_from_args
+from .options import add_dataclass_arguments, dataclass_from_args, standalone_main
 from .train_log import TrainingLog, jsonable, plot_curves
 from .train_state import (  # the step-directory helpers are part of this module's API too
     MODEL_FILE,
@@ -986,15 +986,8 @@ def run_finetune_cli(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m whisper_rope.train ...``: the finetune command on its own (also under torchrun)."""
-    parser = argparse.ArgumentParser(prog="whisper-rope finetune", description="Fine-tune a Whisper checkpoint "
-                                     "into a positional variant.")  # fmt: skip
-    add_finetune_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_finetune_cli(args)
-    except (ValueError, OSError, RuntimeError) as error:
-        print(f"whisper-rope: error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 2
+    description = "Fine-tune a Whisper checkpoint into a positional variant."
+    return standalone_main("whisper-rope finetune", description, add_finetune_arguments, run_finetune_cli, argv)
 
 
 if __name__ == "__main__":
