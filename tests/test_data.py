@@ -226,9 +226,9 @@ def test_unpadded_batches_are_zero_padded_to_the_longest_even_frame_count(tmp_pa
     dataset = load_examples(_speech_manifest(tmp_path, ROWS[:3]), model, pad_30s=False)
     items = [dataset[i] for i in range(3)]
     batch = Collator(dataset.tokenizer(0).eot, padded_30s=False)(items)
-    frames = [int(sf.info(SPEECH / r["audio"]).frames) // 160 for r in ROWS[:3]]
+    frames = [_frames_transcription_keeps(SPEECH / r["audio"]) for r in ROWS[:3]]
     assert batch.frames.tolist() == frames
-    assert batch.mel.shape == (3, 80, max(frames) + max(frames) % 2)
+    assert batch.mel.shape == (3, 80, max(frames))
     assert batch.n_frames is batch.frames
     for row, n in enumerate(frames):
         assert torch.equal(batch.mel[row, :, :n], items[row].mel)
@@ -238,6 +238,32 @@ def test_unpadded_batches_are_zero_padded_to_the_longest_even_frame_count(tmp_pa
         assert (batch.tokens[row, n_tokens:] == dataset.tokenizer(0).eot).all()
         assert (batch.labels[row, n_tokens:] == IGNORE_INDEX).all()
     assert batch.seconds == pytest.approx([sf.info(SPEECH / r["audio"]).duration for r in ROWS[:3]])
+
+
+def _frames_transcription_keeps(path: Path) -> int:
+    """How many frames of a clip an unpadded model is fed in transcription (its 30-s window, cut at the padding)."""
+    import whisper
+
+    from whisper_rope.model import real_frame_counts
+
+    return int(real_frame_counts(whisper.log_mel_spectrogram(whisper.pad_or_trim(whisper.load_audio(str(path))))))
+
+
+def test_unpadded_training_cuts_clips_where_unpadded_transcription_does(tmp_path):
+    """A clip's own trailing digital silence cannot be told from padding in transcription: training drops it too."""
+    import whisper
+
+    from whisper_rope.model import real_frame_counts
+
+    speech, _ = sf.read(SPEECH / ROWS[0]["audio"], dtype="float32")
+    with_silence = tmp_path / "with_silence.flac"
+    sf.write(with_silence, np.concatenate([speech, np.zeros(8000, dtype=np.float32)]), 16000)  # + 0.5 s
+    manifest = _write(tmp_path / "m.jsonl", json.dumps({"audio": str(with_silence), "text": ROWS[0]["text"]}) + "\n")
+    item = load_examples(manifest, build_model(small_dims(), "rotary"), pad_30s=False)[0]
+    window = whisper.log_mel_spectrogram(whisper.pad_or_trim(whisper.load_audio(str(with_silence))))
+    expected = int(real_frame_counts(window))
+    assert item.frames == expected <= (len(speech) + 8000) // 160 - 48  # the half second is gone
+    assert torch.equal(item.mel, window[:, :expected])  # the very values transcription feeds
 
 
 def test_thirty_second_windows_pad_the_audio_with_silence_like_upstream(tmp_path):
