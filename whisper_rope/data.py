@@ -12,8 +12,8 @@ over 30 s, token sequences longer than the decoder's context) are skipped and li
 
 Features follow the model: an encoder with an absolute table gets upstream's 30-s window (the audio padded with
 silence to 480000 samples, then ``whisper.audio.log_mel_spectrogram``: 3000 frames); a rotary-only encoder gets
-each clip's own frames, zero-padded to the longest clip of the batch, with the real frame counts passed to the
-model so that padding is masked.
+each clip's own frames, cut where unpadded transcription cuts them (`unpadded_features`), zero-padded to the
+longest clip of the batch, with the real frame counts passed to the model so that padding is masked.
 
 Shapes: mel ``(b, n_mels, n_frames)`` with 100 frames per second; tokens/labels ``(b, n_tokens)``.
 """
