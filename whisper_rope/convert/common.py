@@ -6,6 +6,7 @@ between the CTranslate2 importer, the Hugging Face importer/exporter and ``whisp
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -49,6 +50,18 @@ def one_line(text: object, limit: int = 300) -> str:
 def exception_text(exc: BaseException, limit: int = 300) -> str:
     """One line describing ``exc``: its message via :func:`one_line`, or its type name when it has none."""
     return one_line(exc, limit) or type(exc).__name__
+
+
+def read_json_object(path: Path, what: str) -> Dict[str, Any]:
+    """The JSON object in ``path``; a CheckpointError naming ``what`` and the file when it is unreadable or not an
+    object (a list, a number)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{what} {path} is not readable JSON: {exception_text(exc)}.") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{what} {path} holds a {type(data).__name__}, expected a JSON object.")
+    return data
 
 
 def refused_global(exc: BaseException) -> Optional[str]:

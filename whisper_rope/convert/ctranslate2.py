@@ -32,7 +32,6 @@ allocating anything, then converts tensor by tensor from a read-only memory map.
 from __future__ import annotations
 
 import functools
-import json
 import mmap
 import re
 import struct
@@ -49,6 +48,7 @@ from whisper_rope.convert.common import (
     check_state_dict,
     describe_paths,
     float_dtype_of,
+    read_json_object,
 )
 from whisper_rope.errors import CheckpointError, ModelNotFoundError
 
@@ -613,15 +613,7 @@ def _resolve_files(path: Path, parts: Optional[Sequence[PathLike]]) -> Tuple[Lis
 
 def read_config(path: Optional[Path]) -> Dict[str, Any]:
     """The model's config.json as a dict ({} when there is none)."""
-    if path is None:
-        return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"CTranslate2 config {path} is not readable JSON: {exc}.") from exc
-    if not isinstance(config, dict):
-        raise CheckpointError(f"CTranslate2 config {path} holds a {type(config).__name__}, expected a JSON object.")
-    return config
+    return {} if path is None else read_json_object(path, "CTranslate2 config")
 
 
 def read_ctranslate2(

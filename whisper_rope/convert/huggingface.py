@@ -42,6 +42,7 @@ from whisper_rope.convert.common import (
     float_dtype_of,
     UNSAFE_PICKLE,
     one_line,
+    read_json_object,
     refused_global,
     upstream_shapes,
 )
@@ -185,23 +186,13 @@ def is_huggingface_dir(path: PathLike) -> bool:
         return False
 
 
-def _read_json(path: Path) -> Dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"Hugging Face file {path} is not readable JSON: {exception_text(exc)}.") from exc
-    if not isinstance(data, dict):
-        raise CheckpointError(f"Hugging Face file {path} holds a {type(data).__name__}, expected a JSON object.")
-    return data
-
-
 def _tensor_getter(directory: Path) -> Dict[str, Callable[[], torch.Tensor]]:
     """Stored name -> function reading that one tensor, so tensors are materialised one at a time."""
     index = directory / SAFETENSORS_INDEX
     if (directory / SAFETENSORS).is_file():
         return _safetensors_getters([directory / SAFETENSORS])
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json_object(index, "Hugging Face file").get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"Hugging Face index {index} has no weight_map object.")
         getters = _safetensors_getters(sorted({directory / str(f) for f in weight_map.values()}))
@@ -293,7 +284,7 @@ def read_huggingface(directory: PathLike, dtype: Optional[torch.dtype] = torch.f
     if not (directory / "config.json").is_file():
         raise ModelNotFoundError(f"Hugging Face directory {directory} has no config.json.")
     origin = f"Hugging Face model {directory}"
-    config = _read_json(directory / "config.json")
+    config = read_json_object(directory / "config.json", "Hugging Face file")
     dims = config_to_dims(config, f"{directory / 'config.json'}")
     getters = _tensor_getter(directory)
     prefix = _prefix(getters, origin)
@@ -371,7 +362,7 @@ def _check_tied_output(getters: Dict[str, Callable[[], torch.Tensor]], embed: to
 def _alignment(directory: Path, config: Dict[str, Any], dims: Dict[str, int]) -> Optional[torch.Tensor]:
     """Alignment heads from generation_config.json (where Hugging Face keeps them) or config.json."""
     generation = directory / "generation_config.json"
-    sources = [(generation, _read_json(generation))] if generation.is_file() else []
+    sources = [(generation, read_json_object(generation, "Hugging Face file"))] if generation.is_file() else []
     sources.append((directory / "config.json", config))
     for path, data in sources:
         if data.get("alignment_heads"):
