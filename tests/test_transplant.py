@@ -101,18 +101,31 @@ def test_mid_transplant_checkpoint_keeps_its_table_scales(dims, pretrained, tmp_
     assert torch.equal(reloaded(mel, tokens), model(mel, tokens))
 
 
-def test_short_transplant_run_ends_as_plain_rotary(tmp_path):
-    from whisper_rope.train import FinetuneConfig, finetune
+def _transplant_config(tmp_path, output, **overrides):
+    """A short transplant of a random model on the committed clips; the source is saved once per test."""
+    from whisper_rope.train import FinetuneConfig
 
     from .conftest import FIXTURES, small_dims
 
-    source = randomise_(whisper_rope.build_model(small_dims(n_audio_ctx=1500), "whisper"))
-    source_path = whisper_rope.save_checkpoint(source, tmp_path / "source.pt")
-    config = FinetuneConfig(
-        model=str(source_path), train=str(FIXTURES / "speech" / "manifest.jsonl"), output=str(tmp_path / "run"),
-        steps=4, batch_size=2, lr=1e-3, warmup_steps=0, num_workers=0, progress=False, transplant=True,
-        transplant_anneal_steps=3, transplant_gate_steps=3, distill=True,
+    source_path = tmp_path / "source.pt"
+    if not source_path.exists():
+        torch.manual_seed(0)
+        whisper_rope.save_checkpoint(randomise_(whisper_rope.build_model(small_dims(n_audio_ctx=1500), "whisper")),
+                                     source_path)  # fmt: skip
+    settings = dict(
+        model=str(source_path), train=str(FIXTURES / "speech" / "manifest.jsonl"), output=str(output), steps=5,
+        batch_size=2, lr=1e-3, warmup_steps=0, num_workers=0, progress=False, transplant=True, log_every=1,
+        transplant_anneal_steps=2, transplant_gate_steps=2, distill=True, device="cpu",
+        threads=1,
     )  # fmt: skip
+    settings.update(overrides)
+    return FinetuneConfig(**settings)
+
+
+def test_short_transplant_run_ends_as_plain_rotary(tmp_path):
+    from whisper_rope.train import finetune
+
+    config = _transplant_config(tmp_path, tmp_path / "run", steps=4, transplant_anneal_steps=3, transplant_gate_steps=3)
     result = finetune(config=config)
     losses = [r["loss"] for r in result.history if r["event"] == "train"]
     assert losses and all(map(lambda x: x == x and x < 1e4, losses))
@@ -147,32 +160,12 @@ def test_checkpoint_of_the_unpadded_phase_reloads_unpadded(dims, pretrained, tmp
     assert torch.equal(reloaded(mel, tokens), model(mel, tokens))
 
 
-def _unpadded_transplant_config(tmp_path, output, **overrides):
-    from whisper_rope.train import FinetuneConfig
-
-    from .conftest import FIXTURES, small_dims
-
-    source_path = tmp_path / "source.pt"
-    if not source_path.exists():
-        torch.manual_seed(0)
-        whisper_rope.save_checkpoint(randomise_(whisper_rope.build_model(small_dims(n_audio_ctx=1500), "whisper")),
-                                     source_path)  # fmt: skip
-    settings = dict(
-        model=str(source_path), train=str(FIXTURES / "speech" / "manifest.jsonl"), output=str(output), steps=5,
-        batch_size=2, lr=1e-3, warmup_steps=0, num_workers=0, progress=False, transplant=True, log_every=1,
-        transplant_anneal_steps=2, transplant_gate_steps=2, transplant_unpadded=True, distill=True, device="cpu",
-        threads=1,
-    )  # fmt: skip
-    settings.update(overrides)
-    return FinetuneConfig(**settings)
-
-
 @pytest.mark.parametrize("targets", ["transcripts", "teacher transcripts"])
 def test_transplant_continues_unpadded_once_the_tables_are_gone(tmp_path, targets):
     from whisper_rope.train import finetune
 
-    result = finetune(config=_unpadded_transplant_config(tmp_path, tmp_path / "run",
-                                                         distill_only=targets == "teacher transcripts"))
+    result = finetune(config=_transplant_config(tmp_path, tmp_path / "run", transplant_unpadded=True,
+                                               distill_only=targets == "teacher transcripts"))
     assert [(r["step"], r["unpadded"]) for r in result.history if r["event"] == "input"] == [(2, True)]
     assert result.history[0]["unpadded"] is False  # the start: 30-s windows while the tables fade
     losses = [r["loss"] for r in result.history if r["event"] == "train"]
@@ -188,10 +181,11 @@ def test_resume_inside_the_unpadded_phase_repeats_the_uninterrupted_run(tmp_path
     from whisper_rope.checkpoint import read_checkpoint
     from whisper_rope.train import finetune
 
-    straight = finetune(config=_unpadded_transplant_config(tmp_path, tmp_path / "straight", save_every=3, keep_last=3))
+    settings = dict(transplant_unpadded=True, save_every=3, keep_last=3)
+    straight = finetune(config=_transplant_config(tmp_path, tmp_path / "straight", **settings))
     interrupted = tmp_path / "interrupted"
     shutil.copytree(tmp_path / "straight" / "step-0000003", interrupted / "step-0000003")
-    resumed = finetune(config=_unpadded_transplant_config(tmp_path, interrupted, resume=str(interrupted)))
+    resumed = finetune(config=_transplant_config(tmp_path, interrupted, resume=str(interrupted), **settings))
     assert resumed.steps == 5 and not [r for r in resumed.history if r["event"] == "input"]  # resumed unpadded
     expected = [r["loss"] for r in straight.history if r["event"] == "train"][3:]
     assert [r["loss"] for r in resumed.history if r["event"] == "train"] == pytest.approx(expected, abs=1e-6)
@@ -203,7 +197,8 @@ def test_unpadded_transplant_needs_both_tables_to_fade():
     from whisper_rope.train import FinetuneConfig
 
     with pytest.raises(ValueError, match="--transplant-unpadded needs --transplant"):
-        FinetuneConfig(train="x.jsonl", transplant=True, transplant_sides="decoder", transplant_unpadded=True).validate()
+        FinetuneConfig(train="x.jsonl", transplant=True, transplant_sides="decoder",
+                       transplant_unpadded=True).validate()
     with pytest.raises(ValueError, match="--transplant-unpadded needs --transplant"):
         FinetuneConfig(train="x.jsonl", transplant_unpadded=True).validate()
 
