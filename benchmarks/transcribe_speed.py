@@ -18,8 +18,8 @@ speed comparison. Unpadded rows encode only each window's real frames.
 
 ``--finetuned PATH`` adds a rotary model fine-tuned unpadded (e.g. the end of ``whisper-rope finetune --transplant
 --transplant-unpadded``), padded and unpadded, one by one and in batches: the usable counterpart of the ``rotary``
-rows. ``--clips MANIFEST`` takes the short clips from a manifest (JSON lines with ``audio`` and ``text``, clips up to
-10 s, the first ``--max-clips``) instead of the committed fixtures, e.g. the domain that model was trained for.
+rows. ``--clips MANIFEST`` takes the short clips from a manifest (JSONL/CSV/TSV with ``audio`` and ``text``, clips up
+to 10 s, the first ``--max-clips``) instead of the committed fixtures, e.g. the domain that model was trained for.
 
 Usage: ``python3 benchmarks/transcribe_speed.py [--runs 3] [--threads 2] [--finetuned PATH] [--clips MANIFEST]
 [--no-long-form] [--json results.json]``; ``--quick`` (one short clip, one run, no long-form) only checks that the
@@ -50,6 +50,7 @@ import whisper_rope  # noqa: E402
 from whisper_rope.audio import SAMPLE_RATE, load_audio  # noqa: E402
 from whisper_rope.batch import transcribe_many  # noqa: E402
 from whisper_rope.convert import packages  # noqa: E402
+from whisper_rope.data import read_manifest  # noqa: E402
 
 SPEECH = ROOT / "tests" / "fixtures" / "speech"
 MODEL = "tiny.en"
@@ -63,15 +64,13 @@ def short_clips() -> List[Clip]:
 
 
 def manifest_clips(manifest: Path, limit: int, max_seconds: float = 10.0) -> List[Clip]:
-    """The first ``limit`` clips of at most ``max_seconds`` listed in a JSON-lines manifest (audio, text)."""
+    """The first ``limit`` transcribed clips of at most ``max_seconds`` in a manifest (any format
+    `whisper_rope.data.read_manifest` reads)."""
     clips = []
-    for line in manifest.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        audio = load_audio(manifest.parent / row["audio"])
+    for example in read_manifest(manifest).examples:
+        audio = load_audio(example.audio, start=example.start, end=example.end)
         if len(audio) <= max_seconds * SAMPLE_RATE:
-            clips.append((Path(row["audio"]).stem, audio, row["text"]))
+            clips.append((Path(example.audio).stem, audio, example.text))
         if len(clips) == limit:
             break
     if not clips:
@@ -326,7 +325,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--finetuned", type=Path, default=None,
                         help="also time this rotary checkpoint fine-tuned unpadded (padded, unpadded, batched)")
     parser.add_argument("--clips", type=Path, default=None,
-                        help="short clips from this JSON-lines manifest (audio, text) instead of the fixtures")
+                        help="short clips from this manifest (JSONL/CSV/TSV: audio, text) instead of the fixtures")
     parser.add_argument("--max-clips", type=int, default=20, help="clips taken from --clips (those up to 10 s)")
     parser.add_argument("--no-long-form", action="store_true", help="time the short clips only")
     parser.add_argument("--systems", nargs="+", default=None, metavar="NAME",
