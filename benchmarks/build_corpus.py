@@ -21,11 +21,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from sentences import EVALUATION, TRAIN, sentences  # noqa: E402  (the sibling module)
-
-from whisper_rope.corpus import ClipSpec, Voice, build_corpus, tool_versions  # noqa: E402
+from corpus import ClipSpec, Voice, build_corpus, tool_versions  # the sibling modules
+from sentences import EVALUATION, TRAIN, sentences
 
 #: Clips per split: full size, and --small for CI.
 SIZES = {"train": 960, "in-domain": 240, "retained": 240}

@@ -4,7 +4,7 @@ Systems (tiny.en weights, the same batch of the committed speech fixtures every 
 
 * ``whisper-padded``: our ``whisper`` preset (upstream Whisper bit for bit) on 30-s windows, as upstream trains.
 * ``hf-padded``: transformers' ``WhisperForConditionalGeneration`` with the same weights (written with
-  ``whisper_rope.convert.huggingface.write_huggingface``), same windows, same decoder tokens, same loss.
+  ``whisper_rope.weights.huggingface.write_huggingface``), same windows, same decoder tokens, same loss.
 * ``rotary-padded``: the ``rotary`` preset on 30-s windows (what RoPE itself costs).
 * ``rotary-unpadded``: the ``rotary`` preset on each clip's own frames, zero-padded to the batch's longest with the
   frame counts masked, as ``whisper-rope finetune`` trains rotary encoders.
@@ -17,7 +17,7 @@ growth over the pre-training baseline; CUDA: ``max_memory_allocated``), which al
 warm-up step each, then ``--steps`` rounds in which every system takes one step in turn, so that load from other
 processes hits them alike; reported: median seconds per step and audio seconds trained per wall second.
 
-``--end-to-end`` adds ``whisper_rope.train.finetune`` itself (rotary, unpadded, DataLoader workers decoding audio),
+``--end-to-end`` adds ``whisper_rope.training.loop.finetune`` itself (rotary, unpadded, DataLoader workers decoding audio),
 read from its own log.
 
 Usage: ``python3 benchmarks/train_speed.py [--steps 3] [--batch-size 8] [--threads 2] [--device cpu]
@@ -105,7 +105,7 @@ class System:
         if name == "hf-padded":
             from transformers import WhisperForConditionalGeneration
 
-            from whisper_rope.convert.huggingface import write_huggingface
+            from whisper_rope.weights.huggingface import write_huggingface
 
             with tempfile.TemporaryDirectory() as folder:
                 hf_dir = Path(folder) / "hf"
@@ -126,7 +126,7 @@ class System:
         import torch.nn.functional as F
 
         from whisper_rope.data import IGNORE_INDEX
-        from whisper_rope.train import gradient_checkpointing
+        from whisper_rope.training.loop import gradient_checkpointing
 
         with gradient_checkpointing(self.network, enabled=self.name.endswith("-ckpt")):
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
@@ -178,7 +178,8 @@ def interleaved_timing(names: List[str], args: argparse.Namespace) -> Dict[str, 
 
 def end_to_end(args: argparse.Namespace) -> dict:
     """``finetune`` itself on the rotary preset, unpadded, with DataLoader workers: throughput from its log."""
-    from whisper_rope.train import FinetuneConfig, finetune
+    from whisper_rope.training.config import FinetuneConfig
+    from whisper_rope.training.loop import finetune
 
     model = _load("rotary", args.random_weights)
     with tempfile.TemporaryDirectory() as folder:

@@ -1,6 +1,6 @@
 """Build small synthetic CTranslate2 Whisper models for the converter tests.
 
-The writer here is deliberately independent of ``whisper_rope.convert.ctranslate2``: it goes from upstream names
+The writer here is deliberately independent of ``whisper_rope.weights.ctranslate2``: it goes from upstream names
 to the WhisperSpec layout (the reader goes the other way), so a mistake in either shows up as a failed round trip.
 :func:`serialise` also reports where each header field landed, so tests can corrupt specific bytes.
 """

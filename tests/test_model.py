@@ -9,7 +9,8 @@ import whisper.decoding
 from whisper.model import Whisper, disable_sdpa
 
 import whisper_rope
-from whisper_rope.model import PositionalAttention, trailing_padding_start
+from whisper_rope.features import trailing_padding_start
+from whisper_rope.model import PositionalAttention
 from whisper_rope.positional import RotaryEmbedding, rotate_half
 
 from .conftest import MIXED_VARIANTS, randomise_

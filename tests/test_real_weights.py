@@ -10,7 +10,7 @@ from whisper.normalizers import EnglishTextNormalizer
 import whisper_rope
 from whisper_rope import cli
 from whisper_rope.audio import load_audio
-from whisper_rope.convert import packages
+from whisper_rope.weights import packages
 
 from .conftest import FIXTURES
 

@@ -16,8 +16,9 @@ from whisper.audio import N_FRAMES, N_SAMPLES
 import whisper_rope
 from whisper_rope import cli, positional
 from whisper_rope.audio import load_audio
-from whisper_rope.batch import transcribe_many
-from whisper_rope.model import BatchDecodingTask, real_frame_counts, trailing_padding_start
+from whisper_rope.transcribe import transcribe_many
+from whisper_rope.decoding import BatchDecodingTask
+from whisper_rope.features import real_frame_counts, trailing_padding_start
 from whisper_rope.positional import RotaryEmbedding, apply_rotary, rotate_half
 
 from .conftest import FIXTURES, randomise_, small_dims

@@ -1,4 +1,4 @@
-"""DESIGN invariant 8: whisper_rope subclasses openai-whisper's internals, so the release is pinned and every
+"""docs/design.md invariant 8: whisper_rope subclasses openai-whisper's internals, so the release is pinned and every
 upstream name we rely on is asserted here; an upgrade fails loudly instead of silently changing numerics."""
 
 import dataclasses

@@ -8,13 +8,13 @@ Public API::
     available_variants()                                         the preset names
 """
 
-__version__ = "0.1.0"
-
-from .checkpoint import LoadReport, build_model, load_model, save_checkpoint
-from .evaluate import EvaluationOptions, EvaluationResult, evaluate
+from . import errors
 from .errors import AudioError, CheckpointError, ModelNotFoundError, VariantError, WhisperRopeError
+from .evaluation.evaluate import EvaluationOptions, EvaluationResult, evaluate
 from .model import WhisperRope
 from .variants import available_variants, parse_variant
+from .version import __version__
+from .weights.loading import LoadReport, build_model, load_model, save_checkpoint
 
 __all__ = [
     "AudioError",
@@ -26,8 +26,10 @@ __all__ = [
     "VariantError",
     "WhisperRope",
     "WhisperRopeError",
+    "__version__",
     "available_variants",
     "build_model",
+    "errors",
     "evaluate",
     "load_model",
     "parse_variant",

@@ -6,11 +6,11 @@ Checkpoints, converted models, caches and training state all go through `atomic_
 import os
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable, Union
+from typing import BinaryIO, Callable
 
 import torch
 
-PathLike = Union[str, os.PathLike]
+from .errors import PathLike
 
 
 def atomic_write(path: PathLike, write: Callable[[BinaryIO], object]) -> Path:

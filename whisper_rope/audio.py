@@ -24,18 +24,17 @@ import contextlib
 import subprocess
 import sys
 import threading
-from typing import Iterator, Optional, Tuple, Union
+from typing import Iterator, Optional, Tuple
 
 import ffmpeg  # ffmpeg-python: builds the command line and runs it
 import numpy as np
 import soundfile as sf
 import soxr
 
-from whisper_rope.errors import AudioError
+from whisper_rope.errors import AudioError, PathLike, one_line
 
 __all__ = ["SAMPLE_RATE", "load_audio", "audio_duration", "ffmpeg_executable"]
 
-PathLike = Union[str, "os.PathLike[str]"]
 
 #: Sample rate (Hz) every Whisper model expects.
 SAMPLE_RATE: int = 16000
@@ -98,7 +97,7 @@ def ffmpeg_executable() -> str:
     except (ImportError, RuntimeError, OSError) as exc:
         raise AudioError(
             "no ffmpeg executable was found: 'ffmpeg' is not on PATH and imageio-ffmpeg provides no binary "
-            f"({_one_line(str(exc)) or type(exc).__name__}); install ffmpeg or `pip install imageio-ffmpeg`"
+            f"({one_line(exc, 200)}); install ffmpeg or `pip install imageio-ffmpeg`"
         ) from None
 
 
@@ -195,12 +194,6 @@ def _suffix(name: str) -> str:
     return os.path.splitext(name)[1].lower()
 
 
-def _one_line(text: str, limit: int = 200) -> str:
-    """Collapse whitespace and cut to ``limit`` characters so a decoder's reason fits in a one-sentence error."""
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _check_sample_rate(name: str, sample_rate: int) -> None:
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
         raise AudioError(f"sample_rate for audio file '{name}' must be a positive integer in Hz, got {sample_rate!r}")
@@ -295,7 +288,7 @@ _MISLEADING_OPEN_ERROR = "does not exist or is not a regular file"
 
 def _soundfile_reason(exc: BaseException, name: Optional[str] = None) -> str:
     # LibsndfileError carries libsndfile's own message ("Format not recognised."); str() adds "Error opening '...'".
-    reason = _one_line(str(getattr(exc, "error_string", "") or exc).rstrip(".")) or type(exc).__name__
+    reason = one_line(str(getattr(exc, "error_string", "") or exc).rstrip("."), 200) or type(exc).__name__
     if name is not None and _MISLEADING_OPEN_ERROR in reason.lower() and os.path.isfile(name):
         return "its data is not a stream libsndfile recognises (corrupt or not audio)"
     return reason
@@ -386,7 +379,7 @@ def _ffmpeg_reason(stderr: Optional[bytes], input_arg: str) -> str:
     for prefix in (input_arg + ": ", input_arg[len("file:") :] + ": "):
         if reason.startswith(prefix):
             reason = reason[len(prefix) :]
-    return _one_line(reason)
+    return one_line(reason, 200)
 
 
 def _decode_with_ffmpeg(name: str, sample_rate: int, start: Optional[float], end: Optional[float]) -> np.ndarray:

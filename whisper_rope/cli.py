@@ -16,6 +16,21 @@ import warnings
 from typing import Callable, Dict, List, NoReturn, Optional, Sequence
 
 import numpy as np
+import torch
+from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
+from whisper.transcribe import transcribe
+from whisper.utils import get_writer, optional_float, optional_int, str2bool
+
+from .audio import load_audio
+from .errors import one_line
+from .evaluation.compare import add_compare_arguments, run_compare_cli
+from .evaluation.evaluate import add_evaluate_arguments, run_evaluate_cli
+from .training.loop import add_finetune_arguments, run_finetune_cli
+from .transcribe import transcribe_many
+from .variants import DECODER_SCHEMES, ENCODER_SCHEMES, PRESETS, parse_variant
+from .version import __version__
+from .weights.convert import convert
+from .weights.loading import load_model
 
 SUBCOMMANDS = ("transcribe", "convert", "variants", "finetune", "evaluate", "compare")
 WORD_OPTIONS = ("highlight_words", "max_line_count", "max_line_width", "max_words_per_line")
@@ -28,12 +43,6 @@ def _fail(message: str, status: int = 2) -> NoReturn:
 
 def _add_transcribe_arguments(parser: argparse.ArgumentParser) -> None:
     """Upstream ``whisper``'s options (same names, defaults and meanings) and ours."""
-    import torch
-    from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
-    from whisper.utils import optional_float, optional_int, str2bool
-
-    from .variants import DECODER_SCHEMES, ENCODER_SCHEMES, PRESETS
-
     add = parser.add_argument
     add("audio", nargs="+", type=str, help="audio files to transcribe")
     add("--model", default="turbo", help="model name (tiny.en ... large-v3-turbo, turbo), a .pt checkpoint "
@@ -104,8 +113,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Whisper with pluggable positional embeddings. `whisper-rope AUDIO ...` is short for "
         "`whisper-rope transcribe AUDIO ...`.",
     )
-    from . import __version__
-
     parser.add_argument("--version", action="version", version=f"whisper-rope {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -127,10 +134,6 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
 
     sub.add_parser("variants", help="list presets and the schemes of each side")
-
-    from .compare import add_compare_arguments
-    from .evaluate import add_evaluate_arguments
-    from .train import add_finetune_arguments
 
     add_finetune_arguments(sub.add_parser(
         "finetune", help="fine-tune a checkpoint into a variant",
@@ -159,8 +162,6 @@ def _normalise_argv(argv: Sequence[str]) -> List[str]:
 
 
 def _run_variants(_: argparse.Namespace) -> int:
-    from .variants import DECODER_SCHEMES, ENCODER_SCHEMES, PRESETS
-
     print("presets:")
     for name, spec in PRESETS.items():
         print(f"  {name:28s} {spec}")
@@ -170,8 +171,6 @@ def _run_variants(_: argparse.Namespace) -> int:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from .convert import convert
-
     out = convert(args.src, args.dst, progress=args.progress, overwrite=args.force)
     print(f"wrote {out}")
     return 0
@@ -186,15 +185,6 @@ def _temperatures(args: Dict[str, object]) -> Sequence[float]:
 
 
 def _run_transcribe(args: argparse.Namespace) -> int:
-    import torch
-    from whisper.transcribe import transcribe
-    from whisper.utils import get_writer
-
-    from .audio import load_audio
-    from .batch import transcribe_many
-    from .checkpoint import load_model
-    from .variants import parse_variant
-
     options = dict(vars(args))
     options.pop("command")
     audio_paths: List[str] = options.pop("audio")
@@ -247,7 +237,7 @@ def _run_transcribe(args: argparse.Namespace) -> int:
                 loaded.append((path, load_audio(path)))
             except (ValueError, OSError) as error:
                 failures += 1
-                print(f"whisper-rope: error: {path}: {_one_line(error)}", file=sys.stderr)
+                print(f"whisper-rope: error: {path}: {one_line(error, limit=None)}", file=sys.stderr)
         try:
             waveforms = [audio for _, audio in loaded]
             if batch_size == 1:
@@ -256,31 +246,17 @@ def _run_transcribe(args: argparse.Namespace) -> int:
                 results = transcribe_many(model, waveforms, batch_size, temperature=temperature, **options)
         except (ValueError, OSError, RuntimeError) as error:
             failures += len(loaded)
-            print(f"whisper-rope: error: {', '.join(p for p, _ in loaded)}: {_one_line(error)}", file=sys.stderr)
+            print(f"whisper-rope: error: {', '.join(p for p, _ in loaded)}: {one_line(error, limit=None)}", file=sys.stderr)
             continue
         for (path, _), result in zip(loaded, results):
             try:
                 writer(result, path, **writer_options)
             except OSError as error:
                 failures += 1
-                print(f"whisper-rope: error: {path}: {_one_line(error)}", file=sys.stderr)
+                print(f"whisper-rope: error: {path}: {one_line(error, limit=None)}", file=sys.stderr)
     if failures:
         print(f"whisper-rope: {failures} of {len(audio_paths)} files failed", file=sys.stderr)
     return 1 if failures else 0
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text or type(error).__name__
-
-
-def _lazy(module: str, function: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        import importlib
-
-        return getattr(importlib.import_module(f"whisper_rope.{module}"), function)(args)
-
-    return run
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -290,9 +266,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "transcribe": _run_transcribe,
         "convert": _run_convert,
         "variants": _run_variants,
-        "finetune": _lazy("train", "run_finetune_cli"),
-        "evaluate": _lazy("evaluate", "run_evaluate_cli"),
-        "compare": _lazy("compare", "run_compare_cli"),
+        "finetune": run_finetune_cli,
+        "evaluate": run_evaluate_cli,
+        "compare": run_compare_cli,
     }
     if args.command is None:
         parser.print_help()
@@ -302,7 +278,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         _fail("interrupted", 130)
     except (ValueError, OSError, RuntimeError) as error:
-        _fail(_one_line(error))
+        _fail(one_line(error, limit=None))
 
 
 if __name__ == "__main__":

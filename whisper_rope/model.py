@@ -9,7 +9,6 @@ Shapes use: batch ``b``, mel frames ``n_frames`` (10 ms each), audio positions `
 
 import os
 from dataclasses import asdict, replace
-from types import SimpleNamespace
 from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
@@ -17,39 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from whisper import model as upstream
-from whisper.decoding import BeamSearchDecoder, DecodingOptions, DecodingResult, DecodingTask, PyTorchInference
-from whisper.decoding import detect_language as upstream_detect_language
-from whisper.transcribe import transcribe as upstream_transcribe
+from whisper.decoding import DecodingOptions, DecodingResult
 from whisper.model import AudioEncoder, ModelDimensions, MultiHeadAttention, ResidualAttentionBlock, TextDecoder, Whisper
+from whisper.transcribe import transcribe as upstream_transcribe
 
 from .audio import load_audio
+from .decoding import BatchDecodingTask
+from .features import audio_position_mask, cut_trailing_padding
 from .positional import RotaryEmbedding
 from .variants import SideScheme, Variant, parse_variant
 
 DEFAULT_ROTARY_THETA = 10000.0
-
-
-def real_frame_counts(mel: Tensor, min_frames: int = 2) -> Tensor:
-    """Per clip, the number of leading mel frames that hold audio, for clips padded the way upstream pads them.
-
-    Two kinds of padding end a clip's real frames: digital silence appended before the log-mel is computed (its
-    frames sit at the spectrogram's floor, the clip's minimum, identical in every mel bin), and zero frames appended
-    to the log-mel (``pad_or_trim``, which is how upstream `transcribe` fills the last window of a file). A clip's
-    audio ends after the last frame that is neither. mel: (b, n_mels, n_frames) or (n_mels, n_frames).
-    Returns (b,) int64 counts, each even (so that the stride-2 conv reads no padding frame), at least
-    ``min_frames`` and at most ``n_frames``.
-    """
-    mel = mel.reshape(-1, *mel.shape[-2:])
-    floor = mel.amin(dim=(-2, -1), keepdim=True)
-    padding = (mel == floor).all(dim=1) | (mel == 0).all(dim=1)  # (b, n_frames)
-    frame_numbers = torch.arange(1, mel.shape[-1] + 1, device=mel.device)
-    n_real = torch.where(padding, 0, frame_numbers).amax(dim=-1)
-    return (n_real + n_real % 2).clamp(min_frames, mel.shape[-1])
-
-
-def trailing_padding_start(mel: Tensor, min_frames: int = 2) -> int:
-    """Frames to keep so that no clip of a padded batch loses audio: the largest of `real_frame_counts`."""
-    return int(real_frame_counts(mel, min_frames).max())
 
 
 class PositionalAttention(MultiHeadAttention):
@@ -173,19 +150,11 @@ class PositionalResidualBlock(ResidualAttentionBlock):
         return x + self.mlp(self.mlp_ln(x))
 
 
-def _audio_mask(n_frames: Optional[Tensor], n_audio: int, device: torch.device) -> Optional[Tensor]:
-    """(b,) real mel frames -> (b, n_audio) bool, True for audio positions that hold real frames."""
-    if n_frames is None:
-        return None
-    real_positions = (n_frames.to(device) + 1) // 2
-    return torch.arange(n_audio, device=device)[None, :] < real_positions[:, None]
-
-
 class PositionalAudioEncoder(AudioEncoder):
     """Upstream's encoder with the sinusoid table optional and RoPE optional.
 
     Without a table the encoder accepts any number of mel frames. With ``drop_padding`` it encodes only each clip's
-    frames before the padding upstream's ``transcribe`` appends (see `real_frame_counts`).
+    frames before the padding upstream's ``transcribe`` appends (see `whisper_rope.features.real_frame_counts`).
     """
 
     def __init__(
@@ -228,7 +197,7 @@ class PositionalAudioEncoder(AudioEncoder):
         as a lone clip's zero padding, and masked out of self-attention.
         """
         if not self.needs_full_window and n_frames is None and self.drop_padding:
-            x, n_frames = self.drop_trailing_padding(x)
+            x, n_frames = cut_trailing_padding(x)
         if self.needs_full_window and x.shape[-1] != 2 * self.n_ctx:
             raise ValueError(
                 f"mel input has {x.shape[-1]} frames (shape {tuple(x.shape)}); encoder scheme "
@@ -247,20 +216,10 @@ class PositionalAudioEncoder(AudioEncoder):
         if self.needs_full_window:
             table = self.positional_embedding if self.table_scale == 1.0 else self.positional_embedding * self.table_scale
             x = (x + table).to(x.dtype)
-        key_mask = _audio_mask(n_frames, x.shape[1], x.device)
+        key_mask = audio_position_mask(n_frames, x.shape[1], x.device)
         for block in self.blocks:
             x = block(x, mask=key_mask)
         return self.ln_post(x)
-
-    def drop_trailing_padding(self, mel: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
-        """Cut a padded batch to its longest clip (see `real_frame_counts`).
-
-        mel: (b, n_mels, n_frames). Returns the cut mel and, when its clips differ in length, their (b,) frame
-        counts (to be passed as ``n_frames``, so that each clip is encoded as if alone); None when they agree.
-        """
-        counts = real_frame_counts(mel)
-        n_keep = int(counts.max())
-        return mel[..., :n_keep], (counts if int(counts.min()) < n_keep else None)
 
 
 class PositionalTextDecoder(TextDecoder):
@@ -428,81 +387,4 @@ class WhisperRope(Whisper):
         Returns logits (b, n_tokens, n_vocab).
         """
         audio = self.encoder(mel, n_frames)
-        return self.decoder(tokens, audio, xa_mask=_audio_mask(n_frames, audio.shape[1], audio.device))
-
-
-class ClipMaskedInference(PyTorchInference):
-    """Upstream's kv-cached decoder calls, passing a mask over audio positions when clips differ in length.
-
-    xa_mask: (b, n_audio) bool, True for a clip's real positions, one row per clip (not per beam), or None.
-    """
-
-    def __init__(self, model: Whisper, initial_token_length: int):
-        super().__init__(model, initial_token_length)
-        self.xa_mask: Optional[Tensor] = None
-
-    def logits(self, tokens: Tensor, audio_features: Tensor) -> Tensor:
-        if self.xa_mask is None:
-            return super().logits(tokens, audio_features)
-        if not self.kv_cache:
-            self.kv_cache, self.hooks = self.model.install_kv_cache_hooks()
-        if tokens.shape[-1] > self.initial_token_length:
-            tokens = tokens[:, -1:]  # as upstream: only the new token once the cache holds the prompt
-        return self.model.decoder(tokens, audio_features, kv_cache=self.kv_cache, xa_mask=self.xa_mask)
-
-
-class BatchDecodingTask(DecodingTask):
-    """Upstream's `DecodingTask` (same options, same results) for batches of clips.
-
-    * Several decoding rows per clip (beam search, best-of-n): upstream's ``run`` needs one feature row per
-      decoding row, so the features are repeated for it, but the decoding loop gets one row per clip and
-      `PositionalAttention` folds a clip's rows into its query length: cross-attention keys and values are
-      computed once per clip, not once per beam.
-    * An unpadded encoder (``model.unpadded``): clips of different lengths are cut to the longest, each encoded as
-      if alone, and cross-attention masks the rest (`ClipMaskedInference`); languages are detected per clip.
-    """
-
-    def __init__(self, model: "WhisperRope", options: DecodingOptions):
-        super().__init__(model, options)
-        self.inference = ClipMaskedInference(model, len(self.initial_tokens))
-        if isinstance(self.decoder, BeamSearchDecoder):
-            self.decoder.inference = self.inference
-        self.rows_per_clip = 1
-        self.audio_lengths: Optional[List[int]] = None
-
-    def _get_audio_features(self, mel: Tensor) -> Tensor:
-        dims = self.model.dims
-        n_frames = None
-        if self.model.unpadded and mel.shape[0] > 1 and mel.shape[-2:] != (dims.n_audio_ctx, dims.n_audio_state):
-            mel, n_frames = self.model.encoder.drop_trailing_padding(mel)
-        if n_frames is None:
-            features = super()._get_audio_features(mel)
-        else:
-            features = self.model.encoder(mel.half() if self.options.fp16 else mel, n_frames)
-            self.inference.xa_mask = _audio_mask(n_frames, features.shape[1], features.device)
-            self.audio_lengths = self.inference.xa_mask.sum(dim=-1).tolist()
-        if self.n_group > 1 and features.shape[0] > 1 and self.options.task != "lang_id":
-            self.rows_per_clip = self.n_group
-            features = features.repeat_interleave(self.n_group, dim=0)
-        return features
-
-    def _main_loop(self, audio_features: Tensor, tokens: Tensor):
-        return super()._main_loop(audio_features[:: self.rows_per_clip], tokens)
-
-    def _detect_language(self, audio_features: Tensor, tokens: Tensor):
-        audio_features = audio_features[:: self.rows_per_clip]
-        detects = self.options.language is None or self.options.task == "lang_id"
-        if not detects or (self.audio_lengths is None and audio_features.shape[1] == self.model.dims.n_audio_ctx):
-            return super()._detect_language(audio_features, tokens)
-        # Upstream's detect_language takes features only if they are n_audio_ctx long (else it runs the encoder on
-        # them): give it each clip's own frames and a view of the model whose dims say how many there are.
-        lengths = self.audio_lengths or [audio_features.shape[1]] * audio_features.shape[0]
-        languages, language_probs = [], []
-        for i, length in enumerate(lengths):
-            view = SimpleNamespace(dims=replace(self.model.dims, n_audio_ctx=length), logits=self.model.logits)
-            token, probs = upstream_detect_language(view, audio_features[i : i + 1, :length], self.tokenizer)
-            languages.append(max(probs[0], key=probs[0].get))
-            language_probs.append(probs[0])
-            if self.options.language is None:
-                tokens[i, self.sot_index + 1] = token[0]
-        return languages, language_probs
+        return self.decoder(tokens, audio, xa_mask=audio_position_mask(n_frames, audio.shape[1], audio.device))

@@ -10,6 +10,13 @@ import dataclasses
 import sys
 from typing import Any, Callable, Dict, Optional, Sequence, Type
 
+from .errors import one_line
+
+
+def option(help: str, **argparse_options: Any) -> Dict[str, Any]:
+    """A dataclass field's ``metadata``: its help text and any other ``argparse.add_argument`` keywords."""
+    return {"help": help, **argparse_options}
+
 
 def field_type(annotation: Any) -> Any:
     """The value type of a field annotation: ``Optional[int]`` -> ``int``; ``List[str]`` -> ``str``."""
@@ -78,5 +85,5 @@ def standalone_main(
     try:
         return run(args)
     except (ValueError, OSError, RuntimeError) as error:
-        print(f"whisper-rope: error: {' '.join(str(error).split())}", file=sys.stderr)
+        print(f"whisper-rope: error: {one_line(error, limit=None)}", file=sys.stderr)
         return 2

@@ -35,6 +35,10 @@ PRESETS: Dict[str, str] = {
     "rotary/learned-sinusoidal": "rotary/learned-sinusoidal",
 }
 
+#: Upstream Whisper's own variant: the variant of checkpoints without a "variant" entry, and the only one the
+#: Hugging Face format can represent.
+UPSTREAM_VARIANT = PRESETS["whisper"]
+
 
 @dataclass(frozen=True)
 class SideScheme:

@@ -68,7 +68,7 @@ class Report:
 
 def child_config(source: Path, output: Path, steps: int, resume: bool):
     """The run's settings: every step checkpointed, SpecAugment on (more random state to restore)."""
-    from whisper_rope.train import FinetuneConfig
+    from whisper_rope.training.config import FinetuneConfig
 
     return FinetuneConfig(model=str(source), train=str(MANIFEST), output=str(output), steps=steps, batch_size=2,
                           lr=1e-3, warmup_steps=1, spec_augment=True, num_workers=0, threads=1, progress=False,
@@ -86,7 +86,7 @@ def _child_main(args: argparse.Namespace) -> int:
             real_fsync(fd)
 
         os.fsync = slow_fsync
-    from whisper_rope.train import finetune
+    from whisper_rope.training.loop import finetune
 
     config = child_config(Path(args.source), Path(args.output), args.steps, args.resume)
     print("ready", flush=True)
@@ -134,7 +134,7 @@ def _log_signature(output: Path) -> Optional[Tuple[int, int]]:
 
 
 def _latest_step(output: Path) -> int:
-    from whisper_rope.train import latest_checkpoint
+    from whisper_rope.training.state import latest_checkpoint
 
     latest = latest_checkpoint(output)
     return int(latest.name.split("-")[1]) if latest is not None else 0
@@ -145,7 +145,7 @@ def check_latest(output: Path) -> Optional[int]:
     import torch
 
     from whisper_rope import load_model
-    from whisper_rope.train import MODEL_FILE, STATE_FILE, latest_checkpoint
+    from whisper_rope.training.state import MODEL_FILE, STATE_FILE, latest_checkpoint
 
     latest = latest_checkpoint(output)
     if (output / MODEL_FILE).exists():
@@ -167,8 +167,8 @@ def run_harness(work: Path, kills: int, steps: int, seed: int = 0, slow_writes: 
     from whisper.model import ModelDimensions
 
     from whisper_rope import build_model, save_checkpoint
-    from whisper_rope.checkpoint import read_checkpoint
-    from whisper_rope.train import MODEL_FILE, latest_checkpoint
+    from whisper_rope.weights.format import read_checkpoint
+    from whisper_rope.training.state import MODEL_FILE, latest_checkpoint
 
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)

@@ -19,15 +19,15 @@ import torch
 
 import whisper_rope
 from tests.convert_helpers import SMALL_DIMS
-from whisper_rope.checkpoint import read_checkpoint
-from whisper_rope.convert import installed_model_names
+from whisper_rope.weights.format import read_checkpoint
+from whisper_rope.weights.packages import installed_model_names
 
 from . import subprocess_env
 
 CONVERT_SCRIPT = """
 import sys, time
 from pathlib import Path
-from whisper_rope.convert import packages
+from whisper_rope.weights import packages
 
 cache, name, go = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 print("ready", flush=True)

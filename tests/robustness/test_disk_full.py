@@ -205,8 +205,8 @@ def test_an_output_directory_that_is_a_file_exits_2_with_one_line(tmp_path, caps
 def test_a_full_disk_at_a_training_checkpoint_stops_with_one_line_keeps_the_last_one_and_resumes_exactly(
         tmp_path, monkeypatch, capsys):
     from ..conftest import small_dims
-    from whisper_rope.checkpoint import read_checkpoint
-    from whisper_rope.train import MODEL_FILE, latest_checkpoint
+    from whisper_rope.weights.format import read_checkpoint
+    from whisper_rope.training.state import MODEL_FILE, latest_checkpoint
 
     torch.manual_seed(0)
     source = whisper_rope.save_checkpoint(whisper_rope.build_model(small_dims(), "rotary"), tmp_path / "source.pt")

@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 
 import whisper_rope
 from tests.convert_helpers import SMALL_DIMS, random_state_dict
-from whisper_rope.checkpoint import checkpoint_dict
-from whisper_rope.convert import write_huggingface
+from whisper_rope.weights.loading import checkpoint_dict
+from whisper_rope.weights.huggingface import write_huggingface
 from whisper_rope.errors import CheckpointError, WhisperRopeError
 
 from . import (LONG, REPO, Hang, address_space_cap, assert_clear_message, assert_one_line_error, run_cli,
@@ -152,7 +152,7 @@ def test_refusals_of_unsafe_pickles_are_one_sentence_everywhere(tmp_path, valid_
     marker = tmp_path / "marker"
     evil = _save(_placed(valid_checkpoint, ExecPayload(marker), "tensor"), tmp_path / "evil.pt", "zip")
     directory = _hugging_face_dir_with_pickle(tmp_path, {"model.encoder.conv1.weight": ExecPayload(marker)})
-    from whisper_rope.convert import convert
+    from whisper_rope.weights.convert import convert
 
     for attempt in (lambda: convert(evil, tmp_path / "out"), lambda: whisper_rope.load_model(directory)):
         with pytest.raises(CheckpointError) as refused:
@@ -162,7 +162,7 @@ def test_refusals_of_unsafe_pickles_are_one_sentence_everywhere(tmp_path, valid_
 
 
 def test_convert_reads_a_legacy_format_checkpoint(tmp_path, valid_checkpoint):
-    from whisper_rope.convert import convert
+    from whisper_rope.weights.convert import convert
 
     legacy = _save(valid_checkpoint, tmp_path / "legacy.pt", "legacy")
     whisper_rope.load_model(legacy, device="cpu")  # the library reads it

@@ -30,8 +30,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from tests.convert_helpers import DTYPE_IDS, SMALL_DIMS, Layout, random_state_dict, write_model
-from whisper_rope.convert import read_ctranslate2, read_huggingface, write_huggingface
-from whisper_rope.convert.huggingface import hf_name
+from whisper_rope.weights.ctranslate2 import read_ctranslate2
+from whisper_rope.weights.huggingface import read_huggingface, write_huggingface
+from whisper_rope.weights.huggingface import hf_name
 from whisper_rope.errors import CheckpointError
 
 from . import LONG, Hang, PeakMemory, address_space_cap, assert_clear_message, scaled, time_limit

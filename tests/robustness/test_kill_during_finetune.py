@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from whisper_rope import build_model, save_checkpoint
-from whisper_rope.train import STATE_FILE, FinetuneConfig, finetune
+from whisper_rope.training.config import FinetuneConfig
+from whisper_rope.training.loop import finetune
+from whisper_rope.training.state import STATE_FILE
 
 from ..conftest import small_dims
 from . import LONG, SPEECH, assert_one_line_error, run_cli, scaled

@@ -1,0 +1,123 @@
+"""The benchmark corpus builder: deterministic from its seed, splits with disjoint text, 16 kHz mono FLAC."""
+
+import hashlib
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+
+from benchmarks.corpus import ClipSpec, Voice, build_corpus, synthesize_within
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+SPLITS = ("train", "in-domain", "retained")
+
+
+
+@pytest.fixture(autouse=True)
+def _tts_engines():
+    """These tests synthesise speech: a missing engine is a failure (CI installs both), never a silent skip."""
+    missing = [tool for tool in ("espeak-ng", "flite") if shutil.which(tool) is None]
+    assert not missing, f"needs Debian's {' and '.join(missing)} (apt-get install espeak-ng flite)"
+
+
+def _benchmark_module(name: str, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _build(out: Path, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``python benchmarks/build_corpus.py --out OUT --seed SEED --small``, run in this process."""
+    build = _benchmark_module("build_corpus", monkeypatch)
+    assert build.main(["--out", str(out), "--seed", str(seed), "--small", "--no-progress"]) == 0
+
+
+def _fingerprint(out: Path) -> dict:
+    """Manifest bytes and the SHA-256 of every audio file, by relative path."""
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "corpus.json")
+    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("corpus") / "seed1"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _build(out, 1, monkeypatch)
+    return out
+
+
+def _rows(out: Path, split: str) -> list:
+    return [json.loads(line) for line in (out / f"{split}.jsonl").read_text().splitlines()]
+
+
+def test_same_seed_gives_identical_manifests_and_audio(small_corpus, tmp_path, monkeypatch):
+    _build(tmp_path / "again", 1, monkeypatch)
+    _build(tmp_path / "other", 2, monkeypatch)
+    first = _fingerprint(small_corpus)
+    assert len(first) == 3 + 12 + 6 + 6
+    assert _fingerprint(tmp_path / "again") == first
+    other = _fingerprint(tmp_path / "other")
+    assert other.keys() == first.keys()
+    assert all(other[f"{split}.jsonl"] != first[f"{split}.jsonl"] for split in SPLITS)
+    assert sum(other[name] != first[name] for name in first if name.endswith(".flac")) == 24
+
+
+def test_small_corpus_layout_voices_and_durations(small_corpus):
+    sizes = {"train": 12, "in-domain": 6, "retained": 6}
+    for split in SPLITS:
+        rows = _rows(small_corpus, split)
+        assert len(rows) == sizes[split]
+        assert {row["engine"] for row in rows} == ({"flite"} if split == "retained" else {"espeak-ng"})
+        for row in rows:
+            info = sf.info(small_corpus / row["audio"])
+            assert (info.format, info.subtype, info.samplerate, info.channels) == ("FLAC", "PCM_16", 16000, 1)
+            assert info.frames / 16000 == pytest.approx(row["duration"], abs=1e-3)
+            assert 2.0 <= row["duration"] <= 5.0
+            assert row["audio"] == f"{split}/{row['id']}.flac"
+    summary = json.loads((small_corpus / "corpus.json").read_text())
+    assert summary["seed"] == 1 and summary["splits"]["train"]["clips"] == 12
+
+
+def test_no_sentence_is_shared_between_splits(small_corpus, monkeypatch):
+    built = {split: {row["text"] for row in _rows(small_corpus, split)} for split in SPLITS}
+    assert not built["train"] & (built["in-domain"] | built["retained"])
+    assert not built["in-domain"] & built["retained"]
+    # At full size too (the plan only: which sentence each clip says), and every sentence distinct.
+    build = _benchmark_module("build_corpus", monkeypatch)
+    plan = build.corpus_plan(0, build.SIZES)
+    texts = [clip.text for clips in plan.values() for clip in clips]
+    assert len(texts) == len(set(texts)) == 1440
+
+
+def test_training_and_evaluation_grammars_share_only_function_words(monkeypatch):
+    sentences = _benchmark_module("sentences", monkeypatch)
+    train = sentences.TRAIN.vocabulary() | sentences.TRAIN.template_words()
+    evaluation = sentences.EVALUATION.vocabulary() | sentences.EVALUATION.template_words()
+    assert train & evaluation <= sentences.FUNCTION_WORDS
+    assert len(train) > 150 and len(evaluation) > 150
+
+
+def test_long_sentence_is_respoken_faster_to_fit_the_range():
+    text = "The ancient lighthouse keeper counted every passing ship through the long and stormy night."
+    audio, voice = synthesize_within(text, Voice("espeak-ng", "en-us", speed=0.6), (2.0, 5.0))
+    assert 2.0 <= len(audio) / 16000 <= 5.0
+    assert voice.speed > 0.6
+
+
+def test_bad_inputs_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown speech engine 'festival'"):
+        Voice("festival", "kal")
+    clip = ClipSpec("a", "Hello there.", Voice("flite", "slt"))
+    with pytest.raises(ValueError, match="repeated clip ids"):
+        build_corpus(tmp_path, {"test": [clip, clip]}, progress=False)
+    build_corpus(tmp_path, {"test": [clip]}, jobs=1, progress=False)
+    with pytest.raises(ValueError, match="already exists"):
+        build_corpus(tmp_path, {"test": [clip]}, jobs=1, progress=False)
+    with pytest.raises(ValueError, match="espeak-ng has no voice .no-such-voice."):
+        unknown = ClipSpec("b", "Hi.", Voice("espeak-ng", "no-such-voice"))
+        build_corpus(tmp_path, {"other": [unknown]}, jobs=1, progress=False)

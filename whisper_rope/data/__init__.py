@@ -1,0 +1,64 @@
+"""Data: manifests (`manifest`) and the datasets, batches and samplers built from them (`dataset`).
+
+Everything the single ``whisper_rope.data`` module offered is importable from here.
+"""
+
+from .dataset import (
+    IGNORE_INDEX,
+    Batch,
+    BucketBatchSampler,
+    Collator,
+    Item,
+    SpeechDataset,
+    TokenizerSpec,
+    eval_batches,
+    load_examples,
+    make_loader,
+    pad_token_rows,
+    prompt_tokens,
+    spec_augment_,
+    target_sequence,
+)
+from .manifest import (
+    AUDIO_SUFFIXES,
+    MANIFEST_SUFFIXES,
+    MAX_CLIP_SECONDS,
+    MIN_CLIP_SECONDS,
+    DataError,
+    Example,
+    Manifest,
+    Problem,
+    check_audio,
+    language_code,
+    read_manifest,
+)
+from ..features import unpadded_features
+
+__all__ = [
+    "AUDIO_SUFFIXES",
+    "Batch",
+    "BucketBatchSampler",
+    "Collator",
+    "DataError",
+    "Example",
+    "IGNORE_INDEX",
+    "Item",
+    "MANIFEST_SUFFIXES",
+    "MAX_CLIP_SECONDS",
+    "MIN_CLIP_SECONDS",
+    "Manifest",
+    "Problem",
+    "SpeechDataset",
+    "TokenizerSpec",
+    "check_audio",
+    "eval_batches",
+    "language_code",
+    "load_examples",
+    "make_loader",
+    "pad_token_rows",
+    "prompt_tokens",
+    "read_manifest",
+    "spec_augment_",
+    "target_sequence",
+    "unpadded_features",
+]

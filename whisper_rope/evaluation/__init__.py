@@ -1,0 +1,9 @@
+"""Evaluation: scoring a model on transcribed clips, and comparing variants.
+
+* `evaluate` - `evaluate(model, data)`: WER/CER with their edits and the real-time factor (``whisper-rope evaluate``).
+* `metrics` - text normalisation and word/character error counts.
+* `compare` - fine-tune and evaluate several variants side by side (``whisper-rope compare``).
+
+The function ``whisper_rope.evaluate`` is `evaluate.evaluate`; this package does not re-export it, so that
+``whisper_rope.evaluation.evaluate`` always names the module.
+"""

@@ -1,0 +1,372 @@
+"""Side-by-side experiments: fine-tune one source checkpoint into several variants under identical settings and
+report adaptation, forgetting and cost.
+
+``whisper-rope compare --model tiny.en --runs whisper rotary rotary@distill --train train.jsonl
+--eval in-domain=in.jsonl --eval retained=ret.jsonl --steps 200 --seeds 0 1 --output cmp`` (or ``--config cmp.json``
+with the same keys) does, in order:
+
+1. evaluates the source model as it is (the "before" row) on every evaluation set;
+2. fine-tunes each run (a variant, optionally with self-distillation or a positional transplant) for every seed,
+   with the same data, steps, learning rate and batch size, through `whisper_rope.training.loop.finetune`;
+3. evaluates each fine-tuned model on every set: 30-s padded, and also unpadded for encoders without a table;
+4. writes ``results.csv`` (one row per run, seed, set and decoding), ``results.md`` (mean ± std over seeds) and PNG
+   plots: WER per set before/after, training-loss curves overlaid, and training cost per run.
+
+A run spec is ``VARIANT`` or ``VARIANT@FLAG[,FLAG]`` with flags ``distill``, ``transplant`` and ``unpadded`` (a
+transplant that trains on unpadded input once the tables are gone). Every finished run
+leaves ``runs/<run>/result.json``; an interrupted comparison run again skips the runs that have one.
+"""
+
+import argparse
+import csv
+import json
+import math
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from ..atomic import atomic_write_text
+from ..options import add_dataclass_arguments, dataclass_from_args
+from ..training.config import FinetuneConfig
+from ..training.loop import finetune
+from ..variants import parse_variant
+from ..weights.loading import load_model
+from .evaluate import EvaluationOptions, evaluate
+
+RUN_FLAGS = ("distill", "transplant", "unpadded")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One row of the comparison: a variant and how it is trained."""
+
+    variant: str
+    distill: bool = False
+    transplant: bool = False
+    unpadded: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> "RunSpec":
+        variant, _, flags = text.partition("@")
+        names = [f.strip() for f in flags.split(",") if f.strip()]
+        unknown = [f for f in names if f not in RUN_FLAGS]
+        if unknown:
+            raise ValueError(f"run {text!r}: unknown flag {unknown[0]!r}; flags are {', '.join(RUN_FLAGS)}")
+        parse_variant(variant)
+        if "unpadded" in names and "transplant" not in names:
+            raise ValueError(f"run {text!r}: the unpadded flag belongs to transplant runs (rotary encoders train "
+                             "unpadded anyway)")  # fmt: skip
+        return cls(variant.strip(), "distill" in names, "transplant" in names, "unpadded" in names)
+
+    @property
+    def label(self) -> str:
+        extras = [name for name in RUN_FLAGS if getattr(self, name)]
+        return self.variant + (f" ({', '.join(extras)})" if extras else "")
+
+    @property
+    def slug(self) -> str:
+        name = re.sub(r"[^A-Za-z0-9+-]+", "_", parse_variant(self.variant).name)
+        return name + "".join(f"-{flag}" for flag in RUN_FLAGS if getattr(self, flag))
+
+
+@dataclass
+class CompareConfig:
+    """A comparison; each field is a ``whisper-rope compare`` option and a key of its ``--config`` JSON file."""
+
+    model: str = field(default="tiny.en", metadata={"help": "source checkpoint (name or path)"})
+    runs: List[str] = field(default_factory=lambda: ["whisper", "rotary"], metadata={
+        "help": "runs to compare: VARIANT or VARIANT@FLAGS, FLAGS a comma-separated subset of distill, transplant, "
+                "unpadded (with transplant)", "nargs": "+"})
+    train: Optional[str] = field(default=None, metadata={"help": "training manifest (the same for every run)"})
+    eval: List[str] = field(default_factory=list, metadata={
+        "help": "evaluation sets as NAME=MANIFEST, e.g. in-domain=in.jsonl retained=ret.jsonl", "nargs": "+"})
+    output: str = field(default="compare-output", metadata={"help": "output directory"})
+    steps: int = field(default=200, metadata={"help": "optimizer steps per run"})
+    lr: float = field(default=1e-4, metadata={"help": "peak learning rate per run"})
+    batch_size: int = field(default=8, metadata={"help": "clips per optimizer step"})
+    warmup_steps: int = field(default=20, metadata={"help": "learning-rate warm-up steps"})
+    seeds: List[int] = field(default_factory=lambda: [0], metadata={
+        "help": "seeds; each run is trained once per seed (two or more give mean ± std)", "nargs": "+", "type": int})
+    eval_batch_size: int = field(default=16, metadata={"help": "clips decoded together in evaluation"})
+    cap_factor: float = field(default=3.0, metadata={"help": "cap hypotheses at this many times the reference tokens"})
+    transplant_fraction: float = field(default=0.5, metadata={
+        "help": "transplant runs anneal the tables and open the gates over this fraction of the steps"})
+    device: Optional[str] = field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)"})
+    num_workers: int = field(default=2, metadata={"help": "audio-decoding processes while training"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+    def run_specs(self) -> List[RunSpec]:
+        return [RunSpec.parse(text) for text in self.runs]
+
+    def eval_sets(self) -> Dict[str, str]:
+        sets = {}
+        for item in self.eval:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"evaluation set {item!r}: expected NAME=MANIFEST")
+            sets[name] = path
+        return sets
+
+    def validate(self) -> "CompareConfig":
+        if not self.train:
+            raise ValueError("compare needs a training manifest (--train)")
+        if not self.eval_sets():
+            raise ValueError("compare needs at least one evaluation set (--eval NAME=MANIFEST)")
+        if not self.runs or not self.seeds:
+            raise ValueError("compare needs at least one run and one seed")
+        self.run_specs()
+        if not 0 < self.transplant_fraction <= 1:
+            raise ValueError(f"transplant_fraction must be in (0, 1], got {self.transplant_fraction}")
+        return self
+
+
+def _evaluation_options(config: CompareConfig, unpadded: bool) -> EvaluationOptions:
+    # fp32 decoding everywhere, so that CPU and GPU comparisons decode alike.
+    return EvaluationOptions(batch_size=config.eval_batch_size, cap_factor=config.cap_factor, unpadded=unpadded,
+                             skip_invalid=True, fp16=False)
+
+
+def _decodings(model) -> List[Tuple[str, bool]]:
+    """padded always; unpadded too for encoders without an absolute table."""
+    return [("padded", False)] + ([("unpadded", True)] if not model.encoder.needs_full_window else [])
+
+
+def _evaluate_all(model, config: CompareConfig) -> List[Dict[str, Any]]:
+    rows = []
+    for set_name, manifest in config.eval_sets().items():
+        for decoding, unpadded in _decodings(model):
+            result = evaluate(model, manifest, _evaluation_options(config, unpadded), progress=config.progress)
+            rows.append({"set": set_name, "decoding": decoding, "wer": result.wer, "cer": result.cer,
+                         "n_capped": result.n_capped, "rtf": result.rtf, "n_utterances": result.n_utterances})
+    return rows
+
+
+def _finetune_config(config: CompareConfig, spec: RunSpec, seed: int, output: Path):
+    options = dict(
+        model=config.model, variant=spec.variant, train=config.train, output=str(output), steps=config.steps,
+        lr=config.lr, batch_size=config.batch_size, warmup_steps=config.warmup_steps, seed=seed,
+        distill=spec.distill, device=config.device, num_workers=config.num_workers, progress=config.progress,
+    )  # fmt: skip
+    if spec.transplant:
+        span = max(1, int(config.steps * config.transplant_fraction))
+        options.update(transplant=True, transplant_anneal_steps=span, transplant_gate_steps=span,
+                       transplant_unpadded=spec.unpadded)
+    return FinetuneConfig(**options)
+
+
+def run_one(config: CompareConfig, spec: RunSpec, seed: int, directory: Path) -> Dict[str, Any]:
+    """Fine-tune and evaluate one run; writes ``result.json`` last (the run's completion mark)."""
+    started = time.perf_counter()
+    trained = finetune(config=_finetune_config(config, spec, seed, directory / "train"))
+    train_seconds = time.perf_counter() - started
+    model = load_model(trained.model_path, device=config.device)
+    model.eval()
+    result = {
+        "run": spec.label, "slug": spec.slug, "variant": model.variant, "distill": spec.distill,
+        "transplant": spec.transplant, "unpadded_phase": spec.unpadded, "seed": seed, "steps": trained.steps,
+        "final_loss": trained.final_loss,
+        "train_seconds": train_seconds, "seconds_per_step": train_seconds / max(trained.steps, 1),
+        "model_path": str(trained.model_path), "evaluations": _evaluate_all(model, config),
+    }  # fmt: skip
+    atomic_write_text(directory / "result.json", json.dumps(result, indent=2))
+    return result
+
+
+def _load_or_run(path: Path, compute) -> Dict[str, Any]:
+    if path.is_file():
+        return json.loads(path.read_text())
+    return compute()
+
+
+def compare(config: CompareConfig) -> Dict[str, Any]:
+    """Run (or resume) a comparison; returns {"before": ..., "runs": [...]} and writes the reports."""
+    config.validate()
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(output / "config.json", json.dumps(asdict(config), indent=2))
+
+    def before() -> Dict[str, Any]:
+        model = load_model(config.model, device=config.device).eval()
+        result = {"run": "before (source model)", "variant": model.variant, "evaluations": _evaluate_all(model, config)}
+        atomic_write_text(output / "before.json", json.dumps(result, indent=2))
+        return result
+
+    results = {"before": _load_or_run(output / "before.json", before), "runs": []}
+    for spec in config.run_specs():
+        for seed in config.seeds:
+            directory = output / "runs" / f"{spec.slug}-seed{seed}"
+            results["runs"].append(
+                _load_or_run(directory / "result.json", lambda: run_one(config, spec, seed, directory))
+            )
+    write_reports(results, config, output)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reports
+
+
+def _rows(results: Dict[str, Any]) -> List[Dict[str, Any]]:
+    rows = []
+    for evaluation in results["before"]["evaluations"]:
+        rows.append({"run": results["before"]["run"], "variant": results["before"]["variant"], "seed": "",
+                     "steps": 0, "train_seconds": 0.0, "seconds_per_step": "", "final_loss": "", **evaluation})
+    for run in results["runs"]:
+        for evaluation in run["evaluations"]:
+            rows.append({key: run[key] for key in ("run", "variant", "seed", "steps", "train_seconds",
+                                                  "seconds_per_step", "final_loss")} | evaluation)
+    return rows
+
+
+def _mean_std(values: Sequence[float]) -> str:
+    values = [100 * v for v in values]
+    if len(values) < 2:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def results_table(results: Dict[str, Any], config: CompareConfig) -> str:
+    """Markdown: one line per run and decoding, WER (%) per evaluation set (mean ± std over seeds), and cost."""
+    sets = list(config.eval_sets())
+    header = ["run", "decoding"] + [f"{name} WER %" for name in sets] + ["train s/step", "final loss"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    groups: Dict[Tuple[str, str], Dict[str, List]] = {}
+    order: List[Tuple[str, str]] = []
+    for row in _rows(results):
+        key = (row["run"], row["decoding"])
+        if key not in groups:
+            groups[key] = {"wer": {name: [] for name in sets}, "cost": [], "loss": []}
+            order.append(key)
+        groups[key]["wer"][row["set"]].append(row["wer"])
+        if row["seconds_per_step"] != "":
+            groups[key]["cost"].append(float(row["seconds_per_step"]))
+            if row["final_loss"] not in ("", None):
+                groups[key]["loss"].append(float(row["final_loss"]))
+    for run, decoding in order:
+        group = groups[(run, decoding)]
+        cells = [run, decoding] + [_mean_std(group["wer"][name]) if group["wer"][name] else "" for name in sets]
+        cost = statistics.mean(group["cost"]) if group["cost"] else None
+        loss = statistics.mean(group["loss"]) if group["loss"] else None
+        cells += [f"{cost:.2f}" if cost is not None else "–", f"{loss:.3f}" if loss is not None else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_reports(results: Dict[str, Any], config: CompareConfig, output: Path) -> List[Path]:
+    rows = _rows(results)
+    columns = ["run", "variant", "seed", "set", "decoding", "wer", "cer", "n_capped", "n_utterances", "rtf", "steps",
+               "train_seconds", "seconds_per_step", "final_loss"]
+    csv_path = output / "results.csv"
+    with open(csv_path, "w", newline="", encoding="utf-8") as fp:
+        writer = csv.DictWriter(fp, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    seeds = ", ".join(str(s) for s in config.seeds)
+    markdown = [
+        f"# Comparison: {config.model}, {config.steps} steps, lr {config.lr:g}, batch {config.batch_size}, seeds {seeds}",
+        "",
+        f"Training manifest `{config.train}`; evaluation sets: "
+        + ", ".join(f"`{name}` ({path})" for name, path in config.eval_sets().items())
+        + f". Greedy decoding, capped at {config.cap_factor:g}× the reference tokens + 10. WER in %, mean ± std over "
+        "seeds; `unpadded` rows feed each clip's own frames (encoders without an absolute table).",
+        "",
+        results_table(results, config),
+        "",
+        "![WER per set](wer_per_set.png) ![training loss](loss_curves.png) ![cost](cost.png)",
+        "",
+    ]
+    md_path = output / "results.md"
+    md_path.write_text("\n".join(markdown), encoding="utf-8")
+    return [csv_path, md_path] + plot_results(results, config, output)
+
+
+def plot_results(results: Dict[str, Any], config: CompareConfig, output: Path) -> List[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = list(config.eval_sets())
+    labels, values = [], {name: [] for name in sets}
+    keyed: Dict[str, Dict[str, List[float]]] = {}
+    for row in _rows(results):
+        label = f"{row['run']}\n{row['decoding']}"
+        keyed.setdefault(label, {name: [] for name in sets})[row["set"]].append(100 * row["wer"])
+    for label, per_set in keyed.items():
+        labels.append(label)
+        for name in sets:
+            values[name].append(statistics.mean(per_set[name]) if per_set[name] else math.nan)
+
+    figure, axes = plt.subplots(figsize=(max(6, 0.9 * len(labels)), 5))
+    width = 0.8 / len(sets)
+    for i, name in enumerate(sets):
+        axes.bar([x + i * width for x in range(len(labels))], values[name], width, label=name)
+    axes.set_xticks([x + width * (len(sets) - 1) / 2 for x in range(len(labels))], labels, fontsize=7, rotation=35,
+                    ha="right")
+    axes.set(ylabel="WER (%)", title="WER per evaluation set, before and after fine-tuning")
+    axes.grid(axis="y", alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    wer_path = output / "wer_per_set.png"
+    figure.savefig(wer_path, dpi=110)
+    plt.close(figure)
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for run in results["runs"]:
+        log = Path(run["model_path"]).parent / "train_log.jsonl"
+        if not log.is_file():
+            continue
+        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        train = [r for r in records if r.get("event") == "train" and isinstance(r.get("loss"), (int, float))]
+        axes.plot([r["step"] for r in train], [r["loss"] for r in train], label=f"{run['run']} seed {run['seed']}")
+    axes.set(xlabel="step", ylabel="training loss (cross-entropy per token)", title="training loss")
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    loss_path = output / "loss_curves.png"
+    figure.savefig(loss_path, dpi=110)
+    plt.close(figure)
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    names = [f"{run['run']} s{run['seed']}" for run in results["runs"]]
+    axes.barh(names, [run["seconds_per_step"] for run in results["runs"]])
+    axes.set(xlabel="wall seconds per training step", title="training cost per run")
+    figure.tight_layout()
+    cost_path = output / "cost.png"
+    figure.savefig(cost_path, dpi=110)
+    plt.close(figure)
+    return [wer_path, loss_path, cost_path]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_compare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--config", help="JSON file with any of the options below (command-line options override it)")
+    # No defaults here: an option left out keeps the config file's value, or the field's default.
+    return add_dataclass_arguments(parser, CompareConfig, defaults=False)
+
+
+def config_from_args(args: argparse.Namespace) -> CompareConfig:
+    values: Dict[str, Any] = {}
+    if args.config:
+        try:
+            values = json.loads(Path(args.config).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"cannot read compare config {args.config!r}: {error}") from None
+        unknown = set(values) - {f.name for f in fields(CompareConfig)}
+        if unknown:
+            raise ValueError(f"compare config {args.config!r}: unknown keys {', '.join(sorted(unknown))}")
+    return dataclass_from_args(CompareConfig, args, base=values)
+
+
+def run_compare_cli(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    compare(config)
+    output = Path(config.output)
+    print((output / "results.md").read_text(encoding="utf-8"))
+    print(f"wrote {output / 'results.md'}, {output / 'results.csv'} and plots")
+    return 0

@@ -1,0 +1,528 @@
+"""Word and character error rates and speed of a model on a manifest of transcribed clips.
+
+``evaluate(model, data)`` decodes every clip of a manifest (JSONL/CSV/TSV with ``audio`` and ``text``, read by
+`whisper_rope.data`) in batches through the model's own ``decode``, normalises references and hypotheses with
+upstream's text normaliser, and returns an `EvaluationResult`: corpus WER and CER with their substitutions,
+deletions and insertions (``jiwer``), the real-time factor, and one row per utterance.
+
+How clips are decoded:
+
+* Greedy by default (``beam_size`` for beam search), without timestamps, one window per clip; clips longer than
+  30 s are an error (or skipped with ``skip_invalid``), as are missing or undecodable audio files.
+* Features as in training (`whisper_rope.data`): a 30-s window (the audio padded with silence, then the log-mel)
+  for encoders with an absolute table; each clip's own frames, zero-padded to the batch's longest, for unpadded
+  encoders (``unpadded``), which encode each clip as if alone and mask the padding. Clips are batched in order of
+  duration, so such batches hold little padding.
+* Decoding length is capped per utterance at ``cap_factor * reference tokens + cap_offset`` (default 3x + 10, at
+  most half the text context): a model that loops until upstream's 224-token limit would otherwise dominate the
+  evaluation's time and its WER. The result says how many hypotheses reached their cap. In greedy decoding each
+  clip's tokens do not depend on its batch mates, so a batch decodes to its largest cap and each hypothesis is cut
+  to its own: the same tokens as decoding it alone with its own cap. Beam search keeps batch mates with equal caps
+  together instead, because how many steps run changes which beams finish.
+
+Batched and one-by-one decoding agree (greedy or beam search, padded or unpadded): a test pins it.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from tqdm import tqdm
+from whisper.decoding import DecodingOptions
+from whisper.model import Whisper
+from whisper.tokenizer import Tokenizer, get_tokenizer
+
+from ..data import (
+    DataError, Example, Manifest, SpeechDataset, TokenizerSpec, check_audio, language_code, make_loader, read_manifest,
+)  # fmt: skip
+from ..errors import PathLike
+from ..model import WhisperRope
+from ..options import add_dataclass_arguments, dataclass_from_args, option, standalone_main
+from ..variants import parse_variant
+from ..weights.loading import load_model
+from .metrics import ErrorRates, Normalizer, error_rates, normalizer_for
+
+NORMALIZERS = ("auto", "english", "basic", "none")
+
+
+@dataclass(frozen=True)
+class EvaluationOptions:
+    """How `evaluate` decodes and scores; each field is also a ``whisper-rope evaluate`` option."""
+
+    language: Optional[str] = field(default=None, metadata=option(
+        "spoken language (code or name) of rows without a 'language' column; English-only models always use "
+        "English; otherwise unknown languages are detected per clip"))
+    normalizer: str = field(default="auto", metadata=option(
+        "text normalisation before scoring: upstream's English normaliser, its basic one, or none; auto: English "
+        "for English-only models and English rows, basic otherwise", choices=NORMALIZERS))
+    batch_size: int = field(default=16, metadata=option("clips decoded together"))
+    beam_size: Optional[int] = field(default=None, metadata=option(
+        "beam search with this many beams (default: greedy)"))
+    fp16: Optional[bool] = field(default=None, metadata=option(
+        "decode in half precision (default: on CUDA devices; never on the CPU)"))
+    unpadded: Optional[bool] = field(default=None, metadata=option(
+        "feed each clip's own frames instead of a 30-s window (encoders without an absolute table only); "
+        "default: the model's setting (a checkpoint fine-tuned unpadded says so)"))
+    cap_factor: Optional[float] = field(default=3.0, metadata=option(
+        "cap each hypothesis at this many times the reference's tokens (plus --cap-offset); 0: no cap beyond "
+        "upstream's half the text context"))
+    cap_offset: int = field(default=10, metadata=option("tokens added to the per-utterance cap"))
+    limit: Optional[int] = field(default=None, metadata=option("evaluate only the first N rows of the manifest"))
+    skip_invalid: bool = field(default=False, metadata=option(
+        "skip unusable rows (missing or undecodable audio, clips over 30 s) and list them in the result, "
+        "instead of stopping at the first"))
+    num_workers: int = field(default=0, metadata=option("processes decoding audio files (0: in the main process)"))
+
+    def validate(self) -> "EvaluationOptions":
+        if self.normalizer not in NORMALIZERS:
+            raise ValueError(f"unknown normalizer {self.normalizer!r}: expected one of {', '.join(NORMALIZERS)}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.beam_size is not None and self.beam_size < 1:
+            raise ValueError(f"beam_size must be at least 1, got {self.beam_size}")
+        if self.cap_factor is not None and self.cap_factor < 0:
+            raise ValueError(f"cap_factor must be 0 (no cap) or positive, got {self.cap_factor}")
+        if self.cap_offset < 0:
+            raise ValueError(f"cap_offset must not be negative, got {self.cap_offset}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be at least 1 row, got {self.limit}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must not be negative, got {self.num_workers}")
+        language_code(self.language)
+        return self
+
+
+@dataclass
+class UtteranceResult:
+    """One clip: what was said, what was decoded, and the word edits between their normalised forms."""
+
+    index: int  # position among the evaluated rows, in manifest order
+    row: int  # line (JSONL) or record (CSV/TSV) number in the manifest
+    audio: str
+    seconds: float
+    language: Optional[str]  # the language decoded in (detected, if none was given)
+    reference: str
+    hypothesis: str
+    reference_normalized: str
+    hypothesis_normalized: str
+    substitutions: int
+    deletions: int
+    insertions: int
+    n_words: int  # normalised reference words
+    wer: float  # (substitutions + deletions + insertions) / max(n_words, 1)
+    cer: float
+    n_tokens: int  # hypothesis tokens
+    cap: int  # the decoding-length cap of this utterance, in tokens
+    capped: bool  # the hypothesis reached the cap (it may be a loop cut short)
+
+    @property
+    def errors(self) -> int:
+        return self.substitutions + self.deletions + self.insertions
+
+
+@dataclass
+class EvaluationResult:
+    """Corpus-level scores of one model on one manifest, the settings that produced them, and per-utterance rows.
+
+    wer/cer: edits over the normalised reference words/characters of the whole corpus (see `metrics.ErrorRates`).
+    audio_seconds: total duration of the clips. decode_seconds: wall time inside the model's ``decode`` calls
+    (features and audio reading excluded; ``wall_seconds`` includes them). rtf: decode_seconds / audio_seconds.
+    """
+
+    model: str
+    variant: str
+    data: str
+    wer: float
+    cer: float
+    substitutions: int
+    deletions: int
+    insertions: int
+    hits: int
+    n_words: int
+    n_chars: int
+    n_utterances: int
+    audio_seconds: float
+    decode_seconds: float
+    wall_seconds: float
+    rtf: float
+    normalizer: str
+    language: Optional[str]
+    decoding: str  # "greedy" or "beam search (N beams)"
+    batch_size: int
+    fp16: bool
+    unpadded: bool
+    cap: str  # how hypotheses were capped, e.g. "3 x reference tokens + 10"
+    n_capped: int
+    device: str
+    skipped: List[str] = field(default_factory=list)
+    rows: List[UtteranceResult] = field(default_factory=list, repr=False)
+
+    def to_dict(self, rows: bool = True) -> Dict[str, Any]:
+        """Plain data for JSON; ``rows=False`` leaves out the per-utterance rows."""
+        data = asdict(self)
+        if not rows:
+            del data["rows"]
+        return data
+
+    def summary(self, worst: int = 3) -> str:
+        """A one-screen report: scores, edits, speed, settings and the ``worst`` utterances by word errors."""
+        lines = [
+            f"{self.model} ({self.variant}) on {self.data}: {self.n_utterances} utterances, "
+            f"{self.audio_seconds:.1f} s of audio",
+            f"  WER {100 * self.wer:6.2f} %  ({self.substitutions} substitutions, {self.deletions} deletions, "
+            f"{self.insertions} insertions; {self.n_words} reference words)",
+            f"  CER {100 * self.cer:6.2f} %  ({self.n_chars} reference characters)",
+            f"  decoding: {self.decoding}, {'fp16' if self.fp16 else 'fp32'}, "
+            f"{'unpadded' if self.unpadded else '30-s windows'}, batches of {self.batch_size}, on {self.device}; "
+            f"capped at {self.cap}: {self.n_capped} of {self.n_utterances} reached it",
+            f"  speed: {self.decode_seconds:.1f} s decoding ({self.wall_seconds:.1f} s in all) for "
+            f"{self.audio_seconds:.1f} s of audio: real-time factor {self.rtf:.3f}",
+            f"  normaliser: {self.normalizer}",
+        ]
+        if self.skipped:
+            more = f"; and {len(self.skipped) - 3} more" if len(self.skipped) > 3 else ""
+            shown = "; ".join(self.skipped[:3]) + more
+            lines.append(f"  skipped {len(self.skipped)} rows: {shown}")
+        bad = sorted((r for r in self.rows if r.errors), key=lambda r: (-r.errors, r.index))[:worst]
+        if bad:
+            lines.append("  most word errors:")
+            for r in bad:
+                plural = "s" if r.errors > 1 else ""
+                lines.append(f"    row {r.row} ({r.errors} error{plural}){' [capped]' if r.capped else ''}")
+                lines.append(f"      ref: {_shorten(r.reference_normalized)}")
+                lines.append(f"      hyp: {_shorten(r.hypothesis_normalized)}")
+        return "\n".join(lines)
+
+    def write(self, path: PathLike) -> Tuple[Path, Path]:
+        """Write the summary (without rows) as JSON to ``path`` and the rows as JSON lines next to it
+        (``path`` with the suffix ``.jsonl``). Returns both paths."""
+        summary_path = Path(path)
+        rows_path = summary_path.with_suffix(".jsonl")
+        if rows_path == summary_path:
+            raise ValueError(
+                f"output {os.fspath(path)!r} ends in .jsonl, the suffix of the per-utterance file: use .json"
+            )
+        if summary_path.parent != Path(""):
+            summary_path.parent.mkdir(parents=True, exist_ok=True)
+        summary_path.write_text(json.dumps(self.to_dict(rows=False), indent=2, ensure_ascii=False) + "\n", "utf-8")
+        with open(rows_path, "w", encoding="utf-8") as fp:
+            for row in self.rows:
+                fp.write(json.dumps(asdict(row), ensure_ascii=False) + "\n")
+        return summary_path, rows_path
+
+
+def _shorten(text: str, width: int = 100) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _normalizer(choice: str, language: Optional[str]) -> Tuple[str, Normalizer]:
+    """(name, function) of the normaliser for a row decoded in ``language`` (None: unknown beforehand)."""
+    if choice == "none":
+        return "none", lambda text: text
+    if choice == "auto":
+        choice = "english" if language == "en" else "basic"
+    return choice, normalizer_for("en" if choice == "english" else None)
+
+
+def _manifest(data: "PathLike | Manifest | Sequence[Tuple[PathLike, str]]", strict: bool) -> Manifest:
+    if isinstance(data, Manifest):
+        return data
+    if isinstance(data, (str, os.PathLike)):
+        return read_manifest(data, strict=strict, require_text=False)
+    examples = []
+    for number, pair in enumerate(data, start=1):
+        audio, text = pair
+        examples.append(Example(audio=os.path.abspath(os.fspath(audio)), text=text, row=number))
+    return Manifest("<list>", examples)
+
+
+def _batches(order: Sequence[int], caps: Sequence[int], batch_size: int, equal_caps: bool) -> List[List[int]]:
+    """Consecutive runs of ``order`` of at most ``batch_size``; with ``equal_caps`` a batch never mixes caps."""
+    if equal_caps:
+        order = sorted(order, key=lambda i: caps[i])  # stable: the duration order holds within a cap
+    batches: List[List[int]] = []
+    for index in order:
+        if batches and len(batches[-1]) < batch_size and (not equal_caps or caps[batches[-1][0]] == caps[index]):
+            batches[-1].append(index)
+        else:
+            batches.append([index])
+    return batches
+
+
+class _UnpaddedMode:
+    """Set ``model.unpadded`` for the evaluation and restore it afterwards."""
+
+    def __init__(self, model: Whisper, unpadded: bool):
+        self.model = model
+        self.unpadded = unpadded
+        self.saved = getattr(model, "unpadded", False)
+
+    def __enter__(self) -> None:
+        if self.unpadded != self.saved:
+            if not isinstance(self.model, WhisperRope):
+                raise ValueError(
+                    "unpadded decoding needs a whisper_rope model with an encoder without an absolute table"
+                )
+            self.model.unpadded = self.unpadded
+
+    def __exit__(self, *exc: object) -> None:
+        if self.unpadded != self.saved:
+            self.model.unpadded = self.saved
+
+
+def evaluate(
+    model: Whisper,
+    data: "PathLike | Manifest | Sequence[Tuple[PathLike, str]]",
+    options: Optional[EvaluationOptions] = None,
+    *,
+    progress: bool = True,
+    **overrides: Any,
+) -> EvaluationResult:
+    """Decode every clip of ``data`` with ``model`` and score the hypotheses against the references.
+
+    Args:
+        model: a `WhisperRope` (or upstream ``Whisper``: greedy, 30-s windows), on the device to decode on.
+        data: a manifest path (JSONL/CSV/TSV with ``audio`` and ``text``; relative paths are resolved against the
+            manifest's folder), a parsed `whisper_rope.data.Manifest`, or ``(audio path, text)`` pairs.
+        options: `EvaluationOptions`; keyword ``overrides`` replace single fields (``evaluate(m, d, batch_size=8)``).
+        progress: show a progress bar (clips) on stderr.
+
+    Returns an `EvaluationResult`; its ``rows`` are in manifest order. Raises `whisper_rope.data.DataError` (a
+    ValueError) for an unusable manifest or, without ``skip_invalid``, its first unusable row.
+    """
+    options = replace(options or EvaluationOptions(), **overrides).validate()
+    started = time.perf_counter()
+    strict = not options.skip_invalid
+    device = next(model.parameters()).device
+    fp16 = (device.type == "cuda") if options.fp16 is None else options.fp16
+    if fp16 and device.type == "cpu":
+        warnings.warn("fp16 is not supported on the CPU; decoding in fp32")
+        fp16 = False
+    unpadded = bool(getattr(model, "unpadded", False)) if options.unpadded is None else options.unpadded
+    with _UnpaddedMode(model, unpadded):
+        return _evaluate(model, data, options, strict, device, fp16, unpadded, progress, started)
+
+
+def _evaluate(model, data, options, strict, device, fp16, unpadded, progress, started) -> EvaluationResult:
+    manifest = _manifest(data, strict)
+    for example in manifest.examples:
+        if example.text is None:
+            raise DataError(f"{manifest.source}, row {example.row}: has no 'text' column to score against")
+    if options.limit is not None:
+        manifest = replace(manifest, examples=manifest.examples[: options.limit])
+    if not manifest.examples and not manifest.problems:
+        raise DataError(f"manifest {manifest.source!r} is empty: it lists no audio")
+    manifest = check_audio(manifest, strict=strict)
+    spec = TokenizerSpec.for_model(model, language=options.language)
+    dataset = SpeechDataset(manifest, spec, model.dims.n_mels, pad_30s=not unpadded, strict=strict, require_text=False)
+    skipped = [str(problem) for problem in dataset.problems]
+    n = len(dataset)
+    if n == 0:
+        raise DataError(f"manifest {manifest.source!r} has no usable rows ({'; '.join(skipped[:3])})")
+
+    default_language = "en" if not model.is_multilingual else language_code(options.language)
+    languages = [
+        "en" if not model.is_multilingual else (language_code(e.language) or default_language)
+        for e in dataset.examples
+    ]
+    tokenizers: Dict[Optional[str], Tokenizer] = {}
+
+    def tokenizer_for(language: Optional[str]) -> Tokenizer:
+        if language not in tokenizers:
+            tokenizers[language] = get_tokenizer(
+                model.is_multilingual, num_languages=model.num_languages, language=language, task="transcribe"
+            )
+        return tokenizers[language]
+
+    max_len = model.dims.n_text_ctx // 2
+    references = [e.text for e in dataset.examples]
+    caps = []
+    for reference, language in zip(references, languages):
+        if not options.cap_factor:
+            caps.append(max_len)
+        else:
+            n_ref = len(tokenizer_for(language or "en").encode(" " + reference.strip())) if reference.strip() else 0
+            caps.append(min(max_len, math.ceil(options.cap_factor * n_ref) + options.cap_offset))
+
+    # Batches hold one decoding language, clips in order of duration (least padding for unpadded encoders).
+    by_language: Dict[Optional[str], List[int]] = {}
+    for index in sorted(range(n), key=lambda i: (dataset.durations[i], i)):
+        by_language.setdefault(languages[index], []).append(index)
+    beam = options.beam_size is not None and options.beam_size > 1
+    batches = [b for group in by_language.values() for b in _batches(group, caps, options.batch_size, beam)]
+
+    results: Dict[int, Tuple[Optional[str], List[int], str]] = {}
+    decode_seconds = 0.0
+    loader = make_loader(dataset, batches, num_workers=options.num_workers)
+    bar = tqdm(total=n, desc="evaluating", unit="clip", disable=not progress, file=sys.stderr)
+    try:
+        for wanted, batch in zip(batches, loader):
+            language = languages[wanted[0]]
+            sample_len = max(caps[i] for i in wanted)
+            decoding = DecodingOptions(
+                language=language, without_timestamps=True, fp16=fp16, sample_len=sample_len,
+                beam_size=options.beam_size,
+            )  # fmt: skip
+            mel = batch.mel.to(device)
+            tick = time.perf_counter()
+            decoded = _decode(model, mel, decoding)
+            decode_seconds += time.perf_counter() - tick
+            for index, got, result in zip(wanted, batch.indices, decoded):
+                if got != index:
+                    # Outside strict mode the dataset stands another clip in for one whose audio failed to decode.
+                    example = dataset.examples[index]
+                    skipped.append(f"row {example.row}: audio {example.audio!r} could not be decoded")
+                    continue
+                tokens = list(result.tokens)[: caps[index]]
+                cut = len(tokens) < len(result.tokens)
+                text = tokenizer_for(result.language).decode(tokens).strip() if cut else result.text
+                results[index] = (result.language, tokens, text)
+            bar.update(len(wanted))
+    finally:
+        bar.close()
+
+    return _score(model, dataset, manifest.source, options, results, caps, languages, references, skipped,
+                  decode_seconds, time.perf_counter() - started, fp16, unpadded, str(device))  # fmt: skip
+
+
+def _decode(model: Whisper, mel: torch.Tensor, options: DecodingOptions) -> list:
+    """One DecodingResult per clip of ``mel`` (b, n_mels, n_frames)."""
+    if mel.shape[0] > 1 and options.beam_size and options.beam_size > 1 and not isinstance(model, WhisperRope):
+        # Upstream's decode cannot beam-search several clips at once (it repeats tokens, not audio features).
+        return [model.decode(clip, options) for clip in mel]
+    with torch.no_grad():
+        decoded = model.decode(mel, options)
+    return decoded if isinstance(decoded, list) else [decoded]
+
+
+def score_texts(
+    references: Sequence[str], hypotheses: Sequence[str], normalizer: "str | Normalizer" = "english"
+) -> Tuple[ErrorRates, List[Tuple[str, str, ErrorRates]]]:
+    """Normalise references and hypotheses and count word and character edits, for the corpus and per utterance.
+
+    normalizer: ``english`` (or ``auto``) / ``basic`` (upstream's normalisers), ``none`` (compare as given, split on
+    whitespace), or a function. Returns the corpus `ErrorRates` and, per utterance, (normalised reference, normalised
+    hypothesis, its `ErrorRates`). An empty reference counts every hypothesis word as an insertion.
+    """
+    if len(references) != len(hypotheses):
+        raise ValueError(f"score_texts needs one hypothesis per reference: got {len(references)} and {len(hypotheses)}")
+    if isinstance(normalizer, str) and normalizer not in NORMALIZERS:
+        raise ValueError(f"unknown normalizer {normalizer!r}: expected one of {', '.join(NORMALIZERS)}")
+    normalize = _normalizer(normalizer, "en")[1] if isinstance(normalizer, str) else normalizer
+    pairs = [(" ".join(normalize(r).split()), " ".join(normalize(h).split())) for r, h in zip(references, hypotheses)]
+    per_utterance = [(r, h, error_rates([r], [h])) for r, h in pairs]
+    corpus = error_rates([r for r, _ in pairs], [h for _, h in pairs])
+    return corpus, per_utterance
+
+
+def _score(model, dataset, source, options, results, caps, languages, references, skipped, decode_seconds,
+           wall_seconds, fp16, unpadded, device) -> EvaluationResult:  # fmt: skip
+    rows: List[UtteranceResult] = []
+    normalized_refs, normalized_hyps, normalizer_names = [], [], set()
+    for index, example in enumerate(dataset.examples):
+        if index not in results:
+            continue  # its audio could not be decoded (listed in ``skipped``)
+        language, tokens, hypothesis = results[index]
+        name, normalize = _normalizer(options.normalizer, languages[index] if model.is_multilingual else "en")
+        normalizer_names.add(name)
+        _, [(reference_normalized, hypothesis_normalized, rates)] = score_texts(
+            [references[index]], [hypothesis], normalize
+        )
+        normalized_refs.append(reference_normalized)
+        normalized_hyps.append(hypothesis_normalized)
+        rows.append(UtteranceResult(
+            index=index, row=example.row, audio=example.audio, seconds=round(dataset.durations[index], 4),
+            language=language, reference=references[index], hypothesis=hypothesis,
+            reference_normalized=reference_normalized, hypothesis_normalized=hypothesis_normalized,
+            substitutions=rates.substitutions, deletions=rates.deletions, insertions=rates.insertions,
+            n_words=rates.n_words, wer=rates.wer, cer=rates.cer, n_tokens=len(tokens), cap=caps[index],
+            capped=len(tokens) >= caps[index],
+        ))  # fmt: skip
+    corpus = error_rates(normalized_refs, normalized_hyps)
+    audio_seconds = float(sum(dataset.durations[index] for index in results))
+    report = getattr(model, "load_report", None)
+    given_languages = sorted({str(language) for language in languages})
+    beam = options.beam_size is not None and options.beam_size > 1
+    return EvaluationResult(
+        model=report.source if report is not None else type(model).__name__,
+        variant=getattr(model, "variant", "whisper"),
+        data=source,
+        wer=corpus.wer, cer=corpus.cer, substitutions=corpus.substitutions, deletions=corpus.deletions,
+        insertions=corpus.insertions, hits=corpus.hits, n_words=corpus.n_words, n_chars=corpus.n_chars,
+        n_utterances=corpus.n_utterances, audio_seconds=round(audio_seconds, 4),
+        decode_seconds=round(decode_seconds, 4), wall_seconds=round(wall_seconds, 4),
+        rtf=round(decode_seconds / audio_seconds, 5) if audio_seconds else 0.0,
+        normalizer="+".join(sorted(normalizer_names)),
+        language=given_languages[0] if len(given_languages) == 1 and given_languages[0] != "None" else None,
+        decoding=f"beam search ({options.beam_size} beams)" if beam else "greedy",
+        batch_size=options.batch_size, fp16=fp16, unpadded=unpadded,
+        cap=(f"{options.cap_factor:g} x reference tokens + {options.cap_offset}" if options.cap_factor
+             else f"{model.dims.n_text_ctx // 2} tokens (upstream's limit)"),
+        n_capped=sum(row.capped for row in rows), device=device, skipped=skipped, rows=rows,
+    )  # fmt: skip
+
+
+# ---- command line ------------------------------------------------------------------------------------------------
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of ``whisper-rope evaluate``: model and data, then one per `EvaluationOptions` field
+    (``--batch-size``, also ``--batch_size``; booleans as ``--skip-invalid``/``--no-skip-invalid``)."""
+    add = parser.add_argument
+    add("--model", required=True, help="model name (tiny.en ... large-v3-turbo), a .pt checkpoint (upstream's or "
+        "whisper_rope's), or a faster-whisper / Hugging Face model directory")
+    add("--variant", default=None, help="positional variant to load the weights into (default: the checkpoint's)")
+    add("--rotary-theta", "--rotary_theta", dest="rotary_theta", type=float, default=None,
+        help="RoPE base (default: the checkpoint's)")
+    add("--data", required=True, help="manifest of the clips to evaluate: JSONL, CSV or TSV with 'audio' and 'text'")
+    add("--output", "-o", default=None, help="write the summary as JSON here and the per-utterance rows as JSON "
+        "lines next to it (same name, suffix .jsonl)")
+    add("--model-dir", "--model_dir", dest="model_dir", default=None,
+        help="where upstream model downloads are cached (default ~/.cache/whisper)")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="PyTorch device to run on")
+    add("--threads", type=int, default=0, help="torch CPU threads (0 keeps torch's default)")
+    add("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    add_dataclass_arguments(parser, EvaluationOptions)
+    return parser
+
+
+def options_from_args(args: argparse.Namespace) -> EvaluationOptions:
+    """The `EvaluationOptions` of parsed ``whisper-rope evaluate`` arguments (validated)."""
+    return dataclass_from_args(EvaluationOptions, args).validate()
+
+
+def run_evaluate_cli(args: argparse.Namespace) -> int:
+    """Run ``whisper-rope evaluate`` from parsed arguments: print the summary, write ``--output``; exit status 0."""
+    options = options_from_args(args)
+    if args.variant is not None:
+        parse_variant(args.variant)  # a bad variant is reported before any weights are looked for
+    if args.threads and args.threads > 0:
+        torch.set_num_threads(args.threads)
+    model = load_model(
+        args.model, variant=args.variant, device=args.device, download_root=args.model_dir,
+        rotary_theta=args.rotary_theta, unpadded=options.unpadded,
+    )  # fmt: skip
+    result = evaluate(model, args.data, options, progress=args.progress)
+    print(result.summary())
+    if args.output:
+        summary_path, rows_path = result.write(args.output)
+        print(f"wrote {summary_path} and {rows_path}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m whisper_rope.evaluate ...`` (or ``python -m whisper_rope.evaluation.evaluate``): the evaluate command on its own."""
+    description = "Word and character error rates and real-time factor of a model on a manifest of transcribed clips."
+    return standalone_main("whisper-rope evaluate", description, add_evaluate_arguments, run_evaluate_cli, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

