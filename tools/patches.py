@@ -180,15 +180,18 @@ _ATTENTION_ROTATION = SourceEdit(
         # of positions 0 .. n_k - 1, and the n_ctx queries are the last of them
         n_k = k.shape[1]
         scale = (n_state // self.n_head) ** -0.25
-        q = q.view(*q.shape[:2], self.n_head, -1).permute(0, 2, 1, 3)
-        k = k.view(*k.shape[:2], self.n_head, -1).permute(0, 2, 1, 3)
-        v = v.view(*v.shape[:2], self.n_head, -1).permute(0, 2, 1, 3)
-
+        q = q.view(*q.shape[:2], self.n_head, -1)
+        k = k.view(*k.shape[:2], self.n_head, -1)
         if self.rotary:
-            # rotated after the cache, so that every cached key keeps its own position
+            # rotated after the cache, so that every cached key keeps its own position;
+            # per head before the heads move to dim 1, so that q @ k sees whisper_rope's
+            # memory layout (a matmul sums in another order on another layout)
             cos, sin = rotary_tables(n_k, q.shape[-1], q.device, q.dtype)
-            q = apply_rotary(q, cos[n_k - n_ctx :], sin[n_k - n_ctx :])
-            k = apply_rotary(k, cos, sin)
+            q = apply_rotary(q, cos[n_k - n_ctx :, None], sin[n_k - n_ctx :, None])
+            k = apply_rotary(k, cos[:, None], sin[:, None])
+        q = q.permute(0, 2, 1, 3)
+        k = k.permute(0, 2, 1, 3)
+        v = v.view(*v.shape[:2], self.n_head, -1).permute(0, 2, 1, 3)
 
         if SDPA_AVAILABLE and MultiHeadAttention.use_sdpa:
             if mask is not None and 1 < n_ctx < n_k:
