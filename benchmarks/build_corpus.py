@@ -77,11 +77,15 @@ def corpus_plan(seed: int, sizes: Dict[str, int]) -> Dict[str, List[ClipSpec]]:
 def main(argv: "Sequence[str] | None" = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output folder (created; existing splits need --overwrite)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="chooses sentences, voices, speeds and pitches (default: 0)")  # fmt: skip
-    parser.add_argument("--small", action="store_true",
-                        help=f"a CI-sized corpus ({', '.join(f'{k} {v}' for k, v in SMALL_SIZES.items())} clips) "
-                             f"instead of {', '.join(f'{k} {v}' for k, v in SIZES.items())}")  # fmt: skip
+    parser.add_argument(
+        "--seed", type=int, default=0, help="chooses sentences, voices, speeds and pitches (default: 0)"
+    )
+    parser.add_argument(
+        "--small",
+        action="store_true",
+        help=f"a CI-sized corpus ({', '.join(f'{k} {v}' for k, v in SMALL_SIZES.items())} clips) "
+        f"instead of {', '.join(f'{k} {v}' for k, v in SIZES.items())}",
+    )
     parser.add_argument("--jobs", type=int, default=2, help="synthesiser processes run at once")
     parser.add_argument("--overwrite", action="store_true", help="replace existing splits in --out")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
@@ -110,8 +114,10 @@ def main(argv: "Sequence[str] | None" = None) -> int:
             "voices": sorted({f"{row['engine']}:{row['voice']}" for row in rows}),
             "sentences": "training grammar" if split == "train" else "evaluation grammar",
         }
-        print(f"{split:10s} {len(rows):5d} clips  {sum(durations) / 60:6.1f} min  "
-              f"{min(durations):.2f}-{max(durations):.2f} s  -> {manifest}")  # fmt: skip
+        print(
+            f"{split:10s} {len(rows):5d} clips  {sum(durations) / 60:6.1f} min  "
+            f"{min(durations):.2f}-{max(durations):.2f} s  -> {manifest}"
+        )
     Path(args.out, "corpus.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return 0
 

@@ -126,7 +126,7 @@ def synthesize_within(
     return audio, voice
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _installed_voices(engine: str) -> Tuple[frozenset, frozenset]:
     """(voices, espeak-ng variants) the engine knows; both synthesisers silently fall back to a default voice when
     given an unknown name, so names are checked against these lists first."""
@@ -168,9 +168,15 @@ def _synthesize_clip(job: "tuple[ClipSpec, str, str, Optional[Tuple[float, float
     relative = f"{split}/{clip.id}.flac"
     sf.write(os.path.join(out_dir, relative), audio, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
     return {
-        "audio": relative, "text": clip.text, "id": clip.id, "duration": round(len(audio) / SAMPLE_RATE, 4),
-        "engine": voice.engine, "voice": voice.name, "speed": voice.speed, "pitch": voice.pitch,
-    }  # fmt: skip
+        "audio": relative,
+        "text": clip.text,
+        "id": clip.id,
+        "duration": round(len(audio) / SAMPLE_RATE, 4),
+        "engine": voice.engine,
+        "voice": voice.name,
+        "speed": voice.speed,
+        "pitch": voice.pitch,
+    }
 
 
 def tool_versions() -> Dict[str, str]:
@@ -253,4 +259,3 @@ def _run(jobs: List[tuple], workers: int, progress: bool) -> List[dict]:
 def _tick(bar, row: dict) -> dict:
     bar.update(1)
     return row
-

@@ -17,8 +17,8 @@ growth over the pre-training baseline; CUDA: ``max_memory_allocated``), which al
 warm-up step each, then ``--steps`` rounds in which every system takes one step in turn, so that load from other
 processes hits them alike; reported: median seconds per step and audio seconds trained per wall second.
 
-``--end-to-end`` adds ``whisper_rope.training.loop.finetune`` itself (rotary, unpadded, DataLoader workers decoding audio),
-read from its own log.
+``--end-to-end`` adds ``whisper_rope.training.loop.finetune`` itself (rotary, unpadded, DataLoader workers decoding
+audio), read from its own log.
 
 Usage: ``python3 benchmarks/train_speed.py [--steps 3] [--batch-size 8] [--threads 2] [--device cpu]
 [--systems whisper-padded,rotary-unpadded] [--end-to-end] [--json out.json]``. Install ``transformers`` for the
@@ -44,8 +44,18 @@ sys.path.insert(0, str(ROOT))
 
 SPEECH = ROOT / "tests" / "fixtures" / "speech"
 SYSTEMS = ("whisper-padded", "hf-padded", "rotary-padded", "rotary-unpadded", "whisper-padded-ckpt")
-TINY_EN_DIMS = dict(n_mels=80, n_audio_ctx=1500, n_audio_state=384, n_audio_head=6, n_audio_layer=4, n_vocab=51864,
-                    n_text_ctx=448, n_text_state=384, n_text_head=6, n_text_layer=4)  # fmt: skip
+TINY_EN_DIMS = dict(
+    n_mels=80,
+    n_audio_ctx=1500,
+    n_audio_state=384,
+    n_audio_head=6,
+    n_audio_layer=4,
+    n_vocab=51864,
+    n_text_ctx=448,
+    n_text_state=384,
+    n_text_head=6,
+    n_text_layer=4,
+)
 
 
 def _peak_rss_mb() -> float:
@@ -151,8 +161,12 @@ def memory_of(name: str, args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats()
     first_loss = system.step()
     system.step()
-    result = {"system": name, "first_step_loss": first_loss, "mel_frames": int(system.batch.mel.shape[-1]),
-              "batch_audio_seconds": system.audio_seconds}  # fmt: skip
+    result = {
+        "system": name,
+        "first_step_loss": first_loss,
+        "mel_frames": int(system.batch.mel.shape[-1]),
+        "batch_audio_seconds": system.audio_seconds,
+    }
     if system.device.type == "cuda":
         result["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -184,19 +198,43 @@ def end_to_end(args: argparse.Namespace) -> dict:
     model = _load("rotary", args.random_weights)
     with tempfile.TemporaryDirectory() as folder:
         manifest = _manifest(Path(folder), 8)
-        config = FinetuneConfig(train=str(manifest), output=str(Path(folder) / "run"), steps=args.steps + 1,
-                                batch_size=args.batch_size if args.batch_size <= 8 else 8, lr=1e-5, warmup_steps=0,
-                                num_workers=2, log_every=1, progress=False, device=args.device,
-                                threads=args.threads)  # fmt: skip
+        config = FinetuneConfig(
+            train=str(manifest),
+            output=str(Path(folder) / "run"),
+            steps=args.steps + 1,
+            batch_size=args.batch_size if args.batch_size <= 8 else 8,
+            lr=1e-5,
+            warmup_steps=0,
+            num_workers=2,
+            log_every=1,
+            progress=False,
+            device=args.device,
+            threads=args.threads,
+        )
         result = finetune(model, config=config)
     rates = [r["audio_seconds_per_second"] for r in result.history if r.get("event") == "train"][1:]
-    return {"system": "finetune-rotary-unpadded", "audio_seconds_per_second": statistics.median(rates),
-            "peak_rss_mb": _peak_rss_mb()}  # fmt: skip
+    return {
+        "system": "finetune-rotary-unpadded",
+        "audio_seconds_per_second": statistics.median(rates),
+        "peak_rss_mb": _peak_rss_mb(),
+    }
 
 
 def _child(name: str, args: argparse.Namespace) -> dict:
-    command = [sys.executable, __file__, "--child", name, "--steps", str(args.steps), "--batch-size",
-               str(args.batch_size), "--threads", str(args.threads), "--device", args.device]  # fmt: skip
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        name,
+        "--steps",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--threads",
+        str(args.threads),
+        "--device",
+        args.device,
+    ]
     if args.random_weights:
         command.append("--random-weights")
     done = subprocess.run(command, capture_output=True, text=True)
@@ -261,9 +299,11 @@ def main() -> int:
             result["seconds_per_step"] = statistics.median(times[result["system"]])
             result["audio_seconds_per_second"] = result["batch_audio_seconds"] / result["seconds_per_step"]
     hardware = torch.cuda.get_device_name() if args.device.startswith("cuda") else _cpu_name()
-    print(f"device: {args.device} ({hardware}); torch {torch.__version__}; threads {args.threads}; "
-          f"batch {args.batch_size} clips; {args.steps} timed steps; "
-          f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+    print(
+        f"device: {args.device} ({hardware}); torch {torch.__version__}; threads {args.threads}; "
+        f"batch {args.batch_size} clips; {args.steps} timed steps; "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     print(_table(results, args.device))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))

@@ -29,7 +29,6 @@ script works.
 import argparse
 import contextlib
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -48,9 +47,9 @@ sys.path.insert(0, str(ROOT))
 
 import whisper_rope  # noqa: E402
 from whisper_rope.audio import SAMPLE_RATE, load_audio  # noqa: E402
+from whisper_rope.data import read_manifest  # noqa: E402
 from whisper_rope.transcribe import transcribe_many  # noqa: E402
 from whisper_rope.weights import packages  # noqa: E402
-from whisper_rope.data import read_manifest  # noqa: E402
 
 SPEECH = ROOT / "tests" / "fixtures" / "speech"
 MODEL = "tiny.en"
@@ -120,8 +119,9 @@ def load_torch_models(finetuned: Optional[Path] = None) -> dict:
     if finetuned is not None:
         model = whisper_rope.load_model(str(finetuned), device="cpu").float()
         if model.encoder.needs_full_window:
-            raise SystemExit(f"--finetuned {finetuned}: variant {model.variant} has an encoder table; it cannot run "
-                             "unpadded")  # fmt: skip
+            raise SystemExit(
+                f"--finetuned {finetuned}: variant {model.variant} has an encoder table; it cannot run unpadded"
+            )
         models["finetuned"] = model
     return models
 
@@ -148,11 +148,15 @@ def torch_systems(models: dict, sample_len: int) -> Dict[str, Transcriber]:
         return run
 
     finetuned = models.get("finetuned")
-    extra = {} if finetuned is None else {
-        "fine-tuned rotary": one_by_one(finetuned, False),
-        "fine-tuned rotary unpadded": one_by_one(finetuned, True),
-        "fine-tuned rotary unpadded, batch 8": batched(finetuned, True),
-    }  # fmt: skip
+    extra = (
+        {}
+        if finetuned is None
+        else {
+            "fine-tuned rotary": one_by_one(finetuned, False),
+            "fine-tuned rotary unpadded": one_by_one(finetuned, True),
+            "fine-tuned rotary unpadded, batch 8": batched(finetuned, True),
+        }
+    )
     return {
         "openai-whisper": one_by_one(upstream),
         "whisper_rope whisper": one_by_one(ours),
@@ -179,9 +183,14 @@ def faster_whisper_systems(threads: int, sample_len: int) -> Dict[str, Transcrib
             texts = []
             for audio in audios:
                 segments, _ = model.transcribe(
-                    audio, language="en", beam_size=beam or 1, temperature=0.0, max_new_tokens=sample_len,
-                    condition_on_previous_text=True, vad_filter=False,
-                )  # fmt: skip
+                    audio,
+                    language="en",
+                    beam_size=beam or 1,
+                    temperature=0.0,
+                    max_new_tokens=sample_len,
+                    condition_on_previous_text=True,
+                    vad_filter=False,
+                )
                 texts.append("".join(segment.text for segment in segments))
             return texts
 
@@ -197,7 +206,9 @@ def timed(function: Callable[[], object]) -> Tuple[float, float, object]:
     return time.process_time() - cpu, time.perf_counter() - wall, value
 
 
-def interleaved(tasks: Dict[str, Callable[[], object]], runs: int, warmup: bool) -> Dict[str, Tuple[float, float, object]]:
+def interleaved(
+    tasks: Dict[str, Callable[[], object]], runs: int, warmup: bool
+) -> Dict[str, Tuple[float, float, object]]:
     """Median CPU seconds, median wall seconds and last value of each task, run ``runs`` times in turn.
 
     CPU time is the primary number: on a machine shared with other jobs, wall time measures their load as much as
@@ -224,23 +235,37 @@ def rope_overhead(models: dict, runs: int, n_tokens: int, warmup: bool) -> List[
     mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(audio))[None]
     eot = whisper.tokenizer.get_tokenizer(False).eot
     rows = []
-    for label, beam in (("encoder forward", 0), (f"greedy, {n_tokens} tokens", None), (f"beam 5, {n_tokens} tokens", 5)):
+    for label, beam in (
+        ("encoder forward", 0),
+        (f"greedy, {n_tokens} tokens", None),
+        (f"beam 5, {n_tokens} tokens", 5),
+    ):
+
         def task(model, beam=beam):
             if beam == 0:
                 with torch.no_grad():
                     return model.encoder(mel)
             options = whisper.DecodingOptions(
-                language="en", fp16=False, beam_size=beam, sample_len=n_tokens, without_timestamps=True,
+                language="en",
+                fp16=False,
+                beam_size=beam,
+                sample_len=n_tokens,
+                without_timestamps=True,
                 suppress_tokens=[-1, eot],
-            )  # fmt: skip
+            )
             return model.decode(mel, options)
 
         result = interleaved({name: (lambda m=model: task(m)) for name, model in models.items()}, runs, warmup)
         (whisper_s, whisper_wall, _), (rotary_s, rotary_wall, _) = result["whisper"], result["rotary"]
-        rows.append({
-            "measure": label, "whisper_s": whisper_s, "rotary_s": rotary_s, "ratio": rotary_s / whisper_s,
-            "wall_ratio": rotary_wall / whisper_wall,
-        })  # fmt: skip
+        rows.append(
+            {
+                "measure": label,
+                "whisper_s": whisper_s,
+                "rotary_s": rotary_s,
+                "ratio": rotary_s / whisper_s,
+                "wall_ratio": rotary_wall / whisper_wall,
+            }
+        )
     return rows
 
 
@@ -270,12 +295,19 @@ def end_to_end(systems: Dict[str, Transcriber], sets: Dict[str, List[Clip]], run
             warmup = False
             base = results.get("faster-whisper int8", (None, None))
             for name, (cpu_s, wall_s, texts) in results.items():
-                rows.append({
-                    "set": set_name, "audio_s": seconds_of_audio, "decoding": decoding, "system": name,
-                    "cpu_s": cpu_s, "wall_s": wall_s, "ratio_to_fw_int8": cpu_s / base[0] if base[0] else None,
-                    "wall_ratio_to_fw_int8": wall_s / base[1] if base[1] else None,
-                    "wer": word_error_rate(references, texts),
-                })  # fmt: skip
+                rows.append(
+                    {
+                        "set": set_name,
+                        "audio_s": seconds_of_audio,
+                        "decoding": decoding,
+                        "system": name,
+                        "cpu_s": cpu_s,
+                        "wall_s": wall_s,
+                        "ratio_to_fw_int8": cpu_s / base[0] if base[0] else None,
+                        "wall_ratio_to_fw_int8": wall_s / base[1] if base[1] else None,
+                        "wer": word_error_rate(references, texts),
+                    }
+                )
             print(f"done: {set_name}, {decoding}", file=sys.stderr, flush=True)
     return rows
 
@@ -317,19 +349,36 @@ def markdown(rope_rows: List[dict], rows: List[dict]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3, help="timed runs per measurement (median reported)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads for torch and CTranslate2 (1: CPU time then equals compute time)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads for torch and CTranslate2 (1: CPU time then equals compute time)",
+    )
     parser.add_argument("--sample-len", type=int, default=128, help="token cap per 30-s window, for every system")
     parser.add_argument("--rope-tokens", type=int, default=48, help="tokens decoded in the RoPE overhead measurement")
     parser.add_argument("--quick", action="store_true", help="one short clip, one run, no long-form: a smoke test")
-    parser.add_argument("--finetuned", type=Path, default=None,
-                        help="also time this rotary checkpoint fine-tuned unpadded (padded, unpadded, batched)")
-    parser.add_argument("--clips", type=Path, default=None,
-                        help="short clips from this manifest (JSONL/CSV/TSV: audio, text) instead of the fixtures")
+    parser.add_argument(
+        "--finetuned",
+        type=Path,
+        default=None,
+        help="also time this rotary checkpoint fine-tuned unpadded (padded, unpadded, batched)",
+    )
+    parser.add_argument(
+        "--clips",
+        type=Path,
+        default=None,
+        help="short clips from this manifest (JSONL/CSV/TSV: audio, text) instead of the fixtures",
+    )
     parser.add_argument("--max-clips", type=int, default=20, help="clips taken from --clips (those up to 10 s)")
     parser.add_argument("--no-long-form", action="store_true", help="time the short clips only")
-    parser.add_argument("--systems", nargs="+", default=None, metavar="NAME",
-                        help="time only these systems (names as in the table, e.g. 'faster-whisper int8')")
+    parser.add_argument(
+        "--systems",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="time only these systems (names as in the table, e.g. 'faster-whisper int8')",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -342,7 +391,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sets["long-form"] = [long_clip(clips, s, offset=i * 3) for i, s in enumerate(LONG_SECONDS)]
 
     models = load_torch_models(args.finetuned)
-    rope_rows = rope_overhead(models, 1 if args.quick else 2 * runs + 1, 4 if args.quick else args.rope_tokens, not args.quick)
+    rope_rows = rope_overhead(
+        models, 1 if args.quick else 2 * runs + 1, 4 if args.quick else args.rope_tokens, not args.quick
+    )
     systems = {**faster_whisper_systems(args.threads, sample_len), **torch_systems(models, sample_len)}
     if args.systems:
         unknown = [name for name in args.systems if name not in systems]
@@ -352,8 +403,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows = end_to_end(systems, sets, runs, warmup=not args.quick)
 
     command = "python3 benchmarks/transcribe_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    header = (f"CPU: {cpu_model()}, {args.threads} threads (torch {torch.__version__}); runs: {runs}; "
-              f"token cap {sample_len} per window; command: `{command.strip()}`")  # fmt: skip
+    header = (
+        f"CPU: {cpu_model()}, {args.threads} threads (torch {torch.__version__}); runs: {runs}; "
+        f"token cap {sample_len} per window; command: `{command.strip()}`"
+    )
     print(header)
     print(markdown(rope_rows, rows))
     if args.json:

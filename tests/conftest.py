@@ -15,9 +15,17 @@ MIXED_VARIANTS = ["rotary+sinusoidal/learned", "sinusoidal/rotary+learned", "rot
 def small_dims(n_audio_ctx: int = 24, n_text_ctx: int = 32) -> ModelDimensions:
     """Tiny dims with the English-only vocabulary, so upstream's tokenizer and decoding work unchanged."""
     return ModelDimensions(
-        n_mels=80, n_audio_ctx=n_audio_ctx, n_audio_state=64, n_audio_head=4, n_audio_layer=2,
-        n_vocab=51864, n_text_ctx=n_text_ctx, n_text_state=64, n_text_head=4, n_text_layer=2,
-    )  # fmt: skip
+        n_mels=80,
+        n_audio_ctx=n_audio_ctx,
+        n_audio_state=64,
+        n_audio_head=4,
+        n_audio_layer=2,
+        n_vocab=51864,
+        n_text_ctx=n_text_ctx,
+        n_text_state=64,
+        n_text_head=4,
+        n_text_layer=2,
+    )
 
 
 @pytest.fixture

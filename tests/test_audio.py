@@ -31,7 +31,6 @@ HELLO = FIXTURES / "hello.flac"
 CODEC_FRAME = {"wav": 0, "ogg": 1024, "mp3": 1152, "m4a": 1024}
 
 
-
 def needs_system_ffmpeg(test):
     """Upstream's `whisper.audio.load_audio` runs the ffmpeg on PATH; CI installs it, so its absence fails loudly."""
     return test

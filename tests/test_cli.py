@@ -28,19 +28,48 @@ def _run(*args):
 
 
 def test_transcribe_writes_every_output_format(random_model_file, tmp_path):
-    status = _run(HELLO, "--model", random_model_file, "--output_dir", tmp_path, "--fp16", "False",
-                  "--verbose", "False", "--temperature_increment_on_fallback", "None", "--word_timestamps", "True")
+    status = _run(
+        HELLO,
+        "--model",
+        random_model_file,
+        "--output_dir",
+        tmp_path,
+        "--fp16",
+        "False",
+        "--verbose",
+        "False",
+        "--temperature_increment_on_fallback",
+        "None",
+        "--word_timestamps",
+        "True",
+    )
     assert status == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"hello.{ext}" for ext in ("json", "srt", "tsv", "txt", "vtt")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f"hello.{ext}" for ext in ("json", "srt", "tsv", "txt", "vtt")
+    ]
     result = json.loads((tmp_path / "hello.json").read_text())
     assert result["language"] == "en" and "segments" in result
 
 
 def test_missing_file_among_several_fails_only_itself(random_model_file, tmp_path, capsys):
     missing = tmp_path / "nope.wav"
-    status = _run("transcribe", missing, HELLO, "--model", random_model_file, "--output_dir", tmp_path,
-                  "--output_format", "txt", "--fp16", "False", "--verbose", "False",
-                  "--temperature_increment_on_fallback", "None")
+    status = _run(
+        "transcribe",
+        missing,
+        HELLO,
+        "--model",
+        random_model_file,
+        "--output_dir",
+        tmp_path,
+        "--output_format",
+        "txt",
+        "--fp16",
+        "False",
+        "--verbose",
+        "False",
+        "--temperature_increment_on_fallback",
+        "None",
+    )
     assert status == 1
     assert (tmp_path / "hello.txt").exists() and not (tmp_path / "nope.txt").exists()
     err = capsys.readouterr().err.strip().splitlines()
@@ -65,10 +94,22 @@ def test_bad_model_or_variant_is_one_line(args, message, capsys):
 
 
 def test_help_lists_upstream_options_and_ours():
-    result = subprocess.run([sys.executable, "-m", "whisper_rope.cli", "transcribe", "--help"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "whisper_rope.cli", "transcribe", "--help"], capture_output=True, text=True
+    )
     assert result.returncode == 0
-    for option in ("--model_dir", "--output_format", "--best_of", "--carry_initial_prompt", "--clip_timestamps",
-                   "--hallucination_silence_threshold", "--max_words_per_line", "--variant", "--rotary_theta", "--unpadded"):
+    for option in (
+        "--model_dir",
+        "--output_format",
+        "--best_of",
+        "--carry_initial_prompt",
+        "--clip_timestamps",
+        "--hallucination_silence_threshold",
+        "--max_words_per_line",
+        "--variant",
+        "--rotary_theta",
+        "--unpadded",
+    ):
         assert option in result.stdout, option
 
 

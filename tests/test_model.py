@@ -31,8 +31,12 @@ def _upstream_pair(dims):
 
 def test_presets_and_canonical_names():
     assert whisper_rope.available_variants() == [
-        "whisper", "rotary", "rotary/sinusoidal", "rotary/rotary+sinusoidal", "rotary/learned-sinusoidal"
-    ]  # fmt: skip
+        "whisper",
+        "rotary",
+        "rotary/sinusoidal",
+        "rotary/rotary+sinusoidal",
+        "rotary/learned-sinusoidal",
+    ]
     assert whisper_rope.parse_variant("whisper").name == "sinusoidal/learned"
     assert whisper_rope.parse_variant("sinusoidal+rotary/learned+rotary").name == "rotary+sinusoidal/rotary+learned"
 
@@ -114,7 +118,9 @@ def test_cached_decoding_matches_full_forward(dims, variant, beam_size):
     mel = torch.randn(2, 80, 2 * dims.n_audio_ctx)
     errors = []
     with _record_cache_errors(reference, errors):
-        results = model.decode(mel, whisper.DecodingOptions(language="en", beam_size=beam_size, sample_len=12, fp16=False))
+        results = model.decode(
+            mel, whisper.DecodingOptions(language="en", beam_size=beam_size, sample_len=12, fp16=False)
+        )
     assert len(results) == 2 and len(errors) >= 10
     assert max(errors) < 1e-5, f"{variant}: max |cached - full| = {max(errors):.2e}"
 
@@ -130,7 +136,9 @@ def test_chunked_decoding_onto_cache_matches_full_forward(dims, variant):
     for context in (contextlib.nullcontext, disable_sdpa):
         with context():
             cache, hooks = model.install_kv_cache_hooks()
-            chunks = [model.decoder(tokens[:, a:b], audio, kv_cache=cache) for a, b in [(0, 4), (4, 5), (5, 11), (11, 20)]]
+            chunks = [
+                model.decoder(tokens[:, a:b], audio, kv_cache=cache) for a, b in [(0, 4), (4, 5), (5, 11), (11, 20)]
+            ]
             for hook in hooks:
                 hook.remove()
             torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=0)
@@ -153,7 +161,13 @@ def test_upstream_is_wrong_on_chunked_decoding(dims):
     audio = upstream.embed_audio(torch.randn(1, 80, 2 * dims.n_audio_ctx))
     full = upstream.decoder(tokens, audio)
     cache, hooks = upstream.install_kv_cache_hooks()
-    chunked = torch.cat([upstream.decoder(tokens[:, :4], audio, kv_cache=cache), upstream.decoder(tokens[:, 4:], audio, kv_cache=cache)], 1)
+    chunked = torch.cat(
+        [
+            upstream.decoder(tokens[:, :4], audio, kv_cache=cache),
+            upstream.decoder(tokens[:, 4:], audio, kv_cache=cache),
+        ],
+        1,
+    )
     assert (chunked - full).abs().max() > 1e-3
 
 

@@ -56,6 +56,20 @@ def test_rotary_variant_of_tiny_en_loads_by_the_table():
 
 
 def test_readme_main_command(tmp_path):
-    assert cli.main(["--model", "tiny.en", "--fp16", "False", "--output_dir", str(tmp_path), "--verbose", "False",
-                     str(FIXTURES / "hello.flac")]) == 0
+    assert (
+        cli.main(
+            [
+                "--model",
+                "tiny.en",
+                "--fp16",
+                "False",
+                "--output_dir",
+                str(tmp_path),
+                "--verbose",
+                "False",
+                str(FIXTURES / "hello.flac"),
+            ]
+        )
+        == 0
+    )
     assert normalise((tmp_path / "hello.txt").read_text()) == HELLO_WORDS

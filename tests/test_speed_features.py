@@ -16,10 +16,10 @@ from whisper.audio import N_FRAMES, N_SAMPLES
 import whisper_rope
 from whisper_rope import cli, positional
 from whisper_rope.audio import load_audio
-from whisper_rope.transcribe import transcribe_many
 from whisper_rope.decoding import BatchDecodingTask
 from whisper_rope.features import real_frame_counts, trailing_padding_start
 from whisper_rope.positional import RotaryEmbedding, apply_rotary, rotate_half
+from whisper_rope.transcribe import transcribe_many
 
 from .conftest import FIXTURES, randomise_, small_dims
 
@@ -260,9 +260,15 @@ def test_transcribe_many_redecodes_failed_clips_alone_at_the_next_temperature(sp
     sizes = _record_batches(monkeypatch)
     # Every average log-probability is below 0: every batched result fails and falls back to temperature 1.
     results = transcribe_many(
-        model, speech[:3], batch_size=3, temperature=(0.0, 1.0), logprob_threshold=0.0, no_speech_threshold=None,
-        fp16=False, sample_len=6,
-    )  # fmt: skip
+        model,
+        speech[:3],
+        batch_size=3,
+        temperature=(0.0, 1.0),
+        logprob_threshold=0.0,
+        no_speech_threshold=None,
+        fp16=False,
+        sample_len=6,
+    )
     assert sizes[0] == 3 and all(size == 1 for size in sizes[1:]) and len(sizes) >= 4
     assert all(segment["temperature"] == 1.0 for result in results for segment in result["segments"])
 
@@ -273,9 +279,27 @@ def test_cli_batch_size_writes_the_same_files(tmp_path):
     outputs = {}
     for batch_size in (1, 4):
         out = tmp_path / f"out{batch_size}"
-        status = cli.main([*map(str, SPEECH[:3]), "--model", str(model_file), "--batch_size", str(batch_size),
-                           "--output_dir", str(out), "--fp16", "False", "--verbose", "False", "--beam_size", "2",
-                           "--temperature_increment_on_fallback", "None", "--unpadded", "True"])  # fmt: skip
+        status = cli.main(
+            [
+                *map(str, SPEECH[:3]),
+                "--model",
+                str(model_file),
+                "--batch_size",
+                str(batch_size),
+                "--output_dir",
+                str(out),
+                "--fp16",
+                "False",
+                "--verbose",
+                "False",
+                "--beam_size",
+                "2",
+                "--temperature_increment_on_fallback",
+                "None",
+                "--unpadded",
+                "True",
+            ]
+        )
         assert status == 0
         outputs[batch_size] = {p.name: p.read_text() for p in sorted(out.iterdir())}
     assert len(outputs[1]) == 15 and outputs[1].keys() == outputs[4].keys()
@@ -295,11 +319,31 @@ def test_benchmark_script_runs_in_quick_mode(tmp_path):
     out = tmp_path / "results.json"
     script = ROOT / "benchmarks" / "transcribe_speed.py"
     finetuned = whisper_rope.save_checkpoint(whisper_rope.build_model(small_dims(), "rotary"), tmp_path / "ft.pt")
-    chosen = ["openai-whisper", "whisper_rope whisper", "whisper_rope rotary unpadded, batch 8", "fine-tuned rotary",
-              "fine-tuned rotary unpadded, batch 8", "faster-whisper int8"]  # fmt: skip
-    run = subprocess.run([sys.executable, str(script), "--quick", "--json", str(out), "--finetuned", str(finetuned),
-                          "--clips", str(FIXTURES / "speech" / "manifest.jsonl"), "--systems", *chosen],
-                         capture_output=True, text=True)  # fmt: skip
+    chosen = [
+        "openai-whisper",
+        "whisper_rope whisper",
+        "whisper_rope rotary unpadded, batch 8",
+        "fine-tuned rotary",
+        "fine-tuned rotary unpadded, batch 8",
+        "faster-whisper int8",
+    ]
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--quick",
+            "--json",
+            str(out),
+            "--finetuned",
+            str(finetuned),
+            "--clips",
+            str(FIXTURES / "speech" / "manifest.jsonl"),
+            "--systems",
+            *chosen,
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     results = json.loads(out.read_text())
     assert {row["system"] for row in results["end_to_end"]} == set(chosen)

@@ -16,15 +16,39 @@ def test_pinned_release():
 
 def test_upstream_names_we_rely_on():
     model = whisper.model
-    for name in ("Whisper", "AudioEncoder", "TextDecoder", "ResidualAttentionBlock", "MultiHeadAttention",
-                 "ModelDimensions", "sinusoids", "disable_sdpa", "SDPA_AVAILABLE"):
+    for name in (
+        "Whisper",
+        "AudioEncoder",
+        "TextDecoder",
+        "ResidualAttentionBlock",
+        "MultiHeadAttention",
+        "ModelDimensions",
+        "sinusoids",
+        "disable_sdpa",
+        "SDPA_AVAILABLE",
+    ):
         assert hasattr(model, name), name
     assert [f.name for f in dataclasses.fields(model.ModelDimensions)] == [
-        "n_mels", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer",
-        "n_vocab", "n_text_ctx", "n_text_state", "n_text_head", "n_text_layer"]  # fmt: skip
+        "n_mels",
+        "n_audio_ctx",
+        "n_audio_state",
+        "n_audio_head",
+        "n_audio_layer",
+        "n_vocab",
+        "n_text_ctx",
+        "n_text_state",
+        "n_text_head",
+        "n_text_layer",
+    ]
     assert list(inspect.signature(model.MultiHeadAttention.qkv_attention).parameters) == ["self", "q", "k", "v", "mask"]
     assert model.MultiHeadAttention.use_sdpa is True
-    assert list(inspect.signature(model.ResidualAttentionBlock.forward).parameters) == ["self", "x", "xa", "mask", "kv_cache"]
+    assert list(inspect.signature(model.ResidualAttentionBlock.forward).parameters) == [
+        "self",
+        "x",
+        "xa",
+        "mask",
+        "kv_cache",
+    ]
     assert list(inspect.signature(model.TextDecoder.forward).parameters) == ["self", "x", "xa", "kv_cache"]
     for name in ("_MODELS", "_ALIGNMENT_HEADS", "_download", "available_models", "load_model"):
         assert hasattr(whisper, name), name

@@ -501,8 +501,7 @@ def _header(preset: str, version: str) -> str:
         "           embeddings, not trained",
         "rotary+sinusoidal": "RoPE on the queries and keys of every self-attention, plus fixed\n"
         "           sinusoids added to the token embeddings, not trained",
-        "learned-sinusoidal": "a trainable table initialised with sinusoids, added to the token\n"
-        "           embeddings",
+        "learned-sinusoidal": "a trainable table initialised with sinusoids, added to the token\n           embeddings",
     }[decoder.name]
     decoder_rule = {
         None: "dropped: this decoder has no table",
@@ -539,7 +538,7 @@ def _header(preset: str, version: str) -> str:
         "  encoder.positional_embedding  dropped: this encoder has no table",
         f"  decoder.positional_embedding  {decoder_rule}",
         "  every other tensor            loaded strictly: a missing or unexpected one is an error",
-        "To hand a fine-tuned model to whisper_rope, save {\"dims\": asdict(model.dims),",
+        'To hand a fine-tuned model to whisper_rope, save {"dims": asdict(model.dims),',
         '"model_state_dict": model.state_dict(), "variant": whisper.model.POSITIONAL_VARIANT}.',
     ]
     return "".join(f"# {line}".rstrip() + "\n" for line in "\n".join(lines).split("\n")) + "\n"
@@ -642,9 +641,7 @@ def check_patches(patch_dir: Optional[Path] = None, package_dir: Optional[Path] 
     package_dir = Path(package_dir) if package_dir is not None else upstream_package_dir()
     patch_dir = Path(patch_dir) if patch_dir is not None else default_patch_dir(package_dir)
     if not patch_dir.is_dir():
-        raise WhisperRopeError(
-            f"patch directory {str(patch_dir)!r} does not exist; pass --patches DIR"
-        )
+        raise WhisperRopeError(f"patch directory {str(patch_dir)!r} does not exist; pass --patches DIR")
     results = [_dry_run(path, package_dir) for path in sorted(patch_dir.glob("*.patch"))]
     present = {result.name for result in results}
     results += [
@@ -670,15 +667,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     regen = commands.add_parser("regenerate", help="rebuild the patches from an upstream whisper package")
-    regen.add_argument("--upstream", type=Path, default=None, help="the upstream 'whisper' package folder "
-                       "(default: the installed one)")  # fmt: skip
-    regen.add_argument("--out", type=Path, default=None, help="output folder (default: "
-                       "patches/openai-whisper-<upstream version> of this repository)")  # fmt: skip
+    regen.add_argument(
+        "--upstream", type=Path, default=None, help="the upstream 'whisper' package folder (default: the installed one)"
+    )
+    regen.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default: patches/openai-whisper-<upstream version> of this repository)",
+    )
     check = commands.add_parser("check", help="tell whether each patch applies exactly to the upstream package")
-    check.add_argument("--upstream", type=Path, default=None, help="the upstream 'whisper' package folder "
-                       "(default: the installed one)")  # fmt: skip
-    check.add_argument("--patches", type=Path, default=None, help="the patch folder (default: "
-                       "patches/openai-whisper-<upstream version> of this repository)")  # fmt: skip
+    check.add_argument(
+        "--upstream", type=Path, default=None, help="the upstream 'whisper' package folder (default: the installed one)"
+    )
+    check.add_argument(
+        "--patches",
+        type=Path,
+        default=None,
+        help="the patch folder (default: patches/openai-whisper-<upstream version> of this repository)",
+    )
     args = parser.parse_args(argv)
     try:
         if args.command == "regenerate":

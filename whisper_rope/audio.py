@@ -16,11 +16,11 @@ Every failure is raised as :class:`whisper_rope.errors.AudioError` with one sent
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
 import shutil
-import contextlib
 import subprocess
 import sys
 import threading
@@ -43,10 +43,27 @@ SAMPLE_RATE: int = 16000
 # message about ffmpeg alone.  Anything not listed is still tried with soundfile first and falls back to ffmpeg.
 _FFMPEG_ONLY_SUFFIXES = frozenset(
     {
-        ".3gp", ".aac", ".ac3", ".amr", ".avi", ".flv", ".m4a", ".m4b", ".m4v", ".mka", ".mkv",
-        ".mov", ".mp4", ".mpeg", ".mpg", ".ts", ".webm", ".wma", ".wmv",
+        ".3gp",
+        ".aac",
+        ".ac3",
+        ".amr",
+        ".avi",
+        ".flv",
+        ".m4a",
+        ".m4b",
+        ".m4v",
+        ".mka",
+        ".mkv",
+        ".mov",
+        ".mp4",
+        ".mpeg",
+        ".mpg",
+        ".ts",
+        ".webm",
+        ".wma",
+        ".wmv",
     }
-)  # fmt: skip
+)
 
 # Frames per soundfile read: ~6 s at 44.1 kHz, small next to an hour of audio (so a long file never exists as
 # float32 multichannel at its native rate) yet large enough that per-block overhead is negligible.
@@ -148,8 +165,7 @@ def load_audio(
         if soundfile_reason is None:
             raise AudioError(f"audio file '{name}' could not be decoded by ffmpeg ({exc})") from None
         raise AudioError(
-            f"audio file '{name}' could not be decoded: soundfile failed ({soundfile_reason}) "
-            f"and ffmpeg failed ({exc})"
+            f"audio file '{name}' could not be decoded: soundfile failed ({soundfile_reason}) and ffmpeg failed ({exc})"
         ) from None
 
 
@@ -225,9 +241,7 @@ def _check_span(name: str, start: Optional[float], end: Optional[float]) -> None
         raise AudioError(f"end {end:g} s must be after start {start:g} s for audio file '{name}'")
 
 
-def _span_frames(
-    name: str, start: Optional[float], end: Optional[float], rate: int, total: int
-) -> Tuple[int, int]:
+def _span_frames(name: str, start: Optional[float], end: Optional[float], rate: int, total: int) -> Tuple[int, int]:
     """Convert ``start``/``end`` seconds to a frame range ``[first, last)`` of a file with ``total`` frames."""
     length_s = total / rate
     first = 0 if start is None else int(round(start * rate))

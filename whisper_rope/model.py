@@ -17,7 +17,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from whisper import model as upstream
 from whisper.decoding import DecodingOptions, DecodingResult
-from whisper.model import AudioEncoder, ModelDimensions, MultiHeadAttention, ResidualAttentionBlock, TextDecoder, Whisper
+from whisper.model import (
+    AudioEncoder,
+    ModelDimensions,
+    MultiHeadAttention,
+    ResidualAttentionBlock,
+    TextDecoder,
+    Whisper,
+)
 from whisper.transcribe import transcribe as upstream_transcribe
 
 from .audio import load_audio
@@ -214,7 +221,9 @@ class PositionalAudioEncoder(AudioEncoder):
             x = x * real
         x = F.gelu(self.conv2(x)).permute(0, 2, 1)
         if self.needs_full_window:
-            table = self.positional_embedding if self.table_scale == 1.0 else self.positional_embedding * self.table_scale
+            table = (
+                self.positional_embedding if self.table_scale == 1.0 else self.positional_embedding * self.table_scale
+            )
             x = (x + table).to(x.dtype)
         key_mask = audio_position_mask(n_frames, x.shape[1], x.device)
         for block in self.blocks:
@@ -306,13 +315,25 @@ class WhisperRope(Whisper):
         super().__init__(replace(dims, n_audio_layer=0, n_text_layer=0))
         self.dims = dims
         self.encoder = PositionalAudioEncoder(
-            dims.n_mels, dims.n_audio_ctx, dims.n_audio_state, dims.n_audio_head, dims.n_audio_layer,
-            parsed.encoder, rotary_theta, gated_rotary,
-        )  # fmt: skip
+            dims.n_mels,
+            dims.n_audio_ctx,
+            dims.n_audio_state,
+            dims.n_audio_head,
+            dims.n_audio_layer,
+            parsed.encoder,
+            rotary_theta,
+            gated_rotary,
+        )
         self.decoder = PositionalTextDecoder(
-            dims.n_vocab, dims.n_text_ctx, dims.n_text_state, dims.n_text_head, dims.n_text_layer,
-            parsed.decoder, rotary_theta, gated_rotary,
-        )  # fmt: skip
+            dims.n_vocab,
+            dims.n_text_ctx,
+            dims.n_text_state,
+            dims.n_text_head,
+            dims.n_text_layer,
+            parsed.decoder,
+            rotary_theta,
+            gated_rotary,
+        )
         # Upstream's default alignment heads (the decoder's last half), rebuilt for the real layer count.
         heads = torch.zeros(dims.n_text_layer, dims.n_text_head, dtype=torch.bool)
         heads[dims.n_text_layer // 2 :] = True

@@ -154,9 +154,11 @@ def _first_decoding_options(model: WhisperRope, language: str, options: Dict[str
         decode_options["prompt"] = []
     else:
         tokenizer = get_tokenizer(
-            model.is_multilingual, num_languages=model.num_languages, language=language,
+            model.is_multilingual,
+            num_languages=model.num_languages,
+            language=language,
             task=decode_options.get("task", "transcribe"),
-        )  # fmt: skip
+        )
         decode_options["prompt"] = tokenizer.encode(" " + prompt.strip())
     temperature = options.get("temperature", (0.0, 0.2, 0.4, 0.6, 0.8, 1.0))
     first = temperature if isinstance(temperature, (int, float)) else temperature[0]

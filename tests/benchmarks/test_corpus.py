@@ -15,7 +15,6 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 SPLITS = ("train", "in-domain", "retained")
 
 
-
 @pytest.fixture(autouse=True)
 def _tts_engines():
     """These tests synthesise speech: a missing engine is a failure (CI installs both), never a silent skip."""

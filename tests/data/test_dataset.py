@@ -10,6 +10,7 @@ import soundfile as sf
 import torch
 from whisper.tokenizer import get_tokenizer
 
+from tests.conftest import FIXTURES, small_dims
 from whisper_rope import build_model
 from whisper_rope.data import (
     IGNORE_INDEX,
@@ -26,8 +27,6 @@ from whisper_rope.data import (
     spec_augment_,
     target_sequence,
 )
-
-from tests.conftest import FIXTURES, small_dims
 
 SPEECH = FIXTURES / "speech"
 ROWS = [json.loads(line) for line in (SPEECH / "manifest.jsonl").read_text().splitlines()]
@@ -67,7 +66,7 @@ def test_csv_handles_quoted_commas_newlines_optional_columns_and_a_byte_order_ma
         "\ufeffaudio,text,language,start,end,prompt\n"
         f'audio/{ROWS[0]["audio"]},"Hello, world",en,,,\n'
         f'audio/{ROWS[1]["audio"]},"a transcript\nover two lines",,0.5,2.0,"earlier words"\n'
-        f'audio/{ROWS[2]["audio"]},plain,,,,\n'
+        f"audio/{ROWS[2]['audio']},plain,,,,\n"
     )
     parsed = read_manifest(_write(clips / "train.csv", text))
     assert parsed.problems == []

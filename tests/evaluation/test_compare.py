@@ -6,10 +6,9 @@ import json
 import pytest
 
 import whisper_rope
+from tests.conftest import FIXTURES, randomise_, small_dims
 from whisper_rope import cli
 from whisper_rope.evaluation.compare import CompareConfig, RunSpec, compare
-
-from tests.conftest import FIXTURES, randomise_, small_dims
 
 SPEECH = FIXTURES / "speech" / "manifest.jsonl"
 
@@ -36,12 +35,39 @@ def test_run_specs():
 
 def test_compare_writes_reports_and_resumes(source, tmp_path, monkeypatch):
     output = tmp_path / "cmp"
-    args = ["compare", "--model", str(source), "--runs", "whisper", "rotary", "--train", str(SPEECH),
-            "--eval", f"fixtures={SPEECH}", "--steps", "2", "--batch-size", "2", "--warmup-steps", "0",
-            "--seeds", "0", "1", "--num-workers", "0", "--no-progress", "--output", str(output)]
+    args = [
+        "compare",
+        "--model",
+        str(source),
+        "--runs",
+        "whisper",
+        "rotary",
+        "--train",
+        str(SPEECH),
+        "--eval",
+        f"fixtures={SPEECH}",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--warmup-steps",
+        "0",
+        "--seeds",
+        "0",
+        "1",
+        "--num-workers",
+        "0",
+        "--no-progress",
+        "--output",
+        str(output),
+    ]
     assert cli.main(args) == 0
     assert sorted(p.name for p in (output / "runs").iterdir()) == [
-        "rotary_rotary-seed0", "rotary_rotary-seed1", "sinusoidal_learned-seed0", "sinusoidal_learned-seed1"]
+        "rotary_rotary-seed0",
+        "rotary_rotary-seed1",
+        "sinusoidal_learned-seed0",
+        "sinusoidal_learned-seed1",
+    ]
     rows = list(csv.DictReader(open(output / "results.csv")))
     # before: padded only; whisper: padded; rotary (no encoder table): padded and unpadded. Two seeds each.
     assert [(r["run"], r["decoding"]) for r in rows].count(("rotary", "unpadded")) == 2
@@ -60,8 +86,18 @@ def test_compare_writes_reports_and_resumes(source, tmp_path, monkeypatch):
 
     monkeypatch.setattr(compare_module, "run_one", no_training)
     monkeypatch.setattr(compare_module, "evaluate", no_training)
-    result = compare(CompareConfig(model=str(source), runs=["whisper", "rotary"], train=str(SPEECH),
-                                   eval=[f"fixtures={SPEECH}"], steps=2, batch_size=2, seeds=[0, 1],
-                                   output=str(output), progress=False))
+    result = compare(
+        CompareConfig(
+            model=str(source),
+            runs=["whisper", "rotary"],
+            train=str(SPEECH),
+            eval=[f"fixtures={SPEECH}"],
+            steps=2,
+            batch_size=2,
+            seeds=[0, 1],
+            output=str(output),
+            progress=False,
+        )
+    )
     assert len(result["runs"]) == 4
     assert json.loads((output / "runs" / "rotary_rotary-seed1" / "result.json").read_text())["seed"] == 1

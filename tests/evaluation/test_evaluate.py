@@ -1,5 +1,5 @@
-"""whisper_rope.evaluation.evaluate: scores against hand-computed edits, the CLI end to end with real tiny.en weights, and
-batched decoding equal to one clip at a time."""
+"""whisper_rope.evaluation.evaluate: scores against hand-computed edits, the CLI end to end with real tiny.en
+weights, and batched decoding equal to one clip at a time."""
 
 import json
 import re
@@ -9,10 +9,9 @@ import pytest
 import torch
 
 import whisper_rope
+from tests.conftest import FIXTURES
 from whisper_rope.data import DataError
 from whisper_rope.evaluation.evaluate import EvaluationOptions, evaluate, main, score_texts
-
-from tests.conftest import FIXTURES
 
 SPEECH = FIXTURES / "speech" / "manifest.jsonl"
 #: What real tiny.en (greedy, fp32, 30-s windows) makes of the committed speech fixtures: 5 substituted words of 64
@@ -47,9 +46,7 @@ def test_empty_reference_makes_every_word_an_insertion():
 
 
 def test_corpus_rates_pool_the_edits_of_all_utterances():
-    corpus, _ = score_texts(
-        ["The cat sat on the mat.", "Hello world.", ""], ["the cat sat on mat", "", "Um, hello."]
-    )  # fmt: skip
+    corpus, _ = score_texts(["The cat sat on the mat.", "Hello world.", ""], ["the cat sat on mat", "", "Um, hello."])
     # 1 + 2 deletions and 1 insertion over 6 + 2 + 0 reference words; characters: 4 + 11 + 5 edits over 22 + 11.
     assert (corpus.substitutions, corpus.deletions, corpus.insertions, corpus.n_words) == (0, 3, 1, 8)
     assert corpus.wer == pytest.approx(4 / 8)
@@ -108,8 +105,10 @@ def batched(tiny):
 
 def test_cli_end_to_end_on_the_speech_fixtures(tmp_path, capsys):
     output = tmp_path / "out" / "tiny.json"
-    assert main(["--model", "tiny.en", "--data", str(SPEECH), "--output", str(output), "--no-progress",
-                 "--device", "cpu"]) == 0  # fmt: skip
+    assert (
+        main(["--model", "tiny.en", "--data", str(SPEECH), "--output", str(output), "--no-progress", "--device", "cpu"])
+        == 0
+    )
     printed = capsys.readouterr().out
     edits = r"\(\d+ substitutions, \d+ deletions, \d+ insertions; 64 reference words\)"
     assert re.search(r"WER +\d+\.\d\d % +" + edits, printed)
@@ -150,11 +149,16 @@ def test_bad_manifest_rows_stop_the_evaluation_unless_skipped(tiny, tmp_path):
     truncated = tmp_path / "truncated.flac"  # a valid header (2.2 s) and no decodable audio
     truncated.write_bytes(clip.read_bytes()[:200])
     manifest = tmp_path / "manifest.jsonl"
-    manifest.write_text("".join(json.dumps(row) + "\n" for row in [
-        {"audio": str(clip), "text": "We need more water for the garden."},
-        {"audio": "missing.flac", "text": "nothing"},
-        {"audio": truncated.name, "text": "nothing either"},
-    ]))  # fmt: skip
+    manifest.write_text(
+        "".join(
+            json.dumps(row) + "\n"
+            for row in [
+                {"audio": str(clip), "text": "We need more water for the garden."},
+                {"audio": "missing.flac", "text": "nothing"},
+                {"audio": truncated.name, "text": "nothing either"},
+            ]
+        )
+    )
     with pytest.raises(DataError, match="row 2"):
         evaluate(tiny, manifest, progress=False)
     result = evaluate(tiny, manifest, skip_invalid=True, progress=False)

@@ -53,8 +53,20 @@ def run_cli(*args) -> int:
 
 
 #: Transcription options that keep the random model fast: greedy, one temperature, text output only.
-FAST_TRANSCRIBE = ("--output_format", "txt", "--fp16", "False", "--verbose", "False",
-                   "--temperature_increment_on_fallback", "None", "--beam_size", "None", "--best_of", "None")
+FAST_TRANSCRIBE = (
+    "--output_format",
+    "txt",
+    "--fp16",
+    "False",
+    "--verbose",
+    "False",
+    "--temperature_increment_on_fallback",
+    "None",
+    "--beam_size",
+    "None",
+    "--best_of",
+    "None",
+)
 
 
 def transcribe(model: Path, inputs, output: Path) -> int:

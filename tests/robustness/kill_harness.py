@@ -3,8 +3,8 @@
 A small random rotary model fine-tunes on the committed speech clips (tests/fixtures/speech/manifest.jsonl),
 writing a checkpoint every step, in a child process. The harness SIGKILLs the child once it is inside a target
 step (the targets spread over the run), alternately at a random moment of that step's training and the instant a
-checkpoint write is seen in progress (a staging directory or temporary file in the output); after every kill it checks that
-the latest checkpoint loads (both files, and the step they name) and resumes with ``--resume``. At the end the
+checkpoint write is seen in progress (a staging directory or temporary file in the output); after every kill it checks
+that the latest checkpoint loads (both files, and the step they name) and resumes with ``--resume``. At the end the
 final weights must equal those of a run that was never interrupted.
 
 ``--slow-writes S`` makes every fsync in the child sleep S seconds first (the child patches ``os.fsync``), widening
@@ -58,22 +58,39 @@ class Report:
 
     def summary(self) -> str:
         inside = sum(k.inside_write for k in self.kills)
-        return (f"robustness: kill -9 during fine-tuning: {len(self.kills)} kills ({inside} inside a checkpoint write, "
-                f"{sum(k.mode == 'in-write' for k in self.kills)} aimed at one), {self.resumes} resumes, "
-                f"{self.completed_before_kill} runs finished before their kill; every latest checkpoint loaded; "
-                f"final weights {'identical to' if self.exact else 'DIFFERENT from'} the uninterrupted run "
-                f"(max |difference| {self.max_difference:g}) after {self.steps} steps; temporary files left at the "
-                f"end: {len(self.leftovers_at_end)}")
+        return (
+            f"robustness: kill -9 during fine-tuning: {len(self.kills)} kills ({inside} inside a checkpoint write, "
+            f"{sum(k.mode == 'in-write' for k in self.kills)} aimed at one), {self.resumes} resumes, "
+            f"{self.completed_before_kill} runs finished before their kill; every latest checkpoint loaded; "
+            f"final weights {'identical to' if self.exact else 'DIFFERENT from'} the uninterrupted run "
+            f"(max |difference| {self.max_difference:g}) after {self.steps} steps; temporary files left at the "
+            f"end: {len(self.leftovers_at_end)}"
+        )
 
 
 def child_config(source: Path, output: Path, steps: int, resume: bool):
     """The run's settings: every step checkpointed, SpecAugment on (more random state to restore)."""
     from whisper_rope.training.config import FinetuneConfig
 
-    return FinetuneConfig(model=str(source), train=str(MANIFEST), output=str(output), steps=steps, batch_size=2,
-                          lr=1e-3, warmup_steps=1, spec_augment=True, num_workers=0, threads=1, progress=False,
-                          log_every=1, device="cpu", seed=0, save_every=1, keep_last=2,
-                          resume="" if resume else None)  # fmt: skip
+    return FinetuneConfig(
+        model=str(source),
+        train=str(MANIFEST),
+        output=str(output),
+        steps=steps,
+        batch_size=2,
+        lr=1e-3,
+        warmup_steps=1,
+        spec_augment=True,
+        num_workers=0,
+        threads=1,
+        progress=False,
+        log_every=1,
+        device="cpu",
+        seed=0,
+        save_every=1,
+        keep_last=2,
+        resume="" if resume else None,
+    )
 
 
 def _child_main(args: argparse.Namespace) -> int:
@@ -95,12 +112,25 @@ def _child_main(args: argparse.Namespace) -> int:
 
 
 def _start_child(work: Path, output: Path, steps: int, resume: bool, slow_writes: float) -> subprocess.Popen:
-    command = [sys.executable, "-m", "tests.robustness.kill_harness", "child", "--source", str(work / "source.pt"),
-               "--output", str(output), "--steps", str(steps), "--slow-writes", str(slow_writes)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "tests.robustness.kill_harness",
+        "child",
+        "--source",
+        str(work / "source.pt"),
+        "--output",
+        str(output),
+        "--steps",
+        str(steps),
+        "--slow-writes",
+        str(slow_writes),
+    ]
     if resume:
         command.append("--resume")
-    child = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)  # fmt: skip
+    child = subprocess.Popen(
+        command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     line = child.stdout.readline().strip()
     if line != "ready":
         raise RuntimeError(f"the training child did not start: {line!r} {child.communicate()[1][-2000:]}")
@@ -163,17 +193,26 @@ def check_latest(output: Path) -> Optional[int]:
 def run_harness(work: Path, kills: int, steps: int, seed: int = 0, slow_writes: float = 0.0) -> Report:
     """Straight run, then a run killed ``kills`` times and resumed after each; compare final weights."""
     import torch
-
     from whisper.model import ModelDimensions
 
     from whisper_rope import build_model, save_checkpoint
-    from whisper_rope.weights.format import read_checkpoint
     from whisper_rope.training.state import MODEL_FILE, latest_checkpoint
+    from whisper_rope.weights.format import read_checkpoint
 
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    dims = ModelDimensions(n_mels=80, n_audio_ctx=24, n_audio_state=64, n_audio_head=4, n_audio_layer=2,
-                           n_vocab=51864, n_text_ctx=32, n_text_state=64, n_text_head=4, n_text_layer=2)  # fmt: skip
+    dims = ModelDimensions(
+        n_mels=80,
+        n_audio_ctx=24,
+        n_audio_state=64,
+        n_audio_head=4,
+        n_audio_layer=2,
+        n_vocab=51864,
+        n_text_ctx=32,
+        n_text_state=64,
+        n_text_head=4,
+        n_text_layer=2,
+    )
     save_checkpoint(build_model(dims, "rotary"), work / "source.pt")
     report = Report(steps=steps)
 
@@ -205,8 +244,9 @@ def run_harness(work: Path, kills: int, steps: int, seed: int = 0, slow_writes: 
         while child.poll() is None:
             if due is None and _log_signature(output) != log_before and _latest_step(output) >= target - 1:
                 due = time.perf_counter() + rng.uniform(0.0, seconds_per_step)
-            if due is not None and (set(_writes_in_progress(output)) - stale if mode == "in-write"
-                                    else time.perf_counter() >= due):  # fmt: skip
+            if due is not None and (
+                set(_writes_in_progress(output)) - stale if mode == "in-write" else time.perf_counter() >= due
+            ):
                 break
             time.sleep(0.001)
         if child.poll() is not None:

@@ -23,7 +23,7 @@ import soundfile as sf
 from whisper_rope.audio import SAMPLE_RATE, load_audio
 from whisper_rope.errors import AudioError
 
-from . import LONG, REPO, assert_clear_message, random_model, subprocess_env, transcribe
+from . import LONG, REPO, assert_clear_message, subprocess_env, transcribe
 
 HELLO = REPO / "tests" / "fixtures" / "hello.flac"
 M4A = REPO / "tests" / "fixtures" / "formats" / "clip.m4a"
@@ -63,8 +63,23 @@ def _bad_files(folder: Path) -> Dict[str, Path]:
     files["could not be decoded (PNG named .m4a)"] = folder / "picture.m4a"
     files["could not be decoded (PNG named .m4a)"].write_bytes(b"\x89PNG\r\n\x1a\n" + rng.bytes(200))
     video = folder / "video-without-audio.mp4"
-    subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "color=c=black:s=32x32:d=1",
-                    "-c:v", "mpeg4", str(video)], check=True)  # fmt: skip
+    subprocess.run(
+        [
+            "ffmpeg",
+            "-nostdin",
+            "-loglevel",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "color=c=black:s=32x32:d=1",
+            "-c:v",
+            "mpeg4",
+            str(video),
+        ],
+        check=True,
+    )
     files["could not be decoded (video with no audio stream)"] = video
     return files
 
@@ -174,8 +189,13 @@ def _write_hour(path: Path, rate: int, channels: int, minutes: int = 60) -> None
 
 
 def _decode_in_child(path: Path) -> dict:
-    result = subprocess.run([sys.executable, "-c", DECODE_SCRIPT, str(path)], capture_output=True, text=True,
-                            env=subprocess_env(), timeout=600)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", DECODE_SCRIPT, str(path)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -183,8 +203,11 @@ def _decode_in_child(path: Path) -> dict:
 HOUR_CASES = [("16 kHz mono WAV", 16000, 1, ".wav", 1.0)]
 if LONG:
     # 44.1 kHz stereo FLAC: soundfile + stream resampling; MP3: the same hour through libsndfile's mpg123.
-    HOUR_CASES += [("44.1 kHz stereo FLAC", 44100, 2, ".flac", 1.0), ("16 kHz mono MP3", 16000, 1, ".mp3", 1.0),
-                   ("16 kHz mono M4A (ffmpeg)", 16000, 1, ".m4a", 2.0)]  # fmt: skip
+    HOUR_CASES += [
+        ("44.1 kHz stereo FLAC", 44100, 2, ".flac", 1.0),
+        ("16 kHz mono MP3", 16000, 1, ".mp3", 1.0),
+        ("16 kHz mono M4A (ffmpeg)", 16000, 1, ".m4a", 2.0),
+    ]
 
 
 @pytest.mark.parametrize("label, rate, channels, suffix, copies", HOUR_CASES, ids=[c[0] for c in HOUR_CASES])
@@ -197,14 +220,17 @@ def test_an_hour_of_audio_decodes_in_bounded_memory(tmp_path, label, rate, chann
     else:
         wav = tmp_path / "hour.wav"
         _write_hour(wav, rate, channels)
-        subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-i", str(wav), "-b:a", "32k", str(path)],
-                       check=True)  # fmt: skip
+        subprocess.run(
+            ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-i", str(wav), "-b:a", "32k", str(path)], check=True
+        )
         wav.unlink()
     figures = _decode_in_child(path)
     growth = figures["peak_mib"] - figures["baseline_mib"]
-    print(f"robustness: 60-minute {label} ({path.stat().st_size / 2**20:.0f} MiB file): decoded in "
-          f"{figures['seconds']:.1f} s, peak RSS {figures['peak_mib']:.0f} MiB (baseline {figures['baseline_mib']:.0f}"
-          f" MiB, growth {growth:.0f} MiB, result {figures['output_mib']:.0f} MiB)")
+    print(
+        f"robustness: 60-minute {label} ({path.stat().st_size / 2**20:.0f} MiB file): decoded in "
+        f"{figures['seconds']:.1f} s, peak RSS {figures['peak_mib']:.0f} MiB (baseline {figures['baseline_mib']:.0f}"
+        f" MiB, growth {growth:.0f} MiB, result {figures['output_mib']:.0f} MiB)"
+    )
     assert abs(figures["samples"] - 3600 * SAMPLE_RATE) <= SAMPLE_RATE // 10  # codec padding: under 0.1 s
     assert growth <= copies * figures["output_mib"] + 64
 
@@ -237,11 +263,12 @@ def _report_lines(stderr: str) -> list:
     return [line for line in stderr.splitlines() if line.strip() and not re.search(r"frames(/s)?\]|\d+%\|", line)]
 
 
-def test_cli_reports_each_bad_input_in_one_line_and_still_transcribes_the_rest(tmp_path, capfd, random_model,
-                                                                                bad_files):
+def test_cli_reports_each_bad_input_in_one_line_and_still_transcribes_the_rest(
+    tmp_path, capfd, random_model, bad_files
+):
     good = _good_files(tmp_path / "good")
     inputs = [p for pair in zip(good.values(), bad_files.values()) for p in pair]  # interleaved
-    inputs += list(good.values())[len(bad_files):] + list(bad_files.values())[len(good):]
+    inputs += list(good.values())[len(bad_files) :] + list(bad_files.values())[len(good) :]
     output = tmp_path / "out"
     assert transcribe(random_model, inputs, output) == 1
     captured = capfd.readouterr()  # the file descriptor: also what decoder libraries print themselves

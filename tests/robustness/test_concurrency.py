@@ -76,8 +76,13 @@ class CachePoller(threading.Thread):
 def test_two_processes_converting_the_same_installed_model_leave_one_complete_cache_file(tmp_path):
     cache, go = tmp_path / "cache", tmp_path / "go"
     children = [
-        subprocess.Popen([sys.executable, "-c", CONVERT_SCRIPT, str(cache), "tiny.en", str(go)], env=subprocess_env(),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        subprocess.Popen(
+            [sys.executable, "-c", CONVERT_SCRIPT, str(cache), "tiny.en", str(go)],
+            env=subprocess_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(2)
     ]
     for child in children:
@@ -88,7 +93,7 @@ def test_two_processes_converting_the_same_installed_model_leave_one_complete_ca
     outputs = [child.communicate(timeout=300) for child in children]
     poller.stop.set()
     poller.join()
-    for child, (out, err) in zip(children, outputs):
+    for child, (_, err) in zip(children, outputs):
         assert child.returncode == 0, err
     paths = {out.strip().splitlines()[-1] for out, _ in outputs}
     assert len(paths) == 1
@@ -96,9 +101,11 @@ def test_two_processes_converting_the_same_installed_model_leave_one_complete_ca
     assert sorted(p.name for p in cache.iterdir()) == sorted([final.name, "source-hashes.json"])
     whisper_rope.load_model(final, device="cpu")
     versions = [size for (name, _), size in poller.seen.items() if name == final.name]
-    print(f"robustness: concurrent conversion: 2 processes, {len(versions)} version(s) of {final.name} seen by the "
-          f"poller, all {final.stat().st_size} bytes; temporary files seen in passing: "
-          f"{sum(1 for name, _ in poller.seen if name.endswith('.tmp'))}")
+    print(
+        f"robustness: concurrent conversion: 2 processes, {len(versions)} version(s) of {final.name} seen by the "
+        f"poller, all {final.stat().st_size} bytes; temporary files seen in passing: "
+        f"{sum(1 for name, _ in poller.seen if name.endswith('.tmp'))}"
+    )
     assert versions and all(size == final.stat().st_size for size in versions)
     assert not poller.failures, poller.failures
 

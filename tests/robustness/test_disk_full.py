@@ -23,7 +23,7 @@ import whisper_rope
 import whisper_rope.atomic
 from tests.convert_helpers import SMALL_DIMS, write_model
 
-from . import REPO, SPEECH, assert_one_line_error, random_model, run_cli, transcribe
+from . import REPO, SPEECH, assert_one_line_error, run_cli, transcribe
 
 HELLO = REPO / "tests" / "fixtures" / "hello.flac"
 
@@ -106,10 +106,10 @@ def _assert_intact(path: Path, content: bytes) -> None:
     whisper_rope.load_model(path, device="cpu")
 
 
-@pytest.mark.parametrize("failure", ["kernel file-size limit (EFBIG)", "disk fills mid-write (ENOSPC)",
-                                     "read-only directory (EROFS)"])  # fmt: skip
-def test_a_failed_checkpoint_save_raises_one_line_and_keeps_the_previous_file(tmp_path, monkeypatch, previous,
-                                                                              failure):
+@pytest.mark.parametrize(
+    "failure", ["kernel file-size limit (EFBIG)", "disk fills mid-write (ENOSPC)", "read-only directory (EROFS)"]
+)
+def test_a_failed_checkpoint_save_raises_one_line_and_keeps_the_previous_file(tmp_path, monkeypatch, previous, failure):
     content = previous.read_bytes()
     model = whisper_rope.build_model(SMALL_DIMS, "whisper")
     with contextlib.ExitStack() as stack:
@@ -137,7 +137,7 @@ def _snapshot(destination: Path) -> dict:
     return {p.name: p.read_bytes() for p in ([destination] if destination.is_file() else destination.iterdir())}
 
 
-def _convert_twice(source: Path, destination: Path, capsys) -> "tuple[dict, int, str]":
+def _convert_twice(source: Path, destination: Path, capsys) -> tuple[dict, int, str]:
     """Convert once normally, then again with --force past the file-size limit; (first output, status, stderr)."""
     assert run_cli("convert", source, destination, "--no-progress") == 0
     before = _snapshot(destination)
@@ -203,16 +203,36 @@ def test_an_output_directory_that_is_a_file_exits_2_with_one_line(tmp_path, caps
 
 
 def test_a_full_disk_at_a_training_checkpoint_stops_with_one_line_keeps_the_last_one_and_resumes_exactly(
-        tmp_path, monkeypatch, capsys):
-    from ..conftest import small_dims
-    from whisper_rope.weights.format import read_checkpoint
+    tmp_path, monkeypatch, capsys
+):
     from whisper_rope.training.state import MODEL_FILE, latest_checkpoint
+    from whisper_rope.weights.format import read_checkpoint
+
+    from ..conftest import small_dims
 
     torch.manual_seed(0)
     source = whisper_rope.save_checkpoint(whisper_rope.build_model(small_dims(), "rotary"), tmp_path / "source.pt")
-    common = ["--model", str(source), "--train", str(SPEECH / "manifest.jsonl"), "--steps", "3", "--batch-size", "2",
-              "--save-every", "1", "--keep-last", "5", "--num-workers", "0", "--no-progress", "--device", "cpu",
-              "--threads", "1"]  # fmt: skip
+    common = [
+        "--model",
+        str(source),
+        "--train",
+        str(SPEECH / "manifest.jsonl"),
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--save-every",
+        "1",
+        "--keep-last",
+        "5",
+        "--num-workers",
+        "0",
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+    ]
     assert run_cli("finetune", *common, "--output", tmp_path / "straight") == 0
 
     opened = []

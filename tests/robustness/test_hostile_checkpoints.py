@@ -24,12 +24,22 @@ from hypothesis import strategies as st
 
 import whisper_rope
 from tests.convert_helpers import SMALL_DIMS, random_state_dict
-from whisper_rope.weights.loading import checkpoint_dict
-from whisper_rope.weights.huggingface import write_huggingface
 from whisper_rope.errors import CheckpointError, WhisperRopeError
+from whisper_rope.weights.huggingface import write_huggingface
+from whisper_rope.weights.loading import checkpoint_dict
 
-from . import (LONG, REPO, Hang, address_space_cap, assert_clear_message, assert_one_line_error, run_cli,
-               scaled, time_limit, transcribe)
+from . import (
+    LONG,
+    REPO,
+    Hang,
+    address_space_cap,
+    assert_clear_message,
+    assert_one_line_error,
+    run_cli,
+    scaled,
+    time_limit,
+    transcribe,
+)
 
 HELLO = REPO / "tests" / "fixtures" / "hello.flac"
 
@@ -98,8 +108,9 @@ def test_the_payloads_are_live_when_loaded_without_weights_only(tmp_path, valid_
 @pytest.mark.parametrize("payload_type", [ExecPayload, SystemPayload])
 @pytest.mark.parametrize("where", PLACES)
 @pytest.mark.parametrize("container", CONTAINERS)
-def test_a_pickle_payload_is_refused_by_load_model_and_never_runs(tmp_path, valid_checkpoint, container, where,
-                                                                   payload_type):
+def test_a_pickle_payload_is_refused_by_load_model_and_never_runs(
+    tmp_path, valid_checkpoint, container, where, payload_type
+):
     marker = tmp_path / "marker"
     path = _save(_placed(valid_checkpoint, payload_type(marker), where), tmp_path / "evil.pt", container)
     with pytest.raises(CheckpointError) as refused:
@@ -120,8 +131,9 @@ def test_a_payload_calling_os_system_is_reported_as_refused_not_as_truncated(tmp
 
 
 @pytest.mark.parametrize("container", CONTAINERS)
-def test_a_pickle_payload_given_to_the_cli_exits_2_with_one_line_and_never_runs(tmp_path, capsys, valid_checkpoint,
-                                                                                  container):
+def test_a_pickle_payload_given_to_the_cli_exits_2_with_one_line_and_never_runs(
+    tmp_path, capsys, valid_checkpoint, container
+):
     marker = tmp_path / "marker"
     path = _save(_placed(valid_checkpoint, ExecPayload(marker), "tensor"), tmp_path / "evil.pt", container)
     assert transcribe(path, [HELLO], tmp_path / "transcripts") == 2
@@ -202,7 +214,8 @@ MALFORMED: Dict[str, Callable[[dict], object]] = {
     "an integer tensor": lambda b: _with_state(b, **{CONV: torch.zeros(16, 8, 3, dtype=torch.int32)}),
     "a complex tensor": lambda b: _with_state(b, **{CONV: torch.zeros(16, 8, 3, dtype=torch.complex64)}),
     "a quantised tensor": lambda b: _with_state(
-        b, **{CONV: torch.quantize_per_tensor(torch.zeros(16, 8, 3), 0.1, 0, torch.qint8)}),
+        b, **{CONV: torch.quantize_per_tensor(torch.zeros(16, 8, 3), 0.1, 0, torch.qint8)}
+    ),
     "a string instead of a tensor": lambda b: _with_state(b, **{CONV: "weights"}),
     "state dict is a list": lambda b: {**b, "model_state_dict": list(b["model_state_dict"].values())},
     "no model_state_dict": lambda b: {k: v for k, v in b.items() if k != "model_state_dict"},
@@ -320,20 +333,29 @@ def saved_checkpoint(tmp_path_factory, valid_checkpoint):
             if "/data/" in info.filename or info.filename.endswith("/data.pkl"):
                 header = raw[info.header_offset : info.header_offset + 30]
                 name_length, extra_length = struct.unpack("<HH", header[26:30])
-                records.append((info.header_offset, info.header_offset + 30 + name_length + extra_length
-                                + info.compress_size))  # fmt: skip
+                records.append(
+                    (info.header_offset, info.header_offset + 30 + name_length + extra_length + info.compress_size)
+                )
     return path, raw, records
 
 
-PT_SETTINGS = settings(max_examples=scaled(150, 2000), deadline=None, database=None,
-                       derandomize=not LONG, suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+PT_SETTINGS = settings(
+    max_examples=scaled(150, 2000),
+    deadline=None,
+    database=None,
+    derandomize=not LONG,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 @PT_SETTINGS
-@given(fraction=st.floats(0, 1, exclude_max=True), flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True),
-                                                                             st.integers(0, 7)), max_size=4))
-def test_truncated_or_bit_flipped_checkpoints_load_their_bytes_or_are_refused(saved_checkpoint, valid_checkpoint,
-                                                                                fraction, flips):
+@given(
+    fraction=st.floats(0, 1, exclude_max=True),
+    flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 7)), max_size=4),
+)
+def test_truncated_or_bit_flipped_checkpoints_load_their_bytes_or_are_refused(
+    saved_checkpoint, valid_checkpoint, fraction, flips
+):
     path, raw, records = saved_checkpoint
     truncate = not flips
     mutated = bytearray(raw[: int(fraction * len(raw))] if truncate else raw)
@@ -388,8 +410,11 @@ GARBAGE = {  # files on which torch's weights-only unpickler raises other than U
 def test_garbage_that_crashes_the_weights_only_unpickler_is_refused(tmp_path, capsys, saved_checkpoint, crash):
     path = tmp_path / "garbage.pt"
     if crash == "AttributeError":
-        _with_pickle(saved_checkpoint[0], path, lambda pkl: pkl.replace(b"ctorch\nFloatStorage\n",
-                                                                         b"X\x0c\x00\x00\x00FloatStorage"))
+        _with_pickle(
+            saved_checkpoint[0],
+            path,
+            lambda pkl: pkl.replace(b"ctorch\nFloatStorage\n", b"X\x0c\x00\x00\x00FloatStorage"),
+        )
     else:
         path.write_bytes(GARBAGE[crash])
     with pytest.raises(CheckpointError):

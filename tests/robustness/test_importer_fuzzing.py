@@ -30,10 +30,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from tests.convert_helpers import DTYPE_IDS, SMALL_DIMS, Layout, random_state_dict, write_model
-from whisper_rope.weights.ctranslate2 import read_ctranslate2
-from whisper_rope.weights.huggingface import read_huggingface, write_huggingface
-from whisper_rope.weights.huggingface import hf_name
 from whisper_rope.errors import CheckpointError
+from whisper_rope.weights.ctranslate2 import read_ctranslate2
+from whisper_rope.weights.huggingface import hf_name, read_huggingface, write_huggingface
 
 from . import LONG, Hang, PeakMemory, address_space_cap, assert_clear_message, scaled, time_limit
 
@@ -84,13 +83,23 @@ class Tally:
         total = sum(self.outcomes.values())
         parts = ", ".join(f"{k} {v}" for k, v in sorted(self.outcomes.items()))
         mib = 1 << 20
-        return (f"robustness: {self.name}: {total} cases ({parts}); slowest {self.slowest * 1000:.0f} ms; largest "
-                f"tracemalloc peak {self.worst_traced / mib:.2f} MiB, resident growth {self.worst_resident / mib:.2f} "
-                f"MiB (file {self.size / 1024:.0f} KiB, allowance {allowance(self.size) / mib:.1f} MiB)")
+        return (
+            f"robustness: {self.name}: {total} cases ({parts}); slowest {self.slowest * 1000:.0f} ms; largest "
+            f"tracemalloc peak {self.worst_traced / mib:.2f} MiB, resident growth {self.worst_resident / mib:.2f} "
+            f"MiB (file {self.size / 1024:.0f} KiB, allowance {allowance(self.size) / mib:.1f} MiB)"
+        )
 
 
-def run_case(read: Callable[[], Result], base: Result, size: int, allowed: Set[str], tally: Tally,
-             must_fail: bool = False, compare_heads: bool = True, free_dims: Iterable[str] = ()) -> None:
+def run_case(
+    read: Callable[[], Result],
+    base: Result,
+    size: int,
+    allowed: Set[str],
+    tally: Tally,
+    must_fail: bool = False,
+    compare_heads: bool = True,
+    free_dims: Iterable[str] = (),
+) -> None:
     """Import once and check the oracle. ``allowed``: the tensors fed by changed payload bytes or by a changed
     header entry of their own, which may differ; everything else must come out exactly as from the original.
     ``free_dims``: dims that only the changed metadata states (head counts), so any valid value may come back."""
@@ -176,8 +185,11 @@ def _build_ct2_base(root: Path, mode: str) -> Ct2Base:
     records = _variable_records(data, layout)
     owner = {offset: name for name, (start, end) in records.items() for offset in range(start, end)}
     header_offsets = [i for i in range(len(data)) if i not in owner or i < layout.data[owner[i]]]
-    fields = [(0, 4, "binary version"), (layout.variable_count, 4, "variable count"),
-              (layout.alias_count, 4, "alias count")]  # fmt: skip
+    fields = [
+        (0, 4, "binary version"),
+        (layout.variable_count, 4, "variable count"),
+        (layout.alias_count, 4, "alias count"),
+    ]
     for name in layout.rank:
         rank = data[layout.rank[name]]
         fields.append((layout.rank[name], 1, f"rank of {name}"))
@@ -189,7 +201,7 @@ def _build_ct2_base(root: Path, mode: str) -> Ct2Base:
     feeds: Dict[str, Set[str]] = {}
     probe = root / f"ct2-{mode}-probe"
     shutil.copytree(directory, probe)
-    for name, (start, end) in records.items():
+    for name, (_, end) in records.items():
         payload = layout.data[name]
         mutated = bytearray(data)
         mutated[payload:end] = bytes(b ^ 0x55 for b in mutated[payload:end])
@@ -250,8 +262,14 @@ def test_truncated_ctranslate2_files_are_refused(ct2_models, fuzzing_limits, mod
     cut = int(fraction * len(model.data))
     directory = _case_dir(model, "truncated")
     (directory / "model.bin").write_bytes(model.data[:cut])
-    run_case(lambda: _ct2_read(directory), model.base, len(model.data), set(), _tally("CTranslate2 truncation"),
-             must_fail=True)
+    run_case(
+        lambda: _ct2_read(directory),
+        model.base,
+        len(model.data),
+        set(),
+        _tally("CTranslate2 truncation"),
+        must_fail=True,
+    )
 
 
 @FUZZ_SETTINGS
@@ -269,14 +287,29 @@ def test_bit_flipped_ctranslate2_files_load_the_original_or_are_refused(ct2_mode
     directory = _case_dir(model, "flipped")
     (directory / "model.bin").write_bytes(bytes(mutated))
     changed = [i for i in set(offsets) if mutated[i] != model.data[i]]
-    run_case(lambda: _ct2_read(directory), model.base, len(model.data), _allowed_ct2(model, changed),
-             _tally("CTranslate2 bit flips"))
+    run_case(
+        lambda: _ct2_read(directory),
+        model.base,
+        len(model.data),
+        _allowed_ct2(model, changed),
+        _tally("CTranslate2 bit flips"),
+    )
 
 
 def _field_values(width: int, original: int, remaining: int) -> st.SearchStrategy[int]:
     top = (1 << (8 * width)) - 1
-    boundary = [0, 1, original - 1, original + 1, 2 * original, top, top - 1, 1 << (8 * width - 1), remaining,
-                remaining + 1]
+    boundary = [
+        0,
+        1,
+        original - 1,
+        original + 1,
+        2 * original,
+        top,
+        top - 1,
+        1 << (8 * width - 1),
+        remaining,
+        remaining + 1,
+    ]
     return st.one_of(st.sampled_from([v & top for v in boundary]), st.integers(0, top))
 
 
@@ -294,8 +327,13 @@ def test_lying_ctranslate2_size_rank_and_dtype_fields_are_refused(ct2_models, fu
         changed += [i for i in range(offset, offset + width) if mutated[i] != model.data[i]]
     directory = _case_dir(model, "lying")
     (directory / "model.bin").write_bytes(bytes(mutated))
-    run_case(lambda: _ct2_read(directory), model.base, len(model.data), _allowed_ct2(model, changed),
-             _tally("CTranslate2 lying fields"))
+    run_case(
+        lambda: _ct2_read(directory),
+        model.base,
+        len(model.data),
+        _allowed_ct2(model, changed),
+        _tally("CTranslate2 lying fields"),
+    )
 
 
 @FUZZ_SETTINGS
@@ -319,14 +357,20 @@ def test_consistent_lies_about_a_tensors_shape_and_dtype_are_refused(ct2_models,
     directory = _case_dir(model, "consistent")
     (directory / "model.bin").write_bytes(mutated)
     # Only this variable's record changed (its length may have too, which shifts nothing before it).
-    run_case(lambda: _ct2_read(directory), model.base, len(model.data), set(model.feeds[name]),
-             _tally("CTranslate2 consistent lies"))
+    run_case(
+        lambda: _ct2_read(directory),
+        model.base,
+        len(model.data),
+        set(model.feeds[name]),
+        _tally("CTranslate2 consistent lies"),
+    )
 
 
 @FUZZ_SETTINGS
 @given(mode=MODES, fraction=st.floats(0, 1, exclude_min=True, exclude_max=True), data=st.data())
-def test_split_model_with_a_missing_short_or_misordered_part_is_refused(ct2_models, fuzzing_limits, mode, fraction,
-                                                                         data):
+def test_split_model_with_a_missing_short_or_misordered_part_is_refused(
+    ct2_models, fuzzing_limits, mode, fraction, data
+):
     model = ct2_models[mode]
     cut = max(1, int(fraction * len(model.data)))
     directory = _case_dir(model, "parts")
@@ -399,8 +443,14 @@ def test_truncated_hugging_face_files_are_refused(hf_model, fuzzing_limits, frac
     content = hf_model.files[which]
     # Cut at least one character that is not trailing whitespace: without it the JSON would still be complete.
     directory = _hf_case(hf_model, **{which: content[: int(fraction * len(content.rstrip()))]})
-    run_case(lambda: _hf_read(directory), hf_model.base, hf_model.size, set(), _tally("Hugging Face truncation"),
-             must_fail=True)
+    run_case(
+        lambda: _hf_read(directory),
+        hf_model.base,
+        hf_model.size,
+        set(),
+        _tally("Hugging Face truncation"),
+        must_fail=True,
+    )
 
 
 @FUZZ_SETTINGS
@@ -431,8 +481,23 @@ JSON_VALUES = st.recursive(
     lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(JSON_TEXT, inner, max_size=3)),
     max_leaves=6,
 )
-SAFETENSORS_DTYPES = ["F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "I64", "I32", "I16", "I8", "U8", "BOOL",
-                      "U64", "X", ""]  # fmt: skip
+SAFETENSORS_DTYPES = [
+    "F64",
+    "F32",
+    "F16",
+    "BF16",
+    "F8_E4M3",
+    "F8_E5M2",
+    "I64",
+    "I32",
+    "I16",
+    "I8",
+    "U8",
+    "BOOL",
+    "U64",
+    "X",
+    "",
+]
 
 
 @FUZZ_SETTINGS
@@ -451,14 +516,23 @@ def test_lying_safetensors_headers_are_refused(hf_model, fuzzing_limits, data):
         if lie == "dtype":
             entry["dtype"] = data.draw(st.one_of(st.sampled_from(SAFETENSORS_DTYPES), JSON_VALUES), label="dtype")
         elif lie == "shape":
-            entry["shape"] = data.draw(st.one_of(
-                st.lists(st.one_of(st.integers(0, 64), st.integers(-(2**64), 2**64)), max_size=4),
-                st.permutations(hf_model.header[name]["shape"]).map(list), JSON_VALUES), label="shape")  # fmt: skip
+            entry["shape"] = data.draw(
+                st.one_of(
+                    st.lists(st.one_of(st.integers(0, 64), st.integers(-(2**64), 2**64)), max_size=4),
+                    st.permutations(hf_model.header[name]["shape"]).map(list),
+                    JSON_VALUES,
+                ),
+                label="shape",
+            )
         elif lie == "offsets":
             bound = len(payload) + 16
-            entry["data_offsets"] = data.draw(st.one_of(
-                st.lists(st.one_of(st.integers(0, bound), st.integers(-(2**64), 2**64)), min_size=0, max_size=3),
-                JSON_VALUES), label="offsets")  # fmt: skip
+            entry["data_offsets"] = data.draw(
+                st.one_of(
+                    st.lists(st.one_of(st.integers(0, bound), st.integers(-(2**64), 2**64)), min_size=0, max_size=3),
+                    JSON_VALUES,
+                ),
+                label="offsets",
+            )
         elif lie == "swap":
             other = data.draw(st.sampled_from(names), label="other")
             theirs = header.get(other)
@@ -477,8 +551,7 @@ def test_lying_safetensors_headers_are_refused(hf_model, fuzzing_limits, data):
         length = data.draw(st.one_of(st.integers(0, len(raw)), st.integers(0, 2**64 - 1)), label="length")
         raw = struct.pack("<Q", length) + raw[8:]
     directory = _hf_case(hf_model, **{"model.safetensors": raw})
-    run_case(lambda: _hf_read(directory), hf_model.base, hf_model.size, allowed,
-             _tally("safetensors lying headers"))
+    run_case(lambda: _hf_read(directory), hf_model.base, hf_model.size, allowed, _tally("safetensors lying headers"))
 
 
 def test_a_safetensors_header_with_a_newline_is_refused_in_one_line(hf_model, fuzzing_limits):
@@ -489,9 +562,24 @@ def test_a_safetensors_header_with_a_newline_is_refused_in_one_line(hf_model, fu
     run_case(lambda: _hf_read(directory), hf_model.base, hf_model.size, set(), Tally("known bug"), must_fail=True)
 
 
-CONFIG_KEYS = ["d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads", "decoder_attention_heads",
-               "num_mel_bins", "max_source_positions", "max_target_positions", "vocab_size", "encoder_ffn_dim",
-               "decoder_ffn_dim", "model_type", "scale_embedding", "alignment_heads", "torch_dtype", "use_cache"]
+CONFIG_KEYS = [
+    "d_model",
+    "encoder_layers",
+    "decoder_layers",
+    "encoder_attention_heads",
+    "decoder_attention_heads",
+    "num_mel_bins",
+    "max_source_positions",
+    "max_target_positions",
+    "vocab_size",
+    "encoder_ffn_dim",
+    "decoder_ffn_dim",
+    "model_type",
+    "scale_embedding",
+    "alignment_heads",
+    "torch_dtype",
+    "use_cache",
+]
 SIZES = st.one_of(st.integers(-2, 70), st.sampled_from([0, 2**31, 2**63, 10**30]), JSON_VALUES)
 
 
@@ -499,8 +587,10 @@ def _hits_known_hf_bug(config: object, width: int) -> bool:
     """A config that a known_bug test below pins: a huge layer count, or a head count not dividing the width."""
     if not isinstance(config, dict):
         return False
-    if any(isinstance(config.get(key), int) and config[key] > _HF_LAYER_BUG_THRESHOLD
-           for key in ("encoder_layers", "decoder_layers")):  # fmt: skip
+    if any(
+        isinstance(config.get(key), int) and config[key] > _HF_LAYER_BUG_THRESHOLD
+        for key in ("encoder_layers", "decoder_layers")
+    ):
         return True
     heads = [config.get(key) for key in ("encoder_attention_heads", "decoder_attention_heads")]
     return config.get("d_model") == width and any(
@@ -524,15 +614,25 @@ def test_lying_hugging_face_configs_are_refused(hf_model, fuzzing_limits, data):
     assume(not _hits_known_hf_bug(config, hf_model.base.dims["n_audio_state"]))
     # Head counts live only in the config (any divisor of the width gives valid tensors), so a changed count may
     # come back as stated.
-    heads = [dim for dim, key in (("n_audio_head", "encoder_attention_heads"), ("n_text_head", "decoder_attention_heads"))
-             if not isinstance(config, dict) or config.get(key) != json.loads(hf_model.files[which]).get(key)]
+    heads = [
+        dim
+        for dim, key in (("n_audio_head", "encoder_attention_heads"), ("n_text_head", "decoder_attention_heads"))
+        if not isinstance(config, dict) or config.get(key) != json.loads(hf_model.files[which]).get(key)
+    ]
     text = json.dumps(config).encode()
     if data.draw(st.integers(0, 4), label="damage text") == 0:
         offset = data.draw(st.integers(0, max(0, len(text) - 1)), label="offset")
         text = text[:offset] + bytes([text[offset] ^ 0x20]) + text[offset + 1 :] if text else text
     directory = _hf_case(hf_model, **{which: text})
-    run_case(lambda: _hf_read(directory), hf_model.base, hf_model.size, set(), _tally("Hugging Face configs"),
-             compare_heads=which == "config.json", free_dims=heads)
+    run_case(
+        lambda: _hf_read(directory),
+        hf_model.base,
+        hf_model.size,
+        set(),
+        _tally("Hugging Face configs"),
+        compare_heads=which == "config.json",
+        free_dims=heads,
+    )
 
 
 def _refuses_config_change(model: HfBase, **changes: object) -> None:
@@ -554,5 +654,3 @@ def test_a_config_whose_head_count_does_not_divide_the_width_is_refused(hf_model
 
 def test_a_config_claiming_two_billion_heads_is_refused_without_allocating(hf_model, fuzzing_limits):
     _refuses_config_change(hf_model, decoder_attention_heads=2**31)
-
-

@@ -26,8 +26,10 @@ def test_sigkill_at_random_moments_and_inside_checkpoint_writes_then_resume_give
     report = run_harness(tmp_path, kills=kills, steps=scaled(4, 12), seed=0, slow_writes=0.05 if LONG else 0.0)
     print(report.summary())
     for kill in report.kills:
-        print(f"robustness:   {kill.mode:8s} after {kill.delay_s:6.2f} s -> latest step {kill.latest_step}, "
-              f"{'inside a write: ' + ', '.join(kill.leftovers) if kill.inside_write else 'between writes'}")
+        print(
+            f"robustness:   {kill.mode:8s} after {kill.delay_s:6.2f} s -> latest step {kill.latest_step}, "
+            f"{'inside a write: ' + ', '.join(kill.leftovers) if kill.inside_write else 'between writes'}"
+        )
     assert len(report.kills) == kills, "the run finished before every kill was delivered"
     assert any(k.inside_write for k in report.kills), "no kill landed inside a checkpoint write"
     assert report.exact, f"resumed weights differ from the uninterrupted run by up to {report.max_difference}"
@@ -39,9 +41,20 @@ def test_resuming_sweeps_the_temporary_file_of_a_final_model_write_cut_short(one
     shutil.copytree(one_step_run / "run", output)
     stray = output / ".model.pt.k1ll3d.tmp"  # what atomic_write leaves when killed before its rename
     stray.write_bytes((output / "model.pt").read_bytes()[:1000])
-    finetune(config=FinetuneConfig(model=str(one_step_run / "source.pt"), train=str(MANIFEST), output=str(output),
-                                   resume="", steps=2, batch_size=2, num_workers=0, progress=False, device="cpu",
-                                   save_every=1))  # fmt: skip
+    finetune(
+        config=FinetuneConfig(
+            model=str(one_step_run / "source.pt"),
+            train=str(MANIFEST),
+            output=str(output),
+            resume="",
+            steps=2,
+            batch_size=2,
+            num_workers=0,
+            progress=False,
+            device="cpu",
+            save_every=1,
+        )
+    )
     assert not stray.exists()
 
 
@@ -55,9 +68,19 @@ def one_step_run(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("resume")
     torch.manual_seed(0)
     save_checkpoint(build_model(small_dims(), "rotary"), folder / "source.pt")
-    finetune(config=FinetuneConfig(model=str(folder / "source.pt"), train=str(MANIFEST), output=str(folder / "run"),
-                                   steps=1, batch_size=2, num_workers=0, progress=False, device="cpu",
-                                   save_every=1))  # fmt: skip
+    finetune(
+        config=FinetuneConfig(
+            model=str(folder / "source.pt"),
+            train=str(MANIFEST),
+            output=str(folder / "run"),
+            steps=1,
+            batch_size=2,
+            num_workers=0,
+            progress=False,
+            device="cpu",
+            save_every=1,
+        )
+    )
     return folder
 
 
@@ -70,8 +93,25 @@ class Payload:
 
 
 def _resume_cli(folder: Path, output: Path) -> int:
-    return run_cli("finetune", "--model", folder / "source.pt", "--train", MANIFEST, "--output", output, "--resume",
-                   "--steps", "2", "--batch-size", "2", "--num-workers", "0", "--no-progress", "--device", "cpu")
+    return run_cli(
+        "finetune",
+        "--model",
+        folder / "source.pt",
+        "--train",
+        MANIFEST,
+        "--output",
+        output,
+        "--resume",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--num-workers",
+        "0",
+        "--no-progress",
+        "--device",
+        "cpu",
+    )
 
 
 def _damaged_run(one_step_run: Path, tmp_path: Path, damage) -> Path:
@@ -105,17 +145,18 @@ def test_a_pickle_payload_in_the_training_state_never_runs_on_resume(one_step_ru
 
 
 DAMAGES = {
-    "a pickle payload": lambda marker: (lambda state: {**state, "optimizer": Payload(marker)}),
-    "no scheduler state": lambda marker: (lambda state: {k: v for k, v in state.items() if k != "scheduler"}),
-    "no RNG state": lambda marker: (lambda state: {k: v for k, v in state.items() if k != "rng"}),
-    "a list instead of a dict": lambda marker: (lambda state: [state["step"]]),
-    "truncated": lambda marker: (lambda state: b"PK\x03\x04" + b"\x00" * 64),
+    "a pickle payload": lambda marker: lambda state: {**state, "optimizer": Payload(marker)},
+    "no scheduler state": lambda marker: lambda state: {k: v for k, v in state.items() if k != "scheduler"},
+    "no RNG state": lambda marker: lambda state: {k: v for k, v in state.items() if k != "rng"},
+    "a list instead of a dict": lambda marker: lambda state: [state["step"]],
+    "truncated": lambda marker: lambda state: b"PK\x03\x04" + b"\x00" * 64,
 }
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGES))
-def test_a_damaged_or_hostile_training_state_stops_resume_with_one_line_naming_it(one_step_run, tmp_path, capsys,
-                                                                                 damage):
+def test_a_damaged_or_hostile_training_state_stops_resume_with_one_line_naming_it(
+    one_step_run, tmp_path, capsys, damage
+):
     marker = tmp_path / "marker"
     output = _damaged_run(one_step_run, tmp_path, DAMAGES[damage](marker))
     assert _resume_cli(one_step_run, output) == 2

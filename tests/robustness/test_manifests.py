@@ -29,13 +29,18 @@ from ..conftest import small_dims
 from . import LONG, SPEECH, assert_clear_message, scaled
 
 CLIPS = sorted(p.name for p in SPEECH.glob("*.flac"))[:3]
-MANIFEST_SETTINGS = settings(max_examples=scaled(150, 2000), deadline=None, database=None,
-                             derandomize=not LONG,
-                             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
+MANIFEST_SETTINGS = settings(
+    max_examples=scaled(150, 2000),
+    deadline=None,
+    database=None,
+    derandomize=not LONG,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 # Transcripts: any text but lone surrogates, NUL and carriage returns (a bare \r ends a CSV line, so the generator
 # below could not number the records by counting \n); Unicode line separators (U+2028, U+0085 ...) included.
-TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\x00"), min_size=1,
-               max_size=30).filter(str.strip)  # fmt: skip
+TEXT = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\x00"), min_size=1, max_size=30
+).filter(str.strip)
 
 
 @pytest.fixture(scope="module")
@@ -63,17 +68,20 @@ class Row:
 # JSON lines
 
 JSONL_BAD = {
-    "malformed JSON": st.sampled_from(['{"audio": "clips/a.flac", "text": ', "{not json}", '{"audio": }', "[1, 2",
-                                       '"unterminated']),
+    "malformed JSON": st.sampled_from(
+        ['{"audio": "clips/a.flac", "text": ', "{not json}", '{"audio": }', "[1, 2", '"unterminated']
+    ),
     "not an object": st.sampled_from(["[1, 2]", "42", '"a string"', "null", "true"]),
     "no audio": TEXT.map(lambda t: json.dumps({"text": t})),
     "audio not a string": TEXT.map(lambda t: json.dumps({"audio": 7, "text": t})),
     "no text": st.just(json.dumps({"audio": "clips/x.flac"})),
     "empty text": st.sampled_from(["", "   ", "\t"]).map(lambda t: json.dumps({"audio": "clips/x.flac", "text": t})),
     "text not a string": st.sampled_from([5, 1.5, ["a"], {"b": 1}]).map(
-        lambda t: json.dumps({"audio": "clips/x.flac", "text": t})),
+        lambda t: json.dumps({"audio": "clips/x.flac", "text": t})
+    ),
     "bad span": st.sampled_from([(2, 1), (-1, None), ("soon", None), (None, float("inf")), (1, 1)]).map(
-        lambda s: json.dumps({"audio": "clips/x.flac", "text": "t", "start": s[0], "end": s[1]})),
+        lambda s: json.dumps({"audio": "clips/x.flac", "text": "t", "start": s[0], "end": s[1]})
+    ),
 }
 
 
@@ -83,8 +91,9 @@ def jsonl_manifests(draw) -> Tuple[bytes, List[Row]]:
     rows: List[Row] = []
     good_lines: List[bytes] = []
     for _ in range(draw(st.integers(0, 14))):
-        kind = draw(st.sampled_from(["good", "good", "good", "duplicate", "blank", "non-UTF-8", "missing audio",
-                                     *JSONL_BAD]))  # fmt: skip
+        kind = draw(
+            st.sampled_from(["good", "good", "good", "duplicate", "blank", "non-UTF-8", "missing audio", *JSONL_BAD])
+        )
         if kind == "duplicate" and not good_lines:
             kind = "good"
         if kind == "good":
@@ -192,9 +201,24 @@ def csv_manifests(draw) -> Tuple[bytes, List[Row]]:
     rows: List[Row] = [Row("header", 1, False)]
     good: List[str] = []
     for _ in range(draw(st.integers(0, 12))):
-        kind = draw(st.sampled_from(["good", "good", "good", "quoted newlines", "duplicate", "blank",
-                                     "missing fields", "extra fields", "empty text", "bad span", "non-UTF-8",
-                                     "missing audio"]))  # fmt: skip
+        kind = draw(
+            st.sampled_from(
+                [
+                    "good",
+                    "good",
+                    "good",
+                    "quoted newlines",
+                    "duplicate",
+                    "blank",
+                    "missing fields",
+                    "extra fields",
+                    "empty text",
+                    "bad span",
+                    "non-UTF-8",
+                    "missing audio",
+                ]
+            )
+        )
         if kind == "duplicate" and not good:
             kind = "good"
         clip = f"clips/{draw(st.sampled_from(CLIPS))}"
@@ -203,7 +227,7 @@ def csv_manifests(draw) -> Tuple[bytes, List[Row]]:
             record = _csv_record([clip, draw(TEXT), "", ""])
             good.append(record)
         elif kind == "quoted newlines":
-            record = _csv_record([clip, f"{draw(TEXT)}\n{draw(TEXT)},\"{draw(TEXT)}\"", "0.5", "1.5"])
+            record = _csv_record([clip, f'{draw(TEXT)}\n{draw(TEXT)},"{draw(TEXT)}"', "0.5", "1.5"])
             good.append(record)
         elif kind == "duplicate":
             record = draw(st.sampled_from(good))
@@ -216,14 +240,18 @@ def csv_manifests(draw) -> Tuple[bytes, List[Row]]:
         elif kind == "empty text":
             record, usable = _csv_record([clip, draw(st.sampled_from(["", "   "])), "", ""]), False
         elif kind == "bad span":
-            record, usable = _csv_record([clip, "t", *draw(st.sampled_from([("2", "1"), ("-1", ""), ("x", "")]))]), False
+            record, usable = (
+                _csv_record([clip, "t", *draw(st.sampled_from([("2", "1"), ("-1", ""), ("x", "")]))]),
+                False,
+            )
         elif kind == "non-UTF-8":
             record, usable = "\udce9", False  # stands for a latin-1 byte, substituted when encoding below
         else:
             record, audio_ok = _csv_record(["clips/absent.flac", draw(TEXT), "", ""]), False
         records.append(record)
-        rows.append(Row("blank" if kind == "blank" else kind, record.count("\n") if record != "\udce9" else 1,
-                        usable, audio_ok))  # fmt: skip
+        rows.append(
+            Row("blank" if kind == "blank" else kind, record.count("\n") if record != "\udce9" else 1, usable, audio_ok)
+        )
     text = header + "".join(r if r != "\udce9" else f"{CLIPS[0]},caf\udce9\n" for r in records)
     return text.encode("utf-8", errors="surrogateescape"), rows
 
@@ -254,8 +282,13 @@ def test_duplicate_rows_are_kept_as_separate_examples(folder):
 
 def test_load_examples_logs_the_skipped_count_and_row_numbers(folder, caplog):
     good = json.dumps({"audio": f"clips/{CLIPS[0]}", "text": "A short clip."})
-    lines = [good, "{broken", json.dumps({"audio": f"clips/{CLIPS[1]}", "text": ""}), good,
-             json.dumps({"audio": "clips/absent.flac", "text": "gone"})]  # fmt: skip
+    lines = [
+        good,
+        "{broken",
+        json.dumps({"audio": f"clips/{CLIPS[1]}", "text": ""}),
+        good,
+        json.dumps({"audio": "clips/absent.flac", "text": "gone"}),
+    ]
     path = folder / "mixed.jsonl"
     path.write_text("\n".join(lines) + "\n")
     with caplog.at_level(logging.WARNING, logger="whisper_rope"):
@@ -269,16 +302,19 @@ def test_load_examples_logs_the_skipped_count_and_row_numbers(folder, caplog):
 def test_jsonl_rows_with_unicode_line_separators_in_their_text_are_kept_and_numbered_by_line(folder):
     texts = ["first", "line\u2028separator", "next\x85line", "last"]
     path = folder / "separators.jsonl"
-    path.write_text("\n".join(json.dumps({"audio": f"clips/{CLIPS[0]}", "text": t}, ensure_ascii=False)
-                              for t in texts) + "\n", encoding="utf-8")  # fmt: skip
+    path.write_text(
+        "\n".join(json.dumps({"audio": f"clips/{CLIPS[0]}", "text": t}, ensure_ascii=False) for t in texts) + "\n",
+        encoding="utf-8",
+    )
     parsed = read_manifest(path)
     assert [(e.row, e.text) for e in parsed.examples] == list(enumerate(texts, start=1)) and not parsed.problems
 
 
 def test_an_unterminated_csv_quote_is_reported_not_merged_into_a_transcript(folder):
     path = folder / "unterminated.csv"
-    path.write_text(f'audio,text\nclips/{CLIPS[0]},one\nclips/{CLIPS[1]},"oops\nclips/{CLIPS[2]},three\n'
-                    f"clips/{CLIPS[0]},four\n")  # fmt: skip
+    path.write_text(
+        f'audio,text\nclips/{CLIPS[0]},one\nclips/{CLIPS[1]},"oops\nclips/{CLIPS[2]},three\nclips/{CLIPS[0]},four\n'
+    )
     parsed = read_manifest(path)
     assert all("\n" not in e.text for e in parsed.examples), [e.text for e in parsed.examples]
     assert 3 in [p.row for p in parsed.problems]

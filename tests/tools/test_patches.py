@@ -16,9 +16,8 @@ import whisper
 from whisper.model import disable_sdpa
 
 import whisper_rope
-from tools import patches
-
 from tests.conftest import randomise_, small_dims
+from tools import patches
 
 REPO = Path(__file__).resolve().parents[2]
 PATCH_DIR = REPO / "patches" / f"openai-whisper-{whisper.__version__}"
@@ -27,9 +26,19 @@ POSITIONAL = {"encoder.positional_embedding", "decoder.positional_embedding"}
 #: The patched upstream computes whisper_rope's numbers with the same operations, so fp32 logits agree to rounding.
 SAME_NUMBERS = dict(atol=1e-6, rtol=0)
 UPSTREAM_NAMES = [
-    "Whisper", "ModelDimensions", "MultiHeadAttention", "ResidualAttentionBlock", "AudioEncoder", "TextDecoder",
-    "LayerNorm", "Linear", "Conv1d", "sinusoids", "disable_sdpa", "SDPA_AVAILABLE",
-]  # fmt: skip
+    "Whisper",
+    "ModelDimensions",
+    "MultiHeadAttention",
+    "ResidualAttentionBlock",
+    "AudioEncoder",
+    "TextDecoder",
+    "LayerNorm",
+    "Linear",
+    "Conv1d",
+    "sinusoids",
+    "disable_sdpa",
+    "SDPA_AVAILABLE",
+]
 
 
 def _import_package(name: str, folder: Path) -> ModuleType:
@@ -54,8 +63,11 @@ def patched(request, tmp_path_factory):
     shutil.copytree(UPSTREAM_DIR, root / "whisper", ignore=shutil.ignore_patterns("__pycache__"))
     applied = subprocess.run(
         ["patch", "-p1", "-F0", "-i", str(PATCH_DIR / patches.patch_file_name(preset))],
-        cwd=root, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-    )  # fmt: skip
+        cwd=root,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+    )
     # One name per copy: a second copy under the same name would pick up the first one's cached submodules.
     name = "whisper_patched_" + re.sub(r"\W", "_", preset) + "_" + root.name
     package = _import_package(name, root / "whisper") if applied.returncode == 0 else None

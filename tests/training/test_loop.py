@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from whisper.decoding import DecodingOptions
 
+from tests.conftest import FIXTURES, randomise_, small_dims
 from whisper_rope import build_model, load_model, save_checkpoint
-from whisper_rope.weights.format import read_checkpoint
 from whisper_rope.data import IGNORE_INDEX, Collator, load_examples
 from whisper_rope.errors import TrainingError
 from whisper_rope.training.config import FinetuneConfig
@@ -34,8 +34,7 @@ from whisper_rope.training.loop import (
     select_trainable,
 )
 from whisper_rope.training.state import MODEL_FILE, STATE_FILE, latest_checkpoint
-
-from tests.conftest import FIXTURES, randomise_, small_dims
+from whisper_rope.weights.format import read_checkpoint
 
 SPEECH = FIXTURES / "speech"
 ROWS = [json.loads(line) for line in (SPEECH / "manifest.jsonl").read_text().splitlines()]
@@ -59,8 +58,19 @@ def write_manifest(path: Path, rows, text: bool = True) -> Path:
 
 def quick_config(output: Path, **overrides) -> FinetuneConfig:
     """Settings for short CPU runs of the small models (one thread: on a busy machine several are much slower)."""
-    settings = dict(output=str(output), steps=2, batch_size=2, lr=1e-3, warmup_steps=0, num_workers=0, progress=False,
-                    log_every=1, device="cpu", seed=0, threads=1)  # fmt: skip
+    settings = dict(
+        output=str(output),
+        steps=2,
+        batch_size=2,
+        lr=1e-3,
+        warmup_steps=0,
+        num_workers=0,
+        progress=False,
+        log_every=1,
+        device="cpu",
+        seed=0,
+        threads=1,
+    )
     settings.update(overrides)
     return FinetuneConfig(**settings)
 
@@ -89,8 +99,17 @@ def overfit(tmp_path_factory):
     manifest = write_manifest(folder / "two.jsonl", ROWS[:2])
     torch.manual_seed(0)
     model = build_model(small_dims(), "rotary")
-    config = quick_config(folder / "run", steps=48, lr=3e-3, warmup_steps=3, weight_decay=0.0, eval_every=16,
-                          save_every=16, keep_last=2, log_every=4)  # fmt: skip
+    config = quick_config(
+        folder / "run",
+        steps=48,
+        lr=3e-3,
+        warmup_steps=3,
+        weight_decay=0.0,
+        eval_every=16,
+        save_every=16,
+        keep_last=2,
+        log_every=4,
+    )
     started = time.perf_counter()
     result = finetune(model, manifest, manifest, config)
     return result, folder / "run", time.perf_counter() - started
@@ -154,8 +173,16 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     source = tmp_path / "source.pt"
     save_checkpoint(build_model(small_dims(), "rotary"), source)
     # Three clips in batches of two: the sampler wraps into a new epoch; SpecAugment and gradient accumulation on.
-    settings = dict(model=str(source), train=str(manifest), steps=4, grad_accum=2, spec_augment=True, warmup_steps=2,
-                    schedule="linear", gated_rotary=True)  # fmt: skip
+    settings = dict(
+        model=str(source),
+        train=str(manifest),
+        steps=4,
+        grad_accum=2,
+        spec_augment=True,
+        warmup_steps=2,
+        schedule="linear",
+        gated_rotary=True,
+    )
     straight = finetune(config=quick_config(tmp_path / "straight", save_every=2, keep_last=5, **settings))
     assert straight.steps == 4
     interrupted = tmp_path / "interrupted"
@@ -167,7 +194,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     straight_losses = [(r["step"], r["loss"]) for r in records(tmp_path / "straight", "train")][2:]
     resumed_losses = [(r["step"], r["loss"]) for r in records(interrupted, "train")]
     assert [s for s, _ in resumed_losses] == [3, 4]
-    assert [l for _, l in resumed_losses] == pytest.approx([l for _, l in straight_losses], abs=1e-6)
+    assert [loss for _, loss in resumed_losses] == pytest.approx([loss for _, loss in straight_losses], abs=1e-6)
     gates = [v for k, v in state_dict_of(interrupted / MODEL_FILE).items() if k.endswith("rotary_gate")]
     assert gates and any(g.abs().max() > 0 for g in gates)  # the new gates trained
 
@@ -177,8 +204,20 @@ def test_resume_refuses_another_variant_or_model_size(tmp_path, capsys):
     source = tmp_path / "source.pt"
     save_checkpoint(build_model(small_dims(), "rotary"), source)
     finetune(config=quick_config(tmp_path / "run", model=str(source), train=str(manifest), steps=1))
-    common = ["--train", str(manifest), "--output", str(tmp_path / "run"), "--resume", "--batch-size", "2",
-              "--no-progress", "--num-workers", "0", "--device", "cpu"]  # fmt: skip
+    common = [
+        "--train",
+        str(manifest),
+        "--output",
+        str(tmp_path / "run"),
+        "--resume",
+        "--batch-size",
+        "2",
+        "--no-progress",
+        "--num-workers",
+        "0",
+        "--device",
+        "cpu",
+    ]
     assert main(["--model", str(source), "--variant", "rotary/learned", *common]) == 2
     assert "trained as variant 'rotary/rotary', this run builds 'rotary/learned'" in capsys.readouterr().err
     bigger = tmp_path / "bigger.pt"
@@ -221,11 +260,22 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     script = tmp_path / "ddp_finetune.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(script), str(source), str(manifest), str(tmp_path / "ddp")]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        str(source),
+        str(manifest),
+        str(tmp_path / "ddp"),
+    ]
     # A session of its own, so that a hang is cleaned up with every worker process.
-    launcher = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)  # fmt: skip
+    launcher = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         _, stderr = launcher.communicate(timeout=240)
     except subprocess.TimeoutExpired:
@@ -308,8 +358,23 @@ def test_learning_rate_warms_up_linearly_then_decays_to_zero():
 
 def test_cli_options_are_built_from_the_config_fields():
     parser = add_finetune_arguments(argparse.ArgumentParser())
-    args = parser.parse_args(["--train", "t.jsonl", "--batch-size", "4", "--grad_accum", "3", "--distill-only",
-                              "--no-progress", "--resume", "--schedule", "linear", "-o", "out"])  # fmt: skip
+    args = parser.parse_args(
+        [
+            "--train",
+            "t.jsonl",
+            "--batch-size",
+            "4",
+            "--grad_accum",
+            "3",
+            "--distill-only",
+            "--no-progress",
+            "--resume",
+            "--schedule",
+            "linear",
+            "-o",
+            "out",
+        ]
+    )
     config = config_from_args(args)
     assert (config.train, config.batch_size, config.grad_accum, config.schedule) == ("t.jsonl", 4, 3, "linear")
     assert (config.distill_only, config.progress, config.resume, config.output) == (True, False, "", "out")
@@ -409,8 +474,16 @@ def teacher_file(tmp_path_factory):
 
 def test_distillation_from_an_identical_teacher_has_zero_kl_and_encoder_distance(tmp_path, teacher_file):
     manifest = write_manifest(tmp_path / "two.jsonl", ROWS[:2])
-    result = finetune(config=quick_config(tmp_path / "run", model=str(teacher_file), train=str(manifest), steps=1,
-                                          distill=True, distill_encoder_weight=1.0))  # fmt: skip
+    result = finetune(
+        config=quick_config(
+            tmp_path / "run",
+            model=str(teacher_file),
+            train=str(manifest),
+            steps=1,
+            distill=True,
+            distill_encoder_weight=1.0,
+        )
+    )
     first = records(tmp_path / "run", "train")[0]
     assert first["kl"] == pytest.approx(0.0, abs=1e-6)
     assert first["loss"] > 1.0  # the cross-entropy itself is far from zero for a random model
@@ -432,8 +505,13 @@ def test_distill_only_trains_a_rotary_student_on_the_teachers_greedy_transcripts
     assert filled.tokens[0, : len(expected)].tolist() == expected
     assert filled.labels[0, : len(expected)].tolist() == [IGNORE_INDEX] + greedy[0].tokens + [tokenizer.eot]
 
-    result = finetune(student, manifest, None, quick_config(tmp_path / "run", model=str(teacher_file), steps=1,
-                                                            distill_only=True), teacher=teacher)  # fmt: skip
+    result = finetune(
+        student,
+        manifest,
+        None,
+        quick_config(tmp_path / "run", model=str(teacher_file), steps=1, distill_only=True),
+        teacher=teacher,
+    )
     first = records(tmp_path / "run", "train")[0]
     assert first["kl"] > 0 and first["loss"] > 0
     assert load_model(result.model_path, device="cpu").variant == "rotary/rotary"
@@ -483,8 +561,17 @@ class _Payload:
 def test_a_damaged_or_hostile_training_state_is_refused_naming_the_file(tmp_path, damage, message, capsys):
     from whisper_rope.training.state import read_training_state
 
-    state = {"step": 1, "optimizer": {}, "scheduler": {}, "scaler": {}, "sampler": {}, "rng": {}, "config": {},
-             "variant": "rotary/rotary", "dims": {}}  # fmt: skip
+    state = {
+        "step": 1,
+        "optimizer": {},
+        "scheduler": {},
+        "scaler": {},
+        "sampler": {},
+        "rng": {},
+        "config": {},
+        "variant": "rotary/rotary",
+        "dims": {},
+    }
     path = tmp_path / STATE_FILE
     damaged = damage(state)
     path.write_bytes(damaged) if isinstance(damaged, bytes) else torch.save(damaged, path)

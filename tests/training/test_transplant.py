@@ -5,6 +5,7 @@ import torch
 from whisper.model import Whisper
 
 import whisper_rope
+from tests.conftest import randomise_
 from whisper_rope.training.transplant import (
     TRANSPLANT_VARIANT,
     TransplantSchedule,
@@ -14,8 +15,6 @@ from whisper_rope.training.transplant import (
     rotary_gates,
 )
 
-from tests.conftest import randomise_
-
 
 @pytest.fixture
 def pretrained(dims):
@@ -24,7 +23,9 @@ def pretrained(dims):
 
 def _transplant_model(dims, pretrained):
     model = whisper_rope.build_model(dims, TRANSPLANT_VARIANT, gated_rotary=True).eval()
-    model.load_state_dict({**pretrained.state_dict(), **{k: v for k, v in model.state_dict().items() if "rotary_gate" in k}})
+    model.load_state_dict(
+        {**pretrained.state_dict(), **{k: v for k, v in model.state_dict().items() if "rotary_gate" in k}}
+    )
     return model
 
 
@@ -35,8 +36,11 @@ def test_gates_at_zero_compute_the_pretrained_function_full_and_cached(dims, pre
     audio = model.embed_audio(mel)
     assert (audio - pretrained.embed_audio(mel)).abs().max() <= 1e-6
     cache, hooks = model.install_kv_cache_hooks()
-    cached = torch.cat([model.decoder(tokens[:, :4], audio, kv_cache=cache)]
-                       + [model.decoder(tokens[:, i : i + 1], audio, kv_cache=cache) for i in range(4, 10)], dim=1)
+    cached = torch.cat(
+        [model.decoder(tokens[:, :4], audio, kv_cache=cache)]
+        + [model.decoder(tokens[:, i : i + 1], audio, kv_cache=cache) for i in range(4, 10)],
+        dim=1,
+    )
     for hook in hooks:
         hook.remove()
     assert (cached - pretrained(mel, tokens)).abs().max() <= 1e-5
@@ -103,21 +107,33 @@ def test_mid_transplant_checkpoint_keeps_its_table_scales(dims, pretrained, tmp_
 
 def _transplant_config(tmp_path, output, **overrides):
     """A short transplant of a random model on the committed clips; the source is saved once per test."""
-    from whisper_rope.training.config import FinetuneConfig
-
     from tests.conftest import FIXTURES, small_dims
+    from whisper_rope.training.config import FinetuneConfig
 
     source_path = tmp_path / "source.pt"
     if not source_path.exists():
         torch.manual_seed(0)
-        whisper_rope.save_checkpoint(randomise_(whisper_rope.build_model(small_dims(n_audio_ctx=1500), "whisper")),
-                                     source_path)  # fmt: skip
+        whisper_rope.save_checkpoint(
+            randomise_(whisper_rope.build_model(small_dims(n_audio_ctx=1500), "whisper")), source_path
+        )
     settings = dict(
-        model=str(source_path), train=str(FIXTURES / "speech" / "manifest.jsonl"), output=str(output), steps=5,
-        batch_size=2, lr=1e-3, warmup_steps=0, num_workers=0, progress=False, transplant=True, log_every=1,
-        transplant_anneal_steps=2, transplant_gate_steps=2, distill=True, device="cpu",
+        model=str(source_path),
+        train=str(FIXTURES / "speech" / "manifest.jsonl"),
+        output=str(output),
+        steps=5,
+        batch_size=2,
+        lr=1e-3,
+        warmup_steps=0,
+        num_workers=0,
+        progress=False,
+        transplant=True,
+        log_every=1,
+        transplant_anneal_steps=2,
+        transplant_gate_steps=2,
+        distill=True,
+        device="cpu",
         threads=1,
-    )  # fmt: skip
+    )
     settings.update(overrides)
     return FinetuneConfig(**settings)
 
@@ -164,8 +180,11 @@ def test_checkpoint_of_the_unpadded_phase_reloads_unpadded(dims, pretrained, tmp
 def test_transplant_continues_unpadded_once_the_tables_are_gone(tmp_path, targets):
     from whisper_rope.training.loop import finetune
 
-    result = finetune(config=_transplant_config(tmp_path, tmp_path / "run", transplant_unpadded=True,
-                                               distill_only=targets == "teacher transcripts"))
+    result = finetune(
+        config=_transplant_config(
+            tmp_path, tmp_path / "run", transplant_unpadded=True, distill_only=targets == "teacher transcripts"
+        )
+    )
     assert [(r["step"], r["unpadded"]) for r in result.history if r["event"] == "input"] == [(2, True)]
     assert result.history[0]["unpadded"] is False  # the start: 30-s windows while the tables fade
     losses = [r["loss"] for r in result.history if r["event"] == "train"]
@@ -178,8 +197,8 @@ def test_transplant_continues_unpadded_once_the_tables_are_gone(tmp_path, target
 def test_resume_inside_the_unpadded_phase_repeats_the_uninterrupted_run(tmp_path):
     import shutil
 
-    from whisper_rope.weights.format import read_checkpoint
     from whisper_rope.training.loop import finetune
+    from whisper_rope.weights.format import read_checkpoint
 
     settings = dict(transplant_unpadded=True, save_every=3, keep_last=3)
     straight = finetune(config=_transplant_config(tmp_path, tmp_path / "straight", **settings))
@@ -197,8 +216,9 @@ def test_unpadded_transplant_needs_both_tables_to_fade():
     from whisper_rope.training.config import FinetuneConfig
 
     with pytest.raises(ValueError, match="--transplant-unpadded needs --transplant"):
-        FinetuneConfig(train="x.jsonl", transplant=True, transplant_sides="decoder",
-                       transplant_unpadded=True).validate()
+        FinetuneConfig(
+            train="x.jsonl", transplant=True, transplant_sides="decoder", transplant_unpadded=True
+        ).validate()
     with pytest.raises(ValueError, match="--transplant-unpadded needs --transplant"):
         FinetuneConfig(train="x.jsonl", transplant_unpadded=True).validate()
 

@@ -14,9 +14,9 @@ try:  # importable as tests.convert_helpers when tests/ is a package, as convert
     from tests.convert_helpers import SMALL_DIMS, random_state_dict, serialise, whisper_spec_variables, write_model
 except ImportError:
     from convert_helpers import SMALL_DIMS, random_state_dict, serialise, whisper_spec_variables, write_model
+from whisper_rope.errors import CheckpointError, ModelNotFoundError
 from whisper_rope.weights.ctranslate2 import is_ctranslate2_dir, read_ctranslate2
 from whisper_rope.weights.format import upstream_shapes
-from whisper_rope.errors import CheckpointError, ModelNotFoundError
 
 FLOAT_MODES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -257,7 +257,7 @@ def test_bad_strings(tmp_path: Path, good) -> None:
     _, data = good
     assert data[4:6] == struct.pack("<H", len("WhisperSpec") + 1)
     with pytest.raises(CheckpointError, match="not NUL-terminated"):
-        _read_bytes(tmp_path, data[:5 + len("WhisperSpec") + 1] + b"X" + data[7 + len("WhisperSpec"):])
+        _read_bytes(tmp_path, data[: 5 + len("WhisperSpec") + 1] + b"X" + data[7 + len("WhisperSpec") :])
     with pytest.raises(CheckpointError, match="length 0"):
         _read_bytes(tmp_path, _patch(data, 4, "<H", 0))
 

@@ -14,10 +14,16 @@ try:  # importable as tests.convert_helpers when tests/ is a package, as convert
     from tests.convert_helpers import SMALL_DIMS, random_state_dict, write_model
 except ImportError:
     from convert_helpers import SMALL_DIMS, random_state_dict, write_model
-from whisper_rope.weights.convert import convert
-from whisper_rope.weights.huggingface import is_huggingface_dir, read_huggingface, write_huggingface
-from whisper_rope.weights.huggingface import dims_to_config, hf_name, special_tokens
 from whisper_rope.errors import CheckpointError, ModelNotFoundError
+from whisper_rope.weights.convert import convert
+from whisper_rope.weights.huggingface import (
+    dims_to_config,
+    hf_name,
+    is_huggingface_dir,
+    read_huggingface,
+    special_tokens,
+    write_huggingface,
+)
 
 HEADS = torch.tensor([[False, False], [True, False]])
 
@@ -183,16 +189,22 @@ def test_convert_pt_to_hf_and_back(tmp_path: Path) -> None:
 def test_convert_accepts_the_upstream_variant(tmp_path: Path, variant: str) -> None:
     pt = tmp_path / "ours.pt"
     rotary = {"theta": 10000.0, "gated": False, "unpadded": False}
-    torch.save({"dims": SMALL_DIMS, "model_state_dict": random_state_dict(SMALL_DIMS), "variant": variant,
-                "rotary": rotary}, pt)  # fmt: skip
+    torch.save(
+        {"dims": SMALL_DIMS, "model_state_dict": random_state_dict(SMALL_DIMS), "variant": variant, "rotary": rotary},
+        pt,
+    )
     assert is_huggingface_dir(convert(pt, tmp_path / "hf"))
 
 
 @pytest.mark.parametrize(
     "extra",
-    [{"variant": "rotary"}, {"variant": "rotary+sinusoidal/learned"}, {"variant": "sinusoidal/rotary+learned"},
-     {"rotary": {"theta": 10000.0}}],
-)  # fmt: skip
+    [
+        {"variant": "rotary"},
+        {"variant": "rotary+sinusoidal/learned"},
+        {"variant": "sinusoidal/rotary+learned"},
+        {"rotary": {"theta": 10000.0}},
+    ],
+)
 def test_convert_refuses_rotary_variants_for_hf(tmp_path: Path, extra: dict) -> None:
     pt = tmp_path / "rope.pt"
     torch.save({"dims": SMALL_DIMS, "model_state_dict": random_state_dict(SMALL_DIMS), **extra}, pt)
@@ -229,6 +241,7 @@ def test_convert_bad_sources_and_destinations(tmp_path: Path) -> None:
 def test_transformers_loads_the_export(tmp_path: Path) -> None:
     """Optional: only where transformers happens to be installed (whisper_rope itself never imports it)."""
     import transformers  # the test extra installs it
+
     sd, out = _write(tmp_path)
     model = transformers.WhisperForConditionalGeneration.from_pretrained(str(out))
     model.eval()

@@ -8,10 +8,9 @@ import whisper
 from whisper.model import Whisper
 
 import whisper_rope
+from tests.conftest import randomise_
 from whisper_rope.weights.format import read_checkpoint
 from whisper_rope.weights.loading import adapt_state_dict
-
-from tests.conftest import randomise_
 
 POSITIONAL = {"encoder.positional_embedding", "decoder.positional_embedding"}
 
@@ -22,9 +21,15 @@ EXPECTED_REPORT = {
     "rotary/sinusoidal": (set(), {"encoder.positional_embedding", "decoder.positional_embedding"}, set()),
     "rotary/rotary+sinusoidal": (set(), {"encoder.positional_embedding", "decoder.positional_embedding"}, set()),
     "rotary/learned-sinusoidal": (
-        set(), {"encoder.positional_embedding", "decoder.positional_embedding"}, {"decoder.positional_embedding"}
+        set(),
+        {"encoder.positional_embedding", "decoder.positional_embedding"},
+        {"decoder.positional_embedding"},
     ),
-    "rotary+sinusoidal/rotary+learned": ({"encoder.positional_embedding", "decoder.positional_embedding"}, set(), set()),
+    "rotary+sinusoidal/rotary+learned": (
+        {"encoder.positional_embedding", "decoder.positional_embedding"},
+        set(),
+        set(),
+    ),
 }
 
 
@@ -59,7 +64,9 @@ def test_mismatched_tensor_names_the_tensor_and_both_shapes(upstream_file, dims,
     checkpoint["model_state_dict"]["decoder.blocks.1.mlp.0.weight"] = torch.zeros(7, 64)
     bad = tmp_path / "bad.pt"
     torch.save(checkpoint, bad)
-    with pytest.raises(ValueError, match=r"'decoder.blocks.1.mlp.0.weight' has shape \(7, 64\), the model's dims expect \(256, 64\)"):
+    with pytest.raises(
+        ValueError, match=r"'decoder.blocks.1.mlp.0.weight' has shape \(7, 64\), the model's dims expect \(256, 64\)"
+    ):
         whisper_rope.load_model(bad, device="cpu")
     del checkpoint["model_state_dict"]["decoder.blocks.1.mlp.0.weight"]
     torch.save(checkpoint, bad)

@@ -23,6 +23,8 @@ try:  # importable as tests.convert_helpers when tests/ is a package, as convert
     from tests.convert_helpers import SMALL_DIMS, write_model
 except ImportError:
     from convert_helpers import SMALL_DIMS, write_model
+from whisper_rope.errors import ModelNotFoundError
+from whisper_rope.weights import packages
 from whisper_rope.weights.packages import (
     InstalledModel,
     cached_conversion,
@@ -30,8 +32,6 @@ from whisper_rope.weights.packages import (
     installed_model_names,
     resolve_cache_dir,
 )
-from whisper_rope.weights import packages
-from whisper_rope.errors import ModelNotFoundError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -86,6 +86,7 @@ def test_base_from_two_packages_is_multilingual(cache: Path) -> None:
 def test_converted_tiny_en_matches_the_ctranslate2_runtime(cache: Path) -> None:
     """Optional cross-check where ctranslate2 is installed: same encoder output, same greedy tokens."""
     import ctranslate2  # the test extra installs it
+
     model = whisper.load_model(str(cached_conversion("tiny.en", cache_dir=cache, progress=False)), device="cpu")
     t = torch.arange(16000 * 5) / 16000.0
     audio = (0.3 * torch.sin(2 * np.pi * (200 + 300 * t) * t)).float()
@@ -102,7 +103,7 @@ def test_converted_tiny_en_matches_the_ctranslate2_runtime(cache: Path) -> None:
     with torch.no_grad():
         while len(tokens) < len(prompt) + len(result[0].sequences_ids[0]):
             tokens.append(int(model.decoder(torch.tensor([tokens]), encoded)[0, -1].argmax()))
-    assert tokens[len(prompt):] == result[0].sequences_ids[0]
+    assert tokens[len(prompt) :] == result[0].sequences_ids[0]
 
 
 def test_cache_dir_resolution(monkeypatch, tmp_path: Path) -> None:
@@ -155,7 +156,7 @@ def test_concurrent_conversions_both_succeed(tmp_path: Path) -> None:
         from whisper_rope.weights.packages import InstalledModel, cached_conversion
         parts = tuple(Path(p) for p in {[str(p) for p in model.parts]!r})
         model = InstalledModel("toy", parts, Path({str(model.config_dir)!r}), ())
-        print(cached_conversion(model, cache_dir={str(tmp_path / 'c')!r}, progress=False))
+        print(cached_conversion(model, cache_dir={str(tmp_path / "c")!r}, progress=False))
         """
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}

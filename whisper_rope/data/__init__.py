@@ -3,6 +3,7 @@
 Everything the single ``whisper_rope.data`` module offered is importable from here.
 """
 
+from ..features import unpadded_features
 from .dataset import (
     IGNORE_INDEX,
     Batch,
@@ -32,7 +33,6 @@ from .manifest import (
     language_code,
     read_manifest,
 )
-from ..features import unpadded_features
 
 __all__ = [
     "AUDIO_SUFFIXES",

@@ -264,9 +264,13 @@ class Batch:
             return None if t is None else t.to(device, non_blocking=True)
 
         return replace(
-            self, mel=move(self.mel), frames=move(self.frames), tokens=move(self.tokens), labels=move(self.labels),
+            self,
+            mel=move(self.mel),
+            frames=move(self.frames),
+            tokens=move(self.tokens),
+            labels=move(self.labels),
             teacher_mel=move(self.teacher_mel),
-        )  # fmt: skip
+        )
 
 
 def pad_token_rows(rows: Sequence[Sequence[int]], fill: int) -> Tensor:
@@ -341,9 +345,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         if batch_size % world_size:
             raise ValueError(f"batch_size {batch_size} must be a multiple of the number of processes ({world_size})")
         if len(durations) < batch_size:
-            raise ValueError(
-                f"batch_size {batch_size} is larger than the {len(durations)} usable training examples"
-            )
+            raise ValueError(f"batch_size {batch_size} is larger than the {len(durations)} usable training examples")
         self.durations = np.asarray(durations, dtype=np.float64)
         self.batch_size = batch_size
         self.seed = seed
@@ -385,8 +387,12 @@ class BucketBatchSampler(torch.utils.data.Sampler):
             position += 1
 
     def state_dict(self) -> Dict[str, int]:
-        return {"position": int(self.position), "seed": int(self.seed), "batch_size": int(self.batch_size),
-                "n_examples": int(len(self.durations))}  # fmt: skip
+        return {
+            "position": int(self.position),
+            "seed": int(self.seed),
+            "batch_size": int(self.batch_size),
+            "n_examples": int(len(self.durations)),
+        }
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
         for key in ("seed", "batch_size", "n_examples"):

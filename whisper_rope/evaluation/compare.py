@@ -57,8 +57,9 @@ class RunSpec:
             raise ValueError(f"run {text!r}: unknown flag {unknown[0]!r}; flags are {', '.join(RUN_FLAGS)}")
         parse_variant(variant)
         if "unpadded" in names and "transplant" not in names:
-            raise ValueError(f"run {text!r}: the unpadded flag belongs to transplant runs (rotary encoders train "
-                             "unpadded anyway)")  # fmt: skip
+            raise ValueError(
+                f"run {text!r}: the unpadded flag belongs to transplant runs (rotary encoders train unpadded anyway)"
+            )
         return cls(variant.strip(), "distill" in names, "transplant" in names, "unpadded" in names)
 
     @property
@@ -77,23 +78,38 @@ class CompareConfig:
     """A comparison; each field is a ``whisper-rope compare`` option and a key of its ``--config`` JSON file."""
 
     model: str = field(default="tiny.en", metadata={"help": "source checkpoint (name or path)"})
-    runs: List[str] = field(default_factory=lambda: ["whisper", "rotary"], metadata={
-        "help": "runs to compare: VARIANT or VARIANT@FLAGS, FLAGS a comma-separated subset of distill, transplant, "
-                "unpadded (with transplant)", "nargs": "+"})
+    runs: List[str] = field(
+        default_factory=lambda: ["whisper", "rotary"],
+        metadata={
+            "help": "runs to compare: VARIANT or VARIANT@FLAGS, FLAGS a comma-separated subset of distill, transplant, "
+            "unpadded (with transplant)",
+            "nargs": "+",
+        },
+    )
     train: Optional[str] = field(default=None, metadata={"help": "training manifest (the same for every run)"})
-    eval: List[str] = field(default_factory=list, metadata={
-        "help": "evaluation sets as NAME=MANIFEST, e.g. in-domain=in.jsonl retained=ret.jsonl", "nargs": "+"})
+    eval: List[str] = field(
+        default_factory=list,
+        metadata={"help": "evaluation sets as NAME=MANIFEST, e.g. in-domain=in.jsonl retained=ret.jsonl", "nargs": "+"},
+    )
     output: str = field(default="compare-output", metadata={"help": "output directory"})
     steps: int = field(default=200, metadata={"help": "optimizer steps per run"})
     lr: float = field(default=1e-4, metadata={"help": "peak learning rate per run"})
     batch_size: int = field(default=8, metadata={"help": "clips per optimizer step"})
     warmup_steps: int = field(default=20, metadata={"help": "learning-rate warm-up steps"})
-    seeds: List[int] = field(default_factory=lambda: [0], metadata={
-        "help": "seeds; each run is trained once per seed (two or more give mean ± std)", "nargs": "+", "type": int})
+    seeds: List[int] = field(
+        default_factory=lambda: [0],
+        metadata={
+            "help": "seeds; each run is trained once per seed (two or more give mean ± std)",
+            "nargs": "+",
+            "type": int,
+        },
+    )
     eval_batch_size: int = field(default=16, metadata={"help": "clips decoded together in evaluation"})
     cap_factor: float = field(default=3.0, metadata={"help": "cap hypotheses at this many times the reference tokens"})
-    transplant_fraction: float = field(default=0.5, metadata={
-        "help": "transplant runs anneal the tables and open the gates over this fraction of the steps"})
+    transplant_fraction: float = field(
+        default=0.5,
+        metadata={"help": "transplant runs anneal the tables and open the gates over this fraction of the steps"},
+    )
     device: Optional[str] = field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)"})
     num_workers: int = field(default=2, metadata={"help": "audio-decoding processes while training"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
@@ -125,8 +141,13 @@ class CompareConfig:
 
 def _evaluation_options(config: CompareConfig, unpadded: bool) -> EvaluationOptions:
     # fp32 decoding everywhere, so that CPU and GPU comparisons decode alike.
-    return EvaluationOptions(batch_size=config.eval_batch_size, cap_factor=config.cap_factor, unpadded=unpadded,
-                             skip_invalid=True, fp16=False)
+    return EvaluationOptions(
+        batch_size=config.eval_batch_size,
+        cap_factor=config.cap_factor,
+        unpadded=unpadded,
+        skip_invalid=True,
+        fp16=False,
+    )
 
 
 def _decodings(model) -> List[Tuple[str, bool]]:
@@ -139,21 +160,41 @@ def _evaluate_all(model, config: CompareConfig) -> List[Dict[str, Any]]:
     for set_name, manifest in config.eval_sets().items():
         for decoding, unpadded in _decodings(model):
             result = evaluate(model, manifest, _evaluation_options(config, unpadded), progress=config.progress)
-            rows.append({"set": set_name, "decoding": decoding, "wer": result.wer, "cer": result.cer,
-                         "n_capped": result.n_capped, "rtf": result.rtf, "n_utterances": result.n_utterances})
+            rows.append(
+                {
+                    "set": set_name,
+                    "decoding": decoding,
+                    "wer": result.wer,
+                    "cer": result.cer,
+                    "n_capped": result.n_capped,
+                    "rtf": result.rtf,
+                    "n_utterances": result.n_utterances,
+                }
+            )
     return rows
 
 
 def _finetune_config(config: CompareConfig, spec: RunSpec, seed: int, output: Path):
     options = dict(
-        model=config.model, variant=spec.variant, train=config.train, output=str(output), steps=config.steps,
-        lr=config.lr, batch_size=config.batch_size, warmup_steps=config.warmup_steps, seed=seed,
-        distill=spec.distill, device=config.device, num_workers=config.num_workers, progress=config.progress,
-    )  # fmt: skip
+        model=config.model,
+        variant=spec.variant,
+        train=config.train,
+        output=str(output),
+        steps=config.steps,
+        lr=config.lr,
+        batch_size=config.batch_size,
+        warmup_steps=config.warmup_steps,
+        seed=seed,
+        distill=spec.distill,
+        device=config.device,
+        num_workers=config.num_workers,
+        progress=config.progress,
+    )
     if spec.transplant:
         span = max(1, int(config.steps * config.transplant_fraction))
-        options.update(transplant=True, transplant_anneal_steps=span, transplant_gate_steps=span,
-                       transplant_unpadded=spec.unpadded)
+        options.update(
+            transplant=True, transplant_anneal_steps=span, transplant_gate_steps=span, transplant_unpadded=spec.unpadded
+        )
     return FinetuneConfig(**options)
 
 
@@ -165,12 +206,20 @@ def run_one(config: CompareConfig, spec: RunSpec, seed: int, directory: Path) ->
     model = load_model(trained.model_path, device=config.device)
     model.eval()
     result = {
-        "run": spec.label, "slug": spec.slug, "variant": model.variant, "distill": spec.distill,
-        "transplant": spec.transplant, "unpadded_phase": spec.unpadded, "seed": seed, "steps": trained.steps,
+        "run": spec.label,
+        "slug": spec.slug,
+        "variant": model.variant,
+        "distill": spec.distill,
+        "transplant": spec.transplant,
+        "unpadded_phase": spec.unpadded,
+        "seed": seed,
+        "steps": trained.steps,
         "final_loss": trained.final_loss,
-        "train_seconds": train_seconds, "seconds_per_step": train_seconds / max(trained.steps, 1),
-        "model_path": str(trained.model_path), "evaluations": _evaluate_all(model, config),
-    }  # fmt: skip
+        "train_seconds": train_seconds,
+        "seconds_per_step": train_seconds / max(trained.steps, 1),
+        "model_path": str(trained.model_path),
+        "evaluations": _evaluate_all(model, config),
+    }
     atomic_write_text(directory / "result.json", json.dumps(result, indent=2))
     return result
 
@@ -212,12 +261,27 @@ def compare(config: CompareConfig) -> Dict[str, Any]:
 def _rows(results: Dict[str, Any]) -> List[Dict[str, Any]]:
     rows = []
     for evaluation in results["before"]["evaluations"]:
-        rows.append({"run": results["before"]["run"], "variant": results["before"]["variant"], "seed": "",
-                     "steps": 0, "train_seconds": 0.0, "seconds_per_step": "", "final_loss": "", **evaluation})
+        rows.append(
+            {
+                "run": results["before"]["run"],
+                "variant": results["before"]["variant"],
+                "seed": "",
+                "steps": 0,
+                "train_seconds": 0.0,
+                "seconds_per_step": "",
+                "final_loss": "",
+                **evaluation,
+            }
+        )
     for run in results["runs"]:
         for evaluation in run["evaluations"]:
-            rows.append({key: run[key] for key in ("run", "variant", "seed", "steps", "train_seconds",
-                                                  "seconds_per_step", "final_loss")} | evaluation)
+            rows.append(
+                {
+                    key: run[key]
+                    for key in ("run", "variant", "seed", "steps", "train_seconds", "seconds_per_step", "final_loss")
+                }
+                | evaluation
+            )
     return rows
 
 
@@ -257,8 +321,22 @@ def results_table(results: Dict[str, Any], config: CompareConfig) -> str:
 
 def write_reports(results: Dict[str, Any], config: CompareConfig, output: Path) -> List[Path]:
     rows = _rows(results)
-    columns = ["run", "variant", "seed", "set", "decoding", "wer", "cer", "n_capped", "n_utterances", "rtf", "steps",
-               "train_seconds", "seconds_per_step", "final_loss"]
+    columns = [
+        "run",
+        "variant",
+        "seed",
+        "set",
+        "decoding",
+        "wer",
+        "cer",
+        "n_capped",
+        "n_utterances",
+        "rtf",
+        "steps",
+        "train_seconds",
+        "seconds_per_step",
+        "final_loss",
+    ]
     csv_path = output / "results.csv"
     with open(csv_path, "w", newline="", encoding="utf-8") as fp:
         writer = csv.DictWriter(fp, fieldnames=columns, extrasaction="ignore")
@@ -266,7 +344,8 @@ def write_reports(results: Dict[str, Any], config: CompareConfig, output: Path) 
         writer.writerows(rows)
     seeds = ", ".join(str(s) for s in config.seeds)
     markdown = [
-        f"# Comparison: {config.model}, {config.steps} steps, lr {config.lr:g}, batch {config.batch_size}, seeds {seeds}",
+        f"# Comparison: {config.model}, {config.steps} steps, lr {config.lr:g}, batch {config.batch_size}, "
+        f"seeds {seeds}",
         "",
         f"Training manifest `{config.train}`; evaluation sets: "
         + ", ".join(f"`{name}` ({path})" for name, path in config.eval_sets().items())
@@ -304,8 +383,9 @@ def plot_results(results: Dict[str, Any], config: CompareConfig, output: Path) -
     width = 0.8 / len(sets)
     for i, name in enumerate(sets):
         axes.bar([x + i * width for x in range(len(labels))], values[name], width, label=name)
-    axes.set_xticks([x + width * (len(sets) - 1) / 2 for x in range(len(labels))], labels, fontsize=7, rotation=35,
-                    ha="right")
+    axes.set_xticks(
+        [x + width * (len(sets) - 1) / 2 for x in range(len(labels))], labels, fontsize=7, rotation=35, ha="right"
+    )
     axes.set(ylabel="WER (%)", title="WER per evaluation set, before and after fine-tuning")
     axes.grid(axis="y", alpha=0.3)
     axes.legend()

@@ -41,8 +41,16 @@ from whisper.model import Whisper
 from whisper.tokenizer import Tokenizer, get_tokenizer
 
 from ..data import (
-    DataError, Example, Manifest, SpeechDataset, TokenizerSpec, check_audio, language_code, make_loader, read_manifest,
-)  # fmt: skip
+    DataError,
+    Example,
+    Manifest,
+    SpeechDataset,
+    TokenizerSpec,
+    check_audio,
+    language_code,
+    make_loader,
+    read_manifest,
+)
 from ..errors import PathLike
 from ..model import WhisperRope
 from ..options import add_dataclass_arguments, dataclass_from_args, option, standalone_main
@@ -57,28 +65,51 @@ NORMALIZERS = ("auto", "english", "basic", "none")
 class EvaluationOptions:
     """How `evaluate` decodes and scores; each field is also a ``whisper-rope evaluate`` option."""
 
-    language: Optional[str] = field(default=None, metadata=option(
-        "spoken language (code or name) of rows without a 'language' column; English-only models always use "
-        "English; otherwise unknown languages are detected per clip"))
-    normalizer: str = field(default="auto", metadata=option(
-        "text normalisation before scoring: upstream's English normaliser, its basic one, or none; auto: English "
-        "for English-only models and English rows, basic otherwise", choices=NORMALIZERS))
+    language: Optional[str] = field(
+        default=None,
+        metadata=option(
+            "spoken language (code or name) of rows without a 'language' column; English-only models always use "
+            "English; otherwise unknown languages are detected per clip"
+        ),
+    )
+    normalizer: str = field(
+        default="auto",
+        metadata=option(
+            "text normalisation before scoring: upstream's English normaliser, its basic one, or none; auto: English "
+            "for English-only models and English rows, basic otherwise",
+            choices=NORMALIZERS,
+        ),
+    )
     batch_size: int = field(default=16, metadata=option("clips decoded together"))
-    beam_size: Optional[int] = field(default=None, metadata=option(
-        "beam search with this many beams (default: greedy)"))
-    fp16: Optional[bool] = field(default=None, metadata=option(
-        "decode in half precision (default: on CUDA devices; never on the CPU)"))
-    unpadded: Optional[bool] = field(default=None, metadata=option(
-        "feed each clip's own frames instead of a 30-s window (encoders without an absolute table only); "
-        "default: the model's setting (a checkpoint fine-tuned unpadded says so)"))
-    cap_factor: Optional[float] = field(default=3.0, metadata=option(
-        "cap each hypothesis at this many times the reference's tokens (plus --cap-offset); 0: no cap beyond "
-        "upstream's half the text context"))
+    beam_size: Optional[int] = field(
+        default=None, metadata=option("beam search with this many beams (default: greedy)")
+    )
+    fp16: Optional[bool] = field(
+        default=None, metadata=option("decode in half precision (default: on CUDA devices; never on the CPU)")
+    )
+    unpadded: Optional[bool] = field(
+        default=None,
+        metadata=option(
+            "feed each clip's own frames instead of a 30-s window (encoders without an absolute table only); "
+            "default: the model's setting (a checkpoint fine-tuned unpadded says so)"
+        ),
+    )
+    cap_factor: Optional[float] = field(
+        default=3.0,
+        metadata=option(
+            "cap each hypothesis at this many times the reference's tokens (plus --cap-offset); 0: no cap beyond "
+            "upstream's half the text context"
+        ),
+    )
     cap_offset: int = field(default=10, metadata=option("tokens added to the per-utterance cap"))
     limit: Optional[int] = field(default=None, metadata=option("evaluate only the first N rows of the manifest"))
-    skip_invalid: bool = field(default=False, metadata=option(
-        "skip unusable rows (missing or undecodable audio, clips over 30 s) and list them in the result, "
-        "instead of stopping at the first"))
+    skip_invalid: bool = field(
+        default=False,
+        metadata=option(
+            "skip unusable rows (missing or undecodable audio, clips over 30 s) and list them in the result, "
+            "instead of stopping at the first"
+        ),
+    )
     num_workers: int = field(default=0, metadata=option("processes decoding audio files (0: in the main process)"))
 
     def validate(self) -> "EvaluationOptions":
@@ -330,8 +361,7 @@ def _evaluate(model, data, options, strict, device, fp16, unpadded, progress, st
 
     default_language = "en" if not model.is_multilingual else language_code(options.language)
     languages = [
-        "en" if not model.is_multilingual else (language_code(e.language) or default_language)
-        for e in dataset.examples
+        "en" if not model.is_multilingual else (language_code(e.language) or default_language) for e in dataset.examples
     ]
     tokenizers: Dict[Optional[str], Tokenizer] = {}
 
@@ -368,9 +398,12 @@ def _evaluate(model, data, options, strict, device, fp16, unpadded, progress, st
             language = languages[wanted[0]]
             sample_len = max(caps[i] for i in wanted)
             decoding = DecodingOptions(
-                language=language, without_timestamps=True, fp16=fp16, sample_len=sample_len,
+                language=language,
+                without_timestamps=True,
+                fp16=fp16,
+                sample_len=sample_len,
                 beam_size=options.beam_size,
-            )  # fmt: skip
+            )
             mel = batch.mel.to(device)
             tick = time.perf_counter()
             decoded = _decode(model, mel, decoding)
@@ -389,8 +422,22 @@ def _evaluate(model, data, options, strict, device, fp16, unpadded, progress, st
     finally:
         bar.close()
 
-    return _score(model, dataset, manifest.source, options, results, caps, languages, references, skipped,
-                  decode_seconds, time.perf_counter() - started, fp16, unpadded, str(device))  # fmt: skip
+    return _score(
+        model,
+        dataset,
+        manifest.source,
+        options,
+        results,
+        caps,
+        languages,
+        references,
+        skipped,
+        decode_seconds,
+        time.perf_counter() - started,
+        fp16,
+        unpadded,
+        str(device),
+    )
 
 
 def _decode(model: Whisper, mel: torch.Tensor, options: DecodingOptions) -> list:
@@ -423,8 +470,22 @@ def score_texts(
     return corpus, per_utterance
 
 
-def _score(model, dataset, source, options, results, caps, languages, references, skipped, decode_seconds,
-           wall_seconds, fp16, unpadded, device) -> EvaluationResult:  # fmt: skip
+def _score(
+    model,
+    dataset,
+    source,
+    options,
+    results,
+    caps,
+    languages,
+    references,
+    skipped,
+    decode_seconds,
+    wall_seconds,
+    fp16,
+    unpadded,
+    device,
+) -> EvaluationResult:
     rows: List[UtteranceResult] = []
     normalized_refs, normalized_hyps, normalizer_names = [], [], set()
     for index, example in enumerate(dataset.examples):
@@ -438,14 +499,28 @@ def _score(model, dataset, source, options, results, caps, languages, references
         )
         normalized_refs.append(reference_normalized)
         normalized_hyps.append(hypothesis_normalized)
-        rows.append(UtteranceResult(
-            index=index, row=example.row, audio=example.audio, seconds=round(dataset.durations[index], 4),
-            language=language, reference=references[index], hypothesis=hypothesis,
-            reference_normalized=reference_normalized, hypothesis_normalized=hypothesis_normalized,
-            substitutions=rates.substitutions, deletions=rates.deletions, insertions=rates.insertions,
-            n_words=rates.n_words, wer=rates.wer, cer=rates.cer, n_tokens=len(tokens), cap=caps[index],
-            capped=len(tokens) >= caps[index],
-        ))  # fmt: skip
+        rows.append(
+            UtteranceResult(
+                index=index,
+                row=example.row,
+                audio=example.audio,
+                seconds=round(dataset.durations[index], 4),
+                language=language,
+                reference=references[index],
+                hypothesis=hypothesis,
+                reference_normalized=reference_normalized,
+                hypothesis_normalized=hypothesis_normalized,
+                substitutions=rates.substitutions,
+                deletions=rates.deletions,
+                insertions=rates.insertions,
+                n_words=rates.n_words,
+                wer=rates.wer,
+                cer=rates.cer,
+                n_tokens=len(tokens),
+                cap=caps[index],
+                capped=len(tokens) >= caps[index],
+            )
+        )
     corpus = error_rates(normalized_refs, normalized_hyps)
     audio_seconds = float(sum(dataset.durations[index] for index in results))
     report = getattr(model, "load_report", None)
@@ -455,19 +530,35 @@ def _score(model, dataset, source, options, results, caps, languages, references
         model=report.source if report is not None else type(model).__name__,
         variant=getattr(model, "variant", "whisper"),
         data=source,
-        wer=corpus.wer, cer=corpus.cer, substitutions=corpus.substitutions, deletions=corpus.deletions,
-        insertions=corpus.insertions, hits=corpus.hits, n_words=corpus.n_words, n_chars=corpus.n_chars,
-        n_utterances=corpus.n_utterances, audio_seconds=round(audio_seconds, 4),
-        decode_seconds=round(decode_seconds, 4), wall_seconds=round(wall_seconds, 4),
+        wer=corpus.wer,
+        cer=corpus.cer,
+        substitutions=corpus.substitutions,
+        deletions=corpus.deletions,
+        insertions=corpus.insertions,
+        hits=corpus.hits,
+        n_words=corpus.n_words,
+        n_chars=corpus.n_chars,
+        n_utterances=corpus.n_utterances,
+        audio_seconds=round(audio_seconds, 4),
+        decode_seconds=round(decode_seconds, 4),
+        wall_seconds=round(wall_seconds, 4),
         rtf=round(decode_seconds / audio_seconds, 5) if audio_seconds else 0.0,
         normalizer="+".join(sorted(normalizer_names)),
         language=given_languages[0] if len(given_languages) == 1 and given_languages[0] != "None" else None,
         decoding=f"beam search ({options.beam_size} beams)" if beam else "greedy",
-        batch_size=options.batch_size, fp16=fp16, unpadded=unpadded,
-        cap=(f"{options.cap_factor:g} x reference tokens + {options.cap_offset}" if options.cap_factor
-             else f"{model.dims.n_text_ctx // 2} tokens (upstream's limit)"),
-        n_capped=sum(row.capped for row in rows), device=device, skipped=skipped, rows=rows,
-    )  # fmt: skip
+        batch_size=options.batch_size,
+        fp16=fp16,
+        unpadded=unpadded,
+        cap=(
+            f"{options.cap_factor:g} x reference tokens + {options.cap_offset}"
+            if options.cap_factor
+            else f"{model.dims.n_text_ctx // 2} tokens (upstream's limit)"
+        ),
+        n_capped=sum(row.capped for row in rows),
+        device=device,
+        skipped=skipped,
+        rows=rows,
+    )
 
 
 # ---- command line ------------------------------------------------------------------------------------------------
@@ -477,16 +568,36 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     """The options of ``whisper-rope evaluate``: model and data, then one per `EvaluationOptions` field
     (``--batch-size``, also ``--batch_size``; booleans as ``--skip-invalid``/``--no-skip-invalid``)."""
     add = parser.add_argument
-    add("--model", required=True, help="model name (tiny.en ... large-v3-turbo), a .pt checkpoint (upstream's or "
-        "whisper_rope's), or a faster-whisper / Hugging Face model directory")
+    add(
+        "--model",
+        required=True,
+        help="model name (tiny.en ... large-v3-turbo), a .pt checkpoint (upstream's or "
+        "whisper_rope's), or a faster-whisper / Hugging Face model directory",
+    )
     add("--variant", default=None, help="positional variant to load the weights into (default: the checkpoint's)")
-    add("--rotary-theta", "--rotary_theta", dest="rotary_theta", type=float, default=None,
-        help="RoPE base (default: the checkpoint's)")
+    add(
+        "--rotary-theta",
+        "--rotary_theta",
+        dest="rotary_theta",
+        type=float,
+        default=None,
+        help="RoPE base (default: the checkpoint's)",
+    )
     add("--data", required=True, help="manifest of the clips to evaluate: JSONL, CSV or TSV with 'audio' and 'text'")
-    add("--output", "-o", default=None, help="write the summary as JSON here and the per-utterance rows as JSON "
-        "lines next to it (same name, suffix .jsonl)")
-    add("--model-dir", "--model_dir", dest="model_dir", default=None,
-        help="where upstream model downloads are cached (default ~/.cache/whisper)")
+    add(
+        "--output",
+        "-o",
+        default=None,
+        help="write the summary as JSON here and the per-utterance rows as JSON "
+        "lines next to it (same name, suffix .jsonl)",
+    )
+    add(
+        "--model-dir",
+        "--model_dir",
+        dest="model_dir",
+        default=None,
+        help="where upstream model downloads are cached (default ~/.cache/whisper)",
+    )
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="PyTorch device to run on")
     add("--threads", type=int, default=0, help="torch CPU threads (0 keeps torch's default)")
     add("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
@@ -507,9 +618,13 @@ def run_evaluate_cli(args: argparse.Namespace) -> int:
     if args.threads and args.threads > 0:
         torch.set_num_threads(args.threads)
     model = load_model(
-        args.model, variant=args.variant, device=args.device, download_root=args.model_dir,
-        rotary_theta=args.rotary_theta, unpadded=options.unpadded,
-    )  # fmt: skip
+        args.model,
+        variant=args.variant,
+        device=args.device,
+        download_root=args.model_dir,
+        rotary_theta=args.rotary_theta,
+        unpadded=options.unpadded,
+    )
     result = evaluate(model, args.data, options, progress=args.progress)
     print(result.summary())
     if args.output:
@@ -519,7 +634,7 @@ def run_evaluate_cli(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m whisper_rope.evaluate ...`` (or ``python -m whisper_rope.evaluation.evaluate``): the evaluate command on its own."""
+    """``python -m whisper_rope.evaluate ...``: the evaluate command on its own."""
     description = "Word and character error rates and real-time factor of a model on a manifest of transcribed clips."
     return standalone_main("whisper-rope evaluate", description, add_evaluate_arguments, run_evaluate_cli, argv)
 

@@ -11,8 +11,6 @@ from ..errors import PathLike
 logger = logging.getLogger("whisper_rope")
 
 
-
-
 def jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)

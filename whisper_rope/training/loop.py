@@ -83,7 +83,13 @@ from .state import (  # the step-directory helpers are part of this module's API
     step_checkpoints,
     sweep_temporary_files,
 )
-from .transplant import TRANSPLANT_VARIANT, TransplantSchedule, apply_schedule, check_transplant_model, finalize_transplant
+from .transplant import (
+    TRANSPLANT_VARIANT,
+    TransplantSchedule,
+    apply_schedule,
+    check_transplant_model,
+    finalize_transplant,
+)
 
 logger = logging.getLogger("whisper_rope")
 
@@ -229,9 +235,7 @@ def _model_file(model: WhisperRope, trained_unpadded: bool) -> dict:
 
 
 def _decode_options(language: str, prompt: Optional[str], sample_len: int) -> DecodingOptions:
-    return DecodingOptions(
-        language=language, without_timestamps=True, fp16=False, sample_len=sample_len, prompt=prompt
-    )
+    return DecodingOptions(language=language, without_timestamps=True, fp16=False, sample_len=sample_len, prompt=prompt)
 
 
 @torch.no_grad()
@@ -254,8 +258,9 @@ def validation_metrics(
     for batch in loader:
         batch = batch.to(device)
         logits = model(batch.mel, batch.tokens, batch.n_frames)
-        loss_sum += float(F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX,
-                                          reduction="sum"))  # fmt: skip
+        loss_sum += float(
+            F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        )
         n_tokens += int((batch.labels != IGNORE_INDEX).sum())
         groups: Dict[Tuple[str, Optional[str]], List[int]] = {}
         for row, index in enumerate(batch.indices):
@@ -339,21 +344,34 @@ class _TeacherTargets:
 # The run
 
 
-def _input_pipeline(model, train, eval, config: FinetuneConfig, unpadded: bool, distill: bool,
-                    context: DistributedContext):
+def _input_pipeline(
+    model, train, eval, config: FinetuneConfig, unpadded: bool, distill: bool, context: DistributedContext
+):
     """The training and evaluation sets and the training batch sampler for one form of input (30-s windows, or
     unpadded clips in length-bucketed batches)."""
     train_set, eval_set = _load_datasets(model, train, eval, config, unpadded, distill)
-    sampler = BucketBatchSampler(train_set.durations, config.batch_size, config.seed, bucket=unpadded,
-                                 rank=context.rank, world_size=context.world_size)  # fmt: skip
+    sampler = BucketBatchSampler(
+        train_set.durations,
+        config.batch_size,
+        config.seed,
+        bucket=unpadded,
+        rank=context.rank,
+        world_size=context.world_size,
+    )
     return train_set, eval_set, sampler
 
 
 def _load_datasets(model, train, eval, config: FinetuneConfig, unpadded: bool, distill: bool):
     train_set = load_examples(
-        train, model, pad_30s=not unpadded, strict=config.strict, require_text=not config.distill_only,
-        teacher_30s=distill, language=config.language, task=config.task,
-    )  # fmt: skip
+        train,
+        model,
+        pad_30s=not unpadded,
+        strict=config.strict,
+        require_text=not config.distill_only,
+        teacher_30s=distill,
+        language=config.language,
+        task=config.task,
+    )
     eval_set = None
     if eval is not None:
         eval_set = load_examples(
@@ -432,9 +450,13 @@ def _run(model, train, eval, config: FinetuneConfig, teacher, context: Distribut
 
     schedule = _transplant_schedule(config)
     if model is None:
-        model = load_model(config.model, variant=TRANSPLANT_VARIANT if schedule else config.variant, device="cpu",
-                           rotary_theta=config.rotary_theta,
-                           gated_rotary=True if schedule else config.gated_rotary)  # fmt: skip
+        model = load_model(
+            config.model,
+            variant=TRANSPLANT_VARIANT if schedule else config.variant,
+            device="cpu",
+            rotary_theta=config.rotary_theta,
+            gated_rotary=True if schedule else config.gated_rotary,
+        )
     if schedule is not None:
         check_transplant_model(model)
     model = model.to(device)
@@ -448,16 +470,21 @@ def _run(model, train, eval, config: FinetuneConfig, teacher, context: Distribut
     distill = config.distill or config.distill_only
     encoder_l2 = distill and config.distill_encoder_weight > 0
     if encoder_l2 and unpadded:
-        logger.warning("--distill-encoder-weight is ignored: the unpadded student's encoder outputs are shorter than "
-                       "the teacher's 30-s ones (use --pad-to-30s to compare them)")  # fmt: skip
+        logger.warning(
+            "--distill-encoder-weight is ignored: the unpadded student's encoder outputs are shorter than "
+            "the teacher's 30-s ones (use --pad-to-30s to compare them)"
+        )
         encoder_l2 = False
     train_set, eval_set, sampler = _input_pipeline(model, train, eval, config, unpadded, distill, context)
 
     trainable = select_trainable(model, config.train_policy)
     optimizer = build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, functools.partial(lr_factor, warmup_steps=config.warmup_steps, total_steps=config.steps,
-                                     schedule=config.schedule))  # fmt: skip
+        optimizer,
+        functools.partial(
+            lr_factor, warmup_steps=config.warmup_steps, total_steps=config.steps, schedule=config.schedule
+        ),
+    )
     autocast_dtype, use_scaler = _precision(config, device)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
 
@@ -479,14 +506,19 @@ def _run(model, train, eval, config: FinetuneConfig, teacher, context: Distribut
         restore_entry(resumed_from / STATE_FILE, "rng", set_rng_state, state)
         step = int(state["step"])
         best_wer, best_step = state.get("best_wer"), state.get("best_step")
-        changed = sorted(k for k, v in state.get("config", {}).items()
-                         if k in asdict(config) and asdict(config)[k] != v and k not in BOOKKEEPING)  # fmt: skip
+        changed = sorted(
+            k
+            for k, v in state.get("config", {}).items()
+            if k in asdict(config) and asdict(config)[k] != v and k not in BOOKKEEPING
+        )
         if changed and context.is_main:
-            logger.warning("resuming with changed settings (%s): the run will not repeat an uninterrupted one",
-                           ", ".join(changed))  # fmt: skip
+            logger.warning(
+                "resuming with changed settings (%s): the run will not repeat an uninterrupted one", ", ".join(changed)
+            )
         if step >= config.steps and context.is_main:
-            logger.warning("checkpoint %s is at step %d, which already reaches --steps %d", resumed_from, step,
-                           config.steps)  # fmt: skip
+            logger.warning(
+                "checkpoint %s is at step %d, which already reaches --steps %d", resumed_from, step, config.steps
+            )
 
     if not distill:
         teacher = None
@@ -509,16 +541,31 @@ def _run(model, train, eval, config: FinetuneConfig, teacher, context: Distribut
 
     log = TrainingLog(output / LOG_FILE if context.is_main else None)
     if context.is_main:
-        log.write({"event": "start", "step": step, "variant": model.variant, "model": config.model,
-                   "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                   "train_clips": len(train_set), "eval_clips": len(eval_set) if eval_set else 0,
-                   "skipped_train_rows": [str(p) for p in train_set.problems],
-                   "skipped_eval_rows": [str(p) for p in eval_set.problems] if eval_set else [],
-                   "unpadded": unpadded, "world_size": context.world_size,
-                   "resumed_from": str(resumed_from) if resumed_from else None})  # fmt: skip
-        logger.info("training %s (%s) on %d clips, %s input, %d process(es), %d trainable tensors", config.model,
-                    model.variant, len(train_set), "unpadded" if unpadded else "30-s padded", context.world_size,
-                    len(trainable))  # fmt: skip
+        log.write(
+            {
+                "event": "start",
+                "step": step,
+                "variant": model.variant,
+                "model": config.model,
+                "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                "train_clips": len(train_set),
+                "eval_clips": len(eval_set) if eval_set else 0,
+                "skipped_train_rows": [str(p) for p in train_set.problems],
+                "skipped_eval_rows": [str(p) for p in eval_set.problems] if eval_set else [],
+                "unpadded": unpadded,
+                "world_size": context.world_size,
+                "resumed_from": str(resumed_from) if resumed_from else None,
+            }
+        )
+        logger.info(
+            "training %s (%s) on %d clips, %s input, %d process(es), %d trainable tensors",
+            config.model,
+            model.variant,
+            len(train_set),
+            "unpadded" if unpadded else "30-s padded",
+            context.world_size,
+            len(trainable),
+        )
 
     loader = make_loader(train_set, sampler, config.num_workers, pin_memory=device.type == "cuda")
     batches = iter(loader)
@@ -538,9 +585,15 @@ def _run(model, train, eval, config: FinetuneConfig, teacher, context: Distribut
         nonlocal best_wer, best_step
         metrics = validation_metrics(model, eval_set, config.batch_size, device)
         log.write({"event": "eval", "step": step, **metrics})
-        logger.info("step %d: validation loss %.4f, WER %.2f%%, CER %.2f%% (%d clips, %.1f s)", step,
-                    metrics["loss"], 100 * metrics["wer"], 100 * metrics["cer"], metrics["n_clips"],
-                    metrics["seconds"])  # fmt: skip
+        logger.info(
+            "step %d: validation loss %.4f, WER %.2f%%, CER %.2f%% (%d clips, %.1f s)",
+            step,
+            metrics["loss"],
+            100 * metrics["wer"],
+            100 * metrics["cer"],
+            metrics["n_clips"],
+            metrics["seconds"],
+        )
         if best_wer is None or metrics["wer"] < best_wer:
             best_wer, best_step = metrics["wer"], step
             best_dir = output / "best"
@@ -599,14 +652,16 @@ def _run(model, train, eval, config: FinetuneConfig, teacher, context: Distribut
                 batch: Batch = next(batches)
                 position += 1
                 for row in batch.replaced_rows:
-                    logger.warning("%s, row %d could not be decoded and was replaced in this batch", train_set.source,
-                                   row)  # fmt: skip
+                    logger.warning(
+                        "%s, row %d could not be decoded and was replaced in this batch", train_set.source, row
+                    )
                 batch = _prepare_batch(batch, position, targets, config, distill, device)
                 # DDP synchronises gradients on the last micro-batch of a step only.
                 sync = micro == config.grad_accum - 1 or not context.enabled
                 with contextlib.nullcontext() if sync else student.no_sync():
-                    loss, stats, n_tokens = _micro_batch_loss(student, teacher, batch, config, context, autocast_dtype,
-                                                              encoder_l2)  # fmt: skip
+                    loss, stats, n_tokens = _micro_batch_loss(
+                        student, teacher, batch, config, context, autocast_dtype, encoder_l2
+                    )
                     if not math.isfinite(stats["loss"]):
                         _stop_non_finite(log, context, step, stats["loss"], last_saved)
                     scaler.scale(loss).backward()
@@ -633,16 +688,24 @@ def _run(model, train, eval, config: FinetuneConfig, teacher, context: Distribut
             if step % config.log_every == 0 or step == config.steps:
                 elapsed = time.perf_counter() - window["started"]
                 final_loss = window["loss"] / max(window["tokens"], 1.0)
-                record = {"event": "train", "step": step, "loss": final_loss,
-                          "lr": lr, "grad_norm": float(grad_norm),
-                          "audio_seconds_per_second": window["seconds"] / max(elapsed, 1e-9),
-                          "seconds_per_step": elapsed / window["steps"]}  # fmt: skip
+                record = {
+                    "event": "train",
+                    "step": step,
+                    "loss": final_loss,
+                    "lr": lr,
+                    "grad_norm": float(grad_norm),
+                    "audio_seconds_per_second": window["seconds"] / max(elapsed, 1e-9),
+                    "seconds_per_step": elapsed / window["steps"],
+                }
                 if distill:
                     record["kl"] = window["kl"] / max(window["tokens"], 1.0)
                 if context.is_main:
                     log.write(record)
-                    progress.set_postfix(loss=f"{final_loss:.4f}", lr=f"{record['lr']:.2e}",
-                                         audio_s_per_s=f"{record['audio_seconds_per_second']:.1f}")  # fmt: skip
+                    progress.set_postfix(
+                        loss=f"{final_loss:.4f}",
+                        lr=f"{record['lr']:.2e}",
+                        audio_s_per_s=f"{record['audio_seconds_per_second']:.1f}",
+                    )
                 window = _new_window()
             progress.update(1)
 
@@ -663,17 +726,27 @@ def _run(model, train, eval, config: FinetuneConfig, teacher, context: Distribut
     model_path = None
     if context.is_main:
         model_path = atomic_torch_save(_model_file(model, unpadded), output / MODEL_FILE)
-        log.write({"event": "end", "step": step, "model": str(model_path), "best_wer": best_wer,
-                   "best_step": best_step})  # fmt: skip
+        log.write(
+            {"event": "end", "step": step, "model": str(model_path), "best_wer": best_wer, "best_step": best_step}
+        )
         plot_curves(output / LOG_FILE, output / CURVES_FILE)
     context.barrier()
     model.unpadded = unpadded
     return FinetuneResult(
-        model=model, steps=step, output=output, model_path=model_path, checkpoint=last_saved,
-        final_loss=final_loss, best_wer=best_wer, best_step=best_step, history=log.records,
-        skipped_rows={"train": [str(p) for p in train_set.problems],
-                      "eval": [str(p) for p in eval_set.problems] if eval_set else []},
-    )  # fmt: skip
+        model=model,
+        steps=step,
+        output=output,
+        model_path=model_path,
+        checkpoint=last_saved,
+        final_loss=final_loss,
+        best_wer=best_wer,
+        best_step=best_step,
+        history=log.records,
+        skipped_rows={
+            "train": [str(p) for p in train_set.problems],
+            "eval": [str(p) for p in eval_set.problems] if eval_set else [],
+        },
+    )
 
 
 def _transplant_schedule(config: FinetuneConfig) -> Optional[TransplantSchedule]:
@@ -683,13 +756,16 @@ def _transplant_schedule(config: FinetuneConfig) -> Optional[TransplantSchedule]
     return TransplantSchedule(
         anneal_start=config.transplant_anneal_start,
         anneal_steps=max(1, config.steps // 2) if anneal_steps is None else anneal_steps,
-        shape=config.transplant_shape, sides=config.transplant_sides,
-        gate_start=config.transplant_gate_start, gate_steps=config.transplant_gate_steps,
-    )  # fmt: skip
+        shape=config.transplant_shape,
+        sides=config.transplant_sides,
+        gate_start=config.transplant_gate_start,
+        gate_steps=config.transplant_gate_steps,
+    )
 
 
-def _finish_transplant(model: WhisperRope, schedule: TransplantSchedule, log: TrainingLog,
-                       context: DistributedContext) -> WhisperRope:
+def _finish_transplant(
+    model: WhisperRope, schedule: TransplantSchedule, log: TrainingLog, context: DistributedContext
+) -> WhisperRope:
     """Turn a finished transplant into the plain rotary model; otherwise keep (and say why) the hybrid."""
     if not schedule.ends_pure_rotary():
         return model
@@ -711,8 +787,14 @@ def _new_window() -> Dict[str, float]:
     return {"loss": 0.0, "kl": 0.0, "tokens": 0.0, "seconds": 0.0, "steps": 0, "started": time.perf_counter()}
 
 
-def _prepare_batch(batch: Batch, position: int, targets: Optional["_TeacherTargets"], config: FinetuneConfig,
-                   distill: bool, device: torch.device) -> Batch:
+def _prepare_batch(
+    batch: Batch,
+    position: int,
+    targets: Optional["_TeacherTargets"],
+    config: FinetuneConfig,
+    distill: bool,
+    device: torch.device,
+) -> Batch:
     """Teacher transcripts (--distill-only), SpecAugment (seeded by run position and clip), then onto the device."""
     if targets is not None:
         batch = targets.fill(batch, device)
@@ -726,9 +808,15 @@ def _prepare_batch(batch: Batch, position: int, targets: Optional["_TeacherTarge
     return batch.to(device)
 
 
-def _micro_batch_loss(student: nn.Module, teacher: Optional[WhisperRope], batch: Batch, config: FinetuneConfig,
-                      context: DistributedContext, autocast_dtype: Optional[torch.dtype],
-                      encoder_l2: bool) -> Tuple[Tensor, Dict[str, float], float]:
+def _micro_batch_loss(
+    student: nn.Module,
+    teacher: Optional[WhisperRope],
+    batch: Batch,
+    config: FinetuneConfig,
+    context: DistributedContext,
+    autocast_dtype: Optional[torch.dtype],
+    encoder_l2: bool,
+) -> Tuple[Tensor, Dict[str, float], float]:
     """Forward one micro-batch; returns (loss to backpropagate, statistics summed over ranks, global target tokens).
 
     The loss is normalised by the *global* number of target tokens and multiplied by the world size, because DDP
@@ -739,8 +827,13 @@ def _micro_batch_loss(student: nn.Module, teacher: Optional[WhisperRope], batch:
     n_tokens = float(context.all_reduce_sum(target_mask.sum().to(torch.float64).reshape(1))[0])
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         logits, audio = student(batch.mel, batch.tokens, batch.n_frames, with_audio=encoder_l2)
-    ce_sum = F.cross_entropy(logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX,
-                             reduction="sum", label_smoothing=config.label_smoothing)  # fmt: skip
+    ce_sum = F.cross_entropy(
+        logits.float().flatten(0, 1),
+        batch.labels.flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+        label_smoothing=config.label_smoothing,
+    )
     kl_sum = torch.zeros((), device=device)
     encoder_term = torch.zeros((), device=device)
     if teacher is not None:
@@ -753,8 +846,15 @@ def _micro_batch_loss(student: nn.Module, teacher: Optional[WhisperRope], batch:
     return loss, {"ce": ce, "kl": kl, "loss": total, "seconds": seconds}, n_tokens
 
 
-def _distillation_terms(teacher, batch: Batch, logits: Tensor, audio: Optional[Tensor], target_mask: Tensor,
-                        config: FinetuneConfig, context: DistributedContext) -> Tuple[Tensor, Tensor]:
+def _distillation_terms(
+    teacher,
+    batch: Batch,
+    logits: Tensor,
+    audio: Optional[Tensor],
+    target_mask: Tensor,
+    config: FinetuneConfig,
+    context: DistributedContext,
+) -> Tuple[Tensor, Tensor]:
     """(KL(teacher || student) summed over target tokens, encoder L2 term normalised over the global batch).
 
     ``audio`` is the student's encoder output, given only when it has the teacher's length (30-s input).
@@ -789,8 +889,13 @@ def _stop_non_finite(
 
 
 def _progress_bar(config: FinetuneConfig, context: DistributedContext, step: int) -> tqdm:
-    return tqdm(total=config.steps, initial=step, unit="step", disable=not (config.progress and context.is_main),
-                dynamic_ncols=True)  # fmt: skip
+    return tqdm(
+        total=config.steps,
+        initial=step,
+        unit="step",
+        disable=not (config.progress and context.is_main),
+        dynamic_ncols=True,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -824,7 +929,8 @@ def run_finetune_cli(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m whisper_rope.training.loop ...`` (or ``python -m whisper_rope.train``): the finetune command on its own (also under torchrun)."""
+    """``python -m whisper_rope.training.loop ...`` (or ``python -m whisper_rope.train``): the finetune command on
+    its own (also under torchrun)."""
     description = "Fine-tune a Whisper checkpoint into a positional variant."
     return standalone_main("whisper-rope finetune", description, add_finetune_arguments, run_finetune_cli, argv)
 

@@ -21,11 +21,9 @@ import torch
 from ..atomic import atomic_torch_save, fsync_directory
 from ..errors import PathLike, TrainingError
 
-
 MODEL_FILE = "model.pt"
 STATE_FILE = "training_state.pt"
 STEP_DIR = re.compile(r"^step-(\d+)$")
-
 
 
 def rng_state() -> Dict[str, Any]:
@@ -34,8 +32,13 @@ def rng_state() -> Dict[str, Any]:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": {"version": version, "state": list(internal), "gauss": gauss},
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},  # fmt: skip
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -47,16 +50,32 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     py = state["python"]
     random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
     np_state = state["numpy"]
-    np.random.set_state((np_state["name"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
-                         np_state["has_gauss"], np_state["cached_gaussian"]))  # fmt: skip
+    np.random.set_state(
+        (
+            np_state["name"],
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 #: Entries every training-state file holds, and their types.
-_STATE_ENTRIES = {"step": int, "optimizer": dict, "scheduler": dict, "scaler": dict, "sampler": dict, "rng": dict,
-                  "config": dict, "variant": str, "dims": dict}  # fmt: skip
+_STATE_ENTRIES = {
+    "step": int,
+    "optimizer": dict,
+    "scheduler": dict,
+    "scaler": dict,
+    "sampler": dict,
+    "rng": dict,
+    "config": dict,
+    "variant": str,
+    "dims": dict,
+}
 
 
 def read_training_state(path: PathLike) -> dict:

@@ -87,7 +87,9 @@ def rotary_gates(model: WhisperRope) -> Iterator[nn.Parameter]:
 
 def check_transplant_model(model: WhisperRope) -> None:
     """Raise unless ``model`` is a gated hybrid a transplant can start from."""
-    if not (model.gated_rotary and model.encoder.has_table and model.decoder.has_table and model.parsed_variant.uses_rotary):
+    if not (
+        model.gated_rotary and model.encoder.has_table and model.decoder.has_table and model.parsed_variant.uses_rotary
+    ):
         raise VariantError(
             f"a transplant needs a gated hybrid model (variant {TRANSPLANT_VARIANT!r} with gated_rotary=True), got "
             f"{model.variant!r} with gated_rotary={model.gated_rotary}"

@@ -16,6 +16,7 @@ import torch
 from whisper_rope.atomic import atomic_write
 from whisper_rope.errors import CheckpointError, PathLike, one_line
 
+
 def read_json_object(path: Path, what: str) -> Dict[str, Any]:
     """The JSON object in ``path``; a CheckpointError naming ``what`` and the file when it is unreadable or not an
     object (a list, a number)."""

