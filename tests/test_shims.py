@@ -1,4 +1,4 @@
-"""The modules that moved in the 0.2 layout stay importable under their old names for one release, and every name
+"""The modules that moved out of the 0.1 layout stay importable under their old names for one release, and every name
 they offered is the very object of its new home (not a copy that could drift)."""
 
 import importlib
