@@ -23,7 +23,14 @@ import soundfile as sf
 from whisper_rope.audio import SAMPLE_RATE, load_audio
 from whisper_rope.errors import AudioError
 
-from . import LONG, REPO, assert_clear_message, subprocess_env, transcribe
+from . import (
+    LONG,
+    REPO,
+    assert_clear_message,
+    random_model,  # noqa: F401  (a pytest fixture, requested by name)
+    subprocess_env,
+    transcribe,
+)
 
 HELLO = REPO / "tests" / "fixtures" / "hello.flac"
 M4A = REPO / "tests" / "fixtures" / "formats" / "clip.m4a"

@@ -23,7 +23,14 @@ import whisper_rope
 import whisper_rope.atomic
 from tests.convert_helpers import SMALL_DIMS, write_model
 
-from . import REPO, SPEECH, assert_one_line_error, run_cli, transcribe
+from . import (
+    REPO,
+    SPEECH,
+    assert_one_line_error,
+    random_model,  # noqa: F401  (a pytest fixture, requested by name)
+    run_cli,
+    transcribe,
+)
 
 HELLO = REPO / "tests" / "fixtures" / "hello.flac"
 
