@@ -179,7 +179,7 @@ def test_import_peak_memory_is_bounded(tmp_path: Path) -> None:
         """
         import resource, torch
         from whisper_rope.weights.ctranslate2 import read_ctranslate2
-            from whisper_rope.weights.packages import find_installed_model
+        from whisper_rope.weights.packages import find_installed_model
         model = find_installed_model("base")
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         imported = read_ctranslate2(model.config_dir, parts=model.parts, dtype=torch.float32)
