@@ -91,7 +91,6 @@ MOVED = {
             "save_upstream",
             "upstream_shapes",
             "write_huggingface",
-            "load_upstream",
         ],
     ),
     "convert.common": (

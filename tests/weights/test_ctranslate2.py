@@ -284,7 +284,7 @@ def test_layout_problems_name_the_variable(tmp_path: Path) -> None:
     refused({**base, "decoder/layer_0/self_attention/q_norm/gamma": torch.ones(16)}, "q_norm")
     refused({**base, "decoder/scale_embeddings": torch.tensor(1, dtype=torch.int8)}, "scale_embeddings")
     refused({**base, "encoder/num_heads": torch.tensor(3, dtype=torch.int16)}, "num_heads is 3")
-    refused({**base, "encoder/conv1/bias": torch.ones(15)}, r"encoder.conv1.bias has shape \(15,\)")
+    refused({**base, "encoder/conv1/bias": torch.ones(15)}, r"'encoder.conv1.bias' has shape \(15,\)")
     refused({**base, "encoder/conv1/weight": base["encoder/conv1/weight"].to(torch.int8)}, "weight_scale is missing")
     refused({**base, "encoder/conv1/bias": torch.ones(16, dtype=torch.int32)}, "stored as torch.int32")
     layers = {k.replace("decoder/layer_1/", "decoder/layer_5/"): v for k, v in base.items()}

@@ -6,7 +6,8 @@ from whisper_rope.variants import UPSTREAM_VARIANT
 from whisper_rope.weights.common import ImportedCheckpoint, save_upstream
 from whisper_rope.weights.convert import convert
 from whisper_rope.weights.ctranslate2 import is_ctranslate2_dir, read_ctranslate2
-from whisper_rope.weights.format import check_dims, check_state_dict, load_upstream, upstream_shapes
+from whisper_rope.weights.format import check_dims, check_state_dict, upstream_shapes
+from whisper_rope.weights.format import read_checkpoint as load_upstream
 from whisper_rope.weights.huggingface import is_huggingface_dir, read_huggingface, write_huggingface
 from whisper_rope.weights.packages import (
     InstalledModel,

@@ -6,12 +6,9 @@ directory, so a crash leaves either the previous step directories or a complete 
 """
 
 import os
-import pickle
 import random
 import re
 import shutil
-import struct
-import zipfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -19,7 +16,8 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_torch_save, fsync_directory
-from ..errors import PathLike, TrainingError
+from ..errors import CheckpointError, PathLike, TrainingError
+from ..weights.format import load_pt
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "training_state.pt"
@@ -83,13 +81,9 @@ def read_training_state(path: PathLike) -> dict:
     `TrainingError` naming it (a pickled program in it is refused, never run)."""
     label = str(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise TrainingError(
-            f"refusing training state {label!r}: it holds objects other than tensors and plain data"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, zipfile.BadZipFile, struct.error):
-        raise TrainingError(f"cannot read training state {label!r}: truncated or not a PyTorch file") from None
+        state = load_pt(path, f"training state {label!r}")
+    except CheckpointError as error:  # resuming needs it: a training error, same words
+        raise TrainingError(str(error)) from None
     if not isinstance(state, dict):
         raise TrainingError(f"training state {label!r} is a {type(state).__name__}, expected a dict")
     for key, kind in _STATE_ENTRIES.items():

@@ -15,7 +15,7 @@ from whisper_rope.errors import CheckpointError, ModelNotFoundError, PathLike, V
 from whisper_rope.variants import UPSTREAM_VARIANT, parse_variant
 from whisper_rope.weights.common import save_upstream
 from whisper_rope.weights.ctranslate2 import is_ctranslate2_dir, read_ctranslate2
-from whisper_rope.weights.format import check_dims, check_state_dict, load_upstream
+from whisper_rope.weights.format import check_state_dict, read_checkpoint
 from whisper_rope.weights.huggingface import is_huggingface_dir, read_huggingface, write_huggingface
 
 
@@ -72,11 +72,11 @@ def _upstream_to_huggingface(src: Path, dst: Path, overwrite: bool) -> Path:
     """Upstream-format ``.pt`` -> Hugging Face directory."""
     if dst.suffix == ".pt":
         raise CheckpointError(f"Destination {dst} should be a directory: {src} converts to the Hugging Face format.")
-    checkpoint = load_upstream(src)
+    checkpoint = read_checkpoint(src, mmap=True)
     _check_portable(checkpoint, src)
-    dims = check_dims(dict(checkpoint["dims"]), f"Checkpoint {src}")
+    dims = dict(checkpoint["dims"])
     state_dict = checkpoint["model_state_dict"]
-    check_state_dict(state_dict, dims, f"Checkpoint {src}")
+    check_state_dict(state_dict, dims, f"checkpoint {str(src)!r}")  # exactly upstream's tensors, nothing else
     alignment = checkpoint.get("alignment_heads")
     if alignment is not None and not isinstance(alignment, torch.Tensor):
         raise CheckpointError(f"Checkpoint {src}: alignment_heads is {type(alignment).__name__}, expected a tensor.")

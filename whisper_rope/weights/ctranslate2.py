@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+from tqdm import tqdm
 
 from whisper_rope.errors import CheckpointError, ModelNotFoundError, PathLike
 from whisper_rope.weights.common import (
@@ -49,7 +50,7 @@ from whisper_rope.weights.common import (
     float_dtype_of,
     read_json_object,
 )
-from whisper_rope.weights.format import check_state_dict
+from whisper_rope.weights.format import check_dims, check_state_dict
 
 SPEC_NAME = "WhisperSpec"
 MIN_BINARY_VERSION = 4  # versions 1-3 stored item sizes instead of dtype ids; no Whisper model uses them
@@ -446,7 +447,7 @@ def derive_dims(loader: TensorLoader) -> Dict[str, int]:
         "n_text_head": _heads(loader, "decoder", embeddings[1]),
         "n_text_layer": count_layers(loader.index, "decoder", loader.fail),
     }
-    return dims
+    return check_dims(dims, f"CTranslate2 model {loader.source.label}")
 
 
 def _heads(loader: TensorLoader, stack: str, width: int) -> int:
@@ -688,6 +689,4 @@ def _convert(loader: TensorLoader, progress: bool) -> Tuple[Dict[str, torch.Tens
 
 def _progress_bar(total: int, enabled: bool) -> Any:
     """A tqdm bar (or a disabled one) over the conversion steps, on stderr."""
-    from tqdm import tqdm
-
     return tqdm(total=total, desc="Importing CTranslate2 model", unit="block", disable=not enabled, leave=False)

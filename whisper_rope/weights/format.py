@@ -1,22 +1,20 @@
 """Reading and validating a ``.pt`` checkpoint: the bottom of the weights layer.
 
-Every ``.pt`` file whisper_rope reads goes through `read_checkpoint` (or `load_upstream`, which memory-maps what it
-can and falls back to it): ``torch.load(..., weights_only=True)`` onto the CPU, a refused pickle named in one line,
-then the layout every reader relies on (``dims``, a dict of dense floating-point tensors whose shapes fit the dims)
-checked *before* a model of those dims is allocated. The importers (CTranslate2, Hugging Face) check their result
-with the same `check_dims`/`check_state_dict`.
+`load_pt` is the one place a ``.pt`` file is unpickled: ``torch.load(..., weights_only=True)`` onto the CPU
+(memory-mapped where asked and the file allows it), every failure turned into one `CheckpointError` naming the file
+(a refused pickle names the global it wanted; nothing in the file runs). `check_dims` and `check_state_dict` are
+the one validation of a model's dims and tensors: our checkpoints (`read_checkpoint`), upstream's, the CTranslate2
+and Hugging Face importers and the Hugging Face exporter all go through them, and they check every claim a file
+makes (field types, layer counts, shapes) before anything is sized from it.
 """
 
 import io
 import pickle
 import re
-from dataclasses import fields
-from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
-from whisper.model import ModelDimensions
 
 from ..errors import CheckpointError, ModelNotFoundError, PathLike, first_line, one_line
 
@@ -34,6 +32,10 @@ DIM_KEYS: Tuple[str, ...] = (
     "n_text_layer",
 )
 
+UNSAFE_PICKLE = "objects other than tensors and plain data, which weights_only loading does not execute"
+
+_BLOCK = re.compile(r"^(encoder|decoder)\.blocks\.(\d+)\.")
+
 
 def refused_global(exc: BaseException) -> Optional[str]:
     """The global a weights-only unpickler refused (``builtins.exec``, ``posix.system``, ...), or None.
@@ -45,7 +47,38 @@ def refused_global(exc: BaseException) -> Optional[str]:
     return match.group(1) if match else None
 
 
-UNSAFE_PICKLE = "objects other than tensors and plain data, which weights_only loading does not execute"
+def load_pt(source: Union[PathLike, bytes], label: str, mmap: bool = False) -> object:
+    """Unpickle a ``.pt`` file (or its bytes) with ``weights_only=True`` onto the CPU.
+
+    label: how messages name the file (``checkpoint '/x/model.pt'``). mmap: map the file instead of reading it,
+    where its format allows (legacy non-zip files are read). Raises `ModelNotFoundError` for a missing file and
+    `CheckpointError` for anything else that is not a readable, safe pickle.
+    """
+    try:
+        if isinstance(source, bytes):
+            with io.BytesIO(source) as handle:
+                return torch.load(handle, map_location="cpu", weights_only=True)
+        if mmap:
+            try:
+                return torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:
+                pass  # a legacy (non-zip) file cannot be mapped; read it below
+        with open(source, "rb") as handle:
+            return torch.load(handle, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ModelNotFoundError(f"{label} does not exist") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{label} is a directory, not a .pt file") from None
+    except pickle.UnpicklingError as error:
+        refused = refused_global(error)
+        if refused:
+            raise CheckpointError(
+                f"refusing {label}, which cannot be loaded safely: it holds {UNSAFE_PICKLE} "
+                f"(Unsupported global {refused})"
+            ) from None
+        raise CheckpointError(f"cannot read {label}: truncated or not a PyTorch file") from None
+    except Exception as error:  # torch's unpickler raises many types on garbage (IndexError, struct.error, ...)
+        raise CheckpointError(f"cannot read {label}: truncated or not a PyTorch file ({first_line(error)})") from None
 
 
 def upstream_shapes(dims: Dict[str, int]) -> Dict[str, Tuple[int, ...]]:
@@ -98,114 +131,69 @@ def upstream_shapes(dims: Dict[str, int]) -> Dict[str, Tuple[int, ...]]:
     return shapes
 
 
-def check_state_dict(state_dict: Dict[str, torch.Tensor], dims: Dict[str, int], origin: str) -> None:
-    """Raise CheckpointError unless ``state_dict`` has exactly the upstream names and shapes for ``dims``."""
-    expected = upstream_shapes(dims)
-    missing = sorted(set(expected) - set(state_dict))
-    if missing:
-        raise CheckpointError(f"{origin} lacks tensor {missing[0]} (and {len(missing) - 1} more) that Whisper needs.")
-    unexpected = sorted(set(state_dict) - set(expected))
-    if unexpected:
-        raise CheckpointError(f"{origin} has tensor {unexpected[0]}, which upstream Whisper does not have.")
-    for name, shape in expected.items():
-        if tuple(state_dict[name].shape) != shape:
-            raise CheckpointError(
-                f"{origin}: tensor {name} has shape {tuple(state_dict[name].shape)}, expected {shape}."
-            )
-
-
-def check_dims(dims: Dict[str, Any], origin: str) -> Dict[str, int]:
-    """Return ``dims`` as plain ints after checking it has exactly the ModelDimensions keys, all positive."""
-    keys = set(dims)
-    if keys != set(DIM_KEYS):
-        wrong = sorted(keys.symmetric_difference(DIM_KEYS))
-        raise CheckpointError(f"{origin} dims do not match Whisper's ModelDimensions (differ in {wrong}).")
+def check_dims(dims: object, origin: str) -> Dict[str, int]:
+    """``dims`` as plain ints, after checking that it has exactly the ModelDimensions fields, each a positive
+    integer, and that every head count divides its width. origin: how messages name the source."""
+    if not isinstance(dims, dict):
+        raise CheckpointError(
+            f"{origin} has invalid 'dims': expected a dict of Whisper's ModelDimensions, got {type(dims).__name__}"
+        )
+    if set(dims) != set(DIM_KEYS):
+        wrong = sorted(str(key) for key in set(dims).symmetric_difference(DIM_KEYS))
+        raise CheckpointError(f"{origin} dims do not match Whisper's ModelDimensions (differ in {wrong})")
     out: Dict[str, int] = {}
     for key in DIM_KEYS:
         value = dims[key]
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise CheckpointError(f"{origin} dims: {key} is {value!r}, expected a positive integer.")
+            raise CheckpointError(f"{origin} dims: {key} is {one_line(repr(value), 40)}, expected a positive integer")
         out[key] = int(value)
     for head, state in (("n_audio_head", "n_audio_state"), ("n_text_head", "n_text_state")):
         if out[state] % out[head]:  # also bounds the head count by the width before anything is sized from it
             raise CheckpointError(
                 f"{origin} dims: {head} {out[head]} does not divide {state} {out[state]}; "
-                "attention splits the width evenly between heads."
+                "attention splits the width evenly between heads"
             )
     return out
 
 
-def read_checkpoint(source: Union[PathLike, bytes], name: Optional[str] = None) -> dict:
-    """Read a ``.pt`` checkpoint (ours or upstream's) with ``weights_only=True`` onto the CPU and validate it."""
-    label = name or (str(source) if not isinstance(source, bytes) else "checkpoint bytes")
-    try:
-        with io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb") as fp:
-            checkpoint = torch.load(fp, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ModelNotFoundError(f"checkpoint file {label!r} does not exist") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"checkpoint {label!r} is a directory, not a .pt file") from None
-    except pickle.UnpicklingError as error:
-        refused = refused_global(error)
-        if refused:
-            raise CheckpointError(
-                f"refusing checkpoint {label!r}: it holds {UNSAFE_PICKLE} (Unsupported global {refused})"
-            ) from None
-        raise CheckpointError(f"cannot read checkpoint {label!r}: truncated or not a PyTorch file") from None
-    except Exception as error:  # torch's unpickler raises many types on garbage (IndexError, struct.error, ...)
-        raise CheckpointError(
-            f"cannot read checkpoint {label!r}: truncated or not a PyTorch file ({first_line(error)})"
-        ) from None
-    return validate_checkpoint(checkpoint, label)
+def check_state_dict(state: object, dims: Dict[str, int], origin: str, complete: bool = True) -> None:
+    """Refuse tensors that do not fit ``dims`` (checked with `check_dims`), before a model of those dims exists.
 
-
-def validate_checkpoint(checkpoint: object, label: str) -> dict:
-    """Check the layout every reader relies on; raise CheckpointError naming what is wrong."""
-    if not isinstance(checkpoint, dict) or "dims" not in checkpoint or "model_state_dict" not in checkpoint:
-        raise CheckpointError(
-            f"checkpoint {label!r} is not a Whisper checkpoint: expected a dict with 'dims' and 'model_state_dict'"
-        )
-    dims = checkpoint["dims"]
-    expected = {f.name for f in fields(ModelDimensions)}
-    if (
-        not isinstance(dims, dict)
-        or set(dims) != expected
-        or not all(isinstance(v, int) and v > 0 for v in dims.values())
-    ):
-        raise CheckpointError(
-            f"checkpoint {label!r} has invalid 'dims': expected positive integers for {sorted(expected)}"
-        )
-    state = checkpoint["model_state_dict"]
+    In order: a dict of dense floating-point (or bool) tensors by name; one ``<side>.blocks.N`` group per layer the
+    dims claim (this bounds the names there are to check); every upstream tensor present with the shape the dims
+    give it. complete: also require exactly upstream's names (importers and exporters); without it, missing and
+    scheme-specific tensors are left to `whisper_rope.weights.loading.adapt_state_dict`.
+    """
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
-        raise CheckpointError(f"checkpoint {label!r} has an invalid 'model_state_dict': expected a dict of tensors")
+        raise CheckpointError(f"{origin} has an invalid 'model_state_dict': expected a dict of tensors by name")
     odd = [k for k, v in state.items() if v.is_nested or v.layout != torch.strided]
     if odd:
-        raise CheckpointError(f"checkpoint {label!r}: tensor {odd[0]!r} is sparse or nested, expected a dense tensor")
+        raise CheckpointError(f"{origin}: tensor {odd[0]!r} is sparse or nested, expected a dense tensor")
     bad = [k for k, v in state.items() if not (v.is_floating_point() or v.dtype == torch.bool)]
     if bad:
         raise CheckpointError(
-            f"checkpoint {label!r}: tensor {bad[0]!r} has dtype {state[bad[0]].dtype}, expected a floating-point dtype"
+            f"{origin}: tensor {bad[0]!r} has dtype {state[bad[0]].dtype}, expected a floating-point dtype"
         )
-    heads = checkpoint.get("alignment_heads")
-    if heads is not None and not isinstance(heads, (bytes, Tensor)):
-        raise CheckpointError(
-            f"checkpoint {label!r} has invalid 'alignment_heads': expected a bool tensor (layers, heads) or upstream's "
-            f"encoded bytes, got {type(heads).__name__}"
-        )
-    _check_against_dims(state, dims, label)
-    return checkpoint
+    _check_layers(state, dims, origin)
+    expected = upstream_shapes(dims)
+    for key, shape in expected.items():
+        if key in state and tuple(state[key].shape) != shape:
+            raise CheckpointError(
+                f"{origin}: tensor {key!r} has shape {tuple(state[key].shape)}, the model's dims expect {shape}"
+            )
+    if complete:
+        missing = sorted(set(expected) - set(state))
+        if missing:
+            raise CheckpointError(
+                f"{origin} lacks tensor {missing[0]!r} (and {len(missing) - 1} more) that Whisper needs"
+            )
+        unexpected = sorted(set(state) - set(expected))
+        if unexpected:
+            raise CheckpointError(f"{origin} has tensor {unexpected[0]!r}, which upstream Whisper does not have")
 
 
-_BLOCK = re.compile(r"^(encoder|decoder)\.blocks\.(\d+)\.")
-
-
-def _check_against_dims(state: Dict[str, Tensor], dims: Dict[str, int], label: str) -> None:
-    """Refuse a state dict that does not fit its own dims *before* a model of those dims is allocated.
-
-    Layer counts come first (they bound how many names there are to check), then the shape of every upstream tensor
-    present. Missing and scheme-specific tensors are left to `adapt_state_dict`.
-    """
-    present = {"encoder": set(), "decoder": set()}
+def _check_layers(state: Dict[str, Tensor], dims: Dict[str, int], origin: str) -> None:
+    present: Dict[str, set] = {"encoder": set(), "decoder": set()}
     for key in state:
         match = _BLOCK.match(key)
         if match:
@@ -213,14 +201,8 @@ def _check_against_dims(state: Dict[str, Tensor], dims: Dict[str, int], label: s
     for side, field_name in (("encoder", "n_audio_layer"), ("decoder", "n_text_layer")):
         if present[side] != set(range(dims[field_name])):
             raise CheckpointError(
-                f"checkpoint {label!r}: dims say {dims[field_name]} {side} layers, its tensors hold "
+                f"{origin}: dims say {dims[field_name]} {side} layers, its tensors hold "
                 f"{len(present[side])} ({side}.blocks.N for N in {_ranges(present[side])})"
-            )
-    for key, shape in upstream_shapes(dims).items():
-        if key in state and tuple(state[key].shape) != shape:
-            raise CheckpointError(
-                f"checkpoint {label!r}: tensor {key!r} has shape {tuple(state[key].shape)}, the model's dims "
-                f"expect {shape}"
             )
 
 
@@ -231,18 +213,29 @@ def _ranges(numbers: set) -> str:
     return f"{ordered[0]}..{ordered[-1]}" if ordered == list(range(ordered[0], ordered[-1] + 1)) else str(ordered[:8])
 
 
-def load_upstream(path: Path) -> Dict[str, Any]:
-    """An upstream-format checkpoint dict, loaded with ``weights_only=True``: memory-mapped where the file allows it,
-    else (legacy non-zip files cannot be mapped) through :func:`read_checkpoint`, which also
-    words every refusal (an unsafe pickle, a truncated file) as the library's loaders do."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # legacy format, or a bad or unsafe pickle: read_checkpoint reads or refuses it in one line
-        checkpoint = read_checkpoint(path)
+def read_checkpoint(source: Union[PathLike, bytes], name: Optional[str] = None, mmap: bool = False) -> dict:
+    """Read a ``.pt`` checkpoint (ours or upstream's) with `load_pt` and validate it (`validate_checkpoint`).
+
+    name: how messages name it (default: the path). mmap: map the file where its format allows (see `load_pt`).
+    """
+    label = name or (str(source) if not isinstance(source, bytes) else "checkpoint bytes")
+    return validate_checkpoint(load_pt(source, f"checkpoint {label!r}", mmap=mmap), label)
+
+
+def validate_checkpoint(checkpoint: object, label: str) -> dict:
+    """Check the layout every reader relies on (`check_dims`, `check_state_dict` without ``complete``, the
+    alignment heads' type); raise CheckpointError naming what is wrong. Returns ``checkpoint``."""
+    origin = f"checkpoint {label!r}"
     if not isinstance(checkpoint, dict) or "dims" not in checkpoint or "model_state_dict" not in checkpoint:
         raise CheckpointError(
-            f"Checkpoint {path} is not in upstream Whisper format (a dict with dims and model_state_dict)."
+            f"{origin} is not a Whisper checkpoint: expected a dict with 'dims' and 'model_state_dict'"
         )
-    if not isinstance(checkpoint["dims"], dict) or not isinstance(checkpoint["model_state_dict"], dict):
-        raise CheckpointError(f"Checkpoint {path}: dims and model_state_dict must both be dicts.")
+    dims = check_dims(checkpoint["dims"], origin)
+    check_state_dict(checkpoint["model_state_dict"], dims, origin, complete=False)
+    heads = checkpoint.get("alignment_heads")
+    if heads is not None and not isinstance(heads, (bytes, Tensor)):
+        raise CheckpointError(
+            f"{origin} has invalid 'alignment_heads': expected a bool tensor (layers, heads) or upstream's "
+            f"encoded bytes, got {type(heads).__name__}"
+        )
     return checkpoint

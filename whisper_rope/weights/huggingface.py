@@ -18,6 +18,7 @@ Both sides keep the query unscaled (Hugging Face scales at run time too), so ten
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from whisper_rope.atomic import atomic_write
 from whisper_rope.errors import CheckpointError, ModelNotFoundError, PathLike, one_line
@@ -39,7 +42,7 @@ from whisper_rope.weights.common import (
     float_dtype_of,
     read_json_object,
 )
-from whisper_rope.weights.format import UNSAFE_PICKLE, check_dims, check_state_dict, refused_global, upstream_shapes
+from whisper_rope.weights.format import check_dims, check_state_dict, load_pt, upstream_shapes
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -196,8 +199,6 @@ def _tensor_getter(directory: Path) -> Dict[str, Callable[[], torch.Tensor]]:
 
 
 def _safetensors_getters(files: list) -> Dict[str, Callable[[], torch.Tensor]]:
-    from safetensors import SafetensorError, safe_open
-
     getters: Dict[str, Callable[[], torch.Tensor]] = {}
     for path in files:
         try:
@@ -213,8 +214,6 @@ def _safetensors_getters(files: list) -> Dict[str, Callable[[], torch.Tensor]]:
 
 
 def _safetensors_tensor(path: Path, name: str) -> torch.Tensor:
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(path), framework="pt") as handle:
             return handle.get_tensor(name)
@@ -225,19 +224,8 @@ def _safetensors_tensor(path: Path, name: str) -> torch.Tensor:
 
 
 def _pytorch_getters(path: Path) -> Dict[str, Callable[[], torch.Tensor]]:
-    """pytorch_model.bin through ``torch.load(weights_only=True)``, memory-mapped when the file allows it."""
-    try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:
-            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) files cannot mmap
-    except Exception as exc:  # torch raises many types for a bad pickle; all mean "not a checkpoint"
-        refused = refused_global(exc)
-        if refused is not None:
-            raise CheckpointError(
-                f"Hugging Face weights {path} cannot be loaded safely: they hold {UNSAFE_PICKLE} (GLOBAL {refused})."
-            ) from None
-        raise CheckpointError(f"Hugging Face weights {path} cannot be loaded safely: {one_line(exc)}.") from None
+    """pytorch_model.bin through `load_pt` (``weights_only=True``, memory-mapped when the file allows it)."""
+    state = load_pt(path, f"Hugging Face weights {path}", mmap=True)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"Hugging Face weights {path} do not hold a dict of tensors.")
     return {name: functools.partial(_same, tensor) for name, tensor in state.items()}
@@ -391,8 +379,6 @@ def write_huggingface(
     Returns:
         ``out_dir`` as a Path.
     """
-    from safetensors.torch import save_file
-
     dims = check_dims(dict(dims), "write_huggingface")
     check_state_dict(state_dict, dims, "write_huggingface input")
     out_dir = Path(out_dir)
@@ -425,10 +411,6 @@ def _writing(target: Path, write: Callable[[], Any]) -> None:
     """Run ``write``; a failure (safetensors' SafetensorError, torch's or Python's OSError) becomes an OSError whose
     one-line message names ``target`` and the cause (e.g. "[Errno 28] cannot write .../model.safetensors: No space
     left on device")."""
-    import errno as errno_codes
-
-    from safetensors import SafetensorError
-
     try:
         write()
     except (OSError, SafetensorError) as exc:
@@ -437,7 +419,7 @@ def _writing(target: Path, write: Callable[[], Any]) -> None:
             match = re.search(r"os error (\d+)", str(exc))
             code = int(match.group(1)) if match else None
         cause = os.strerror(code) if code else one_line(exc)
-        raise OSError(code or errno_codes.EIO, f"cannot write {target}: {cause}") from exc
+        raise OSError(code or errno.EIO, f"cannot write {target}: {cause}") from exc
 
 
 def _exportable(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
