@@ -2,6 +2,7 @@
 weights, and batched decoding equal to one clip at a time."""
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -9,9 +10,11 @@ import pytest
 import torch
 
 import whisper_rope
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, randomise_, small_dims
 from whisper_rope.data import DataError
 from whisper_rope.evaluation.evaluate import EvaluationOptions, evaluate, main, score_texts
+from whisper_rope.training.config import FinetuneConfig
+from whisper_rope.training.loop import finetune
 
 SPEECH = FIXTURES / "speech" / "manifest.jsonl"
 #: What real tiny.en (greedy, fp32, 30-s windows) makes of the committed speech fixtures: 5 substituted words of 64
@@ -198,3 +201,41 @@ def test_batched_beam_search_equals_one_clip_at_a_time():
     alone = evaluate(model, data, options, batch_size=1, progress=False)
     assert batched.decoding == "beam search (2 beams)"
     assert [r.hypothesis for r in batched.rows] == [r.hypothesis for r in alone.rows]
+
+
+# ---- one evaluator: training's validation and `evaluate` ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["whisper", "rotary"], ids=["30-s windows", "unpadded"])
+def test_training_and_evaluate_report_the_same_wer_for_the_same_model_data_and_options(tmp_path, variant):
+    """The WER in train_log.jsonl (and so in docs/results.md) is the WER `whisper-rope evaluate` reports."""
+    torch.manual_seed(0)
+    source = tmp_path / "source.pt"
+    whisper_rope.save_checkpoint(randomise_(whisper_rope.build_model(small_dims(n_audio_ctx=1500), variant)), source)
+    config = FinetuneConfig(
+        model=str(source),
+        train=str(SPEECH),
+        eval=str(SPEECH),
+        output=str(tmp_path / "run"),
+        steps=1,
+        batch_size=4,
+        lr=1e-6,
+        warmup_steps=0,
+        num_workers=0,
+        progress=False,
+        device="cpu",
+        threads=1,
+    )
+    finetune(config=config)
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    validation = [record for record in log if record["event"] == "eval"][-1]
+
+    model = whisper_rope.load_model(tmp_path / "run" / "model.pt", device="cpu")
+    result = evaluate(model, SPEECH, batch_size=4, fp16=False, unpadded=variant == "rotary", progress=False)
+
+    assert result.n_utterances == validation["n_clips"] == 8
+    assert result.n_words == validation["n_words"] == FIXTURE_WORDS
+    for key in ("wer", "cer", "substitutions", "deletions", "insertions"):
+        assert result.to_dict()[key] == validation[key], key
+    assert result.n_capped == validation["capped"]
+    assert validation["wer"] > 0 and math.isfinite(validation["loss"])

@@ -11,8 +11,9 @@ How clips are decoded:
   30 s are an error (or skipped with ``skip_invalid``), as are missing or undecodable audio files.
 * Features as in training (`whisper_rope.data`): a 30-s window (the audio padded with silence, then the log-mel)
   for encoders with an absolute table; each clip's own frames, zero-padded to the batch's longest, for unpadded
-  encoders (``unpadded``), which encode each clip as if alone and mask the padding. Clips are batched in order of
-  duration, so such batches hold little padding.
+  encoders (``unpadded``), which encode each clip as if alone and mask the padding. A batch holds one decoding
+  language and one ``prompt`` (the manifest's previous-context text, given after ``<|startofprev|>``), its clips in
+  order of duration, so unpadded batches hold little padding.
 * Decoding length is capped per utterance at ``cap_factor * reference tokens + cap_offset`` (default 3x + 10, at
   most half the text context): a model that loops until upstream's 224-token limit would otherwise dominate the
   evaluation's time and its WER. The result says how many hypotheses reached their cap. In greedy decoding each
@@ -21,6 +22,11 @@ How clips are decoded:
   together instead, because how many steps run changes which beams finish.
 
 Batched and one-by-one decoding agree (greedy or beam search, padded or unpadded): a test pins it.
+
+`evaluate_dataset` is the one evaluator: `evaluate` and ``compare`` call it on a manifest, and training's
+validation (`validation_metrics`, which adds the teacher-forced loss) on its evaluation set, so the WER in
+``train_log.jsonl`` is the WER ``whisper-rope evaluate`` reports for the same model, data and options (a test pins
+that too).
 """
 
 import argparse
@@ -35,12 +41,14 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 from whisper.decoding import DecodingOptions
 from whisper.model import Whisper
 from whisper.tokenizer import Tokenizer, get_tokenizer
 
 from ..data import (
+    IGNORE_INDEX,
     DataError,
     Example,
     Manifest,
@@ -195,6 +203,7 @@ class EvaluationResult:
     device: str
     skipped: List[str] = field(default_factory=list)
     rows: List[UtteranceResult] = field(default_factory=list, repr=False)
+    loss: Optional[float] = None  # teacher-forced loss per target token, when asked for (training's validation)
 
     def to_dict(self, rows: bool = True) -> Dict[str, Any]:
         """Plain data for JSON; ``rows=False`` leaves out the per-utterance rows."""
@@ -331,7 +340,6 @@ def evaluate(
     """
     options = replace(options or EvaluationOptions(), **overrides).validate()
     started = time.perf_counter()
-    strict = not options.skip_invalid
     device = next(model.parameters()).device
     fp16 = (device.type == "cuda") if options.fp16 is None else options.fp16
     if fp16 and device.type == "cpu":
@@ -339,10 +347,15 @@ def evaluate(
         fp16 = False
     unpadded = bool(getattr(model, "unpadded", False)) if options.unpadded is None else options.unpadded
     with _UnpaddedMode(model, unpadded):
-        return _evaluate(model, data, options, strict, device, fp16, unpadded, progress, started)
+        dataset = _dataset(model, data, options, unpadded)
+        return evaluate_dataset(
+            model, dataset, replace(options, fp16=fp16, unpadded=unpadded), progress=progress, started=started
+        )
 
 
-def _evaluate(model, data, options, strict, device, fp16, unpadded, progress, started) -> EvaluationResult:
+def _dataset(model: Whisper, data: Any, options: EvaluationOptions, unpadded: bool) -> SpeechDataset:
+    """The clips of ``data`` with their features as the model takes them (a 30-s window, or unpadded)."""
+    strict = not options.skip_invalid
     manifest = _manifest(data, strict)
     for example in manifest.examples:
         if example.text is None:
@@ -354,90 +367,142 @@ def _evaluate(model, data, options, strict, device, fp16, unpadded, progress, st
     manifest = check_audio(manifest, strict=strict)
     spec = TokenizerSpec.for_model(model, language=options.language)
     dataset = SpeechDataset(manifest, spec, model.dims.n_mels, pad_30s=not unpadded, strict=strict, require_text=False)
-    skipped = [str(problem) for problem in dataset.problems]
-    n = len(dataset)
-    if n == 0:
-        raise DataError(f"manifest {manifest.source!r} has no usable rows ({'; '.join(skipped[:3])})")
+    if not len(dataset):
+        shown = "; ".join(str(problem) for problem in dataset.problems[:3])
+        raise DataError(f"manifest {manifest.source!r} has no usable rows ({shown})")
+    return dataset
 
-    default_language = "en" if not model.is_multilingual else language_code(options.language)
-    languages = [
-        "en" if not model.is_multilingual else (language_code(e.language) or default_language) for e in dataset.examples
-    ]
-    tokenizers: Dict[Optional[str], Tokenizer] = {}
 
-    def tokenizer_for(language: Optional[str]) -> Tokenizer:
-        if language not in tokenizers:
-            tokenizers[language] = get_tokenizer(
-                model.is_multilingual, num_languages=model.num_languages, language=language, task="transcribe"
-            )
-        return tokenizers[language]
+@torch.no_grad()
+def evaluate_dataset(
+    model: Whisper,
+    dataset: SpeechDataset,
+    options: EvaluationOptions,
+    *,
+    progress: bool = False,
+    with_loss: bool = False,
+    started: Optional[float] = None,
+) -> EvaluationResult:
+    """The one evaluator: decode every clip of ``dataset`` and score it (`evaluate` and training's validation).
 
-    max_len = model.dims.n_text_ctx // 2
-    references = [e.text for e in dataset.examples]
-    caps = []
-    for reference, language in zip(references, languages):
-        if not options.cap_factor:
-            caps.append(max_len)
-        else:
-            n_ref = len(tokenizer_for(language or "en").encode(" " + reference.strip())) if reference.strip() else 0
-            caps.append(min(max_len, math.ceil(options.cap_factor * n_ref) + options.cap_offset))
-
-    # Batches hold one decoding language, clips in order of duration (least padding for unpadded encoders).
-    by_language: Dict[Optional[str], List[int]] = {}
-    for index in sorted(range(n), key=lambda i: (dataset.durations[i], i)):
-        by_language.setdefault(languages[index], []).append(index)
-    beam = options.beam_size is not None and options.beam_size > 1
-    batches = [b for group in by_language.values() for b in _batches(group, caps, options.batch_size, beam)]
-
-    results: Dict[int, Tuple[Optional[str], List[int], str]] = {}
-    decode_seconds = 0.0
+    Clips are decoded greedily (or with ``options.beam_size``) without timestamps, in batches of one decoding
+    language and prompt, in order of duration; each hypothesis is capped at ``cap_factor`` x its reference's tokens
+    + ``cap_offset`` (see the module docstring); references and hypotheses go through the normaliser of their
+    language. ``options.fp16`` and ``options.unpadded`` must be decided (not None): the dataset's features already
+    follow ``unpadded``. with_loss: also the teacher-forced loss (mean cross-entropy per target token), for datasets
+    built with targets (training's). started: when the work began (``perf_counter``), for ``wall_seconds``.
+    """
+    started = time.perf_counter() if started is None else started
+    device = next(model.parameters()).device
+    languages = _decoding_languages(model, dataset, options)
+    caps = _caps(model, dataset, languages, options)
+    run = _Decoded(skipped=[str(problem) for problem in dataset.problems])
+    batches = _decoding_batches(dataset, languages, caps, options)
     loader = make_loader(dataset, batches, num_workers=options.num_workers)
-    bar = tqdm(total=n, desc="evaluating", unit="clip", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=len(dataset), desc="evaluating", unit="clip", disable=not progress, file=sys.stderr)
     try:
         for wanted, batch in zip(batches, loader):
-            language = languages[wanted[0]]
-            sample_len = max(caps[i] for i in wanted)
-            decoding = DecodingOptions(
-                language=language,
-                without_timestamps=True,
-                fp16=fp16,
-                sample_len=sample_len,
-                beam_size=options.beam_size,
-            )
-            mel = batch.mel.to(device)
-            tick = time.perf_counter()
-            decoded = _decode(model, mel, decoding)
-            decode_seconds += time.perf_counter() - tick
-            for index, got, result in zip(wanted, batch.indices, decoded):
-                if got != index:
-                    # Outside strict mode the dataset stands another clip in for one whose audio failed to decode.
-                    example = dataset.examples[index]
-                    skipped.append(f"row {example.row}: audio {example.audio!r} could not be decoded")
-                    continue
-                tokens = list(result.tokens)[: caps[index]]
-                cut = len(tokens) < len(result.tokens)
-                text = tokenizer_for(result.language).decode(tokens).strip() if cut else result.text
-                results[index] = (result.language, tokens, text)
+            batch = batch.to(device)
+            _decode_batch(model, dataset, wanted, batch, languages[wanted[0]], caps, options, run)
+            if with_loss:
+                run.add_loss(model, batch)
             bar.update(len(wanted))
     finally:
         bar.close()
+    result = _score(model, dataset, options, run, caps, languages, time.perf_counter() - started, str(device))
+    result.loss = run.loss if with_loss else None
+    return result
 
-    return _score(
-        model,
-        dataset,
-        manifest.source,
-        options,
-        results,
-        caps,
-        languages,
-        references,
-        skipped,
-        decode_seconds,
-        time.perf_counter() - started,
-        fp16,
-        unpadded,
-        str(device),
+
+@dataclass
+class _Decoded:
+    """What decoding the batches produced: per clip index (language, tokens, text), and the running totals."""
+
+    skipped: List[str]
+    results: Dict[int, Tuple[Optional[str], List[int], str]] = field(default_factory=dict)
+    decode_seconds: float = 0.0
+    loss_sum: float = 0.0
+    n_target_tokens: int = 0
+
+    def add_loss(self, model: Whisper, batch: Any) -> None:
+        """Teacher-forced cross-entropy of the batch's targets, summed over target tokens."""
+        logits = model(batch.mel, batch.tokens, batch.n_frames)
+        flat_labels = batch.labels.flatten()
+        self.loss_sum += float(
+            F.cross_entropy(logits.flatten(0, 1), flat_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        )
+        self.n_target_tokens += int((flat_labels != IGNORE_INDEX).sum())
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.n_target_tokens, 1)
+
+
+def _decoding_languages(model: Whisper, dataset: SpeechDataset, options: EvaluationOptions) -> List[Optional[str]]:
+    """Per clip, the language to decode in: its own, else ``options.language``; None (multilingual models only):
+    detected per clip."""
+    if not model.is_multilingual:
+        return ["en"] * len(dataset)
+    default = language_code(options.language)
+    return [language_code(example.language) or default for example in dataset.examples]
+
+
+def _tokenizer(model: Whisper, language: Optional[str]) -> Tokenizer:
+    """Upstream's (cached) tokenizer of the model for ``language``."""
+    return get_tokenizer(model.is_multilingual, num_languages=model.num_languages, language=language, task="transcribe")
+
+
+def _caps(model: Whisper, dataset: SpeechDataset, languages: Sequence[Optional[str]], options) -> List[int]:
+    """Per clip, the most tokens its hypothesis may have: cap_factor x its reference's tokens + cap_offset, at most
+    half the text context (upstream's own limit), which is also the cap without a cap_factor."""
+    max_len = model.dims.n_text_ctx // 2
+    caps = []
+    for example, language in zip(dataset.examples, languages):
+        reference = example.text.strip()
+        if not options.cap_factor:
+            caps.append(max_len)
+            continue
+        n_ref = len(_tokenizer(model, language or "en").encode(" " + reference)) if reference else 0
+        caps.append(min(max_len, math.ceil(options.cap_factor * n_ref) + options.cap_offset))
+    return caps
+
+
+def _decoding_batches(
+    dataset: SpeechDataset, languages: Sequence[Optional[str]], caps: Sequence[int], options: EvaluationOptions
+) -> List[List[int]]:
+    """Batches of clip indices: one decoding language and prompt per batch, clips in order of duration (least
+    padding for unpadded encoders); with beam search, one cap per batch too."""
+    groups: Dict[Tuple[Optional[str], Optional[str]], List[int]] = {}
+    for index in sorted(range(len(dataset)), key=lambda i: (dataset.durations[i], i)):
+        groups.setdefault((languages[index], dataset.examples[index].prompt), []).append(index)
+    beam = options.beam_size is not None and options.beam_size > 1
+    return [batch for group in groups.values() for batch in _batches(group, caps, options.batch_size, beam)]
+
+
+def _decode_batch(model, dataset, wanted, batch, language, caps, options, run: _Decoded) -> None:
+    """Decode one batch to its largest cap and cut each hypothesis to its own (see the module docstring)."""
+    sample_len = max(caps[i] for i in wanted)
+    decoding = DecodingOptions(
+        language=language,
+        without_timestamps=True,
+        fp16=options.fp16,
+        sample_len=sample_len,
+        beam_size=options.beam_size,
+        prompt=dataset.examples[wanted[0]].prompt,
     )
+    tick = time.perf_counter()
+    decoded = _decode(model, batch.mel, decoding)
+    run.decode_seconds += time.perf_counter() - tick
+    for index, got, result in zip(wanted, batch.indices, decoded):
+        if got != index:
+            # Outside strict mode the dataset stands another clip in for one whose audio failed to decode.
+            example = dataset.examples[index]
+            run.skipped.append(f"row {example.row}: audio {example.audio!r} could not be decoded")
+            continue
+        tokens = list(result.tokens)[: caps[index]]
+        cut = len(tokens) < len(result.tokens)
+        text = _tokenizer(model, result.language).decode(tokens).strip() if cut else result.text
+        run.results[index] = (result.language, tokens, text)
 
 
 def _decode(model: Whisper, mel: torch.Tensor, options: DecodingOptions) -> list:
@@ -445,8 +510,7 @@ def _decode(model: Whisper, mel: torch.Tensor, options: DecodingOptions) -> list
     if mel.shape[0] > 1 and options.beam_size and options.beam_size > 1 and not isinstance(model, WhisperRope):
         # Upstream's decode cannot beam-search several clips at once (it repeats tokens, not audio features).
         return [model.decode(clip, options) for clip in mel]
-    with torch.no_grad():
-        decoded = model.decode(mel, options)
+    decoded = model.decode(mel, options)
     return decoded if isinstance(decoded, list) else [decoded]
 
 
@@ -470,35 +534,17 @@ def score_texts(
     return corpus, per_utterance
 
 
-def _score(
-    model,
-    dataset,
-    source,
-    options,
-    results,
-    caps,
-    languages,
-    references,
-    skipped,
-    decode_seconds,
-    wall_seconds,
-    fp16,
-    unpadded,
-    device,
-) -> EvaluationResult:
+def _utterance_rows(model, dataset, options, run: _Decoded, caps, languages) -> Tuple[List[UtteranceResult], set]:
+    """One row per decoded clip, in manifest order, and the names of the normalisers used."""
     rows: List[UtteranceResult] = []
-    normalized_refs, normalized_hyps, normalizer_names = [], [], set()
+    normalizer_names = set()
     for index, example in enumerate(dataset.examples):
-        if index not in results:
+        if index not in run.results:
             continue  # its audio could not be decoded (listed in ``skipped``)
-        language, tokens, hypothesis = results[index]
+        language, tokens, hypothesis = run.results[index]
         name, normalize = _normalizer(options.normalizer, languages[index] if model.is_multilingual else "en")
         normalizer_names.add(name)
-        _, [(reference_normalized, hypothesis_normalized, rates)] = score_texts(
-            [references[index]], [hypothesis], normalize
-        )
-        normalized_refs.append(reference_normalized)
-        normalized_hyps.append(hypothesis_normalized)
+        _, [(reference_normalized, hypothesis_normalized, rates)] = score_texts([example.text], [hypothesis], normalize)
         rows.append(
             UtteranceResult(
                 index=index,
@@ -506,59 +552,75 @@ def _score(
                 audio=example.audio,
                 seconds=round(dataset.durations[index], 4),
                 language=language,
-                reference=references[index],
+                reference=example.text,
                 hypothesis=hypothesis,
                 reference_normalized=reference_normalized,
                 hypothesis_normalized=hypothesis_normalized,
-                substitutions=rates.substitutions,
-                deletions=rates.deletions,
-                insertions=rates.insertions,
-                n_words=rates.n_words,
-                wer=rates.wer,
-                cer=rates.cer,
+                **{k: getattr(rates, k) for k in ("substitutions", "deletions", "insertions", "n_words", "wer", "cer")},
                 n_tokens=len(tokens),
                 cap=caps[index],
                 capped=len(tokens) >= caps[index],
             )
         )
-    corpus = error_rates(normalized_refs, normalized_hyps)
-    audio_seconds = float(sum(dataset.durations[index] for index in results))
+    return rows, normalizer_names
+
+
+def _score(model, dataset, options, run: _Decoded, caps, languages, wall_seconds, device) -> EvaluationResult:
+    rows, normalizer_names = _utterance_rows(model, dataset, options, run, caps, languages)
+    corpus = error_rates([r.reference_normalized for r in rows], [r.hypothesis_normalized for r in rows])
+    audio_seconds = float(sum(dataset.durations[index] for index in run.results))
     report = getattr(model, "load_report", None)
     given_languages = sorted({str(language) for language in languages})
     beam = options.beam_size is not None and options.beam_size > 1
+    cap = (
+        f"{options.cap_factor:g} x reference tokens + {options.cap_offset}"
+        if options.cap_factor
+        else f"{model.dims.n_text_ctx // 2} tokens (upstream's limit)"
+    )
     return EvaluationResult(
         model=report.source if report is not None else type(model).__name__,
         variant=getattr(model, "variant", "whisper"),
-        data=source,
-        wer=corpus.wer,
-        cer=corpus.cer,
-        substitutions=corpus.substitutions,
-        deletions=corpus.deletions,
-        insertions=corpus.insertions,
-        hits=corpus.hits,
-        n_words=corpus.n_words,
-        n_chars=corpus.n_chars,
-        n_utterances=corpus.n_utterances,
+        data=dataset.source,
+        **{k: getattr(corpus, k) for k in ("wer", "cer", "substitutions", "deletions", "insertions", "hits")},
+        **{k: getattr(corpus, k) for k in ("n_words", "n_chars", "n_utterances")},
         audio_seconds=round(audio_seconds, 4),
-        decode_seconds=round(decode_seconds, 4),
+        decode_seconds=round(run.decode_seconds, 4),
         wall_seconds=round(wall_seconds, 4),
-        rtf=round(decode_seconds / audio_seconds, 5) if audio_seconds else 0.0,
+        rtf=round(run.decode_seconds / audio_seconds, 5) if audio_seconds else 0.0,
         normalizer="+".join(sorted(normalizer_names)),
         language=given_languages[0] if len(given_languages) == 1 and given_languages[0] != "None" else None,
         decoding=f"beam search ({options.beam_size} beams)" if beam else "greedy",
         batch_size=options.batch_size,
-        fp16=fp16,
-        unpadded=unpadded,
-        cap=(
-            f"{options.cap_factor:g} x reference tokens + {options.cap_offset}"
-            if options.cap_factor
-            else f"{model.dims.n_text_ctx // 2} tokens (upstream's limit)"
-        ),
+        fp16=bool(options.fp16),
+        unpadded=bool(options.unpadded),
+        cap=cap,
         n_capped=sum(row.capped for row in rows),
         device=device,
-        skipped=skipped,
+        skipped=run.skipped,
         rows=rows,
     )
+
+
+def validation_metrics(model: Whisper, dataset: SpeechDataset, batch_size: int, device: torch.device) -> Dict[str, Any]:
+    """Training's validation record: `evaluate_dataset` of a training set (greedy, fp32, batches of ``batch_size``,
+    the features the model trains on) and its teacher-forced loss. ``device`` is where the model is."""
+    was_training = model.training
+    model.eval()
+    unpadded = not dataset.pad_30s
+    options = EvaluationOptions(batch_size=batch_size, fp16=False, unpadded=unpadded)
+    try:
+        with _UnpaddedMode(model, unpadded):
+            result = evaluate_dataset(model, dataset, options, with_loss=True)
+    finally:
+        model.train(was_training)
+    return {
+        "loss": result.loss,
+        **{k: getattr(result, k) for k in ("wer", "cer", "substitutions", "deletions", "insertions", "n_words")},
+        "n_clips": result.n_utterances,
+        "capped": result.n_capped,
+        "seconds": result.wall_seconds,
+        "examples": [{"reference": r.reference, "hypothesis": r.hypothesis} for r in result.rows[:3]],
+    }
 
 
 # ---- command line ------------------------------------------------------------------------------------------------

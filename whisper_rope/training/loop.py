@@ -53,7 +53,6 @@ from ..data import (
     Batch,
     BucketBatchSampler,
     SpeechDataset,
-    eval_batches,
     load_examples,
     make_loader,
     pad_token_rows,
@@ -61,7 +60,7 @@ from ..data import (
     target_sequence,
 )
 from ..errors import PathLike, TrainingError, WhisperRopeError
-from ..evaluation.metrics import error_rates, normalizer_for
+from ..evaluation.evaluate import validation_metrics
 from ..features import audio_position_mask
 from ..model import WhisperRope
 from ..options import add_dataclass_arguments, dataclass_from_args, standalone_main
@@ -228,77 +227,6 @@ def _model_file(model: WhisperRope, trained_unpadded: bool) -> dict:
         return checkpoint_dict(model)
     finally:
         model.unpadded = previous
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Evaluation
-
-
-def _decode_options(language: str, prompt: Optional[str], sample_len: int) -> DecodingOptions:
-    return DecodingOptions(language=language, without_timestamps=True, fp16=False, sample_len=sample_len, prompt=prompt)
-
-
-@torch.no_grad()
-def validation_metrics(
-    model: WhisperRope, dataset: SpeechDataset, batch_size: int, device: torch.device
-) -> Dict[str, Any]:
-    """Validation loss and greedy WER/CER on every clip of ``dataset``, decoded through upstream's ``decode``.
-
-    Clips go in the form the model trains on: 30-s windows (decoded in batches) or, for unpadded datasets, each
-    clip's own frames (decoded one clip at a time, since upstream's decoding passes no frame counts). The decoding
-    length is capped at three times the longest reference in tokens plus ten (and half the text context), so a
-    looping model cannot stall evaluation; ``capped`` counts the hypotheses that reached the cap.
-    """
-    was_training = model.training
-    model.eval()
-    loader = make_loader(dataset, eval_batches(dataset, batch_size))
-    loss_sum, n_tokens = 0.0, 0
-    references, hypotheses, capped = [], [], 0
-    started = time.perf_counter()
-    for batch in loader:
-        batch = batch.to(device)
-        logits = model(batch.mel, batch.tokens, batch.n_frames)
-        loss_sum += float(
-            F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-        )
-        n_tokens += int((batch.labels != IGNORE_INDEX).sum())
-        groups: Dict[Tuple[str, Optional[str]], List[int]] = {}
-        for row, index in enumerate(batch.indices):
-            groups.setdefault((dataset.languages[index], dataset.examples[index].prompt), []).append(row)
-        results: Dict[int, Any] = {}
-        for (language, prompt), rows in groups.items():
-            text_lengths = [int((batch.labels[r] != IGNORE_INDEX).sum()) for r in rows]
-            sample_len = min(model.dims.n_text_ctx // 2, 3 * max(text_lengths) + 10)
-            options = _decode_options(language, prompt, sample_len)
-            if batch.padded_30s:
-                decoded = model.decode(batch.mel[rows], options)
-            else:
-                decoded = []
-                for r in rows:
-                    frames = int(batch.frames[r])
-                    decoded.append(model.decode(batch.mel[r : r + 1, :, : frames + frames % 2], options)[0])
-            for r, result in zip(rows, decoded):
-                results[r] = result
-                capped += len(result.tokens) >= sample_len
-        for row, index in enumerate(batch.indices):
-            references.append(dataset.examples[index].text)
-            hypotheses.append(results[row].text)
-    model.train(was_training)
-    language = dataset.languages[0] if len(set(dataset.languages)) == 1 else None
-    rates = error_rates(references, hypotheses, normalizer_for(language))
-    return {
-        "loss": loss_sum / max(n_tokens, 1),
-        "wer": rates.wer,
-        "cer": rates.cer,
-        "substitutions": rates.substitutions,
-        "deletions": rates.deletions,
-        "insertions": rates.insertions,
-        "n_words": rates.n_words,
-        "n_clips": len(references),
-        "capped": capped,
-        "seconds": time.perf_counter() - started,
-        "examples": [{"reference": r, "hypothesis": h} for r, h in list(zip(references, hypotheses))[:3]],
-    }
 
 
 # --------------------------------------------------------------------------------------------------------------------
