@@ -157,6 +157,11 @@ class PositionalResidualBlock(ResidualAttentionBlock):
         return x + self.mlp(self.mlp_ln(x))
 
 
+def _rotary_embedding(scheme: SideScheme, head_dim: int, theta: float, n_ctx: int) -> Optional[RotaryEmbedding]:
+    """One side's RoPE tables, shared by all its layers; None when the side's scheme does not rotate."""
+    return RotaryEmbedding(head_dim, theta, n_ctx) if scheme.rotary else None
+
+
 class PositionalAudioEncoder(AudioEncoder):
     """Upstream's encoder with the sinusoid table optional and RoPE optional.
 
@@ -165,24 +170,18 @@ class PositionalAudioEncoder(AudioEncoder):
     """
 
     def __init__(
-        self,
-        n_mels: int,
-        n_ctx: int,
-        n_state: int,
-        n_head: int,
-        n_layer: int,
-        scheme: SideScheme,
-        rotary_theta: float = DEFAULT_ROTARY_THETA,
-        gated: bool = False,
+        self, dims: ModelDimensions, scheme: SideScheme, rotary_theta: float = DEFAULT_ROTARY_THETA, gated: bool = False
     ):
-        super().__init__(n_mels, n_ctx, n_state, n_head, n_layer=0)
-        self.n_ctx = n_ctx
+        """The encoder of a model of ``dims`` (its ``n_mels`` and ``n_audio_*`` fields)."""
+        n_state, n_head = dims.n_audio_state, dims.n_audio_head
+        super().__init__(dims.n_mels, dims.n_audio_ctx, n_state, n_head, n_layer=0)
+        self.n_ctx = dims.n_audio_ctx
         self.scheme = scheme
-        self.rotary = RotaryEmbedding(n_state // n_head, rotary_theta, n_ctx) if scheme.rotary else None
+        self.rotary = _rotary_embedding(scheme, n_state // n_head, rotary_theta, self.n_ctx)
         if scheme.table is None:
             del self.positional_embedding
         self.blocks = nn.ModuleList(
-            PositionalResidualBlock(n_state, n_head, rotary=self.rotary, gated=gated) for _ in range(n_layer)
+            PositionalResidualBlock(n_state, n_head, rotary=self.rotary, gated=gated) for _ in range(dims.n_audio_layer)
         )
         self.table_scale = 1.0  # annealed towards 0 by positional transplant schedules
         self.drop_padding = False
@@ -239,19 +238,13 @@ class PositionalTextDecoder(TextDecoder):
     """
 
     def __init__(
-        self,
-        n_vocab: int,
-        n_ctx: int,
-        n_state: int,
-        n_head: int,
-        n_layer: int,
-        scheme: SideScheme,
-        rotary_theta: float = DEFAULT_ROTARY_THETA,
-        gated: bool = False,
+        self, dims: ModelDimensions, scheme: SideScheme, rotary_theta: float = DEFAULT_ROTARY_THETA, gated: bool = False
     ):
-        super().__init__(n_vocab, n_ctx, n_state, n_head, n_layer=0)
+        """The decoder of a model of ``dims`` (its ``n_vocab`` and ``n_text_*`` fields)."""
+        n_ctx, n_state, n_head = dims.n_text_ctx, dims.n_text_state, dims.n_text_head
+        super().__init__(dims.n_vocab, n_ctx, n_state, n_head, n_layer=0)
         self.scheme = scheme
-        self.rotary = RotaryEmbedding(n_state // n_head, rotary_theta, n_ctx) if scheme.rotary else None
+        self.rotary = _rotary_embedding(scheme, n_state // n_head, rotary_theta, n_ctx)
         table = scheme.table
         if table is None:
             del self.positional_embedding
@@ -266,7 +259,7 @@ class PositionalTextDecoder(TextDecoder):
             nn.init.normal_(self.positional_embedding, std=0.01)
         self.blocks = nn.ModuleList(
             PositionalResidualBlock(n_state, n_head, cross_attention=True, rotary=self.rotary, gated=gated)
-            for _ in range(n_layer)
+            for _ in range(dims.n_text_layer)
         )
         self.table_scale = 1.0
 
@@ -314,26 +307,8 @@ class WhisperRope(Whisper):
         # layers so that the discarded copies cost almost nothing.
         super().__init__(replace(dims, n_audio_layer=0, n_text_layer=0))
         self.dims = dims
-        self.encoder = PositionalAudioEncoder(
-            dims.n_mels,
-            dims.n_audio_ctx,
-            dims.n_audio_state,
-            dims.n_audio_head,
-            dims.n_audio_layer,
-            parsed.encoder,
-            rotary_theta,
-            gated_rotary,
-        )
-        self.decoder = PositionalTextDecoder(
-            dims.n_vocab,
-            dims.n_text_ctx,
-            dims.n_text_state,
-            dims.n_text_head,
-            dims.n_text_layer,
-            parsed.decoder,
-            rotary_theta,
-            gated_rotary,
-        )
+        self.encoder = PositionalAudioEncoder(dims, parsed.encoder, rotary_theta, gated_rotary)
+        self.decoder = PositionalTextDecoder(dims, parsed.decoder, rotary_theta, gated_rotary)
         # Upstream's default alignment heads (the decoder's last half), rebuilt for the real layer count.
         heads = torch.zeros(dims.n_text_layer, dims.n_text_head, dtype=torch.bool)
         heads[dims.n_text_layer // 2 :] = True
