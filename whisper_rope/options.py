@@ -1,16 +1,25 @@
 """Command-line options built from the dataclass of a job, so that the Python API and the CLI cannot drift.
 
-Each field becomes ``--field-name`` (also ``--field_name``, the spelling of upstream whisper's options); the field's
-``metadata`` holds the help text and any other ``argparse.add_argument`` keywords (``choices``, ``nargs``, extra
-``flags``); booleans become ``--flag``/``--no-flag``.
+Every subcommand declares its options this way, and every option is spelled and behaves alike:
+
+* a field ``batch_size`` is ``--batch-size`` and ``--batch_size`` (upstream whisper's spelling);
+* its ``metadata`` (`option`) holds the help text and any other ``argparse.add_argument`` keywords (``choices``,
+  ``type``, ``nargs``, extra ``flags`` such as ``-o``, ``required``), or ``positional=True`` for an argument;
+* a boolean accepts a bare flag, an explicit value and a negation: ``--fp16``, ``--fp16 False`` (upstream's form),
+  ``--fp16=no``, ``--no-fp16``;
+* the help shows each default once.
 """
 
 import argparse
 import dataclasses
 import sys
-from typing import Any, Callable, Dict, Optional, Sequence, Type
+import typing
+from typing import Any, Callable, Dict, List, Optional, Sequence, Type
 
 from .errors import one_line
+
+_TRUE = ("true", "yes", "1", "on")
+_FALSE = ("false", "no", "0", "off")
 
 
 def option(help: str, **argparse_options: Any) -> Dict[str, Any]:
@@ -26,42 +35,95 @@ def field_type(annotation: Any) -> Any:
     return annotation
 
 
+def to_bool(text: str) -> bool:
+    """``True``/``yes``/``1``/``on`` or ``False``/``no``/``0``/``off``, in any case."""
+    if text.lower() in _TRUE:
+        return True
+    if text.lower() in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+class BooleanFlag(argparse.Action):
+    """``--flag`` (True) or ``--flag VALUE`` (`to_bool`); `add_dataclass_arguments` adds ``--no-flag`` beside it."""
+
+    def __init__(self, option_strings: List[str], dest: str, **kwargs: Any):
+        super().__init__(option_strings, dest, nargs="?", const=True, type=to_bool, metavar="BOOL", **kwargs)
+
+    def __call__(self, parser, namespace, value, option_string=None) -> None:
+        setattr(namespace, self.dest, value)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, reading a `BooleanFlag` given bare before an argument as a bare flag
+    (``--unpadded a.flac``: the flag is True and ``a.flac`` is an input, not the flag's value). Its subcommands'
+    parsers are of this class too."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        flags = {name for action in self._actions if isinstance(action, BooleanFlag) for name in action.option_strings}
+        for i, token in enumerate(args[:-1]):
+            if token == "--":
+                break
+            if token in flags and str(args[i + 1]).lower() not in _TRUE + _FALSE:
+                args[i] = f"{token}=true"
+        return super().parse_known_args(args, namespace)
+
+
 def add_dataclass_arguments(
     parser: argparse.ArgumentParser, cls: Type, defaults: bool = True, skip: Sequence[str] = ()
 ) -> argparse.ArgumentParser:
-    """One option per field of the dataclass ``cls``.
+    """One option (or positional argument) per field of the dataclass ``cls``.
 
     defaults: True gives each option the field's default; False leaves unset options at None (for callers that merge
     them over another source, such as a config file).
     """
+    hints = typing.get_type_hints(cls)  # the annotations' types, also under `from __future__ import annotations`
     for spec in dataclasses.fields(cls):
-        if spec.name in skip:
-            continue
-        meta = dict(spec.metadata)
-        kind = field_type(spec.type)
-        names = list(meta.pop("flags", ())) + [f"--{spec.name.replace('_', '-')}"]
-        default = _default(spec) if defaults else None
-        options: Dict[str, Any] = {"dest": spec.name, "default": default, "help": meta.pop("help", "")}
-        if kind is bool:
-            options["action"] = argparse.BooleanOptionalAction
-        else:
-            if "_" in spec.name:
-                names.append(f"--{spec.name}")
-            options["type"] = meta.pop("type", kind)
-            if "choices" not in meta:
-                options["metavar"] = spec.name.upper()
-            if default is not None:
-                options["help"] += " (default: %(default)s)"
-        options.update(meta)
-        parser.add_argument(*names, **options)
+        if spec.name not in skip:
+            _add_field(parser, spec, field_type(hints[spec.name]), defaults)
     return parser
 
 
-def dataclass_from_args(cls: Type, args: argparse.Namespace, base: Optional[Dict[str, Any]] = None) -> Any:
-    """An instance of ``cls`` from parsed options; options left at None keep ``base``'s value or the default."""
+def _add_field(parser: argparse.ArgumentParser, spec: dataclasses.Field, kind: type, defaults: bool) -> None:
+    meta = dict(spec.metadata)
+    default = _default(spec) if defaults else None
+    options: Dict[str, Any] = {"help": meta.pop("help", "")}
+    positional = meta.pop("positional", False)
+    shown = _default(spec)  # the value an option left out takes, whether or not ``defaults`` sets it here
+    if shown is not None and shown != [] and not positional and "default" not in options["help"].lower():
+        options["help"] += f" (default: {shown})".replace("%", "%%")
+    if positional:
+        options.update(type=meta.pop("type", kind), **meta)
+        parser.add_argument(spec.name, **options)
+        return
+    names = [f"--{spec.name.replace('_', '-')}"] + ([f"--{spec.name}"] if "_" in spec.name else [])
+    names += list(meta.pop("flags", ()))
+    options.update(dest=spec.name, default=default)
+    if kind is bool:
+        options["action"] = BooleanFlag
+    else:
+        options["type"] = meta.pop("type", kind)
+        if "choices" not in meta:
+            options["metavar"] = spec.name.upper()
+    options.update(meta)
+    parser.add_argument(*names, **options)
+    if kind is bool:
+        negation = f"--no-{names[0][2:]}"
+        parser.add_argument(
+            negation, dest=spec.name, action="store_false", default=argparse.SUPPRESS, help=f"same as {names[0]} False"
+        )
+
+
+def dataclass_from_args(
+    cls: Type, args: argparse.Namespace, base: Optional[Dict[str, Any]] = None, keep_none: bool = False
+) -> Any:
+    """An instance of ``cls`` from parsed options. Options left at None keep ``base``'s value or the field's default
+    (for parsers built with ``defaults=False``); with ``keep_none``, None is a value like any other (upstream's
+    ``--best_of None``)."""
     values = dict(base or {})
     names = {spec.name for spec in dataclasses.fields(cls)}
-    values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
+    values.update({k: v for k, v in vars(args).items() if k in names and (keep_none or v is not None)})
     return cls(**values)
 
 
@@ -80,7 +142,7 @@ def standalone_main(
 ) -> int:
     """One job as its own command (``python -m whisper_rope.train``): parse, run, and turn a bad-input error into
     one line on stderr and exit status 2."""
-    parser = add_arguments(argparse.ArgumentParser(prog=prog, description=description))
+    parser = add_arguments(ArgumentParser(prog=prog, description=description))
     args = parser.parse_args(argv)
     try:
         return run(args)

@@ -19,22 +19,25 @@ Results agree with one-by-one `transcribe` to floating-point rounding: texts, to
 import contextlib
 import inspect
 import os
-from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 from whisper.audio import HOP_LENGTH, N_FRAMES
 from whisper.decoding import DecodingOptions, DecodingResult
-from whisper.tokenizer import get_tokenizer
+from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE, get_tokenizer
 from whisper.transcribe import transcribe as upstream_transcribe
+from whisper.utils import optional_float, optional_int
 
 from .audio import load_audio
 from .features import first_transcription_window, language_window
 from .model import WhisperRope
+from .options import option
+from .weights.loading import MODEL_HELP
 
-__all__ = ["transcribe_many"]
+__all__ = ["TranscribeOptions", "transcribe_many"]
 
 AudioInput = Union[str, "os.PathLike[str]", np.ndarray, Tensor]
 
@@ -190,3 +193,156 @@ def _first_decode_given(model: WhisperRope, window: Tensor, options: DecodingOpt
         yield
     finally:
         del model.decode
+
+
+#: Options of the ``transcribe`` command that shape its output files rather than the transcription.
+WRITER_OPTIONS = ("highlight_words", "max_line_count", "max_line_width", "max_words_per_line")
+
+_NEEDS_WORDS = "(needs --word-timestamps) "
+
+
+@dataclass
+class TranscribeOptions:
+    """The ``whisper-rope transcribe`` command: upstream ``whisper``'s options (same names, defaults and meanings;
+    booleans also as bare flags), the files to write, and whisper_rope's own (``batch_size``, ``unpadded``).
+    The model is loaded with `whisper_rope.weights.loading.LoadOptions`."""
+
+    audio: List[str] = field(
+        default_factory=list, metadata=option("audio files to transcribe", positional=True, nargs="+")
+    )
+    model: str = field(default="turbo", metadata=option(MODEL_HELP))
+    output_dir: str = field(default=".", metadata=option("directory for the output files", flags=["-o"]))
+    output_format: str = field(
+        default="all",
+        metadata=option(
+            "output format; 'all' writes every format",
+            flags=["-f"],
+            choices=["txt", "vtt", "srt", "tsv", "json", "all"],
+        ),
+    )
+    verbose: bool = field(default=True, metadata=option("print segments and progress as they are decoded"))
+    task: str = field(
+        default="transcribe",
+        metadata=option(
+            "'transcribe' keeps the spoken language, 'translate' produces English", choices=["transcribe", "translate"]
+        ),
+    )
+    language: Optional[str] = field(
+        default=None,
+        metadata=option(
+            "spoken language; detected when not given (English-only models always use English)",
+            choices=sorted(LANGUAGES) + sorted(k.title() for k in TO_LANGUAGE_CODE),
+        ),
+    )
+    temperature: float = field(default=0.0, metadata=option("sampling temperature of the first attempt"))
+    best_of: Optional[int] = field(
+        default=5, metadata=option("candidates sampled when the temperature is above zero", type=optional_int)
+    )
+    beam_size: Optional[int] = field(
+        default=5, metadata=option("beams for beam search at temperature zero", type=optional_int)
+    )
+    patience: Optional[float] = field(
+        default=None, metadata=option("beam-search patience factor (1.0 = conventional beam search)")
+    )
+    length_penalty: Optional[float] = field(
+        default=None,
+        metadata=option("length-penalty exponent alpha for ranking beams; plain length normalisation when not given"),
+    )
+    suppress_tokens: str = field(
+        default="-1",
+        metadata=option(
+            "comma-separated token ids never to emit; -1 means most special symbols except common punctuation"
+        ),
+    )
+    initial_prompt: Optional[str] = field(
+        default=None, metadata=option("text given to the model as the context of the first window")
+    )
+    carry_initial_prompt: bool = field(default=False, metadata=option("give the initial prompt to every window"))
+    condition_on_previous_text: bool = field(
+        default=True,
+        metadata=option(
+            "give each window the previous window's text as context (consistent, but can get stuck in loops)"
+        ),
+    )
+    fp16: bool = field(default=True, metadata=option("run in half precision (falls back to fp32 on the CPU)"))
+    temperature_increment_on_fallback: Optional[float] = field(
+        default=0.2,
+        metadata=option(
+            "temperature step of the retries when a window fails the thresholds below", type=optional_float
+        ),
+    )
+    compression_ratio_threshold: Optional[float] = field(
+        default=2.4,
+        metadata=option("a window whose text gzip-compresses better than this ratio is retried", type=optional_float),
+    )
+    logprob_threshold: Optional[float] = field(
+        default=-1.0,
+        metadata=option("a window whose mean token log-probability is below this is retried", type=optional_float),
+    )
+    no_speech_threshold: Optional[float] = field(
+        default=0.6,
+        metadata=option(
+            "a window is silence when P(no speech) is above this and the log-probability test failed",
+            type=optional_float,
+        ),
+    )
+    word_timestamps: bool = field(
+        default=False, metadata=option("compute word-level timestamps (cross-attention alignment)")
+    )
+    prepend_punctuations: str = field(
+        default="\"'“¿([{-", metadata=option("with word timestamps: punctuation joined to the next word")
+    )
+    append_punctuations: str = field(
+        default="\"'.。,，!！?？:：”)]}、",
+        metadata=option("with word timestamps: punctuation joined to the previous word"),
+    )
+    highlight_words: bool = field(default=False, metadata=option(_NEEDS_WORDS + "underline the spoken word in srt/vtt"))
+    max_line_width: Optional[int] = field(
+        default=None, metadata=option(_NEEDS_WORDS + "characters per subtitle line", type=optional_int)
+    )
+    max_line_count: Optional[int] = field(
+        default=None, metadata=option(_NEEDS_WORDS + "lines per subtitle segment", type=optional_int)
+    )
+    max_words_per_line: Optional[int] = field(
+        default=None,
+        metadata=option(
+            "(needs --word-timestamps; ignored with --max-line-width) words per subtitle segment", type=optional_int
+        ),
+    )
+    batch_size: int = field(
+        default=1,
+        metadata=option(
+            "decode up to this many files of at most 30 s together (same results as one by one; longer files are "
+            "transcribed alone)"
+        ),
+    )
+    clip_timestamps: str = field(
+        default="0", metadata=option("comma-separated start,end,... seconds of the spans to transcribe")
+    )
+    hallucination_silence_threshold: Optional[float] = field(
+        default=None,
+        metadata=option(
+            _NEEDS_WORDS + "skip silences longer than this many seconds around suspected hallucinations",
+            type=optional_float,
+        ),
+    )
+    unpadded: Optional[bool] = field(
+        default=None,
+        metadata=option(
+            "encode only the real frames of each window (rotary-only encoders); default: on for checkpoints "
+            "fine-tuned unpadded, else off"
+        ),
+    )
+
+    def temperatures(self) -> Tuple[float, ...]:
+        """The first temperature and its fallbacks, as upstream's command builds them."""
+        if self.temperature_increment_on_fallback is None:
+            return (self.temperature,)
+        return tuple(np.arange(self.temperature, 1.0 + 1e-6, self.temperature_increment_on_fallback))
+
+    def transcribe_kwargs(self) -> Dict[str, Any]:
+        """The keywords for upstream ``transcribe`` (and the `DecodingOptions` it passes on)."""
+        ours = {"audio", "model", "output_dir", "output_format", "batch_size", "unpadded", "temperature"}
+        ours |= {"temperature_increment_on_fallback", *WRITER_OPTIONS}
+        kwargs = {k: v for k, v in vars(self).items() if k not in ours}
+        return {**kwargs, "temperature": self.temperatures()}

@@ -62,8 +62,7 @@ from ..data import (
 from ..errors import PathLike
 from ..model import WhisperRope
 from ..options import add_dataclass_arguments, dataclass_from_args, option, standalone_main
-from ..variants import parse_variant
-from ..weights.loading import load_model
+from ..weights.loading import MODEL_HELP, LoadOptions
 from .metrics import ErrorRates, Normalizer, error_rates, normalizer_for
 
 NORMALIZERS = ("auto", "english", "basic", "none")
@@ -168,10 +167,10 @@ class UtteranceResult:
 
 
 @dataclass
-class EvaluationResult:
+class EvaluationResult(ErrorRates):
     """Corpus-level scores of one model on one manifest, the settings that produced them, and per-utterance rows.
 
-    wer/cer: edits over the normalised reference words/characters of the whole corpus (see `metrics.ErrorRates`).
+    The `ErrorRates` fields (wer, cer, edits, n_words, ...): edits over the normalised references of the whole corpus.
     audio_seconds: total duration of the clips. decode_seconds: wall time inside the model's ``decode`` calls
     (features and audio reading excluded; ``wall_seconds`` includes them). rtf: decode_seconds / audio_seconds.
     """
@@ -179,15 +178,6 @@ class EvaluationResult:
     model: str
     variant: str
     data: str
-    wer: float
-    cer: float
-    substitutions: int
-    deletions: int
-    insertions: int
-    hits: int
-    n_words: int
-    n_chars: int
-    n_utterances: int
     audio_seconds: float
     decode_seconds: float
     wall_seconds: float
@@ -581,8 +571,7 @@ def _score(model, dataset, options, run: _Decoded, caps, languages, wall_seconds
         model=report.source if report is not None else type(model).__name__,
         variant=getattr(model, "variant", "whisper"),
         data=dataset.source,
-        **{k: getattr(corpus, k) for k in ("wer", "cer", "substitutions", "deletions", "insertions", "hits")},
-        **{k: getattr(corpus, k) for k in ("n_words", "n_chars", "n_utterances")},
+        **asdict(corpus),
         audio_seconds=round(audio_seconds, 4),
         decode_seconds=round(run.decode_seconds, 4),
         wall_seconds=round(wall_seconds, 4),
@@ -626,44 +615,35 @@ def validation_metrics(model: Whisper, dataset: SpeechDataset, batch_size: int, 
 # ---- command line ------------------------------------------------------------------------------------------------
 
 
+DATA_HELP = (
+    "the clips to evaluate: a manifest (JSONL, CSV or TSV with 'audio' and 'text') or a folder of audio files with "
+    ".txt transcripts"
+)
+
+
+@dataclass
+class EvaluateCommand:
+    """The ``whisper-rope evaluate`` command's own options; the model loads with `LoadOptions` and decodes with
+    `EvaluationOptions`."""
+
+    model: Optional[str] = field(default=None, metadata=option(MODEL_HELP, required=True))
+    data: Optional[str] = field(default=None, metadata=option(DATA_HELP, required=True))
+    output: Optional[str] = field(
+        default=None,
+        metadata=option(
+            "write the summary as JSON here and the per-utterance rows as JSON lines next to it (same name, suffix "
+            ".jsonl)",
+            flags=["-o"],
+        ),
+    )
+    progress: bool = field(default=True, metadata=option("show a progress bar"))
+
+
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The options of ``whisper-rope evaluate``: model and data, then one per `EvaluationOptions` field
-    (``--batch-size``, also ``--batch_size``; booleans as ``--skip-invalid``/``--no-skip-invalid``)."""
-    add = parser.add_argument
-    add(
-        "--model",
-        required=True,
-        help="model name (tiny.en ... large-v3-turbo), a .pt checkpoint (upstream's or "
-        "whisper_rope's), or a faster-whisper / Hugging Face model directory",
-    )
-    add("--variant", default=None, help="positional variant to load the weights into (default: the checkpoint's)")
-    add(
-        "--rotary-theta",
-        "--rotary_theta",
-        dest="rotary_theta",
-        type=float,
-        default=None,
-        help="RoPE base (default: the checkpoint's)",
-    )
-    add("--data", required=True, help="manifest of the clips to evaluate: JSONL, CSV or TSV with 'audio' and 'text'")
-    add(
-        "--output",
-        "-o",
-        default=None,
-        help="write the summary as JSON here and the per-utterance rows as JSON "
-        "lines next to it (same name, suffix .jsonl)",
-    )
-    add(
-        "--model-dir",
-        "--model_dir",
-        dest="model_dir",
-        default=None,
-        help="where upstream model downloads are cached (default ~/.cache/whisper)",
-    )
-    add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="PyTorch device to run on")
-    add("--threads", type=int, default=0, help="torch CPU threads (0 keeps torch's default)")
-    add("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
-    add_dataclass_arguments(parser, EvaluationOptions)
+    """The options of ``whisper-rope evaluate``: `EvaluateCommand`, `LoadOptions` and `EvaluationOptions` fields
+    (``--batch-size``, also ``--batch_size``; booleans as ``--skip-invalid [BOOL]``/``--no-skip-invalid``)."""
+    for options in (EvaluateCommand, LoadOptions, EvaluationOptions):
+        add_dataclass_arguments(parser, options)
     return parser
 
 
@@ -674,23 +654,13 @@ def options_from_args(args: argparse.Namespace) -> EvaluationOptions:
 
 def run_evaluate_cli(args: argparse.Namespace) -> int:
     """Run ``whisper-rope evaluate`` from parsed arguments: print the summary, write ``--output``; exit status 0."""
+    command = dataclass_from_args(EvaluateCommand, args)
     options = options_from_args(args)
-    if args.variant is not None:
-        parse_variant(args.variant)  # a bad variant is reported before any weights are looked for
-    if args.threads and args.threads > 0:
-        torch.set_num_threads(args.threads)
-    model = load_model(
-        args.model,
-        variant=args.variant,
-        device=args.device,
-        download_root=args.model_dir,
-        rotary_theta=args.rotary_theta,
-        unpadded=options.unpadded,
-    )
-    result = evaluate(model, args.data, options, progress=args.progress)
+    model = dataclass_from_args(LoadOptions, args).load(command.model, unpadded=options.unpadded)
+    result = evaluate(model, command.data, options, progress=command.progress)
     print(result.summary())
-    if args.output:
-        summary_path, rows_path = result.write(args.output)
+    if command.output:
+        summary_path, rows_path = result.write(command.output)
         print(f"wrote {summary_path} and {rows_path}")
     return 0
 

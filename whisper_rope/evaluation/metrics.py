@@ -32,7 +32,7 @@ def normalizer_for(language: Optional[str]) -> Normalizer:
     return _NORMALIZERS[kind]
 
 
-@dataclass(frozen=True)
+@dataclass
 class ErrorRates:
     """Corpus-level edit counts between references and hypotheses.
 

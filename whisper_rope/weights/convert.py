@@ -6,17 +6,34 @@ Hugging Face directory. Everything is expressed in upstream Whisper tensor names
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict
 
 import torch
 
 from whisper_rope.errors import CheckpointError, ModelNotFoundError, PathLike, VariantError
+from whisper_rope.options import option
 from whisper_rope.variants import UPSTREAM_VARIANT, parse_variant
 from whisper_rope.weights.common import save_upstream
 from whisper_rope.weights.ctranslate2 import is_ctranslate2_dir, read_ctranslate2
 from whisper_rope.weights.format import check_state_dict, read_checkpoint
 from whisper_rope.weights.huggingface import is_huggingface_dir, read_huggingface, write_huggingface
+
+
+@dataclass
+class ConvertOptions:
+    """The ``whisper-rope convert`` command: the arguments of `convert`."""
+
+    src: str = field(
+        default="", metadata=option("CTranslate2 directory, Hugging Face directory, or .pt file", positional=True)
+    )
+    dst: str = field(
+        default="",
+        metadata=option("output .pt file (from a directory) or output directory (from a .pt)", positional=True),
+    )
+    force: bool = field(default=False, metadata=option("replace an existing destination"))
+    progress: bool = field(default=True, metadata=option("show a progress bar"))
 
 
 def convert(src: PathLike, dst: PathLike, progress: bool = True, overwrite: bool = False) -> Path:

@@ -31,7 +31,8 @@ from .. import version
 from ..atomic import atomic_torch_save
 from ..errors import CheckpointError, ModelNotFoundError, PathLike, first_line
 from ..model import DEFAULT_ROTARY_THETA, WhisperRope
-from ..variants import UPSTREAM_VARIANT, Variant, parse_variant
+from ..options import option
+from ..variants import DECODER_SCHEMES, ENCODER_SCHEMES, PRESETS, UPSTREAM_VARIANT, Variant, parse_variant
 from . import packages
 from .ctranslate2 import is_ctranslate2_dir, read_ctranslate2
 from .format import read_checkpoint, validate_checkpoint
@@ -331,3 +332,51 @@ def checkpoint_dict(model: WhisperRope) -> dict:
 def save_checkpoint(model: WhisperRope, path: PathLike) -> Path:
     """Write ``model`` in our checkpoint format, atomically. Returns the path."""
     return atomic_torch_save(checkpoint_dict(model), path)
+
+
+#: What a ``--model`` option accepts (`load_model`'s first argument), for every command's help.
+MODEL_HELP = (
+    "a model name (tiny.en ... large-v3-turbo, turbo), a .pt checkpoint (upstream's or whisper_rope's), or a "
+    "faster-whisper / Hugging Face model directory"
+)
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class LoadOptions:
+    """How the ``transcribe`` and ``evaluate`` commands load their ``--model``: one declaration of these options."""
+
+    variant: Optional[str] = field(
+        default=None,
+        metadata=option(
+            f"positional variant to load the weights into: a preset ({', '.join(PRESETS)}) or ENCODER/DECODER with "
+            f"encoder schemes {{{', '.join(ENCODER_SCHEMES)}}} and decoder schemes {{{', '.join(DECODER_SCHEMES)}}}; "
+            "default: the checkpoint's own variant (whisper for upstream weights)"
+        ),
+    )
+    rotary_theta: Optional[float] = field(
+        default=None, metadata=option("RoPE base; default: the checkpoint's (10000 for new rotary variants)")
+    )
+    model_dir: Optional[str] = field(
+        default=None, metadata=option("where upstream model downloads are cached (default ~/.cache/whisper)")
+    )
+    device: str = field(default_factory=_default_device, metadata=option("PyTorch device to run on"))
+    threads: int = field(default=0, metadata=option("torch CPU threads (0 keeps torch's default)"))
+
+    def load(self, name_or_path: PathLike, unpadded: Optional[bool] = None) -> WhisperRope:
+        """`load_model` with these options; a bad variant is reported before any weights are looked for."""
+        if self.variant is not None:
+            parse_variant(self.variant)
+        if self.threads and self.threads > 0:
+            torch.set_num_threads(self.threads)
+        return load_model(
+            name_or_path,
+            variant=self.variant,
+            device=self.device,
+            download_root=self.model_dir,
+            rotary_theta=self.rotary_theta,
+            unpadded=unpadded,
+        )
