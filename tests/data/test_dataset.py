@@ -1,7 +1,6 @@
-"""Manifests, target sequences, features and batching (whisper_rope.data)."""
+"""Target sequences, features and batching (whisper_rope.data.dataset)."""
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +9,8 @@ import soundfile as sf
 import torch
 from whisper.tokenizer import get_tokenizer
 
-from tests.conftest import FIXTURES, small_dims
+from tests.conftest import small_dims
+from tests.data.conftest import ROWS, SPEECH, write_file
 from whisper_rope import build_model
 from whisper_rope.data import (
     IGNORE_INDEX,
@@ -19,166 +19,12 @@ from whisper_rope.data import (
     DataError,
     Example,
     TokenizerSpec,
-    check_audio,
     eval_batches,
     load_examples,
     make_loader,
-    read_manifest,
     spec_augment_,
     target_sequence,
 )
-
-SPEECH = FIXTURES / "speech"
-ROWS = [json.loads(line) for line in (SPEECH / "manifest.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture
-def clips(tmp_path: Path) -> Path:
-    """tmp/audio/ holding three fixture clips; manifests go in tmp/ with paths relative to it."""
-    (tmp_path / "audio").mkdir()
-    for row in ROWS[:3]:
-        shutil.copy(SPEECH / row["audio"], tmp_path / "audio" / row["audio"])
-    return tmp_path
-
-
-def _write(path: Path, data: "str | bytes") -> Path:
-    path.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
-    return path
-
-
-def test_jsonl_relative_paths_resolve_against_the_manifest_folder_from_any_cwd(clips, tmp_path, monkeypatch):
-    lines = [json.dumps({"audio": f"audio/{r['audio']}", "text": r["text"]}) for r in ROWS[:3]]
-    manifest = _write(clips / "train.jsonl", "\n".join(lines) + "\n\n")
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    monkeypatch.chdir(elsewhere)
-    parsed = read_manifest(manifest)
-    assert [e.row for e in parsed.examples] == [1, 2, 3]
-    assert [e.text for e in parsed.examples] == [r["text"] for r in ROWS[:3]]
-    assert all(Path(e.audio).is_absolute() and Path(e.audio).is_file() for e in parsed.examples)
-    checked = check_audio(parsed)
-    assert checked.problems == []
-    assert checked.examples[0].duration == pytest.approx(sf.info(SPEECH / ROWS[0]["audio"]).duration)
-
-
-def test_csv_handles_quoted_commas_newlines_optional_columns_and_a_byte_order_mark(clips):
-    text = (
-        "\ufeffaudio,text,language,start,end,prompt\n"
-        f'audio/{ROWS[0]["audio"]},"Hello, world",en,,,\n'
-        f'audio/{ROWS[1]["audio"]},"a transcript\nover two lines",,0.5,2.0,"earlier words"\n'
-        f"audio/{ROWS[2]['audio']},plain,,,,\n"
-    )
-    parsed = read_manifest(_write(clips / "train.csv", text))
-    assert parsed.problems == []
-    first, second, third = parsed.examples
-    assert (first.text, first.language, first.start, first.end) == ("Hello, world", "en", None, None)
-    assert second.text == "a transcript\nover two lines"
-    assert (second.start, second.end, second.prompt) == (0.5, 2.0, "earlier words")
-    assert [e.row for e in parsed.examples] == [2, 3, 5]  # a record's first line; the quoted newline spans 3-4
-    assert check_audio(parsed).examples[1].duration == pytest.approx(1.5)
-
-
-def test_tsv_manifest_reads_tab_separated_rows(clips):
-    text = "audio\ttext\n" + "".join(f"audio/{r['audio']}\t{r['text']}\n" for r in ROWS[:3])
-    parsed = read_manifest(_write(clips / "train.tsv", text))
-    assert [e.text for e in parsed.examples] == [r["text"] for r in ROWS[:3]]
-
-
-def test_bad_jsonl_rows_are_skipped_with_row_numbers_or_raise_under_strict(clips):
-    good = json.dumps({"audio": f"audio/{ROWS[0]['audio']}", "text": ROWS[0]["text"]})
-    lines = [
-        good,
-        "{not json",
-        json.dumps({"audio": f"audio/{ROWS[1]['audio']}"}),
-        json.dumps({"audio": f"audio/{ROWS[1]['audio']}", "text": "   "}),
-        json.dumps(["a", "list"]),
-        json.dumps({"audio": "audio/missing.flac", "text": "gone"}),
-        json.dumps({"audio": f"audio/{ROWS[2]['audio']}", "text": "x", "start": 2, "end": 1}),
-        json.dumps({"audio": f"audio/{ROWS[2]['audio']}", "text": "x", "start": "soon"}),
-    ]
-    manifest = _write(clips / "bad.jsonl", "\n".join(lines) + "\n")
-    checked = check_audio(read_manifest(manifest))
-    assert [e.row for e in checked.examples] == [1]
-    reasons = {p.row: p.reason for p in checked.problems}
-    assert sorted(reasons) == [2, 3, 4, 5, 6, 7, 8]
-    assert "not valid JSON" in reasons[2]
-    assert reasons[3] == "has no 'text' column"
-    assert reasons[4] == "has an empty transcript"
-    assert "JSON list" in reasons[5]
-    assert "missing.flac" in reasons[6] and "does not exist" in reasons[6]
-    assert "end 1 s is not after start 2 s" in reasons[7]
-    assert "start must be a number of seconds" in reasons[8]
-    with pytest.raises(DataError, match=r"bad\.jsonl, row 2: is not valid JSON"):
-        read_manifest(manifest, strict=True)
-
-
-def test_non_utf8_rows_are_skipped_and_named(clips):
-    good = f'{{"audio": "audio/{ROWS[0]["audio"]}", "text": "fine"}}\n'.encode()
-    latin1 = f'{{"audio": "audio/{ROWS[1]["audio"]}", "text": "caf\xe9"}}\n'.encode("latin-1")
-    parsed = read_manifest(_write(clips / "mixed.jsonl", good + latin1))
-    assert [e.row for e in parsed.examples] == [1]
-    assert [str(p) for p in parsed.problems] == ["row 2: is not valid UTF-8"]
-
-    csv_bytes = b"audio,text\n" + f"audio/{ROWS[0]['audio']},caf\xe9\n".encode("latin-1")
-    csv_bytes += f"audio/{ROWS[1]['audio']},ok\n".encode()
-    parsed = read_manifest(_write(clips / "mixed.csv", csv_bytes))
-    assert [e.text for e in parsed.examples] == ["ok"]
-    assert [str(p) for p in parsed.problems] == ["row 2: is not valid UTF-8"]
-    with pytest.raises(DataError, match=r"mixed\.csv, row 2: is not valid UTF-8"):
-        read_manifest(clips / "mixed.csv", strict=True)
-
-
-def test_csv_rows_with_missing_fields_are_skipped_and_a_header_without_text_is_an_error(clips):
-    text = f"audio,text\naudio/{ROWS[0]['audio']}\naudio/{ROWS[1]['audio']},fine\n"
-    parsed = read_manifest(_write(clips / "short.csv", text))
-    assert [e.row for e in parsed.examples] == [3]
-    assert [str(p) for p in parsed.problems] == ["row 2: has 1 fields, the header has 2"]
-    with pytest.raises(DataError, match="has no 'text' column in its header"):
-        read_manifest(_write(clips / "notext.csv", "audio,words\nx.flac,hello\n"))
-    # Untranscribed manifests (distillation from the teacher's own transcripts) need no text column.
-    assert read_manifest(clips / "notext.csv", require_text=False).examples[0].text is None
-
-
-def test_empty_and_unusable_manifests_are_errors_naming_the_file(clips):
-    model = build_model(small_dims(), "rotary")
-    with pytest.raises(DataError, match=r"empty\.jsonl' is empty"):
-        load_examples(_write(clips / "empty.jsonl", "\n\n"), model, pad_30s=False)
-    with pytest.raises(DataError, match=r"header\.csv' is empty"):
-        load_examples(_write(clips / "header.csv", "audio,text\n"), model, pad_30s=False)
-    unusable = _write(clips / "unusable.jsonl", '{"audio": "nope.flac", "text": "x"}\n')
-    with pytest.raises(DataError, match=r"unusable\.jsonl' has no usable rows \(1 skipped: row 1: audio file"):
-        load_examples(unusable, model, pad_30s=False)
-    with pytest.raises(DataError, match="does not exist"):
-        read_manifest(clips / "absent.jsonl")
-    with pytest.raises(DataError, match="unknown suffix '.txt'"):
-        read_manifest(_write(clips / "list.txt", "x"))
-
-
-def test_directory_of_audio_with_same_named_transcripts(clips):
-    folder = clips / "audio"
-    (folder / ROWS[0]["audio"]).with_suffix(".txt").write_text("  first\ntranscript \n")
-    (folder / ROWS[1]["audio"]).with_suffix(".txt").write_text(ROWS[1]["text"])
-    parsed = read_manifest(folder)
-    by_name = {Path(e.audio).name: e.text for e in parsed.examples}
-    assert by_name == {ROWS[0]["audio"]: "first transcript", ROWS[1]["audio"]: ROWS[1]["text"]}
-    assert len(parsed.problems) == 1 and "has no transcript" in parsed.problems[0].reason
-
-
-def test_clips_over_30_seconds_are_skipped_but_a_short_span_of_them_is_used(tmp_path):
-    long_wav = tmp_path / "long.wav"
-    sf.write(long_wav, np.zeros(31 * 16000, dtype=np.float32) + 0.01, 16000)
-    lines = [
-        json.dumps({"audio": "long.wav", "text": "too long"}),
-        json.dumps({"audio": "long.wav", "text": "a span", "start": 10.0, "end": 12.5}),
-        json.dumps({"audio": "long.wav", "text": "past the end", "start": 29.0, "end": 33.0}),
-    ]
-    checked = check_audio(read_manifest(_write(tmp_path / "m.jsonl", "\n".join(lines))))
-    assert [(e.row, e.duration) for e in checked.examples] == [(2, pytest.approx(2.5))]
-    reasons = {p.row: p.reason for p in checked.problems}
-    assert "31.0 s long; a Whisper window holds at most 30 s" in reasons[1]
-    assert "end 33 s is past the end" in reasons[3]
-    with pytest.raises(DataError, match="row 1: clip is 31.0 s long"):
-        check_audio(read_manifest(tmp_path / "m.jsonl"), strict=True)
 
 
 def test_token_sequences_longer_than_the_text_context_are_skipped(clips):
@@ -187,7 +33,7 @@ def test_token_sequences_longer_than_the_text_context_are_skipped(clips):
         json.dumps({"audio": f"audio/{ROWS[1]['audio']}", "text": " ".join(["word"] * 40)}),
     ]
     model = build_model(small_dims(n_text_ctx=16), "rotary")
-    dataset = load_examples(_write(clips / "m.jsonl", "\n".join(lines)), model, pad_30s=False)
+    dataset = load_examples(write_file(clips / "m.jsonl", "\n".join(lines)), model, pad_30s=False)
     assert len(dataset) == 1
     assert [str(p) for p in dataset.problems] == [
         "row 2: has 42 decoder input tokens; the model's text context holds 16"
@@ -217,7 +63,7 @@ def test_row_languages_pick_the_multilingual_sot_sequence_and_english_models_ref
 
 def _speech_manifest(folder: Path, rows=ROWS, **extra) -> Path:
     lines = [json.dumps({"audio": str(SPEECH / r["audio"]), "text": r["text"], **extra}) for r in rows]
-    return _write(folder / "speech.jsonl", "\n".join(lines))
+    return write_file(folder / "speech.jsonl", "\n".join(lines))
 
 
 def test_unpadded_batches_are_zero_padded_to_the_longest_even_frame_count(tmp_path):
@@ -257,7 +103,9 @@ def test_unpadded_training_cuts_clips_where_unpadded_transcription_does(tmp_path
     speech, _ = sf.read(SPEECH / ROWS[0]["audio"], dtype="float32")
     with_silence = tmp_path / "with_silence.flac"
     sf.write(with_silence, np.concatenate([speech, np.zeros(8000, dtype=np.float32)]), 16000)  # + 0.5 s
-    manifest = _write(tmp_path / "m.jsonl", json.dumps({"audio": str(with_silence), "text": ROWS[0]["text"]}) + "\n")
+    manifest = write_file(
+        tmp_path / "m.jsonl", json.dumps({"audio": str(with_silence), "text": ROWS[0]["text"]}) + "\n"
+    )
     item = load_examples(manifest, build_model(small_dims(), "rotary"), pad_30s=False)[0]
     window = whisper.log_mel_spectrogram(whisper.pad_or_trim(whisper.load_audio(str(with_silence))))
     expected = int(real_frame_counts(window))
@@ -362,20 +210,3 @@ def test_spec_augment_masks_only_real_frames_and_is_reproducible():
     masked_rows = masked.all(dim=1).sum()
     masked_columns = masked.all(dim=0).sum()
     assert masked_rows <= 2 * 27 and masked_columns <= 2 * 20  # at most 10% of 200 frames per time mask
-
-
-def test_jsonl_text_may_hold_unicode_line_separators_and_rows_count_newlines_only(tmp_path):
-    texts = ["first", "line\u2028separator", "next\x85line", "last"]
-    lines = [json.dumps({"audio": "a.flac", "text": t}, ensure_ascii=False) for t in texts]
-    parsed = read_manifest(_write(tmp_path / "m.jsonl", "\r\n".join(lines)))
-    assert [(e.row, e.text) for e in parsed.examples] == list(enumerate(texts, start=1))
-    assert parsed.problems == []
-
-
-def test_an_unterminated_csv_quote_is_reported_and_the_rows_after_it_are_still_read(tmp_path):
-    text = 'audio,text\na.flac,one\nb.flac,"never closed\nc.flac,three\nd.flac,four\n'
-    parsed = read_manifest(_write(tmp_path / "m.csv", text))
-    assert [(e.row, e.text) for e in parsed.examples] == [(2, "one"), (4, "three"), (5, "four")]
-    assert [str(p) for p in parsed.problems] == ["row 3: is not valid CSV (a quote that is never closed)"]
-    stray = read_manifest(_write(tmp_path / "n.csv", 'audio,text\na.flac,"quoted"tail\nb.flac,fine\n'))
-    assert [e.text for e in stray.examples] == ["fine"] and stray.problems[0].row == 2
