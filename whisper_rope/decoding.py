@@ -61,7 +61,7 @@ class BatchDecodingTask(DecodingTask):
         dims = self.model.dims
         n_frames = None
         if self.model.unpadded and mel.shape[0] > 1 and mel.shape[-2:] != (dims.n_audio_ctx, dims.n_audio_state):
-            mel, n_frames = cut_trailing_padding(mel)
+            mel, n_frames = cut_trailing_padding(mel, self.model.unpadded_margin)
         if n_frames is None:
             features = super()._get_audio_features(mel)
         else:

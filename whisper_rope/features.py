@@ -84,13 +84,14 @@ def unpadded_features(audio: np.ndarray, n_mels: int) -> Tuple[Tensor, int]:
     return mel[:, :frames], frames
 
 
-def cut_trailing_padding(mel: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
-    """Cut a padded batch to its longest clip (see `real_frame_counts`).
+def cut_trailing_padding(mel: Tensor, margin: int = 0) -> Tuple[Tensor, Optional[Tensor]]:
+    """Cut a padded batch to its longest clip (see `real_frame_counts`) plus ``margin`` audio positions (2 frames
+    each) of the padding after each clip.
 
     mel: (b, n_mels, n_frames). Returns the cut mel and, when its clips differ in length, their (b,) frame counts
     (to be passed to the encoder as ``n_frames``, so that each clip is encoded as if alone); None when they agree.
     """
-    counts = real_frame_counts(mel)
+    counts = (real_frame_counts(mel) + 2 * margin).clamp(max=mel.shape[-1])
     n_keep = int(counts.max())
     return mel[..., :n_keep], (counts if int(counts.min()) < n_keep else None)
 

@@ -165,8 +165,11 @@ def _rotary_embedding(scheme: SideScheme, head_dim: int, theta: float, n_ctx: in
 class PositionalAudioEncoder(AudioEncoder):
     """Upstream's encoder with the sinusoid table optional and RoPE optional.
 
-    Without a table the encoder accepts any number of mel frames. With ``drop_padding`` it encodes only each clip's
-    frames before the padding upstream's ``transcribe`` appends (see `whisper_rope.features.real_frame_counts`).
+    Without a table the encoder accepts any number of mel frames. With ``drop_padding`` (the model's ``unpadded``)
+    it encodes only each clip's frames before the padding upstream's ``transcribe`` appends (see
+    `whisper_rope.features.real_frame_counts`), plus ``unpadded_margin`` positions of that padding, and an absolute
+    table is *sliced*: ``n`` positions get its rows ``0 .. n - 1``, as whisper.cpp's ``audio_ctx`` does (at most
+    ``n_ctx`` positions).
     """
 
     def __init__(
@@ -185,16 +188,22 @@ class PositionalAudioEncoder(AudioEncoder):
         )
         self.table_scale = 1.0  # annealed towards 0 by positional transplant schedules
         self.drop_padding = False
+        self.unpadded_margin = 0  # padding positions kept after the real frames when dropping padding
 
     @property
     def has_table(self) -> bool:
         return self.scheme.table is not None
 
     @property
-    def needs_full_window(self) -> bool:
-        """Whether input must be exactly the 30-s window: true while an absolute table is added (a table annealed to
-        scale 0 by a transplant adds nothing, and the encoder then takes any length, like a table-free one)."""
+    def adds_table(self) -> bool:
+        """Whether an absolute table is added (a table annealed to scale 0 by a transplant adds nothing)."""
         return self.has_table and self.table_scale != 0.0
+
+    @property
+    def needs_full_window(self) -> bool:
+        """Whether input must be exactly the 30-s window: true while a table is added to padded input. An unpadded
+        encoder slices its table instead, and one without a (non-zero) table takes any length."""
+        return self.adds_table and not self.drop_padding
 
     def forward(self, x: Tensor, n_frames: Optional[Tensor] = None) -> Tensor:
         """x: (b, n_mels, n_frames) log-mel; n_frames: (b,) real frames per item of a padded batch, or None.
@@ -202,14 +211,9 @@ class PositionalAudioEncoder(AudioEncoder):
         Returns (b, n_audio, n_state). Frames past ``n_frames`` (whatever their value) are zeroed before each conv,
         as a lone clip's zero padding, and masked out of self-attention.
         """
-        if not self.needs_full_window and n_frames is None and self.drop_padding:
-            x, n_frames = cut_trailing_padding(x)
-        if self.needs_full_window and x.shape[-1] != 2 * self.n_ctx:
-            raise ValueError(
-                f"mel input has {x.shape[-1]} frames (shape {tuple(x.shape)}); encoder scheme "
-                f"{self.scheme.name!r} adds a {self.n_ctx}-position table and needs exactly {2 * self.n_ctx} frames "
-                "(pad with whisper.pad_or_trim, or use a rotary-only encoder for other lengths)"
-            )
+        if self.drop_padding and n_frames is None:
+            x, n_frames = cut_trailing_padding(x, self.unpadded_margin)
+        self._check_length(x)
         if n_frames is not None:
             # A lone clip's convs see zeros beyond its last frame: zero the padding (whatever its value) before
             # conv1, and what conv1 made of it before conv2.
@@ -219,15 +223,28 @@ class PositionalAudioEncoder(AudioEncoder):
         if n_frames is not None:
             x = x * real
         x = F.gelu(self.conv2(x)).permute(0, 2, 1)
-        if self.needs_full_window:
-            table = (
-                self.positional_embedding if self.table_scale == 1.0 else self.positional_embedding * self.table_scale
-            )
-            x = (x + table).to(x.dtype)
+        if self.adds_table:
+            table = self.positional_embedding[: x.shape[1]]  # the whole table for a 30-s window
+            x = (x + (table if self.table_scale == 1.0 else table * self.table_scale)).to(x.dtype)
         key_mask = audio_position_mask(n_frames, x.shape[1], x.device)
         for block in self.blocks:
             x = block(x, mask=key_mask)
         return self.ln_post(x)
+
+    def _check_length(self, x: Tensor) -> None:
+        """Refuse mel input the table cannot position: not the 30-s window, or (sliced) longer than the table."""
+        n_frames = x.shape[-1]
+        if self.needs_full_window and n_frames != 2 * self.n_ctx:
+            raise ValueError(
+                f"mel input has {n_frames} frames (shape {tuple(x.shape)}); encoder scheme "
+                f"{self.scheme.name!r} adds a {self.n_ctx}-position table and needs exactly {2 * self.n_ctx} frames "
+                "(pad with whisper.pad_or_trim, use unpadded encoding, or a rotary-only encoder for other lengths)"
+            )
+        if self.adds_table and n_frames > 2 * self.n_ctx:
+            raise ValueError(
+                f"mel input has {n_frames} frames (shape {tuple(x.shape)}); encoder scheme {self.scheme.name!r} "
+                f"slices a {self.n_ctx}-position table and takes at most {2 * self.n_ctx} frames"
+            )
 
 
 class PositionalTextDecoder(TextDecoder):
@@ -274,6 +291,13 @@ class PositionalTextDecoder(TextDecoder):
 
         Returns logits (b, n_tokens, n_vocab) in fp32.
         """
+        return self.logits(self.hidden(x, xa, kv_cache, xa_mask))
+
+    def hidden(
+        self, x: Tensor, xa: Tensor, kv_cache: Optional[dict] = None, xa_mask: Optional[Tensor] = None
+    ) -> Tensor:
+        """The final layer norm's output (b, n_tokens, n_text_state): what the logits are made of. Distillation on
+        hidden states alone needs no (n_vocab-wide) output projection."""
         offset = next(iter(kv_cache.values())).shape[1] if kv_cache else 0
         h = self.token_embedding(x)
         if self.has_table:
@@ -282,8 +306,11 @@ class PositionalTextDecoder(TextDecoder):
         h = h.to(xa.dtype)
         for block in self.blocks:
             h = block(h, xa, mask=self.mask, kv_cache=kv_cache, xa_mask=xa_mask)
-        h = self.ln(h)
-        return (h @ self.token_embedding.weight.to(h.dtype).transpose(0, 1)).float()
+        return self.ln(h)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """(b, n_tokens, n_text_state) -> (b, n_tokens, n_vocab) fp32, through the tied token embedding."""
+        return (hidden @ self.token_embedding.weight.to(hidden.dtype).transpose(0, 1)).float()
 
 
 class WhisperRope(Whisper):
@@ -328,20 +355,29 @@ class WhisperRope(Whisper):
 
     @property
     def unpadded(self) -> bool:
-        """Whether the encoder drops the 30-s padding upstream's ``transcribe`` feeds it."""
+        """Whether the encoder drops the 30-s padding upstream's ``transcribe`` feeds it (an absolute table is then
+        sliced to the positions that remain)."""
         return self.encoder.drop_padding
 
     @unpadded.setter
     def unpadded(self, value: bool) -> None:
-        if value and self.encoder.needs_full_window:
-            raise ValueError(
-                f"unpadded encoding needs an encoder without an absolute table; variant {self.variant!r} adds one"
-            )
         self.encoder.drop_padding = bool(value)
 
     @property
+    def unpadded_margin(self) -> int:
+        """Padding positions an unpadded encoder keeps after each clip's real frames."""
+        return self.encoder.unpadded_margin
+
+    @unpadded_margin.setter
+    def unpadded_margin(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= self.dims.n_audio_ctx:
+            raise ValueError(f"unpadded margin must be an integer in 0..{self.dims.n_audio_ctx} positions, got {value!r}")
+        self.encoder.unpadded_margin = value
+
+    @property
     def rotary_options(self) -> Dict[str, object]:
-        return {"theta": self.rotary_theta, "gated": self.gated_rotary, "unpadded": self.unpadded}
+        return {"theta": self.rotary_theta, "gated": self.gated_rotary, "unpadded": self.unpadded,
+                "unpadded_margin": self.unpadded_margin}  # fmt: skip
 
     def alignment_heads_dense(self) -> Tensor:
         """(n_text_layer, n_text_head) bool."""

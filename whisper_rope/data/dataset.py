@@ -95,6 +95,7 @@ class Item:
     seconds: float
     teacher_mel: Optional[Tensor] = None  # (n_mels, 3000), only when it differs from ``mel``
     replaced_row: Optional[int] = None  # the row whose audio failed to decode and was replaced by this one
+    teacher_states: Optional[Dict[str, Tensor]] = None  # cached teacher targets (training.teacher_cache)
 
 
 class SpeechDataset(torch.utils.data.Dataset):
@@ -250,9 +251,17 @@ class Batch:
     seconds: List[float]
     teacher_mel: Optional[Tensor] = None
     replaced_rows: List[int] = field(default_factory=list)
+    token_lengths: Optional[Tensor] = None  # (b,) decoder input tokens per row, before the EOT padding
+    teacher_states: Optional[Dict[str, Tensor]] = None  # padded teacher targets (training.teacher_cache)
+    teacher_positions: Optional[Tensor] = None  # (b,) audio positions the teacher's encoder states hold
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    def tokens_mask(self) -> Tensor:
+        """(b, n_tokens) bool: True at each row's decoder input positions, False on the padding after them."""
+        width = self.tokens.shape[1]
+        return torch.arange(width, device=self.tokens.device)[None, :] < self.token_lengths[:, None]
 
     @property
     def n_frames(self) -> Optional[Tensor]:
@@ -263,6 +272,7 @@ class Batch:
         def move(t: Optional[Tensor]) -> Optional[Tensor]:
             return None if t is None else t.to(device, non_blocking=True)
 
+        states = None if self.teacher_states is None else {k: move(v) for k, v in self.teacher_states.items()}
         return replace(
             self,
             mel=move(self.mel),
@@ -270,6 +280,9 @@ class Batch:
             tokens=move(self.tokens),
             labels=move(self.labels),
             teacher_mel=move(self.teacher_mel),
+            token_lengths=move(self.token_lengths),
+            teacher_states=states,
+            teacher_positions=move(self.teacher_positions),
         )
 
 
@@ -298,10 +311,11 @@ class Collator:
             mel = torch.zeros(len(items), items[0].mel.shape[0], width)
             for i, item in enumerate(items):
                 mel[i, :, : item.mel.shape[-1]] = item.mel
-        tokens = labels = None
+        tokens = labels = lengths = None
         if items[0].tokens is not None:
             tokens = pad_token_rows([item.tokens.tolist() for item in items], self.eot)
             labels = pad_token_rows([item.labels.tolist() for item in items], IGNORE_INDEX)
+            lengths = torch.tensor([len(item.tokens) for item in items], dtype=torch.long)
         teacher = None
         if items[0].teacher_mel is not None:
             teacher = torch.stack([item.teacher_mel for item in items])
@@ -315,6 +329,7 @@ class Collator:
             seconds=[item.seconds for item in items],
             teacher_mel=teacher,
             replaced_rows=[item.replaced_row for item in items if item.replaced_row is not None],
+            token_lengths=lengths,
         )
 
 

@@ -1,0 +1,131 @@
+"""The loss of one micro-batch: token cross-entropy, KL towards the teacher, and internal-state terms.
+
+Every term is a *sum* over the micro-batch divided by a *global* count (target tokens, compared state values)
+summed over the ranks, then multiplied by ``world_size / grad_accum``: DDP averages gradients over ranks, so the
+update is that of the whole global batch on one process, and accumulation adds up to one batch's mean.
+
+The teacher's part comes from the teacher cache (`teacher_cache`): its states on the clip, and its output
+distribution, which is its final decoder state times its (frozen) token embedding — so a distilling run never
+runs the teacher's 30-s encoder after the cache is filled.
+"""
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..data import IGNORE_INDEX, Batch
+from ..features import audio_position_mask
+from .distributed import DistributedContext
+from .losses import StateRecorder, StateWeights, recorded_modules, stacked_states, state_terms
+
+
+@dataclass(frozen=True)
+class Objective:
+    """How the terms are weighted.
+
+    ce: weight of the token cross-entropy against the batch's labels (references, or the teacher's transcript).
+    kl: weight of KL(teacher || student) on the target tokens' distributions, at ``temperature`` (scaled by T²).
+    states: weights of the internal-state terms (`losses.StateWeights`).
+    """
+
+    ce: float = 1.0
+    kl: float = 0.0
+    temperature: float = 2.0
+    label_smoothing: float = 0.0
+    states: StateWeights = field(default_factory=StateWeights)
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.kl > 0 or bool(self.states.active)
+
+    @property
+    def needs_logits(self) -> bool:
+        return self.ce > 0 or self.kl > 0
+
+    @property
+    def cached_kinds(self) -> Tuple[str, ...]:
+        """The state kinds the teacher cache must hold (the final decoder state gives the teacher's logits)."""
+        kinds = set(self.states.active)
+        if self.kl > 0:
+            kinds.add("decoder_layers")
+        return tuple(kind for kind in ("decoder_layers", "encoder_output", "encoder_layers", "attention") if kind in kinds)
+
+
+class StudentForward(nn.Module):
+    """The student's teacher-forced forward as one module (what DDP wraps): logits if needed, and the recorded
+    internal states. ``model`` is a `WhisperRope`; ``kinds`` the state kinds to record."""
+
+    def __init__(self, model: nn.Module, kinds: Tuple[str, ...]):
+        super().__init__()
+        self.model = model
+        self.kinds = kinds
+
+    def forward(self, mel: Tensor, tokens: Tensor, n_frames: Optional[Tensor], logits: bool = True):
+        recording = StateRecorder(recorded_modules(self.model, self.kinds)) if self.kinds else nullcontext()
+        with recording as recorder:
+            audio = self.model.encoder(mel, n_frames)
+            xa_mask = audio_position_mask(n_frames, audio.shape[1], audio.device)
+            hidden = self.model.decoder.hidden(tokens, audio, xa_mask=xa_mask)
+        out = self.model.decoder.logits(hidden) if logits else None
+        states = stacked_states(recorder, audio if "encoder_output" in self.kinds else None) if self.kinds else {}
+        return out, states
+
+
+def micro_batch_loss(
+    student: nn.Module,
+    teacher_embedding: Optional[Tensor],
+    batch: Batch,
+    objective: Objective,
+    context: DistributedContext,
+    grad_accum: int,
+    autocast_dtype: Optional[torch.dtype] = None,
+) -> Tuple[Tensor, Dict[str, float], float]:
+    """Forward one micro-batch; returns (loss to backpropagate, statistics summed over ranks, global target tokens).
+
+    student: a `StudentForward` (possibly DDP-wrapped); teacher_embedding: the teacher's token embedding
+    (n_vocab, d) when ``objective.kl`` > 0; batch: on the training device, with ``teacher_states`` when the
+    objective uses the teacher. Statistics: ``ce`` and ``kl`` summed over target tokens, each state kind's summed
+    squared error, ``loss`` (the un-scaled total), ``seconds`` of audio.
+    """
+    device = batch.mel.device
+    target_mask = batch.labels != IGNORE_INDEX
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        logits, states = student(batch.mel, batch.tokens, batch.n_frames, logits=objective.needs_logits)
+    zero = torch.zeros((), device=device)
+    ce_sum = kl_sum = zero
+    if objective.ce > 0:
+        ce_sum = F.cross_entropy(logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX,
+                                 reduction="sum", label_smoothing=objective.label_smoothing)  # fmt: skip
+    if objective.kl > 0:
+        kl_sum = _kl_sum(logits, batch.teacher_states["decoder_layers"][-1], teacher_embedding, target_mask,
+                         objective.temperature)  # fmt: skip
+    terms = {}
+    if objective.states.active:
+        token_mask = batch.tokens_mask()
+        terms = state_terms(states, batch.teacher_states, objective.states, token_mask, batch.teacher_positions)
+    counts = [target_mask.sum().double()] + [count for _, count in terms.values()]
+    counts = context.all_reduce_sum(torch.stack(counts).to(device=device, dtype=torch.float64)).tolist()
+    n_tokens, state_counts = counts[0], dict(zip(terms, counts[1:]))
+    scale = context.world_size / grad_accum
+    loss = (objective.ce * ce_sum + objective.kl * kl_sum) / max(n_tokens, 1.0)
+    for kind, (total, _) in terms.items():
+        loss = loss + getattr(objective.states, kind) * total / max(state_counts[kind], 1.0)
+    names = ["ce", "kl", *terms, "loss", "seconds"]
+    values = [ce_sum, kl_sum, *(total for total, _ in terms.values()), loss,
+              torch.tensor(float(sum(batch.seconds)), device=device)]  # fmt: skip
+    summed = context.all_reduce_sum(torch.stack([v.detach().double() for v in values])).tolist()
+    stats = dict(zip(names, summed))
+    stats.update({f"{kind}_count": state_counts[kind] for kind in terms})
+    return loss * scale, stats, n_tokens
+
+
+def _kl_sum(logits: Tensor, teacher_hidden: Tensor, embedding: Tensor, target_mask: Tensor, temperature: float) -> Tensor:
+    """KL(teacher || student) summed over the target tokens, times T². teacher_hidden: (b, t, d) final states."""
+    teacher_logits = teacher_hidden[target_mask].float() @ embedding.float().T
+    student_log_p = F.log_softmax(logits.float()[target_mask] / temperature, dim=-1)
+    teacher_log_p = F.log_softmax(teacher_logits / temperature, dim=-1)
+    return F.kl_div(student_log_p, teacher_log_p, log_target=True, reduction="sum") * temperature**2
