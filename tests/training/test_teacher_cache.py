@@ -85,6 +85,11 @@ def test_a_second_fill_reads_and_any_change_invalidates(tmp_path, teacher):
     assert again.fill(dataset, torch.device("cpu"), progress=False) == paths and again.computed == 0
     changed = TeacherCache(tmp_path / "cache", teacher, TargetSpec(kinds=("decoder_layers",), margin=4))
     assert set(changed.fill(dataset, torch.device("cpu"), progress=False)).isdisjoint(paths)
+    # A run that needs another kind completes the same entries, keeping what they held.
+    more = TeacherCache(tmp_path / "cache", teacher, TargetSpec(kinds=("encoder_output",), transcripts="reference"))
+    assert more.fill(dataset, torch.device("cpu"), progress=False) == paths and more.computed == 2
+    assert {"decoder_layers", "encoder_output"} <= set(more.read(paths[0]))
+    assert again.fill(dataset, torch.device("cpu"), progress=False) == paths and again.computed == 0
     fingerprint = teacher_fingerprint(teacher)
     with torch.no_grad():
         teacher.decoder.ln.bias[0] += 1e-3

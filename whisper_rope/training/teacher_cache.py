@@ -40,6 +40,13 @@ logger = logging.getLogger("whisper_rope")
 
 FORMAT_VERSION = 1
 TRANSCRIPTS = ("reference", "teacher")
+#: The tensors an entry holds for each state kind.
+STORED_KEYS = {
+    "decoder_layers": ("decoder_layers",),
+    "encoder_output": ("encoder_output",),
+    "encoder_layers": ("encoder_layers",),
+    "attention": ("encoder_attention", "decoder_attention"),
+}
 
 
 @dataclass(frozen=True)
@@ -91,7 +98,8 @@ class TeacherCache:
         self.teacher = teacher
         self.spec = spec
         fingerprint = teacher_fingerprint(teacher)
-        options = json.dumps({**asdict(spec), "version": FORMAT_VERSION}, sort_keys=True)
+        # The kinds are not part of the name: an entry that lacks a kind a run needs is recomputed with the union.
+        options = json.dumps({"margin": spec.margin, "transcripts": spec.transcripts, "version": FORMAT_VERSION})
         self.scope = hashlib.sha256(f"{fingerprint}:{options}".encode()).hexdigest()
         self.directory = Path(root).expanduser() / f"{fingerprint[:16]}-{self.scope[:12]}"
         self.computed = 0  # entries the last `fill` had to compute
@@ -146,7 +154,7 @@ class TeacherCache:
                 for row, index in enumerate(batch.indices):
                     path = self.entry_path(windows[row], self._forced_key(dataset, index))
                     paths[index] = path
-                    if self.read(path) is None:
+                    if not self._complete(self.read(path)):
                         missing.append(row)
                 if missing:
                     self._compute(dataset, batch.indices, windows, missing, paths, device)
@@ -159,6 +167,10 @@ class TeacherCache:
                     self.directory)  # fmt: skip
         return paths
 
+    def _complete(self, entry: Optional[Dict[str, Tensor]]) -> bool:
+        """Whether an entry holds every state kind this run needs (it may hold more)."""
+        return entry is not None and all(key in entry for kind in self.spec.kinds for key in STORED_KEYS[kind])
+
     def _forced_key(self, dataset: SpeechDataset, index: int) -> str:
         prompt = dataset.prompts[index]
         if self.spec.transcripts == "teacher":
@@ -169,12 +181,16 @@ class TeacherCache:
     def _compute(self, dataset, indices, windows, rows, paths, device) -> None:
         teacher = self.teacher.eval()
         windows = windows[rows].to(device)
+        kinds = set(self.spec.kinds)
+        for row in rows:  # keep what other runs stored in these entries
+            entry = self.read(paths[indices[row]]) or {}
+            kinds.update(kind for kind, keys in STORED_KEYS.items() if all(key in entry for key in keys))
         # Encoder states are kept for the clip's real positions and the margin: what an unpadded student has, and
         # what a padded one is compared on.
         real = (real_frame_counts(windows) + 1) // 2
         positions = (real + self.spec.margin).clamp(max=teacher.dims.n_audio_ctx).tolist()
         clips = [indices[r] for r in rows]
-        recorder = StateRecorder(recorded_modules(teacher, self.spec.kinds))
+        recorder = StateRecorder(recorded_modules(teacher, tuple(kinds)))
         with recorder:
             audio = teacher.encoder(windows)
         # Decoding takes the encoded windows as they are (upstream skips its encoder for features of this shape).
@@ -187,7 +203,7 @@ class TeacherCache:
         tokens = pad_token_rows(sequences, dataset.tokenizer(clips[0]).eot).to(device)
         with recorder:
             teacher.decoder(tokens, audio)
-        states = stacked_states(recorder, audio if "encoder_output" in self.spec.kinds else None)
+        states = stacked_states(recorder, audio if "encoder_output" in kinds else None)
         for i, (row, index) in enumerate(zip(rows, clips)):
             entry = {"text_tokens": torch.tensor(text_tokens[i], dtype=torch.long)}
             entry.update(_clip_states(states, i, len(sequences[i]), positions[i]))
