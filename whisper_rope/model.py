@@ -371,13 +371,19 @@ class WhisperRope(Whisper):
     @unpadded_margin.setter
     def unpadded_margin(self, value: int) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= self.dims.n_audio_ctx:
-            raise ValueError(f"unpadded margin must be an integer in 0..{self.dims.n_audio_ctx} positions, got {value!r}")
+            raise ValueError(
+                f"unpadded margin must be an integer in 0..{self.dims.n_audio_ctx} positions, got {value!r}"
+            )
         self.encoder.unpadded_margin = value
 
     @property
     def rotary_options(self) -> Dict[str, object]:
-        return {"theta": self.rotary_theta, "gated": self.gated_rotary, "unpadded": self.unpadded,
-                "unpadded_margin": self.unpadded_margin}  # fmt: skip
+        return {
+            "theta": self.rotary_theta,
+            "gated": self.gated_rotary,
+            "unpadded": self.unpadded,
+            "unpadded_margin": self.unpadded_margin,
+        }
 
     def alignment_heads_dense(self) -> Tensor:
         """(n_text_layer, n_text_head) bool."""

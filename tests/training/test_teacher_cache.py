@@ -131,5 +131,5 @@ def test_label_free_items_carry_the_teachers_transcript_and_padded_states(tmp_pa
     assert batch.teacher_states["encoder_output"].shape == (3, n_positions, 64)
     assert batch.teacher_positions.tolist() == [(int(f) + 1) // 2 for f in batch.frames]
     assert batch.tokens_mask().sum(dim=1).tolist() == [len(item.tokens) for item in items]
-    for row, item in enumerate(items):  # zeros after each clip's own positions
+    for row in range(len(items)):  # zeros after each clip's own positions
         assert not batch.teacher_states["encoder_output"][row, batch.teacher_positions[row] :].any()

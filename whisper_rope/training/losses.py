@@ -145,7 +145,9 @@ def masked_mse(student: Tensor, teacher: Tensor, mask: Tensor) -> Tuple[Tensor, 
     weights = mask.to(torch.float32)
     squared = (student.float() - teacher.float()).pow(2).sum(dim=-1)  # (..., b, n)
     total = (squared * weights).sum()
-    count = weights.sum().to(torch.float64) * student.shape[-1] * (student.numel() // (mask.numel() * student.shape[-1]))
+    count = (
+        weights.sum().to(torch.float64) * student.shape[-1] * (student.numel() // (mask.numel() * student.shape[-1]))
+    )
     return total, count
 
 

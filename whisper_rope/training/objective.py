@@ -52,7 +52,9 @@ class Objective:
         kinds = set(self.states.active)
         if self.kl > 0:
             kinds.add("decoder_layers")
-        return tuple(kind for kind in ("decoder_layers", "encoder_output", "encoder_layers", "attention") if kind in kinds)
+        return tuple(
+            kind for kind in ("decoder_layers", "encoder_output", "encoder_layers", "attention") if kind in kinds
+        )
 
 
 class StudentForward(nn.Module):
@@ -98,11 +100,17 @@ def micro_batch_loss(
     zero = torch.zeros((), device=device)
     ce_sum = kl_sum = zero
     if objective.ce > 0:
-        ce_sum = F.cross_entropy(logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX,
-                                 reduction="sum", label_smoothing=objective.label_smoothing)  # fmt: skip
+        ce_sum = F.cross_entropy(
+            logits.float().flatten(0, 1),
+            batch.labels.flatten(),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+            label_smoothing=objective.label_smoothing,
+        )
     if objective.kl > 0:
-        kl_sum = _kl_sum(logits, batch.teacher_states["decoder_layers"][-1], teacher_embedding, target_mask,
-                         objective.temperature)  # fmt: skip
+        kl_sum = _kl_sum(
+            logits, batch.teacher_states["decoder_layers"][-1], teacher_embedding, target_mask, objective.temperature
+        )
     terms = {}
     if objective.states.active:
         token_mask = batch.tokens_mask()
@@ -115,15 +123,22 @@ def micro_batch_loss(
     for kind, (total, _) in terms.items():
         loss = loss + getattr(objective.states, kind) * total / max(state_counts[kind], 1.0)
     names = ["ce", "kl", *terms, "loss", "seconds"]
-    values = [ce_sum, kl_sum, *(total for total, _ in terms.values()), loss,
-              torch.tensor(float(sum(batch.seconds)), device=device)]  # fmt: skip
+    values = [
+        ce_sum,
+        kl_sum,
+        *(total for total, _ in terms.values()),
+        loss,
+        torch.tensor(float(sum(batch.seconds)), device=device),
+    ]
     summed = context.all_reduce_sum(torch.stack([v.detach().double() for v in values])).tolist()
     stats = dict(zip(names, summed))
     stats.update({f"{kind}_count": state_counts[kind] for kind in terms})
     return loss * scale, stats, n_tokens
 
 
-def _kl_sum(logits: Tensor, teacher_hidden: Tensor, embedding: Tensor, target_mask: Tensor, temperature: float) -> Tensor:
+def _kl_sum(
+    logits: Tensor, teacher_hidden: Tensor, embedding: Tensor, target_mask: Tensor, temperature: float
+) -> Tensor:
     """KL(teacher || student) summed over the target tokens, times T². teacher_hidden: (b, t, d) final states."""
     teacher_logits = teacher_hidden[target_mask].float() @ embedding.float().T
     student_log_p = F.log_softmax(logits.float()[target_mask] / temperature, dim=-1)

@@ -103,8 +103,12 @@ class TeacherCache:
         self.scope = hashlib.sha256(f"{fingerprint}:{options}".encode()).hexdigest()
         self.directory = Path(root).expanduser() / f"{fingerprint[:16]}-{self.scope[:12]}"
         self.computed = 0  # entries the last `fill` had to compute
-        self._about = {"teacher_fingerprint": fingerprint, "variant": teacher.variant, **asdict(spec),
-                       "version": FORMAT_VERSION}  # fmt: skip
+        self._about = {
+            "teacher_fingerprint": fingerprint,
+            "variant": teacher.variant,
+            **asdict(spec),
+            "version": FORMAT_VERSION,
+        }
 
     def entry_path(self, window: Tensor, forced: str) -> Path:
         """The file of one clip: ``window`` its (n_mels, 3000) log-mel, ``forced`` what determines the forced tokens
@@ -163,8 +167,9 @@ class TeacherCache:
         finally:
             bar.close()
         self.computed = computed
-        logger.info("teacher targets: %d of %d clips computed, the rest read from %s", computed, len(dataset),
-                    self.directory)  # fmt: skip
+        logger.info(
+            "teacher targets: %d of %d clips computed, the rest read from %s", computed, len(dataset), self.directory
+        )
         return paths
 
     def _complete(self, entry: Optional[Dict[str, Tensor]]) -> bool:
@@ -198,13 +203,15 @@ class TeacherCache:
             text_tokens = self._transcripts(dataset, clips, audio)
         else:
             text_tokens = [_text_of(*dataset.targets[index]) for index in clips]
-        sequences = [target_sequence(dataset.tokenizer(index), text, dataset.prompts[index])[0]
-                     for index, text in zip(clips, text_tokens)]  # fmt: skip
+        sequences = [
+            target_sequence(dataset.tokenizer(index), text, dataset.prompts[index])[0]
+            for index, text in zip(clips, text_tokens)
+        ]
         tokens = pad_token_rows(sequences, dataset.tokenizer(clips[0]).eot).to(device)
         with recorder:
             teacher.decoder(tokens, audio)
         states = stacked_states(recorder, audio if "encoder_output" in kinds else None)
-        for i, (row, index) in enumerate(zip(rows, clips)):
+        for i, index in enumerate(clips):
             entry = {"text_tokens": torch.tensor(text_tokens[i], dtype=torch.long)}
             entry.update(_clip_states(states, i, len(sequences[i]), positions[i]))
             self.write(paths[index], entry)
@@ -217,8 +224,9 @@ class TeacherCache:
             groups.setdefault((dataset.languages[index], dataset.examples[index].prompt), []).append(i)
         transcripts: Dict[int, List[int]] = {}
         for (language, prompt), members in groups.items():
-            options = DecodingOptions(language=language, task=dataset.spec.task, without_timestamps=True, fp16=False,
-                                      prompt=prompt)  # fmt: skip
+            options = DecodingOptions(
+                language=language, task=dataset.spec.task, without_timestamps=True, fp16=False, prompt=prompt
+            )
             for i, result in zip(members, self.teacher.decode(audio[members], options)):
                 index = clips[i]
                 head = len(dataset.prompts[index]) + len(dataset.tokenizer(index).sot_sequence_including_notimestamps)
@@ -280,8 +288,10 @@ class TeacherTargetsDataset(torch.utils.data.Dataset):
         path = self.entries[item.index]
         entry = read_entry(path) if path is not None else None
         if entry is None:
-            raise DataError(f"{self.dataset.source}: the teacher targets of row {self.dataset.examples[item.index].row} "
-                            f"disappeared from the cache ({path}); run again to recompute them")  # fmt: skip
+            raise DataError(
+                f"{self.dataset.source}: the teacher targets of row {self.dataset.examples[item.index].row} "
+                f"disappeared from the cache ({path}); run again to recompute them"
+            )
         text = entry.pop("text_tokens").tolist()
         if self.transcripts == "teacher":
             tokenizer = self.dataset.tokenizer(item.index)
