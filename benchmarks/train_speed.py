@@ -136,7 +136,7 @@ class System:
         import torch.nn.functional as F
 
         from whisper_rope.data import IGNORE_INDEX
-        from whisper_rope.training.loop import gradient_checkpointing
+        from whisper_rope.training.optim import gradient_checkpointing
 
         with gradient_checkpointing(self.network, enabled=self.name.endswith("-ckpt")):
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):

@@ -29,7 +29,14 @@ MOVED = {
         ],
     ),
     "train": (
-        ["training.config", "training.loop", "training.state"],
+        [
+            "training.config",
+            "training.loop",
+            "training.command",
+            "training.optim",
+            "training.validation",
+            "training.state",
+        ],
         [
             "FinetuneConfig",
             "FinetuneResult",

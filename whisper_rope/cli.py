@@ -25,7 +25,7 @@ from .evaluation.compare import add_compare_arguments, run_compare_cli
 from .evaluation.evaluate import add_evaluate_arguments, run_evaluate_cli
 from .model import WhisperRope
 from .options import ArgumentParser, add_dataclass_arguments, dataclass_from_args
-from .training.loop import add_finetune_arguments, run_finetune_cli
+from .training.command import add_finetune_arguments, run_finetune_cli
 from .transcribe import WRITER_OPTIONS, TranscribeOptions, transcribe_many
 from .variants import DECODER_SCHEMES, ENCODER_SCHEMES, PRESETS
 from .version import __version__

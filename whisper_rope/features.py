@@ -15,7 +15,7 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import torch
 from torch import Tensor
-from whisper.audio import N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram, pad_or_trim
+from whisper.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram, pad_or_trim
 
 Audio = Union[np.ndarray, Tensor]
 
@@ -69,8 +69,9 @@ def trailing_padding_start(mel: Tensor, min_frames: int = 2) -> int:
     return int(real_frame_counts(mel, min_frames).max())
 
 
-def unpadded_features(audio: np.ndarray, n_mels: int) -> Tuple[Tensor, int]:
-    """A clip's log-mel as unpadded transcription feeds it: (n_mels, frames) and frames.
+def unpadded_features(audio: np.ndarray, n_mels: int, margin: int = 0) -> Tuple[Tensor, int]:
+    """A clip's log-mel as unpadded transcription feeds it: (n_mels, frames) and frames, with ``margin`` audio
+    positions (2 frames each) of the padding kept after the clip's real frames.
 
     Transcription pads the audio with silence and cuts the mel where `real_frame_counts` finds the padding, so a
     clip's own trailing digital silence (often 0.3-0.5 s in TTS output) is dropped with it: it cannot be told apart
@@ -78,9 +79,9 @@ def unpadded_features(audio: np.ndarray, n_mels: int) -> Tuple[Tensor, int]:
     that arrive without it (measured on a transplanted tiny.en: 114 % WER cut at the speech, 37 % with 1 s of
     silence left). One second of padding gives the same frames as the 30-s window at a tenth of its cost.
     """
-    padded = pad_or_trim(audio, min(len(audio) + SAMPLE_RATE, N_SAMPLES))
+    padded = pad_or_trim(audio, min(len(audio) + SAMPLE_RATE + 2 * margin * HOP_LENGTH, N_SAMPLES))
     mel = log_mel_spectrogram(padded, n_mels=n_mels)
-    frames = int(real_frame_counts(mel))
+    frames = min(int(real_frame_counts(mel)) + 2 * margin, mel.shape[-1])
     return mel[:, :frames], frames
 
 

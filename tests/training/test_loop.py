@@ -20,20 +20,12 @@ from tests.conftest import FIXTURES, randomise_, small_dims
 from whisper_rope import build_model, load_model, save_checkpoint
 from whisper_rope.data import IGNORE_INDEX, Collator, load_examples
 from whisper_rope.errors import TrainingError
+from whisper_rope.training.command import add_finetune_arguments, config_from_args, main
 from whisper_rope.training.config import FinetuneConfig
-from whisper_rope.training.loop import (
-    CURVES_FILE,
-    LOG_FILE,
-    _TeacherTargets,
-    add_finetune_arguments,
-    build_optimizer,
-    config_from_args,
-    finetune,
-    lr_factor,
-    main,
-    select_trainable,
-)
+from whisper_rope.training.loop import CURVES_FILE, LOG_FILE, finetune
+from whisper_rope.training.optim import build_optimizer, lr_factor, select_trainable
 from whisper_rope.training.state import MODEL_FILE, STATE_FILE, latest_checkpoint
+from whisper_rope.training.teacher_cache import TargetSpec, TeacherCache, TeacherTargetsDataset
 from whisper_rope.weights.format import read_checkpoint
 
 SPEECH = FIXTURES / "speech"
@@ -70,6 +62,7 @@ def quick_config(output: Path, **overrides) -> FinetuneConfig:
         device="cpu",
         seed=0,
         threads=1,
+        teacher_cache=str(output.parent / "teacher-cache"),
     )
     settings.update(overrides)
     return FinetuneConfig(**settings)
@@ -235,7 +228,7 @@ def test_resume_refuses_another_variant_or_model_size(tmp_path, capsys):
 DDP_SCRIPT = """
 import shutil, sys
 import torch.distributed as dist
-from whisper_rope.training.loop import main
+from whisper_rope.training.command import main
 
 dist.init_process_group("gloo")  # finetune joins the existing group (two runs in one torchrun)
 model, train, out = sys.argv[1:4]
@@ -339,12 +332,25 @@ def test_train_policies_choose_parameters_and_new_parameters_always_train():
         select_trainable(build_model(small_dims(), "whisper"), "nothing_here")
 
     select_trainable(model, "decoder")
-    optimizer = build_optimizer(model, FinetuneConfig(weight_decay=0.1))
-    decayed, plain = optimizer.param_groups
+    optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.1)
+    plain, decayed = optimizer.param_groups
     assert decayed["weight_decay"] == 0.1 and all(p.ndim >= 2 for p in decayed["params"])
     assert plain["weight_decay"] == 0.0 and all(p.ndim < 2 for p in plain["params"])
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == trainable
+    # Frozen parameters are in the groups too (staged training unfreezes them); AdamW skips them while frozen.
+    assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == sum(
+        p.numel() for p in model.parameters()
+    )
+
+
+def test_the_positional_path_gets_its_own_learning_rate():
+    model = build_model(small_dims(), "rotary+sinusoidal/learned", gated_rotary=True)
+    optimizer = build_optimizer(model, lr=1e-5, weight_decay=0.01, lr_positional=1e-3)
+    names = {id(p): n for n, p in model.named_parameters()}
+    fast = {names[id(p)] for g in optimizer.param_groups if g["lr"] == 1e-3 for p in g["params"]}
+    assert "encoder.blocks.0.attn.query.weight" in fast and "decoder.blocks.1.attn.key.weight" in fast
+    assert "encoder.blocks.0.attn.rotary_gate" in fast and "decoder.positional_embedding" in fast
+    assert "encoder.blocks.0.attn.value.weight" not in fast and "decoder.blocks.0.cross_attn.query.weight" not in fast
+    assert len(fast) == 2 * 2 * 3 + 2 + 1  # query weight/bias + key weight per block, gates, the decoder table
 
 
 def test_learning_rate_warms_up_linearly_then_decays_to_zero():
@@ -486,6 +492,7 @@ def test_distillation_from_an_identical_teacher_has_zero_kl_and_encoder_distance
     )
     first = records(tmp_path / "run", "train")[0]
     assert first["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert first["encoder_output"] == pytest.approx(0.0, abs=1e-5)  # fp16 targets
     assert first["loss"] > 1.0  # the cross-entropy itself is far from zero for a random model
     assert records(tmp_path / "run", "start")[0]["unpadded"] is False  # a table encoder trains on 30-s windows
     assert result.steps == 1
@@ -496,14 +503,15 @@ def test_distill_only_trains_a_rotary_student_on_the_teachers_greedy_transcripts
     teacher = load_model(teacher_file, variant="whisper", device="cpu")
     student = load_model(teacher_file, variant="rotary", device="cpu")
     dataset = load_examples(manifest, student, pad_30s=False, require_text=False, teacher_30s=True)
-    batch = Collator(dataset.tokenizer(0).eot, padded_30s=False)([dataset[0], dataset[1]])
-    assert batch.tokens is None and batch.teacher_mel.shape == (2, 80, 3000)
-    filled = _TeacherTargets(teacher, dataset, dataset.tokenizer(0).eot).fill(batch, torch.device("cpu"))
-    greedy = teacher.decode(batch.teacher_mel[:1], DecodingOptions(language="en", without_timestamps=True, fp16=False))
+    cache = TeacherCache(tmp_path / "cache", teacher, TargetSpec(kinds=(), transcripts="teacher"))
+    item = TeacherTargetsDataset(dataset, cache.fill(dataset, torch.device("cpu"), progress=False), "teacher")[0]
+    greedy = teacher.decode(item.teacher_mel[None], DecodingOptions(language="en", without_timestamps=True, fp16=False))
     tokenizer = dataset.tokenizer(0)
     expected = list(tokenizer.sot_sequence_including_notimestamps) + greedy[0].tokens
-    assert filled.tokens[0, : len(expected)].tolist() == expected
-    assert filled.labels[0, : len(expected)].tolist() == [IGNORE_INDEX] + greedy[0].tokens + [tokenizer.eot]
+    assert item.tokens.tolist() == expected
+    assert item.labels.tolist() == [IGNORE_INDEX] * (len(expected) - len(greedy[0].tokens) - 1) + greedy[0].tokens + [
+        tokenizer.eot
+    ]
 
     result = finetune(
         student,
@@ -518,7 +526,7 @@ def test_distill_only_trains_a_rotary_student_on_the_teachers_greedy_transcripts
 
 
 def test_gradient_checkpointing_gives_the_same_gradients_and_restores_the_blocks(tmp_path, monkeypatch):
-    from whisper_rope.training.loop import gradient_checkpointing
+    from whisper_rope.training.optim import gradient_checkpointing
 
     model = randomise_(build_model(small_dims(), "rotary"), std=0.05)
     dataset = load_examples(write_manifest(tmp_path / "two.jsonl", ROWS[:2]), model, pad_30s=False)

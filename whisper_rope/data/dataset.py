@@ -11,7 +11,7 @@ Shapes: mel ``(b, n_mels, n_frames)`` with 100 frames per second; tokens/labels 
 
 import logging
 from dataclasses import dataclass, field, replace
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -103,6 +103,7 @@ class SpeechDataset(torch.utils.data.Dataset):
 
     pad_30s: give each clip as upstream's 30-s window (3000 frames) instead of its own frames.
     teacher_30s: also return the 30-s window (for a distillation teacher) when ``mel`` is unpadded.
+    margin: audio positions of padding kept after each unpadded clip (an unpadded encoder's ``unpadded_margin``).
     """
 
     def __init__(
@@ -114,8 +115,10 @@ class SpeechDataset(torch.utils.data.Dataset):
         teacher_30s: bool = False,
         strict: bool = False,
         require_text: bool = True,
+        margin: int = 0,
     ):
         self.source = manifest.source
+        self.margin = margin
         self.spec = spec
         self.n_mels = n_mels
         self.pad_30s = pad_30s
@@ -195,7 +198,7 @@ class SpeechDataset(torch.utils.data.Dataset):
         if self.pad_30s:
             mel, frames = window, min(len(audio) // HOP_LENGTH, N_FRAMES)
         else:
-            mel, frames = unpadded_features(audio, self.n_mels)
+            mel, frames = unpadded_features(audio, self.n_mels, self.margin)
         target = self.targets[index]
         return Item(
             index=index,
@@ -218,6 +221,7 @@ def load_examples(
     teacher_30s: bool = False,
     language: Optional[str] = None,
     task: str = "transcribe",
+    margin: int = 0,
 ) -> SpeechDataset:
     """Read, check and tokenise a manifest for ``model``; log what was skipped.
 
@@ -228,7 +232,7 @@ def load_examples(
         raise DataError(f"manifest {manifest.source!r} is empty: it lists no audio")
     manifest = check_audio(manifest, strict=strict)
     spec = TokenizerSpec.for_model(model, task=task, language=language)
-    dataset = SpeechDataset(manifest, spec, model.dims.n_mels, pad_30s, teacher_30s, strict, require_text)
+    dataset = SpeechDataset(manifest, spec, model.dims.n_mels, pad_30s, teacher_30s, strict, require_text, margin)
     if dataset.problems:
         logger.warning("%s", Manifest(manifest.source, dataset.examples, dataset.problems).summary())
     if not len(dataset):
@@ -436,14 +440,16 @@ def make_loader(
     batch_sampler: "torch.utils.data.Sampler | List[List[int]]",
     num_workers: int = 0,
     pin_memory: bool = False,
+    collate_fn: Optional[Callable[[Sequence[Item]], Batch]] = None,
 ) -> torch.utils.data.DataLoader:
-    """A DataLoader that decodes and featurises in ``num_workers`` processes (0: in this process)."""
+    """A DataLoader that decodes and featurises in ``num_workers`` processes (0: in this process); batches are
+    made by ``collate_fn`` (default: `Collator`)."""
     eot = dataset.tokenizer(0).eot if len(dataset) else 0
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=batch_sampler,
         num_workers=num_workers,
-        collate_fn=Collator(eot, dataset.pad_30s),
+        collate_fn=collate_fn or Collator(eot, dataset.pad_30s),
         pin_memory=pin_memory,
         worker_init_fn=_worker_init if num_workers else None,
         persistent_workers=num_workers > 0,

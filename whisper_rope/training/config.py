@@ -1,15 +1,13 @@
 """`FinetuneConfig`: every setting of a fine-tuning run, the one declaration that the Python API and the
 ``whisper-rope finetune`` options (`whisper_rope.options`) are both built from."""
 
-import re
 from dataclasses import dataclass, field
 from typing import Optional
 
 from ..options import option
-from ..variants import parse_variant
-
-#: What ``--train-policy`` accepts besides a regular expression over parameter names.
-POLICIES = ("all", "positional", "decoder", "encoder")
+from .optim import check_policy
+from .recipes import RECIPES, recipe_defaults
+from .transplant import transplant_start_variant
 
 #: Settings that do not change the training trajectory: a resumed run may differ in these.
 BOOKKEEPING = {
@@ -27,6 +25,8 @@ BOOKKEEPING = {
     "threads",
     "device",
     "strict",
+    "teacher_cache",
+    "recipe",
 }
 
 
@@ -35,6 +35,14 @@ class FinetuneConfig:
     """Every setting of a fine-tuning run; the ``whisper-rope finetune`` options are built from these fields."""
 
     # What to train.
+    recipe: Optional[str] = field(
+        default=None,
+        metadata=option(
+            "a tested set of defaults for one goal (options given explicitly still win): "
+            + "; ".join(f"{name}: {recipe.summary}" for name, recipe in RECIPES.items()),
+            choices=tuple(RECIPES),
+        ),
+    )
     model: str = field(
         default="tiny.en",
         metadata=option(
@@ -88,7 +96,17 @@ class FinetuneConfig:
         metadata=option("forward passes accumulated per optimizer step (clips per step: batch_size * grad_accum)"),
     )
     lr: float = field(default=1e-5, metadata=option("peak learning rate (AdamW)"))
-    warmup_steps: int = field(default=50, metadata=option("steps of linear learning-rate warm-up from zero"))
+    lr_positional: Optional[float] = field(
+        default=None,
+        metadata=option(
+            "peak learning rate of the positional path (self-attention query/key projections, rotary gates, learned "
+            "positional tables), which a positional change invalidates; default: --lr"
+        ),
+    )
+    warmup_steps: Optional[int] = field(
+        default=None,
+        metadata=option("steps of linear learning-rate warm-up from zero (default: a tenth of --steps, at most 50)"),
+    )
     schedule: str = field(
         default="cosine",
         metadata=option("learning-rate decay after warm-up, to zero at --steps", choices=("cosine", "linear")),
@@ -106,6 +124,16 @@ class FinetuneConfig:
             "regular expression searched in parameter names; newly initialised parameters (rotary gates, "
             "re-initialised tables) always train"
         ),
+    )
+    stage_steps: int = field(
+        default=0,
+        metadata=option(
+            "train only --stage-policy for this many first steps, then every parameter --train-policy selects"
+        ),
+    )
+    stage_policy: str = field(
+        default="positional-path",
+        metadata=option("what trains during the first --stage-steps steps (a --train-policy value)"),
     )
     precision: str = field(
         default="auto",
@@ -127,6 +155,16 @@ class FinetuneConfig:
     )
 
     # Data.
+    unpadded: Optional[bool] = field(
+        default=None,
+        metadata=option(
+            "train on each clip's own frames (length-bucketed batches); an encoder with a sinusoid table then adds "
+            "its rows 0..n-1 to n positions (the sliced table). Default: yes for encoders without a table"
+        ),
+    )
+    unpadded_margin: int = field(
+        default=0, metadata=option("padding positions (20 ms each) an unpadded encoder keeps after each clip")
+    )
     pad_to_30s: bool = field(
         default=False,
         metadata=option(
@@ -140,6 +178,10 @@ class FinetuneConfig:
     seed: int = field(default=0, metadata=option("seed of the batch order, SpecAugment and initialisation"))
 
     # Self-distillation.
+    ce_weight: float = field(
+        default=1.0,
+        metadata=option("weight of the token cross-entropy against the targets (0: learn from the teacher alone)"),
+    )
     distill: bool = field(
         default=False,
         metadata=option(
@@ -158,7 +200,29 @@ class FinetuneConfig:
     distill_encoder_weight: float = field(
         default=0.0,
         metadata=option(
-            "weight of an L2 loss between student and teacher encoder outputs (only when their lengths match)"
+            "weight of the mean squared error between the student's and the teacher's encoder outputs on each clip's "
+            "own positions (the teacher fed the 30-s window)"
+        ),
+    )
+    distill_decoder_layers: float = field(
+        default=0.0,
+        metadata=option(
+            "weight of the mean squared error between student and teacher hidden states of every decoder layer, on "
+            "the teacher-forced tokens"
+        ),
+    )
+    distill_encoder_layers: float = field(
+        default=0.0,
+        metadata=option("weight of the mean squared error of every encoder layer's output on each clip's positions"),
+    )
+    distill_attention: float = field(
+        default=0.0, metadata=option("weight of the mean squared error of every self-attention output")
+    )
+    teacher_cache: Optional[str] = field(
+        default=None,
+        metadata=option(
+            "directory of the teacher's cached targets, computed once per clip and teacher "
+            "(default: whisper_rope's cache directory, teacher-targets/)"
         ),
     )
 
@@ -166,10 +230,10 @@ class FinetuneConfig:
     transplant: bool = field(
         default=False,
         metadata=option(
-            "move the checkpoint to rotary embeddings continuously: train the gated hybrid "
-            "rotary+sinusoidal/rotary+learned (identical to the checkpoint at the start), fade the absolute tables "
-            "out, open the RoPE gates; a run that ends with the tables at 0 and every gate at 1 is saved as plain "
-            "rotary/rotary"
+            "move the checkpoint to --variant (rotary/rotary, or rotary/learned for the encoder alone) continuously: "
+            "train the gated hybrid (rotary+sinusoidal encoder, and rotary+learned decoder if it turns rotary), "
+            "identical to the checkpoint at the start, fade the absolute tables out while the RoPE gates open; the "
+            "finished run is saved as plain --variant"
         ),
     )
     transplant_anneal_start: int = field(default=0, metadata=option("step at which the absolute tables start to fade"))
@@ -185,9 +249,20 @@ class FinetuneConfig:
             "which tables fade (encoder or decoder alone leaves a hybrid)", choices=("both", "encoder", "decoder")
         ),
     )
-    transplant_gate_start: int = field(default=0, metadata=option("step at which scheduled gates start to open"))
+    transplant_gate_start: Optional[int] = field(
+        default=None,
+        metadata=option("step at which scheduled gates start to open (default: when the tables start to fade)"),
+    )
+    transplant_gates: str = field(
+        default="scheduled",
+        metadata=option(
+            "scheduled: every gate is driven from 0 to 1 while the tables fade (or over --transplant-gate-steps); "
+            "learned: the gates train freely (a run whose gates stay near 0 keeps no position information)",
+            choices=("scheduled", "learned"),
+        ),
+    )
     transplant_gate_steps: Optional[int] = field(
-        default=None, metadata=option("drive every gate from 0 to 1 over this many steps instead of learning the gates")
+        default=None, metadata=option("steps over which scheduled gates open (default: the fade's steps)")
     )
     transplant_unpadded: bool = field(
         default=False,
@@ -198,6 +273,13 @@ class FinetuneConfig:
     )
 
     # Bookkeeping.
+    eval_holdout: int = field(
+        default=0,
+        metadata=option(
+            "without --eval: keep this many clips of --train out of training and evaluate on them against the "
+            "teacher's 30-s transcripts (label-free evaluation; 0 %% WER = the source model's words)"
+        ),
+    )
     eval_every: int = field(default=0, metadata=option("evaluate every N steps (0: only at the end)"))
     eval_at_start: bool = field(default=False, metadata=option("also evaluate before the first step (a baseline)"))
     save_every: int = field(default=0, metadata=option("write a checkpoint every N steps (0: only at the end)"))
@@ -221,12 +303,44 @@ class FinetuneConfig:
 
     def validate(self) -> "FinetuneConfig":
         """Raise ValueError naming the first invalid setting."""
-        checks = [
+        for ok, message in self._checks():
+            if not ok:
+                raise ValueError(message)
+        for policy, flag in ((self.train_policy, "--train-policy"), (self.stage_policy, "--stage-policy")):
+            check_policy(policy, flag)
+        if self.transplant:
+            transplant_start_variant(self.variant or "rotary")
+        self._check_combinations()
+        return self
+
+    def _checks(self):
+        weights = {
+            "--ce-weight": self.ce_weight,
+            "--distill-weight": self.distill_weight,
+            "--distill-encoder-weight": self.distill_encoder_weight,
+            "--distill-decoder-layers": self.distill_decoder_layers,
+            "--distill-encoder-layers": self.distill_encoder_layers,
+            "--distill-attention": self.distill_attention,
+        }
+        yield from (
+            (0 <= value < float("inf"), f"{flag} must be a finite number >= 0, got {value}")
+            for flag, value in weights.items()
+        )
+        yield from [
             (self.steps >= 1, f"--steps must be at least 1, got {self.steps}"),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
             (self.grad_accum >= 1, f"--grad-accum must be at least 1, got {self.grad_accum}"),
             (self.lr > 0, f"--lr must be positive, got {self.lr}"),
-            (self.warmup_steps >= 0, f"--warmup-steps must not be negative, got {self.warmup_steps}"),
+            (
+                self.lr_positional is None or self.lr_positional > 0,
+                f"--lr-positional must be positive, got {self.lr_positional}",
+            ),
+            (
+                self.warmup_steps is None or self.warmup_steps >= 0,
+                f"--warmup-steps must not be negative, got {self.warmup_steps}",
+            ),
+            (self.stage_steps >= 0, f"--stage-steps must not be negative, got {self.stage_steps}"),
+            (self.unpadded_margin >= 0, f"--unpadded-margin must not be negative, got {self.unpadded_margin}"),
             (self.weight_decay >= 0, f"--weight-decay must not be negative, got {self.weight_decay}"),
             (self.grad_clip >= 0, f"--grad-clip must not be negative, got {self.grad_clip}"),
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
@@ -237,36 +351,72 @@ class FinetuneConfig:
             ),
             (self.task in ("transcribe", "translate"), f"--task must be transcribe or translate, got {self.task!r}"),
             (self.distill_temperature > 0, f"--distill-temperature must be positive, got {self.distill_temperature}"),
-            (self.distill_weight >= 0, f"--distill-weight must not be negative, got {self.distill_weight}"),
-            (
-                self.distill_encoder_weight >= 0,
-                f"--distill-encoder-weight must not be negative, got {self.distill_encoder_weight}",
-            ),
             (self.num_workers >= 0, f"--num-workers must not be negative, got {self.num_workers}"),
+            (self.eval_holdout >= 0, f"--eval-holdout must not be negative, got {self.eval_holdout}"),
             (self.eval_every >= 0, f"--eval-every must not be negative, got {self.eval_every}"),
             (self.save_every >= 0, f"--save-every must not be negative, got {self.save_every}"),
             (self.keep_last >= 1, f"--keep-last must be at least 1, got {self.keep_last}"),
             (self.log_every >= 1, f"--log-every must be at least 1, got {self.log_every}"),
             (bool(self.output), "--output must name a directory"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-        if self.transplant and parse_variant(self.variant or "rotary").name != "rotary/rotary":
-            raise ValueError(f"--transplant ends in the rotary variant; --variant {self.variant!r} is another one")
-        if self.transplant_unpadded and not (self.transplant and self.transplant_sides == "both"):
+
+    def _check_combinations(self) -> None:
+        if self.transplant_unpadded and not (self.transplant and self.transplant_sides in ("both", "encoder")):
             raise ValueError(
-                "--transplant-unpadded needs --transplant with --transplant-sides both (the encoder's "
-                "table must fade out before the input can be unpadded)"
+                "--transplant-unpadded needs --transplant with the encoder's table fading (--transplant-sides both or "
+                "encoder): the input can only be unpadded once that table is gone"
             )
-        if self.transplant_unpadded and self.pad_to_30s:
-            raise ValueError("--transplant-unpadded and --pad-to-30s contradict each other")
-        if self.train_policy not in POLICIES:
-            try:
-                re.compile(self.train_policy)
-            except re.error as error:
-                raise ValueError(
-                    f"--train-policy {self.train_policy!r} is neither one of {', '.join(POLICIES)} nor a valid "
-                    f"regular expression ({error})"
-                ) from None
-        return self
+        if self.transplant_unpadded and self.unpadded:
+            raise ValueError(
+                "--transplant-unpadded switches to unpadded input mid-run; with --unpadded it is so from "
+                "the start: give one of them"
+            )
+        if self.pad_to_30s and (self.transplant_unpadded or self.unpadded):
+            raise ValueError("--pad-to-30s contradicts --unpadded and --transplant-unpadded")
+        if self.ce_weight == 0 and not self.uses_teacher:
+            raise ValueError(
+                "--ce-weight 0 without a distillation term leaves nothing to learn: give --distill or "
+                "a --distill-... weight"
+            )
+
+    @classmethod
+    def from_recipe(cls, name: str, **overrides) -> "FinetuneConfig":
+        """A config with recipe ``name``'s values (`recipes.RECIPES`), ``overrides`` winning; not yet validated."""
+        return cls(**{**recipe_defaults(name), **overrides})
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether the run needs the frozen teacher (its transcripts, distribution or states)."""
+        states = (
+            self.distill_encoder_weight,
+            self.distill_decoder_layers,
+            self.distill_encoder_layers,
+            self.distill_attention,
+        )
+        return self.distill or self.distill_only or any(weight > 0 for weight in states)
+
+    @property
+    def effective_warmup(self) -> int:
+        """--warmup-steps, or a tenth of --steps (at most 50) when it is not given."""
+        return self.warmup_steps if self.warmup_steps is not None else min(50, self.steps // 10)
+
+    def self_defeating(self) -> list:
+        """Warnings for settings that defeat their own purpose (the run still starts)."""
+        messages = []
+        if self.warmup_steps is not None and self.warmup_steps * 2 > self.steps:
+            peak = min(1.0, self.steps / max(self.warmup_steps, 1))
+            messages.append(
+                f"--warmup-steps {self.warmup_steps} with --steps {self.steps}: the learning rate reaches only "
+                f"{100 * peak:.0f} % of --lr {self.lr:g} at its highest and decays for under half the run"
+            )
+        if self.stage_steps >= self.steps:
+            messages.append(
+                f"--stage-steps {self.stage_steps} covers the whole run of {self.steps} steps: only "
+                f"--stage-policy {self.stage_policy} ever trains"
+            )
+        if self.transplant and self.transplant_gates == "learned":
+            messages.append(
+                "--transplant-gates learned: nothing makes the gates open while the tables fade; a run "
+                "whose gates stay near 0 ends with no position information"
+            )
+        return messages

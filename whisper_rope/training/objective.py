@@ -67,14 +67,16 @@ class StudentForward(nn.Module):
         self.kinds = kinds
 
     def forward(self, mel: Tensor, tokens: Tensor, n_frames: Optional[Tensor], logits: bool = True):
+        """Returns (logits (b, t, n_vocab) or None, the recorded states by kind). Without logits the decoder stops
+        at its final layer norm: no n_vocab-wide projection, forward or backward."""
         recording = StateRecorder(recorded_modules(self.model, self.kinds)) if self.kinds else nullcontext()
         with recording as recorder:
             audio = self.model.encoder(mel, n_frames)
             xa_mask = audio_position_mask(n_frames, audio.shape[1], audio.device)
-            hidden = self.model.decoder.hidden(tokens, audio, xa_mask=xa_mask)
-        out = self.model.decoder.logits(hidden) if logits else None
+            decoder = self.model.decoder
+            out = decoder(tokens, audio, xa_mask=xa_mask) if logits else decoder.hidden(tokens, audio, xa_mask=xa_mask)
         states = stacked_states(recorder, audio if "encoder_output" in self.kinds else None) if self.kinds else {}
-        return out, states
+        return (out if logits else None), states
 
 
 def micro_batch_loss(

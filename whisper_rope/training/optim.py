@@ -44,12 +44,13 @@ def check_policy(policy: str, option: str) -> None:
         ) from None
 
 
-def select_trainable(model: nn.Module, policy: str, always: Tuple[str, ...] = ()) -> List[str]:
+def select_trainable(model: nn.Module, policy: str, always: Optional[Tuple[str, ...]] = None) -> List[str]:
     """Set ``requires_grad`` by the policy; returns the names of the trainable parameters.
 
-    Parameters named in ``always`` (those the checkpoint did not provide) and rotary gates always train.
-    Raises ValueError when nothing is selected.
+    Parameters named in ``always`` (default: those the checkpoint did not provide, `newly_initialised`) and rotary
+    gates always train. Raises ValueError when nothing is selected.
     """
+    always = newly_initialised(model) if always is None else always
     names = []
     for name, parameter in model.named_parameters():
         chosen = in_policy(name, policy) or name in always or name.endswith("rotary_gate")

@@ -97,11 +97,12 @@ class TeacherCache:
     def __init__(self, root: Path, teacher: WhisperRope, spec: TargetSpec):
         self.teacher = teacher
         self.spec = spec
+        self.root = Path(root).expanduser()
         fingerprint = teacher_fingerprint(teacher)
         # The kinds are not part of the name: an entry that lacks a kind a run needs is recomputed with the union.
         options = json.dumps({"margin": spec.margin, "transcripts": spec.transcripts, "version": FORMAT_VERSION})
         self.scope = hashlib.sha256(f"{fingerprint}:{options}".encode()).hexdigest()
-        self.directory = Path(root).expanduser() / f"{fingerprint[:16]}-{self.scope[:12]}"
+        self.directory = self.root / f"{fingerprint[:16]}-{self.scope[:12]}"
         self.computed = 0  # entries the last `fill` had to compute
         self._about = {
             "teacher_fingerprint": fingerprint,
@@ -136,21 +137,24 @@ class TeacherCache:
         batch_size: int = 8,
         num_workers: int = 0,
         progress: bool = True,
+        indices: Optional[Sequence[int]] = None,
     ) -> List[Optional[Path]]:
         """The entry of every clip of ``dataset``, computing the missing ones with the teacher.
 
         ``dataset`` must give the student's unpadded frames and the teacher's 30-s window (``teacher_30s``) or be
-        padded to 30 s itself. Returns one path per dataset index; None for a clip whose audio could not be decoded
-        (the dataset stands another clip in for it, whose entry is then used). Raises ValueError when the dataset
+        padded to 30 s itself. ``indices`` limits the work to those clips (a rank's share). Returns one path per
+        dataset index; None for a clip not filled or whose audio could not be decoded (the dataset stands another
+        clip in for it, whose entry is then used). Raises ValueError when the dataset
         cannot give the teacher its window.
         """
         if not (dataset.pad_30s or dataset.teacher_30s):
             raise ValueError("the teacher cache needs 30-s windows: load the dataset with teacher_30s=True")
         paths: List[Optional[Path]] = [None] * len(dataset)
-        batches = [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]
+        order = list(range(len(dataset))) if indices is None else list(indices)
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
         loader = make_loader(dataset, batches, num_workers=num_workers)
         computed = 0
-        bar = tqdm(total=len(dataset), desc="teacher targets", unit="clip", disable=not progress, dynamic_ncols=True)
+        bar = tqdm(total=len(order), desc="teacher targets", unit="clip", disable=not progress, dynamic_ncols=True)
         try:
             for batch in loader:
                 windows = batch.mel if batch.padded_30s else batch.teacher_mel

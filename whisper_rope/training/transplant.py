@@ -1,13 +1,14 @@
 """Positional transplant: move a pretrained checkpoint to rotary embeddings continuously instead of at once.
 
 A hard swap (load pretrained weights into ``rotary/rotary``) throws away the absolute tables the checkpoint was
-trained with, and the model falls off a cliff. The transplant starts from the hybrid
-``rotary+sinusoidal/rotary+learned`` with *gated* RoPE: every self-attention rotates its queries and keys by
-``x + g * (rope(x) - x)`` with a learnable per-head gate ``g`` initialised to 0, so at step 0 the model computes
-exactly the pretrained function. During fine-tuning the absolute tables are scaled by ``alpha(step)`` from 1 to 0
-and the gates either learn freely or are driven from 0 to 1 on their own schedule. A run that ends with
-``alpha = 0`` and every gate at 1 is a pure rotary model: `finalize_transplant` turns it into a plain
-``rotary/rotary`` model (unpadded-capable) with a load report.
+trained with, and the model falls off a cliff. The transplant starts from a hybrid with *gated* RoPE — for the
+target ``rotary/rotary`` the hybrid ``rotary+sinusoidal/rotary+learned``, for ``rotary/learned`` (the encoder
+alone) ``rotary+sinusoidal/learned``: every rotated self-attention rotates its queries and keys by
+``x + g * (rope(x) - x)`` with a per-head gate ``g`` initialised to 0, so at step 0 the model computes exactly the
+pretrained function (on unpadded input with the encoder's table sliced, exactly the sliced-table model). During
+fine-tuning the tables of the sides that turn rotary are scaled by ``alpha(step)`` from 1 to 0 while the gates are
+driven from 0 to 1 (or learn freely). A run that ends with ``alpha = 0`` and every gate at 1 is a pure rotary
+model: `finalize_transplant` turns it into a plain model of the target variant with a load report.
 """
 
 import math
@@ -19,11 +20,38 @@ from torch import nn
 
 from ..errors import VariantError
 from ..model import WhisperRope
+from ..variants import parse_variant
 from ..weights.loading import LoadReport, adapt_state_dict
 
-#: The variant a transplant trains: RoPE next to the pretrained absolute tables on both sides.
-TRANSPLANT_VARIANT = "rotary+sinusoidal/rotary+learned"
+#: Target variant -> the gated hybrid a transplant to it trains (RoPE next to the tables it replaces).
+TRANSPLANT_TARGETS = {
+    "rotary/rotary": "rotary+sinusoidal/rotary+learned",
+    "rotary/learned": "rotary+sinusoidal/learned",
+}
+#: The hybrid of a transplant to rotary/rotary (kept for one release: the name of 0.1).
+TRANSPLANT_VARIANT = TRANSPLANT_TARGETS["rotary/rotary"]
 SHAPES = ("linear", "cosine")
+
+
+def transplant_start_variant(target: "str | None") -> str:
+    """The gated hybrid a transplant to ``target`` (a preset or ENCODER/DECODER) starts from.
+
+    Raises VariantError for targets no transplant reaches.
+    """
+    name = parse_variant(target or "rotary").name
+    if name not in TRANSPLANT_TARGETS:
+        raise VariantError(
+            f"a transplant ends in {' or '.join(TRANSPLANT_TARGETS)}; --variant {target!r} is another variant"
+        )
+    return TRANSPLANT_TARGETS[name]
+
+
+def transplant_target(start: str) -> str:
+    """The variant a transplant from the hybrid ``start`` ends in."""
+    for target, hybrid in TRANSPLANT_TARGETS.items():
+        if parse_variant(start).name == hybrid:
+            return target
+    raise VariantError(f"{start!r} is not a transplant hybrid ({', '.join(TRANSPLANT_TARGETS.values())})")
 
 
 def ramp(step: int, start: int, span: int, shape: str = "linear") -> float:
@@ -73,8 +101,9 @@ class TransplantSchedule:
             return None
         return ramp(step, self.gate_start, self.gate_steps, self.shape)
 
-    def ends_pure_rotary(self) -> bool:
-        return self.sides == "both"
+    def fades(self, side: str) -> bool:
+        """Whether the table of ``side`` (encoder or decoder) fades."""
+        return self.sides in ("both", side)
 
 
 def rotary_gates(model: WhisperRope) -> Iterator[nn.Parameter]:
@@ -87,13 +116,16 @@ def rotary_gates(model: WhisperRope) -> Iterator[nn.Parameter]:
 
 def check_transplant_model(model: WhisperRope) -> None:
     """Raise unless ``model`` is a gated hybrid a transplant can start from."""
-    if not (
-        model.gated_rotary and model.encoder.has_table and model.decoder.has_table and model.parsed_variant.uses_rotary
-    ):
+    if not (model.gated_rotary and model.variant in TRANSPLANT_TARGETS.values()):
         raise VariantError(
-            f"a transplant needs a gated hybrid model (variant {TRANSPLANT_VARIANT!r} with gated_rotary=True), got "
-            f"{model.variant!r} with gated_rotary={model.gated_rotary}"
+            f"a transplant needs a gated hybrid model (variant {' or '.join(TRANSPLANT_TARGETS.values())} with "
+            f"gated_rotary=True), got {model.variant!r} with gated_rotary={model.gated_rotary}"
         )
+
+
+def finishes(schedule: TransplantSchedule, model: WhisperRope) -> bool:
+    """Whether ``schedule`` fades every table the transplant of ``model`` replaces (else the run ends a hybrid)."""
+    return schedule.fades("encoder") and (schedule.fades("decoder") or not model.parsed_variant.decoder.rotary)
 
 
 def apply_schedule(model: WhisperRope, schedule: TransplantSchedule, step: int) -> Tuple[float, Optional[float]]:
@@ -113,24 +145,28 @@ def apply_schedule(model: WhisperRope, schedule: TransplantSchedule, step: int) 
 
 
 def finalize_transplant(model: WhisperRope, tolerance: float = 1e-3) -> Tuple[WhisperRope, LoadReport]:
-    """Turn a finished transplant (tables at 0, every gate at 1) into a plain ``rotary/rotary`` model.
+    """Turn a finished transplant (replaced tables at 0, every gate at 1) into a plain model of its target variant
+    (``rotary/rotary`` or ``rotary/learned``).
 
     Raises VariantError naming what is not finished yet. The returned model shares no tensors with ``model``.
     """
     check_transplant_model(model)
+    target = transplant_target(model.variant)
     unfinished = []
-    if model.encoder.table_scale != 0.0 or model.decoder.table_scale != 0.0:
+    faded = [model.encoder] + ([model.decoder] if model.parsed_variant.decoder.rotary else [])
+    if any(coder.table_scale != 0.0 for coder in faded):
         unfinished.append(f"table scales are {model.encoder.table_scale:g}/{model.decoder.table_scale:g}, not 0")
     gates = torch.cat([g.detach().flatten() for g in rotary_gates(model)])
     if (gates - 1).abs().max() > tolerance:
         unfinished.append(f"gates range {gates.min():.3f}..{gates.max():.3f}, not 1 ± {tolerance:g}")
     if unfinished:
         raise VariantError("the transplant has not finished: " + "; ".join(unfinished))
-    plain = WhisperRope(model.dims, "rotary", rotary_theta=model.rotary_theta).to(next(model.parameters()).device)
+    plain = WhisperRope(model.dims, target, rotary_theta=model.rotary_theta).to(next(model.parameters()).device)
     source = {k: v.detach().clone() for k, v in model.state_dict().items()}
     state, report = adapt_state_dict(source, model.variant, plain, source="finished transplant")
     plain.load_state_dict(state, strict=True)
     plain.register_buffer("alignment_heads", model.alignment_heads.clone(), persistent=False)
     plain.unpadded = model.unpadded
+    plain.unpadded_margin = model.unpadded_margin
     plain.load_report = report
     return plain, report

@@ -1,0 +1,59 @@
+"""``whisper-rope finetune``: options from `FinetuneConfig` (and a recipe's defaults), the run, a final evaluation.
+
+Options are built with unset values left at None, so that a ``--recipe`` fills exactly the options the command line
+did not give; every option's help still shows the default of `FinetuneConfig`.
+"""
+
+import argparse
+import logging
+import os
+import sys
+from typing import Optional, Sequence
+
+from ..options import add_dataclass_arguments, dataclass_from_args, standalone_main
+from .config import FinetuneConfig
+from .loop import finetune
+from .recipes import recipe_defaults
+from .report import final_evaluation
+
+
+def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add one option per `FinetuneConfig` field: ``--batch-size`` (also ``--batch_size``); booleans as
+    ``--flag``/``--no-flag``. Unset options parse as None (the recipe's or the field's default applies)."""
+    return add_dataclass_arguments(parser, FinetuneConfig, defaults=False)
+
+
+def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
+    """The `FinetuneConfig` of parsed ``whisper-rope finetune`` arguments: given options, then the recipe's values,
+    then the field defaults (validated)."""
+    return dataclass_from_args(FinetuneConfig, args, recipe_defaults(getattr(args, "recipe", None))).validate()
+
+
+def run_finetune_cli(args: argparse.Namespace) -> int:
+    """Run ``whisper-rope finetune`` from parsed arguments; returns the exit status."""
+    config = config_from_args(args)
+    rank = int(os.environ.get("RANK", "0") or 0)
+    if rank == 0:
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    result = finetune(config=config)
+    if rank != 0:
+        return 0
+    summary = f"trained {result.steps} steps; final model {result.model_path}"
+    if result.best_wer is not None:
+        summary += f"; best WER {100 * result.best_wer:.2f}% at step {result.best_step} ({result.output / 'best'})"
+    print(summary)
+    if config.recipe is not None:
+        report = final_evaluation(result, config)
+        if report is not None:
+            print(report)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m whisper_rope.train ...``: the finetune command on its own (also under torchrun)."""
+    description = "Fine-tune a Whisper checkpoint into a positional variant."
+    return standalone_main("whisper-rope finetune", description, add_finetune_arguments, run_finetune_cli, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""The final evaluation of a recipe run: the adapted model as it will be used, next to the source model as it was.
+
+Each row: WER, how many hypotheses ran into the length cap (loops) and the WER of the others — on a small set one
+looping hypothesis can add tens of points, so both are shown — and the real-time factor. Written to
+``final_evaluation.json`` and ``final_evaluation.md`` in the run's directory.
+"""
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from ..atomic import atomic_write_text
+from ..evaluation.evaluate import EvaluationResult, evaluate
+from ..weights.loading import load_model
+from .config import FinetuneConfig
+from .holdout import HOLDOUT_MANIFEST
+
+JSON_FILE = "final_evaluation.json"
+TABLE_FILE = "final_evaluation.md"
+
+
+def wer_without_capped(result: EvaluationResult) -> Optional[float]:
+    """Corpus WER over the hypotheses that stopped before their length cap (None when every one was capped)."""
+    rows = [row for row in result.rows if not row.capped]
+    words = sum(row.n_words for row in rows)
+    if not words:
+        return None
+    return sum(row.substitutions + row.deletions + row.insertions for row in rows) / words
+
+
+def final_evaluation(result, config: FinetuneConfig, progress: bool = True) -> Optional[str]:
+    """Evaluate the run's final model (in the form it was trained for) and, against real references, the source
+    model on 30-s windows. Returns the Markdown table (also written beside the model), or None without an
+    evaluation set."""
+    output = Path(result.output)
+    data, teacher_references = _evaluation_data(config, output)
+    if data is None:
+        return None
+    model = result.model
+    rows = [_row("fine-tuned", model, evaluate(model, data, batch_size=config.batch_size, progress=progress))]
+    if not teacher_references:
+        source = load_model(config.model, device=next(model.parameters()).device)
+        rows.insert(0, _row("source", source, evaluate(source, data, batch_size=config.batch_size, progress=progress)))
+    references = "the teacher's 30-s transcripts (held-out clips)" if teacher_references else "the manifest's text"
+    table = _table(rows, data, references)
+    atomic_write_text(
+        output / JSON_FILE, json.dumps({"data": str(data), "references": references, "rows": rows}, indent=2) + "\n"
+    )
+    atomic_write_text(output / TABLE_FILE, table + "\n")
+    return table
+
+
+def _evaluation_data(config: FinetuneConfig, output: Path):
+    """(evaluation manifest, whether its references are the teacher's transcripts), or (None, False)."""
+    if config.eval is not None:
+        return config.eval, False
+    holdout = output / HOLDOUT_MANIFEST
+    if config.eval_holdout and holdout.is_file():
+        return holdout, True
+    return None, False
+
+
+def _row(name: str, model, evaluation: EvaluationResult) -> Dict[str, Any]:
+    return {
+        "model": name,
+        "variant": getattr(model, "variant", "whisper"),
+        "input": "unpadded" if evaluation.unpadded else "30-s windows",
+        "wer": evaluation.wer,
+        "capped": evaluation.n_capped,
+        "clips": evaluation.n_utterances,
+        "wer_without_capped": wer_without_capped(evaluation),
+        "rtf": evaluation.rtf,
+    }
+
+
+def _table(rows: List[Dict[str, Any]], data, references: str) -> str:
+    lines = [
+        f"Final evaluation on {data} (references: {references})",
+        "",
+        "| model | variant | input | WER % | capped | WER % without capped | real-time factor |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        uncapped = "–" if row["wer_without_capped"] is None else f"{100 * row['wer_without_capped']:.1f}"
+        lines.append(
+            f"| {row['model']} | {row['variant']} | {row['input']} | {100 * row['wer']:.1f} | "
+            f"{row['capped']}/{row['clips']} | {uncapped} | {row['rtf']:.3f} |"
+        )
+    return "\n".join(lines)
