@@ -8,6 +8,9 @@ Splits (``DIR/<split>.jsonl`` manifests, audio under ``DIR/<split>/``):
     in-domain   the same espeak-ng voices speaking sentences of the evaluation grammar (travel, questions)
     retained    flite voices speaking other sentences of the evaluation grammar: speech pretrained tiny.en already
                 transcribes well, where forgetting shows after fine-tuning
+    retained-festival
+                festival voices (another synthesiser, diphone and HTS) speaking yet other sentences of the evaluation
+                grammar: a second retained set, from a synthesiser no training split uses
 
 No sentence occurs in two splits, and the two grammars share no word other than a few function words
 (``sentences.FUNCTION_WORDS``), so a decoder that memorises training phrases gains nothing on the evaluation splits.
@@ -25,8 +28,8 @@ from corpus import ClipSpec, Voice, build_corpus, tool_versions  # the sibling m
 from sentences import EVALUATION, TRAIN, sentences
 
 #: Clips per split: full size, and --small for CI.
-SIZES = {"train": 960, "in-domain": 240, "retained": 240}
-SMALL_SIZES = {"train": 12, "in-domain": 6, "retained": 6}
+SIZES = {"train": 960, "in-domain": 240, "retained": 240, "retained-festival": 240}
+SMALL_SIZES = {"train": 12, "in-domain": 6, "retained": 6, "retained-festival": 6}
 #: Clips shorter or longer than this are re-spoken at another speed.
 SECONDS = (2.0, 5.0)
 
@@ -39,6 +42,9 @@ ESPEAK_PITCH = (35, 65)
 # 14 % and 18 %).
 FLITE_VOICES = ("slt", "awb", "rms")
 FLITE_SPEED = (0.9, 1.1)
+# festival voices: two diphone voices (American English, male) and one HTS voice (female).
+FESTIVAL_VOICES = ("kal_diphone", "ked_diphone", "cmu_us_slt_arctic_hts")
+FESTIVAL_SPEED = (0.9, 1.1)
 
 
 def _voices(
@@ -55,16 +61,26 @@ def _voices(
 def corpus_plan(seed: int, sizes: Dict[str, int]) -> Dict[str, List[ClipSpec]]:
     """Which sentence each clip says and with which voice; a pure function of the seed and the sizes."""
     train_text = sentences(TRAIN, sizes["train"], seed)
-    evaluation_text = sentences(EVALUATION, sizes["in-domain"] + sizes["retained"], seed)
+    # One draw for every evaluation split (a prefix does not depend on how many follow): no sentence in two splits.
+    evaluation_text = sentences(EVALUATION, sizes["in-domain"] + sizes["retained"] + sizes["retained-festival"], seed)
     in_domain_text = evaluation_text[: sizes["in-domain"]]
-    retained_text = evaluation_text[sizes["in-domain"] :]
+    retained_text = evaluation_text[sizes["in-domain"] : sizes["in-domain"] + sizes["retained"]]
+    festival_text = evaluation_text[sizes["in-domain"] + sizes["retained"] :]
     rng = random.Random(f"voices:{seed}")
     voices = {
         "train": _voices("espeak-ng", ESPEAK_VOICES, ESPEAK_SPEED, ESPEAK_PITCH, sizes["train"], rng),
         "in-domain": _voices("espeak-ng", ESPEAK_VOICES, ESPEAK_SPEED, ESPEAK_PITCH, sizes["in-domain"], rng),
         "retained": _voices("flite", FLITE_VOICES, FLITE_SPEED, None, sizes["retained"], rng),
+        "retained-festival": _voices(
+            "festival", FESTIVAL_VOICES, FESTIVAL_SPEED, None, sizes["retained-festival"], rng
+        ),
     }
-    texts = {"train": train_text, "in-domain": in_domain_text, "retained": retained_text}
+    texts = {
+        "train": train_text,
+        "in-domain": in_domain_text,
+        "retained": retained_text,
+        "retained-festival": festival_text,
+    }
     return {
         split: [
             ClipSpec(f"{split}-{index:04d}", text, voice)

@@ -1,4 +1,5 @@
-"""Synthetic speech corpora: text spoken by Debian's ``espeak-ng`` and ``flite``, written as 16 kHz mono FLAC.
+"""Synthetic speech corpora: text spoken by Debian's ``espeak-ng``, ``flite`` and ``festival``, written as 16 kHz mono
+FLAC.
 
 A corpus is a directory with one folder and one JSONL manifest per split::
 
@@ -28,7 +29,9 @@ import soundfile as sf
 import soxr
 
 SAMPLE_RATE = 16000
-ENGINES = ("espeak-ng", "flite")
+ENGINES = ("espeak-ng", "flite", "festival")
+#: The Debian package of each engine's program (festival's is ``text2wave``).
+PROGRAMS = {"espeak-ng": "espeak-ng", "flite": "flite", "festival": "text2wave"}
 #: espeak-ng's default speaking rate in words per minute (``speed`` 1.0).
 ESPEAK_DEFAULT_WPM = 175
 
@@ -37,12 +40,14 @@ ESPEAK_DEFAULT_WPM = 175
 class Voice:
     """How a clip is spoken.
 
-    engine: ``espeak-ng`` or ``flite``.
-    name: an espeak-ng voice with optional variant (``en-us``, ``en+f3``) or a flite voice (``slt``, ``awb``,
-        ``rms``, ``kal16``).
-    speed: relative speaking rate; espeak-ng speaks ``175 * speed`` words per minute, flite stretches durations by
-        ``1 / speed``.
-    pitch: espeak-ng's pitch (0-99, default 50), or flite's mean F0 in Hz; None keeps the voice's default.
+    engine: ``espeak-ng``, ``flite`` or ``festival``.
+    name: an espeak-ng voice with optional variant (``en-us``, ``en+f3``), a flite voice (``slt``, ``awb``,
+        ``rms``, ``kal16``) or a festival voice (``kal_diphone``, ``ked_diphone``, ``cmu_us_slt_arctic_hts``: Debian's
+        ``festvox-kallpc16k``, ``festvox-kdlpc16k``, ``festvox-us-slt-hts``).
+    speed: relative speaking rate; espeak-ng speaks ``175 * speed`` words per minute, flite and festival stretch
+        durations by ``1 / speed``.
+    pitch: espeak-ng's pitch (0-99, default 50), or flite's mean F0 in Hz; None keeps the voice's default (festival
+        voices take none).
     """
 
     engine: str
@@ -63,10 +68,17 @@ class Voice:
             if self.pitch is not None:
                 command += ["-p", str(self.pitch)]
             return command + ["--", text]
+        if self.engine == "festival":  # reads the text on stdin (`stdin`)
+            stretch = f"(Parameter.set 'Duration_Stretch {1 / self.speed:.4f})"
+            return ["text2wave", "-eval", f"(voice_{self.name})", "-eval", stretch, "-o", wav_path]
         command = ["flite", "-voice", self.name, "--setf", f"duration_stretch={1 / self.speed:.4f}"]
         if self.pitch is not None:
             command += ["--setf", f"int_f0_target_mean={self.pitch}"]
         return command + ["-t", text, "-o", wav_path]
+
+    def stdin(self, text: str) -> Optional[str]:
+        """What the synthesiser reads on its standard input (festival's text), or None."""
+        return text if self.engine == "festival" else None
 
 
 @dataclass(frozen=True)
@@ -87,10 +99,9 @@ def synthesize(text: str, voice: Voice) -> np.ndarray:
         wav_path = os.path.join(tmp, "speech.wav")
         command = voice.command(text, wav_path)
         try:
-            completed = subprocess.run(command, capture_output=True, text=True, check=False)
+            completed = subprocess.run(command, input=voice.stdin(text), capture_output=True, text=True, check=False)
         except FileNotFoundError:
-            tool = command[0]
-            raise RuntimeError(f"speech engine {tool!r} is not installed (apt-get install {tool})") from None
+            raise RuntimeError(_not_installed(voice.engine)) from None
         if completed.returncode != 0 or not os.path.exists(wav_path):
             reason = " ".join(completed.stderr.split()) or f"exit status {completed.returncode}"
             raise RuntimeError(f"{voice.engine} voice {voice.name!r} failed on {text!r}: {reason}")
@@ -128,16 +139,21 @@ def synthesize_within(
 
 @functools.cache
 def _installed_voices(engine: str) -> Tuple[frozenset, frozenset]:
-    """(voices, espeak-ng variants) the engine knows; both synthesisers silently fall back to a default voice when
-    given an unknown name, so names are checked against these lists first."""
+    """(voices, espeak-ng variants) the engine knows; espeak-ng and flite silently fall back to a default voice when
+    given an unknown name, and festival fails with exit status 0, so names are checked against these lists first."""
     try:
+        if engine == "festival":
+            output = subprocess.run(
+                ["festival", "--pipe"], input="(print (voice.list))", capture_output=True, text=True, check=False
+            ).stdout
+            return frozenset(output.strip().strip("()").split()), frozenset()
         if engine == "flite":
             output = subprocess.run(["flite", "-lv"], capture_output=True, text=True, check=False).stdout
             return frozenset(output.split(":", 1)[-1].split()), frozenset()
         voices = subprocess.run(["espeak-ng", "--voices"], capture_output=True, text=True, check=False).stdout
         variants = subprocess.run(["espeak-ng", "--voices=variant"], capture_output=True, text=True, check=False).stdout
     except FileNotFoundError:
-        raise RuntimeError(f"speech engine {engine!r} is not installed (apt-get install {engine})") from None
+        raise RuntimeError(_not_installed(engine)) from None
     names = set()
     for line in voices.splitlines()[1:]:
         columns = line.split()
@@ -151,11 +167,18 @@ def check_voice(voice: Voice) -> None:
     """Raise ValueError when the engine does not know the voice (or espeak-ng the variant after ``+``)."""
     names, variants = _installed_voices(voice.engine)
     name, _, variant = voice.name.partition("+")
-    listing = "flite -lv" if voice.engine == "flite" else "espeak-ng --voices"
+    listing = {"flite": "flite -lv", "festival": "echo '(print (voice.list))' | festival --pipe"}.get(
+        voice.engine, "espeak-ng --voices"
+    )
     if name not in names:
         raise ValueError(f"{voice.engine} has no voice {name!r} (see `{listing}`)")
     if variant and variant not in variants:
         raise ValueError(f"espeak-ng has no voice variant {variant!r} (see `espeak-ng --voices=variant`)")
+
+
+def _not_installed(engine: str) -> str:
+    package = "festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts" if engine == "festival" else engine
+    return f"speech engine {engine!r} is not installed (apt-get install {package})"
 
 
 def _synthesize_clip(job: "tuple[ClipSpec, str, str, Optional[Tuple[float, float]]]") -> dict:
@@ -180,9 +203,9 @@ def _synthesize_clip(job: "tuple[ClipSpec, str, str, Optional[Tuple[float, float
 
 
 def tool_versions() -> Dict[str, str]:
-    """First line of ``espeak-ng --version`` and the version line of ``flite --version`` (the audio depends on them)."""
+    """The version line of each engine's ``--version`` (the audio depends on them)."""
     versions = {}
-    for tool in ENGINES:
+    for tool in ("espeak-ng", "flite", "festival"):
         try:
             output = subprocess.run([tool, "--version"], capture_output=True, text=True, check=False).stdout
         except FileNotFoundError:

@@ -34,7 +34,7 @@ MOVED = {
             "training.loop",
             "training.command",
             "training.optim",
-            "training.validation",
+            "evaluation.evaluate",
             "training.state",
         ],
         [

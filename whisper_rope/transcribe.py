@@ -329,8 +329,8 @@ class TranscribeOptions:
     unpadded: Optional[bool] = field(
         default=None,
         metadata=option(
-            "encode only the real frames of each window (rotary-only encoders); default: on for checkpoints "
-            "fine-tuned unpadded, else off"
+            "encode only the real frames of each window (an encoder with a sinusoid table adds its rows 0..n-1: the "
+            "sliced table); default: on for checkpoints fine-tuned unpadded, else off"
         ),
     )
 

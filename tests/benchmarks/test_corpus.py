@@ -12,14 +12,18 @@ import soundfile as sf
 from benchmarks.corpus import ClipSpec, Voice, build_corpus, synthesize_within
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-SPLITS = ("train", "in-domain", "retained")
+SPLITS = ("train", "in-domain", "retained", "retained-festival")
+ENGINE_OF = {"train": "espeak-ng", "in-domain": "espeak-ng", "retained": "flite", "retained-festival": "festival"}
 
 
 @pytest.fixture(autouse=True)
 def _tts_engines():
-    """These tests synthesise speech: a missing engine is a failure (CI installs both), never a silent skip."""
-    missing = [tool for tool in ("espeak-ng", "flite") if shutil.which(tool) is None]
-    assert not missing, f"needs Debian's {' and '.join(missing)} (apt-get install espeak-ng flite)"
+    """These tests synthesise speech: a missing engine is a failure (CI installs them), never a silent skip."""
+    missing = [tool for tool in ("espeak-ng", "flite", "text2wave") if shutil.which(tool) is None]
+    assert not missing, (
+        f"needs {' and '.join(missing)} (apt-get install espeak-ng flite festival festvox-kallpc16k "
+        "festvox-kdlpc16k festvox-us-slt-hts)"
+    )
 
 
 def _benchmark_module(name: str, monkeypatch: pytest.MonkeyPatch):
@@ -58,20 +62,20 @@ def test_same_seed_gives_identical_manifests_and_audio(small_corpus, tmp_path, m
     _build(tmp_path / "again", 1, monkeypatch)
     _build(tmp_path / "other", 2, monkeypatch)
     first = _fingerprint(small_corpus)
-    assert len(first) == 3 + 12 + 6 + 6
+    assert len(first) == 4 + 12 + 6 + 6 + 6
     assert _fingerprint(tmp_path / "again") == first
     other = _fingerprint(tmp_path / "other")
     assert other.keys() == first.keys()
     assert all(other[f"{split}.jsonl"] != first[f"{split}.jsonl"] for split in SPLITS)
-    assert sum(other[name] != first[name] for name in first if name.endswith(".flac")) == 24
+    assert sum(other[name] != first[name] for name in first if name.endswith(".flac")) == 30
 
 
 def test_small_corpus_layout_voices_and_durations(small_corpus):
-    sizes = {"train": 12, "in-domain": 6, "retained": 6}
+    sizes = {"train": 12, "in-domain": 6, "retained": 6, "retained-festival": 6}
     for split in SPLITS:
         rows = _rows(small_corpus, split)
         assert len(rows) == sizes[split]
-        assert {row["engine"] for row in rows} == ({"flite"} if split == "retained" else {"espeak-ng"})
+        assert {row["engine"] for row in rows} == {ENGINE_OF[split]}
         for row in rows:
             info = sf.info(small_corpus / row["audio"])
             assert (info.format, info.subtype, info.samplerate, info.channels) == ("FLAC", "PCM_16", 16000, 1)
@@ -109,8 +113,10 @@ def test_long_sentence_is_respoken_faster_to_fit_the_range():
 
 
 def test_bad_inputs_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="unknown speech engine 'festival'"):
-        Voice("festival", "kal")
+    with pytest.raises(ValueError, match="unknown speech engine 'say'"):
+        Voice("say", "Alex")
+    with pytest.raises(ValueError, match="festival has no voice 'no_such_voice'"):
+        build_corpus(tmp_path / "bad", {"test": [ClipSpec("a", "Hi.", Voice("festival", "no_such_voice"))]})
     clip = ClipSpec("a", "Hello there.", Voice("flite", "slt"))
     with pytest.raises(ValueError, match="repeated clip ids"):
         build_corpus(tmp_path, {"test": [clip, clip]}, progress=False)

@@ -137,7 +137,6 @@ def test_cli_end_to_end_on_the_speech_fixtures(tmp_path, capsys):
     "extra, message",
     [
         (["--variant", "rotary/nonsense"], "rotary/nonsense"),
-        (["--unpadded"], "unpadded encoding needs an encoder without an absolute table"),
         (["--normalizer", "english", "--batch-size", "0"], "batch_size must be at least 1"),
     ],
 )

@@ -151,7 +151,8 @@ def _evaluation_options(config: CompareConfig, unpadded: bool) -> EvaluationOpti
 
 
 def _decodings(model) -> List[Tuple[str, bool]]:
-    """padded always; unpadded too for encoders without an absolute table."""
+    """padded always; unpadded too when the encoder takes it as loaded (no absolute table, or trained unpadded with
+    its table sliced)."""
     return [("padded", False)] + ([("unpadded", True)] if not model.encoder.needs_full_window else [])
 
 

@@ -299,7 +299,7 @@ class _UnpaddedMode:
         if self.unpadded != self.saved:
             if not isinstance(self.model, WhisperRope):
                 raise ValueError(
-                    "unpadded decoding needs a whisper_rope model with an encoder without an absolute table"
+                    "unpadded decoding needs a whisper_rope model (upstream's encoder takes only 30-s windows)"
                 )
             self.model.unpadded = self.unpadded
 
@@ -356,7 +356,10 @@ def _dataset(model: Whisper, data: Any, options: EvaluationOptions, unpadded: bo
         raise DataError(f"manifest {manifest.source!r} is empty: it lists no audio")
     manifest = check_audio(manifest, strict=strict)
     spec = TokenizerSpec.for_model(model, language=options.language)
-    dataset = SpeechDataset(manifest, spec, model.dims.n_mels, pad_30s=not unpadded, strict=strict, require_text=False)
+    margin = getattr(model, "unpadded_margin", 0) if unpadded else 0
+    dataset = SpeechDataset(
+        manifest, spec, model.dims.n_mels, pad_30s=not unpadded, strict=strict, require_text=False, margin=margin
+    )
     if not len(dataset):
         shown = "; ".join(str(problem) for problem in dataset.problems[:3])
         raise DataError(f"manifest {manifest.source!r} has no usable rows ({shown})")

@@ -252,6 +252,7 @@ def load_model(
     rotary_theta: Optional[float] = None,
     gated_rotary: Optional[bool] = None,
     unpadded: Optional[bool] = None,
+    unpadded_margin: Optional[int] = None,
 ) -> WhisperRope:
     """Load pretrained or fine-tuned weights into a positional variant.
 
@@ -263,8 +264,13 @@ def load_model(
         device: where to put the model (default: CUDA if available, else CPU).
         download_root: upstream's download/cache directory (default ``~/.cache/whisper``).
         in_memory: read the checkpoint file into memory before loading (as upstream).
-        rotary_theta, gated_rotary, unpadded: rotary options; None keeps the checkpoint's (default 10000, False,
-            False).
+        rotary_theta, gated_rotary, unpadded, unpadded_margin: rotary and input options; None keeps the
+            checkpoint's (default 10000, False, False, 0). ``unpadded`` encodes each clip's own frames (an encoder
+            with a sinusoid table adds its rows 0..n-1: the sliced table); ``unpadded_margin`` keeps that many
+            positions of padding after them.
+
+    Loading a checkpoint into positions it never learned (a hard swap to RoPE, a table it did not have, unpadded
+    input it was not fine-tuned for) logs one warning saying so and how to fine-tune it first.
 
     Returns a `WhisperRope` (an instance of `whisper.model.Whisper`) with ``load_report`` set.
     """
@@ -285,22 +291,49 @@ def load_model(
     _set_alignment_heads(model, heads)
     _restore_table_scales(model, stored_options.get("table_scale"), parse_variant(stored_variant), source)
     trained_unpadded = bool(stored_options.get("unpadded", False))
-    if unpadded is None:
-        model.unpadded = trained_unpadded and not model.encoder.needs_full_window
-    else:
-        if unpadded and not trained_unpadded:
-            logger.warning(
-                "unpadded encoding requested, but checkpoint %s was not fine-tuned unpadded: expect worse accuracy "
-                "(Whisper learned to stop at the 30-s padding)",
-                source,
-            )
-        model.unpadded = unpadded
+    model.unpadded = trained_unpadded if unpadded is None else unpadded
+    model.unpadded_margin = int(
+        stored_options.get("unpadded_margin", 0) if unpadded_margin is None else unpadded_margin
+    )
+    _warn_untrained_positions(model, parse_variant(stored_variant), report, trained_unpadded, os.fspath(name_or_path))
     model.load_report = report
     logger.info("%s", report.summary())
     del checkpoint, state
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device)
+
+
+def _warn_untrained_positions(
+    model: WhisperRope, stored: Variant, report: LoadReport, trained_unpadded: bool, name: str
+) -> None:
+    """One warning when the model will read positions in a way its weights never learned, naming the fix for the
+    model the user named (``name``)."""
+    new_rotary = [
+        side
+        for side in ("encoder", "decoder")
+        if getattr(model.parsed_variant, side).rotary and not getattr(stored, side).rotary
+    ]
+    lost = [key for key in report.dropped + report.initialised if key.endswith("positional_embedding")]
+    if (new_rotary and not model.gated_rotary) or lost:
+        changed = ", ".join(sorted(set(new_rotary) | {key.split(".")[0] for key in lost}))
+        logger.warning(
+            "%s (%s) loaded as %s: its %s positions are untrained and it will transcribe poorly (often garbage) "
+            "until fine-tuned, e.g. `whisper-rope finetune --recipe unpadded-rotary --model %s --train AUDIO_FOLDER`",
+            name,
+            stored.name,
+            model.variant,
+            changed,
+            name,
+        )
+    elif model.unpadded and not trained_unpadded:
+        logger.warning(
+            "%s was not fine-tuned for unpadded input: expect loops and dropped words (Whisper learned to stop at the "
+            "30-s padding); adapt it with `whisper-rope finetune --recipe unpadded-sliced --model %s --train "
+            "AUDIO_FOLDER`",
+            name,
+            name,
+        )
 
 
 def _restore_table_scales(model: WhisperRope, scales: object, stored: Variant, source: str) -> None:
@@ -365,6 +398,13 @@ class LoadOptions:
     )
     device: str = field(default_factory=_default_device, metadata=option("PyTorch device to run on"))
     threads: int = field(default=0, metadata=option("torch CPU threads (0 keeps torch's default)"))
+    unpadded_margin: Optional[int] = field(
+        default=None,
+        metadata=option(
+            "padding positions (20 ms each) kept after each clip's real frames when decoding unpadded; default: the "
+            "checkpoint's (0)"
+        ),
+    )
 
     def load(self, name_or_path: PathLike, unpadded: Optional[bool] = None) -> WhisperRope:
         """`load_model` with these options; a bad variant is reported before any weights are looked for."""
@@ -379,4 +419,5 @@ class LoadOptions:
             download_root=self.model_dir,
             rotary_theta=self.rotary_theta,
             unpadded=unpadded,
+            unpadded_margin=self.unpadded_margin,
         )

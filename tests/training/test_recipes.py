@@ -1,0 +1,126 @@
+"""Recipes, the label-free one-command run, staged training, and defaults that cannot defeat themselves."""
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import whisper_rope
+from tests.conftest import FIXTURES, randomise_, small_dims
+from whisper_rope.training.command import add_finetune_arguments, config_from_args
+from whisper_rope.training.config import FinetuneConfig
+from whisper_rope.training.loop import finetune
+from whisper_rope.training.recipes import RECIPES
+from whisper_rope.training.report import final_evaluation
+from whisper_rope.training.transplant import rotary_gates
+
+SPEECH = FIXTURES / "speech"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    """A small random 'pretrained' model with upstream's scheme and a full 30-s encoder context."""
+    torch.manual_seed(3)
+    model = randomise_(whisper_rope.build_model(small_dims(n_audio_ctx=1500), "whisper"), std=0.05)
+    return whisper_rope.save_checkpoint(model, tmp_path_factory.mktemp("source") / "source.pt")
+
+
+def _audio_folder(tmp_path: Path) -> Path:
+    """The speech fixtures as a folder of untranscribed audio (no .txt beside them)."""
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    for clip in sorted(SPEECH.glob("*.flac")):
+        (folder / clip.name).symlink_to(clip)
+    return folder
+
+
+def _parse(argv):
+    return config_from_args(add_finetune_arguments(argparse.ArgumentParser()).parse_args(argv))
+
+
+def test_a_recipe_fills_what_the_command_line_leaves_open():
+    config = _parse(["--recipe", "unpadded-rotary", "--train", "x", "--steps", "7", "--no-transplant"])
+    assert config.steps == 7 and config.transplant is False  # given explicitly: they win
+    assert config.variant == "rotary/learned" and config.distill_only and config.ce_weight == 0.0  # the recipe's
+    assert config.recipe == "unpadded-rotary"
+    plain = _parse(["--train", "x"])
+    assert plain == FinetuneConfig(train="x").validate()  # no recipe: the dataclass defaults
+    assert FinetuneConfig.from_recipe("unpadded-sliced", train="x", lr=1e-6).validate().lr == 1e-6
+    for name, recipe in RECIPES.items():
+        FinetuneConfig.from_recipe(name, train="x").validate()
+        assert recipe.summary and name in add_finetune_arguments(argparse.ArgumentParser()).format_help()
+
+
+def test_the_label_free_recipe_turns_a_folder_of_audio_into_a_loadable_unpadded_rotary_model(tmp_path, source):
+    config = FinetuneConfig.from_recipe(
+        "unpadded-rotary", model=str(source), train=str(_audio_folder(tmp_path)), output=str(tmp_path / "run"),
+        steps=4, batch_size=2, transplant_anneal_steps=2, warmup_steps=1, eval_holdout=2, num_workers=0,
+        progress=False, device="cpu", teacher_cache=str(tmp_path / "cache"),
+    )  # fmt: skip
+    result = finetune(config=config)
+    assert result.model.variant == "rotary/learned" and result.model.unpadded
+    loaded = whisper_rope.load_model(result.model_path, device="cpu")
+    assert loaded.variant == "rotary/learned" and loaded.unpadded and not loaded.gated_rotary
+    records = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["event"] == "train"]
+    assert {"decoder_layers", "encoder_output"} <= set(train[0]) and train[0]["decoder_layers"] > 0
+    assert [r["finished"] for r in records if r["event"] == "transplant"] == [True]
+    holdout = [json.loads(line) for line in (tmp_path / "run" / "holdout.jsonl").read_text().splitlines()]
+    trained_on = (tmp_path / "run" / "train-without-holdout.jsonl").read_text().splitlines()
+    assert len(holdout) == 2 and len(trained_on) == len(list(SPEECH.glob("*.flac"))) - 2
+    assert all("text" in row for row in holdout)  # the teacher's transcripts are the references
+    table = final_evaluation(result, config, progress=False)
+    assert "| fine-tuned | rotary/learned | unpadded |" in table and "teacher's 30-s transcripts" in table
+    assert (tmp_path / "run" / "final_evaluation.md").read_text().strip() == table.strip()
+
+
+def test_staged_training_moves_only_the_positional_path_first(tmp_path, source):
+    folder = _audio_folder(tmp_path)
+    model = whisper_rope.load_model(source, variant="rotary/learned", device="cpu")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = FinetuneConfig(
+        model=str(source), train=str(folder), output=str(tmp_path / "run"), steps=2, stage_steps=2, batch_size=2,
+        lr=1e-3, distill_only=True, num_workers=0, progress=False, device="cpu", teacher_cache=str(tmp_path / "c"),
+    )  # fmt: skip
+    trained = finetune(model, config=config).model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], trained[k])}
+    assert changed and all(
+        (".attn.query." in k or ".attn.key." in k or k == "decoder.positional_embedding") for k in changed
+    )
+    assert any(k.startswith("encoder.") for k in changed) and any(k.startswith("decoder.") for k in changed)
+
+
+def test_a_default_transplant_ends_with_open_gates_and_no_tables(tmp_path, source):
+    manifest = tmp_path / "clips.jsonl"
+    rows = [json.loads(line) for line in (SPEECH / "manifest.jsonl").read_text().splitlines()][:2]
+    manifest.write_text("".join(json.dumps({**r, "audio": str(SPEECH / r["audio"])}) + "\n" for r in rows))
+    config = FinetuneConfig(
+        model=str(source), train=str(manifest), output=str(tmp_path / "run"), transplant=True, steps=4, batch_size=2,
+        num_workers=0, progress=False, device="cpu",
+    )  # fmt: skip
+    model = whisper_rope.load_model(source, variant="rotary+sinusoidal/rotary+learned", gated_rotary=True)
+    hybrid = finetune(model, config=config)
+    assert hybrid.model.variant == "rotary/rotary"  # finalised: every gate reached 1 as the tables reached 0
+    assert all(float(g.min()) == 1.0 for g in rotary_gates(model))
+
+
+def test_settings_that_defeat_themselves_are_warned_about():
+    assert FinetuneConfig(train="x", steps=20).effective_warmup == 2  # the README's 20-step run reaches its lr
+    config = FinetuneConfig(train="x", steps=20, warmup_steps=50, transplant=True, transplant_gates="learned")
+    messages = config.self_defeating()
+    assert any("reaches only 40 % of --lr" in m for m in messages)
+    assert any("ends with no position information" in m for m in messages)
+    with pytest.raises(ValueError, match="leaves nothing to learn"):
+        FinetuneConfig(train="x", ce_weight=0.0).validate()
+    with pytest.raises(ValueError, match="--stage-policy"):
+        FinetuneConfig(train="x", stage_policy="(").validate()
