@@ -182,7 +182,7 @@ def test_unpadded_option_is_stored_and_warns_for_checkpoints_not_trained_unpadde
     assert not loaded.unpadded and not warnings
     loaded, warnings = _load_rotary_checkpoint(tmp_path, False, caplog, unpadded=True)
     assert loaded.unpadded
-    assert len(warnings) == 1 and "was not fine-tuned unpadded" in warnings[0]
+    assert len(warnings) == 1 and "was not fine-tuned for unpadded input" in warnings[0]
 
 
 # Batched decoding ------------------------------------------------------------------------------------------------
