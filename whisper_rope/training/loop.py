@@ -103,25 +103,26 @@ class FinetuneResult:
 
 @dataclass
 class RunState:
-    """What the steps of one run share. ``step`` counts finished optimizer steps, ``position`` consumed batches."""
+    """What the steps of one run share, filled in by `_setup` in this order. ``step`` counts finished optimizer
+    steps, ``position`` consumed batches."""
 
     config: FinetuneConfig
     context: DistributedContext
     output: Path
-    train: Any
-    eval: Any
-    model: WhisperRope
-    objective: Objective
-    schedule: Optional[TransplantSchedule]
-    cache: Optional[TeacherCache]
-    teacher_embedding: Optional[Tensor]
-    pipeline: Pipeline
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    scaler: torch.amp.GradScaler
-    autocast_dtype: Optional[torch.dtype]
     log: TrainingLog
-    student: nn.Module = None
+    train: Any = None
+    eval: Any = None
+    schedule: Optional[TransplantSchedule] = None
+    model: Optional[WhisperRope] = None
+    objective: Optional[Objective] = None
+    cache: Optional[TeacherCache] = None
+    teacher_embedding: Optional[Tensor] = None
+    pipeline: Optional[Pipeline] = None
+    optimizer: Optional[torch.optim.Optimizer] = None
+    scheduler: Any = None
+    scaler: Optional[torch.amp.GradScaler] = None
+    autocast_dtype: Optional[torch.dtype] = None
+    student: Optional[nn.Module] = None
     staged: Optional[bool] = None  # whether --stage-policy alone trains (None before the first step)
     step: int = 0
     position: int = 0
@@ -220,51 +221,40 @@ def _setup(model, train, eval, config: FinetuneConfig, teacher, context: Distrib
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
     output = _prepare_output(config, context)
+    run = RunState(config, context, output, TrainingLog(output / LOG_FILE if context.is_main else None))
     for message in config.self_defeating():
         logger.warning("%s", message)
-    schedule = _transplant_schedule(config)
-    model = _student_model(model, config, schedule).to(context.device)
-    resumed_from = resolve_resume(config.resume or output) if config.resume is not None else None
-    state = read_training_state(resumed_from / STATE_FILE) if resumed_from is not None else None
-    if schedule is not None:
-        apply_schedule(model, schedule, int(state["step"]) if state else 0)
-    unpadded = _starts_unpadded(model, config, schedule, state)
-    model.unpadded, model.unpadded_margin = unpadded, config.unpadded_margin
-    objective = _objective(config)
-    cache, embedding = _teacher(config, teacher, objective, eval, context.device)
-    train, eval = _holdout_split(config, train, eval, cache, output, context)
-    if not _learns_from_teacher(config, objective):
-        cache = None
-    pipeline = build_pipeline(model, train, eval, config, unpadded, cache, context, config.progress)
-    select_trainable(model, config.train_policy)
-    optimizer = build_optimizer(model, config.lr, config.weight_decay, config.lr_positional)
-    autocast_dtype, use_scaler = precision(config.precision, context.device)
-    run = RunState(
-        config=config,
-        context=context,
-        output=output,
-        train=train,
-        eval=eval,
-        model=model,
-        objective=objective,
-        schedule=schedule,
-        cache=cache,
-        teacher_embedding=embedding,
-        pipeline=pipeline,
-        optimizer=optimizer,
-        scheduler=lr_scheduler(optimizer, config.effective_warmup, config.steps, config.schedule),
-        scaler=torch.amp.GradScaler(context.device.type, enabled=use_scaler),
-        autocast_dtype=autocast_dtype,
-        log=TrainingLog(output / LOG_FILE if context.is_main else None),
-        resumed_from=resumed_from,
-    )
+    run.schedule = _transplant_schedule(config)
+    run.model = _student_model(model, config, run.schedule).to(context.device)
+    run.resumed_from = resolve_resume(config.resume or output) if config.resume is not None else None
+    state = read_training_state(run.resumed_from / STATE_FILE) if run.resumed_from is not None else None
+    if run.schedule is not None:
+        apply_schedule(run.model, run.schedule, int(state["step"]) if state else 0)
+    unpadded = _starts_unpadded(run.model, config, run.schedule, state)
+    run.model.unpadded, run.model.unpadded_margin = unpadded, config.unpadded_margin
+    run.objective = _objective(config)
+    cache, run.teacher_embedding = _teacher(config, teacher, run.objective, eval, context.device)
+    run.train, run.eval = _holdout_split(config, train, eval, cache, output, context)
+    run.cache = cache if _learns_from_teacher(config, run.objective) else None
+    run.pipeline = build_pipeline(run.model, run.train, run.eval, config, unpadded, run.cache, context, config.progress)
+    _optimisation(run)
     if state is not None:
         _resume(run, state)
-    run.position, run.last_saved = pipeline.sampler.position, resumed_from
-    run.last_save_step = run.step if resumed_from else None
+    run.position, run.last_saved = run.pipeline.sampler.position, run.resumed_from
+    run.last_save_step = run.step if run.resumed_from else None
     run.window = _new_window()
     _log_start(run)
     return run
+
+
+def _optimisation(run: RunState) -> None:
+    """Trainable parameters, AdamW (a group per learning rate and decay), the schedule, and the precision."""
+    config, model = run.config, run.model
+    select_trainable(model, config.train_policy)
+    run.optimizer = build_optimizer(model, config.lr, config.weight_decay, config.lr_positional)
+    run.scheduler = lr_scheduler(run.optimizer, config.effective_warmup, config.steps, config.schedule)
+    run.autocast_dtype, use_scaler = precision(config.precision, run.device)
+    run.scaler = torch.amp.GradScaler(run.device.type, enabled=use_scaler)
 
 
 def _prepare_output(config: FinetuneConfig, context: DistributedContext) -> Path:
@@ -667,20 +657,21 @@ def _finish(run: RunState) -> FinetuneResult:
         plot_curves(run.output / LOG_FILE, run.output / CURVES_FILE)
     run.context.barrier()
     eval_set = run.pipeline.eval_set
+    skipped = {
+        "train": [str(p) for p in run.pipeline.problems],
+        "eval": [str(p) for p in eval_set.problems] if eval_set else [],
+    }
     return FinetuneResult(
-        model=model,
-        steps=run.step,
-        output=run.output,
-        model_path=model_path,
-        checkpoint=run.last_saved,
-        final_loss=run.final_loss,
-        best_wer=run.best_wer,
-        best_step=run.best_step,
-        history=run.log.records,
-        skipped_rows={
-            "train": [str(p) for p in run.pipeline.problems],
-            "eval": [str(p) for p in eval_set.problems] if eval_set else [],
-        },
+        model,
+        run.step,
+        run.output,
+        model_path,
+        run.last_saved,
+        run.final_loss,
+        run.best_wer,
+        run.best_step,
+        run.log.records,
+        skipped,
     )
 
 
