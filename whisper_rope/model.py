@@ -279,6 +279,8 @@ class PositionalTextDecoder(TextDecoder):
             for _ in range(dims.n_text_layer)
         )
         self.table_scale = 1.0
+        # None: logits through the tied fp32 embedding, as upstream. compute_type.quantize_int8 sets a module.
+        self.output_projection: Optional[nn.Module] = None
 
     @property
     def has_table(self) -> bool:
@@ -309,7 +311,10 @@ class PositionalTextDecoder(TextDecoder):
         return self.ln(h)
 
     def logits(self, hidden: Tensor) -> Tensor:
-        """(b, n_tokens, n_text_state) -> (b, n_tokens, n_vocab) fp32, through the tied token embedding."""
+        """(b, n_tokens, n_text_state) -> (b, n_tokens, n_vocab) fp32, through the tied token embedding (or its
+        quantised copy, ``output_projection``, set by compute_type.py)."""
+        if self.output_projection is not None:
+            return self.output_projection(hidden).float()
         return (hidden @ self.token_embedding.weight.to(hidden.dtype).transpose(0, 1)).float()
 
 
@@ -344,6 +349,7 @@ class WhisperRope(Whisper):
         self.rotary_theta = float(rotary_theta)
         self.gated_rotary = bool(gated_rotary and parsed.uses_rotary)
         self.load_report = None
+        self.compute_type = "float32"  # "int8" once compute_type.quantize_int8 has run
 
     @property
     def variant(self) -> str:

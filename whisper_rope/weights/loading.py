@@ -29,6 +29,7 @@ from whisper.model import ModelDimensions
 
 from .. import version
 from ..atomic import atomic_torch_save
+from ..compute_type import apply_compute_type, resolve_compute_type
 from ..errors import CheckpointError, ModelNotFoundError, PathLike, first_line
 from ..model import DEFAULT_ROTARY_THETA, WhisperRope
 from ..options import option
@@ -253,6 +254,7 @@ def load_model(
     gated_rotary: Optional[bool] = None,
     unpadded: Optional[bool] = None,
     unpadded_margin: Optional[int] = None,
+    compute_type: str = "default",
 ) -> WhisperRope:
     """Load pretrained or fine-tuned weights into a positional variant.
 
@@ -268,12 +270,18 @@ def load_model(
             checkpoint's (default 10000, False, False, 0). ``unpadded`` encodes each clip's own frames (an encoder
             with a sinusoid table adds its rows 0..n-1: the sliced table); ``unpadded_margin`` keeps that many
             positions of padding after them.
+        compute_type: faster-whisper's names: ``default``/``float32`` (upstream's numerics), ``int8``/``int8_float32``
+            (int8 Linear layers and output projection, CPU), ``auto`` (int8 on the CPU); see `compute_type.py`.
+            An unsupported name or device is refused before any weights are read.
 
     Loading a checkpoint into positions it never learned (a hard swap to RoPE, a table it did not have, unpadded
     input it was not fine-tuned for) logs one warning saying so and how to fine-tune it first.
 
     Returns a `WhisperRope` (an instance of `whisper.model.Whisper`) with ``load_report`` set.
     """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolve_compute_type(compute_type, device)
     checkpoint, heads, source = resolve_checkpoint(name_or_path, download_root, in_memory)
     stored_variant = checkpoint.get("variant", UPSTREAM_VARIANT)
     if not isinstance(stored_variant, str):
@@ -299,9 +307,7 @@ def load_model(
     model.load_report = report
     logger.info("%s", report.summary())
     del checkpoint, state
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return model.to(device)
+    return apply_compute_type(model.to(device), compute_type)
 
 
 def _warn_untrained_positions(
@@ -352,6 +358,11 @@ def _restore_table_scales(model: WhisperRope, scales: object, stored: Variant, s
 
 def checkpoint_dict(model: WhisperRope) -> dict:
     """The checkpoint dict of docs/design.md invariant 7, with CPU tensors."""
+    if model.compute_type != "float32":
+        raise ValueError(
+            f"a model running in compute_type {model.compute_type!r} holds no float32 weights to save; "
+            "save the model as loaded, before apply_compute_type"
+        )
     return {
         "dims": asdict(model.dims),
         "model_state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -405,6 +416,13 @@ class LoadOptions:
             "checkpoint's (0)"
         ),
     )
+    compute_type: str = field(
+        default="default",
+        metadata=option(
+            "faster-whisper's names: default/float32 (upstream's numerics), int8/int8_float32 (int8 Linear layers and "
+            "output projection, CPU only), auto (int8 on the CPU); other names are refused"
+        ),
+    )
 
     def load(self, name_or_path: PathLike, unpadded: Optional[bool] = None) -> WhisperRope:
         """`load_model` with these options; a bad variant is reported before any weights are looked for."""
@@ -420,4 +438,5 @@ class LoadOptions:
             rotary_theta=self.rotary_theta,
             unpadded=unpadded,
             unpadded_margin=self.unpadded_margin,
+            compute_type=self.compute_type,
         )

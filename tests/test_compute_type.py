@@ -1,0 +1,111 @@
+"""Compute types: int8 Linear layers and output projection for every variant, refusals in one line."""
+
+import copy
+
+import pytest
+import torch
+import whisper
+from torch import nn
+from whisper.normalizers import EnglishTextNormalizer
+
+import whisper_rope
+from whisper_rope import cli
+from whisper_rope.audio import load_audio
+from whisper_rope.compute_type import Int8Linear, apply_compute_type, quantize_int8, resolve_compute_type
+
+from .conftest import FIXTURES, MIXED_VARIANTS, randomise_
+
+ALL_VARIANTS = whisper_rope.available_variants() + MIXED_VARIANTS
+
+
+def test_int8_linear_is_close_to_the_float_product():
+    linear = nn.Linear(96, 200)
+    x = torch.randn(7, 3, 96)
+    q = Int8Linear(linear.weight, linear.bias)
+    expected = linear(x).detach()
+    error = (q(x) - expected).abs().max().item()
+    # 8-bit weights and 7-bit activations: about 1 % of the output's range, far below it.
+    assert 0 < error < 0.02 * expected.abs().max().item()
+    assert q(x).shape == (7, 3, 200) and q.state_dict() == {}
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_int8_model_quantises_every_linear_and_the_output_projection(dims, variant):
+    model = randomise_(whisper_rope.build_model(dims, variant)).eval()
+    reference = copy.deepcopy(model)
+    mel = torch.randn(2, 80, 2 * dims.n_audio_ctx)
+    tokens = torch.randint(0, 50000, (2, 9))
+    with torch.no_grad():
+        expected = reference(mel, tokens)
+        quantize_int8(model)
+        got = model(mel, tokens)
+    assert not any(type(m) in (nn.Linear, whisper.model.Linear) for m in model.modules())
+    assert isinstance(model.decoder.output_projection, Int8Linear)
+    assert model.compute_type == "int8"
+    # Two random layers per side: int8 rounding leaves an error of 3-4 % of the logits' spread (measured), and
+    # changes something everywhere.
+    error = (got - expected).pow(2).mean().sqrt() / expected.std()
+    assert 0.005 < error < 0.06
+
+
+def test_int8_greedy_decoding_keeps_cached_steps_equal_to_a_full_forward(dims):
+    """The kv-cache hooks see the int8 key/value projections: a cached step equals the full forward's last position
+    (up to the per-call activation scale)."""
+    model = quantize_int8(randomise_(whisper_rope.build_model(dims, "rotary")).eval())
+    mel = torch.randn(1, 80, 2 * dims.n_audio_ctx)
+    tokens = torch.randint(0, 50000, (1, 8))
+    with torch.no_grad():
+        audio = model.embed_audio(mel)
+        full = model.decoder(tokens, audio)
+        cache, hooks = model.install_kv_cache_hooks()
+        steps = [model.decoder(tokens[:, :4], audio, kv_cache=cache)]
+        steps += [model.decoder(tokens[:, i : i + 1], audio, kv_cache=cache) for i in range(4, 8)]
+        for hook in hooks:
+            hook.remove()
+    error = (torch.cat(steps, dim=1) - full).pow(2).mean().sqrt() / full.std()
+    assert error < 0.06
+
+
+def test_real_tiny_en_in_int8_gives_the_float_transcripts():
+    model = whisper_rope.load_model("tiny.en", device="cpu", compute_type="int8")
+    normalise = EnglishTextNormalizer()
+    reference = whisper_rope.load_model("tiny.en", device="cpu")
+    for name in ("hello.flac", "speech/flite_kal.flac"):
+        audio = load_audio(FIXTURES / name)
+        got = model.transcribe(audio, fp16=False, temperature=0.0)["text"]
+        assert normalise(got) == normalise(reference.transcribe(audio, fp16=False, temperature=0.0)["text"])
+    assert normalise(got) != ""
+
+
+def test_names_follow_faster_whisper_and_unsupported_ones_are_refused_in_one_line():
+    assert resolve_compute_type("default", "cpu") == "float32"
+    assert resolve_compute_type("int8_float32", "cpu") == "int8"
+    assert resolve_compute_type("auto", "cpu") == "int8"
+    assert resolve_compute_type("auto", "cuda") == "float32"
+    for name, device, words in (
+        ("float16", "cpu", "fp16 decoding option"),
+        ("int8", "cuda", "CPU only"),
+        ("int8_bfloat16", "cpu", "not supported"),
+        ("fp8", "cpu", "unknown compute_type 'fp8'"),
+    ):
+        with pytest.raises(ValueError) as info:
+            resolve_compute_type(name, device)
+        assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_an_int8_model_cannot_be_saved_but_a_float_one_is_untouched(dims, tmp_path):
+    model = whisper_rope.build_model(dims, "whisper")
+    assert apply_compute_type(model, "float32") is model and model.compute_type == "float32"
+    whisper_rope.save_checkpoint(model, tmp_path / "float.pt")
+    quantize_int8(model)
+    with pytest.raises(ValueError, match="compute_type 'int8'"):
+        whisper_rope.save_checkpoint(model, tmp_path / "int8.pt")
+    assert not (tmp_path / "int8.pt").exists()
+
+
+def test_cli_refuses_an_unsupported_compute_type_before_loading_weights(capsys, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--model", str(tmp_path / "missing.pt"), "--device", "cpu", "--compute_type", "float16", "x.wav"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("whisper-rope: error: compute_type 'float16' is not supported") and "\n" not in err
