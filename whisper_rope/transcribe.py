@@ -5,8 +5,12 @@ temperature. `transcribe_many` computes those first decodes for a whole batch in
 upstream's `transcribe` on each clip with that call's result handed in: everything after it (temperature fallback,
 further windows, word timestamps, segments, the result dict) is upstream's own code, so a clip's result is what
 `transcribe` alone returns. A clip whose batched result fails the thresholds is re-decoded by `transcribe` itself at
-the next temperature, alone, as upstream does it; so are any later windows. Longer clips go through `transcribe`
-unchanged.
+the next temperature, alone, as upstream does it; so are any later windows.
+
+Recordings longer than 30 s are cut at pauses into speech chunks that are decoded in batches (`longform`): faster,
+but not upstream's window-by-window result (no chunk is conditioned on the previous one's text). Options only
+upstream's loop honours (``clip_timestamps``, ``hallucination_silence_threshold``) send them through upstream's
+`transcribe` instead.
 
 Batches are formed from clips sorted by length (within a read-ahead of a few batches, so that memory stays bounded
 however many files there are), so that an unpadded encoder (``model.unpadded``) encodes little padding;
@@ -25,7 +29,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 from torch import Tensor
-from whisper.audio import HOP_LENGTH, N_FRAMES
+from whisper.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES
 from whisper.decoding import DecodingOptions, DecodingResult
 from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE, get_tokenizer
 from whisper.transcribe import transcribe as upstream_transcribe
@@ -68,7 +72,8 @@ def transcribe_many(
     batch_size: int = 8,
     **transcribe_options: Any,
 ) -> List[dict]:
-    """Transcribe several clips, decoding the clips of at most 30 s in batches.
+    """Transcribe several clips, decoding the clips of at most 30 s in batches, and the speech chunks of longer
+    recordings in batches too (`longform.transcribe_chunked`).
 
     Args:
         model: a `WhisperRope` (any variant; an unpadded one batches clips of different lengths too).
@@ -94,11 +99,21 @@ def transcribe_many(
             waveform = load_audio(item) if isinstance(item, (str, os.PathLike)) else item
             clip = _first_window(model, index, waveform) if batchable else None
             if clip is None:
-                results[index] = upstream_transcribe(model, waveform, **transcribe_options)
+                results[index] = _transcribe_alone(model, waveform, batch_size, transcribe_options)
             else:
                 clips.append(clip)
         _transcribe_clips(model, clips, batch_size, transcribe_options, results)
     return results
+
+
+def _transcribe_alone(model: WhisperRope, audio: AudioInput, batch_size: int, options: Dict[str, Any]) -> dict:
+    """A clip that is not a single first window: longer than 30 s, batched speech chunks (`longform`) when its
+    options allow; otherwise (empty, or options only upstream's loop honours) upstream's `transcribe`."""
+    from .longform import supports, transcribe_chunked  # longform builds on this module's option helpers
+
+    if len(audio) > N_SAMPLES and supports(options):
+        return transcribe_chunked(model, audio, batch_size, **options)
+    return upstream_transcribe(model, audio, **options)
 
 
 def _transcribe_clips(
@@ -312,8 +327,9 @@ class TranscribeOptions:
     batch_size: int = field(
         default=1,
         metadata=option(
-            "decode up to this many files of at most 30 s together (same results as one by one; longer files are "
-            "transcribed alone)"
+            "decode up to this many files of at most 30 s together (same results as one by one), and cut longer "
+            "files at pauses (voice-activity detection) into chunks of at most 30 s decoded this many at a time "
+            "(faster; chunks are not conditioned on each other's text); 1: upstream's window-by-window loop"
         ),
     )
     clip_timestamps: str = field(

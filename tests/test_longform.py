@@ -1,0 +1,157 @@
+"""Batched long-form transcription: speech chunks from a real voice-activity detector, segments on the recording's
+timeline, every output format, unpadded encoders fed each chunk at its own length."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from whisper.audio import N_SAMPLES, SAMPLE_RATE
+from whisper.normalizers import EnglishTextNormalizer
+from whisper.tokenizer import get_tokenizer
+
+import whisper_rope
+from whisper_rope import cli
+from whisper_rope.audio import load_audio
+from whisper_rope.longform import split_at_timestamps, transcribe_chunked
+from whisper_rope.speech_chunks import SpeechChunk, pack_chunks, speech_spans
+from whisper_rope.transcribe import transcribe_many
+
+from .conftest import FIXTURES, small_dims
+
+SPEECH = FIXTURES / "speech"
+NAMES = ["flite_slt", "espeak_en", "flite_kal", "espeak_en_us", "flite_awb", "espeak_en_f3", "espeak_en_m3"] * 2
+normalise = EnglishTextNormalizer()
+
+
+def _recording(gap_s: float = 1.5):
+    """Fixtures separated by ``gap_s`` of silence (about 52 s): audio and each sentence's (start s, end s, text)."""
+    pieces, placed, position = [], [], 0
+    for name in NAMES:
+        audio = load_audio(SPEECH / f"{name}.flac")
+        placed.append(
+            (position / SAMPLE_RATE, (position + len(audio)) / SAMPLE_RATE, (SPEECH / f"{name}.txt").read_text())
+        )
+        pieces += [audio, np.zeros(int(gap_s * SAMPLE_RATE), dtype=np.float32)]
+        position += len(audio) + int(gap_s * SAMPLE_RATE)
+    return np.concatenate(pieces), placed
+
+
+def test_pack_chunks_keeps_every_span_in_order_within_30_seconds():
+    spans = [(0, 100_000), (150_000, 400_000), (420_000, 600_000), (700_000, 1_180_000), (1_200_000, 1_210_000)]
+    chunks = pack_chunks(spans)
+    assert [chunk.spans for chunk in chunks] == [
+        ((0, 100_000), (150_000, 400_000)),
+        ((420_000, 600_000),),
+        ((700_000, 1_180_000),),
+        ((1_200_000, 1_210_000),),
+    ]
+    assert all(chunk.n_samples <= N_SAMPLES for chunk in chunks)
+    with pytest.raises(ValueError, match="longer than 480000 samples"):
+        pack_chunks([(0, N_SAMPLES + 1)])
+
+
+def test_chunk_times_map_back_to_the_recording_across_seams():
+    chunk = SpeechChunk(((16_000, 48_000), (80_000, 96_000)))  # 1-3 s and 5-6 s of the recording
+    assert chunk.duration == 3.0
+    assert chunk.recording_time(0.0) == 1.0
+    assert chunk.recording_time(1.5) == 2.5
+    assert chunk.recording_time(2.0) == 5.0  # the seam, as a start: the second span
+    assert chunk.recording_time(2.0, is_end=True) == 3.0  # as an end: the first span
+    assert chunk.recording_time(2.5) == 5.5
+    assert chunk.recording_time(9.0, is_end=True) == 6.0  # clamped to the chunk's last sample
+    recording = np.arange(100_000, dtype=np.float32)
+    assert np.array_equal(chunk.audio(recording), np.concatenate([recording[16_000:48_000], recording[80_000:96_000]]))
+
+
+def test_voice_activity_finds_each_sentence_and_keeps_the_thread_count():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        audio, placed = _recording(gap_s=1.5)
+        spans = speech_spans(audio)
+        assert torch.get_num_threads() == 2  # importing silero_vad sets it to 1; the caller's setting is restored
+    finally:
+        torch.set_num_threads(threads)
+    seconds = [(start / SAMPLE_RATE, end / SAMPLE_RATE) for start, end in spans]
+    assert len(seconds) >= len(placed)
+    for start, end, _ in placed:  # every sentence lies inside the detected speech, give or take 0.3 s
+        inside = [s for s in seconds if s[0] - 0.3 <= start and s[1] >= start]
+        assert inside, (start, end, seconds)
+    silence = [(placed[i][1] + 0.4, placed[i + 1][0] - 0.4) for i in range(len(placed) - 1)]
+    for start, end in silence:  # the middle of every pause is not speech
+        assert not any(s < end and e > start for s, e in seconds), (start, end, seconds)
+    assert speech_spans(np.zeros(SAMPLE_RATE * 5, dtype=np.float32)) == []
+
+
+def test_split_at_timestamps_turns_timestamp_pairs_into_segments():
+    tokenizer = get_tokenizer(False)
+    ts = tokenizer.timestamp_begin
+    text = tokenizer.encode(" hello")
+    tokens = [ts, *text, ts + 50, ts + 50, *text, ts + 120, *text]  # the last segment is cut by the token cap
+    segments = split_at_timestamps(tokens, tokenizer, duration=5.0)
+    assert [(start, end) for start, end, _ in segments] == [(0.0, 1.0), (1.0, 2.4), (2.4, 5.0)]
+    assert segments[0][2] == [ts, *text, ts + 50]
+    assert split_at_timestamps(text, tokenizer, duration=3.0) == [(0.0, 3.0, text)]
+    assert split_at_timestamps([ts + 400, *text, ts + 500], tokenizer, duration=3.0) == [
+        (3.0, 3.0, [ts + 400, *text, ts + 500])
+    ]
+
+
+def test_real_tiny_en_long_recording_in_batches_gives_timed_sentences(tmp_path):
+    audio, placed = _recording()
+    model = whisper_rope.load_model("tiny.en", device="cpu", compute_type="int8")
+    result = transcribe_many(model, [audio], batch_size=4, fp16=False, temperature=0.0, word_timestamps=True)[0]
+    words = normalise(result["text"]).split()
+    expected = normalise(" ".join(text for *_, text in placed)).split()
+    import jiwer
+
+    assert jiwer.wer(" ".join(expected), " ".join(words)) < 0.15
+    segments = result["segments"]
+    assert [s["id"] for s in segments] == list(range(len(segments)))
+    assert all(a["start"] <= b["start"] for a, b in zip(segments, segments[1:]))
+    # Each sentence starts a segment near its place in the recording (not in its chunk).
+    for start, _, text in placed[1:]:
+        first_word = normalise(text).split()[0]
+        near = [s for s in segments if abs(s["start"] - start) < 1.0 and normalise(s["text"]).startswith(first_word)]
+        assert near, (start, text)
+    assert segments[-1]["end"] <= len(audio) / SAMPLE_RATE
+    for segment in segments:
+        assert all(segment["start"] - 0.5 <= w["start"] <= w["end"] <= segment["end"] + 0.5 for w in segment["words"])
+
+
+def test_cli_batch_size_writes_every_format_on_the_recording_timeline(tmp_path):
+    import soundfile
+
+    audio, placed = _recording(gap_s=2.0)
+    path = tmp_path / "long.wav"
+    soundfile.write(path, audio[: 35 * SAMPLE_RATE], SAMPLE_RATE)
+    status = cli.main(
+        ["--model", "tiny.en", "--device", "cpu", "--compute_type", "int8", "--fp16", "False", "--batch_size", "4"]
+        + ["--temperature", "0", "--temperature_increment_on_fallback", "None", "--verbose", "False"]
+        + ["--output_dir", str(tmp_path / "out"), str(path)]
+    )
+    assert status == 0
+    out = tmp_path / "out"
+    assert sorted(p.suffix for p in out.iterdir()) == [".json", ".srt", ".tsv", ".txt", ".vtt"]
+    segments = json.loads((out / "long.json").read_text())["segments"]
+    last = [p for p in placed if p[0] < 33][-1]  # the last sentence that starts in the 35 s
+    assert any(abs(s["start"] - last[0]) < 1.0 for s in segments), (last, [s["start"] for s in segments])
+    assert "-->" in (out / "long.srt").read_text()
+
+
+def test_an_unpadded_encoder_encodes_each_chunk_at_its_own_length():
+    dims = small_dims(n_audio_ctx=1500)
+    model = whisper_rope.build_model(dims, "rotary").eval()
+    model.unpadded = True
+    audio, placed = _recording()
+    audio = audio[: int(placed[12][0] * SAMPLE_RATE)]  # twelve sentences (~35 s of speech): two chunks
+    lengths = []
+    hook = model.encoder.conv1.register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[-1]))
+    try:
+        result = transcribe_chunked(model, audio, batch_size=1, fp16=False, temperature=0.0, sample_len=3)
+    finally:
+        hook.remove()
+    # One encoder call per chunk, each cut to that chunk's frames (never the 3000-frame window).
+    assert len(lengths) == 2 and all(n < 3000 for n in lengths) and lengths[0] != lengths[1]
+    assert result["language"] == "en"

@@ -1,0 +1,219 @@
+"""Batched long-form transcription: a recording cut into speech chunks of at most 30 s, decoded in batches.
+
+Upstream's ``transcribe`` walks a long recording window by window, each window starting where the previous one's
+last complete segment ended and conditioned on its text: strictly one window at a time. Here the recording is cut
+at pauses first (`speech_chunks`, a voice-activity detector), the chunks are decoded ``batch_size`` at a time with
+`WhisperRope.decode` (an unpadded model encodes each chunk at its own length), and each chunk's timestamp tokens
+become segments whose times are mapped back to the recording. What differs from upstream, by design:
+
+* chunks are independent: no chunk is conditioned on the previous chunk's text (``condition_on_previous_text`` is
+  ignored; an ``initial_prompt`` is given to every chunk); silence between speech spans is not decoded;
+* temperature fallback is upstream's rule (compression ratio, mean log-probability, no-speech probability) applied
+  per chunk, the chunks that fail one temperature re-decoded together at the next;
+* a chunk whose decoding stops inside a segment (token cap) closes that segment at the chunk's end.
+
+Word timestamps use upstream's alignment (`whisper.timing.add_word_timestamps`) on each chunk's own frames.
+"""
+
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from whisper.audio import HOP_LENGTH
+from whisper.decoding import DecodingResult
+from whisper.timing import add_word_timestamps
+from whisper.tokenizer import Tokenizer, get_tokenizer
+from whisper.utils import format_timestamp
+
+from .features import first_transcription_window, language_window
+from .model import WhisperRope
+from .speech_chunks import SpeechChunk, speech_chunks
+from .transcribe import _dtype, _first_decoding_options
+
+__all__ = ["split_at_timestamps", "supports", "transcribe_chunked"]
+
+SECONDS_PER_TIMESTAMP = 0.02
+
+# Upstream ``transcribe`` options this path cannot honour; a recording asking for one is transcribed by upstream.
+SEQUENTIAL_ONLY = ("clip_timestamps", "hallucination_silence_threshold")
+
+
+def supports(options: Dict[str, Any]) -> bool:
+    """Whether `transcribe_chunked` honours these ``transcribe`` options (else upstream's loop must run)."""
+    return options.get("clip_timestamps", "0") in ("0", [0], [0.0], (0,), (0.0,)) and (
+        options.get("hallucination_silence_threshold") is None
+    )
+
+
+def transcribe_chunked(model: WhisperRope, audio: np.ndarray, batch_size: int = 8, **options: Any) -> dict:
+    """Transcribe a recording of any length as speech chunks decoded in batches.
+
+    Args:
+        model: any `WhisperRope` variant and compute type.
+        audio: (n_samples,) 16-kHz float waveform.
+        batch_size: chunks per ``model.decode`` call.
+        options: upstream ``transcribe``'s keywords (see the module docstring for the ones that behave
+            differently) and `DecodingOptions`' keywords.
+
+    Returns upstream's result dict: ``text``, ``segments`` (``id``, ``seek``, ``start``, ``end`` in seconds of the
+    recording, ``text``, ``tokens``, ``temperature``, ``avg_logprob``, ``compression_ratio``, ``no_speech_prob``,
+    and ``words`` with word timestamps) and ``language``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive number of chunks, got {batch_size}")
+    if not supports(options):
+        raise ValueError(f"batched long-form transcription does not support {', '.join(SEQUENTIAL_ONLY)}")
+    audio = np.asarray(audio, dtype=np.float32).reshape(-1)
+    chunks = speech_chunks(audio)
+    language = _language(model, audio, chunks, options)
+    tokenizer = get_tokenizer(
+        model.is_multilingual,
+        num_languages=model.num_languages,
+        language=language,
+        task=options.get("task", "transcribe"),
+    )
+    windows = [first_transcription_window(chunk.audio(audio), model.dims.n_mels) for chunk in chunks]
+    order = sorted(range(len(chunks)), key=lambda i: windows[i][1])  # by length: unpadded batches pad little
+    segments: List[List[dict]] = [[] for _ in chunks]
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        mels = torch.stack([windows[i][0] for i in batch])
+        for i, result in zip(batch, _decode_with_fallback(model, mels, language, options)):
+            if not _is_silence(result, options):
+                segments[i] = _chunk_segments(model, tokenizer, chunks[i], windows[i], result, options)
+    flat = [segment for chunk_segments in segments for segment in chunk_segments]
+    for number, segment in enumerate(flat):
+        segment["id"] = number
+        if options.get("verbose"):
+            print(f"[{format_timestamp(segment['start'])} --> {format_timestamp(segment['end'])}] {segment['text']}")
+    return {"text": "".join(segment["text"] for segment in flat), "segments": flat, "language": language}
+
+
+def _language(model: WhisperRope, audio: np.ndarray, chunks: Sequence[SpeechChunk], options: Dict[str, Any]) -> str:
+    """The given language, English for English-only models, else detected from the first chunk (upstream detects
+    from the first 30 s)."""
+    if options.get("language") is not None or not model.is_multilingual:
+        return options.get("language") or "en"
+    first = chunks[0].audio(audio) if chunks else audio
+    mel = language_window(first, model.dims.n_mels).to(model.device).to(_dtype(model, options.get("fp16", True)))
+    _, probs = model.detect_language(mel)
+    return max(probs, key=probs.get)
+
+
+def _temperatures(options: Dict[str, Any]) -> Sequence[float]:
+    temperature = options.get("temperature", (0.0, 0.2, 0.4, 0.6, 0.8, 1.0))
+    return (temperature,) if isinstance(temperature, (int, float)) else tuple(temperature)
+
+
+def _decode_with_fallback(
+    model: WhisperRope, mels: torch.Tensor, language: str, options: Dict[str, Any]
+) -> List[DecodingResult]:
+    """One result per chunk of ``mels`` (b, n_mels, 3000): decoded at the first temperature, and the chunks that
+    fail upstream's thresholds again at each next temperature, together."""
+    mels = mels.to(model.device).to(_dtype(model, options.get("fp16", True)))
+    results: List[Optional[DecodingResult]] = [None] * mels.shape[0]
+    pending = list(range(mels.shape[0]))
+    for temperature in _temperatures(options):
+        decoding_options = _first_decoding_options(model, language, {**options, "temperature": temperature})
+        for i, result in zip(pending, model.decode(mels[pending], decoding_options)):
+            results[i] = result
+        pending = [i for i in pending if _needs_fallback(results[i], options)]
+        if not pending:
+            break
+    return results
+
+
+def _needs_fallback(result: DecodingResult, options: Dict[str, Any]) -> bool:
+    """Upstream's rule: too repetitive or too unlikely, unless the window is judged silent."""
+    compression = options.get("compression_ratio_threshold", 2.4)
+    logprob = options.get("logprob_threshold", -1.0)
+    no_speech = options.get("no_speech_threshold", 0.6)
+    failed = (compression is not None and result.compression_ratio > compression) or (
+        logprob is not None and result.avg_logprob < logprob
+    )
+    return failed and not (no_speech is not None and result.no_speech_prob > no_speech)
+
+
+def _is_silence(result: DecodingResult, options: Dict[str, Any]) -> bool:
+    """Upstream skips a window whose no-speech probability is high unless its text is likely enough."""
+    no_speech = options.get("no_speech_threshold", 0.6)
+    logprob = options.get("logprob_threshold", -1.0)
+    if no_speech is None or result.no_speech_prob <= no_speech:
+        return False
+    return logprob is None or result.avg_logprob <= logprob
+
+
+def _chunk_segments(
+    model: WhisperRope,
+    tokenizer: Tokenizer,
+    chunk: SpeechChunk,
+    window: tuple,
+    result: DecodingResult,
+    options: Dict[str, Any],
+) -> List[dict]:
+    """The chunk's segments, times in seconds of the recording."""
+    segments = [
+        {
+            "seek": 0,
+            "start": start,
+            "end": end,
+            "text": tokenizer.decode([t for t in tokens if t < tokenizer.eot]),
+            "tokens": tokens,
+            "temperature": result.temperature,
+            "avg_logprob": result.avg_logprob,
+            "compression_ratio": result.compression_ratio,
+            "no_speech_prob": result.no_speech_prob,
+        }
+        for start, end, tokens in split_at_timestamps(result.tokens, tokenizer, chunk.duration)
+    ]
+    if options.get("word_timestamps") and segments:
+        mel, n_frames = window
+        add_word_timestamps(
+            segments=segments,
+            model=model,
+            tokenizer=tokenizer,
+            mel=mel.to(model.device),
+            num_frames=n_frames,
+            prepend_punctuations=options.get("prepend_punctuations", "\"'“¿([{-"),
+            append_punctuations=options.get("append_punctuations", "\"'.。,，!！?？:：”)]}、"),
+            last_speech_timestamp=0.0,
+        )
+    seek = chunk.spans[0][0] // HOP_LENGTH
+    for segment in segments:
+        segment["seek"] = seek
+        segment["start"] = chunk.recording_time(segment["start"])
+        segment["end"] = chunk.recording_time(segment["end"], is_end=True)
+        for word in segment.get("words", []):
+            word["start"] = chunk.recording_time(word["start"])
+            word["end"] = chunk.recording_time(word["end"], is_end=True)
+    return [segment for segment in segments if segment["text"].strip() or segment.get("words")]
+
+
+def split_at_timestamps(tokens: Sequence[int], tokenizer: Tokenizer, duration: float) -> List[tuple]:
+    """(start s, end s, tokens) per segment of one decoded chunk of ``duration`` seconds.
+
+    A segment is the text between two timestamp tokens (its start and end). A segment whose start is missing begins
+    where the previous one ended (or at 0), one whose end is missing (decoding stopped inside it) ends at the chunk's
+    end; without any timestamp the whole chunk is one segment. Times are clamped to ``duration``.
+    """
+    first_timestamp = tokenizer.timestamp_begin
+
+    def seconds(token: int) -> float:
+        return min((token - first_timestamp) * SECONDS_PER_TIMESTAMP, duration)
+
+    segments, text, start, stamps = [], [], None, []
+    previous_end = 0.0
+    for token in tokens:
+        if token < first_timestamp:
+            text.append(token)
+            continue
+        if text:  # a timestamp after text closes the segment
+            begin = previous_end if start is None else start
+            segments.append((begin, max(seconds(token), begin), stamps + text + [token]))
+            previous_end, text, start, stamps = segments[-1][1], [], None, []
+        else:  # a timestamp before any text opens one (the last of several in a row wins)
+            start, stamps = seconds(token), [token]
+    if text:
+        begin = previous_end if start is None else start
+        segments.append((begin, max(duration, begin), stamps + text))
+    return segments
