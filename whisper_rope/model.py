@@ -30,6 +30,7 @@ from whisper.transcribe import transcribe as upstream_transcribe
 from .audio import load_audio
 from .decoding import BatchDecodingTask
 from .features import audio_position_mask, cut_trailing_padding
+from .packing import PackedClips, block_diagonal_attention
 from .positional import RotaryEmbedding
 from .variants import SideScheme, Variant, parse_variant
 
@@ -43,7 +44,9 @@ class PositionalAttention(MultiHeadAttention):
         raw projections of positions ``0 .. n_k - 1``, so queries sit at ``offset .. offset + n_q - 1`` with
         ``offset = n_k - n_q`` and the rotation happens here, after the cache.
     causal: this is the decoder's self-attention; ``mask`` is then the (n_text_ctx, n_text_ctx) causal table.
-        Otherwise a given ``mask`` is a boolean key mask (b, n_k), True where a key may be attended.
+        Otherwise a given ``mask`` is a boolean key mask (b, n_k), True where a key may be attended, or a
+        `PackedClips` layout: the input (1, total, n_state) is several clips packed end to end, each attending to
+        itself only, rotated by its positions within its clip (`packing.py`).
     gated: a learnable per-head gate ``g`` (initialised to 0) mixes the rotation in: ``x + g * (rope(x) - x)``;
         at ``g = 0`` the module computes exactly the un-rotated function.
     """
@@ -61,10 +64,11 @@ class PositionalAttention(MultiHeadAttention):
         self.causal = causal
         self.rotary_gate = nn.Parameter(torch.zeros(n_head)) if (gated and rotary is not None) else None
 
-    def _rotate(self, x: Tensor, offset: int) -> Tensor:
-        """(b, n, n_state) -> (b, n, n_state), every head rotated."""
+    def _rotate(self, x: Tensor, offset: int, positions: Optional[Tensor] = None) -> Tensor:
+        """(b, n, n_state) -> (b, n, n_state), every head rotated: token j at ``offset + j``, or at
+        ``positions[j]`` when given."""
         heads = x.view(*x.shape[:2], self.n_head, -1)
-        rotated = self.rotary.rotate(heads, offset)
+        rotated = self.rotary.rotate(heads, offset) if positions is None else self.rotary.rotate_at(heads, positions)
         if self.rotary_gate is not None:
             gate = self.rotary_gate.to(x.dtype)[:, None]
             rotated = heads + gate * (rotated - heads)
@@ -73,6 +77,8 @@ class PositionalAttention(MultiHeadAttention):
     def qkv_attention(
         self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None
     ) -> Tuple[Tensor, Optional[Tensor]]:
+        if isinstance(mask, PackedClips):
+            return self._packed_attention(q, k, v, mask)
         if 1 < k.shape[0] < q.shape[0]:
             return self._grouped_cross_attention(q, k, v, mask)
         n_q, n_k = q.shape[1], k.shape[1]
@@ -89,6 +95,13 @@ class PositionalAttention(MultiHeadAttention):
             # Several tokens onto a non-empty cache: align the causal table to the cache offset.
             return self._masked_attention(q, k, v, mask[n_k - n_q : n_k, :n_k] == 0)
         return self._masked_attention(q, k, v, mask[:, None, None, :])
+
+    def _packed_attention(self, q: Tensor, k: Tensor, v: Tensor, clips: PackedClips) -> Tuple[Tensor, None]:
+        """Self-attention of packed clips: q, k, v (1, total, n_state) -> (1, total, n_state), block-diagonal."""
+        if self.rotary is not None:
+            q, k = self._rotate(q, 0, clips.positions), self._rotate(k, 0, clips.positions)
+        q, k, v = (t.view(t.shape[1], self.n_head, -1) for t in (q, k, v))
+        return block_diagonal_attention(q, k, v, clips).flatten(start_dim=1)[None], None
 
     def _grouped_cross_attention(
         self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]
@@ -205,11 +218,13 @@ class PositionalAudioEncoder(AudioEncoder):
         encoder slices its table instead, and one without a (non-zero) table takes any length."""
         return self.adds_table and not self.drop_padding
 
-    def forward(self, x: Tensor, n_frames: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, n_frames: Optional[Tensor] = None, packed: bool = False) -> Tensor:
         """x: (b, n_mels, n_frames) log-mel; n_frames: (b,) real frames per item of a padded batch, or None.
 
         Returns (b, n_audio, n_state). Frames past ``n_frames`` (whatever their value) are zeroed before each conv,
-        as a lone clip's zero padding, and masked out of self-attention.
+        as a lone clip's zero padding, and masked out of self-attention; with ``packed``, the blocks instead see the
+        clips' real positions packed into one sequence with block-diagonal attention (`packing.py`: no padding
+        computed, no mask), and the output's padding positions are zeros.
         """
         if self.drop_padding and n_frames is None:
             x, n_frames = cut_trailing_padding(x, self.unpadded_margin)
@@ -226,6 +241,12 @@ class PositionalAudioEncoder(AudioEncoder):
         if self.adds_table:
             table = self.positional_embedding[: x.shape[1]]  # the whole table for a 30-s window
             x = (x + (table if self.table_scale == 1.0 else table * self.table_scale)).to(x.dtype)
+        if packed and n_frames is not None:
+            clips = PackedClips.from_lengths((n_frames.to(x.device) + 1) // 2)
+            h = clips.pack(x)
+            for block in self.blocks:
+                h = block(h, mask=clips)
+            return clips.unpack(self.ln_post(h), x.shape[1])
         key_mask = audio_position_mask(n_frames, x.shape[1], x.device)
         for block in self.blocks:
             x = block(x, mask=key_mask)
@@ -425,10 +446,11 @@ class WhisperRope(Whisper):
         results = BatchDecodingTask(self, options).run(mel[None] if single else mel)
         return results[0] if single else results
 
-    def forward(self, mel: Tensor, tokens: Tensor, n_frames: Optional[Tensor] = None) -> Tensor:
-        """mel: (b, n_mels, n_frames); tokens: (b, n_tokens); n_frames: (b,) real frames of a padded batch.
+    def forward(self, mel: Tensor, tokens: Tensor, n_frames: Optional[Tensor] = None, packed: bool = False) -> Tensor:
+        """mel: (b, n_mels, n_frames); tokens: (b, n_tokens); n_frames: (b,) real frames of a padded batch;
+        packed: encode the clips packed (see `PositionalAudioEncoder.forward`).
 
         Returns logits (b, n_tokens, n_vocab).
         """
-        audio = self.encoder(mel, n_frames)
+        audio = self.encoder(mel, n_frames, packed=packed)
         return self.decoder(tokens, audio, xa_mask=audio_position_mask(n_frames, audio.shape[1], audio.device))

@@ -102,5 +102,14 @@ class RotaryEmbedding:
         cos, sin = self.tables(offset + n_ctx, x.device, x.dtype)
         return apply_rotary(x, cos[offset:, None, :], sin[offset:, None, :])
 
+    def rotate_at(self, x: Tensor, positions: Tensor) -> Tensor:
+        """Rotate queries or keys at explicit positions (clips packed end to end restart at 0).
+
+        x: (batch, n, n_head, head_dim); positions: (n,) integer position of each token. Returns x's shape and dtype.
+        """
+        cos, sin = self.tables(int(positions.max()) + 1, x.device, x.dtype)
+        positions = positions.to(x.device)
+        return apply_rotary(x, cos[positions][:, None, :], sin[positions][:, None, :])
+
     def __repr__(self) -> str:
         return f"RotaryEmbedding(head_dim={self.head_dim}, theta={self.theta:g}, n_ctx={self.n_ctx})"

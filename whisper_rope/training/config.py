@@ -171,6 +171,13 @@ class FinetuneConfig:
             "give rotary-only encoders 30-s padded input too (encoders with an absolute table always get it)"
         ),
     )
+    packed_attention: bool = field(
+        default=False,
+        metadata=option(
+            "encode unpadded batches packed: clips end to end with block-diagonal attention instead of padding and a "
+            "mask (same results; fused variable-length attention on GPUs, see benchmarks/README.md)"
+        ),
+    )
     num_workers: int = field(default=2, metadata=option("DataLoader processes decoding audio (0: in the main process)"))
     strict: bool = field(
         default=False, metadata=option("stop at the first unusable manifest row instead of skipping and listing it")

@@ -394,7 +394,7 @@ def _check_resumable(state: dict, model: WhisperRope, source: Path) -> None:
 
 def _wrap_student(run: RunState) -> None:
     """The student's forward as one module; DDP-wrapped under torchrun, for the parameters that train now."""
-    student: nn.Module = StudentForward(run.model, run.objective.states.active)
+    student: nn.Module = StudentForward(run.model, run.objective.states.active, packed=run.config.packed_attention)
     if run.context.enabled:
         # Every buffer (sinusoid tables, rotary caches, the sparse alignment-head mask, which collectives cannot
         # broadcast) is computed identically on each rank: keep them out of DDP's synchronisation.

@@ -59,19 +59,21 @@ class Objective:
 
 class StudentForward(nn.Module):
     """The student's teacher-forced forward as one module (what DDP wraps): logits if needed, and the recorded
-    internal states. ``model`` is a `WhisperRope`; ``kinds`` the state kinds to record."""
+    internal states. ``model`` is a `WhisperRope`; ``kinds`` the state kinds to record; ``packed``: encode unpadded
+    batches packed (`packing.py`), unless encoder-internal states are recorded (packed blocks see one sequence)."""
 
-    def __init__(self, model: nn.Module, kinds: Tuple[str, ...]):
+    def __init__(self, model: nn.Module, kinds: Tuple[str, ...], packed: bool = False):
         super().__init__()
         self.model = model
         self.kinds = kinds
+        self.packed = packed and not {"encoder_layers", "attention"} & set(kinds)
 
     def forward(self, mel: Tensor, tokens: Tensor, n_frames: Optional[Tensor], logits: bool = True):
         """Returns (logits (b, t, n_vocab) or None, the recorded states by kind). Without logits the decoder stops
         at its final layer norm: no n_vocab-wide projection, forward or backward."""
         recording = StateRecorder(recorded_modules(self.model, self.kinds)) if self.kinds else nullcontext()
         with recording as recorder:
-            audio = self.model.encoder(mel, n_frames)
+            audio = self.model.encoder(mel, n_frames, packed=self.packed)
             xa_mask = audio_position_mask(n_frames, audio.shape[1], audio.device)
             decoder = self.model.decoder
             out = decoder(tokens, audio, xa_mask=xa_mask) if logits else decoder.hidden(tokens, audio, xa_mask=xa_mask)
