@@ -28,7 +28,7 @@ from whisper.utils import format_timestamp
 from .features import first_transcription_window, language_window
 from .model import WhisperRope
 from .speech_chunks import SpeechChunk, speech_chunks
-from .transcribe import _dtype, _first_decoding_options
+from .transcribe_options import transcribe_dtype, window_decoding_options
 
 __all__ = ["split_at_timestamps", "supports", "transcribe_chunked"]
 
@@ -95,7 +95,11 @@ def _language(model: WhisperRope, audio: np.ndarray, chunks: Sequence[SpeechChun
     if options.get("language") is not None or not model.is_multilingual:
         return options.get("language") or "en"
     first = chunks[0].audio(audio) if chunks else audio
-    mel = language_window(first, model.dims.n_mels).to(model.device).to(_dtype(model, options.get("fp16", True)))
+    mel = (
+        language_window(first, model.dims.n_mels)
+        .to(model.device)
+        .to(transcribe_dtype(model, options.get("fp16", True)))
+    )
     _, probs = model.detect_language(mel)
     return max(probs, key=probs.get)
 
@@ -110,11 +114,11 @@ def _decode_with_fallback(
 ) -> List[DecodingResult]:
     """One result per chunk of ``mels`` (b, n_mels, 3000): decoded at the first temperature, and the chunks that
     fail upstream's thresholds again at each next temperature, together."""
-    mels = mels.to(model.device).to(_dtype(model, options.get("fp16", True)))
+    mels = mels.to(model.device).to(transcribe_dtype(model, options.get("fp16", True)))
     results: List[Optional[DecodingResult]] = [None] * mels.shape[0]
     pending = list(range(mels.shape[0]))
     for temperature in _temperatures(options):
-        decoding_options = _first_decoding_options(model, language, {**options, "temperature": temperature})
+        decoding_options = window_decoding_options(model, language, {**options, "temperature": temperature})
         for i, result in zip(pending, model.decode(mels[pending], decoding_options)):
             results[i] = result
         pending = [i for i in pending if _needs_fallback(results[i], options)]

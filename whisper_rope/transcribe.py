@@ -21,7 +21,6 @@ Results agree with one-by-one `transcribe` to floating-point rounding: texts, to
 """
 
 import contextlib
-import inspect
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -31,14 +30,16 @@ import torch
 from torch import Tensor
 from whisper.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES
 from whisper.decoding import DecodingOptions, DecodingResult
-from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE, get_tokenizer
+from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
 from whisper.transcribe import transcribe as upstream_transcribe
 from whisper.utils import optional_float, optional_int
 
 from .audio import load_audio
 from .features import first_transcription_window, language_window
+from .longform import supports, transcribe_chunked
 from .model import WhisperRope
 from .options import option
+from .transcribe_options import transcribe_dtype, window_decoding_options
 from .weights.loading import MODEL_HELP
 
 __all__ = ["TranscribeOptions", "transcribe_many"]
@@ -48,11 +49,6 @@ AudioInput = Union[str, "os.PathLike[str]", np.ndarray, Tensor]
 # Clips read ahead and sorted by length before they are cut into batches: an unpadded encoder then encodes little
 # padding, while only this many batches of audio are held in memory at once.
 _SORTED_BATCHES = 4
-
-# Options of upstream `transcribe` itself; every other keyword goes to `DecodingOptions`, as upstream does it.
-_TRANSCRIBE_OPTIONS = frozenset(
-    name for name, p in inspect.signature(upstream_transcribe).parameters.items() if p.kind is p.KEYWORD_ONLY
-)
 
 
 @dataclass
@@ -109,8 +105,6 @@ def transcribe_many(
 def _transcribe_alone(model: WhisperRope, audio: AudioInput, batch_size: int, options: Dict[str, Any]) -> dict:
     """A clip that is not a single first window: longer than 30 s, batched speech chunks (`longform`) when its
     options allow; otherwise (empty, or options only upstream's loop honours) upstream's `transcribe`."""
-    from .longform import supports, transcribe_chunked  # longform builds on this module's option helpers
-
     if len(audio) > N_SAMPLES and supports(options):
         return transcribe_chunked(model, audio, batch_size, **options)
     return upstream_transcribe(model, audio, **options)
@@ -121,20 +115,15 @@ def _transcribe_clips(
 ) -> None:
     """Batched first decodes of ``clips`` (sorted by length), then upstream `transcribe` of each, into ``results``."""
     clips = sorted(clips, key=lambda clip: clip.n_frames)
-    dtype = _dtype(model, options.get("fp16", True))
+    dtype = transcribe_dtype(model, options.get("fp16", True))
     for language, group in _by_language(model, clips, options):
-        decoding_options = _first_decoding_options(model, language, options)
+        decoding_options = window_decoding_options(model, language, options)
         for start in range(0, len(group), batch_size):
             batch = group[start : start + batch_size]
             windows = torch.stack([clip.window for clip in batch]).to(model.device).to(dtype)
             for clip, first in zip(batch, model.decode(windows, decoding_options)):
                 with _first_decode_given(model, clip.window, decoding_options, first):
                     results[clip.index] = upstream_transcribe(model, clip.audio, **{**options, "language": language})
-
-
-def _dtype(model: WhisperRope, fp16: bool) -> torch.dtype:
-    """Upstream `transcribe`'s choice: fp16 unless asked otherwise, never on the CPU."""
-    return torch.float16 if fp16 and model.device != torch.device("cpu") else torch.float32
 
 
 def _first_window(model: WhisperRope, index: int, audio: Union[np.ndarray, Tensor]) -> Optional[_Clip]:
@@ -152,40 +141,13 @@ def _by_language(model: WhisperRope, clips: List[_Clip], options: Dict[str, Any]
     if language is not None or not model.is_multilingual:
         yield language or "en", clips
         return
-    dtype = _dtype(model, options.get("fp16", True))
+    dtype = transcribe_dtype(model, options.get("fp16", True))
     for clip in clips:
         # Upstream detects from the first 30 s of the silence-padded spectrogram, not from the zero-padded window.
         _, probs = model.detect_language(language_window(clip.audio, model.dims.n_mels).to(model.device).to(dtype))
         clip.language = max(probs, key=probs.get)
     for language in dict.fromkeys(clip.language for clip in clips):
         yield language, [clip for clip in clips if clip.language == language]
-
-
-def _first_decoding_options(model: WhisperRope, language: str, options: Dict[str, Any]) -> DecodingOptions:
-    """The `DecodingOptions` of upstream `transcribe`'s first decode of a clip."""
-    decode_options = {k: v for k, v in options.items() if k not in _TRANSCRIBE_OPTIONS}
-    if _dtype(model, decode_options.get("fp16", True)) == torch.float32:
-        decode_options["fp16"] = False
-    decode_options["language"] = language
-    prompt = options.get("initial_prompt")
-    if prompt is None:
-        decode_options["prompt"] = []
-    else:
-        tokenizer = get_tokenizer(
-            model.is_multilingual,
-            num_languages=model.num_languages,
-            language=language,
-            task=decode_options.get("task", "transcribe"),
-        )
-        decode_options["prompt"] = tokenizer.encode(" " + prompt.strip())
-    temperature = options.get("temperature", (0.0, 0.2, 0.4, 0.6, 0.8, 1.0))
-    first = temperature if isinstance(temperature, (int, float)) else temperature[0]
-    if first > 0:
-        decode_options.pop("beam_size", None)
-        decode_options.pop("patience", None)
-    else:
-        decode_options.pop("best_of", None)
-    return DecodingOptions(**decode_options, temperature=first)
 
 
 @contextlib.contextmanager
