@@ -8,6 +8,8 @@ Systems (tiny.en weights, the same batch of the committed speech fixtures every 
 * ``rotary-padded``: the ``rotary`` preset on 30-s windows (what RoPE itself costs).
 * ``rotary-unpadded``: the ``rotary`` preset on each clip's own frames, zero-padded to the batch's longest with the
   frame counts masked, as ``whisper-rope finetune`` trains rotary encoders.
+* ``rotary-unpadded-packed``: ``rotary-unpadded`` with the clips packed end to end and block-diagonal attention
+  (``packed=True``, `whisper_rope.packing`; ``--packed_attention`` of ``finetune``): no padding computed, no mask.
 * ``whisper-padded-ckpt``: ``whisper-padded`` with gradient checkpointing (memory for compute).
 
 A step is forward, token cross-entropy, backward and an AdamW update; data loading is excluded (batches are built
@@ -43,7 +45,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SPEECH = ROOT / "tests" / "fixtures" / "speech"
-SYSTEMS = ("whisper-padded", "hf-padded", "rotary-padded", "rotary-unpadded", "whisper-padded-ckpt")
+SYSTEMS = (
+    "whisper-padded",
+    "hf-padded",
+    "rotary-padded",
+    "rotary-unpadded",
+    "rotary-unpadded-packed",
+    "whisper-padded-ckpt",
+)
 TINY_EN_DIMS = dict(
     n_mels=80,
     n_audio_ctx=1500,
@@ -105,7 +114,7 @@ class System:
 
         self.name = name
         self.device = torch.device(args.device)
-        padded = name != "rotary-unpadded"
+        padded = not name.startswith("rotary-unpadded")
         model = _load("rotary" if name.startswith("rotary") else "whisper", args.random_weights)
         with tempfile.TemporaryDirectory() as folder:
             dataset = load_examples(_manifest(Path(folder), args.batch_size), model, pad_30s=padded)
@@ -129,7 +138,8 @@ class System:
     def logits(self):
         if self.name == "hf-padded":
             return self.network(input_features=self.batch.mel, decoder_input_ids=self.batch.tokens).logits
-        return self.network(self.batch.mel, self.batch.tokens, self.batch.n_frames)
+        packed = self.name == "rotary-unpadded-packed"
+        return self.network(self.batch.mel, self.batch.tokens, self.batch.n_frames, packed=packed)
 
     def step(self) -> float:
         import torch
@@ -175,18 +185,18 @@ def memory_of(name: str, args: argparse.Namespace) -> dict:
     return result
 
 
-def interleaved_timing(names: List[str], args: argparse.Namespace) -> Dict[str, List[float]]:
-    """Seconds per step of every system, its steps taken in turn (so that load from other processes hits all
-    systems alike), after one warm-up step each."""
+def interleaved_timing(names: List[str], args: argparse.Namespace) -> Dict[str, List[tuple]]:
+    """(wall seconds, CPU seconds of this process) per step of every system, its steps taken in turn (so that load
+    from other processes hits all systems alike), after one warm-up step each."""
     systems = [System(name, args) for name in names]
     for system in systems:
         system.step()
-    times: Dict[str, List[float]] = {name: [] for name in names}
+    times: Dict[str, List[tuple]] = {name: [] for name in names}
     for _ in range(args.steps):
         for system in systems:
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             system.step()
-            times[system.name].append(time.perf_counter() - started)
+            times[system.name].append((time.perf_counter() - started, time.process_time() - cpu))
     return times
 
 
@@ -245,18 +255,22 @@ def _child(name: str, args: argparse.Namespace) -> dict:
 
 def _table(results: List[dict], device: str) -> str:
     memory = "peak GPU MiB" if device.startswith("cuda") else "peak RSS MiB (growth)"
-    lines = [f"| system | s/step | audio s / s | {memory} | first-step loss |", "|---|---|---|---|---|"]
+    lines = [
+        f"| system | s/step | CPU s/step (process) | audio s / s | {memory} | first-step loss |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['system']} | failed: {r['error']} | | | |")
+            lines.append(f"| {r['system']} | failed: {r['error']} | | | | |")
             continue
         if "peak_memory_mb" in r:
             mem = f"{r['peak_memory_mb']:.0f}"
         else:
             mem = f"{r['peak_rss_mb']:.0f}" + (f" ({r['rss_growth_mb']:.0f})" if "rss_growth_mb" in r else "")
         step = f"{r['seconds_per_step']:.2f}" if "seconds_per_step" in r else "-"
+        cpu = f"{r['cpu_seconds_per_step']:.2f}" if "cpu_seconds_per_step" in r else "-"
         loss = f"{r['first_step_loss']:.4f}" if "first_step_loss" in r else "-"
-        lines.append(f"| {r['system']} | {step} | {r['audio_seconds_per_second']:.1f} | {mem} | {loss} |")
+        lines.append(f"| {r['system']} | {step} | {cpu} | {r['audio_seconds_per_second']:.1f} | {mem} | {loss} |")
     return "\n".join(lines)
 
 
@@ -295,8 +309,10 @@ def main() -> int:
     times = interleaved_timing([r["system"] for r in results if "error" not in r and r["system"] in SYSTEMS], args)
     for result in results:
         if result["system"] in times:
-            result["step_times"] = times[result["system"]]
-            result["seconds_per_step"] = statistics.median(times[result["system"]])
+            result["step_times"] = [wall for wall, _ in times[result["system"]]]
+            result["step_cpu_times"] = [cpu for _, cpu in times[result["system"]]]
+            result["seconds_per_step"] = statistics.median(result["step_times"])
+            result["cpu_seconds_per_step"] = statistics.median(result["step_cpu_times"])
             result["audio_seconds_per_second"] = result["batch_audio_seconds"] / result["seconds_per_step"]
     hardware = torch.cuda.get_device_name() if args.device.startswith("cuda") else _cpu_name()
     print(

@@ -8,8 +8,13 @@ on a shared machine) and wall seconds:
    fixed number of tokens (end-of-text suppressed, so both do exactly the same steps), greedy and beam 5.
 2. End to end, upstream ``transcribe`` settings: short clips (the committed speech fixtures, 2-4 s) and long-form
    clips (whole fixtures joined with silences, 45 s and 100 s), greedy and beam 5, temperature 0 without fallback,
-   decoding capped at ``--sample-len`` tokens per window for every system. Reported: median seconds per set,
-   ratio to faster-whisper int8, corpus WER (jiwer, upstream's EnglishTextNormalizer).
+   decoding capped at ``--sample-len`` tokens per window for every system (224 per chunk for the batched long-form
+   systems, whose chunks are never re-windowed). Systems: faster-whisper int8 and fp32 one file at a time, its
+   ``BatchedInferencePipeline`` (int8, batch 8, timestamps on; long-form only, since it batches the chunks of one
+   file), upstream openai-whisper, and whisper_rope's presets in fp32 and ``compute_type="int8"``, one by one and
+   through ``transcribe_many`` in batches of 8 (short clips batched across files; long-form recordings cut into
+   voice-activity chunks decoded in batches). Reported: median seconds per set, ratio to faster-whisper int8, corpus
+   WER (jiwer, upstream's EnglishTextNormalizer).
 
 The ``rotary`` preset here is tiny.en's pretrained weights with the positional tables swapped for RoPE and *no
 fine-tuning*: it transcribes garbage (expected, see EXPERIMENTS.md) and loops until the token cap, so its
@@ -29,6 +34,7 @@ script works.
 import argparse
 import contextlib
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -54,6 +60,7 @@ from whisper_rope.weights import packages  # noqa: E402
 SPEECH = ROOT / "tests" / "fixtures" / "speech"
 MODEL = "tiny.en"
 LONG_SECONDS = (45.0, 100.0)
+CHUNK_TOKEN_CAP = 224  # upstream's default sample_len (n_text_ctx // 2): batched speech chunks are never re-windowed
 Clip = Tuple[str, np.ndarray, str]  # name, 16-kHz waveform, reference text
 Transcriber = Callable[[Sequence[np.ndarray], Optional[int]], List[str]]
 
@@ -114,6 +121,7 @@ def load_torch_models(finetuned: Optional[Path] = None) -> dict:
     models = {
         "upstream": whisper.load_model(str(packages.cached_conversion(MODEL)), device="cpu"),
         "whisper": whisper_rope.load_model(MODEL, device="cpu"),
+        "whisper int8": whisper_rope.load_model(MODEL, device="cpu", compute_type="int8"),
         "rotary": whisper_rope.load_model(MODEL, variant="rotary", device="cpu"),
     }
     if finetuned is not None:
@@ -142,8 +150,9 @@ def torch_systems(models: dict, sample_len: int) -> Dict[str, Transcriber]:
 
     def batched(model, use_unpadded: bool = False) -> Transcriber:
         def run(audios, beam):
+            settings = {**options(beam), "sample_len": chunk_cap(audios, sample_len)}
             with unpadded(model, use_unpadded) if hasattr(model, "unpadded") else contextlib.nullcontext():
-                return [r["text"] for r in transcribe_many(model, audios, batch_size=8, **options(beam))]
+                return [r["text"] for r in transcribe_many(model, audios, batch_size=8, **settings)]
 
         return run
 
@@ -161,6 +170,8 @@ def torch_systems(models: dict, sample_len: int) -> Dict[str, Transcriber]:
         "openai-whisper": one_by_one(upstream),
         "whisper_rope whisper": one_by_one(ours),
         "whisper_rope whisper, batch 8": batched(ours),
+        "whisper_rope whisper int8": one_by_one(models["whisper int8"]),
+        "whisper_rope whisper int8, batch 8": batched(models["whisper int8"]),
         "whisper_rope rotary": one_by_one(rotary),
         "whisper_rope rotary unpadded": one_by_one(rotary, True),
         "whisper_rope rotary unpadded, batch 8": batched(rotary, True),
@@ -168,9 +179,16 @@ def torch_systems(models: dict, sample_len: int) -> Dict[str, Transcriber]:
     }
 
 
+def chunk_cap(audios: Sequence[np.ndarray], sample_len: int) -> int:
+    """The token cap of a batched system: ``sample_len`` for clips of at most 30 s; for longer recordings, whose
+    chunks hold up to 30 s of speech each and are never re-windowed, at least upstream's default of half the text
+    context (224), so that the cap does not cut a chunk's text."""
+    return sample_len if all(len(a) <= 30 * SAMPLE_RATE for a in audios) else max(sample_len, CHUNK_TOKEN_CAP)
+
+
 def faster_whisper_systems(threads: int, sample_len: int) -> Dict[str, Transcriber]:
     try:
-        from faster_whisper import WhisperModel
+        from faster_whisper import BatchedInferencePipeline, WhisperModel
     except ImportError:
         print("faster-whisper is not installed: its rows are skipped", file=sys.stderr)
         return {}
@@ -196,7 +214,33 @@ def faster_whisper_systems(threads: int, sample_len: int) -> Dict[str, Transcrib
 
         return run
 
-    return {"faster-whisper int8": system("int8"), "faster-whisper fp32": system("float32")}
+    def batched_pipeline() -> Transcriber:
+        model = BatchedInferencePipeline(
+            WhisperModel(directory, device="cpu", compute_type="int8", cpu_threads=threads)
+        )
+
+        def run(audios, beam):
+            texts = []
+            for audio in audios:
+                segments, _ = model.transcribe(
+                    audio,
+                    language="en",
+                    beam_size=beam or 1,
+                    temperature=0.0,
+                    max_new_tokens=chunk_cap(audios, sample_len),
+                    without_timestamps=False,  # timestamped segments, as ours
+                    batch_size=8,
+                )
+                texts.append("".join(segment.text for segment in segments))
+            return texts
+
+        return run
+
+    return {
+        "faster-whisper int8": system("int8"),
+        "faster-whisper fp32": system("float32"),
+        "faster-whisper int8 batched pipeline, batch 8": batched_pipeline(),
+    }
 
 
 def timed(function: Callable[[], object]) -> Tuple[float, float, object]:
@@ -289,7 +333,7 @@ def end_to_end(systems: Dict[str, Transcriber], sets: Dict[str, List[Clip]], run
             tasks = {
                 name: (lambda run=run: run(audios, beam))
                 for name, run in systems.items()
-                if not (set_name != "short" and "batch" in name)  # clips over 30 s are never batched
+                if set_name != "short" or "pipeline" not in name  # faster-whisper batches chunks of one file only
             }
             results = interleaved(tasks, runs, warmup)
             warmup = False
@@ -404,8 +448,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     command = "python3 benchmarks/transcribe_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
     header = (
-        f"CPU: {cpu_model()}, {args.threads} threads (torch {torch.__version__}); runs: {runs}; "
-        f"token cap {sample_len} per window; command: `{command.strip()}`"
+        f"CPU: {cpu_model()}, {args.threads} threads (torch {torch.__version__}, int8 kernels: quantized engine "
+        f"{torch.backends.quantized.engine}); runs: {runs}; token cap {sample_len} per window "
+        f"({CHUNK_TOKEN_CAP} per chunk for batched long-form); load average {os.getloadavg()[0]:.1f}; "
+        f"command: `{command.strip()}`"
     )
     print(header)
     print(markdown(rope_rows, rows))
