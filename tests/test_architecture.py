@@ -13,7 +13,9 @@ MAX_FUNCTION_LINES = 80
 LONG_FUNCTIONS_ALLOWED: set = set()
 
 #: Third-party libraries imported inside functions: optional, or heavy and needed by one command only.
-LATE_IMPORTS_ALLOWED = {"matplotlib", "jiwer", "imageio_ffmpeg", "transformers", "ctranslate2"}
+# silero_vad: imported when a long recording is first chunked (it loads ONNX Runtime and, on import, sets torch's
+# thread count, which speech_chunks restores).
+LATE_IMPORTS_ALLOWED = {"matplotlib", "jiwer", "imageio_ffmpeg", "transformers", "ctranslate2", "silero_vad"}
 
 
 def _modules() -> Dict[str, ast.Module]:

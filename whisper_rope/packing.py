@@ -22,6 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # torch before 2.9 has no variable-length attention: every device takes the per-clip path
+    varlen_attn = None
+
 
 @dataclass(frozen=True)
 class PackedClips:
@@ -68,9 +73,7 @@ def block_diagonal_attention(q: Tensor, k: Tensor, v: Tensor, clips: PackedClips
 
     q, k, v: (total, n_head, head_dim). Returns (total, n_head, head_dim).
     """
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        from torch.nn.attention.varlen import varlen_attn
-
+    if varlen_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         offsets = clips.offsets.to(q.device)
         return varlen_attn(q, k, v, offsets, offsets, clips.max_length, clips.max_length)
     heads = [t.transpose(0, 1) for t in (q, k, v)]  # (n_head, total, head_dim)
