@@ -18,7 +18,9 @@ from whisper_rope import cli, positional
 from whisper_rope.audio import load_audio
 from whisper_rope.decoding import BatchDecodingTask
 from whisper_rope.features import real_frame_counts, trailing_padding_start
+from whisper_rope.longform import transcribe_chunked
 from whisper_rope.positional import RotaryEmbedding, apply_rotary, rotate_half
+from whisper_rope.speech_chunks import speech_chunks
 from whisper_rope.transcribe import transcribe_many
 
 from .conftest import FIXTURES, randomise_, small_dims
@@ -247,12 +249,15 @@ def test_transcribe_many_unpadded_word_timestamps_and_long_clips(speech, monkeyp
     long_clip = np.concatenate(speech * 5)[: 31 * 16000]
     clips = speech[:3] + [long_clip] + speech[3:5]
     options = dict(temperature=0.0, fp16=False, beam_size=2, word_timestamps=True, sample_len=12)
-    alone = [model.transcribe(audio, **options) for audio in clips]
+    alone = [model.transcribe(audio, **options) for audio in clips[:3] + clips[4:]]
+    chunked = transcribe_chunked(model, long_clip, batch_size=8, **options)
     sizes = _record_batches(monkeypatch)
     batched = transcribe_many(model, clips, batch_size=8, **options)
-    assert sorted(sizes)[-1] == 5 and sorted(sizes)[-2] == 1  # one batch; the 31-s clip is transcribed alone
-    for ours, theirs in zip(batched, alone):
+    # The 31-s recording goes first, as voice-activity chunks in one batch; then the five short clips in one batch.
+    assert sizes[1] == 5 and sizes[0] == len(speech_chunks(long_clip)) >= 1
+    for ours, theirs in zip(batched[:3] + batched[4:], alone):
         _assert_same_results(ours, theirs)
+    _assert_same_results(batched[3], chunked)
 
 
 def test_transcribe_many_redecodes_failed_clips_alone_at_the_next_temperature(speech, monkeypatch):
