@@ -289,6 +289,62 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     assert max_difference(state_dict_of(ddp / MODEL_FILE), resumed) <= 1e-6
 
 
+DDP_DISTILL_SCRIPT = """
+import sys
+from whisper_rope.training.command import main
+
+model, train, out, cache = sys.argv[1:5]
+sys.exit(main(["--model", model, "--variant", "rotary/learned", "--train", train, "--steps", "2", "--batch-size", "2",
+               "--lr", "1e-3", "--warmup-steps", "0", "--num-workers", "0", "--no-progress", "--device", "cpu",
+               "--log-every", "1", "--distill-only", "--ce-weight", "0", "--distill-decoder-layers", "1",
+               "--distill-encoder-weight", "1", "--teacher-cache", cache, "--output", out]))
+"""
+
+
+def test_label_free_state_distillation_under_two_gloo_processes_matches_one_process(tmp_path):
+    """Each rank fills its share of the teacher cache; every state term is normalised over the global batch."""
+    manifest = write_manifest(tmp_path / "four.jsonl", ROWS[:4], text=False)
+    torch.manual_seed(0)
+    source = tmp_path / "source.pt"
+    save_checkpoint(randomise_(build_model(small_dims(n_audio_ctx=1500), "whisper"), std=0.05), source)
+    script = tmp_path / "ddp_distill.py"
+    script.write_text(DDP_DISTILL_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    command += [str(source), str(manifest), str(tmp_path / "ddp"), str(tmp_path / "cache")]
+    launcher = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        _, stderr = launcher.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.communicate()
+        raise
+    assert launcher.returncode == 0, stderr[-3000:]
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 4  # every clip once, whichever rank filled it
+
+    single = finetune(
+        config=quick_config(
+            tmp_path / "single",
+            model=str(source),
+            variant="rotary/learned",
+            train=str(manifest),
+            distill_only=True,
+            ce_weight=0.0,
+            distill_decoder_layers=1.0,
+            distill_encoder_weight=1.0,
+            teacher_cache=str(tmp_path / "cache"),
+        )
+    )
+    ddp = records(tmp_path / "ddp", "train")
+    for key in ("total_loss", "decoder_layers", "encoder_output"):
+        assert [r[key] for r in ddp] == pytest.approx([r[key] for r in records(single.output, "train")], rel=1e-4)
+    assert (
+        max_difference(state_dict_of(tmp_path / "ddp" / MODEL_FILE), state_dict_of(single.output / MODEL_FILE)) < 1e-5
+    )
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Padding masks, policies, schedule
 
