@@ -6,6 +6,8 @@ import pytest
 import torch
 from whisper.model import ModelDimensions
 
+from whisper_rope.audio import load_audio
+
 FIXTURES = Path(__file__).parent / "fixtures"
 
 #: Variants exercised by the equivalence tests: every preset plus mixed combinations.
@@ -48,3 +50,9 @@ def randomise_(model: torch.nn.Module, std: float = 0.1) -> torch.nn.Module:
             if "ln" in name and name.endswith("weight"):
                 parameter.add_(1.0)
     return model
+
+
+@pytest.fixture(scope="session")
+def speech():
+    """The fixture clips of tests/fixtures/speech as 16-kHz float arrays, in name order."""
+    return [load_audio(path) for path in sorted((FIXTURES / "speech").glob("*.flac"))]

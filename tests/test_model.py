@@ -1,6 +1,7 @@
 """The positional variants: upstream equivalence, kv-cache correctness, RoPE properties, encoder lengths."""
 
 import contextlib
+import logging
 
 import pytest
 import torch
@@ -9,11 +10,13 @@ import whisper.decoding
 from whisper.model import Whisper, disable_sdpa
 
 import whisper_rope
+from whisper_rope.audio import load_audio
 from whisper_rope.features import trailing_padding_start
 from whisper_rope.model import PositionalAttention
 from whisper_rope.positional import RotaryEmbedding, rotate_half
 
 from .conftest import MIXED_VARIANTS, randomise_
+from .speech_helpers import SPEECH, first_window, random_rotary
 
 ALL_VARIANTS = whisper_rope.available_variants() + MIXED_VARIANTS
 
@@ -284,3 +287,51 @@ def test_gated_rope_at_zero_is_the_unrotated_model(dims):
 
 def test_positional_attention_subclasses_upstream():
     assert issubclass(PositionalAttention, whisper.model.MultiHeadAttention)
+
+
+def test_kv_cache_with_few_unpadded_frames_keeps_cross_attention_keys_and_matches_full_forward(monkeypatch):
+    """Upstream's cache hook takes a projection with at most n_text_ctx (448) positions for self-attention and would
+    concatenate it; unpadded audio of at most 8.96 s has that few. Harmless only while cross-attention keys are
+    computed once per cache: every step here checks that, and that cached logits equal a full forward pass."""
+    model = random_rotary(n_text_ctx=448)
+    reference = whisper_rope.build_model(model.dims, "rotary").eval()
+    reference.load_state_dict(model.state_dict())
+    errors, cross_lengths = [], set()
+    original = whisper.decoding.PyTorchInference.logits
+
+    def checked(self, tokens, audio_features):
+        cached = original(self, tokens, audio_features)
+        for block in self.model.decoder.blocks:
+            cross_lengths.add(self.kv_cache[block.cross_attn.key].shape[1])
+            cross_lengths.add(self.kv_cache[block.cross_attn.value].shape[1])
+        with torch.no_grad():
+            full = reference.decoder(tokens, audio_features)[:, -cached.shape[1] :]
+        errors.append((cached - full).abs().max().item())
+        return cached
+
+    monkeypatch.setattr(whisper.decoding.PyTorchInference, "logits", checked)
+    window = first_window(load_audio(SPEECH[0]))
+    result = model.decode(window, whisper.DecodingOptions(language="en", beam_size=3, sample_len=20, fp16=False))
+    n_audio = result.audio_features.shape[0]
+    assert n_audio <= 448 and cross_lengths == {n_audio}
+    assert len(errors) >= 10 and max(errors) < 1e-5
+
+
+def _load_rotary_checkpoint(tmp_path, trained_unpadded, caplog, **load_options):
+    model = random_rotary()
+    model.unpadded = trained_unpadded
+    path = whisper_rope.save_checkpoint(model, tmp_path / f"rotary_{trained_unpadded}.pt")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="whisper_rope"):
+        loaded = whisper_rope.load_model(path, device="cpu", **load_options)
+    return loaded, [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_unpadded_option_is_stored_and_warns_for_checkpoints_not_trained_unpadded(tmp_path, caplog):
+    loaded, warnings = _load_rotary_checkpoint(tmp_path, True, caplog)
+    assert loaded.unpadded and loaded.rotary_options["unpadded"] and not warnings
+    loaded, warnings = _load_rotary_checkpoint(tmp_path, False, caplog)
+    assert not loaded.unpadded and not warnings
+    loaded, warnings = _load_rotary_checkpoint(tmp_path, False, caplog, unpadded=True)
+    assert loaded.unpadded
+    assert len(warnings) == 1 and "was not fine-tuned for unpadded input" in warnings[0]

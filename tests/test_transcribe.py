@@ -1,12 +1,21 @@
 """Upstream's transcribe, decode and word timestamps run unchanged on every variant."""
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
 import whisper_rope
+from whisper_rope import cli
 from whisper_rope.audio import load_audio
+from whisper_rope.decoding import BatchDecodingTask
+from whisper_rope.longform import transcribe_chunked
+from whisper_rope.speech_chunks import speech_chunks
+from whisper_rope.transcribe import transcribe_many
 
 from .conftest import FIXTURES, randomise_, small_dims
+from .speech_helpers import SPEECH, EncoderLengths, random_rotary
 
 
 @pytest.fixture(scope="module")
@@ -22,3 +31,126 @@ def test_word_timestamps_run_for_every_preset(variant, hello_audio):
     words = [word for segment in result["segments"] for word in segment["words"]]
     assert words, "no words decoded"
     assert all(0.0 <= w["start"] <= w["end"] <= 30.0 for w in words)
+
+
+def test_unpadded_transcribe_encodes_only_the_real_frames():
+    model = random_rotary()
+    audio = load_audio(FIXTURES / "hello.flac")
+    with EncoderLengths(model) as lengths:
+        model.transcribe(audio, fp16=False, temperature=0.0, language="en")
+    assert lengths and max(lengths) <= len(audio) // 320 + 1
+
+
+def test_unpadded_long_form_transcription_with_word_timestamps(speech):
+    gap = np.zeros(8000, dtype=np.float32)
+    audio = np.concatenate([piece for clip in speech * 3 for piece in (clip, gap)])[: 40 * 16000]
+    model = random_rotary()
+    with EncoderLengths(model) as lengths:
+        result = model.transcribe(audio, fp16=False, temperature=0.0, language="en", word_timestamps=True)
+    words = [word for segment in result["segments"] for word in segment["words"]]
+    assert words and all(0.0 <= w["start"] <= w["end"] <= 40.0 for w in words)
+    assert max(segment["end"] for segment in result["segments"]) > 30.0  # the second window was transcribed
+    # A (nearly) full first window, then windows that end with the audio: only their real frames are encoded.
+    assert max(lengths) > 1400 and min(lengths) < 600
+
+
+def _record_batches(monkeypatch):
+    sizes = []
+    run = BatchDecodingTask.run
+    monkeypatch.setattr(BatchDecodingTask, "run", lambda self, mel: sizes.append(mel.shape[0]) or run(self, mel))
+    return sizes
+
+
+def _assert_same_results(batched, alone):
+    assert batched["text"] == alone["text"] and batched["language"] == alone["language"]
+    assert len(batched["segments"]) == len(alone["segments"])
+    for ours, theirs in zip(batched["segments"], alone["segments"]):
+        assert set(ours) == set(theirs)
+        for key in ("id", "seek", "start", "end", "text", "tokens", "temperature", "words"):
+            assert ours.get(key) == theirs.get(key), key
+        for key in ("avg_logprob", "compression_ratio", "no_speech_prob"):
+            assert ours[key] == pytest.approx(theirs[key], abs=1e-4), key
+
+
+def test_transcribe_many_equals_one_by_one_with_tiny_en(speech, monkeypatch):
+    model = whisper_rope.load_model("tiny.en", device="cpu")
+    options = dict(temperature=0.0, fp16=False, condition_on_previous_text=True)
+    alone = [model.transcribe(audio, **options) for audio in speech]
+    sizes = _record_batches(monkeypatch)
+    batched = transcribe_many(model, SPEECH, batch_size=5, **options)
+    assert sizes == [5, 3]  # two batched decodes, and no clip decoded again
+    for ours, theirs in zip(batched, alone):
+        _assert_same_results(ours, theirs)
+    assert "kitchen table" in batched[SPEECH.index(FIXTURES / "speech" / "espeak_en.flac")]["text"]
+
+
+def test_transcribe_many_unpadded_word_timestamps_and_long_clips(speech, monkeypatch):
+    model = random_rotary(n_text_ctx=448)
+    long_clip = np.concatenate(speech * 5)[: 31 * 16000]
+    clips = speech[:3] + [long_clip] + speech[3:5]
+    options = dict(temperature=0.0, fp16=False, beam_size=2, word_timestamps=True, sample_len=12)
+    alone = [model.transcribe(audio, **options) for audio in clips[:3] + clips[4:]]
+    chunked = transcribe_chunked(model, long_clip, batch_size=8, **options)
+    sizes = _record_batches(monkeypatch)
+    batched = transcribe_many(model, clips, batch_size=8, **options)
+    # The 31-s recording goes first, as voice-activity chunks in one batch; then the five short clips in one batch.
+    assert sizes[1] == 5 and sizes[0] == len(speech_chunks(long_clip)) >= 1
+    for ours, theirs in zip(batched[:3] + batched[4:], alone):
+        _assert_same_results(ours, theirs)
+    _assert_same_results(batched[3], chunked)
+
+
+def test_transcribe_many_redecodes_failed_clips_alone_at_the_next_temperature(speech, monkeypatch):
+    model = random_rotary()
+    sizes = _record_batches(monkeypatch)
+    # Every average log-probability is below 0: every batched result fails and falls back to temperature 1.
+    results = transcribe_many(
+        model,
+        speech[:3],
+        batch_size=3,
+        temperature=(0.0, 1.0),
+        logprob_threshold=0.0,
+        no_speech_threshold=None,
+        fp16=False,
+        sample_len=6,
+    )
+    assert sizes[0] == 3 and all(size == 1 for size in sizes[1:]) and len(sizes) >= 4
+    assert all(segment["temperature"] == 1.0 for result in results for segment in result["segments"])
+
+
+def test_cli_batch_size_writes_the_same_files(tmp_path):
+    model = random_rotary()
+    model_file = whisper_rope.save_checkpoint(model, tmp_path / "rotary.pt")
+    outputs = {}
+    for batch_size in (1, 4):
+        out = tmp_path / f"out{batch_size}"
+        status = cli.main(
+            [
+                *map(str, SPEECH[:3]),
+                "--model",
+                str(model_file),
+                "--batch_size",
+                str(batch_size),
+                "--output_dir",
+                str(out),
+                "--fp16",
+                "False",
+                "--verbose",
+                "False",
+                "--beam_size",
+                "2",
+                "--temperature_increment_on_fallback",
+                "None",
+                "--unpadded",
+                "True",
+            ]
+        )
+        assert status == 0
+        outputs[batch_size] = {p.name: p.read_text() for p in sorted(out.iterdir())}
+    assert len(outputs[1]) == 15 and outputs[1].keys() == outputs[4].keys()
+    for name, text in outputs[1].items():
+        if name.endswith(".json"):
+            ours, theirs = json.loads(outputs[4][name]), json.loads(text)
+            _assert_same_results(ours, theirs)
+        else:
+            assert outputs[4][name] == text, name
