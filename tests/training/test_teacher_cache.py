@@ -133,3 +133,19 @@ def test_label_free_items_carry_the_teachers_transcript_and_padded_states(tmp_pa
     assert batch.tokens_mask().sum(dim=1).tolist() == [len(item.tokens) for item in items]
     for row in range(len(items)):  # zeros after each clip's own positions
         assert not batch.teacher_states["encoder_output"][row, batch.teacher_positions[row] :].any()
+
+
+def test_a_batch_of_entries_holding_different_kinds_carries_only_the_kinds_asked_for(tmp_path, teacher):
+    """An earlier run with more kinds leaves entries holding their union; a later run fills the rest with fewer:
+    every item must still carry the same keys, or the collator cannot stack them."""
+    dataset = _dataset(_manifest(tmp_path, 3), teacher, require_text=False)
+    rich = TeacherCache(tmp_path / "cache", teacher, TargetSpec(kinds=KINDS, transcripts="teacher"))
+    rich.fill(dataset, torch.device("cpu"), indices=[0, 1], progress=False)
+    lean = TeacherCache(tmp_path / "cache", teacher, TargetSpec(kinds=("decoder_layers",), transcripts="teacher"))
+    entries = lean.fill(dataset, torch.device("cpu"), progress=False)
+    assert lean.computed == 1 and set(lean.read(entries[0])) > set(lean.read(entries[2]))
+    wrapped = TeacherTargetsDataset(dataset, entries, "teacher", lean.spec.kinds)
+    items = [wrapped[i] for i in range(3)]
+    assert all(set(item.teacher_states) == {"decoder_layers"} for item in items)
+    batch = TeacherTargetsCollator(Collator(dataset.tokenizer(0).eot, padded_30s=False))(items)
+    assert set(batch.teacher_states) == {"decoder_layers"} and batch.teacher_states["decoder_layers"].shape[0] == 3

@@ -70,7 +70,7 @@ def build_pipeline(
     if cache is not None:
         entries = _filled_entries(cache, train_set, context, config, progress)
         train_set.teacher_30s = False  # the cache holds all the teacher says: no 30-s window per item any more
-        train_set = TeacherTargetsDataset(train_set, entries, cache.spec.transcripts)
+        train_set = TeacherTargetsDataset(train_set, entries, cache.spec.transcripts, cache.spec.kinds)
         collate = TeacherTargetsCollator(collate)
     sampler = BucketBatchSampler(
         train_set.durations,

@@ -271,19 +271,28 @@ class TeacherTargetsDataset(torch.utils.data.Dataset):
     """A `SpeechDataset` whose items carry their teacher targets, read from the cache in the DataLoader workers.
 
     With ``transcripts == "teacher"`` the item's tokens and labels are the teacher's transcript (label-free).
-    Every other attribute is the wrapped dataset's.
+    ``kinds`` (state kinds of `losses.STATE_KINDS`; None: all an entry holds) selects the states an item carries:
+    an entry may hold more kinds than this run asks for (the cache stores the union of what runs needed), and
+    every item of a batch must carry the same ones. Every other attribute is the wrapped dataset's.
     """
 
-    def __init__(self, dataset: SpeechDataset, entries: Sequence[Optional[Path]], transcripts: str):
+    def __init__(
+        self,
+        dataset: SpeechDataset,
+        entries: Sequence[Optional[Path]],
+        transcripts: str,
+        kinds: Optional[Sequence[str]] = None,
+    ):
         self.dataset = dataset
         self.entries = list(entries)
         self.transcripts = transcripts
+        self.keys = None if kinds is None else {key for kind in kinds for key in STORED_KEYS[kind]}
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getattr__(self, name: str):
-        if name in ("dataset", "entries", "transcripts"):  # not yet set (unpickling): no recursion
+        if name in ("dataset", "entries", "transcripts", "keys"):  # not yet set (unpickling): no recursion
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
@@ -301,7 +310,7 @@ class TeacherTargetsDataset(torch.utils.data.Dataset):
             tokenizer = self.dataset.tokenizer(item.index)
             tokens, labels = target_sequence(tokenizer, text, self.dataset.prompts[item.index])
             item.tokens, item.labels = torch.tensor(tokens), torch.tensor(labels)
-        item.teacher_states = entry
+        item.teacher_states = {k: v for k, v in entry.items() if self.keys is None or k in self.keys}
         return item
 
 
