@@ -1,0 +1,56 @@
+"""Caches heal (issue 14, property 8).
+
+A derived file in whisper_rope's cache (the installed tiny.en converted to a ``.pt``) that fails to read is
+rebuilt from its source with a warning, instead of failing every run until someone deletes it by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+import whisper_rope
+
+from . import known_bug
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    """An empty cache directory of our own, and tiny.en converted into it once."""
+    monkeypatch.setenv("WHISPER_ROPE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # no upstream download cache either
+    whisper_rope.load_model("tiny.en", device="cpu")
+    return tmp_path / "cache"
+
+
+DAMAGES = {
+    "truncated": lambda path: path.write_bytes(path.read_bytes()[: path.stat().st_size // 3]),
+    "empty": lambda path: path.write_bytes(b""),
+    "random bytes": lambda path: path.write_bytes(bytes(range(256)) * 64),
+    "another checkpoint": lambda path: torch.save({"dims": {}, "model_state_dict": {}}, path),
+}
+
+
+@known_bug("a damaged derived cache file in ~/.cache/whisper_rope failed every run until deleted by hand")
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_converted_model_in_the_cache_is_rebuilt_with_a_warning(cache, caplog, damage):
+    converted = [p for p in cache.iterdir() if p.suffix == ".pt"]
+    assert len(converted) == 1, converted
+    reference = whisper_rope.load_model("tiny.en", device="cpu").state_dict()
+    DAMAGES[damage](converted[0])
+    with caplog.at_level(logging.WARNING, logger="whisper_rope"):
+        model = whisper_rope.load_model("tiny.en", device="cpu")
+    assert any(converted[0].name in r.getMessage() and "rebuil" in r.getMessage() for r in caplog.records), [
+        r.getMessage() for r in caplog.records]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in reference.items())
+    assert [p.name for p in cache.iterdir() if p.suffix == ".pt"] == [converted[0].name]
+    assert not [p for p in cache.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_damaged_hash_index_is_rebuilt_silently(cache):
+    (cache / "source-hashes.json").write_text("{not json")
+    whisper_rope.load_model("tiny.en", device="cpu")
+    assert (cache / "source-hashes.json").read_text().startswith("{\n")

@@ -1,0 +1,149 @@
+"""One command line (issue 14, property 10).
+
+The same option is spelled and behaves the same in every subcommand: every long option is accepted with dashes
+and with underscores, a boolean option is a bare flag everywhere (``--unpadded``, ``--no-unpadded``, and upstream's
+``--fp16 False`` spelling too), ``convert`` takes model names like every other command, help texts name what an
+option really accepts (folders as well as manifests) and show each default once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+from functools import lru_cache
+from typing import Dict, List, Tuple
+
+import pytest
+import torch
+
+import whisper_rope
+
+from . import known_bug, run_cli
+from .commands import HELLO, SPEECH_DIMS, checkpoint, command, one_error_line, save_model
+
+SUBCOMMANDS = ["transcribe", "convert", "finetune", "evaluate", "compare"]
+#: Options of upstream's ``whisper`` command keep its spelling; their dashed twins are ours.
+BOOLEANS = {"transcribe": ["unpadded", "fp16", "verbose", "word_timestamps"], "evaluate": ["unpadded", "fp16"],
+            "finetune": ["distill", "strict"], "compare": ["progress"]}  # fmt: skip
+
+
+def _cases(values, failing, reason):
+    """Parameters, the ``failing`` ones marked as a known bug."""
+    def param(value):
+        values_ = value if isinstance(value, tuple) else (value,)
+        return pytest.param(*values_, marks=known_bug(reason)) if value in failing else pytest.param(*values_)
+
+    return [param(v) for v in values]
+
+
+def _in_process(*args) -> Tuple[int, str, str]:
+    """``whisper-rope ARGS`` in this process (the parser is what is tested; no model is loaded): status, stdout,
+    stderr."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        status = run_cli(*args)
+    return status, stdout.getvalue(), stderr.getvalue()
+
+
+@lru_cache(maxsize=None)
+def help_entries(subcommand: str) -> Dict[str, str]:
+    """Option spelling -> its whole help entry (all its spellings, metavar and text), from ``--help``."""
+    columns = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "1000"
+    try:
+        status, text, _ = _in_process(subcommand, "--help")
+    finally:
+        if columns is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = columns
+    assert status == 0
+    entries: List[str] = []
+    for line in text.splitlines():
+        if re.match(r"^  -", line):
+            entries.append(line.strip())
+        elif entries and line.startswith("   ") and not line.strip().endswith(":"):
+            entries[-1] += " " + line.strip()
+    found = {}
+    for entry in entries:
+        head = re.split(r"\s{2,}", entry, maxsplit=1)[0]
+        for spelling in re.findall(r"(--[a-z0-9][a-z0-9_-]*)", head):
+            found[spelling] = entry
+    return found
+
+
+@pytest.mark.parametrize("subcommand", _cases(SUBCOMMANDS, ("transcribe", "finetune", "evaluate"),
+                                              "options had one spelling only (transcribe: --batch_size but no "
+                                              "--batch-size; finetune: --spec-augment but no --spec_augment)"))
+def test_every_long_option_is_accepted_with_dashes_and_with_underscores(subcommand):
+    options = help_entries(subcommand)
+    missing = []
+    for spelling in options:
+        name = spelling[2:]
+        for twin in {"--" + name.replace("_", "-"), "--" + name.replace("-", "_")}:
+            if twin not in options and not name.startswith("no-"):
+                missing.append(twin)
+    assert not missing, f"{subcommand}: {sorted(missing)}"
+
+
+@known_bug("--unpadded was a bare flag in evaluate but needed a value in transcribe (where the README shows it bare); "
+           "--fp16 took a value in transcribe and none in evaluate")
+@pytest.mark.parametrize("subcommand", list(BOOLEANS))
+def test_boolean_options_take_the_same_four_forms_everywhere(tmp_path, subcommand):
+    """``--x``, ``--no-x``, ``--x True`` and ``--x False`` all parse: the only error is about the missing model."""
+    required = {"transcribe": [str(HELLO)], "evaluate": ["--data", str(HELLO)], "finetune": ["--train", str(HELLO)],
+                "compare": ["--train", str(HELLO), "--eval", f"a={HELLO}"]}[subcommand]  # fmt: skip
+    for name in BOOLEANS[subcommand]:
+        for form in ([f"--{name}"], [f"--no-{name.replace('_', '-')}"], [f"--{name}", "True"], [f"--{name}", "False"]):
+            args = [subcommand, *form, *required, "--model", tmp_path / "missing.pt"]
+            if subcommand != "transcribe":
+                args += ["--output", tmp_path / "out"]
+            status, _, stderr = _in_process(*args)
+            assert status == 2, (form, stderr)
+            one_error_line(stderr, "missing.pt")
+
+
+@known_bug("convert did not accept model names (tiny.en) like every other command")
+def test_convert_accepts_a_model_name(tmp_path):
+    done = command("convert", "tiny.en", tmp_path / "tiny.en.pt")
+    assert done.returncode == 0, done.stderr
+    converted = checkpoint(tmp_path / "tiny.en.pt")
+    reference = whisper_rope.load_model("tiny.en", device="cpu").state_dict()
+    for name, tensor in converted["model_state_dict"].items():
+        assert torch.equal(tensor.float(), reference[name].float()), name
+    exported = command("convert", "tiny.en", tmp_path / "hf")
+    assert exported.returncode == 0, exported.stderr
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+
+FOLDER_OPTIONS = [("finetune", "--train"), ("finetune", "--eval"), ("evaluate", "--data"), ("compare", "--train"),
+                  ("compare", "--eval")]  # fmt: skip
+
+
+@pytest.mark.parametrize("subcommand, option", _cases(FOLDER_OPTIONS, FOLDER_OPTIONS[1:], "--eval, --data and "
+                         "compare's --train and --eval said 'manifest' where folders of audio + .txt work too"))
+def test_help_says_folders_work_where_they_do(subcommand, option):
+    entry = help_entries(subcommand)[option]
+    assert re.search(r"folder|director", entry), entry
+
+
+@pytest.mark.parametrize("subcommand", _cases(SUBCOMMANDS, ("transcribe", "finetune", "compare"), "help showed some "
+                         "defaults twice ('default: the checkpoint's own variant ... (default: None)'), compare's none"))
+def test_help_shows_each_default_once(subcommand):
+    twice = {option: entry for option, entry in help_entries(subcommand).items()
+             if len(re.findall(r"default", entry, re.IGNORECASE)) > 1}  # fmt: skip
+    assert not twice, twice
+    if subcommand == "compare":
+        for option, default in (("--steps", "200"), ("--lr", "0.0001"), ("--output", "compare-output")):
+            assert re.search(rf"default:? {re.escape(default)}", help_entries(subcommand)[option]), option
+
+
+@known_bug("transcribe --batch-size was refused (only --batch_size existed)")
+def test_transcribe_takes_batch_size_spelled_with_a_dash(tmp_path):
+    model = save_model(tmp_path / "speech.pt", dims=SPEECH_DIMS)
+    done = command(HELLO, HELLO, "--model", model, "--batch-size", "2", "--output_dir", tmp_path / "out",
+                   "--output_format", "txt", "--fp16", "False", "--verbose", "False")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "hello.txt").is_file()
