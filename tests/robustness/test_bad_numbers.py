@@ -7,6 +7,8 @@ refused when the file is loaded, and invalid decoding options are refused in one
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import warnings
 from pathlib import Path
@@ -17,6 +19,7 @@ import soundfile as sf
 import torch
 
 import whisper_rope
+from whisper_rope.cli import main
 
 from . import known_bug
 from .commands import HELLO, TOY_DIMS, checkpoint, command, one_error_line, save_model
@@ -116,7 +119,8 @@ def test_non_finite_weights_in_a_ctranslate2_model_are_refused(tmp_path):
     with pytest.raises(whisper_rope.WhisperRopeError) as refused:
         whisper_rope.load_model(directory, device="cpu")
     assert "encoder/layer_1/ffn/linear_0/weight" in str(refused.value) or "encoder.blocks.1.mlp.0.weight" in str(
-        refused.value), refused.value
+        refused.value
+    ), refused.value
 
 
 @known_bug("head counts that do not divide the width loaded; the model failed at its first forward pass")
@@ -138,8 +142,10 @@ ROTARY_OPTIONS = {
 }
 
 
-@known_bug("rotary options were not type-checked: theta None gave a TypeError traceback, theta nan was accepted, "
-           "gated 'no' became True")
+@known_bug(
+    "rotary options were not type-checked: theta None gave a TypeError traceback, theta nan was accepted, "
+    "gated 'no' became True"
+)
 @pytest.mark.parametrize("case", list(ROTARY_OPTIONS))
 def test_mistyped_rotary_options_are_refused(tmp_path, case):
     source = save_model(tmp_path / "rotary.pt", variant="rotary")
@@ -189,11 +195,6 @@ DECODING_OPTIONS = {
 def test_invalid_decoding_options_are_refused_in_one_line_before_any_model_loads(tmp_path, case):
     option, value = DECODING_OPTIONS[case]
     missing_model = tmp_path / "not-loaded.pt"  # loading it would fail with another message
-    from whisper_rope.cli import main
-
-    import contextlib
-    import io
-
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as exited:
         main([str(HELLO), "--model", str(missing_model), option, value, "--output_dir", str(tmp_path / "out")])
@@ -207,8 +208,9 @@ def test_invalid_decoding_options_are_refused_in_one_line_before_any_model_loads
 @pytest.mark.parametrize("subcommand", ["evaluate", "finetune"])
 def test_an_unusable_device_is_refused_before_any_model_loads(tmp_path, subcommand):
     data = ("--data",) if subcommand == "evaluate" else ("--train",)
+    output = ("--output", tmp_path / "out") if subcommand == "finetune" else ()
     done = command(subcommand, "--model", tmp_path / "not-loaded.pt", *data, HELLO.parent / "hello.txt",
-                   "--device", _unusable_device(), *(("--output", tmp_path / "out") if subcommand == "finetune" else ()))
+                   "--device", _unusable_device(), *output)  # fmt: skip
     assert done.returncode == 2, done.stderr
     one_error_line(done.stderr, "--device")
     assert not (tmp_path / "out").exists()

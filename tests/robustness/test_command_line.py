@@ -12,7 +12,7 @@ import contextlib
 import io
 import os
 import re
-from functools import lru_cache
+from functools import cache
 from typing import Dict, List, Tuple
 
 import pytest
@@ -31,6 +31,7 @@ BOOLEANS = {"transcribe": ["unpadded", "fp16", "verbose", "word_timestamps"], "e
 
 def _cases(values, failing, reason):
     """Parameters, the ``failing`` ones marked as a known bug."""
+
     def param(value):
         values_ = value if isinstance(value, tuple) else (value,)
         return pytest.param(*values_, marks=known_bug(reason)) if value in failing else pytest.param(*values_)
@@ -47,7 +48,7 @@ def _in_process(*args) -> Tuple[int, str, str]:
     return status, stdout.getvalue(), stderr.getvalue()
 
 
-@lru_cache(maxsize=None)
+@cache
 def help_entries(subcommand: str) -> Dict[str, str]:
     """Option spelling -> its whole help entry (all its spellings, metavar and text), from ``--help``."""
     columns = os.environ.get("COLUMNS")
@@ -74,9 +75,15 @@ def help_entries(subcommand: str) -> Dict[str, str]:
     return found
 
 
-@pytest.mark.parametrize("subcommand", _cases(SUBCOMMANDS, ("transcribe", "finetune", "evaluate"),
-                                              "options had one spelling only (transcribe: --batch_size but no "
-                                              "--batch-size; finetune: --spec-augment but no --spec_augment)"))
+@pytest.mark.parametrize(
+    "subcommand",
+    _cases(
+        SUBCOMMANDS,
+        ("transcribe", "finetune", "evaluate"),
+        "options had one spelling only (transcribe: --batch_size but no "
+        "--batch-size; finetune: --spec-augment but no --spec_augment)",
+    ),
+)
 def test_every_long_option_is_accepted_with_dashes_and_with_underscores(subcommand):
     options = help_entries(subcommand)
     missing = []
@@ -88,8 +95,10 @@ def test_every_long_option_is_accepted_with_dashes_and_with_underscores(subcomma
     assert not missing, f"{subcommand}: {sorted(missing)}"
 
 
-@known_bug("--unpadded was a bare flag in evaluate but needed a value in transcribe (where the README shows it bare); "
-           "--fp16 took a value in transcribe and none in evaluate")
+@known_bug(
+    "--unpadded was a bare flag in evaluate but needed a value in transcribe (where the README shows it bare); "
+    "--fp16 took a value in transcribe and none in evaluate"
+)
 @pytest.mark.parametrize("subcommand", list(BOOLEANS))
 def test_boolean_options_take_the_same_four_forms_everywhere(tmp_path, subcommand):
     """``--x``, ``--no-x``, ``--x True`` and ``--x False`` all parse: the only error is about the missing model."""
@@ -122,15 +131,27 @@ FOLDER_OPTIONS = [("finetune", "--train"), ("finetune", "--eval"), ("evaluate", 
                   ("compare", "--eval")]  # fmt: skip
 
 
-@pytest.mark.parametrize("subcommand, option", _cases(FOLDER_OPTIONS, FOLDER_OPTIONS[1:], "--eval, --data and "
-                         "compare's --train and --eval said 'manifest' where folders of audio + .txt work too"))
+@pytest.mark.parametrize(
+    "subcommand, option",
+    _cases(
+        FOLDER_OPTIONS,
+        FOLDER_OPTIONS[1:],
+        "--eval, --data and compare's --train and --eval said 'manifest' where folders of audio + .txt work too",
+    ),
+)
 def test_help_says_folders_work_where_they_do(subcommand, option):
     entry = help_entries(subcommand)[option]
     assert re.search(r"folder|director", entry), entry
 
 
-@pytest.mark.parametrize("subcommand", _cases(SUBCOMMANDS, ("transcribe", "finetune", "compare"), "help showed some "
-                         "defaults twice ('default: the checkpoint's own variant ... (default: None)'), compare's none"))
+@pytest.mark.parametrize(
+    "subcommand",
+    _cases(
+        SUBCOMMANDS,
+        ("transcribe", "finetune", "compare"),
+        "help showed some defaults twice ('default: the checkpoint's own variant ... (default: None)'), compare's none",
+    ),
+)
 def test_help_shows_each_default_once(subcommand):
     twice = {option: entry for option, entry in help_entries(subcommand).items()
              if len(re.findall(r"default", entry, re.IGNORECASE)) > 1}  # fmt: skip

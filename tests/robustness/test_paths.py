@@ -45,8 +45,10 @@ def _no_literal_tilde(user: dict) -> None:
     assert not (user["home"] / "~").exists()
 
 
-@known_bug("a relative folder given to --train was joined twice (my data/audio/my data/audio/x.flac: 'no usable "
-           "rows'), and --output ~/x wrote into a literal ./~/x")
+@known_bug(
+    "a relative folder given to --train was joined twice (my data/audio/my data/audio/x.flac: 'no usable "
+    "rows'), and --output ~/x wrote into a literal ./~/x"
+)
 def test_finetune_takes_a_relative_folder_and_home_paths_everywhere(user):
     run = dict(cwd=user["cwd"], home=user["home"])
     first = command("finetune", "--model", "~/m.pt", "--train", "my data/audio", "--eval", "~/clips.jsonl",
@@ -94,8 +96,10 @@ def test_convert_takes_home_and_relative_paths(user):
     _no_literal_tilde(user)
 
 
-@known_bug("compare did not expand ~ in --output or in NAME=~/manifest, and a relative folder of clips as --train "
-           "was joined twice")
+@known_bug(
+    "compare did not expand ~ in --output or in NAME=~/manifest, and a relative folder of clips as --train "
+    "was joined twice"
+)
 def test_compare_takes_home_paths_in_every_option(user):
     config = user["home"] / "compare.json"
     config.write_text(json.dumps({"eval": ["home=~/clips.jsonl"], "eval_batch_size": 2}))
