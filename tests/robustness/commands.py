@@ -33,8 +33,13 @@ SPEECH_DIMS = {"n_mels": 80, "n_audio_ctx": 1500, "n_audio_state": 64, "n_audio_
                "n_vocab": 51864, "n_text_ctx": 32, "n_text_state": 64, "n_text_head": 4, "n_text_layer": 2}  # fmt: skip
 
 
-def command(*args, cwd: Optional[Path] = None, home: Optional[Path] = None, timeout: float = 300,
-            env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+def command(
+    *args,
+    cwd: Optional[Path] = None,
+    home: Optional[Path] = None,
+    timeout: float = 300,
+    env: Optional[Dict[str, str]] = None,
+) -> subprocess.CompletedProcess:
     """``whisper-rope ARGS`` in a child process (text stdout/stderr), from ``cwd``, with ``HOME`` set to ``home``.
 
     The cache stays where the parent's is (``WHISPER_ROPE_CACHE``), so that a new HOME does not convert tiny.en

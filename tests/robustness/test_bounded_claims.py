@@ -67,8 +67,10 @@ def test_a_layer_count_of_ten_to_the_eighteen_is_refused_cheaply(tmp_path, hones
     _refused_cheaply(path, honest, "n_audio_layer")
 
 
-@known_bug("an expanded (stride-0) token_embedding passed the shape checks; the model of its claimed vocabulary "
-           "was allocated (9.6 GB for a 95 KB file)")
+@known_bug(
+    "an expanded (stride-0) token_embedding passed the shape checks; the model of its claimed vocabulary "
+    "was allocated (9.6 GB for a 95 KB file)"
+)
 def test_a_stride_zero_tensor_is_refused_before_the_model_it_claims_is_built(tmp_path, honest):
     expanded = torch.zeros(1, TOY_DIMS["n_text_state"]).expand(10**7, -1)
     path = _lying_file(tmp_path, honest, "expanded", dims={"n_vocab": 10**7},
@@ -87,8 +89,9 @@ def test_a_tensor_with_overlapping_strides_is_refused(tmp_path, honest):
     _refused_cheaply(path, honest, "decoder.token_embedding.weight")
 
 
-@known_bug("a rotary checkpoint claiming n_audio_ctx = 10**8 loaded (no tensor is tied to the context length): "
-           "50 s and 11 GB")
+@known_bug(
+    "a rotary checkpoint claiming n_audio_ctx = 10**8 loaded (no tensor is tied to the context length): 50 s and 11 GB"
+)
 def test_a_context_length_no_tensor_backs_is_capped(tmp_path, honest):
     path = save_model(tmp_path / "rotary.pt", variant="rotary")
     ckpt = checkpoint(path)
@@ -137,8 +140,7 @@ def test_convert_refuses_a_stride_zero_tensor_in_a_hugging_face_pytorch_model_bi
                      load=f"whisper_rope.load_model({str(hf)!r}, device='cpu')")  # fmt: skip
 
 
-@known_bug("a FLAC whose STREAMINFO claims 2**36 samples made load_audio allocate 256 GiB: a MemoryError "
-           "traceback")
+@known_bug("a FLAC whose STREAMINFO claims 2**36 samples made load_audio allocate 256 GiB: a MemoryError traceback")
 def test_an_audio_header_claiming_days_of_samples_costs_only_what_decodes(tmp_path, honest):
     path = tmp_path / "lying.flac"
     sf.write(path, (0.3 * np.sin(np.arange(16000) / 10)).astype(np.float32), 16000)

@@ -44,7 +44,8 @@ def test_a_damaged_converted_model_in_the_cache_is_rebuilt_with_a_warning(cache,
     with caplog.at_level(logging.WARNING, logger="whisper_rope"):
         model = whisper_rope.load_model("tiny.en", device="cpu")
     assert any(converted[0].name in r.getMessage() and "rebuil" in r.getMessage() for r in caplog.records), [
-        r.getMessage() for r in caplog.records]
+        r.getMessage() for r in caplog.records
+    ]
     assert all(torch.equal(model.state_dict()[k], v) for k, v in reference.items())
     assert [p.name for p in cache.iterdir() if p.suffix == ".pt"] == [converted[0].name]
     assert not [p for p in cache.iterdir() if p.name.endswith(".tmp")]

@@ -45,8 +45,10 @@ def _train_records(output: Path) -> list:
     return [r for r in map(json.loads, lines) if r.get("event") == "train"]
 
 
-@known_bug("--resume with a changed --lr/--weight-decay warned, kept the old values in the optimizer and scheduler, "
-           "and recorded the new ones in the checkpoint's config")
+@known_bug(
+    "--resume with a changed --lr/--weight-decay warned, kept the old values in the optimizer and scheduler, "
+    "and recorded the new ones in the checkpoint's config"
+)
 def test_resume_applies_a_changed_learning_rate_and_weight_decay_and_records_when(tmp_path, speech_pt, two_clips):
     out = tmp_path / "run"
     first = command("finetune", "--model", speech_pt, "--train", two_clips, "--output", out, "--steps", "1",
@@ -84,10 +86,11 @@ def _csv_rows(out: Path) -> list:
         return list(csv.DictReader(handle))
 
 
-@known_bug("compare re-run with other --steps reused every old result.json and headed the old numbers with the new "
-           "settings; renaming an evaluation set gave a KeyError traceback after config.json was overwritten")
-def test_compare_rerun_with_other_settings_trains_again_and_reports_only_their_results(tmp_path, speech_pt,
-                                                                                      two_clips):
+@known_bug(
+    "compare re-run with other --steps reused every old result.json and headed the old numbers with the new "
+    "settings; renaming an evaluation set gave a KeyError traceback after config.json was overwritten"
+)
+def test_compare_rerun_with_other_settings_trains_again_and_reports_only_their_results(tmp_path, speech_pt, two_clips):
     out = tmp_path / "cmp"
     first = _compare(speech_pt, out, "--train", two_clips, "--eval", f"a={two_clips}", "--steps", "1")
     assert first.returncode == 0, first.stderr

@@ -18,7 +18,15 @@ import pytest
 
 from . import known_bug, subprocess_env
 from .commands import (
-    MANIFEST, SPEECH_DIMS, WHISPER_ROPE, checkpoint, command, fingerprint, one_error_line, save_model, write_manifest,
+    MANIFEST,
+    SPEECH_DIMS,
+    WHISPER_ROPE,
+    checkpoint,
+    command,
+    fingerprint,
+    one_error_line,
+    save_model,
+    write_manifest,
 )  # fmt: skip
 
 FINETUNE_FAST = ("--steps", "1", "--batch-size", "2", "--num-workers", "0", "--no-progress", "--warmup-steps", "0")
@@ -131,8 +139,9 @@ def test_finetune_refuses_an_output_directory_that_holds_its_source(tmp_path, sp
     assert fingerprint(tmp_path) == before
 
 
-@known_bug("a fresh fine-tune deleted every .*.tmp, .step-*.partial/ and train_log.jsonl in --output, whoever "
-           "wrote them")
+@known_bug(
+    "a fresh fine-tune deleted every .*.tmp, .step-*.partial/ and train_log.jsonl in --output, whoever wrote them"
+)
 def test_finetune_refuses_an_output_directory_holding_files_it_did_not_write(tmp_path, speech_pt):
     out = tmp_path / "out"
     out.mkdir()
