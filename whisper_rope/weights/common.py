@@ -15,14 +15,16 @@ import torch
 
 from whisper_rope.atomic import atomic_write
 from whisper_rope.errors import CheckpointError, PathLike, one_line
+from whisper_rope.files import read_regular
 
 
 def read_json_object(path: Path, what: str) -> Dict[str, Any]:
-    """The JSON object in ``path``; a CheckpointError naming ``what`` and the file when it is unreadable or not an
-    object (a list, a number)."""
+    """The JSON object in ``path``; a CheckpointError naming ``what`` and the file when it is not a regular file
+    (a FIFO never blocks the reader), is unreadable or is not an object (a list, a number)."""
+    raw = read_regular(path, what, CheckpointError)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        data = json.loads(raw.decode("utf-8"))
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
         raise CheckpointError(f"{what} {path} is not readable JSON: {one_line(exc)}.") from exc
     if not isinstance(data, dict):
         raise CheckpointError(f"{what} {path} holds a {type(data).__name__}, expected a JSON object.")

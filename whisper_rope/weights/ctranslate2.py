@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import mmap
+import os
 import re
 import struct
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ import torch
 from tqdm import tqdm
 
 from whisper_rope.errors import CheckpointError, ModelNotFoundError, PathLike
+from whisper_rope.files import inside
 from whisper_rope.weights.common import (
     ImportedCheckpoint,
     alignment_mask,
@@ -576,39 +578,45 @@ _PART = re.compile(r"^model\.bin\.part(\d+)$")
 
 
 def _part_files(directory: Path) -> List[Path]:
-    """``model.bin.partN`` files in ``directory``, in numeric order."""
+    """``model.bin.partN`` files in ``directory``, in numeric order (each checked by `inside`)."""
     found = []
     for child in directory.iterdir():
         match = _PART.match(child.name)
-        if match and child.is_file():
-            found.append((int(match.group(1)), child))
+        if match:
+            found.append((int(match.group(1)), inside(directory, child.name, "CTranslate2 part", CheckpointError)))
     return [path for _, path in sorted(found)]
 
 
 def is_ctranslate2_dir(path: PathLike) -> bool:
-    """True if ``path`` is a directory holding ``config.json`` and ``model.bin`` or ``model.bin.part*`` files."""
+    """True if ``path`` is a directory holding ``config.json`` and ``model.bin`` or ``model.bin.part*`` entries (what
+    they are is for `read_ctranslate2` to check, so that a link or FIFO there is refused by name)."""
     directory = Path(path)
-    if not directory.is_dir() or not (directory / "config.json").is_file():
+    if not directory.is_dir() or not os.path.lexists(directory / "config.json"):
         return False
-    return (directory / "model.bin").is_file() or bool(_part_files(directory))
+    return os.path.lexists(directory / "model.bin") or any(_PART.match(child.name) for child in directory.iterdir())
 
 
 def _resolve_files(path: Path, parts: Optional[Sequence[PathLike]]) -> Tuple[List[Path], Optional[Path]]:
-    """The model.bin piece(s) to read and the config.json to use (None if there is none)."""
+    """The model.bin piece(s) to read and the config.json to use (None if there is none).
+
+    Files found in a model directory come from `inside` (a link leading out of it, a FIFO or a device is refused);
+    ``parts`` and a model.bin the user names are read as given.
+    """
     if parts:
         files = [Path(p) for p in parts]
         config_dir = path if path.is_dir() else path.parent
     elif path.is_dir():
         config_dir = path
-        files = [path / "model.bin"] if (path / "model.bin").is_file() else _part_files(path)
+        bin_file = inside(path, "model.bin", "CTranslate2 model file", CheckpointError, required=False)
+        files = [bin_file] if bin_file is not None else _part_files(path)
         if not files:
             raise ModelNotFoundError(f"Directory {path} has no model.bin or model.bin.part* file.")
     elif path.is_file():
         files, config_dir = [path], path.parent
     else:
         raise ModelNotFoundError(f"CTranslate2 model path {path} does not exist.")
-    config = config_dir / "config.json"
-    return files, (config if config.is_file() else None)
+    config = inside(config_dir, "config.json", "CTranslate2 config", CheckpointError, required=False)
+    return files, config
 
 
 def read_config(path: Optional[Path]) -> Dict[str, Any]:

@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 
 from whisper_rope.atomic import atomic_write
 from whisper_rope.errors import CheckpointError, ModelNotFoundError, PathLike, one_line
+from whisper_rope.files import inside
 from whisper_rope.weights.common import (
     MULTILINGUAL_MIN_VOCAB,
     ImportedCheckpoint,
@@ -183,18 +184,29 @@ def is_huggingface_dir(path: PathLike) -> bool:
 
 
 def _tensor_getter(directory: Path) -> Dict[str, Callable[[], torch.Tensor]]:
-    """Stored name -> function reading that one tensor, so tensors are materialised one at a time."""
-    index = directory / SAFETENSORS_INDEX
-    if (directory / SAFETENSORS).is_file():
-        return _safetensors_getters([directory / SAFETENSORS])
-    if index.is_file():
-        weight_map = read_json_object(index, "Hugging Face file").get("weight_map")
+    """Stored name -> function reading that one tensor, so tensors are materialised one at a time.
+
+    Every file comes from `inside`: a shard an index names, or a link, that leads out of ``directory`` is refused,
+    and so is anything that is not a regular file.
+    """
+    single = inside(directory, SAFETENSORS, "Hugging Face weights", CheckpointError, required=False)
+    if single is not None:
+        return _safetensors_getters([single])
+    index = inside(directory, SAFETENSORS_INDEX, "Hugging Face index", CheckpointError, required=False)
+    if index is not None:
+        weight_map = read_json_object(index, "Hugging Face index").get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"Hugging Face index {index} has no weight_map object.")
-        getters = _safetensors_getters(sorted({directory / str(f) for f in weight_map.values()}))
-        return getters
-    if (directory / PYTORCH_BIN).is_file():
-        return _pytorch_getters(directory / PYTORCH_BIN)
+        odd = [name for name in weight_map.values() if not isinstance(name, str)]
+        if odd:
+            raise CheckpointError(
+                f"Hugging Face index {index} names shard {one_line(repr(odd[0]), 80)}, expected a file name."
+            )
+        shards = {inside(directory, name, "shard", CheckpointError) for name in set(weight_map.values())}
+        return _safetensors_getters(sorted(shards))
+    pytorch = inside(directory, PYTORCH_BIN, "Hugging Face weights", CheckpointError, required=False)
+    if pytorch is not None:
+        return _pytorch_getters(pytorch)
     raise ModelNotFoundError(f"Hugging Face directory {directory} has no {SAFETENSORS} or {PYTORCH_BIN}.")
 
 
@@ -260,10 +272,11 @@ def read_huggingface(directory: PathLike, dtype: Optional[torch.dtype] = torch.f
         ModelNotFoundError: the directory or its weights are missing.
     """
     directory = Path(directory)
-    if not (directory / "config.json").is_file():
+    if not os.path.lexists(directory / "config.json"):
         raise ModelNotFoundError(f"Hugging Face directory {directory} has no config.json.")
     origin = f"Hugging Face model {directory}"
-    config = read_json_object(directory / "config.json", "Hugging Face file")
+    config_path = inside(directory, "config.json", "Hugging Face file", CheckpointError)
+    config = read_json_object(config_path, "Hugging Face file")
     dims = config_to_dims(config, f"{directory / 'config.json'}")
     getters = _tensor_getter(directory)
     prefix = _prefix(getters, origin)
@@ -341,8 +354,8 @@ def _check_tied_output(getters: Dict[str, Callable[[], torch.Tensor]], embed: to
 
 def _alignment(directory: Path, config: Dict[str, Any], dims: Dict[str, int]) -> Optional[torch.Tensor]:
     """Alignment heads from generation_config.json (where Hugging Face keeps them) or config.json."""
-    generation = directory / "generation_config.json"
-    sources = [(generation, read_json_object(generation, "Hugging Face file"))] if generation.is_file() else []
+    generation = inside(directory, "generation_config.json", "Hugging Face file", CheckpointError, required=False)
+    sources = [(generation, read_json_object(generation, "Hugging Face file"))] if generation is not None else []
     sources.append((directory / "config.json", config))
     for path, data in sources:
         if data.get("alignment_heads"):
