@@ -123,7 +123,6 @@ def test_non_finite_weights_in_a_ctranslate2_model_are_refused(tmp_path):
     ), refused.value
 
 
-@known_bug("head counts that do not divide the width loaded; the model failed at its first forward pass")
 @pytest.mark.parametrize("field", ["n_audio_head", "n_text_head"])
 def test_a_head_count_that_does_not_divide_the_width_is_refused_at_load(tmp_path, toy, field):
     path = _variant_file(tmp_path, toy, "heads", dims={**toy["checkpoint"]["dims"], field: 3})

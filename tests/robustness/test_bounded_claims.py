@@ -109,7 +109,6 @@ def test_a_text_context_no_tensor_backs_is_capped(tmp_path, honest):
     _refused_cheaply(path, honest, "n_text_ctx")
 
 
-@known_bug("a head count of 2**31 that does not divide the width loaded; the model failed at its first forward")
 def test_a_head_count_that_does_not_divide_the_width_is_refused(tmp_path, honest):
     path = _lying_file(tmp_path, honest, "heads", dims={"n_text_head": 2**31})
     _refused_cheaply(path, honest, "n_text_head")
