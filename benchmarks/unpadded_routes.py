@@ -194,7 +194,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--teacher-cache", default=None, help="teacher target cache (default: whisper_rope's)")
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N clips of each split")
     parser.add_argument("--progress", action="store_true", help="show training progress bars")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: redraw routes.md/png from every result.json in --out (runs of several invocations)",
+    )
     args = parser.parse_args(argv)
+    if args.report_only:
+        return _report(_stored_results(args.out), args.out)
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
@@ -214,8 +221,23 @@ def main(argv: Optional[List[str]] = None) -> int:
             path.write_text(json.dumps(result, indent=2) + "\n")
             results.append(result)
             print(_table([result]).splitlines()[-1], flush=True)
-    (args.out / "routes.md").write_text(_table(results) + "\n")
-    _plot(results, args.out / "routes.png")
+    return _report(results, args.out)
+
+
+def _stored_results(out: Path) -> List[Dict[str, Any]]:
+    """Every route's result.json in ``out``, in the order of `ROUTES`, then by seed."""
+    if not out.is_dir():
+        raise SystemExit(f"--out {out}: no such results folder")
+    results = [json.loads(path.read_text()) for path in out.glob("*/result.json")]
+    if not results:
+        raise SystemExit(f"--out {out}: no */result.json to report")
+    order = {name: i for i, name in enumerate(ROUTES)}
+    return sorted(results, key=lambda r: (order.get(r["route"], len(order)), r["seed"]))
+
+
+def _report(results: List[Dict[str, Any]], out: Path) -> int:
+    (out / "routes.md").write_text(_table(results) + "\n")
+    _plot(results, out / "routes.png")
     print(_table(results))
     return 0
 
