@@ -11,6 +11,10 @@ Splits (``DIR/<split>.jsonl`` manifests, audio under ``DIR/<split>/``):
     retained-festival
                 festival voices (another synthesiser, diphone and HTS) speaking yet other sentences of the evaluation
                 grammar: a second retained set, from a synthesiser no training split uses
+    train-diverse
+                only with ``--diverse N``: N more training clips (training grammar, sentences not in ``train``) from
+                espeak-ng accents x voice variants at wider speeds and pitches, 2-6 s long: more varied training
+                audio for label-free adaptation (the teacher transcribes it; its text is only for reference)
 
 No sentence occurs in two splits, and the two grammars share no word other than a few function words
 (``sentences.FUNCTION_WORDS``), so a decoder that memorises training phrases gains nothing on the evaluation splits.
@@ -20,6 +24,7 @@ The same seed gives byte-identical manifests and audio (same espeak-ng/flite ver
 import argparse
 import json
 import random
+import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List, Sequence
@@ -45,6 +50,21 @@ FLITE_SPEED = (0.9, 1.1)
 # festival voices: two diphone voices (American English, male) and one HTS voice (female).
 FESTIVAL_VOICES = ("kal_diphone", "ked_diphone", "cmu_us_slt_arctic_hts")
 FESTIVAL_SPEED = (0.9, 1.1)
+# train-diverse: espeak-ng's English accents crossed with its voice variants (whispered variants left out: not the
+# speech tiny.en hears), wider speed and pitch ranges, clips up to 6 s.
+DIVERSE_ACCENTS = (
+    "en-gb",
+    "en-us",
+    "en-gb-scotland",
+    "en-gb-x-gbclan",
+    "en-gb-x-rp",
+    "en-gb-x-gbcwmd",
+    "en-029",
+    "en-us-nyc",
+)
+DIVERSE_SPEED = (0.7, 1.3)
+DIVERSE_PITCH = (20, 80)
+DIVERSE_SECONDS = (2.0, 6.0)
 
 
 def _voices(
@@ -90,6 +110,26 @@ def corpus_plan(seed: int, sizes: Dict[str, int]) -> Dict[str, List[ClipSpec]]:
     }
 
 
+def espeak_variants() -> List[str]:
+    """The voice variants of the installed espeak-ng (``espeak-ng --voices=variant``), whispered ones left out."""
+    listing = subprocess.run(["espeak-ng", "--voices=variant"], capture_output=True, text=True, check=True).stdout
+    names = [line.split()[4].rsplit("/", 1)[-1] for line in listing.splitlines()[1:] if len(line.split()) >= 5]
+    return [name for name in names if name.lower() not in ("whisper", "whisperf")]
+
+
+def diverse_plan(seed: int, count: int, exclude: Sequence[str], variants: Sequence[str]) -> List[ClipSpec]:
+    """``count`` clips of the training grammar, no sentence of ``exclude``, each with a random accent+variant, speed
+    and pitch; a pure function of its arguments (seed 0 draws with 7, as the published run did)."""
+    texts = sentences(TRAIN, count, seed + 7, exclude=exclude)
+    rng = random.Random(f"diverse:{seed + 7}")
+    clips = []
+    for index, text in enumerate(texts):
+        name = f"{rng.choice(DIVERSE_ACCENTS)}+{rng.choice(variants)}"
+        voice = Voice("espeak-ng", name, round(rng.uniform(*DIVERSE_SPEED), 3), rng.randint(*DIVERSE_PITCH))
+        clips.append(ClipSpec(f"diverse-{index:04d}", text, voice))
+    return clips
+
+
 def main(argv: "Sequence[str] | None" = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output folder (created; existing splits need --overwrite)")
@@ -102,6 +142,9 @@ def main(argv: "Sequence[str] | None" = None) -> int:
         help=f"a CI-sized corpus ({', '.join(f'{k} {v}' for k, v in SMALL_SIZES.items())} clips) "
         f"instead of {', '.join(f'{k} {v}' for k, v in SIZES.items())}",
     )
+    parser.add_argument(
+        "--diverse", type=int, default=0, metavar="N", help="also build train-diverse with N clips (default: none)"
+    )
     parser.add_argument("--jobs", type=int, default=2, help="synthesiser processes run at once")
     parser.add_argument("--overwrite", action="store_true", help="replace existing splits in --out")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
@@ -113,6 +156,12 @@ def main(argv: "Sequence[str] | None" = None) -> int:
         manifests = build_corpus(
             args.out, plan, jobs=args.jobs, progress=args.progress, overwrite=args.overwrite, seconds=SECONDS
         )
+        if args.diverse > 0:
+            clips = diverse_plan(args.seed, args.diverse, [c.text for c in plan["train"]], espeak_variants())
+            extra = {"train-diverse": clips}
+            manifests.update(
+                build_corpus(args.out, extra, args.jobs, args.progress, args.overwrite, seconds=DIVERSE_SECONDS)
+            )
     except (ValueError, RuntimeError, OSError) as error:
         print(f"build_corpus.py: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
@@ -128,7 +177,7 @@ def main(argv: "Sequence[str] | None" = None) -> int:
             "seconds": [min(durations), max(durations)],
             "words": sum(len(row["text"].split()) for row in rows),
             "voices": sorted({f"{row['engine']}:{row['voice']}" for row in rows}),
-            "sentences": "training grammar" if split == "train" else "evaluation grammar",
+            "sentences": "training grammar" if split.startswith("train") else "evaluation grammar",
         }
         print(
             f"{split:10s} {len(rows):5d} clips  {sum(durations) / 60:6.1f} min  "

@@ -127,3 +127,18 @@ def test_bad_inputs_are_refused(tmp_path):
     with pytest.raises(ValueError, match="espeak-ng has no voice .no-such-voice."):
         unknown = ClipSpec("b", "Hi.", Voice("espeak-ng", "no-such-voice"))
         build_corpus(tmp_path, {"other": [unknown]}, jobs=1, progress=False)
+
+
+def test_diverse_split_is_reproducible_new_text_and_many_voices(monkeypatch):
+    build = _benchmark_module("build_corpus", monkeypatch)
+    train = [clip.text for clip in build.corpus_plan(0, build.SIZES)["train"]]
+    variants = build.espeak_variants()
+    assert len(variants) > 20 and not {"whisper", "whisperf"} & {v.lower() for v in variants}
+    clips = build.diverse_plan(0, 1920, train, variants)
+    assert clips == build.diverse_plan(0, 1920, train, variants)
+    # the published long run's split (docs/results.md) starts with these clips
+    assert clips[0].text == "Someone sold my basket and hid it in the attic."
+    assert (clips[0].voice.name, clips[0].voice.speed, clips[0].voice.pitch) == ("en-gb-x-gbcwmd+robosoft6", 1.013, 68)
+    assert not {clip.text for clip in clips} & set(train) and len({clip.text for clip in clips}) == 1920
+    assert len({clip.voice.name for clip in clips}) > 150
+    assert all(0.7 <= clip.voice.speed <= 1.3 and 20 <= clip.voice.pitch <= 80 for clip in clips)
