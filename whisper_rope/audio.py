@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import warnings
 from typing import Iterator, Optional, Tuple
 
 import ffmpeg  # ffmpeg-python: builds the command line and runs it
@@ -68,6 +69,10 @@ _FFMPEG_ONLY_SUFFIXES = frozenset(
 # Frames per soundfile read: ~6 s at 44.1 kHz, small next to an hour of audio (so a long file never exists as
 # float32 multichannel at its native rate) yet large enough that per-block overhead is negligible.
 _BLOCK_FRAMES = 1 << 18
+
+# Output samples preallocated per byte of file at most (see `_honest_samples`): a header's frame count is a claim,
+# and a FLAC header claiming 2**36 samples must not reserve 256 GiB.
+_SAMPLES_PER_BYTE = 8
 
 # soxr "HQ" is 20-bit precision (~120 dB stop-band rejection).  The log-mel features Whisper sees are clamped to an
 # 80 dB range below their peak, so "VHQ" (28-bit) would only add CPU time with no effect on what the model sees.
@@ -331,12 +336,15 @@ class _Output:
 
 
 def _decode_with_soundfile(name: str, sample_rate: int, start: Optional[float], end: Optional[float]) -> np.ndarray:
-    """Read with libsndfile in blocks, average channels, stream-resample; returns float32 ``(n_samples,)``.
+    """Read with libsndfile in blocks, repair non-finite samples, average channels, stream-resample; returns float32
+    ``(n_samples,)``.
 
     Peak memory is one copy of the output plus one block (a few MB), whatever the input's rate and channel count:
-    the output is preallocated from the header's frame count and every block is mixed down and resampled before
-    the next is read.
+    the output is preallocated from the header's frame count (bounded by what the file's size can honestly hold, so
+    that a header claiming days of samples costs nothing) and every block is mixed down and resampled before the
+    next is read.
     """
+    repaired = 0
     try:
         with _quiet_c_stderr(name), sf.SoundFile(name) as f:
             in_rate, total = int(f.samplerate), int(f.frames)
@@ -347,14 +355,15 @@ def _decode_with_soundfile(name: str, sample_rate: int, start: Optional[float], 
             first, last = _span_frames(name, start, end, in_rate, total)
             if first > 0:
                 f.seek(first)
-            if in_rate == sample_rate:
-                resampler = None
-                output = _Output(last - first)
-            else:
+            resampler = None
+            if in_rate != sample_rate:
                 resampler = soxr.ResampleStream(in_rate, sample_rate, 1, dtype="float32", quality=_RESAMPLE_QUALITY)
-                # soxr emits round(n * ratio) samples in total; the slack covers rounding.
-                output = _Output(math.ceil((last - first) * sample_rate / in_rate) + 16)
-            for block in f.blocks(blocksize=_BLOCK_FRAMES, frames=last - first, dtype="float32", always_2d=True):
+            # soxr emits round(n * ratio) samples in total; the slack covers rounding.
+            output = _Output(min(math.ceil((last - first) * sample_rate / in_rate) + 16, _honest_samples(name)))
+            read = 0
+            for block in _blocks(f, last - first):
+                read += block.shape[0]
+                repaired += _repair_non_finite(block)
                 # (frames, channels) -> (frames,): plain average, as ffmpeg's `-ac 1` does for stereo.
                 mono = block[:, 0] if block.shape[1] == 1 else block.mean(axis=1, dtype=np.float32)
                 mono = np.ascontiguousarray(mono)
@@ -370,8 +379,52 @@ def _decode_with_soundfile(name: str, sample_rate: int, start: Optional[float], 
     audio = output.result()
     if audio.size == 0:
         raise _DecoderFailed("file holds no audio frames")
+    if end is not None and (first + read) / in_rate < end - _END_TOLERANCE_S:  # the header promised more
+        raise AudioError(
+            f"end {end:g} s is past the end of audio file '{name}', which is {(first + read) / in_rate:.3f} s long"
+        )
+    if repaired:
+        warnings.warn(
+            f"audio file '{name}' holds {repaired} non-finite samples (NaN or infinite); read NaN as silence and "
+            "infinities as full scale",
+            stacklevel=3,
+        )
     # Float files may exceed full scale and resampling overshoots near full-scale peaks; the contract is [-1, 1].
     return np.clip(audio, -1.0, 1.0, out=audio)
+
+
+def _blocks(f: sf.SoundFile, frames: int) -> Iterator[np.ndarray]:
+    """Up to ``frames`` frames of ``f`` as float32 ``(frames, channels)`` blocks, ending at the first short read:
+    a header may claim more frames than the file holds (soundfile's own ``blocks`` would then go on yielding its
+    stale buffer for every frame claimed)."""
+    while frames > 0:
+        wanted = min(_BLOCK_FRAMES, frames)
+        block = f.read(wanted, dtype="float32", always_2d=True)
+        if block.shape[0]:
+            yield block
+        if block.shape[0] < wanted:
+            return
+        frames -= wanted
+
+
+def _honest_samples(name: str) -> int:
+    """The most output samples a file of this size is preallocated for: `_SAMPLES_PER_BYTE` per byte plus one
+    second. Honest files stay under it (a 32 kbit/s MP3 makes 4 samples per byte at 16 kHz); one that decodes to
+    more (silence in FLAC) grows its buffer as it goes."""
+    try:
+        size = os.path.getsize(name)
+    except OSError:
+        size = 0
+    return _SAMPLES_PER_BYTE * size + SAMPLE_RATE
+
+
+def _repair_non_finite(block: np.ndarray) -> int:
+    """Set NaN samples of ``block`` to 0 and infinities to full scale (+-1), in place, as ffmpeg's conversion to
+    16-bit PCM (upstream's decoding) reads them; returns how many samples were repaired."""
+    bad = int(block.size - np.count_nonzero(np.isfinite(block)))
+    if bad:
+        np.nan_to_num(block, copy=False, nan=0.0, posinf=1.0, neginf=-1.0)
+    return bad
 
 
 # ----------------------------------------------------------------------------------------------------------------------
