@@ -24,6 +24,7 @@ from .errors import one_line
 from .evaluation.compare import add_compare_arguments, run_compare_cli
 from .evaluation.evaluate import add_evaluate_arguments, run_evaluate_cli
 from .model import WhisperRope
+from .option_checks import check_load_options, check_transcribe_options
 from .options import ArgumentParser, add_dataclass_arguments, dataclass_from_args
 from .training.command import add_finetune_arguments, run_finetune_cli
 from .transcribe import WRITER_OPTIONS, TranscribeOptions, transcribe_many
@@ -124,13 +125,14 @@ def _check_writer_options(options: TranscribeOptions) -> None:
         warnings.warn("--max-line-count has no effect without --max-line-width", stacklevel=2)
     if options.max_words_per_line and options.max_line_width:
         warnings.warn("--max-words-per-line has no effect with --max-line-width", stacklevel=2)
-    if options.batch_size < 1:
-        _fail(f"--batch-size must be at least 1, got {options.batch_size}")
 
 
 def _run_transcribe(args: argparse.Namespace) -> int:
     options = dataclass_from_args(TranscribeOptions, args, keep_none=True)
     loading = dataclass_from_args(LoadOptions, args)
+    # Before the model is loaded: a bad number fails in one line now, not in a traceback after a minute of loading.
+    check_transcribe_options(options)
+    check_load_options(loading)
     _check_writer_options(options)
     if options.verbose:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")

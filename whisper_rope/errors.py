@@ -41,6 +41,10 @@ class DataError(WhisperRopeError, ValueError):
     """A manifest or training example that cannot be used."""
 
 
+class OptionError(WhisperRopeError, ValueError):
+    """An option (of a command or a function) outside what it accepts."""
+
+
 class TrainingError(WhisperRopeError, RuntimeError):
     """Training cannot continue (a non-finite loss, a checkpoint that does not fit this run)."""
 

@@ -14,7 +14,7 @@ import argparse
 import dataclasses
 import sys
 import typing
-from typing import Any, Callable, Dict, List, Optional, Sequence, Type
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Type
 
 from .errors import one_line
 
@@ -68,6 +68,17 @@ class ArgumentParser(argparse.ArgumentParser):
             if token in flags and str(args[i + 1]).lower() not in _TRUE + _FALSE:
                 args[i] = f"{token}=true"
         return super().parse_known_args(args, namespace)
+
+    def error(self, message: str) -> NoReturn:
+        """argparse's usage error as one line: ``whisper-rope: error: MESSAGE (see PROG --help)``, exit status 2."""
+        self.exit(2, f"whisper-rope: error: {one_line(message, limit=None)} (see {self.prog} --help)\n")
+
+
+def flags(name: str) -> str:
+    """How error messages name the option of field ``name``: both its spellings, as argparse does
+    (``--batch-size/--batch_size``), or the one (``--model``)."""
+    dashed = "--" + name.replace("_", "-")
+    return f"{dashed}/--{name}" if "_" in name else dashed
 
 
 def add_dataclass_arguments(

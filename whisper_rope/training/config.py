@@ -4,6 +4,7 @@
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..option_checks import check_device
 from ..options import option
 from .optim import check_policy
 from .recipes import RECIPES, recipe_defaults
@@ -313,6 +314,7 @@ class FinetuneConfig:
         for ok, message in self._checks():
             if not ok:
                 raise ValueError(message)
+        check_device(self.device)
         for policy, flag in ((self.train_policy, "--train-policy"), (self.stage_policy, "--stage-policy")):
             check_policy(policy, flag)
         if self.transplant:

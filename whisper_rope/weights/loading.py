@@ -32,6 +32,7 @@ from ..atomic import atomic_torch_save
 from ..compute_type import apply_compute_type, resolve_compute_type
 from ..errors import CheckpointError, ModelNotFoundError, PathLike, first_line
 from ..model import DEFAULT_ROTARY_THETA, WhisperRope
+from ..option_checks import check_load_options, check_positive
 from ..options import option
 from ..variants import DECODER_SCHEMES, ENCODER_SCHEMES, PRESETS, UPSTREAM_VARIANT, Variant, parse_variant
 from . import packages
@@ -281,6 +282,7 @@ def load_model(
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_positive(rotary_theta, "rotary_theta")
     resolve_compute_type(compute_type, device)
     checkpoint, heads, source = resolve_checkpoint(name_or_path, download_root, in_memory)
     stored_variant = checkpoint.get("variant", UPSTREAM_VARIANT)
@@ -425,7 +427,9 @@ class LoadOptions:
     )
 
     def load(self, name_or_path: PathLike, unpadded: Optional[bool] = None) -> WhisperRope:
-        """`load_model` with these options; a bad variant is reported before any weights are looked for."""
+        """`load_model` with these options; a bad variant, device or number is reported before any weights are
+        looked for."""
+        check_load_options(self)
         if self.variant is not None:
             parse_variant(self.variant)
         if self.threads and self.threads > 0:
