@@ -12,6 +12,7 @@ Every subcommand declares its options this way, and every option is spelled and 
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Type
@@ -23,8 +24,38 @@ _FALSE = ("false", "no", "0", "off")
 
 
 def option(help: str, **argparse_options: Any) -> Dict[str, Any]:
-    """A dataclass field's ``metadata``: its help text and any other ``argparse.add_argument`` keywords."""
+    """A dataclass field's ``metadata``: its help text and any other ``argparse.add_argument`` keywords;
+    ``path=True`` marks a file or folder (``~`` expanded), ``path="named"`` a ``NAME=PATH`` or a plain path."""
     return {"help": help, **argparse_options}
+
+
+def expand_user(text: str) -> str:
+    """A path as its user meant it: ``~`` and ``~user`` expanded, otherwise unchanged (relative stays relative)."""
+    return os.path.expanduser(os.fspath(text))
+
+
+def expand_named(text: str) -> str:
+    """``NAME=PATH`` with its path's ``~`` expanded; text without ``=`` is a plain path."""
+    name, sep, path = text.partition("=")
+    return f"{name}={expand_user(path)}" if sep else expand_user(text)
+
+
+def _expander(spec: dataclasses.Field) -> Optional[Callable[[str], str]]:
+    """How the values of a path field are expanded (`option`'s ``path``), or None for other fields."""
+    kind = spec.metadata.get("path", False)
+    return expand_named if kind == "named" else expand_user if kind else None
+
+
+def expand_paths(cls: Type, values: Dict[str, Any]) -> Dict[str, Any]:
+    """``values`` of ``cls``'s fields (from a config file) with ``~`` expanded in its path fields."""
+    out = dict(values)
+    for spec in dataclasses.fields(cls):
+        expand = _expander(spec)
+        value = out.get(spec.name)
+        if expand is None or value is None:
+            continue
+        out[spec.name] = [expand(str(v)) for v in value] if isinstance(value, (list, tuple)) else expand(str(value))
+    return out
 
 
 def field_type(annotation: Any) -> Any:
@@ -104,6 +135,8 @@ def _add_field(parser: argparse.ArgumentParser, spec: dataclasses.Field, kind: t
     shown = _default(spec)  # the value an option left out takes, whether or not ``defaults`` sets it here
     if shown is not None and shown != [] and not positional and "default" not in options["help"].lower():
         options["help"] += f" (default: {shown})".replace("%", "%%")
+    if meta.pop("path", False):
+        meta["type"] = _expander(spec)  # no shell expands the ~ of --option=~/x, nor one a program passes on
     if positional:
         options.update(type=meta.pop("type", kind), **meta)
         parser.add_argument(spec.name, **options)
@@ -129,10 +162,10 @@ def _add_field(parser: argparse.ArgumentParser, spec: dataclasses.Field, kind: t
 def dataclass_from_args(
     cls: Type, args: argparse.Namespace, base: Optional[Dict[str, Any]] = None, keep_none: bool = False
 ) -> Any:
-    """An instance of ``cls`` from parsed options. Options left at None keep ``base``'s value or the field's default
-    (for parsers built with ``defaults=False``); with ``keep_none``, None is a value like any other (upstream's
-    ``--best_of None``)."""
-    values = dict(base or {})
+    """An instance of ``cls`` from parsed options. Options left at None keep ``base``'s value (its path fields with
+    ``~`` expanded) or the field's default (for parsers built with ``defaults=False``); with ``keep_none``, None is a
+    value like any other (upstream's ``--best_of None``)."""
+    values = expand_paths(cls, base or {})
     names = {spec.name for spec in dataclasses.fields(cls)}
     values.update({k: v for k, v in vars(args).items() if k in names and (keep_none or v is not None)})
     return cls(**values)

@@ -185,10 +185,10 @@ class TranscribeOptions:
     The model is loaded with `whisper_rope.weights.loading.LoadOptions`."""
 
     audio: List[str] = field(
-        default_factory=list, metadata=option("audio files to transcribe", positional=True, nargs="+")
+        default_factory=list, metadata=option("audio files to transcribe", positional=True, nargs="+", path=True)
     )
-    model: str = field(default="turbo", metadata=option(MODEL_HELP))
-    output_dir: str = field(default=".", metadata=option("directory for the output files", flags=["-o"]))
+    model: str = field(default="turbo", metadata=option(MODEL_HELP, path=True))
+    output_dir: str = field(default=".", metadata=option("directory for the output files", flags=["-o"], path=True))
     output_format: str = field(
         default="all",
         metadata=option(

@@ -284,7 +284,9 @@ def read_manifest(source: PathLike, strict: bool = False, require_text: bool = T
     missing, has an unknown suffix or a header without the required columns, or (under ``strict``) at the first
     bad row. An empty result is not an error here (see `load_examples`).
     """
-    path = Path(os.fspath(source)).expanduser()
+    # Absolute from here on: every row's audio path is joined to this folder once, whether the manifest or folder
+    # was named relative to the working directory or with ~ (which no shell expands in a config file).
+    path = Path(os.path.abspath(os.path.expanduser(os.fspath(source))))
     label = os.fspath(source)
     rows = RowProblems(label, strict)
     if path.is_dir():

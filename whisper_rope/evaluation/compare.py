@@ -77,7 +77,7 @@ class RunSpec:
 class CompareConfig:
     """A comparison; each field is a ``whisper-rope compare`` option and a key of its ``--config`` JSON file."""
 
-    model: str = field(default="tiny.en", metadata={"help": "source checkpoint (name or path)"})
+    model: str = field(default="tiny.en", metadata={"help": "source checkpoint (name or path)", "path": True})
     runs: List[str] = field(
         default_factory=lambda: ["whisper", "rotary"],
         metadata={
@@ -86,12 +86,23 @@ class CompareConfig:
             "nargs": "+",
         },
     )
-    train: Optional[str] = field(default=None, metadata={"help": "training manifest (the same for every run)"})
+    train: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "training manifest or folder of audio files with .txt transcripts (the same for every run)",
+            "path": True,
+        },
+    )
     eval: List[str] = field(
         default_factory=list,
-        metadata={"help": "evaluation sets as NAME=MANIFEST, e.g. in-domain=in.jsonl retained=ret.jsonl", "nargs": "+"},
+        metadata={
+            "help": "evaluation sets as NAME=MANIFEST (a manifest or a folder of audio files with .txt transcripts), "
+            "e.g. in-domain=in.jsonl retained=ret.jsonl",
+            "nargs": "+",
+            "path": "named",
+        },
     )
-    output: str = field(default="compare-output", metadata={"help": "output directory"})
+    output: str = field(default="compare-output", metadata={"help": "output directory", "path": True})
     steps: int = field(default=200, metadata={"help": "optimizer steps per run"})
     lr: float = field(default=1e-4, metadata={"help": "peak learning rate per run"})
     batch_size: int = field(default=8, metadata={"help": "clips per optimizer step"})
@@ -435,7 +446,7 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
     values: Dict[str, Any] = {}
     if args.config:
         try:
-            values = json.loads(Path(args.config).read_text(encoding="utf-8"))
+            values = json.loads(Path(args.config).expanduser().read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as error:
             raise ValueError(f"cannot read compare config {args.config!r}: {error}") from None
         unknown = set(values) - {f.name for f in fields(CompareConfig)}

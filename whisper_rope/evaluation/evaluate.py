@@ -629,14 +629,15 @@ class EvaluateCommand:
     """The ``whisper-rope evaluate`` command's own options; the model loads with `LoadOptions` and decodes with
     `EvaluationOptions`."""
 
-    model: Optional[str] = field(default=None, metadata=option(MODEL_HELP, required=True))
-    data: Optional[str] = field(default=None, metadata=option(DATA_HELP, required=True))
+    model: Optional[str] = field(default=None, metadata=option(MODEL_HELP, required=True, path=True))
+    data: Optional[str] = field(default=None, metadata=option(DATA_HELP, required=True, path=True))
     output: Optional[str] = field(
         default=None,
         metadata=option(
             "write the summary as JSON here and the per-utterance rows as JSON lines next to it (same name, suffix "
             ".jsonl)",
             flags=["-o"],
+            path=True,
         ),
     )
     progress: bool = field(default=True, metadata=option("show a progress bar"))

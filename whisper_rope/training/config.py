@@ -48,7 +48,8 @@ class FinetuneConfig:
         default="tiny.en",
         metadata=option(
             "pretrained or fine-tuned weights: a model name (tiny.en ... large-v3-turbo), a .pt checkpoint, or a "
-            "faster-whisper / Hugging Face directory; also the distillation teacher"
+            "faster-whisper / Hugging Face directory; also the distillation teacher",
+            path=True,
         ),
     )
     variant: Optional[str] = field(
@@ -68,17 +69,21 @@ class FinetuneConfig:
         default=None,
         metadata=option(
             "training manifest (.jsonl/.csv/.tsv with audio,text[,language,start,end,prompt]) or a directory of audio "
-            "files with same-named .txt transcripts"
+            "files with same-named .txt transcripts",
+            path=True,
         ),
     )
     eval: Optional[str] = field(
         default=None,
         metadata=option(
-            "evaluation manifest: validation loss and greedy WER/CER every --eval-every steps and at the end"
+            "evaluation manifest (like --train: .jsonl/.csv/.tsv or a folder of audio files with .txt transcripts): "
+            "validation loss and greedy WER/CER every --eval-every steps and at the end",
+            path=True,
         ),
     )
     output: str = field(
-        default="finetune-output", metadata=option("output directory: checkpoints, logs, curves", flags=("-o",))
+        default="finetune-output",
+        metadata=option("output directory: checkpoints, logs, curves", flags=("-o",), path=True),
     )
     language: Optional[str] = field(
         default=None, metadata=option("language of rows that name none (multilingual models; default en)")
@@ -230,7 +235,8 @@ class FinetuneConfig:
         default=None,
         metadata=option(
             "directory of the teacher's cached targets, computed once per clip and teacher "
-            "(default: whisper_rope's cache directory, teacher-targets/)"
+            "(default: whisper_rope's cache directory, teacher-targets/)",
+            path=True,
         ),
     )
 
@@ -300,6 +306,7 @@ class FinetuneConfig:
             "value, --output's latest",
             nargs="?",
             const="",
+            path=True,
         ),
     )
     device: Optional[str] = field(

@@ -26,11 +26,14 @@ class ConvertOptions:
     """The ``whisper-rope convert`` command: the arguments of `convert`."""
 
     src: str = field(
-        default="", metadata=option("CTranslate2 directory, Hugging Face directory, or .pt file", positional=True)
+        default="",
+        metadata=option("CTranslate2 directory, Hugging Face directory, or .pt file", positional=True, path=True),
     )
     dst: str = field(
         default="",
-        metadata=option("output .pt file (from a directory) or output directory (from a .pt)", positional=True),
+        metadata=option(
+            "output .pt file (from a directory) or output directory (from a .pt)", positional=True, path=True
+        ),
     )
     force: bool = field(default=False, metadata=option("replace an existing destination"))
     progress: bool = field(default=True, metadata=option("show a progress bar"))

@@ -407,7 +407,8 @@ class LoadOptions:
         default=None, metadata=option("RoPE base; default: the checkpoint's (10000 for new rotary variants)")
     )
     model_dir: Optional[str] = field(
-        default=None, metadata=option("where upstream model downloads are cached (default ~/.cache/whisper)")
+        default=None,
+        metadata=option("where upstream model downloads are cached (default ~/.cache/whisper)", path=True),
     )
     device: str = field(default_factory=_default_device, metadata=option("PyTorch device to run on"))
     threads: int = field(default=0, metadata=option("torch CPU threads (0 keeps torch's default)"))
