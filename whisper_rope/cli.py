@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="convert a checkpoint between formats",
         description="Convert a faster-whisper (CTranslate2) or Hugging Face model directory to a .pt checkpoint "
         "(upstream's format, readable by whisper.load_model and whisper_rope), or a whisper-variant .pt to a Hugging "
-        "Face directory (config.json + model.safetensors).",
+        "Face directory (config.json + model.safetensors); a model name (tiny.en ...) converts to either.",
     )
     add_dataclass_arguments(convert_command, ConvertOptions)
 

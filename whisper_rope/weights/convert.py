@@ -6,19 +6,22 @@ Hugging Face directory. Everything is expressed in upstream Whisper tensor names
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict
 
 import torch
+import whisper
 
 from whisper_rope.errors import CheckpointError, ModelNotFoundError, PathLike, VariantError
 from whisper_rope.options import option
 from whisper_rope.variants import UPSTREAM_VARIANT, parse_variant
-from whisper_rope.weights.common import save_upstream
+from whisper_rope.weights.common import ImportedCheckpoint, save_upstream
 from whisper_rope.weights.ctranslate2 import is_ctranslate2_dir, read_ctranslate2
 from whisper_rope.weights.format import check_state_dict, read_checkpoint
 from whisper_rope.weights.huggingface import is_huggingface_dir, read_huggingface, write_huggingface
+from whisper_rope.weights.loading import load_model
 
 
 @dataclass
@@ -27,12 +30,18 @@ class ConvertOptions:
 
     src: str = field(
         default="",
-        metadata=option("CTranslate2 directory, Hugging Face directory, or .pt file", positional=True, path=True),
+        metadata=option(
+            "CTranslate2 directory, Hugging Face directory, .pt file, or a model name (tiny.en ... large-v3-turbo)",
+            positional=True,
+            path=True,
+        ),
     )
     dst: str = field(
         default="",
         metadata=option(
-            "output .pt file (from a directory) or output directory (from a .pt)", positional=True, path=True
+            "output .pt file (from a directory or a model name) or output directory (from a .pt or a model name)",
+            positional=True,
+            path=True,
         ),
     )
     force: bool = field(default=False, metadata=option("replace an existing destination"))
@@ -45,10 +54,12 @@ def convert(src: PathLike, dst: PathLike, progress: bool = True, overwrite: bool
     * a CTranslate2 directory (or model.bin) or a Hugging Face directory -> upstream-format ``dst`` ending in
       ``.pt`` (tensors keep the source's float type);
     * an upstream-format ``.pt`` (``{"dims", "model_state_dict"}``, optionally ``variant``, ``rotary``,
-      ``alignment_heads``) -> Hugging Face directory ``dst``.
+      ``alignment_heads``) -> Hugging Face directory ``dst``;
+    * a model name (``tiny.en`` ... ``large-v3-turbo``, found as `load_model` finds it) -> either, by ``dst``'s
+      suffix (``.pt``: upstream's format).
 
     Args:
-        src: the checkpoint to read.
+        src: the checkpoint to read, or a model name.
         dst: the file or directory to create; written atomically.
         progress: show a progress bar where the reader has one.
         overwrite: replace an existing ``dst`` instead of refusing.
@@ -58,18 +69,33 @@ def convert(src: PathLike, dst: PathLike, progress: bool = True, overwrite: bool
 
     Raises:
         CheckpointError: unreadable source, a rotary variant headed for Hugging Face, or a bad destination.
-        ModelNotFoundError: ``src`` does not exist.
+        ModelNotFoundError: ``src`` does not exist and is not a model name, or the named model's weights are not
+            found.
     """
     src, dst = Path(src), Path(dst)
-    if not src.exists():
-        raise ModelNotFoundError(f"Checkpoint {src} does not exist.")
+    named = not src.exists() and os.fspath(src) in whisper.available_models()
+    if not src.exists() and not named:
+        raise ModelNotFoundError(f"Checkpoint {src} does not exist, and is not a model name.")
     if dst.exists() and not overwrite and not (dst.is_dir() and not any(dst.iterdir())):
         raise CheckpointError(
             f"destination {dst} already exists; pass overwrite=True (whisper-rope convert --force) to replace it"
         )
+    if named:
+        return _named_model(os.fspath(src), dst, overwrite)
     if src.is_dir() or src.name.startswith("model.bin"):
         return _foreign_to_upstream(src, dst, progress)
     return _upstream_to_huggingface(src, dst, overwrite)
+
+
+def _named_model(name: str, dst: Path, overwrite: bool) -> Path:
+    """A model name, found as `load_model` finds it (upstream's cache, an installed model package, upstream's
+    download) -> an upstream-format ``.pt`` (``dst`` ending in .pt) or a Hugging Face directory."""
+    model = load_model(name, device="cpu")
+    heads = model.alignment_heads.to_dense()
+    imported = ImportedCheckpoint(asdict(model.dims), model.state_dict(), heads, name)
+    if dst.suffix == ".pt":
+        return save_upstream(imported, dst)
+    return write_huggingface(imported.dims, imported.state_dict, dst, alignment_heads=heads, overwrite=overwrite)
 
 
 def _foreign_to_upstream(src: Path, dst: Path, progress: bool) -> Path:
