@@ -174,6 +174,7 @@ def test_mistyped_rotary_options_are_refused(tmp_path, case):
     _refused(path, "rotary")
 
 
+@known_bug("load_model(rotary_theta=nan) built a model whose every rotation is NaN")
 @pytest.mark.parametrize("theta", [math.nan, 0.0, -1.0, math.inf])
 def test_an_invalid_rotary_theta_argument_is_refused(tmp_path, theta):
     source = save_model(tmp_path / "rotary.pt", variant="rotary")

@@ -32,7 +32,7 @@ from ..atomic import atomic_torch_save
 from ..compute_type import apply_compute_type, resolve_compute_type
 from ..errors import CheckpointError, ModelNotFoundError, PathLike, first_line
 from ..model import DEFAULT_ROTARY_THETA, WhisperRope
-from ..option_checks import check_load_options, check_positive
+from ..option_checks import check_load_options
 from ..options import option
 from ..variants import DECODER_SCHEMES, ENCODER_SCHEMES, PRESETS, UPSTREAM_VARIANT, Variant, parse_variant
 from . import packages
@@ -282,7 +282,6 @@ def load_model(
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    check_positive(rotary_theta, "rotary_theta")
     resolve_compute_type(compute_type, device)
     checkpoint, heads, source = resolve_checkpoint(name_or_path, download_root, in_memory)
     stored_variant = checkpoint.get("variant", UPSTREAM_VARIANT)
