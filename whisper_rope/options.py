@@ -18,6 +18,7 @@ import typing
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Type
 
 from .errors import one_line
+from .files import user_path
 
 _TRUE = ("true", "yes", "1", "on")
 _FALSE = ("false", "no", "0", "off")
@@ -30,8 +31,8 @@ def option(help: str, **argparse_options: Any) -> Dict[str, Any]:
 
 
 def expand_user(text: str) -> str:
-    """A path as its user meant it: ``~`` and ``~user`` expanded, otherwise unchanged (relative stays relative)."""
-    return os.path.expanduser(os.fspath(text))
+    """`files.user_path` as text: ``~`` and ``~user`` expanded, relative paths left relative."""
+    return os.fspath(user_path(text)) if text else text
 
 
 def expand_named(text: str) -> str:

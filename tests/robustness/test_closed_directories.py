@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from . import known_bug
 from .commands import SPEECH_DIMS, command, one_error_line, peak_memory, save_model
 
 TIMEOUT = 30
@@ -152,7 +151,6 @@ def test_a_device_in_place_of_model_bin_is_refused(tmp_path, ct2_model):
     _assert_refused(_load(directory), "model.bin")
 
 
-@known_bug("a FIFO given as --train blocked finetune forever while reading the manifest")
 def test_a_fifo_given_as_a_manifest_is_refused_without_blocking(tmp_path):
     fifo = tmp_path / "train.jsonl"
     os.mkfifo(fifo)

@@ -25,6 +25,7 @@ from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
 
 from ..audio import audio_duration
 from ..errors import AudioError, DataError, PathLike
+from ..files import read_regular, user_path
 
 __all__ = ["DataError", "Example", "Manifest", "Problem", "check_audio", "language_code", "read_manifest"]
 
@@ -145,7 +146,7 @@ def _example_from_record(record: Dict[str, object], row: int, folder: Path, requ
     end = _optional_seconds(record.get("end"), "end")
     if start is not None and end is not None and end <= start:
         raise ValueError(f"end {end:g} s is not after start {start:g} s")
-    path = Path(os.path.expanduser(audio.strip()))
+    path = user_path(audio.strip())
     if not path.is_absolute():
         path = folder / path
     return Example(
@@ -160,10 +161,8 @@ def _example_from_record(record: Dict[str, object], row: int, folder: Path, requ
 
 
 def _read_text(path: Path) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise DataError(f"cannot read manifest {str(path)!r}: {error.strerror}") from None
+    # A regular file only: a FIFO would block the reader forever, a device could feed it without end.
+    data = read_regular(path, "manifest", DataError)
     # utf-8-sig drops a byte-order mark; surrogateescape keeps undecodable bytes so only their rows are rejected.
     return data.decode("utf-8-sig", errors="surrogateescape")
 
@@ -286,7 +285,7 @@ def read_manifest(source: PathLike, strict: bool = False, require_text: bool = T
     """
     # Absolute from here on: every row's audio path is joined to this folder once, whether the manifest or folder
     # was named relative to the working directory or with ~ (which no shell expands in a config file).
-    path = Path(os.path.abspath(os.path.expanduser(os.fspath(source))))
+    path = Path(os.path.abspath(user_path(source)))
     label = os.fspath(source)
     rows = RowProblems(label, strict)
     if path.is_dir():
