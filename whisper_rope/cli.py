@@ -9,11 +9,12 @@ line on stderr and a non-zero exit status, never a traceback.
 """
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import warnings
-from typing import Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, NoReturn, Optional, Sequence, Tuple
 
 import numpy as np
 from whisper.transcribe import transcribe
@@ -188,6 +189,23 @@ def _report(what: str, error: BaseException) -> None:
     print(f"whisper-rope: error: {what}: {one_line(error, limit=None)}", file=sys.stderr)
 
 
+@contextlib.contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Within the block, a warning prints as ``whisper-rope: warning: MESSAGE``: one line, like the errors, instead
+    of Python's file:line header and a line of our source (a non-finite audio sample, an English-only model asked
+    for another language)."""
+    previous = warnings.formatwarning
+
+    def one_line_warning(message, category, *args, **kwargs) -> str:
+        return f"whisper-rope: warning: {one_line(message, limit=None)}\n"
+
+    warnings.formatwarning = one_line_warning
+    try:
+        yield
+    finally:
+        warnings.formatwarning = previous
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(_normalise_argv(sys.argv[1:] if argv is None else argv))
@@ -203,7 +221,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 2
     try:
-        return commands[args.command](args)
+        with _one_line_warnings():
+            return commands[args.command](args)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
     except (ValueError, OSError, RuntimeError) as error:

@@ -100,14 +100,20 @@ def test_a_nan_sample_does_not_change_what_tiny_en_hears(tmp_path):
     clean.mkdir()
     sf.write(clean / "clip.wav", sf.read(str(HELLO), dtype="float32")[0], 16000, subtype="FLOAT")
     damaged = _float_wav_with(tmp_path, {5000: np.nan})
-    texts = []
+    texts, stderrs = [], []
     for source, out in ((clean / "clip.wav", tmp_path / "a"), (damaged, tmp_path / "b")):
         done = command(source, "--model", "tiny.en", "--output_dir", out, "--output_format", "txt", "--fp16", "False",
                        "--verbose", "False", "--beam_size", "None", "--best_of", "None")  # fmt: skip
         assert done.returncode == 0, done.stderr
         texts.append(next(out.glob("*.txt")).read_text().strip())
+        stderrs.append(done.stderr)
     assert "hello" in texts[0].lower(), texts
     assert texts[1] == texts[0]
+    # The repair is said in one line, in the command's own voice (not Python's file:line and source line).
+    warned = [line for line in stderrs[1].splitlines() if "non-finite" in line]
+    assert warned == [f"whisper-rope: warning: audio file '{damaged}' holds 1 non-finite samples (NaN or infinite); "
+                      "read NaN as silence and infinities as full scale"], stderrs[1]  # fmt: skip
+    assert "non-finite" not in stderrs[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
