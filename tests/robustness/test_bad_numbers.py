@@ -240,3 +240,21 @@ def test_an_unusable_device_is_refused_before_any_model_loads(tmp_path, subcomma
 
 def test_toy_dims_are_what_the_tests_assume():
     assert TOY_DIMS["n_audio_state"] % 3 and TOY_DIMS["n_text_state"] % 3
+
+
+def test_the_edges_of_what_decoding_options_accept_still_pass():
+    """The checks refuse only what upstream cannot decode with: its defaults, None where upstream takes None, and the
+    boundary values all pass."""
+    from whisper_rope.option_checks import check_load_options, check_transcribe_options
+    from whisper_rope.transcribe import TranscribeOptions
+    from whisper_rope.weights.loading import LoadOptions
+
+    check_transcribe_options(TranscribeOptions())
+    check_load_options(LoadOptions(device="cpu"))
+    edges = TranscribeOptions(temperature=0.0, best_of=1, beam_size=1, patience=0.5, length_penalty=0.0,
+                              temperature_increment_on_fallback=None, compression_ratio_threshold=None,
+                              logprob_threshold=None, no_speech_threshold=None, hallucination_silence_threshold=0.0,
+                              batch_size=1, clip_timestamps="0,2.5,4", suppress_tokens="-1,50257")  # fmt: skip
+    check_transcribe_options(edges)
+    check_transcribe_options(TranscribeOptions(length_penalty=1.0, temperature=1.5, clip_timestamps=""))
+    check_load_options(LoadOptions(device="cpu", threads=0, rotary_theta=1e-3, unpadded_margin=0))
