@@ -18,7 +18,8 @@ def atomic_write(path: PathLike, write: Callable[[BinaryIO], object]) -> Path:
 
     The rename is atomic on POSIX: a concurrent reader sees the old file or the complete new one, and two writers
     racing on the same path both succeed (the last rename wins). The directory is fsynced so the rename survives a
-    power loss. On any error the temporary file is removed and ``path`` is untouched.
+    power loss. On any error the temporary file is removed and ``path`` is untouched; a KeyboardInterrupt is raised
+    as itself even when the writer (torch's zip writer) wrapped it in its own error.
     """
     path = Path(path)
     directory = path.parent
@@ -36,7 +37,11 @@ def atomic_write(path: PathLike, write: Callable[[BinaryIO], object]) -> Path:
             os.unlink(tmp_name)
         except FileNotFoundError:
             pass
-        cause = _os_error(error)
+        interrupt = _in_chain(error, lambda e: isinstance(e, KeyboardInterrupt))
+        if interrupt is not None and interrupt is not error:
+            # torch's writer reports a Ctrl-C inside its own write callback as a RuntimeError; an interrupt stays one.
+            raise interrupt.with_traceback(None) from None
+        cause = _in_chain(error, lambda e: isinstance(e, OSError) and e.errno is not None)
         if cause is None:
             raise
         # torch.save reports a failed write (a full disk) as its own RuntimeError; name the file and the cause.
@@ -60,11 +65,11 @@ def fsync_directory(directory: PathLike) -> None:
         os.close(dir_fd)
 
 
-def _os_error(error: BaseException) -> "OSError | None":
-    """The OSError behind ``error`` (itself, or in its cause/context chain), or None."""
+def _in_chain(error: BaseException, wanted: Callable[[BaseException], bool]) -> "BaseException | None":
+    """The first exception in ``error``'s cause/context chain (``error`` itself included) that is ``wanted``."""
     seen = set()
     while error is not None and id(error) not in seen:
-        if isinstance(error, OSError) and error.errno is not None:
+        if wanted(error):
             return error
         seen.add(id(error))
         error = error.__cause__ or error.__context__

@@ -100,7 +100,6 @@ except BaseException as error:
 """
 
 
-@known_bug("save_checkpoint turned a KeyboardInterrupt inside torch's writer into a RuntimeError")
 def test_save_checkpoint_lets_a_keyboard_interrupt_through_and_leaves_no_file(tmp_path):
     script = INTERRUPTING_SAVE.replace("{dims}", repr(SPEECH_DIMS))
     target = tmp_path / "out" / "model.pt"
