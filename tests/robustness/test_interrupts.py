@@ -115,10 +115,6 @@ def speech_pt(tmp_path_factory) -> Path:
     return save_model(tmp_path_factory.mktemp("speech") / "speech.pt", dims=SPEECH_DIMS)
 
 
-@known_bug(
-    "Ctrl-C during a checkpoint write was reported as a torch-internal error with exit 2, and could leave "
-    "a .step-N.partial staging directory"
-)
 def test_ctrl_c_inside_a_finetune_checkpoint_write_exits_130_and_leaves_no_partial_file(tmp_path, speech_pt):
     out = tmp_path / "run"
     status, stderr, _ = _interrupt(

@@ -128,7 +128,6 @@ def test_every_exported_file_is_readable_like_any_other_file(tmp_path, toy_pt):
 # finetune
 
 
-@known_bug("finetune --model DIR/model.pt --output DIR overwrote the source checkpoint with the fine-tuned one")
 def test_finetune_refuses_an_output_directory_that_holds_its_source(tmp_path, speech_pt):
     folder = tmp_path / "run"
     source = _copy(speech_pt, folder / "model.pt")
@@ -139,9 +138,6 @@ def test_finetune_refuses_an_output_directory_that_holds_its_source(tmp_path, sp
     assert fingerprint(tmp_path) == before
 
 
-@known_bug(
-    "a fresh fine-tune deleted every .*.tmp, .step-*.partial/ and train_log.jsonl in --output, whoever wrote them"
-)
 def test_finetune_refuses_an_output_directory_holding_files_it_did_not_write(tmp_path, speech_pt):
     out = tmp_path / "out"
     out.mkdir()
@@ -169,7 +165,6 @@ def test_finetune_into_a_new_directory_then_resume_still_works(tmp_path, speech_
     assert (out / "step-0000002").is_dir()
 
 
-@known_bug("two fine-tunes into one --output ran together and corrupted each other's staging")
 def test_a_second_finetune_into_a_running_output_directory_is_refused(tmp_path, speech_pt):
     out = tmp_path / "out"
     first = subprocess.Popen(

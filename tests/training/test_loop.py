@@ -645,14 +645,17 @@ def test_a_damaged_or_hostile_training_state_is_refused_naming_the_file(tmp_path
     assert "a pickled program ran" not in capsys.readouterr().out
 
 
-def test_a_new_run_sweeps_temporary_files_left_by_writes_cut_short(tmp_path):
+def test_a_resumed_run_sweeps_only_its_own_temporary_files_left_by_writes_cut_short(tmp_path):
     manifest = write_manifest(tmp_path / "two.jsonl", ROWS[:2])
     output = tmp_path / "run"
-    (output / "best").mkdir(parents=True)
+    finetune(build_model(small_dims(), "rotary"), manifest, None, quick_config(output, steps=1))
     best = output / "best"
-    strays = [output / ".model.pt.k1ll3d.tmp", best / ".model.pt.x.tmp", best / ".metrics.json.tmp"]
+    best.mkdir(exist_ok=True)
+    strays = [output / ".model.pt.k1ll3d0q.tmp", best / ".model.pt.x_7abc12.tmp", best / ".metrics.json.0000abcd.tmp"]
     for stray in strays:
         stray.write_bytes(b"partial")
     (output / ".step-0000003.partial").mkdir()
-    finetune(build_model(small_dims(), "rotary"), manifest, None, quick_config(output, steps=1))
+    (output / ".notes.tmp").write_text("a file of the user's, not a temporary of ours\n")
+    finetune(build_model(small_dims(), "rotary"), manifest, None, quick_config(output, steps=2, resume=str(output)))
     assert not any(p.exists() for p in strays) and not (output / ".step-0000003.partial").exists()
+    assert (output / ".notes.tmp").read_text().startswith("a file of the user's")

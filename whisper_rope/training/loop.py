@@ -46,6 +46,7 @@ from ..atomic import atomic_torch_save, atomic_write_text
 from ..errors import PathLike, TrainingError, WhisperRopeError
 from ..evaluation.evaluate import validation_metrics
 from ..model import WhisperRope
+from ..outputs import DirectoryClaim, claim_directory, refuse_overlap, temporary_of
 from ..variants import parse_variant
 from ..weights.format import read_checkpoint
 from ..weights.loading import checkpoint_dict, load_model
@@ -57,9 +58,12 @@ from .losses import StateWeights
 from .objective import Objective, StudentForward, micro_batch_loss
 from .optim import build_optimizer, gradient_checkpointing, lr_scheduler, precision, select_trainable
 from .pipeline import Pipeline, build_pipeline, prepare_batch, teacher_cache
+from .report import JSON_FILE, TABLE_FILE
 from .state import (
     MODEL_FILE,
+    STAGING_DIR,
     STATE_FILE,
+    STEP_DIR,
     read_training_state,
     resolve_resume,
     restore_entry,
@@ -83,6 +87,8 @@ logger = logging.getLogger("whisper_rope")
 
 LOG_FILE = "train_log.jsonl"
 CURVES_FILE = "training_curves.png"
+#: Every name a fine-tune writes into its --output, besides step-N/ and their staging directories.
+RUN_FILES = (MODEL_FILE, LOG_FILE, CURVES_FILE, "best", TRAIN_MANIFEST, HOLDOUT_MANIFEST, JSON_FILE, TABLE_FILE)
 
 
 @dataclass
@@ -181,14 +187,15 @@ def finetune(
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     try:
-        return _run(model, train, eval, config, teacher, context)
+        with _prepare_output(config, context) as claim:
+            return _run(model, train, eval, config, teacher, context, claim.path)
     finally:
         torch.set_num_threads(threads)
         context.close()
 
 
-def _run(model, train, eval, config: FinetuneConfig, teacher, context: DistributedContext) -> FinetuneResult:
-    run = _setup(model, train, eval, config, teacher, context)
+def _run(model, train, eval, config: FinetuneConfig, teacher, context: DistributedContext, output: Path):
+    run = _setup(model, train, eval, config, teacher, context, output)
     if config.eval_at_start and run.resumed_from is None:
         _evaluate(run)
     progress = tqdm(
@@ -216,11 +223,10 @@ def _run(model, train, eval, config: FinetuneConfig, teacher, context: Distribut
 # Setting up
 
 
-def _setup(model, train, eval, config: FinetuneConfig, teacher, context: DistributedContext) -> RunState:
+def _setup(model, train, eval, config: FinetuneConfig, teacher, context: DistributedContext, output: Path) -> RunState:
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
-    output = _prepare_output(config, context)
     run = RunState(config, context, output, TrainingLog(output / LOG_FILE if context.is_main else None))
     for message in config.self_defeating():
         logger.warning("%s", message)
@@ -257,20 +263,38 @@ def _optimisation(run: RunState) -> None:
     run.scaler = torch.amp.GradScaler(run.device.type, enabled=use_scaler)
 
 
-def _prepare_output(config: FinetuneConfig, context: DistributedContext) -> Path:
-    """The output directory, refused when it holds another run's checkpoints and --resume was not given."""
+def _prepare_output(config: FinetuneConfig, context: DistributedContext) -> DirectoryClaim:
+    """The output directory, claimed and locked for this run (on rank 0; the other ranks get an unlocked claim).
+
+    Refused before anything is written: an output that is or holds --model, --train or --eval; a directory of files
+    this command did not write, or of another command's; one another run is using; one holding checkpoints when
+    --resume was not given. Only this run's own leftovers (a staging directory, its atomic writes' temporary files)
+    are swept, and a fresh start in a directory of an earlier run that never saved starts its log afresh.
+    """
+    inputs = {"--model": config.model, "--train": config.train, "--eval": config.eval}
+    refuse_overlap(config.output, inputs, "--output")
     output = Path(config.output).expanduser()
-    if config.resume is None and step_checkpoints(output):
-        raise TrainingError(
-            f"output directory {str(output)!r} already holds checkpoints of another run: pass --resume to continue "
-            "it, or choose another --output"
-        )
-    if context.is_main:
-        output.mkdir(parents=True, exist_ok=True)
-        sweep_temporary_files(output)
+    if not context.is_main:
+        return DirectoryClaim(output, "finetune", adopted=True)
+    claim = claim_directory(output, "finetune", "--output", _run_entry, adopt_unmarked=config.resume is not None)
+    try:
+        if config.resume is None and step_checkpoints(output):
+            raise TrainingError(
+                f"output directory {str(config.output)!r} already holds checkpoints of another run: pass --resume to "
+                "continue it, or choose another --output"
+            )
+        sweep_temporary_files(output, RUN_FILES)
         if config.resume is None and (output / LOG_FILE).exists():
-            (output / LOG_FILE).unlink()  # a run that never wrote a checkpoint: start its log afresh
-    return output
+            (output / LOG_FILE).unlink()  # this command's log of a run that never wrote a checkpoint: start afresh
+    except BaseException:
+        claim.release()
+        raise
+    return claim
+
+
+def _run_entry(name: str) -> bool:
+    """Whether ``name`` is something a fine-tune writes into its --output (see the module docstring)."""
+    return name in RUN_FILES or bool(STEP_DIR.match(name) or STAGING_DIR.match(name)) or temporary_of(name, RUN_FILES)
 
 
 def _student_model(model: Optional[WhisperRope], config: FinetuneConfig, schedule) -> WhisperRope:

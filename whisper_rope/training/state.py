@@ -10,18 +10,21 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from ..atomic import atomic_torch_save, fsync_directory
 from ..errors import CheckpointError, PathLike, TrainingError
+from ..outputs import temporary_of
 from ..weights.format import load_pt
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "training_state.pt"
 STEP_DIR = re.compile(r"^step-(\d+)$")
+#: Where `save_step_checkpoint` assembles a step directory before renaming it into place.
+STAGING_DIR = re.compile(r"^\.step-(\d+)\.partial$")
 
 
 def rng_state() -> Dict[str, Any]:
@@ -140,34 +143,40 @@ def save_step_checkpoint(output: PathLike, step: int, model_state: dict, trainin
     """Write ``step-N/{model.pt, training_state.pt}`` atomically, then prune old step directories.
 
     Both files go to a hidden staging directory first; renaming it to ``step-N`` publishes them together, so a
-    crash leaves either no ``step-N`` or a complete one.
+    crash leaves either no ``step-N`` or a complete one, and an error or Ctrl-C while writing removes the staging
+    directory before it propagates.
     """
     root = Path(output)
     final = root / f"step-{step:07d}"
     staging = root / f".step-{step:07d}.partial"
     if staging.exists():
         shutil.rmtree(staging)
-    atomic_torch_save(model_state, staging / MODEL_FILE)
-    atomic_torch_save(training_state, staging / STATE_FILE)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staging, final)
+    try:
+        atomic_torch_save(model_state, staging / MODEL_FILE)
+        atomic_torch_save(training_state, staging / STATE_FILE)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     fsync_directory(root)
     for _, old in step_checkpoints(root)[:-keep_last]:
         # Remove the state first: a half-removed directory is then no longer "complete" and never resumed from.
         (old / STATE_FILE).unlink(missing_ok=True)
         shutil.rmtree(old, ignore_errors=True)
-    for leftover in root.glob(".step-*.partial"):
-        shutil.rmtree(leftover, ignore_errors=True)
     return final
 
 
-def sweep_temporary_files(output: Path) -> None:
-    """Remove what writes cut short by a crash left behind: staging directories and atomic writes' temporary files
-    (``.model.pt.XXXX.tmp``, ``.metrics.json.tmp``) in the output directory and its ``best/``."""
-    for leftover in output.glob(".step-*.partial"):
-        shutil.rmtree(leftover, ignore_errors=True)
+def sweep_temporary_files(output: Path, owned: Sequence[str]) -> None:
+    """Remove what this command's writes cut short by a crash left behind in the output directory it owns: staging
+    directories (``.step-N.partial``) and the temporary files of atomic writes of the ``owned`` names (``.model.pt.
+    XXXXXXXX.tmp``) in it and in its ``best/``. Anything else, a hidden file of the user's included, is left alone."""
     for folder in (output, output / "best"):
-        for leftover in folder.glob(".*.tmp"):
-            if leftover.is_file():
+        if not folder.is_dir():
+            continue
+        for leftover in folder.iterdir():
+            if folder == output and STAGING_DIR.match(leftover.name) and leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            elif temporary_of(leftover.name, (*owned, "metrics.json")) and leftover.is_file():
                 leftover.unlink(missing_ok=True)
