@@ -56,7 +56,15 @@ from .holdout import HOLDOUT_MANIFEST, TRAIN_MANIFEST, split_holdout, teacher_re
 from .log import TrainingLog, jsonable, plot_curves
 from .losses import StateWeights
 from .objective import Objective, StudentForward, micro_batch_loss
-from .optim import build_optimizer, gradient_checkpointing, lr_scheduler, precision, select_trainable
+from .optim import (
+    apply_peak_settings,
+    build_optimizer,
+    gradient_checkpointing,
+    lr_scheduler,
+    peak_settings,
+    precision,
+    select_trainable,
+)
 from .pipeline import Pipeline, build_pipeline, prepare_batch, teacher_cache
 from .report import JSON_FILE, TABLE_FILE
 from .state import (
@@ -140,6 +148,7 @@ class RunState:
     last_save_step: Optional[int] = None
     final_loss: Optional[float] = None
     window: Dict[str, float] = field(default_factory=dict)
+    settings_history: List[Dict[str, Any]] = field(default_factory=list)  # [{"step", "changed": {key: [old, new]}}]
 
     @property
     def device(self) -> torch.device:
@@ -370,10 +379,12 @@ def _holdout_split(config: FinetuneConfig, train, eval, cache: Optional[TeacherC
 
 
 def _resume(run: RunState, state: dict) -> None:
-    """Continue exactly where the checkpoint stopped: weights, optimizer, schedules, sampler and RNG states."""
+    """Continue exactly where the checkpoint stopped: weights, optimizer, schedules, sampler and RNG states; changed
+    optimizer settings (--lr, --lr-positional, --weight-decay, the schedule) apply from here and are recorded."""
     source, config = run.resumed_from, run.config
     _check_resumable(state, run.model, source)
     run.model.load_state_dict(read_checkpoint(source / MODEL_FILE)["model_state_dict"], strict=True)
+    settings = peak_settings(run.optimizer)  # this run's, before the checkpoint's replace them
     try:
         run.optimizer.load_state_dict(state["optimizer"])
     except (ValueError, KeyError, TypeError) as error:
@@ -388,17 +399,35 @@ def _resume(run: RunState, state: dict) -> None:
         ("rng", set_rng_state),
     ):
         restore_entry(source / STATE_FILE, key, load, state)
+    apply_peak_settings(run.optimizer, run.scheduler, settings)
     run.step = int(state["step"])
     run.best_wer, run.best_step = state.get("best_wer"), state.get("best_step")
-    current = asdict(config)
-    changed = sorted(k for k, v in state.get("config", {}).items() if k in current and current[k] != v)
-    changed = [k for k in changed if k not in BOOKKEEPING]
-    if changed and run.context.is_main:
-        logger.warning(
-            "resuming with changed settings (%s): the run will not repeat an uninterrupted one", ", ".join(changed)
-        )
+    _record_changed_settings(run, state)
     if run.step >= config.steps and run.context.is_main:
         logger.warning("checkpoint %s is at step %d, which already reaches --steps %d", source, run.step, config.steps)
+
+
+def _record_changed_settings(run: RunState, state: dict) -> None:
+    """Keep the checkpoint's settings history and add this resume's changes to it ({setting: [old, new]})."""
+    stored, current = state.get("config", {}), asdict(run.config)
+    changed = {
+        key: [stored[key], current[key]]
+        for key in sorted(stored)
+        if key in current and key not in BOOKKEEPING and current[key] != stored[key]
+    }
+    history = state.get("settings_history")
+    run.settings_history = list(history) if isinstance(history, list) else []
+    if not changed:
+        return
+    run.settings_history.append({"step": run.step, "changed": changed})
+    if run.context.is_main:
+        logger.warning(
+            "resuming at step %d with changed settings (%s): applied from step %d on, and recorded in the "
+            "checkpoints' settings_history",
+            run.step,
+            ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items()),
+            run.step,
+        )
 
 
 def _check_resumable(state: dict, model: WhisperRope, source: Path) -> None:
@@ -654,6 +683,7 @@ def _save(run: RunState) -> None:
             "world_size": run.context.world_size,
             "best_wer": run.best_wer,
             "best_step": run.best_step,
+            "settings_history": run.settings_history,
         }
         model_state = checkpoint_dict(run.model)
         run.last_saved = save_step_checkpoint(run.output, run.step, model_state, state, run.config.keep_last)

@@ -104,6 +104,21 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_step
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def peak_settings(optimizer: torch.optim.Optimizer) -> List[Tuple[float, float]]:
+    """(peak learning rate, weight decay) of each parameter group, as `build_optimizer` and the schedule set them."""
+    return [(group.get("initial_lr", group["lr"]), group["weight_decay"]) for group in optimizer.param_groups]
+
+
+def apply_peak_settings(optimizer: torch.optim.Optimizer, scheduler, settings: List[Tuple[float, float]]) -> None:
+    """Give a restored optimizer and its `lr_scheduler` the ``settings`` of `peak_settings` (this run's --lr,
+    --lr-positional, --weight-decay) while keeping their moments and position: a resumed run trains with changed
+    settings from its next step, at the point of the schedule where it stopped."""
+    scheduler.base_lrs = [peak for peak, _ in settings]
+    for group, (peak, decay), factor in zip(optimizer.param_groups, settings, scheduler.lr_lambdas):
+        group["initial_lr"], group["weight_decay"] = peak, decay
+        group["lr"] = peak * factor(scheduler.last_epoch)
+
+
 def precision(choice: str, device: torch.device) -> Tuple[Optional[torch.dtype], bool]:
     """(autocast dtype or None for fp32, whether to use a GradScaler) for ``--precision choice`` on ``device``."""
     if device.type != "cuda":
