@@ -87,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
             "compare",
             help="fine-tune and evaluate several variants side by side",
             description="Evaluate a source checkpoint, fine-tune it into each run's variant with identical settings, "
-            "evaluate every run on every set, and write results.md, results.csv and plots. Finished runs are kept and "
-            "skipped when the comparison is run again.",
+            "evaluate every run on every set, and write results.md, results.csv and plots. A run finished with the "
+            "same settings is kept and skipped when the comparison is run again; other settings train and evaluate "
+            "anew.",
         )
     )
     return parser

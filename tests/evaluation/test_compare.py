@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 
 import pytest
 
@@ -62,12 +63,14 @@ def test_compare_writes_reports_and_resumes(source, tmp_path, monkeypatch):
         str(output),
     ]
     assert cli.main(args) == 0
-    assert sorted(p.name for p in (output / "runs").iterdir()) == [
+    runs = sorted(p.name for p in (output / "runs").iterdir())
+    assert [name.rsplit("-", 1)[0] for name in runs] == [
         "rotary_rotary-seed0",
         "rotary_rotary-seed1",
         "sinusoidal_learned-seed0",
         "sinusoidal_learned-seed1",
     ]
+    assert all(re.fullmatch(r"[0-9a-f]{10}", name.rsplit("-", 1)[1]) for name in runs)  # the settings' key
     rows = list(csv.DictReader(open(output / "results.csv")))
     # before: padded only; whisper: padded; rotary (no encoder table): padded and unpadded. Two seeds each.
     assert [(r["run"], r["decoding"]) for r in rows].count(("rotary", "unpadded")) == 2
@@ -78,7 +81,7 @@ def test_compare_writes_reports_and_resumes(source, tmp_path, monkeypatch):
     for name in ("wer_per_set.png", "loss_curves.png", "cost.png"):
         assert (output / name).stat().st_size > 1000
 
-    # A second invocation finds every run finished: nothing is trained or evaluated again.
+    # A second invocation with the same settings finds every run finished: nothing is trained or evaluated again.
     import whisper_rope.evaluation.compare as compare_module
 
     def no_training(*_, **__):
@@ -94,10 +97,11 @@ def test_compare_writes_reports_and_resumes(source, tmp_path, monkeypatch):
             eval=[f"fixtures={SPEECH}"],
             steps=2,
             batch_size=2,
+            warmup_steps=0,
             seeds=[0, 1],
             output=str(output),
             progress=False,
         )
     )
     assert len(result["runs"]) == 4
-    assert json.loads((output / "runs" / "rotary_rotary-seed1" / "result.json").read_text())["seed"] == 1
+    assert json.loads((output / "runs" / runs[1] / "result.json").read_text())["seed"] == 1

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from . import known_bug
 from .commands import MANIFEST, SPEECH_DIMS, command, fingerprint, one_error_line, save_model, write_manifest
 
 RUN = ("--batch-size", "2", "--num-workers", "0", "--no-progress", "--warmup-steps", "0", "--save-every", "1",
@@ -83,10 +82,6 @@ def _csv_rows(out: Path) -> list:
         return list(csv.DictReader(handle))
 
 
-@known_bug(
-    "compare re-run with other --steps reused every old result.json and headed the old numbers with the new "
-    "settings; renaming an evaluation set gave a KeyError traceback after config.json was overwritten"
-)
 def test_compare_rerun_with_other_settings_trains_again_and_reports_only_their_results(tmp_path, speech_pt, two_clips):
     out = tmp_path / "cmp"
     first = _compare(speech_pt, out, "--train", two_clips, "--eval", f"a={two_clips}", "--steps", "1")
@@ -107,7 +102,6 @@ def test_compare_rerun_with_other_settings_trains_again_and_reports_only_their_r
     assert len(sorted(out.glob("runs/*/result.json"))) == 2  # evaluated again, not trained again
 
 
-@known_bug("compare wrote config.json before it checked that its evaluation manifests exist")
 def test_compare_writes_nothing_before_its_inputs_are_validated(tmp_path, speech_pt, two_clips):
     out = tmp_path / "cmp"
     done = _compare(speech_pt, out, "--train", two_clips, "--eval", f"a={tmp_path / 'missing.jsonl'}", "--steps", "1")

@@ -208,7 +208,6 @@ def test_evaluate_never_writes_over_its_own_manifest(tmp_path, speech_pt):
     assert fingerprint(tmp_path) == before
 
 
-@known_bug("compare wrote config.json, results.md and results.csv over files of the same name in --output")
 def test_compare_refuses_an_output_directory_holding_foreign_files(tmp_path, speech_pt):
     out = tmp_path / "out"
     out.mkdir()

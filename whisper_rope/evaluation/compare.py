@@ -13,14 +13,20 @@ with the same keys) does, in order:
    plots: WER per set before/after, training-loss curves overlaid, and training cost per run.
 
 A run spec is ``VARIANT`` or ``VARIANT@FLAG[,FLAG]`` with flags ``distill``, ``transplant`` and ``unpadded`` (a
-transplant that trains on unpadded input once the tables are gone). Every finished run
-leaves ``runs/<run>/result.json``; an interrupted comparison run again skips the runs that have one.
+transplant that trains on unpadded input once the tables are gone). Every finished run leaves
+``runs/<run>-seed<N>-<key>/result.json`` holding the settings that produced it (``key`` hashes the training settings):
+a comparison run again with the same settings skips the finished runs and resumes an interrupted one; with other
+training settings it trains anew beside the old runs, with other evaluation settings (sets, batch, cap) it evaluates
+the stored models again. The reports show only the results of the settings given.
 """
 
 import argparse
 import csv
+import hashlib
+import io
 import json
 import math
+import os
 import re
 import statistics
 import time
@@ -28,15 +34,25 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from ..atomic import atomic_write_text
+import whisper
+
+from ..atomic import atomic_write, atomic_write_text
 from ..options import add_dataclass_arguments, dataclass_from_args
+from ..outputs import claim_directory, refuse_overlap, temporary_of
 from ..training.config import FinetuneConfig
 from ..training.loop import finetune
+from ..training.state import step_checkpoints
 from ..variants import parse_variant
 from ..weights.loading import load_model
 from .evaluate import EvaluationOptions, evaluate
 
 RUN_FLAGS = ("distill", "transplant", "unpadded")
+#: `CompareConfig` fields that decide what a run trains (with its spec and seed), and what an evaluation measures.
+TRAINING_SETTINGS = ("model", "train", "steps", "lr", "batch_size", "warmup_steps", "transplant_fraction")
+EVALUATION_SETTINGS = ("eval_batch_size", "cap_factor")
+#: Every name `compare` writes into its --output.
+COMPARE_FILES = ("config.json", "before.json", "runs", "results.csv", "results.md", "wer_per_set.png",
+                 "loss_curves.png", "cost.png")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -138,10 +154,18 @@ class CompareConfig:
         return sets
 
     def validate(self) -> "CompareConfig":
+        """Check every setting and that every input exists, before anything is written."""
         if not self.train:
             raise ValueError("compare needs a training manifest (--train)")
         if not self.eval_sets():
             raise ValueError("compare needs at least one evaluation set (--eval NAME=MANIFEST)")
+        if not _exists(self.model) and self.model not in whisper.available_models():
+            raise ValueError(f"--model {self.model!r} is neither an existing path nor a model name")
+        if not _exists(self.train):
+            raise ValueError(f"--train {self.train!r} does not exist (expected a manifest or a folder of audio)")
+        for name, path in self.eval_sets().items():
+            if not _exists(path):
+                raise ValueError(f"--eval {name}={path}: {path!r} does not exist (expected a manifest or a folder)")
         if not self.runs or not self.seeds:
             raise ValueError("compare needs at least one run and one seed")
         self.run_specs()
@@ -207,11 +231,14 @@ def _finetune_config(config: CompareConfig, spec: RunSpec, seed: int, output: Pa
         options.update(
             transplant=True, transplant_anneal_steps=span, transplant_gate_steps=span, transplant_unpadded=spec.unpadded
         )
+    if step_checkpoints(output):  # a comparison interrupted while this run trained: continue it
+        options.update(resume=str(output))
     return FinetuneConfig(**options)
 
 
 def run_one(config: CompareConfig, spec: RunSpec, seed: int, directory: Path) -> Dict[str, Any]:
-    """Fine-tune and evaluate one run; writes ``result.json`` last (the run's completion mark)."""
+    """Fine-tune and evaluate one run; writes ``result.json`` last (the run's completion mark), holding the settings
+    that produced it (`training_settings`, `evaluation_settings`)."""
     started = time.perf_counter()
     trained = finetune(config=_finetune_config(config, spec, seed, directory / "train"))
     train_seconds = time.perf_counter() - started
@@ -230,39 +257,114 @@ def run_one(config: CompareConfig, spec: RunSpec, seed: int, directory: Path) ->
         "train_seconds": train_seconds,
         "seconds_per_step": train_seconds / max(trained.steps, 1),
         "model_path": str(trained.model_path),
+        "settings": training_settings(config, spec, seed),
+        "evaluation_settings": evaluation_settings(config),
         "evaluations": _evaluate_all(model, config),
     }
     atomic_write_text(directory / "result.json", json.dumps(result, indent=2))
     return result
 
 
-def _load_or_run(path: Path, compute) -> Dict[str, Any]:
-    if path.is_file():
-        return json.loads(path.read_text())
-    return compute()
+def _as_given(value: str) -> str:
+    """A path option as a key: the real absolute path of an existing file, else the text (a model name)."""
+    return os.path.realpath(os.path.expanduser(value)) if _exists(value) else value
+
+
+def _exists(value: Optional[str]) -> bool:
+    return bool(value) and os.path.exists(os.path.expanduser(value))
+
+
+def training_settings(config: CompareConfig, spec: RunSpec, seed: int) -> Dict[str, Any]:
+    """Everything that decides what a run trains: a stored run is reused only when these are equal."""
+    settings = {key: getattr(config, key) for key in TRAINING_SETTINGS}
+    settings.update(model=_as_given(config.model), train=_as_given(config.train), run=spec.label, seed=seed)
+    if not spec.transplant:
+        del settings["transplant_fraction"]
+    return settings
+
+
+def evaluation_settings(config: CompareConfig) -> Dict[str, Any]:
+    """Everything that decides what an evaluation measures: stored evaluations are reused only when these are
+    equal (a renamed or changed set is evaluated again)."""
+    sets = {name: _as_given(path) for name, path in config.eval_sets().items()}
+    return {"eval": sets, **{key: getattr(config, key) for key in EVALUATION_SETTINGS}}
+
+
+def _run_directory(output: Path, spec: RunSpec, seed: int, settings: Dict[str, Any]) -> Path:
+    """``runs/<slug>-seed<N>-<key>``: the key (a hash of the training settings) keeps other settings' runs apart."""
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    return output / "runs" / f"{spec.slug}-seed{seed}-{key}"
+
+
+def _stored(path: Path) -> Optional[Dict[str, Any]]:
+    """A result this command wrote earlier, or None (absent or unreadable: it is computed again)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _run_result(config: CompareConfig, spec: RunSpec, seed: int, output: Path) -> Dict[str, Any]:
+    """The stored result of a run with exactly these settings, evaluated again if the evaluation settings changed;
+    else a new run."""
+    settings = training_settings(config, spec, seed)
+    directory = _run_directory(output, spec, seed, settings)
+    stored = _stored(directory / "result.json")
+    if stored is None or stored.get("settings") != settings:
+        return run_one(config, spec, seed, directory)
+    if stored.get("evaluation_settings") != evaluation_settings(config):
+        model = load_model(stored["model_path"], device=config.device).eval()
+        stored.update(evaluation_settings=evaluation_settings(config), evaluations=_evaluate_all(model, config))
+        atomic_write_text(directory / "result.json", json.dumps(stored, indent=2))
+    return stored
+
+
+def _before(config: CompareConfig, output: Path) -> Dict[str, Any]:
+    """The source model's evaluations (``before.json``), reused only for the same model and evaluation settings."""
+    path = output / "before.json"
+    stored = _stored(path)
+    key = {"model": _as_given(config.model), "evaluation_settings": evaluation_settings(config)}
+    if stored is not None and all(stored.get(name) == value for name, value in key.items()):
+        return stored
+    model = load_model(config.model, device=config.device).eval()
+    result = {"run": "before (source model)", "variant": model.variant, **key}
+    result["evaluations"] = _evaluate_all(model, config)
+    atomic_write_text(path, json.dumps(result, indent=2))
+    return result
+
+
+def _compare_entry(name: str) -> bool:
+    """Whether ``name`` is something `compare` writes into its --output."""
+    return name in COMPARE_FILES or temporary_of(name, COMPARE_FILES)
+
+
+def _earlier_comparison(output: Path) -> bool:
+    """Whether an unmarked ``output`` (written before outputs were marked) is a comparison: its config.json holds
+    compare settings, not a file of the same name that someone else wrote."""
+    stored = _stored(output / "config.json")
+    return stored is not None and "runs" in stored and set(stored) <= {f.name for f in fields(CompareConfig)}
 
 
 def compare(config: CompareConfig) -> Dict[str, Any]:
-    """Run (or resume) a comparison; returns {"before": ..., "runs": [...]} and writes the reports."""
+    """Run (or resume) a comparison; returns {"before": ..., "runs": [...]} and writes the reports.
+
+    Inputs are checked before anything is written; --output is claimed and locked (`claim_directory`). Every stored
+    result is keyed by the settings that produced it: a run is reused only when its training settings are equal,
+    its evaluations only when the evaluation settings are too; the reports show only this configuration's results.
+    """
     config.validate()
-    output = Path(config.output)
-    output.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(output / "config.json", json.dumps(asdict(config), indent=2))
-
-    def before() -> Dict[str, Any]:
-        model = load_model(config.model, device=config.device).eval()
-        result = {"run": "before (source model)", "variant": model.variant, "evaluations": _evaluate_all(model, config)}
-        atomic_write_text(output / "before.json", json.dumps(result, indent=2))
-        return result
-
-    results = {"before": _load_or_run(output / "before.json", before), "runs": []}
-    for spec in config.run_specs():
-        for seed in config.seeds:
-            directory = output / "runs" / f"{spec.slug}-seed{seed}"
-            results["runs"].append(
-                _load_or_run(directory / "result.json", lambda: run_one(config, spec, seed, directory))
-            )
-    write_reports(results, config, output)
+    output = Path(os.path.expanduser(config.output))
+    inputs = {"--model": config.model, "--train": config.train}
+    refuse_overlap(output, {**inputs, **{f"--eval {n}": p for n, p in config.eval_sets().items()}}, "--output")
+    adopt = _earlier_comparison(output)
+    with claim_directory(output, "compare", "--output", _compare_entry, adopt_unmarked=adopt):
+        atomic_write_text(output / "config.json", json.dumps(asdict(config), indent=2))
+        results = {"before": _before(config, output), "runs": []}
+        for spec in config.run_specs():
+            for seed in config.seeds:
+                results["runs"].append(_run_result(config, spec, seed, output))
+        write_reports(results, config, output)
     return results
 
 
@@ -349,11 +451,11 @@ def write_reports(results: Dict[str, Any], config: CompareConfig, output: Path) 
         "seconds_per_step",
         "final_loss",
     ]
-    csv_path = output / "results.csv"
-    with open(csv_path, "w", newline="", encoding="utf-8") as fp:
-        writer = csv.DictWriter(fp, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    csv_path = atomic_write_text(output / "results.csv", table.getvalue())
     seeds = ", ".join(str(s) for s in config.seeds)
     markdown = [
         f"# Comparison: {config.model}, {config.steps} steps, lr {config.lr:g}, batch {config.batch_size}, "
@@ -369,9 +471,12 @@ def write_reports(results: Dict[str, Any], config: CompareConfig, output: Path) 
         "![WER per set](wer_per_set.png) ![training loss](loss_curves.png) ![cost](cost.png)",
         "",
     ]
-    md_path = output / "results.md"
-    md_path.write_text("\n".join(markdown), encoding="utf-8")
+    md_path = atomic_write_text(output / "results.md", "\n".join(markdown))
     return [csv_path, md_path] + plot_results(results, config, output)
+
+
+def _save_figure(figure, path: Path) -> Path:
+    return atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=110))
 
 
 def plot_results(results: Dict[str, Any], config: CompareConfig, output: Path) -> List[Path]:
@@ -402,8 +507,7 @@ def plot_results(results: Dict[str, Any], config: CompareConfig, output: Path) -
     axes.grid(axis="y", alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    wer_path = output / "wer_per_set.png"
-    figure.savefig(wer_path, dpi=110)
+    wer_path = _save_figure(figure, output / "wer_per_set.png")
     plt.close(figure)
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
@@ -417,8 +521,7 @@ def plot_results(results: Dict[str, Any], config: CompareConfig, output: Path) -
     axes.set(xlabel="step", ylabel="training loss (cross-entropy per token)", title="training loss")
     axes.legend(fontsize=7)
     figure.tight_layout()
-    loss_path = output / "loss_curves.png"
-    figure.savefig(loss_path, dpi=110)
+    loss_path = _save_figure(figure, output / "loss_curves.png")
     plt.close(figure)
 
     figure, axes = plt.subplots(figsize=(7, 4))
@@ -426,8 +529,7 @@ def plot_results(results: Dict[str, Any], config: CompareConfig, output: Path) -
     axes.barh(names, [run["seconds_per_step"] for run in results["runs"]])
     axes.set(xlabel="wall seconds per training step", title="training cost per run")
     figure.tight_layout()
-    cost_path = output / "cost.png"
-    figure.savefig(cost_path, dpi=110)
+    cost_path = _save_figure(figure, output / "cost.png")
     plt.close(figure)
     return [wer_path, loss_path, cost_path]
 
