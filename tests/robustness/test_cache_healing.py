@@ -14,8 +14,6 @@ import torch
 
 import whisper_rope
 
-from . import known_bug
-
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch) -> Path:
@@ -34,7 +32,6 @@ DAMAGES = {
 }
 
 
-@known_bug("a damaged derived cache file in ~/.cache/whisper_rope failed every run until deleted by hand")
 @pytest.mark.parametrize("damage", list(DAMAGES))
 def test_a_damaged_converted_model_in_the_cache_is_rebuilt_with_a_warning(cache, caplog, damage):
     converted = [p for p in cache.iterdir() if p.suffix == ".pt"]

@@ -30,7 +30,7 @@ from whisper.model import ModelDimensions
 from .. import version
 from ..atomic import atomic_torch_save
 from ..compute_type import apply_compute_type, resolve_compute_type
-from ..errors import CheckpointError, ModelNotFoundError, PathLike, first_line
+from ..errors import CheckpointError, ModelNotFoundError, PathLike, first_line, one_line
 from ..model import DEFAULT_ROTARY_THETA, WhisperRope
 from ..option_checks import check_load_options
 from ..options import option
@@ -214,8 +214,8 @@ def resolve_checkpoint(
             source = Path(cached).read_bytes() if in_memory else cached
             return read_checkpoint(source, name=cached), heads, cached
         if packages.find_installed_model(text) is not None:
-            converted = packages.cached_conversion(text)
-            return read_checkpoint(converted, name=str(converted)), heads, f"{text} (installed package, {converted})"
+            checkpoint, converted = _installed_checkpoint(text)
+            return checkpoint, heads, f"{text} (installed package, {converted})"
         try:
             downloaded = whisper._download(whisper._MODELS[text], root, in_memory)
         except OSError as error:  # urllib's URLError is an OSError
@@ -227,6 +227,20 @@ def resolve_checkpoint(
         f"model {text!r} is neither an existing path nor a model name; available names: "
         f"{', '.join(whisper.available_models())}"
     )
+
+
+def _installed_checkpoint(name: str) -> Tuple[dict, Path]:
+    """The checkpoint of the installed model ``name``, converted once into whisper_rope's cache; a cached conversion
+    that fails to read (truncated, overwritten, another model's) is derived data, so it is rebuilt from the installed
+    package with a warning instead of failing every run until someone deletes it."""
+    converted = packages.cached_conversion(name)
+    try:
+        return read_checkpoint(converted, name=str(converted)), converted
+    except CheckpointError as error:
+        logger.warning("%s: the cached conversion cannot be read (%s); rebuilding it", converted.name, one_line(error))
+    converted.unlink(missing_ok=True)  # our own derived file: cached_conversion writes it again, atomically
+    converted = packages.cached_conversion(name)
+    return read_checkpoint(converted, name=str(converted)), converted
 
 
 def _set_alignment_heads(model: WhisperRope, heads: Optional[Union[bytes, Tensor]]) -> None:
