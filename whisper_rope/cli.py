@@ -27,6 +27,7 @@ from .evaluation.evaluate import add_evaluate_arguments, run_evaluate_cli
 from .model import WhisperRope
 from .option_checks import check_load_options, check_transcribe_options
 from .options import ArgumentParser, add_dataclass_arguments, dataclass_from_args
+from .outputs import TranscriptRecord
 from .training.command import add_finetune_arguments, run_finetune_cli
 from .transcribe import WRITER_OPTIONS, TranscribeOptions, transcribe_many
 from .variants import DECODER_SCHEMES, ENCODER_SCHEMES, PRESETS
@@ -35,6 +36,8 @@ from .weights.convert import ConvertOptions, convert
 from .weights.loading import LoadOptions
 
 SUBCOMMANDS = ("transcribe", "convert", "variants", "finetune", "evaluate", "compare")
+#: The formats ``--output_format all`` writes (upstream's writers; each file is ``STEM.FORMAT``).
+TRANSCRIPT_FORMATS = ("txt", "vtt", "srt", "tsv", "json")
 
 
 def _fail(message: str, status: int = 2) -> NoReturn:
@@ -145,7 +148,7 @@ def _run_transcribe(args: argparse.Namespace) -> int:
         options.language = "en"
     os.makedirs(options.output_dir, exist_ok=True)
     writer = get_writer(options.output_format, options.output_dir)
-    writer_options = {name: getattr(options, name) for name in WRITER_OPTIONS}
+    record = TranscriptRecord(options.output_dir)
     failures = 0
     for start in range(0, len(options.audio), options.batch_size):
         loaded, failed = _load_batch(options.audio[start : start + options.batch_size])
@@ -157,14 +160,31 @@ def _run_transcribe(args: argparse.Namespace) -> int:
             _report(", ".join(path for path, _ in loaded), error)
             continue
         for (path, _), result in zip(loaded, results):
-            try:
-                writer(result, path, **writer_options)
-            except OSError as error:
-                failures += 1
-                _report(path, error)
+            failures += not _write_transcript(writer, result, path, options, record)
     if failures:
         print(f"whisper-rope: {failures} of {len(options.audio)} files failed", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _write_transcript(writer, result: dict, path: str, options: TranscribeOptions, record: TranscriptRecord) -> bool:
+    """Write one file's transcripts unless one of them would replace a file this command did not write (reported in
+    one line, nothing written); whether it was written."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    formats = TRANSCRIPT_FORMATS if options.output_format == "all" else (options.output_format,)
+    names = [f"{stem}.{extension}" for extension in formats]
+    foreign = record.foreign(names)
+    if foreign:
+        shown = ", ".join(os.path.join(options.output_dir, name) for name in foreign)
+        _report(path, f"{shown} exists and was not written by whisper-rope; not replaced (choose another --output_dir)")
+        return False
+    try:
+        writer(result, path, **{name: getattr(options, name) for name in WRITER_OPTIONS})
+    except OSError as error:
+        _report(path, error)
+        return False
+    finally:
+        record.written([name for name in names if name not in foreign])
+    return True
 
 
 def _load_batch(paths: Sequence[str]) -> Tuple[List[Tuple[str, np.ndarray]], int]:

@@ -6,6 +6,8 @@ using (docs/reliability.md, "Outputs").
   command) and holds an exclusive ``flock`` on it until `DirectoryClaim.release` or the process ends; a directory of
   someone else's files, or one another process is using, is refused in one line.
 * `temporary_of` recognises the temporary files of our own atomic writes, so that a command sweeps only those.
+* `TranscriptRecord` remembers which transcripts ``transcribe`` wrote into a folder, so that a later run replaces
+  its own and never a file a person put there (a reference ``clip.txt`` beside ``clip.flac``).
 """
 
 import fcntl
@@ -14,8 +16,9 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
+from .atomic import atomic_write_text
 from .errors import PathLike, WhisperRopeError
 
 #: The lock file of a claimed directory; it stays behind as the mark of the command that owns the directory.
@@ -155,3 +158,44 @@ def claim_directory(
     os.ftruncate(fd, 0)
     os.pwrite(fd, payload, 0)
     return DirectoryClaim(path, command, adopted=mark == command, created=created, _fd=fd)
+
+
+class TranscriptRecord:
+    """The transcripts a command wrote into one folder: name -> [size, modification time in ns] when written, kept
+    in the folder's hidden ``.whisper-rope-outputs.json`` (written only once a transcript is).
+
+    A file that exists but is not in the record as written (a person's own ``clip.txt``, a transcript edited since,
+    or one written before transcripts were recorded) is never replaced.
+    """
+
+    NAME = ".whisper-rope-outputs.json"
+
+    def __init__(self, folder: PathLike):
+        self.folder = Path(folder)
+        try:
+            data = json.loads((self.folder / self.NAME).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            data = {}  # none yet, or unreadable: then no existing file counts as ours, the safe side
+        self.files: Dict[str, List[int]] = data if isinstance(data, dict) else {}
+
+    def foreign(self, names: Sequence[str]) -> List[str]:
+        """The ``names`` that exist in the folder and were not written by us (or were changed since)."""
+        found = []
+        for name in names:
+            try:
+                stat = os.stat(self.folder / name)
+            except FileNotFoundError:
+                continue
+            if self.files.get(name) != [stat.st_size, stat.st_mtime_ns]:
+                found.append(name)
+        return found
+
+    def written(self, names: Sequence[str]) -> None:
+        """Record ``names`` as ours in their current state, and save the record."""
+        for name in names:
+            try:
+                stat = os.stat(self.folder / name)
+            except FileNotFoundError:
+                continue
+            self.files[name] = [stat.st_size, stat.st_mtime_ns]
+        atomic_write_text(self.folder / self.NAME, json.dumps(self.files, indent=1, sort_keys=True))

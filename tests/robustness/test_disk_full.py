@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import whisper.utils
 
 import whisper_rope
 import whisper_rope.atomic
@@ -182,14 +183,20 @@ def test_convert_on_a_full_disk_names_the_file_and_the_cause(tmp_path, capsys):
     assert "File too large" in line or "No space left" in line
 
 
-def test_a_transcript_written_to_a_full_device_fails_that_file_only(tmp_path, capsys, random_model):
-    """``out/first.txt`` is a link to /dev/full, where every write fails with ENOSPC."""
+def test_a_transcript_written_to_a_full_device_fails_that_file_only(tmp_path, capsys, monkeypatch, random_model):
+    """Writing ``out/first.txt`` goes to /dev/full, where every write fails with ENOSPC. (A link placed at
+    ``out/first.txt`` would be a file transcribe did not write, which it refuses to replace: the writer's ``open``
+    is redirected instead.)"""
     output = tmp_path / "out"
     output.mkdir()
     first, second = tmp_path / "first.flac", tmp_path / "second.flac"
     for path in (first, second):
         path.write_bytes(HELLO.read_bytes())
-    (output / "first.txt").symlink_to("/dev/full")
+
+    def open_full(file, *args, **kwargs):
+        return open("/dev/full" if Path(file) == output / "first.txt" else file, *args, **kwargs)
+
+    monkeypatch.setattr(whisper.utils, "open", open_full, raising=False)
     assert transcribe(random_model, [first, second], output) == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("whisper-rope:")]
     assert errors[0].startswith(f"whisper-rope: error: {first}: ") and "No space left on device" in errors[0]

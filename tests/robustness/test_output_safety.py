@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from . import known_bug, subprocess_env
+from . import subprocess_env
 from .commands import (
     MANIFEST,
     SPEECH_DIMS,
@@ -53,7 +53,6 @@ def _copy(source: Path, target: Path) -> Path:
 # convert
 
 
-@known_bug("convert SRC DIR --force renamed DIR aside and deleted it, with the source checkpoint inside")
 def test_convert_force_refuses_an_output_directory_that_holds_its_source(tmp_path, toy_pt):
     folder = tmp_path / "work"
     _copy(toy_pt, folder / "model.pt")
@@ -67,7 +66,6 @@ def test_convert_force_refuses_an_output_directory_that_holds_its_source(tmp_pat
     assert fingerprint(tmp_path) == before
 
 
-@known_bug("convert --force replaced a directory of someone else's files with the export")
 def test_convert_force_refuses_an_output_directory_holding_foreign_files(tmp_path, toy_pt):
     out = tmp_path / "out"
     out.mkdir()
@@ -91,7 +89,6 @@ def test_convert_force_replaces_its_own_earlier_export(tmp_path, toy_pt):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging or set-aside directory left
 
 
-@known_bug("convert --force replaced any existing file named like the output, a text file included")
 def test_convert_force_refuses_to_replace_a_file_that_is_not_a_checkpoint(tmp_path, toy_pt):
     hf = tmp_path / "hf"
     assert command("convert", toy_pt, hf).returncode == 0
@@ -114,7 +111,6 @@ def test_convert_force_replaces_an_earlier_converted_checkpoint(tmp_path, toy_pt
     assert set(checkpoint(target)) >= {"dims", "model_state_dict"}
 
 
-@known_bug("the Hugging Face export's model.safetensors was mode 0600 while every other file was 0644")
 def test_every_exported_file_is_readable_like_any_other_file(tmp_path, toy_pt):
     out = tmp_path / "out"
     assert command("convert", toy_pt, out).returncode == 0
@@ -195,7 +191,6 @@ def test_a_second_finetune_into_a_running_output_directory_is_refused(tmp_path, 
 # evaluate and compare
 
 
-@known_bug("evaluate --output manifest.json wrote its per-utterance rows over manifest.jsonl, its own input")
 def test_evaluate_never_writes_over_its_own_manifest(tmp_path, speech_pt):
     manifest = write_manifest(tmp_path / "set.jsonl", [json.loads(line) for line in MANIFEST.read_text().splitlines()
                                                        if line.strip()][:1])  # fmt: skip
@@ -224,7 +219,6 @@ def test_compare_refuses_an_output_directory_holding_foreign_files(tmp_path, spe
 # transcribe
 
 
-@known_bug("transcribe wrote FOLDER/hello.txt over the reference transcript a person had put beside hello.flac")
 def test_transcribe_never_writes_over_a_transcript_it_did_not_write(tmp_path):
     from .commands import HELLO
 
@@ -244,3 +238,24 @@ def test_transcribe_never_writes_over_a_transcript_it_did_not_write(tmp_path):
     assert command(folder / "hello.flac", "--model", model, "--output_dir", out, *fast).returncode == 0
     assert command(folder / "hello.flac", "--model", model, "--output_dir", out, *fast).returncode == 0
     assert (out / "hello.txt").is_file()
+
+
+def test_finetune_refuses_the_output_directory_of_another_command(tmp_path, speech_pt):
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / ".whisper-rope.lock").write_text('{"command": "compare", "pid": 1}')
+    (out / "results.md").write_text("| run | WER |\n")
+    before = fingerprint(tmp_path)
+    done = command("finetune", "--model", speech_pt, "--output", out, "--train", MANIFEST, *FINETUNE_FAST)
+    assert done.returncode == 2, done.stderr
+    one_error_line(done.stderr, str(out), "whisper-rope compare")
+    assert fingerprint(tmp_path) == before
+
+
+def test_a_finetune_that_fails_before_writing_leaves_no_output_directory(tmp_path):
+    out = tmp_path / "run"
+    done = command("finetune", "--model", tmp_path / "missing.pt", "--output", out, "--train", MANIFEST,
+                   *FINETUNE_FAST)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    one_error_line(done.stderr, "missing.pt")
+    assert list(tmp_path.iterdir()) == []

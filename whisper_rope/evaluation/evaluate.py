@@ -47,6 +47,7 @@ from whisper.decoding import DecodingOptions
 from whisper.model import Whisper
 from whisper.tokenizer import Tokenizer, get_tokenizer
 
+from ..atomic import atomic_write_text
 from ..data import (
     IGNORE_INDEX,
     DataError,
@@ -62,6 +63,7 @@ from ..data import (
 from ..errors import PathLike
 from ..model import WhisperRope
 from ..options import add_dataclass_arguments, dataclass_from_args, option, standalone_main
+from ..outputs import refuse_overlap
 from ..weights.loading import MODEL_HELP, LoadOptions
 from .metrics import ErrorRates, Normalizer, error_rates, normalizer_for
 
@@ -233,20 +235,21 @@ class EvaluationResult(ErrorRates):
 
     def write(self, path: PathLike) -> Tuple[Path, Path]:
         """Write the summary (without rows) as JSON to ``path`` and the rows as JSON lines next to it
-        (``path`` with the suffix ``.jsonl``). Returns both paths."""
-        summary_path = Path(path)
-        rows_path = summary_path.with_suffix(".jsonl")
-        if rows_path == summary_path:
-            raise ValueError(
-                f"output {os.fspath(path)!r} ends in .jsonl, the suffix of the per-utterance file: use .json"
-            )
-        if summary_path.parent != Path(""):
-            summary_path.parent.mkdir(parents=True, exist_ok=True)
-        summary_path.write_text(json.dumps(self.to_dict(rows=False), indent=2, ensure_ascii=False) + "\n", "utf-8")
-        with open(rows_path, "w", encoding="utf-8") as fp:
-            for row in self.rows:
-                fp.write(json.dumps(asdict(row), ensure_ascii=False) + "\n")
+        (``path`` with the suffix ``.jsonl``), each atomically. Returns both paths."""
+        summary_path, rows_path = output_paths(path)
+        atomic_write_text(summary_path, json.dumps(self.to_dict(rows=False), indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(rows_path, "".join(json.dumps(asdict(row), ensure_ascii=False) + "\n" for row in self.rows))
         return summary_path, rows_path
+
+
+def output_paths(path: PathLike) -> Tuple[Path, Path]:
+    """(summary, per-utterance rows) that `EvaluationResult.write` writes for ``path``: ``path`` and ``path`` with
+    the suffix ``.jsonl``."""
+    summary_path = Path(path)
+    rows_path = summary_path.with_suffix(".jsonl")
+    if rows_path == summary_path:
+        raise ValueError(f"output {os.fspath(path)!r} ends in .jsonl, the suffix of the per-utterance file: use .json")
+    return summary_path, rows_path
 
 
 def _shorten(text: str, width: int = 100) -> str:
@@ -660,6 +663,9 @@ def run_evaluate_cli(args: argparse.Namespace) -> int:
     """Run ``whisper-rope evaluate`` from parsed arguments: print the summary, write ``--output``; exit status 0."""
     command = dataclass_from_args(EvaluateCommand, args)
     options = options_from_args(args)
+    if command.output:  # before the model loads: an output must never replace an input
+        for path, what in zip(output_paths(command.output), ("--output", "--output's per-utterance file")):
+            refuse_overlap(path, {"--data": command.data, "--model": command.model}, what)
     model = dataclass_from_args(LoadOptions, args).load(command.model, unpadded=options.unpadded)
     result = evaluate(model, command.data, options, progress=command.progress)
     print(result.summary())
