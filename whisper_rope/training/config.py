@@ -83,7 +83,12 @@ class FinetuneConfig:
     )
     output: str = field(
         default="finetune-output",
-        metadata=option("output directory: checkpoints, logs, curves", flags=("-o",), path=True),
+        metadata=option(
+            "output directory: checkpoints, logs, curves; new, empty or an earlier fine-tune's, locked while the run "
+            "uses it",
+            flags=("-o",),
+            path=True,
+        ),
     )
     language: Optional[str] = field(
         default=None, metadata=option("language of rows that name none (multilingual models; default en)")
@@ -303,7 +308,7 @@ class FinetuneConfig:
         default=None,
         metadata=option(
             "continue exactly from a checkpoint: a step-N directory, or an output directory (its latest); without a "
-            "value, --output's latest",
+            "value, --output's latest; changed --lr/--weight-decay apply from there and are recorded",
             nargs="?",
             const="",
             path=True,
