@@ -133,7 +133,9 @@ def test_cli_batch_size_writes_every_format_on_the_recording_timeline(tmp_path):
     )
     assert status == 0
     out = tmp_path / "out"
-    assert sorted(p.suffix for p in out.iterdir()) == [".json", ".srt", ".tsv", ".txt", ".vtt"]
+    assert sorted(p.name for p in out.iterdir()) == [".whisper-rope-outputs.json"] + [
+        f"long{suffix}" for suffix in (".json", ".srt", ".tsv", ".txt", ".vtt")
+    ]  # the transcripts, and the record of what transcribe wrote
     segments = json.loads((out / "long.json").read_text())["segments"]
     last = [p for p in placed if p[0] < 33][-1]  # the last sentence that starts in the 35 s
     assert any(abs(s["start"] - last[0]) < 1.0 for s in segments), (last, [s["start"] for s in segments])

@@ -72,7 +72,7 @@ def test_transcribe_takes_home_and_relative_inputs_and_outputs(user):
                    "~/transcripts", *FAST_TRANSCRIBE, cwd=user["cwd"], home=user["home"])  # fmt: skip
     assert done.returncode == 0, done.stderr
     written = sorted(p.name for p in (user["home"] / "transcripts").iterdir())
-    assert written == sorted(Path(c).with_suffix(".txt").name for c in user["clips"])
+    assert written == sorted([".whisper-rope-outputs.json"] + [Path(c).with_suffix(".txt").name for c in user["clips"]])
     _no_literal_tilde(user)
 
 
