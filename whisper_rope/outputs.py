@@ -20,6 +20,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 from .atomic import atomic_write_text
 from .errors import PathLike, WhisperRopeError
+from .files import user_path
 
 #: The lock file of a claimed directory; it stays behind as the mark of the command that owns the directory.
 LOCK_FILE = ".whisper-rope.lock"
@@ -39,7 +40,7 @@ def temporary_of(name: str, owned: Iterable[str]) -> bool:
 
 
 def _resolved(path: PathLike) -> Path:
-    return Path(os.path.realpath(os.path.expanduser(os.fspath(path))))
+    return Path(os.path.realpath(user_path(path)))
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -52,7 +53,7 @@ def refuse_overlap(output: PathLike, inputs: Dict[str, Optional[PathLike]], opti
     (model names such as ``tiny.en``) are skipped. Symlinks are resolved, so a second name for a file is caught."""
     target = _resolved(output)
     for label, value in inputs.items():
-        if value is None or not os.path.exists(os.path.expanduser(os.fspath(value))):
+        if value is None or not user_path(value).exists():
             continue
         source = _resolved(value)
         if _inside(source, target):
@@ -141,7 +142,7 @@ def claim_directory(
     the directory is another command's, or it holds entries that are not the command's (named in the message).
     """
     shown = os.fspath(directory)
-    path = Path(os.path.expanduser(shown))
+    path = user_path(shown)
     mark = _check_claimable(path, shown, command, option, owns, adopt_unmarked)
     created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)

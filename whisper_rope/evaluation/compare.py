@@ -37,6 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import whisper
 
 from ..atomic import atomic_write, atomic_write_text
+from ..files import user_path
 from ..options import add_dataclass_arguments, dataclass_from_args
 from ..outputs import claim_directory, refuse_overlap, temporary_of
 from ..training.config import FinetuneConfig
@@ -267,11 +268,11 @@ def run_one(config: CompareConfig, spec: RunSpec, seed: int, directory: Path) ->
 
 def _as_given(value: str) -> str:
     """A path option as a key: the real absolute path of an existing file, else the text (a model name)."""
-    return os.path.realpath(os.path.expanduser(value)) if _exists(value) else value
+    return os.path.realpath(user_path(value)) if _exists(value) else value
 
 
 def _exists(value: Optional[str]) -> bool:
-    return bool(value) and os.path.exists(os.path.expanduser(value))
+    return bool(value) and user_path(value).exists()
 
 
 def training_settings(config: CompareConfig, spec: RunSpec, seed: int) -> Dict[str, Any]:
@@ -354,7 +355,7 @@ def compare(config: CompareConfig) -> Dict[str, Any]:
     its evaluations only when the evaluation settings are too; the reports show only this configuration's results.
     """
     config.validate()
-    output = Path(os.path.expanduser(config.output))
+    output = user_path(config.output)
     inputs = {"--model": config.model, "--train": config.train}
     refuse_overlap(output, {**inputs, **{f"--eval {n}": p for n, p in config.eval_sets().items()}}, "--output")
     adopt = _earlier_comparison(output)
