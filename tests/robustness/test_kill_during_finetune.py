@@ -39,7 +39,9 @@ def test_sigkill_at_random_moments_and_inside_checkpoint_writes_then_resume_give
 def test_resuming_sweeps_the_temporary_file_of_a_final_model_write_cut_short(one_step_run, tmp_path):
     output = tmp_path / "run"
     shutil.copytree(one_step_run / "run", output)
-    stray = output / ".model.pt.k1ll3d.tmp"  # what atomic_write leaves when killed before its rename
+    # what atomic_write leaves when killed before its rename (mkstemp: 8 random characters; a run sweeps only
+    # temporaries of its own files, so the name must have that shape)
+    stray = output / ".model.pt.k1ll3d0q.tmp"
     stray.write_bytes((output / "model.pt").read_bytes()[:1000])
     finetune(
         config=FinetuneConfig(
