@@ -127,7 +127,7 @@ def test_a_failed_checkpoint_save_raises_one_line_and_keeps_the_previous_file(tm
             disk_fills_after(monkeypatch, len(content) // 2)
         else:
             directory_is_read_only(monkeypatch)
-        # torch.save may report a failed write as its own RuntimeError (see the known_bug test below)
+        # torch.save reports a failed write as a RuntimeError; atomic_write turns it into an OSError naming the file
         with pytest.raises((OSError, RuntimeError)) as failed:
             whisper_rope.save_checkpoint(model, previous)
     assert str(failed.value).strip() and "\n" not in str(failed.value).strip()
