@@ -115,3 +115,22 @@ def test_compare_writes_nothing_before_its_inputs_are_validated(tmp_path, speech
     done = _compare(speech_pt, out, "--train", tmp_path / "nothing.jsonl", "--eval", f"a={two_clips}", "--steps", "1")
     assert done.returncode == 2
     assert fingerprint(out) == before
+
+
+@pytest.mark.parametrize("option, first, second", [("--seed", "0", "1"), ("--batch-size", "2", "1")])
+def test_resume_refuses_a_changed_setting_it_cannot_apply(tmp_path, speech_pt, two_clips, option, first, second):
+    """The random states and the sampler's position come from the checkpoint: a new seed or batch size would be
+    recorded as applied while the run went on with the old ones."""
+    out = tmp_path / "run"
+    base = list(RUN)
+    if option == "--batch-size":  # RUN's own --batch-size 2 would follow and win
+        at = base.index("--batch-size")
+        del base[at : at + 2]
+    run = command("finetune", "--model", speech_pt, "--train", two_clips, "--output", out, "--steps", "1",
+                  option, first, *base)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    resumed = command("finetune", "--model", speech_pt, "--train", two_clips, "--output", out, "--steps", "2",
+                      "--resume", option, second, *base)  # fmt: skip
+    assert resumed.returncode == 2
+    one_error_line(resumed.stderr, "cannot resume from", f"{option} {second}", "start a new run")
+    assert not (out / "step-0000002").exists()

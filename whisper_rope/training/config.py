@@ -30,6 +30,12 @@ BOOKKEEPING = {
     "recipe",
 }
 
+#: Settings a resumed run cannot apply, with why: it is refused rather than told they apply.
+FIXED_ON_RESUME = {
+    "seed": "the random states come back from the checkpoint",
+    "batch_size": "the sampler's position counts the checkpoint's batches",
+}
+
 
 @dataclass
 class FinetuneConfig:

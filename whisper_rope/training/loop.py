@@ -50,7 +50,7 @@ from ..outputs import DirectoryClaim, claim_directory, refuse_overlap, temporary
 from ..variants import parse_variant
 from ..weights.format import read_checkpoint
 from ..weights.loading import checkpoint_dict, load_model
-from .config import BOOKKEEPING, FinetuneConfig
+from .config import BOOKKEEPING, FIXED_ON_RESUME, FinetuneConfig
 from .distributed import DistributedContext, from_environment
 from .holdout import HOLDOUT_MANIFEST, TRAIN_MANIFEST, split_holdout, teacher_references
 from .log import TrainingLog, jsonable, plot_curves
@@ -380,9 +380,11 @@ def _holdout_split(config: FinetuneConfig, train, eval, cache: Optional[TeacherC
 
 def _resume(run: RunState, state: dict) -> None:
     """Continue exactly where the checkpoint stopped: weights, optimizer, schedules, sampler and RNG states; changed
-    optimizer settings (--lr, --lr-positional, --weight-decay, the schedule) apply from here and are recorded."""
+    optimizer settings (--lr, --lr-positional, --weight-decay, the schedule) apply from here and are recorded; a
+    changed --seed or --batch-size, which a resumed run cannot apply, is refused."""
     source, config = run.resumed_from, run.config
     _check_resumable(state, run.model, source)
+    changed = _changed_settings(run, state)
     run.model.load_state_dict(read_checkpoint(source / MODEL_FILE)["model_state_dict"], strict=True)
     settings = peak_settings(run.optimizer)  # this run's, before the checkpoint's replace them
     try:
@@ -402,19 +404,33 @@ def _resume(run: RunState, state: dict) -> None:
     apply_peak_settings(run.optimizer, run.scheduler, settings)
     run.step = int(state["step"])
     run.best_wer, run.best_step = state.get("best_wer"), state.get("best_step")
-    _record_changed_settings(run, state)
+    _record_changed_settings(run, state, changed)
     if run.step >= config.steps and run.context.is_main:
         logger.warning("checkpoint %s is at step %d, which already reaches --steps %d", source, run.step, config.steps)
 
 
-def _record_changed_settings(run: RunState, state: dict) -> None:
-    """Keep the checkpoint's settings history and add this resume's changes to it ({setting: [old, new]})."""
+def _changed_settings(run: RunState, state: dict) -> Dict[str, List[Any]]:
+    """{setting: [checkpoint's, this run's]} of the trajectory settings that differ; refuses a change a resumed run
+    cannot apply (`FIXED_ON_RESUME`) before anything is restored."""
     stored, current = state.get("config", {}), asdict(run.config)
     changed = {
         key: [stored[key], current[key]]
         for key in sorted(stored)
         if key in current and key not in BOOKKEEPING and current[key] != stored[key]
     }
+    for key in changed:
+        if key in FIXED_ON_RESUME:
+            old, new = changed[key]
+            raise TrainingError(
+                f"cannot resume from {str(run.resumed_from)!r} with --{key.replace('_', '-')} {new!r} (the "
+                f"checkpoint used {old!r}): {FIXED_ON_RESUME[key]}; resume with the same value or start a new run "
+                "in another --output"
+            )
+    return changed
+
+
+def _record_changed_settings(run: RunState, state: dict, changed: Dict[str, List[Any]]) -> None:
+    """Keep the checkpoint's settings history and add this resume's changes to it ({setting: [old, new]})."""
     history = state.get("settings_history")
     run.settings_history = list(history) if isinstance(history, list) else []
     if not changed:
