@@ -18,7 +18,6 @@ from whisper.model import ModelDimensions
 
 import whisper_rope
 
-from . import known_bug
 from .commands import TOY_DIMS, checkpoint, save_model
 
 #: Variants whose tensors carry exactly upstream's names, so that upstream would load them as plain Whisper.
@@ -37,10 +36,6 @@ def _upstream_file(tmp_path: Path, **extra) -> Path:
     return path
 
 
-@known_bug(
-    "an upstream-format .pt with alignment_heads as [layer, head] pairs was refused ('expected a bool "
-    "tensor ... got list'); upstream ignores the entry"
-)
 def test_alignment_heads_given_as_layer_head_pairs_are_read_and_used(tmp_path):
     path = _upstream_file(tmp_path, alignment_heads=[[1, 0], [1, 1]])
     whisper.load_model(str(path), device="cpu")  # upstream reads the file
@@ -56,35 +51,20 @@ def test_extra_top_level_entries_upstream_ignores_are_ignored(tmp_path, extra):
     assert whisper_rope.load_model(path, device="cpu").variant == "sinusoidal/learned"
 
 
-@known_bug(
-    "a rotary+sinusoidal/learned or sinusoidal/rotary+learned checkpoint has exactly upstream's tensor "
-    "names: whisper.load_model loaded it silently as plain Whisper, a different model"
-)
 @pytest.mark.parametrize("variant", UPSTREAM_NAMED)
 def test_upstream_refuses_a_variant_file_named_like_its_own_and_whisper_rope_reads_it(tmp_path, variant):
     path = save_model(tmp_path / "variant.pt", variant=variant)
-    with pytest.raises(Exception) as refused:
+    with pytest.raises(TypeError) as refused:  # ModelDimensions() got an unexpected keyword argument
         whisper.load_model(str(path), device="cpu")
     assert "whisper_rope" in str(refused.value), refused.value  # the loud failure says whose file it is
     model = whisper_rope.load_model(path, device="cpu")
     assert model.variant == whisper_rope.parse_variant(variant).name
 
 
-@pytest.mark.parametrize(
-    "variant",
-    OTHER_VARIANTS[:-1]
-    + [
-        pytest.param(
-            OTHER_VARIANTS[-1],
-            marks=known_bug(
-                "a sinusoidal/learned-sinusoidal file loaded in upstream as plain Whisper, its variant lost"
-            ),
-        )
-    ],
-)
+@pytest.mark.parametrize("variant", OTHER_VARIANTS)
 def test_upstream_refuses_every_other_non_whisper_variant_file(tmp_path, variant):
     path = save_model(tmp_path / "variant.pt", variant=variant)
-    with pytest.raises(RuntimeError):  # load_state_dict: the variant's tensors are not upstream's
+    with pytest.raises(TypeError, match="whisper_rope_variant"):  # before its tensors are even looked at
         whisper.load_model(str(path), device="cpu")
     assert whisper_rope.load_model(path, device="cpu").variant == whisper_rope.parse_variant(variant).name
 

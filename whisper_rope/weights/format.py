@@ -9,6 +9,7 @@ makes (field types, layer counts, shapes) before anything is sized from it.
 """
 
 import io
+import math
 import pickle
 import re
 from typing import Dict, Optional, Tuple, Union
@@ -16,7 +17,9 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from ..errors import CheckpointError, ModelNotFoundError, PathLike, first_line, one_line
+from ..errors import CheckpointError, ModelNotFoundError, PathLike, VariantError, first_line, one_line
+from ..variants import UPSTREAM_VARIANT, parse_variant
+from .common import alignment_mask
 
 # The fields of ``whisper.model.ModelDimensions``, in its order.
 DIM_KEYS: Tuple[str, ...] = (
@@ -31,6 +34,13 @@ DIM_KEYS: Tuple[str, ...] = (
     "n_text_head",
     "n_text_layer",
 )
+
+#: The key a checkpoint of any variant but upstream's adds to its dims (holding the variant's name), so that
+#: upstream's ``whisper.load_model`` fails loudly on it (``ModelDimensions() got an unexpected keyword argument
+#: 'whisper_rope_variant'``) instead of reading another positional variant as plain Whisper: a
+#: ``rotary+sinusoidal/learned`` file has exactly upstream's tensor names. whisper_rope reads files with and
+#: without it (files written before it carry the variant only in ``variant``).
+VARIANT_MARKER = "whisper_rope_variant"
 
 UNSAFE_PICKLE = "objects other than tensors and plain data, which weights_only loading does not execute"
 
@@ -156,13 +166,27 @@ def check_dims(dims: object, origin: str) -> Dict[str, int]:
     return out
 
 
+#: The positional tables, the only tensors whose absence is not an error: the variants without them take their
+#: context lengths from the dims alone.
+POSITIONAL_TABLES = {"encoder.positional_embedding": "n_audio_ctx", "decoder.positional_embedding": "n_text_ctx"}
+
+#: Largest context lengths a file may claim when no tensor of it backs them (a rotary side stores no table), since
+#: the model built from them allocates tables of that length (the encoder's sinusoids: n_audio_ctx x n_audio_state;
+#: upstream's causal mask: n_text_ctx x n_text_ctx). 16 upstream windows of audio, 9 times upstream's text context.
+MAX_UNBACKED_CTX = {"n_audio_ctx": 16 * 1500, "n_text_ctx": 4096}
+
+
 def check_state_dict(state: object, dims: Dict[str, int], origin: str, complete: bool = True) -> None:
     """Refuse tensors that do not fit ``dims`` (checked with `check_dims`), before a model of those dims exists.
 
-    In order: a dict of dense floating-point (or bool) tensors by name; one ``<side>.blocks.N`` group per layer the
-    dims claim (this bounds the names there are to check); every upstream tensor present with the shape the dims
-    give it. complete: also require exactly upstream's names (importers and exporters); without it, missing and
-    scheme-specific tensors are left to `whisper_rope.weights.loading.adapt_state_dict`.
+    In order, cheapest first: a dict of dense floating-point (or bool) tensors by name; each tensor's elements
+    distinct places within its own storage, and no two tensors sharing elements (an expanded, stride-0 or
+    overlapping view could claim any size: see `check_storage`); one ``<side>.blocks.N`` group per layer the dims
+    claim; every upstream tensor present with the shape the dims give it; every upstream tensor but the positional
+    tables present (they back every dim but the context lengths), a context length no table backs at most
+    `MAX_UNBACKED_CTX`; every value finite. complete: also require exactly upstream's names, positional tables
+    included (importers and exporters); without it, scheme-specific tensors are left to
+    `whisper_rope.weights.loading.adapt_state_dict`.
     """
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
         raise CheckpointError(f"{origin} has an invalid 'model_state_dict': expected a dict of tensors by name")
@@ -174,6 +198,7 @@ def check_state_dict(state: object, dims: Dict[str, int], origin: str, complete:
         raise CheckpointError(
             f"{origin}: tensor {bad[0]!r} has dtype {state[bad[0]].dtype}, expected a floating-point dtype"
         )
+    check_storage(state, origin)
     _check_layers(state, dims, origin)
     expected = upstream_shapes(dims)
     for key, shape in expected.items():
@@ -181,28 +206,94 @@ def check_state_dict(state: object, dims: Dict[str, int], origin: str, complete:
             raise CheckpointError(
                 f"{origin}: tensor {key!r} has shape {tuple(state[key].shape)}, the model's dims expect {shape}"
             )
+    _check_names(state, expected, dims, origin, complete)
+    _check_finite(state, origin)
+
+
+def _check_names(
+    state: Dict[str, Tensor], expected: Dict[str, Tuple[int, ...]], dims: Dict[str, int], origin: str, complete: bool
+) -> None:
+    """Every tensor Whisper needs is there (with ``complete``, nothing else is); a context length that no
+    positional table backs is at most `MAX_UNBACKED_CTX`."""
+    missing = sorted(set(expected) - set(state) - (set() if complete else set(POSITIONAL_TABLES)))
+    if missing:
+        raise CheckpointError(f"{origin} lacks tensor {missing[0]!r} (and {len(missing) - 1} more) that Whisper needs")
     if complete:
-        missing = sorted(set(expected) - set(state))
-        if missing:
-            raise CheckpointError(
-                f"{origin} lacks tensor {missing[0]!r} (and {len(missing) - 1} more) that Whisper needs"
-            )
         unexpected = sorted(set(state) - set(expected))
         if unexpected:
             raise CheckpointError(f"{origin} has tensor {unexpected[0]!r}, which upstream Whisper does not have")
+    for table, key in POSITIONAL_TABLES.items():
+        if table not in state and dims[key] > MAX_UNBACKED_CTX[key]:
+            raise CheckpointError(
+                f"{origin} dims: {key} is {dims[key]}, but no {table} backs it; at most {MAX_UNBACKED_CTX[key]} "
+                "positions are built for a context no tensor holds"
+            )
+
+
+def check_storage(state: Dict[str, Tensor], origin: str, shared: bool = False) -> None:
+    """Refuse a tensor whose elements overlap (an expanded, stride-0 or ``as_strided`` view) or reach past its
+    storage, and (unless ``shared``) two tensors holding the same elements: otherwise a small file can claim a
+    tensor, and so a model, of any size. A slice or a transposed view of a larger storage is fine."""
+    spans: Dict[int, list] = {}
+    for name, tensor in state.items():
+        if tensor.numel() == 0:
+            continue
+        start = tensor.storage_offset()
+        end = start + sum(st * (n - 1) for st, n in zip(tensor.stride(), tensor.shape)) + 1  # one past the last
+        if not _distinct_elements(tensor) or end * tensor.element_size() > tensor.untyped_storage().nbytes():
+            raise CheckpointError(
+                f"{origin}: tensor {name!r} claims shape {tuple(tensor.shape)} with strides {tuple(tensor.stride())} "
+                f"over a storage of {tensor.untyped_storage().nbytes()} bytes, so its elements overlap or lie past "
+                "the storage; expected a dense tensor"
+            )
+        size = tensor.element_size()
+        spans.setdefault(tensor.untyped_storage().data_ptr(), []).append((start * size, end * size, name))
+    if shared:
+        return
+    for ranges in spans.values():
+        ranges.sort()
+        for (_, end, first), (start, _, second) in zip(ranges, ranges[1:]):
+            if start < end:
+                raise CheckpointError(
+                    f"{origin}: tensors {first!r} and {second!r} share elements; expected each tensor to own its own"
+                )
+
+
+def _distinct_elements(tensor: Tensor) -> bool:
+    """Whether no two indices of ``tensor`` address the same element: taken by increasing stride, each dimension's
+    stride passes the whole extent of the ones before it (true of contiguous tensors, slices and transposes)."""
+    extent = 0  # offset of the last element the smaller-stride dimensions reach
+    for stride, size in sorted((st, n) for st, n in zip(tensor.stride(), tensor.shape) if n > 1):
+        if stride <= extent:
+            return False
+        extent += stride * (size - 1)
+    return True
+
+
+def _check_finite(state: Dict[str, Tensor], origin: str) -> None:
+    """Refuse NaN or infinite weights, which would make every output NaN and be blamed on the input."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            count = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(
+                f"{origin}: tensor {name!r} holds {count} NaN or infinite values; expected finite weights"
+            )
 
 
 def _check_layers(state: Dict[str, Tensor], dims: Dict[str, int], origin: str) -> None:
+    """One ``<side>.blocks.N`` group for each N below the claimed layer count, and no other: compared without
+    building the claimed range, so that a claim of 10**18 layers costs nothing."""
     present: Dict[str, set] = {"encoder": set(), "decoder": set()}
     for key in state:
         match = _BLOCK.match(key)
         if match:
             present[match.group(1)].add(int(match.group(2)))
     for side, field_name in (("encoder", "n_audio_layer"), ("decoder", "n_text_layer")):
-        if present[side] != set(range(dims[field_name])):
+        found, claimed = present[side], dims[field_name]
+        if len(found) != claimed or (found and max(found) != claimed - 1):
             raise CheckpointError(
-                f"{origin}: dims say {dims[field_name]} {side} layers, its tensors hold "
-                f"{len(present[side])} ({side}.blocks.N for N in {_ranges(present[side])})"
+                f"{origin}: dims say {claimed} {side} layers ({field_name}), its tensors hold {len(found)} "
+                f"({side}.blocks.N for N in {_ranges(found)})"
             )
 
 
@@ -223,19 +314,112 @@ def read_checkpoint(source: Union[PathLike, bytes], name: Optional[str] = None, 
 
 
 def validate_checkpoint(checkpoint: object, label: str) -> dict:
-    """Check the layout every reader relies on (`check_dims`, `check_state_dict` without ``complete``, the
-    alignment heads' type); raise CheckpointError naming what is wrong. Returns ``checkpoint``."""
+    """Check the layout every reader relies on (`check_dims`, `check_state_dict` without ``complete``, the variant,
+    `check_rotary_options`, the alignment heads); raise CheckpointError naming what is wrong.
+
+    Returns the checkpoint as readers use it: ``dims`` upstream's ten fields (the `VARIANT_MARKER` taken out and
+    kept as ``variant``), ``alignment_heads`` a bool tensor or upstream's encoded bytes (``[layer, head]`` pairs,
+    as CTranslate2 and Hugging Face write them, become the tensor), other entries as stored.
+    """
     origin = f"checkpoint {label!r}"
     if not isinstance(checkpoint, dict) or "dims" not in checkpoint or "model_state_dict" not in checkpoint:
         raise CheckpointError(
             f"{origin} is not a Whisper checkpoint: expected a dict with 'dims' and 'model_state_dict'"
         )
-    dims = check_dims(checkpoint["dims"], origin)
+    stored = checkpoint["dims"]
+    marker = stored.get(VARIANT_MARKER) if isinstance(stored, dict) else None
+    if marker is not None:
+        stored = {k: v for k, v in stored.items() if k != VARIANT_MARKER}
+    dims = check_dims(stored, origin)
+    checked = {**checkpoint, "dims": dims}
+    variant = _stored_variant(checkpoint.get("variant"), marker, origin)
+    if variant is not None:
+        checked["variant"] = variant
     check_state_dict(checkpoint["model_state_dict"], dims, origin, complete=False)
+    check_rotary_options(checkpoint.get("rotary"), dims, origin)
     heads = checkpoint.get("alignment_heads")
-    if heads is not None and not isinstance(heads, (bytes, Tensor)):
+    if isinstance(heads, (list, tuple)):
+        checked["alignment_heads"] = alignment_mask(heads, dims["n_text_layer"], dims["n_text_head"], origin)
+    elif heads is not None and not isinstance(heads, (bytes, Tensor)):
         raise CheckpointError(
-            f"{origin} has invalid 'alignment_heads': expected a bool tensor (layers, heads) or upstream's "
-            f"encoded bytes, got {type(heads).__name__}"
+            f"{origin} has invalid 'alignment_heads': expected a bool tensor (layers, heads), [layer, head] pairs "
+            f"or upstream's encoded bytes, got {type(heads).__name__}"
         )
-    return checkpoint
+    return checked
+
+
+def marked_dims(dims: Dict[str, int], variant: str) -> Dict[str, object]:
+    """``dims`` as a checkpoint of ``variant`` stores them: upstream's ten fields, plus `VARIANT_MARKER` for every
+    variant but upstream's own (see there)."""
+    if parse_variant(variant).name == UPSTREAM_VARIANT:
+        return dict(dims)
+    return {**dims, VARIANT_MARKER: parse_variant(variant).name}
+
+
+def _stored_variant(variant: object, marker: object, origin: str) -> Optional[str]:
+    """The checkpoint's variant name: its ``variant`` entry and the dims' marker, which must agree (None: neither
+    is there, an upstream file)."""
+    names = []
+    for where, value in (("'variant'", variant), (f"dims' {VARIANT_MARKER!r}", marker)):
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise CheckpointError(f"{origin} has a non-string {where}: {one_line(repr(value), 40)}")
+        try:
+            names.append(parse_variant(value).name)
+        except VariantError as error:
+            raise CheckpointError(f"{origin} has an unknown positional variant in {where}: {error}") from None
+    if len(set(names)) > 1:
+        raise CheckpointError(f"{origin} names two variants: 'variant' {names[0]!r}, {VARIANT_MARKER} {names[1]!r}")
+    return names[0] if names else None
+
+
+def check_rotary_options(options: object, dims: Dict[str, int], origin: str) -> Dict[str, object]:
+    """The checkpoint's ``rotary`` entry (``{}`` when absent), after checking each option it holds against
+    `_ROTARY_OPTIONS`. Options of later versions are left alone."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise CheckpointError(f"{origin} has an invalid 'rotary' entry: expected a dict, got {type(options).__name__}")
+    for key, value in options.items():
+        if key in _ROTARY_OPTIONS:
+            expected, valid = _ROTARY_OPTIONS[key]
+            if not valid(value, dims):
+                raise CheckpointError(
+                    f"{origin}: rotary.{key} is {one_line(repr(value), 60)}, expected {expected.format(**dims)}"
+                )
+    return options
+
+
+def real_number(value: object) -> bool:
+    """Whether ``value`` is an int or float, not a bool (NaN fails every comparison, so range checks refuse it)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def positive_finite(value: object) -> bool:
+    """Whether ``value`` is a finite number above 0 (a RoPE base, a scale)."""
+    return real_number(value) and math.isfinite(value) and value > 0
+
+
+def _flag(value: object, dims: Dict[str, int]) -> bool:
+    return isinstance(value, bool)
+
+
+#: Stored rotary option -> (what it must be, for messages; its check given the dims).
+_ROTARY_OPTIONS = {
+    "theta": ("a finite positive number", lambda value, dims: positive_finite(value)),
+    "gated": ("true or false", _flag),
+    "unpadded": ("true or false", _flag),
+    "unpadded_margin": (
+        "an integer in 0..{n_audio_ctx}",
+        lambda value, dims: (
+            isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= dims["n_audio_ctx"]
+        ),
+    ),
+    "table_scale": (
+        "[encoder, decoder] numbers in [0, 1]",
+        lambda value, dims: (
+            isinstance(value, (list, tuple)) and len(value) == 2 and all(real_number(x) and 0 <= x <= 1 for x in value)
+        ),
+    ),
+}

@@ -43,7 +43,7 @@ from whisper_rope.weights.common import (
     float_dtype_of,
     read_json_object,
 )
-from whisper_rope.weights.format import check_dims, check_state_dict, load_pt, upstream_shapes
+from whisper_rope.weights.format import check_dims, check_state_dict, check_storage, load_pt, upstream_shapes
 
 SAFETENSORS = "model.safetensors"
 #: Every file `write_huggingface` writes into its directory.
@@ -238,10 +238,14 @@ def _safetensors_tensor(path: Path, name: str) -> torch.Tensor:
 
 
 def _pytorch_getters(path: Path) -> Dict[str, Callable[[], torch.Tensor]]:
-    """pytorch_model.bin through `load_pt` (``weights_only=True``, memory-mapped when the file allows it)."""
+    """pytorch_model.bin through `load_pt` (``weights_only=True``, memory-mapped when the file allows it), each
+    tensor's elements checked to be its own (`check_storage`)."""
     state = load_pt(path, f"Hugging Face weights {path}", mmap=True)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"Hugging Face weights {path} do not hold a dict of tensors.")
+    # Before any tensor is copied: an expanded view would otherwise become a tensor of the size it claims.
+    # transformers saves proj_out.weight as the embeddings' own storage, so tensors may share.
+    check_storage(state, f"Hugging Face weights {path}", shared=True)
     return {name: functools.partial(_same, tensor) for name, tensor in state.items()}
 
 

@@ -30,14 +30,14 @@ from whisper.model import ModelDimensions
 from .. import version
 from ..atomic import atomic_torch_save
 from ..compute_type import apply_compute_type, resolve_compute_type
-from ..errors import CheckpointError, ModelNotFoundError, PathLike, first_line, one_line
+from ..errors import CheckpointError, ModelNotFoundError, PathLike, VariantError, first_line, one_line
 from ..model import DEFAULT_ROTARY_THETA, WhisperRope
 from ..option_checks import check_load_options
 from ..options import option
 from ..variants import DECODER_SCHEMES, ENCODER_SCHEMES, PRESETS, UPSTREAM_VARIANT, Variant, parse_variant
 from . import packages
 from .ctranslate2 import is_ctranslate2_dir, read_ctranslate2
-from .format import read_checkpoint, validate_checkpoint
+from .format import marked_dims, positive_finite, read_checkpoint, validate_checkpoint
 from .huggingface import is_huggingface_dir, read_huggingface
 
 logger = logging.getLogger("whisper_rope")
@@ -296,14 +296,12 @@ def load_model(
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if rotary_theta is not None and not positive_finite(rotary_theta):
+        raise VariantError(f"rotary_theta is {rotary_theta!r}; expected a finite positive number (RoPE's base)")
     resolve_compute_type(compute_type, device)
     checkpoint, heads, source = resolve_checkpoint(name_or_path, download_root, in_memory)
-    stored_variant = checkpoint.get("variant", UPSTREAM_VARIANT)
-    if not isinstance(stored_variant, str):
-        raise CheckpointError(f"checkpoint {source!r} has a non-string 'variant'")
+    stored_variant = checkpoint.get("variant", UPSTREAM_VARIANT)  # both checked by validate_checkpoint
     stored_options = checkpoint.get("rotary") or {}
-    if not isinstance(stored_options, dict):
-        raise CheckpointError(f"checkpoint {source!r} has an invalid 'rotary' entry: expected a dict")
     target_variant = parse_variant(variant if variant is not None else stored_variant)
     theta = float(rotary_theta if rotary_theta is not None else stored_options.get("theta", DEFAULT_ROTARY_THETA))
     gated = bool(gated_rotary if gated_rotary is not None else stored_options.get("gated", False))
@@ -312,7 +310,7 @@ def load_model(
     state, report = adapt_state_dict(checkpoint["model_state_dict"], stored_variant, model, source=source)
     model.load_state_dict(state, strict=True)
     _set_alignment_heads(model, heads)
-    _restore_table_scales(model, stored_options.get("table_scale"), parse_variant(stored_variant), source)
+    _restore_table_scales(model, stored_options.get("table_scale"), parse_variant(stored_variant))
     trained_unpadded = bool(stored_options.get("unpadded", False))
     model.unpadded = trained_unpadded if unpadded is None else unpadded
     model.unpadded_margin = int(
@@ -357,15 +355,11 @@ def _warn_untrained_positions(
         )
 
 
-def _restore_table_scales(model: WhisperRope, scales: object, stored: Variant, source: str) -> None:
+def _restore_table_scales(model: WhisperRope, scales: object, stored: Variant) -> None:
     """Restore the absolute-table scales of a checkpoint saved mid-transplant, side by side, where both the stored
     and the target variant have that table (a table that was not stored starts at full scale)."""
     if scales is None:
-        return
-    if not (
-        isinstance(scales, (list, tuple)) and len(scales) == 2 and all(isinstance(x, (int, float)) for x in scales)
-    ):
-        raise CheckpointError(f"checkpoint {source!r}: rotary.table_scale must be [encoder, decoder] numbers")
+        return  # otherwise [encoder, decoder] numbers in [0, 1] (check_rotary_options)
     for coder, side, scale in ((model.encoder, "encoder", scales[0]), (model.decoder, "decoder", scales[1])):
         if coder.has_table and getattr(stored, side).table == getattr(model.parsed_variant, side).table:
             coder.table_scale = float(scale)
@@ -379,7 +373,7 @@ def checkpoint_dict(model: WhisperRope) -> dict:
             "save the model as loaded, before apply_compute_type"
         )
     return {
-        "dims": asdict(model.dims),
+        "dims": marked_dims(asdict(model.dims), model.variant),
         "model_state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "variant": model.variant,
         "rotary": {**model.rotary_options, "table_scale": [model.encoder.table_scale, model.decoder.table_scale]},
