@@ -95,6 +95,28 @@ def test_a_symlink_leading_out_of_the_directory_is_refused(tmp_path, hf_export):
     _assert_refused(_load(directory), "model.safetensors")
 
 
+@pytest.mark.parametrize("shard", [7, ["a"], "", "shards/"], ids=["a number", "a list", "empty", "a directory"])
+def test_an_index_naming_something_that_is_no_file_is_refused(tmp_path, hf_export, shard):
+    directory = _sharded(hf_export, tmp_path / "model", "placeholder")
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {name: shard for name in index["weight_map"]}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    (directory / "shards").mkdir()
+    (directory / "model.safetensors").unlink()
+    _assert_refused(_load(directory), "model.safetensors.index.json" if not isinstance(shard, str) else "shard")
+
+
+def test_a_ctranslate2_part_linked_outside_the_directory_is_refused(tmp_path, ct2_model):
+    directory = tmp_path / "model"
+    shutil.copytree(ct2_model, directory)
+    data = (directory / "model.bin").read_bytes()
+    (directory / "model.bin").unlink()
+    (directory / "model.bin.part1").write_bytes(data[:100])
+    (tmp_path / "elsewhere").write_bytes(data[100:])
+    os.symlink(tmp_path / "elsewhere", directory / "model.bin.part2")
+    _assert_refused(_load(directory), "model.bin.part2")
+
+
 def test_the_hugging_face_download_cache_layout_of_symlinks_into_blobs_loads(tmp_path, hf_export):
     repo = tmp_path / "models--someone--whisper-toy"
     snapshot = repo / "snapshots" / "0123abcd"
