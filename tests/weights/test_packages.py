@@ -115,6 +115,20 @@ def test_cache_dir_resolution(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("WHISPER_ROPE_CACHE", str(tmp_path / "mine"))
     assert resolve_cache_dir() == tmp_path / "mine"
     assert resolve_cache_dir(tmp_path / "arg") == tmp_path / "arg"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("WHISPER_ROPE_CACHE", "~/cache")  # as a config file or a program passes it: no shell
+    assert resolve_cache_dir() == tmp_path / "home" / "cache"
+    assert resolve_cache_dir("~/arg") == tmp_path / "home" / "arg"
+
+
+def test_a_fifo_in_place_of_the_hash_index_is_ignored_without_blocking(tmp_path: Path) -> None:
+    source = tmp_path / "model.bin"
+    source.write_bytes(b"weights")
+    os.mkfifo(tmp_path / packages._HASH_INDEX)  # no writer: a blocking open would wait forever
+    first = packages.content_hash([source])
+    assert packages._load_hash_index(tmp_path) == {}
+    assert packages.content_hash([source], tmp_path) == first  # hashed afresh, and the index rewritten as a file
+    assert (tmp_path / packages._HASH_INDEX).is_file()
 
 
 def test_unknown_and_half_installed_models(monkeypatch) -> None:

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from whisper_rope.atomic import atomic_write
-from whisper_rope.errors import ModelNotFoundError, PathLike
+from whisper_rope.errors import CheckpointError, ModelNotFoundError, PathLike
+from whisper_rope.files import read_regular, user_path
 from whisper_rope.weights.common import save_upstream
 from whisper_rope.weights.ctranslate2 import read_ctranslate2
 
@@ -122,9 +123,9 @@ def resolve_cache_dir(override: Optional[PathLike] = None) -> Path:
     """whisper_rope's cache directory: ``override``, else ``$WHISPER_ROPE_CACHE``, else
     ``$XDG_CACHE_HOME/whisper_rope``, else ``~/.cache/whisper_rope``."""
     if override is not None:
-        return Path(override)
+        return user_path(override)
     if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
+        return user_path(os.environ[CACHE_ENV])
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(root) / "whisper_rope"
 
@@ -143,9 +144,9 @@ def _file_sha256(path: Path) -> str:
 
 def _load_hash_index(directory: Path) -> Dict[str, str]:
     try:
-        data = json.loads((directory / _HASH_INDEX).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}  # missing or damaged: it is only a cache of hashes, so start afresh
+        data = json.loads(read_regular(directory / _HASH_INDEX, "hash index", CheckpointError))
+    except (CheckpointError, ValueError):
+        return {}  # missing, damaged or no regular file (a FIFO never blocks): only a cache of hashes, start afresh
     return data if isinstance(data, dict) else {}
 
 
