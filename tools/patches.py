@@ -428,6 +428,21 @@ def _decoder_drops_table_on_load(reason: str) -> SourceEdit:
     )
 
 
+#: whisper_rope writes ``whisper_rope_variant`` into the dims of every variant but upstream's (so that unpatched
+#: upstream refuses such a file loudly); a patched package reads it like whisper_rope.
+_MARKED_DIMS = SourceEdit(
+    "__init__.py",
+    "load_model reading the dims of a whisper_rope checkpoint",
+    """\
+    dims = ModelDimensions(**checkpoint["dims"])
+""",
+    """\
+    # whisper_rope marks the dims of every variant but upstream's, so that unpatched upstream refuses them
+    dims = ModelDimensions(**{k: v for k, v in checkpoint["dims"].items() if k != "whisper_rope_variant"})
+""",
+)
+
+
 def edits_for(preset: str) -> List[SourceEdit]:
     """The source edits that turn upstream's files into ``preset``, in order."""
     variant = parse_variant(preset)
@@ -437,7 +452,7 @@ def edits_for(preset: str) -> List[SourceEdit]:
         )
     table = variant.decoder.table
     edits = [_constants(variant), _ROTARY_FUNCTIONS, _ATTENTION_INIT, _ATTENTION_ROTATION, _ATTENTION_EXPLICIT_MASK]
-    edits += [_BLOCK_INIT, *_ROTARY_ENCODER]
+    edits += [_BLOCK_INIT, *_ROTARY_ENCODER, _MARKED_DIMS]
     edits.append(SourceEdit("model.py", "the decoder's table", _DECODER_TABLE_ANCHOR, _DECODER_TABLES[table]))
     if variant.decoder.rotary:
         edits.append(_DECODER_ROTARY_BLOCKS)

@@ -202,7 +202,9 @@ def _build_ct2_base(root: Path, mode: str) -> Ct2Base:
     for name, (_, end) in records.items():
         payload = layout.data[name]
         mutated = bytearray(data)
-        mutated[payload:end] = bytes(b ^ 0x55 for b in mutated[payload:end])
+        # Flip the lowest bit of every byte: every element changes, and no float becomes NaN or infinite (those are
+        # refused, which would hide what the payload feeds).
+        mutated[payload:end] = bytes(b ^ 0x01 for b in mutated[payload:end])
         (probe / "model.bin").write_bytes(bytes(mutated))
         try:
             result = _ct2_read(probe)

@@ -63,28 +63,9 @@ class ImportedCheckpoint:
         return checkpoint
 
 
-def alignment_mask(pairs: Any, n_layer: int, n_head: int, origin: str) -> torch.Tensor:
-    """Turn a list of ``[layer, head]`` pairs into a bool mask of shape (n_layer, n_head)."""
-    mask = torch.zeros(n_layer, n_head, dtype=torch.bool)
-    if not isinstance(pairs, (list, tuple)):
-        raise CheckpointError(f"{origin}: alignment_heads is {type(pairs).__name__}, expected a list of [layer, head].")
-    for pair in pairs:
-        if (
-            not isinstance(pair, (list, tuple))
-            or len(pair) != 2
-            or not all(isinstance(x, int) and not isinstance(x, bool) for x in pair)
-            or not (0 <= pair[0] < n_layer and 0 <= pair[1] < n_head)
-        ):
-            raise CheckpointError(
-                f"{origin}: alignment head {pair!r} is not a [layer, head] pair within "
-                f"{n_layer} layers x {n_head} heads."
-            )
-        mask[pair[0], pair[1]] = True
-    return mask
-
-
 def alignment_pairs(mask: torch.Tensor) -> list:
-    """Inverse of :func:`alignment_mask`: a bool (n_layer, n_head) tensor to a sorted list of [layer, head]."""
+    """Inverse of `whisper_rope.weights.format.alignment_mask`: a bool (n_layer, n_head) tensor to a sorted list
+    of [layer, head]."""
     if mask.is_sparse:
         mask = mask.to_dense()
     return [[int(layer), int(head)] for layer, head in torch.nonzero(mask.bool()).tolist()]

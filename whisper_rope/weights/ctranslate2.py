@@ -47,12 +47,11 @@ from whisper_rope.errors import CheckpointError, ModelNotFoundError, PathLike
 from whisper_rope.files import inside
 from whisper_rope.weights.common import (
     ImportedCheckpoint,
-    alignment_mask,
     describe_paths,
     float_dtype_of,
     read_json_object,
 )
-from whisper_rope.weights.format import check_dims, check_state_dict
+from whisper_rope.weights.format import alignment_mask, check_dims, check_state_dict
 
 SPEC_NAME = "WhisperSpec"
 MIN_BINARY_VERSION = 4  # versions 1-3 stored item sizes instead of dtype ids; no Whisper model uses them

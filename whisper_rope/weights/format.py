@@ -17,9 +17,7 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from ..errors import CheckpointError, ModelNotFoundError, PathLike, VariantError, first_line, one_line
-from ..variants import UPSTREAM_VARIANT, parse_variant
-from .common import alignment_mask
+from ..errors import CheckpointError, ModelNotFoundError, PathLike, first_line, one_line
 
 # The fields of ``whisper.model.ModelDimensions``, in its order.
 DIM_KEYS: Tuple[str, ...] = (
@@ -313,6 +311,27 @@ def read_checkpoint(source: Union[PathLike, bytes], name: Optional[str] = None, 
     return validate_checkpoint(load_pt(source, f"checkpoint {label!r}", mmap=mmap), label)
 
 
+def alignment_mask(pairs: object, n_layer: int, n_head: int, origin: str) -> torch.Tensor:
+    """Turn a list of ``[layer, head]`` pairs into a bool mask of shape (n_layer, n_head) (the CTranslate2 and
+    Hugging Face configs' alignment heads, and a checkpoint's given that way)."""
+    mask = torch.zeros(n_layer, n_head, dtype=torch.bool)
+    if not isinstance(pairs, (list, tuple)):
+        raise CheckpointError(f"{origin}: alignment_heads is {type(pairs).__name__}, expected a list of [layer, head].")
+    for pair in pairs:
+        if (
+            not isinstance(pair, (list, tuple))
+            or len(pair) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in pair)
+            or not (0 <= pair[0] < n_layer and 0 <= pair[1] < n_head)
+        ):
+            raise CheckpointError(
+                f"{origin}: alignment head {pair!r} is not a [layer, head] pair within "
+                f"{n_layer} layers x {n_head} heads."
+            )
+        mask[pair[0], pair[1]] = True
+    return mask
+
+
 def validate_checkpoint(checkpoint: object, label: str) -> dict:
     """Check the layout every reader relies on (`check_dims`, `check_state_dict` without ``complete``, the variant,
     `check_rotary_options`, the alignment heads); raise CheckpointError naming what is wrong.
@@ -348,27 +367,16 @@ def validate_checkpoint(checkpoint: object, label: str) -> dict:
     return checked
 
 
-def marked_dims(dims: Dict[str, int], variant: str) -> Dict[str, object]:
-    """``dims`` as a checkpoint of ``variant`` stores them: upstream's ten fields, plus `VARIANT_MARKER` for every
-    variant but upstream's own (see there)."""
-    if parse_variant(variant).name == UPSTREAM_VARIANT:
-        return dict(dims)
-    return {**dims, VARIANT_MARKER: parse_variant(variant).name}
-
-
 def _stored_variant(variant: object, marker: object, origin: str) -> Optional[str]:
-    """The checkpoint's variant name: its ``variant`` entry and the dims' marker, which must agree (None: neither
-    is there, an upstream file)."""
+    """The checkpoint's variant name: its ``variant`` entry and the dims' marker, which must be strings and agree
+    (None: neither is there, an upstream file). Whether the name is a known variant is for `parse_variant`, where the
+    model is built."""
     names = []
     for where, value in (("'variant'", variant), (f"dims' {VARIANT_MARKER!r}", marker)):
-        if value is None:
-            continue
-        if not isinstance(value, str):
+        if value is not None and not isinstance(value, str):
             raise CheckpointError(f"{origin} has a non-string {where}: {one_line(repr(value), 40)}")
-        try:
-            names.append(parse_variant(value).name)
-        except VariantError as error:
-            raise CheckpointError(f"{origin} has an unknown positional variant in {where}: {error}") from None
+        if value is not None:
+            names.append(value)
     if len(set(names)) > 1:
         raise CheckpointError(f"{origin} names two variants: 'variant' {names[0]!r}, {VARIANT_MARKER} {names[1]!r}")
     return names[0] if names else None

@@ -38,12 +38,18 @@ from whisper_rope.files import inside
 from whisper_rope.weights.common import (
     MULTILINGUAL_MIN_VOCAB,
     ImportedCheckpoint,
-    alignment_mask,
     alignment_pairs,
     float_dtype_of,
     read_json_object,
 )
-from whisper_rope.weights.format import check_dims, check_state_dict, check_storage, load_pt, upstream_shapes
+from whisper_rope.weights.format import (
+    alignment_mask,
+    check_dims,
+    check_state_dict,
+    check_storage,
+    load_pt,
+    upstream_shapes,
+)
 
 SAFETENSORS = "model.safetensors"
 #: Every file `write_huggingface` writes into its directory.
@@ -180,8 +186,8 @@ def is_huggingface_dir(path: PathLike) -> bool:
     if not any((directory / name).is_file() for name in (SAFETENSORS, SAFETENSORS_INDEX, PYTORCH_BIN)):
         return False
     try:
-        return json.loads(config.read_text(encoding="utf-8")).get("model_type") == "whisper"
-    except (OSError, ValueError, AttributeError):
+        return read_json_object(config, "Hugging Face file").get("model_type") == "whisper"
+    except CheckpointError:  # unreadable, not JSON, not an object, not a regular file
         return False
 
 

@@ -37,7 +37,7 @@ from ..options import option
 from ..variants import DECODER_SCHEMES, ENCODER_SCHEMES, PRESETS, UPSTREAM_VARIANT, Variant, parse_variant
 from . import packages
 from .ctranslate2 import is_ctranslate2_dir, read_ctranslate2
-from .format import marked_dims, positive_finite, read_checkpoint, validate_checkpoint
+from .format import VARIANT_MARKER, positive_finite, read_checkpoint, validate_checkpoint
 from .huggingface import is_huggingface_dir, read_huggingface
 
 logger = logging.getLogger("whisper_rope")
@@ -363,6 +363,14 @@ def _restore_table_scales(model: WhisperRope, scales: object, stored: Variant) -
     for coder, side, scale in ((model.encoder, "encoder", scales[0]), (model.decoder, "decoder", scales[1])):
         if coder.has_table and getattr(stored, side).table == getattr(model.parsed_variant, side).table:
             coder.table_scale = float(scale)
+
+
+def marked_dims(dims: Dict[str, int], variant: str) -> Dict[str, object]:
+    """``dims`` as a checkpoint of ``variant`` stores them: upstream's ten fields, plus `VARIANT_MARKER` (why: see
+    there) for every variant but upstream's own."""
+    if parse_variant(variant).name == UPSTREAM_VARIANT:
+        return dict(dims)
+    return {**dims, VARIANT_MARKER: parse_variant(variant).name}
 
 
 def checkpoint_dict(model: WhisperRope) -> dict:
