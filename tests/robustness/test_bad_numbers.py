@@ -21,7 +21,6 @@ import torch
 import whisper_rope
 from whisper_rope.cli import main
 
-from . import known_bug
 from .commands import HELLO, TOY_DIMS, checkpoint, command, one_error_line, save_model
 
 

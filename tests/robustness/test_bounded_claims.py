@@ -17,7 +17,6 @@ import pytest
 import soundfile as sf
 import torch
 
-from . import known_bug
 from .commands import TOY_DIMS, checkpoint, command, mib, one_error_line, peak_memory, save_model
 
 #: Slack over the honest model's cost: the refused file read once or twice, and Python's own bookkeeping.
