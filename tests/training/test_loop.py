@@ -245,6 +245,20 @@ dist.destroy_process_group()
 """
 
 
+def _run_launcher(command: list, env: dict) -> None:
+    """Run a torch.distributed launcher to the end; on a hang kill its whole session (every worker process)."""
+    launcher = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        _, stderr = launcher.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.communicate()
+        raise
+    assert launcher.returncode == 0, stderr[-3000:]
+
+
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
     manifest = write_manifest(tmp_path / "four.jsonl", ROWS[:4])
     torch.manual_seed(0)
@@ -265,17 +279,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
         str(manifest),
         str(tmp_path / "ddp"),
     ]
-    # A session of its own, so that a hang is cleaned up with every worker process.
-    launcher = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        _, stderr = launcher.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(launcher.pid, signal.SIGKILL)
-        launcher.communicate()
-        raise
-    assert launcher.returncode == 0, stderr[-3000:]
+    _run_launcher(command, env)
 
     single = finetune(config=quick_config(tmp_path / "single", model=str(source), train=str(manifest), steps=3))
     ddp = tmp_path / "ddp" / "straight"
@@ -312,16 +316,7 @@ def test_label_free_state_distillation_under_two_gloo_processes_matches_one_proc
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     command += [str(source), str(manifest), str(tmp_path / "ddp"), str(tmp_path / "cache")]
-    launcher = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        _, stderr = launcher.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(launcher.pid, signal.SIGKILL)
-        launcher.communicate()
-        raise
-    assert launcher.returncode == 0, stderr[-3000:]
+    _run_launcher(command, env)
     assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 4  # every clip once, whichever rank filled it
 
     single = finetune(
