@@ -9,6 +9,8 @@ from whisper.model import ModelDimensions
 from whisper_rope.audio import load_audio
 
 FIXTURES = Path(__file__).parent / "fixtures"
+#: The speech fixture clips (2.2-3.5 s of TTS each), in name order.
+SPEECH_CLIPS = sorted((FIXTURES / "speech").glob("*.flac"))
 
 #: Variants exercised by the equivalence tests: every preset plus mixed combinations.
 MIXED_VARIANTS = ["rotary+sinusoidal/learned", "sinusoidal/rotary+learned", "rotary/sinusoidal", "sinusoidal/rotary"]
@@ -55,4 +57,4 @@ def randomise_(model: torch.nn.Module, std: float = 0.1) -> torch.nn.Module:
 @pytest.fixture(scope="session")
 def speech():
     """The fixture clips of tests/fixtures/speech as 16-kHz float arrays, in name order."""
-    return [load_audio(path) for path in sorted((FIXTURES / "speech").glob("*.flac"))]
+    return [load_audio(path) for path in SPEECH_CLIPS]

@@ -1,5 +1,5 @@
-"""Helpers shared by the tests of unpadded transcription and batched decoding: the fixture clips, a small random
-rotary model that encodes unpadded, upstream's first window, and a recorder of encoder lengths."""
+"""Helpers shared by the tests of unpadded transcription and batched decoding: a small random rotary model that
+encodes unpadded, upstream's first window, and a recorder of encoder lengths."""
 
 import numpy as np
 import torch
@@ -9,9 +9,7 @@ from whisper.audio import N_FRAMES, N_SAMPLES
 
 import whisper_rope
 
-from .conftest import FIXTURES, randomise_, small_dims
-
-SPEECH = sorted((FIXTURES / "speech").glob("*.flac"))
+from .conftest import randomise_, small_dims
 
 
 def random_rotary(n_text_ctx: int = 32, n_vocab: int = 51864):

@@ -15,8 +15,8 @@ from whisper_rope.features import trailing_padding_start
 from whisper_rope.model import PositionalAttention
 from whisper_rope.positional import RotaryEmbedding, rotate_half
 
-from .conftest import MIXED_VARIANTS, randomise_
-from .speech_helpers import SPEECH, first_window, random_rotary
+from .conftest import MIXED_VARIANTS, SPEECH_CLIPS, randomise_
+from .speech_helpers import first_window, random_rotary
 
 ALL_VARIANTS = whisper_rope.available_variants() + MIXED_VARIANTS
 
@@ -310,7 +310,7 @@ def test_kv_cache_with_few_unpadded_frames_keeps_cross_attention_keys_and_matche
         return cached
 
     monkeypatch.setattr(whisper.decoding.PyTorchInference, "logits", checked)
-    window = first_window(load_audio(SPEECH[0]))
+    window = first_window(load_audio(SPEECH_CLIPS[0]))
     result = model.decode(window, whisper.DecodingOptions(language="en", beam_size=3, sample_len=20, fp16=False))
     n_audio = result.audio_features.shape[0]
     assert n_audio <= 448 and cross_lengths == {n_audio}

@@ -15,8 +15,8 @@ from whisper_rope.outputs import TranscriptRecord
 from whisper_rope.speech_chunks import speech_chunks
 from whisper_rope.transcribe import transcribe_many
 
-from .conftest import FIXTURES, randomise_, small_dims
-from .speech_helpers import SPEECH, EncoderLengths, random_rotary
+from .conftest import FIXTURES, SPEECH_CLIPS, randomise_, small_dims
+from .speech_helpers import EncoderLengths, random_rotary
 
 
 @pytest.fixture(scope="module")
@@ -78,11 +78,11 @@ def test_transcribe_many_equals_one_by_one_with_tiny_en(speech, monkeypatch):
     options = dict(temperature=0.0, fp16=False, condition_on_previous_text=True)
     alone = [model.transcribe(audio, **options) for audio in speech]
     sizes = _record_batches(monkeypatch)
-    batched = transcribe_many(model, SPEECH, batch_size=5, **options)
+    batched = transcribe_many(model, SPEECH_CLIPS, batch_size=5, **options)
     assert sizes == [5, 3]  # two batched decodes, and no clip decoded again
     for ours, theirs in zip(batched, alone):
         _assert_same_results(ours, theirs)
-    assert "kitchen table" in batched[SPEECH.index(FIXTURES / "speech" / "espeak_en.flac")]["text"]
+    assert "kitchen table" in batched[SPEECH_CLIPS.index(FIXTURES / "speech" / "espeak_en.flac")]["text"]
 
 
 def test_transcribe_many_unpadded_word_timestamps_and_long_clips(speech, monkeypatch):
@@ -127,7 +127,7 @@ def test_cli_batch_size_writes_the_same_files(tmp_path):
         out = tmp_path / f"out{batch_size}"
         status = cli.main(
             [
-                *map(str, SPEECH[:3]),
+                *map(str, SPEECH_CLIPS[:3]),
                 "--model",
                 str(model_file),
                 "--batch_size",

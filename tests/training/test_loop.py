@@ -33,15 +33,6 @@ ROWS = [json.loads(line) for line in (SPEECH / "manifest.jsonl").read_text().spl
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """On a shared, busy CPU one thread is several times faster for these small models than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def write_manifest(path: Path, rows, text: bool = True) -> Path:
     lines = [json.dumps({"audio": str(SPEECH / r["audio"]), **({"text": r["text"]} if text else {})}) for r in rows]
     path.write_text("\n".join(lines) + "\n")

@@ -19,14 +19,6 @@ from whisper_rope.training.transplant import rotary_gates
 SPEECH = FIXTURES / "speech"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
     """A small random 'pretrained' model with upstream's scheme and a full 30-s encoder context."""

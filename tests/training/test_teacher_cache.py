@@ -25,14 +25,6 @@ SPEECH = FIXTURES / "speech"
 KINDS = ("decoder_layers", "encoder_output", "encoder_layers")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def teacher():
     return randomise_(build_model(small_dims(n_audio_ctx=1500), "whisper"), std=0.05).eval()
