@@ -21,10 +21,10 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import AbstractSet, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from torch import Tensor
 from tqdm import tqdm
@@ -256,12 +256,17 @@ def _clip_states(states: Dict[str, Tensor], row: int, n_tokens: int, n_positions
     return {k: v.to(torch.float16) for k, v in entry.items()}
 
 
-def read_entry(path: Path) -> Optional[Dict[str, Tensor]]:
-    """An entry's tensors; None when the file is missing, and None with a warning when it is damaged."""
+def read_entry(path: Path, keys: Optional[AbstractSet[str]] = None) -> Optional[Dict[str, Tensor]]:
+    """An entry's tensors (with ``keys``: only those and the transcript, the rest is not read from disk); None when
+    the file is missing, and None with a warning when it is damaged."""
     if not path.is_file():
         return None
     try:
-        return load_file(str(path))
+        if keys is None:
+            return load_file(str(path))
+        with safe_open(str(path), framework="pt") as entry:
+            wanted = keys | {"text_tokens"}
+            return {key: entry.get_tensor(key) for key in entry.keys() if key in wanted}
     except (SafetensorError, OSError, ValueError) as error:
         logger.warning("teacher cache entry %s cannot be read (%s); recomputing it", path, error)
         return None
@@ -286,7 +291,7 @@ class TeacherTargetsDataset(torch.utils.data.Dataset):
         self.dataset = dataset
         self.entries = list(entries)
         self.transcripts = transcripts
-        self.keys = None if kinds is None else {key for kind in kinds for key in STORED_KEYS[kind]}
+        self.keys = None if kinds is None else frozenset(key for kind in kinds for key in STORED_KEYS[kind])
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -299,7 +304,7 @@ class TeacherTargetsDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Item:
         item = self.dataset[index]
         path = self.entries[item.index]
-        entry = read_entry(path) if path is not None else None
+        entry = read_entry(path, self.keys) if path is not None else None
         if entry is None:
             raise DataError(
                 f"{self.dataset.source}: the teacher targets of row {self.dataset.examples[item.index].row} "
@@ -310,7 +315,7 @@ class TeacherTargetsDataset(torch.utils.data.Dataset):
             tokenizer = self.dataset.tokenizer(item.index)
             tokens, labels = target_sequence(tokenizer, text, self.dataset.prompts[item.index])
             item.tokens, item.labels = torch.tensor(tokens), torch.tensor(labels)
-        item.teacher_states = {k: v for k, v in entry.items() if self.keys is None or k in self.keys}
+        item.teacher_states = entry
         return item
 
 
