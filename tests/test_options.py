@@ -2,13 +2,13 @@
 so every option has both spellings and every boolean takes a bare flag, a value or a negation."""
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import List, Optional
 
 import pytest
 
 from whisper_rope.cli import build_parser
-from whisper_rope.options import ArgumentParser, add_dataclass_arguments, dataclass_from_args, option
+from whisper_rope.options import ArgumentParser, add_dataclass_arguments, dataclass_from_args, opt, option
 
 
 @dataclass
@@ -17,6 +17,33 @@ class Job:
     fp16: bool = field(default=True, metadata=option("half precision"))
     unpadded: Optional[bool] = field(default=None, metadata=option("own frames"))
     files: List[str] = field(default_factory=list, metadata=option("inputs", positional=True, nargs="*"))
+
+
+@dataclass
+class Declared:
+    """`Job`'s first and last options, declared with `opt`."""
+
+    batch_size: int = opt(4, "clips per batch")
+    files: List[str] = opt([], "inputs", positional=True, nargs="*")
+    seeds: List[int] = opt([0, 1], "seeds", nargs="+", type=int)
+
+
+def test_opt_declares_the_same_field_as_field_and_option():
+    declared = {spec.name: spec for spec in fields(Declared)}
+    written = {spec.name: spec for spec in fields(Job)}
+    for name in ("batch_size", "files"):
+        assert declared[name].metadata == written[name].metadata
+    assert declared["batch_size"].default == 4 and Declared().files == []
+    assert dict(declared["seeds"].metadata) == {"help": "seeds", "nargs": "+", "type": int}
+
+
+def test_opt_gives_each_instance_its_own_copy_of_a_list_default():
+    first, second = Declared(), Declared()
+    first.seeds.append(2)
+    assert first.seeds == [0, 1, 2] and second.seeds == [0, 1] and Declared().seeds == [0, 1]
+    parser = add_dataclass_arguments(ArgumentParser(), Declared)
+    assert dataclass_from_args(Declared, parser.parse_args(["a.flac"])) == Declared(files=["a.flac"])
+    assert "seeds (default: [0, 1])" in parser.format_help()
 
 
 def _parse(*argv: str) -> Job:

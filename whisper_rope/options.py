@@ -3,7 +3,8 @@
 Every subcommand declares its options this way, and every option is spelled and behaves alike:
 
 * a field ``batch_size`` is ``--batch-size`` and ``--batch_size`` (upstream whisper's spelling);
-* its ``metadata`` (`option`) holds the help text and any other ``argparse.add_argument`` keywords (``choices``,
+* it is declared with `opt` (its default, help text and argparse keywords in one call); its ``metadata``
+  (`option`) holds the help text and any other ``argparse.add_argument`` keywords (``choices``,
   ``type``, ``nargs``, extra ``flags`` such as ``-o``, ``required``), or ``positional=True`` for an argument;
 * a boolean accepts a bare flag, an explicit value and a negation: ``--fp16``, ``--fp16 False`` (upstream's form),
   ``--fp16=no``, ``--no-fp16``;
@@ -11,7 +12,9 @@ Every subcommand declares its options this way, and every option is spelled and 
 """
 
 import argparse
+import copy
 import dataclasses
+import functools
 import os
 import sys
 import typing
@@ -28,6 +31,18 @@ def option(help: str, **argparse_options: Any) -> Dict[str, Any]:
     """A dataclass field's ``metadata``: its help text and any other ``argparse.add_argument`` keywords;
     ``path=True`` marks a file or folder (``~`` expanded), ``path="named"`` a ``NAME=PATH`` or a plain path."""
     return {"help": help, **argparse_options}
+
+
+def opt(default: Any, help: str, **argparse_options: Any) -> Any:
+    """A dataclass field that is a command-line option: ``batch_size: int = opt(8, "clips per batch")``.
+
+    ``default`` is the field's default; a list, dict or set is copied for each instance (a ``default_factory``), so
+    instances never share it. ``help`` and ``argparse_options`` are the field's `option` metadata.
+    """
+    metadata = option(help, **argparse_options)
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=functools.partial(copy.copy, default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def expand_user(text: str) -> str:

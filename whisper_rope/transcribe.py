@@ -22,7 +22,7 @@ Results agree with one-by-one `transcribe` to floating-point rounding: texts, to
 
 import contextlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -38,7 +38,7 @@ from .audio import load_audio
 from .features import first_transcription_window, language_window
 from .longform import supports, transcribe_chunked
 from .model import WhisperRope
-from .options import option
+from .options import opt
 from .transcribe_options import transcribe_dtype, window_decoding_options
 from .weights.loading import MODEL_HELP
 
@@ -184,132 +184,83 @@ class TranscribeOptions:
     booleans also as bare flags), the files to write, and whisper_rope's own (``batch_size``, ``unpadded``).
     The model is loaded with `whisper_rope.weights.loading.LoadOptions`."""
 
-    audio: List[str] = field(
-        default_factory=list, metadata=option("audio files to transcribe", positional=True, nargs="+", path=True)
+    audio: List[str] = opt([], "audio files to transcribe", positional=True, nargs="+", path=True)
+    model: str = opt("turbo", MODEL_HELP, path=True)
+    output_dir: str = opt(".", "directory for the output files", flags=["-o"], path=True)
+    output_format: str = opt(
+        "all",
+        "output format; 'all' writes every format",
+        flags=["-f"],
+        choices=["txt", "vtt", "srt", "tsv", "json", "all"],
     )
-    model: str = field(default="turbo", metadata=option(MODEL_HELP, path=True))
-    output_dir: str = field(default=".", metadata=option("directory for the output files", flags=["-o"], path=True))
-    output_format: str = field(
-        default="all",
-        metadata=option(
-            "output format; 'all' writes every format",
-            flags=["-f"],
-            choices=["txt", "vtt", "srt", "tsv", "json", "all"],
-        ),
+    verbose: bool = opt(True, "print segments and progress as they are decoded")
+    task: str = opt(
+        "transcribe",
+        "'transcribe' keeps the spoken language, 'translate' produces English",
+        choices=["transcribe", "translate"],
     )
-    verbose: bool = field(default=True, metadata=option("print segments and progress as they are decoded"))
-    task: str = field(
-        default="transcribe",
-        metadata=option(
-            "'transcribe' keeps the spoken language, 'translate' produces English", choices=["transcribe", "translate"]
-        ),
+    language: Optional[str] = opt(
+        None,
+        "spoken language; detected when not given (English-only models always use English)",
+        choices=sorted(LANGUAGES) + sorted(k.title() for k in TO_LANGUAGE_CODE),
     )
-    language: Optional[str] = field(
-        default=None,
-        metadata=option(
-            "spoken language; detected when not given (English-only models always use English)",
-            choices=sorted(LANGUAGES) + sorted(k.title() for k in TO_LANGUAGE_CODE),
-        ),
+    temperature: float = opt(0.0, "sampling temperature of the first attempt")
+    best_of: Optional[int] = opt(5, "candidates sampled when the temperature is above zero", type=optional_int)
+    beam_size: Optional[int] = opt(5, "beams for beam search at temperature zero", type=optional_int)
+    patience: Optional[float] = opt(None, "beam-search patience factor (1.0 = conventional beam search)")
+    length_penalty: Optional[float] = opt(
+        None, "length-penalty exponent alpha for ranking beams; plain length normalisation when not given"
     )
-    temperature: float = field(default=0.0, metadata=option("sampling temperature of the first attempt"))
-    best_of: Optional[int] = field(
-        default=5, metadata=option("candidates sampled when the temperature is above zero", type=optional_int)
+    suppress_tokens: str = opt(
+        "-1", "comma-separated token ids never to emit; -1 means most special symbols except common punctuation"
     )
-    beam_size: Optional[int] = field(
-        default=5, metadata=option("beams for beam search at temperature zero", type=optional_int)
+    initial_prompt: Optional[str] = opt(None, "text given to the model as the context of the first window")
+    carry_initial_prompt: bool = opt(False, "give the initial prompt to every window")
+    condition_on_previous_text: bool = opt(
+        True, "give each window the previous window's text as context (consistent, but can get stuck in loops)"
     )
-    patience: Optional[float] = field(
-        default=None, metadata=option("beam-search patience factor (1.0 = conventional beam search)")
+    fp16: bool = opt(True, "run in half precision (falls back to fp32 on the CPU)")
+    temperature_increment_on_fallback: Optional[float] = opt(
+        0.2, "temperature step of the retries when a window fails the thresholds below", type=optional_float
     )
-    length_penalty: Optional[float] = field(
-        default=None,
-        metadata=option("length-penalty exponent alpha for ranking beams; plain length normalisation when not given"),
+    compression_ratio_threshold: Optional[float] = opt(
+        2.4, "a window whose text gzip-compresses better than this ratio is retried", type=optional_float
     )
-    suppress_tokens: str = field(
-        default="-1",
-        metadata=option(
-            "comma-separated token ids never to emit; -1 means most special symbols except common punctuation"
-        ),
+    logprob_threshold: Optional[float] = opt(
+        -1.0, "a window whose mean token log-probability is below this is retried", type=optional_float
     )
-    initial_prompt: Optional[str] = field(
-        default=None, metadata=option("text given to the model as the context of the first window")
+    no_speech_threshold: Optional[float] = opt(
+        0.6,
+        "a window is silence when P(no speech) is above this and the log-probability test failed",
+        type=optional_float,
     )
-    carry_initial_prompt: bool = field(default=False, metadata=option("give the initial prompt to every window"))
-    condition_on_previous_text: bool = field(
-        default=True,
-        metadata=option(
-            "give each window the previous window's text as context (consistent, but can get stuck in loops)"
-        ),
+    word_timestamps: bool = opt(False, "compute word-level timestamps (cross-attention alignment)")
+    prepend_punctuations: str = opt("\"'“¿([{-", "with word timestamps: punctuation joined to the next word")
+    append_punctuations: str = opt(
+        "\"'.。,，!！?？:：”)]}、", "with word timestamps: punctuation joined to the previous word"
     )
-    fp16: bool = field(default=True, metadata=option("run in half precision (falls back to fp32 on the CPU)"))
-    temperature_increment_on_fallback: Optional[float] = field(
-        default=0.2,
-        metadata=option(
-            "temperature step of the retries when a window fails the thresholds below", type=optional_float
-        ),
+    highlight_words: bool = opt(False, _NEEDS_WORDS + "underline the spoken word in srt/vtt")
+    max_line_width: Optional[int] = opt(None, _NEEDS_WORDS + "characters per subtitle line", type=optional_int)
+    max_line_count: Optional[int] = opt(None, _NEEDS_WORDS + "lines per subtitle segment", type=optional_int)
+    max_words_per_line: Optional[int] = opt(
+        None, "(needs --word-timestamps; ignored with --max-line-width) words per subtitle segment", type=optional_int
     )
-    compression_ratio_threshold: Optional[float] = field(
-        default=2.4,
-        metadata=option("a window whose text gzip-compresses better than this ratio is retried", type=optional_float),
+    batch_size: int = opt(
+        1,
+        "decode up to this many files of at most 30 s together (same results as one by one), and cut longer "
+        "files at pauses (voice-activity detection) into chunks of at most 30 s decoded this many at a time "
+        "(faster; chunks are not conditioned on each other's text); 1: upstream's window-by-window loop",
     )
-    logprob_threshold: Optional[float] = field(
-        default=-1.0,
-        metadata=option("a window whose mean token log-probability is below this is retried", type=optional_float),
+    clip_timestamps: str = opt("0", "comma-separated start,end,... seconds of the spans to transcribe")
+    hallucination_silence_threshold: Optional[float] = opt(
+        None,
+        _NEEDS_WORDS + "skip silences longer than this many seconds around suspected hallucinations",
+        type=optional_float,
     )
-    no_speech_threshold: Optional[float] = field(
-        default=0.6,
-        metadata=option(
-            "a window is silence when P(no speech) is above this and the log-probability test failed",
-            type=optional_float,
-        ),
-    )
-    word_timestamps: bool = field(
-        default=False, metadata=option("compute word-level timestamps (cross-attention alignment)")
-    )
-    prepend_punctuations: str = field(
-        default="\"'“¿([{-", metadata=option("with word timestamps: punctuation joined to the next word")
-    )
-    append_punctuations: str = field(
-        default="\"'.。,，!！?？:：”)]}、",
-        metadata=option("with word timestamps: punctuation joined to the previous word"),
-    )
-    highlight_words: bool = field(default=False, metadata=option(_NEEDS_WORDS + "underline the spoken word in srt/vtt"))
-    max_line_width: Optional[int] = field(
-        default=None, metadata=option(_NEEDS_WORDS + "characters per subtitle line", type=optional_int)
-    )
-    max_line_count: Optional[int] = field(
-        default=None, metadata=option(_NEEDS_WORDS + "lines per subtitle segment", type=optional_int)
-    )
-    max_words_per_line: Optional[int] = field(
-        default=None,
-        metadata=option(
-            "(needs --word-timestamps; ignored with --max-line-width) words per subtitle segment", type=optional_int
-        ),
-    )
-    batch_size: int = field(
-        default=1,
-        metadata=option(
-            "decode up to this many files of at most 30 s together (same results as one by one), and cut longer "
-            "files at pauses (voice-activity detection) into chunks of at most 30 s decoded this many at a time "
-            "(faster; chunks are not conditioned on each other's text); 1: upstream's window-by-window loop"
-        ),
-    )
-    clip_timestamps: str = field(
-        default="0", metadata=option("comma-separated start,end,... seconds of the spans to transcribe")
-    )
-    hallucination_silence_threshold: Optional[float] = field(
-        default=None,
-        metadata=option(
-            _NEEDS_WORDS + "skip silences longer than this many seconds around suspected hallucinations",
-            type=optional_float,
-        ),
-    )
-    unpadded: Optional[bool] = field(
-        default=None,
-        metadata=option(
-            "encode only the real frames of each window (an encoder with a sinusoid table adds its rows 0..n-1: the "
-            "sliced table); default: on for checkpoints fine-tuned unpadded, else off"
-        ),
+    unpadded: Optional[bool] = opt(
+        None,
+        "encode only the real frames of each window (an encoder with a sinusoid table adds its rows 0..n-1: the "
+        "sliced table); default: on for checkpoints fine-tuned unpadded, else off",
     )
 
     def temperatures(self) -> Tuple[float, ...]:

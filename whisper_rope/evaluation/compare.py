@@ -30,7 +30,7 @@ import os
 import re
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -38,7 +38,7 @@ import whisper
 
 from ..atomic import atomic_write, atomic_write_text
 from ..files import user_path
-from ..options import add_dataclass_arguments, dataclass_from_args
+from ..options import add_dataclass_arguments, dataclass_from_args, opt
 from ..outputs import claim_directory, refuse_overlap, temporary_of
 from ..training.config import FinetuneConfig
 from ..training.loop import finetune
@@ -94,53 +94,39 @@ class RunSpec:
 class CompareConfig:
     """A comparison; each field is a ``whisper-rope compare`` option and a key of its ``--config`` JSON file."""
 
-    model: str = field(default="tiny.en", metadata={"help": "source checkpoint (name or path)", "path": True})
-    runs: List[str] = field(
-        default_factory=lambda: ["whisper", "rotary"],
-        metadata={
-            "help": "runs to compare: VARIANT or VARIANT@FLAGS, FLAGS a comma-separated subset of distill, transplant, "
-            "unpadded (with transplant)",
-            "nargs": "+",
-        },
+    model: str = opt("tiny.en", "source checkpoint (name or path)", path=True)
+    runs: List[str] = opt(
+        ["whisper", "rotary"],
+        "runs to compare: VARIANT or VARIANT@FLAGS, FLAGS a comma-separated subset of distill, transplant, "
+        "unpadded (with transplant)",
+        nargs="+",
     )
-    train: Optional[str] = field(
-        default=None,
-        metadata={
-            "help": "training manifest or folder of audio files with .txt transcripts (the same for every run)",
-            "path": True,
-        },
+    train: Optional[str] = opt(
+        None, "training manifest or folder of audio files with .txt transcripts (the same for every run)", path=True
     )
-    eval: List[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "evaluation sets as NAME=MANIFEST (a manifest or a folder of audio files with .txt transcripts), "
-            "e.g. in-domain=in.jsonl retained=ret.jsonl",
-            "nargs": "+",
-            "path": "named",
-        },
+    eval: List[str] = opt(
+        [],
+        "evaluation sets as NAME=MANIFEST (a manifest or a folder of audio files with .txt transcripts), "
+        "e.g. in-domain=in.jsonl retained=ret.jsonl",
+        nargs="+",
+        path="named",
     )
-    output: str = field(default="compare-output", metadata={"help": "output directory", "path": True})
-    steps: int = field(default=200, metadata={"help": "optimizer steps per run"})
-    lr: float = field(default=1e-4, metadata={"help": "peak learning rate per run"})
-    batch_size: int = field(default=8, metadata={"help": "clips per optimizer step"})
-    warmup_steps: int = field(default=20, metadata={"help": "learning-rate warm-up steps"})
-    seeds: List[int] = field(
-        default_factory=lambda: [0],
-        metadata={
-            "help": "seeds; each run is trained once per seed (two or more give mean ± std)",
-            "nargs": "+",
-            "type": int,
-        },
+    output: str = opt("compare-output", "output directory", path=True)
+    steps: int = opt(200, "optimizer steps per run")
+    lr: float = opt(1e-4, "peak learning rate per run")
+    batch_size: int = opt(8, "clips per optimizer step")
+    warmup_steps: int = opt(20, "learning-rate warm-up steps")
+    seeds: List[int] = opt(
+        [0], "seeds; each run is trained once per seed (two or more give mean ± std)", nargs="+", type=int
     )
-    eval_batch_size: int = field(default=16, metadata={"help": "clips decoded together in evaluation"})
-    cap_factor: float = field(default=3.0, metadata={"help": "cap hypotheses at this many times the reference tokens"})
-    transplant_fraction: float = field(
-        default=0.5,
-        metadata={"help": "transplant runs anneal the tables and open the gates over this fraction of the steps"},
+    eval_batch_size: int = opt(16, "clips decoded together in evaluation")
+    cap_factor: float = opt(3.0, "cap hypotheses at this many times the reference tokens")
+    transplant_fraction: float = opt(
+        0.5, "transplant runs anneal the tables and open the gates over this fraction of the steps"
     )
-    device: Optional[str] = field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)"})
-    num_workers: int = field(default=2, metadata={"help": "audio-decoding processes while training"})
-    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+    device: Optional[str] = opt(None, "cpu or cuda (default: cuda when available)")
+    num_workers: int = opt(2, "audio-decoding processes while training")
+    progress: bool = opt(True, "show progress bars")
 
     def run_specs(self) -> List[RunSpec]:
         return [RunSpec.parse(text) for text in self.runs]

@@ -62,7 +62,7 @@ from ..data import (
 )
 from ..errors import PathLike
 from ..model import WhisperRope
-from ..options import add_dataclass_arguments, dataclass_from_args, option, standalone_main
+from ..options import add_dataclass_arguments, dataclass_from_args, opt, standalone_main
 from ..outputs import refuse_overlap
 from ..weights.loading import MODEL_HELP, LoadOptions
 from .metrics import ErrorRates, Normalizer, error_rates, normalizer_for
@@ -74,52 +74,38 @@ NORMALIZERS = ("auto", "english", "basic", "none")
 class EvaluationOptions:
     """How `evaluate` decodes and scores; each field is also a ``whisper-rope evaluate`` option."""
 
-    language: Optional[str] = field(
-        default=None,
-        metadata=option(
-            "spoken language (code or name) of rows without a 'language' column; English-only models always use "
-            "English; otherwise unknown languages are detected per clip"
-        ),
+    language: Optional[str] = opt(
+        None,
+        "spoken language (code or name) of rows without a 'language' column; English-only models always use "
+        "English; otherwise unknown languages are detected per clip",
     )
-    normalizer: str = field(
-        default="auto",
-        metadata=option(
-            "text normalisation before scoring: upstream's English normaliser, its basic one, or none; auto: English "
-            "for English-only models and English rows, basic otherwise",
-            choices=NORMALIZERS,
-        ),
+    normalizer: str = opt(
+        "auto",
+        "text normalisation before scoring: upstream's English normaliser, its basic one, or none; auto: English "
+        "for English-only models and English rows, basic otherwise",
+        choices=NORMALIZERS,
     )
-    batch_size: int = field(default=16, metadata=option("clips decoded together"))
-    beam_size: Optional[int] = field(
-        default=None, metadata=option("beam search with this many beams (default: greedy)")
+    batch_size: int = opt(16, "clips decoded together")
+    beam_size: Optional[int] = opt(None, "beam search with this many beams (default: greedy)")
+    fp16: Optional[bool] = opt(None, "decode in half precision (default: on CUDA devices; never on the CPU)")
+    unpadded: Optional[bool] = opt(
+        None,
+        "feed each clip's own frames instead of a 30-s window (encoders without an absolute table only); "
+        "default: the model's setting (a checkpoint fine-tuned unpadded says so)",
     )
-    fp16: Optional[bool] = field(
-        default=None, metadata=option("decode in half precision (default: on CUDA devices; never on the CPU)")
+    cap_factor: Optional[float] = opt(
+        3.0,
+        "cap each hypothesis at this many times the reference's tokens (plus --cap-offset); 0: no cap beyond "
+        "upstream's half the text context",
     )
-    unpadded: Optional[bool] = field(
-        default=None,
-        metadata=option(
-            "feed each clip's own frames instead of a 30-s window (encoders without an absolute table only); "
-            "default: the model's setting (a checkpoint fine-tuned unpadded says so)"
-        ),
+    cap_offset: int = opt(10, "tokens added to the per-utterance cap")
+    limit: Optional[int] = opt(None, "evaluate only the first N rows of the manifest")
+    skip_invalid: bool = opt(
+        False,
+        "skip unusable rows (missing or undecodable audio, clips over 30 s) and list them in the result, "
+        "instead of stopping at the first",
     )
-    cap_factor: Optional[float] = field(
-        default=3.0,
-        metadata=option(
-            "cap each hypothesis at this many times the reference's tokens (plus --cap-offset); 0: no cap beyond "
-            "upstream's half the text context"
-        ),
-    )
-    cap_offset: int = field(default=10, metadata=option("tokens added to the per-utterance cap"))
-    limit: Optional[int] = field(default=None, metadata=option("evaluate only the first N rows of the manifest"))
-    skip_invalid: bool = field(
-        default=False,
-        metadata=option(
-            "skip unusable rows (missing or undecodable audio, clips over 30 s) and list them in the result, "
-            "instead of stopping at the first"
-        ),
-    )
-    num_workers: int = field(default=0, metadata=option("processes decoding audio files (0: in the main process)"))
+    num_workers: int = opt(0, "processes decoding audio files (0: in the main process)")
 
     def validate(self) -> "EvaluationOptions":
         if self.normalizer not in NORMALIZERS:
@@ -632,18 +618,15 @@ class EvaluateCommand:
     """The ``whisper-rope evaluate`` command's own options; the model loads with `LoadOptions` and decodes with
     `EvaluationOptions`."""
 
-    model: Optional[str] = field(default=None, metadata=option(MODEL_HELP, required=True, path=True))
-    data: Optional[str] = field(default=None, metadata=option(DATA_HELP, required=True, path=True))
-    output: Optional[str] = field(
-        default=None,
-        metadata=option(
-            "write the summary as JSON here and the per-utterance rows as JSON lines next to it (same name, suffix "
-            ".jsonl)",
-            flags=["-o"],
-            path=True,
-        ),
+    model: Optional[str] = opt(None, MODEL_HELP, required=True, path=True)
+    data: Optional[str] = opt(None, DATA_HELP, required=True, path=True)
+    output: Optional[str] = opt(
+        None,
+        "write the summary as JSON here and the per-utterance rows as JSON lines next to it (same name, suffix .jsonl)",
+        flags=["-o"],
+        path=True,
     )
-    progress: bool = field(default=True, metadata=option("show a progress bar"))
+    progress: bool = opt(True, "show a progress bar")
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -1,11 +1,11 @@
 """`FinetuneConfig`: every setting of a fine-tuning run, the one declaration that the Python API and the
 ``whisper-rope finetune`` options (`whisper_rope.options`) are both built from."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from ..option_checks import check_device
-from ..options import option
+from ..options import opt
 from .optim import check_policy
 from .recipes import RECIPES, recipe_defaults
 from .transplant import transplant_start_variant
@@ -42,290 +42,203 @@ class FinetuneConfig:
     """Every setting of a fine-tuning run; the ``whisper-rope finetune`` options are built from these fields."""
 
     # What to train.
-    recipe: Optional[str] = field(
-        default=None,
-        metadata=option(
-            "a tested set of defaults for one goal (options given explicitly still win): "
-            + "; ".join(f"{name}: {recipe.summary}" for name, recipe in RECIPES.items()),
-            choices=tuple(RECIPES),
-        ),
+    recipe: Optional[str] = opt(
+        None,
+        "a tested set of defaults for one goal (options given explicitly still win): "
+        + "; ".join(f"{name}: {recipe.summary}" for name, recipe in RECIPES.items()),
+        choices=tuple(RECIPES),
     )
-    model: str = field(
-        default="tiny.en",
-        metadata=option(
-            "pretrained or fine-tuned weights: a model name (tiny.en ... large-v3-turbo), a .pt checkpoint, or a "
-            "faster-whisper / Hugging Face directory; also the distillation teacher",
-            path=True,
-        ),
+    model: str = opt(
+        "tiny.en",
+        "pretrained or fine-tuned weights: a model name (tiny.en ... large-v3-turbo), a .pt checkpoint, or a "
+        "faster-whisper / Hugging Face directory; also the distillation teacher",
+        path=True,
     )
-    variant: Optional[str] = field(
-        default=None,
-        metadata=option(
-            "positional variant to train (a preset such as rotary, or ENCODER/DECODER); default: the checkpoint's own"
-        ),
+    variant: Optional[str] = opt(
+        None, "positional variant to train (a preset such as rotary, or ENCODER/DECODER); default: the checkpoint's own"
     )
-    rotary_theta: Optional[float] = field(
-        default=None, metadata=option("RoPE base; default: the checkpoint's (10000 for new rotary variants)")
+    rotary_theta: Optional[float] = opt(None, "RoPE base; default: the checkpoint's (10000 for new rotary variants)")
+    gated_rotary: Optional[bool] = opt(
+        None, "learn a per-head gate (initialised to 0) that mixes RoPE in; default: the checkpoint's"
     )
-    gated_rotary: Optional[bool] = field(
-        default=None,
-        metadata=option("learn a per-head gate (initialised to 0) that mixes RoPE in; default: the checkpoint's"),
+    train: Optional[str] = opt(
+        None,
+        "training manifest (.jsonl/.csv/.tsv with audio,text[,language,start,end,prompt]) or a directory of audio "
+        "files with same-named .txt transcripts",
+        path=True,
     )
-    train: Optional[str] = field(
-        default=None,
-        metadata=option(
-            "training manifest (.jsonl/.csv/.tsv with audio,text[,language,start,end,prompt]) or a directory of audio "
-            "files with same-named .txt transcripts",
-            path=True,
-        ),
+    eval: Optional[str] = opt(
+        None,
+        "evaluation manifest (like --train: .jsonl/.csv/.tsv or a folder of audio files with .txt transcripts): "
+        "validation loss and greedy WER/CER every --eval-every steps and at the end",
+        path=True,
     )
-    eval: Optional[str] = field(
-        default=None,
-        metadata=option(
-            "evaluation manifest (like --train: .jsonl/.csv/.tsv or a folder of audio files with .txt transcripts): "
-            "validation loss and greedy WER/CER every --eval-every steps and at the end",
-            path=True,
-        ),
+    output: str = opt(
+        "finetune-output",
+        "output directory: checkpoints, logs, curves; new, empty or an earlier fine-tune's, locked while the run "
+        "uses it",
+        flags=("-o",),
+        path=True,
     )
-    output: str = field(
-        default="finetune-output",
-        metadata=option(
-            "output directory: checkpoints, logs, curves; new, empty or an earlier fine-tune's, locked while the run "
-            "uses it",
-            flags=("-o",),
-            path=True,
-        ),
-    )
-    language: Optional[str] = field(
-        default=None, metadata=option("language of rows that name none (multilingual models; default en)")
-    )
-    task: str = field(
-        default="transcribe", metadata=option("task token of multilingual models", choices=("transcribe", "translate"))
-    )
+    language: Optional[str] = opt(None, "language of rows that name none (multilingual models; default en)")
+    task: str = opt("transcribe", "task token of multilingual models", choices=("transcribe", "translate"))
 
     # Optimisation.
-    steps: int = field(default=1000, metadata=option("optimizer steps to train for (in total, when resuming)"))
-    batch_size: int = field(
-        default=8, metadata=option("clips per forward pass over all processes (a multiple of the number of processes)")
+    steps: int = opt(1000, "optimizer steps to train for (in total, when resuming)")
+    batch_size: int = opt(8, "clips per forward pass over all processes (a multiple of the number of processes)")
+    grad_accum: int = opt(1, "forward passes accumulated per optimizer step (clips per step: batch_size * grad_accum)")
+    lr: float = opt(1e-5, "peak learning rate (AdamW)")
+    lr_positional: Optional[float] = opt(
+        None,
+        "peak learning rate of the positional path (self-attention query/key projections, rotary gates, learned "
+        "positional tables), which a positional change invalidates; default: --lr",
     )
-    grad_accum: int = field(
-        default=1,
-        metadata=option("forward passes accumulated per optimizer step (clips per step: batch_size * grad_accum)"),
+    warmup_steps: Optional[int] = opt(
+        None, "steps of linear learning-rate warm-up from zero (default: a tenth of --steps, at most 50)"
     )
-    lr: float = field(default=1e-5, metadata=option("peak learning rate (AdamW)"))
-    lr_positional: Optional[float] = field(
-        default=None,
-        metadata=option(
-            "peak learning rate of the positional path (self-attention query/key projections, rotary gates, learned "
-            "positional tables), which a positional change invalidates; default: --lr"
-        ),
+    schedule: str = opt("cosine", "learning-rate decay after warm-up, to zero at --steps", choices=("cosine", "linear"))
+    weight_decay: float = opt(
+        0.01, "AdamW weight decay, applied to matrices only (biases, norms and gates are not decayed)"
     )
-    warmup_steps: Optional[int] = field(
-        default=None,
-        metadata=option("steps of linear learning-rate warm-up from zero (default: a tenth of --steps, at most 50)"),
+    grad_clip: float = opt(1.0, "clip the gradient norm to this (0: no clipping)")
+    label_smoothing: float = opt(0.0, "label smoothing of the token cross-entropy")
+    train_policy: str = opt(
+        "all",
+        "which parameters train: all, positional (positional parameters and attention), decoder, encoder, or a "
+        "regular expression searched in parameter names; newly initialised parameters (rotary gates, "
+        "re-initialised tables) always train",
     )
-    schedule: str = field(
-        default="cosine",
-        metadata=option("learning-rate decay after warm-up, to zero at --steps", choices=("cosine", "linear")),
+    stage_steps: int = opt(
+        0, "train only --stage-policy for this many first steps, then every parameter --train-policy selects"
     )
-    weight_decay: float = field(
-        default=0.01,
-        metadata=option("AdamW weight decay, applied to matrices only (biases, norms and gates are not decayed)"),
+    stage_policy: str = opt(
+        "positional-path", "what trains during the first --stage-steps steps (a --train-policy value)"
     )
-    grad_clip: float = field(default=1.0, metadata=option("clip the gradient norm to this (0: no clipping)"))
-    label_smoothing: float = field(default=0.0, metadata=option("label smoothing of the token cross-entropy"))
-    train_policy: str = field(
-        default="all",
-        metadata=option(
-            "which parameters train: all, positional (positional parameters and attention), decoder, encoder, or a "
-            "regular expression searched in parameter names; newly initialised parameters (rotary gates, "
-            "re-initialised tables) always train"
-        ),
+    precision: str = opt(
+        "auto",
+        "auto: bf16 autocast on CUDA where supported, else fp16 with a gradient scaler; fp32 on the CPU",
+        choices=("auto", "fp32", "bf16", "fp16"),
     )
-    stage_steps: int = field(
-        default=0,
-        metadata=option(
-            "train only --stage-policy for this many first steps, then every parameter --train-policy selects"
-        ),
+    gradient_checkpointing: bool = opt(
+        False, "recompute each residual block in the backward pass (less memory, about a third more compute)"
     )
-    stage_policy: str = field(
-        default="positional-path",
-        metadata=option("what trains during the first --stage-steps steps (a --train-policy value)"),
-    )
-    precision: str = field(
-        default="auto",
-        metadata=option(
-            "auto: bf16 autocast on CUDA where supported, else fp16 with a gradient scaler; fp32 on the CPU",
-            choices=("auto", "fp32", "bf16", "fp16"),
-        ),
-    )
-    gradient_checkpointing: bool = field(
-        default=False,
-        metadata=option("recompute each residual block in the backward pass (less memory, about a third more compute)"),
-    )
-    spec_augment: bool = field(
-        default=False,
-        metadata=option(
-            "SpecAugment: mask 2 frequency bands (up to 27 mel bins) and 2 time spans (up to 40 frames, 10%% of the "
-            "clip)"
-        ),
+    spec_augment: bool = opt(
+        False,
+        "SpecAugment: mask 2 frequency bands (up to 27 mel bins) and 2 time spans (up to 40 frames, 10%% of the clip)",
     )
 
     # Data.
-    unpadded: Optional[bool] = field(
-        default=None,
-        metadata=option(
-            "train on each clip's own frames (length-bucketed batches); an encoder with a sinusoid table then adds "
-            "its rows 0..n-1 to n positions (the sliced table). Default: yes for encoders without a table"
-        ),
+    unpadded: Optional[bool] = opt(
+        None,
+        "train on each clip's own frames (length-bucketed batches); an encoder with a sinusoid table then adds "
+        "its rows 0..n-1 to n positions (the sliced table). Default: yes for encoders without a table",
     )
-    unpadded_margin: int = field(
-        default=0, metadata=option("padding positions (20 ms each) an unpadded encoder keeps after each clip")
+    unpadded_margin: int = opt(0, "padding positions (20 ms each) an unpadded encoder keeps after each clip")
+    pad_to_30s: bool = opt(
+        False, "give rotary-only encoders 30-s padded input too (encoders with an absolute table always get it)"
     )
-    pad_to_30s: bool = field(
-        default=False,
-        metadata=option(
-            "give rotary-only encoders 30-s padded input too (encoders with an absolute table always get it)"
-        ),
+    packed_attention: bool = opt(
+        False,
+        "encode unpadded batches packed: clips end to end with block-diagonal attention instead of padding and a "
+        "mask (same results; fused variable-length attention on GPUs, see benchmarks/README.md)",
     )
-    packed_attention: bool = field(
-        default=False,
-        metadata=option(
-            "encode unpadded batches packed: clips end to end with block-diagonal attention instead of padding and a "
-            "mask (same results; fused variable-length attention on GPUs, see benchmarks/README.md)"
-        ),
-    )
-    num_workers: int = field(default=2, metadata=option("DataLoader processes decoding audio (0: in the main process)"))
-    strict: bool = field(
-        default=False, metadata=option("stop at the first unusable manifest row instead of skipping and listing it")
-    )
-    seed: int = field(default=0, metadata=option("seed of the batch order, SpecAugment and initialisation"))
+    num_workers: int = opt(2, "DataLoader processes decoding audio (0: in the main process)")
+    strict: bool = opt(False, "stop at the first unusable manifest row instead of skipping and listing it")
+    seed: int = opt(0, "seed of the batch order, SpecAugment and initialisation")
 
     # Self-distillation.
-    ce_weight: float = field(
-        default=1.0,
-        metadata=option("weight of the token cross-entropy against the targets (0: learn from the teacher alone)"),
+    ce_weight: float = opt(
+        1.0, "weight of the token cross-entropy against the targets (0: learn from the teacher alone)"
     )
-    distill: bool = field(
-        default=False,
-        metadata=option(
-            "add KL(teacher || student) on token distributions; the teacher is --model loaded as the upstream "
-            "whisper variant, frozen, fed 30-s padded input"
-        ),
+    distill: bool = opt(
+        False,
+        "add KL(teacher || student) on token distributions; the teacher is --model loaded as the upstream "
+        "whisper variant, frozen, fed 30-s padded input",
     )
-    distill_only: bool = field(
-        default=False,
-        metadata=option(
-            "train on untranscribed audio: the teacher's greedy transcript is the target (implies --distill)"
-        ),
+    distill_only: bool = opt(
+        False, "train on untranscribed audio: the teacher's greedy transcript is the target (implies --distill)"
     )
-    distill_weight: float = field(default=1.0, metadata=option("weight of the distillation KL term"))
-    distill_temperature: float = field(default=2.0, metadata=option("softmax temperature of the distillation KL"))
-    distill_encoder_weight: float = field(
-        default=0.0,
-        metadata=option(
-            "weight of the mean squared error between the student's and the teacher's encoder outputs on each clip's "
-            "own positions (the teacher fed the 30-s window)"
-        ),
+    distill_weight: float = opt(1.0, "weight of the distillation KL term")
+    distill_temperature: float = opt(2.0, "softmax temperature of the distillation KL")
+    distill_encoder_weight: float = opt(
+        0.0,
+        "weight of the mean squared error between the student's and the teacher's encoder outputs on each clip's "
+        "own positions (the teacher fed the 30-s window)",
     )
-    distill_decoder_layers: float = field(
-        default=0.0,
-        metadata=option(
-            "weight of the mean squared error between student and teacher hidden states of every decoder layer, on "
-            "the teacher-forced tokens"
-        ),
+    distill_decoder_layers: float = opt(
+        0.0,
+        "weight of the mean squared error between student and teacher hidden states of every decoder layer, on "
+        "the teacher-forced tokens",
     )
-    distill_encoder_layers: float = field(
-        default=0.0,
-        metadata=option("weight of the mean squared error of every encoder layer's output on each clip's positions"),
+    distill_encoder_layers: float = opt(
+        0.0, "weight of the mean squared error of every encoder layer's output on each clip's positions"
     )
-    distill_attention: float = field(
-        default=0.0, metadata=option("weight of the mean squared error of every self-attention output")
-    )
-    teacher_cache: Optional[str] = field(
-        default=None,
-        metadata=option(
-            "directory of the teacher's cached targets, computed once per clip and teacher "
-            "(default: whisper_rope's cache directory, teacher-targets/)",
-            path=True,
-        ),
+    distill_attention: float = opt(0.0, "weight of the mean squared error of every self-attention output")
+    teacher_cache: Optional[str] = opt(
+        None,
+        "directory of the teacher's cached targets, computed once per clip and teacher "
+        "(default: whisper_rope's cache directory, teacher-targets/)",
+        path=True,
     )
 
     # Positional transplant.
-    transplant: bool = field(
-        default=False,
-        metadata=option(
-            "move the checkpoint to --variant (rotary/rotary, or rotary/learned for the encoder alone) continuously: "
-            "train the gated hybrid (rotary+sinusoidal encoder, and rotary+learned decoder if it turns rotary), "
-            "identical to the checkpoint at the start, fade the absolute tables out while the RoPE gates open; the "
-            "finished run is saved as plain --variant"
-        ),
+    transplant: bool = opt(
+        False,
+        "move the checkpoint to --variant (rotary/rotary, or rotary/learned for the encoder alone) continuously: "
+        "train the gated hybrid (rotary+sinusoidal encoder, and rotary+learned decoder if it turns rotary), "
+        "identical to the checkpoint at the start, fade the absolute tables out while the RoPE gates open; the "
+        "finished run is saved as plain --variant",
     )
-    transplant_anneal_start: int = field(default=0, metadata=option("step at which the absolute tables start to fade"))
-    transplant_anneal_steps: Optional[int] = field(
-        default=None, metadata=option("steps over which the tables fade from 1 to 0 (default: half of --steps)")
+    transplant_anneal_start: int = opt(0, "step at which the absolute tables start to fade")
+    transplant_anneal_steps: Optional[int] = opt(
+        None, "steps over which the tables fade from 1 to 0 (default: half of --steps)"
     )
-    transplant_shape: str = field(
-        default="cosine", metadata=option("shape of the fade and gate ramps", choices=("linear", "cosine"))
+    transplant_shape: str = opt("cosine", "shape of the fade and gate ramps", choices=("linear", "cosine"))
+    transplant_sides: str = opt(
+        "both", "which tables fade (encoder or decoder alone leaves a hybrid)", choices=("both", "encoder", "decoder")
     )
-    transplant_sides: str = field(
-        default="both",
-        metadata=option(
-            "which tables fade (encoder or decoder alone leaves a hybrid)", choices=("both", "encoder", "decoder")
-        ),
+    transplant_gate_start: Optional[int] = opt(
+        None, "step at which scheduled gates start to open (default: when the tables start to fade)"
     )
-    transplant_gate_start: Optional[int] = field(
-        default=None,
-        metadata=option("step at which scheduled gates start to open (default: when the tables start to fade)"),
+    transplant_gates: str = opt(
+        "scheduled",
+        "scheduled: every gate is driven from 0 to 1 while the tables fade (or over --transplant-gate-steps); "
+        "learned: the gates train freely (a run whose gates stay near 0 keeps no position information)",
+        choices=("scheduled", "learned"),
     )
-    transplant_gates: str = field(
-        default="scheduled",
-        metadata=option(
-            "scheduled: every gate is driven from 0 to 1 while the tables fade (or over --transplant-gate-steps); "
-            "learned: the gates train freely (a run whose gates stay near 0 keeps no position information)",
-            choices=("scheduled", "learned"),
-        ),
+    transplant_gate_steps: Optional[int] = opt(
+        None, "steps over which scheduled gates open (default: the fade's steps)"
     )
-    transplant_gate_steps: Optional[int] = field(
-        default=None, metadata=option("steps over which scheduled gates open (default: the fade's steps)")
-    )
-    transplant_unpadded: bool = field(
-        default=False,
-        metadata=option(
-            "once the tables have faded to 0, train the rest of the run on unpadded input (each clip's own frames, "
-            "length-bucketed batches), so that the result transcribes unpadded (see --unpadded of transcribe)"
-        ),
+    transplant_unpadded: bool = opt(
+        False,
+        "once the tables have faded to 0, train the rest of the run on unpadded input (each clip's own frames, "
+        "length-bucketed batches), so that the result transcribes unpadded (see --unpadded of transcribe)",
     )
 
     # Bookkeeping.
-    eval_holdout: int = field(
-        default=0,
-        metadata=option(
-            "without --eval: keep this many clips of --train out of training and evaluate on them against the "
-            "teacher's 30-s transcripts (label-free evaluation; 0 %% WER = the source model's words)"
-        ),
+    eval_holdout: int = opt(
+        0,
+        "without --eval: keep this many clips of --train out of training and evaluate on them against the "
+        "teacher's 30-s transcripts (label-free evaluation; 0 %% WER = the source model's words)",
     )
-    eval_every: int = field(default=0, metadata=option("evaluate every N steps (0: only at the end)"))
-    eval_at_start: bool = field(default=False, metadata=option("also evaluate before the first step (a baseline)"))
-    save_every: int = field(default=0, metadata=option("write a checkpoint every N steps (0: only at the end)"))
-    keep_last: int = field(default=2, metadata=option("step checkpoints to keep (the best-WER model is kept apart)"))
-    log_every: int = field(default=10, metadata=option("log training metrics every N steps"))
-    resume: Optional[str] = field(
-        default=None,
-        metadata=option(
-            "continue exactly from a checkpoint: a step-N directory, or an output directory (its latest); without a "
-            "value, --output's latest; changed --lr/--weight-decay apply from there and are recorded",
-            nargs="?",
-            const="",
-            path=True,
-        ),
+    eval_every: int = opt(0, "evaluate every N steps (0: only at the end)")
+    eval_at_start: bool = opt(False, "also evaluate before the first step (a baseline)")
+    save_every: int = opt(0, "write a checkpoint every N steps (0: only at the end)")
+    keep_last: int = opt(2, "step checkpoints to keep (the best-WER model is kept apart)")
+    log_every: int = opt(10, "log training metrics every N steps")
+    resume: Optional[str] = opt(
+        None,
+        "continue exactly from a checkpoint: a step-N directory, or an output directory (its latest); without a "
+        "value, --output's latest; changed --lr/--weight-decay apply from there and are recorded",
+        nargs="?",
+        const="",
+        path=True,
     )
-    device: Optional[str] = field(
-        default=None,
-        metadata=option("cpu or cuda (default: cuda when available; under torchrun each rank uses cuda:LOCAL_RANK)"),
+    device: Optional[str] = opt(
+        None, "cpu or cuda (default: cuda when available; under torchrun each rank uses cuda:LOCAL_RANK)"
     )
-    threads: int = field(default=0, metadata=option("torch CPU threads (0 keeps torch's default)"))
-    progress: bool = field(default=True, metadata=option("show a progress bar"))
+    threads: int = opt(0, "torch CPU threads (0 keeps torch's default)")
+    progress: bool = opt(True, "show a progress bar")
 
     def validate(self) -> "FinetuneConfig":
         """Raise ValueError naming the first invalid setting."""

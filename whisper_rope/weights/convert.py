@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict
 
@@ -16,7 +16,7 @@ import torch
 import whisper
 
 from whisper_rope.errors import CheckpointError, ModelNotFoundError, PathLike, VariantError
-from whisper_rope.options import option
+from whisper_rope.options import opt
 from whisper_rope.outputs import refuse_overlap
 from whisper_rope.variants import UPSTREAM_VARIANT, parse_variant
 from whisper_rope.weights.common import ImportedCheckpoint, save_upstream
@@ -30,27 +30,22 @@ from whisper_rope.weights.loading import load_model
 class ConvertOptions:
     """The ``whisper-rope convert`` command: the arguments of `convert`."""
 
-    src: str = field(
-        default="",
-        metadata=option(
-            "CTranslate2 directory, Hugging Face directory, .pt file, or a model name (tiny.en ... large-v3-turbo)",
-            positional=True,
-            path=True,
-        ),
+    src: str = opt(
+        "",
+        "CTranslate2 directory, Hugging Face directory, .pt file, or a model name (tiny.en ... large-v3-turbo)",
+        positional=True,
+        path=True,
     )
-    dst: str = field(
-        default="",
-        metadata=option(
-            "output .pt file (from a directory or a model name) or output directory (from a .pt or a model name)",
-            positional=True,
-            path=True,
-        ),
+    dst: str = opt(
+        "",
+        "output .pt file (from a directory or a model name) or output directory (from a .pt or a model name)",
+        positional=True,
+        path=True,
     )
-    force: bool = field(
-        default=False,
-        metadata=option("replace an existing destination written by convert (a checkpoint, or an export directory)"),
+    force: bool = opt(
+        False, "replace an existing destination written by convert (a checkpoint, or an export directory)"
     )
-    progress: bool = field(default=True, metadata=option("show a progress bar"))
+    progress: bool = opt(True, "show a progress bar")
 
 
 def convert(src: PathLike, dst: PathLike, progress: bool = True, overwrite: bool = False) -> Path:

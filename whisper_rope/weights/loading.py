@@ -33,7 +33,7 @@ from ..compute_type import apply_compute_type, resolve_compute_type
 from ..errors import CheckpointError, ModelNotFoundError, PathLike, VariantError, first_line, one_line
 from ..model import DEFAULT_ROTARY_THETA, WhisperRope
 from ..option_checks import check_load_options
-from ..options import option
+from ..options import opt, option
 from ..variants import DECODER_SCHEMES, ENCODER_SCHEMES, PRESETS, UPSTREAM_VARIANT, Variant, parse_variant
 from . import packages
 from .ctranslate2 import is_ctranslate2_dir, read_ctranslate2
@@ -410,36 +410,27 @@ def _default_device() -> str:
 class LoadOptions:
     """How the ``transcribe`` and ``evaluate`` commands load their ``--model``: one declaration of these options."""
 
-    variant: Optional[str] = field(
-        default=None,
-        metadata=option(
-            f"positional variant to load the weights into: a preset ({', '.join(PRESETS)}) or ENCODER/DECODER with "
-            f"encoder schemes {{{', '.join(ENCODER_SCHEMES)}}} and decoder schemes {{{', '.join(DECODER_SCHEMES)}}}; "
-            "default: the checkpoint's own variant (whisper for upstream weights)"
-        ),
+    variant: Optional[str] = opt(
+        None,
+        f"positional variant to load the weights into: a preset ({', '.join(PRESETS)}) or ENCODER/DECODER with "
+        f"encoder schemes {{{', '.join(ENCODER_SCHEMES)}}} and decoder schemes {{{', '.join(DECODER_SCHEMES)}}}; "
+        "default: the checkpoint's own variant (whisper for upstream weights)",
     )
-    rotary_theta: Optional[float] = field(
-        default=None, metadata=option("RoPE base; default: the checkpoint's (10000 for new rotary variants)")
-    )
-    model_dir: Optional[str] = field(
-        default=None,
-        metadata=option("where upstream model downloads are cached (default ~/.cache/whisper)", path=True),
+    rotary_theta: Optional[float] = opt(None, "RoPE base; default: the checkpoint's (10000 for new rotary variants)")
+    model_dir: Optional[str] = opt(
+        None, "where upstream model downloads are cached (default ~/.cache/whisper)", path=True
     )
     device: str = field(default_factory=_default_device, metadata=option("PyTorch device to run on"))
-    threads: int = field(default=0, metadata=option("torch CPU threads (0 keeps torch's default)"))
-    unpadded_margin: Optional[int] = field(
-        default=None,
-        metadata=option(
-            "padding positions (20 ms each) kept after each clip's real frames when decoding unpadded; default: the "
-            "checkpoint's (0)"
-        ),
+    threads: int = opt(0, "torch CPU threads (0 keeps torch's default)")
+    unpadded_margin: Optional[int] = opt(
+        None,
+        "padding positions (20 ms each) kept after each clip's real frames when decoding unpadded; default: the "
+        "checkpoint's (0)",
     )
-    compute_type: str = field(
-        default="default",
-        metadata=option(
-            "faster-whisper's names: default/float32 (upstream's numerics), int8/int8_float32 (int8 Linear layers and "
-            "output projection, CPU only), auto (int8 on the CPU); other names are refused"
-        ),
+    compute_type: str = opt(
+        "default",
+        "faster-whisper's names: default/float32 (upstream's numerics), int8/int8_float32 (int8 Linear layers and "
+        "output projection, CPU only), auto (int8 on the CPU); other names are refused",
     )
 
     def load(self, name_or_path: PathLike, unpadded: Optional[bool] = None) -> WhisperRope:
