@@ -51,6 +51,8 @@ RUN_FLAGS = ("distill", "transplant", "unpadded")
 #: `CompareConfig` fields that decide what a run trains (with its spec and seed), and what an evaluation measures.
 TRAINING_SETTINGS = ("model", "train", "steps", "lr", "batch_size", "warmup_steps", "transplant_fraction")
 EVALUATION_SETTINGS = ("eval_batch_size", "cap_factor")
+#: `CompareConfig` fields that every run's `FinetuneConfig` takes as they are.
+FINETUNE_SETTINGS = ("model", "train", "steps", "lr", "batch_size", "warmup_steps", "device", "num_workers", "progress")
 #: Every name `compare` writes into its --output.
 COMPARE_FILES = ("config.json", "before.json", "runs", "results.csv", "results.md", "wer_per_set.png",
                  "loss_curves.png", "cost.png")  # fmt: skip
@@ -198,21 +200,8 @@ def _evaluate_all(model, config: CompareConfig) -> List[Dict[str, Any]]:
 
 
 def _finetune_config(config: CompareConfig, spec: RunSpec, seed: int, output: Path):
-    options = dict(
-        model=config.model,
-        variant=spec.variant,
-        train=config.train,
-        output=str(output),
-        steps=config.steps,
-        lr=config.lr,
-        batch_size=config.batch_size,
-        warmup_steps=config.warmup_steps,
-        seed=seed,
-        distill=spec.distill,
-        device=config.device,
-        num_workers=config.num_workers,
-        progress=config.progress,
-    )
+    options = {name: getattr(config, name) for name in FINETUNE_SETTINGS}
+    options.update(variant=spec.variant, output=str(output), seed=seed, distill=spec.distill)
     if spec.transplant:
         span = max(1, int(config.steps * config.transplant_fraction))
         options.update(
