@@ -659,10 +659,8 @@ def run_evaluate_cli(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m whisper_rope.evaluate ...``: the evaluate command on its own."""
+    """``python -m whisper_rope.evaluate ...`` (the module `whisper_rope.evaluate`, which runs this): the evaluate
+    command on its own. This module has no ``__main__`` block: the package imports it first, so running it with
+    ``-m`` would execute it a second time."""
     description = "Word and character error rates and real-time factor of a model on a manifest of transcribed clips."
     return standalone_main("whisper-rope evaluate", description, add_evaluate_arguments, run_evaluate_cli, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
