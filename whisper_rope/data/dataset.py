@@ -337,6 +337,7 @@ class Collator:
         )
 
 
+@dataclass(eq=False)
 class BucketBatchSampler(torch.utils.data.Sampler):
     """An endless, seeded sequence of global batches, sliced per rank; its position can be saved and restored.
 
@@ -347,32 +348,30 @@ class BucketBatchSampler(torch.utils.data.Sampler):
     reproduces the remaining batches exactly, whatever the number of DataLoader workers or ranks.
 
     Each global batch holds ``batch_size`` examples; rank ``r`` of ``world_size`` gets items ``r::world_size``.
+    ``durations`` (seconds per example) is kept as a float64 array; ``position`` is the next global batch.
     """
 
-    def __init__(
-        self,
-        durations: Sequence[float],
-        batch_size: int,
-        seed: int = 0,
-        bucket: bool = True,
-        rank: int = 0,
-        world_size: int = 1,
-        bucket_batches: int = 32,
-    ):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        if batch_size % world_size:
-            raise ValueError(f"batch_size {batch_size} must be a multiple of the number of processes ({world_size})")
-        if len(durations) < batch_size:
-            raise ValueError(f"batch_size {batch_size} is larger than the {len(durations)} usable training examples")
-        self.durations = np.asarray(durations, dtype=np.float64)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.bucket = bucket
-        self.rank = rank
-        self.world_size = world_size
-        self.bucket_batches = bucket_batches
-        self.position = 0
+    durations: Sequence[float]
+    batch_size: int
+    seed: int = 0
+    bucket: bool = True
+    rank: int = 0
+    world_size: int = 1
+    bucket_batches: int = 32
+    position: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.batch_size % self.world_size:
+            raise ValueError(
+                f"batch_size {self.batch_size} must be a multiple of the number of processes ({self.world_size})"
+            )
+        if len(self.durations) < self.batch_size:
+            raise ValueError(
+                f"batch_size {self.batch_size} is larger than the {len(self.durations)} usable training examples"
+            )
+        self.durations = np.asarray(self.durations, dtype=np.float64)
         self._cache: Tuple[int, List[List[int]]] = (-1, [])
 
     @property
