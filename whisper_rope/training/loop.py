@@ -34,7 +34,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -117,30 +117,31 @@ class FinetuneResult:
 
 @dataclass
 class RunState:
-    """What the steps of one run share, filled in by `_setup` in this order. ``step`` counts finished optimizer
-    steps, ``position`` consumed batches."""
+    """What the steps of one run share: what `_setup` builds (the fields without a default; ``schedule`` is None
+    without --transplant, ``cache`` and ``teacher_embedding`` without a teacher term), then the run's progress.
+    ``step`` counts finished optimizer steps, ``position`` consumed batches."""
 
     config: FinetuneConfig
     context: DistributedContext
     output: Path
     log: TrainingLog
-    train: Any = None
-    eval: Any = None
-    schedule: Optional[TransplantSchedule] = None
-    model: Optional[WhisperRope] = None
-    objective: Optional[Objective] = None
-    cache: Optional[TeacherCache] = None
-    teacher_embedding: Optional[Tensor] = None
-    pipeline: Optional[Pipeline] = None
-    optimizer: Optional[torch.optim.Optimizer] = None
-    scheduler: Any = None
-    scaler: Optional[torch.amp.GradScaler] = None
-    autocast_dtype: Optional[torch.dtype] = None
-    student: Optional[nn.Module] = None
+    schedule: Optional[TransplantSchedule]
+    model: WhisperRope
+    objective: Objective
+    cache: Optional[TeacherCache]
+    teacher_embedding: Optional[Tensor]
+    train: Any  # the training manifest (after --eval-holdout's split)
+    eval: Any
+    pipeline: Pipeline
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    autocast_dtype: Optional[torch.dtype]
+    resumed_from: Optional[Path]
+    student: Optional[nn.Module] = None  # set by `_wrap_student` before the first step
     staged: Optional[bool] = None  # whether --stage-policy alone trains (None before the first step)
     step: int = 0
     position: int = 0
-    resumed_from: Optional[Path] = None
     best_wer: Optional[float] = None
     best_step: Optional[int] = None
     last_saved: Optional[Path] = None
@@ -236,23 +237,42 @@ def _setup(model, train, eval, config: FinetuneConfig, teacher, context: Distrib
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
-    run = RunState(config, context, output, TrainingLog(output / LOG_FILE if context.is_main else None))
+    log = TrainingLog(output / LOG_FILE if context.is_main else None)
     for message in config.self_defeating():
         logger.warning("%s", message)
-    run.schedule = _transplant_schedule(config)
-    run.model = _student_model(model, config, run.schedule).to(context.device)
-    run.resumed_from = resolve_resume(config.resume or output) if config.resume is not None else None
-    state = read_training_state(run.resumed_from / STATE_FILE) if run.resumed_from is not None else None
-    if run.schedule is not None:
-        apply_schedule(run.model, run.schedule, int(state["step"]) if state else 0)
-    unpadded = _starts_unpadded(run.model, config, run.schedule, state)
-    run.model.unpadded, run.model.unpadded_margin = unpadded, config.unpadded_margin
-    run.objective = _objective(config)
-    cache, run.teacher_embedding = _teacher(config, teacher, run.objective, eval, context.device)
-    run.train, run.eval = _holdout_split(config, train, eval, cache, output, context)
-    run.cache = cache if _learns_from_teacher(config, run.objective) else None
-    run.pipeline = build_pipeline(run.model, run.train, run.eval, config, unpadded, run.cache, context, config.progress)
-    _optimisation(run)
+    schedule = _transplant_schedule(config)
+    model = _student_model(model, config, schedule).to(context.device)
+    resumed_from = resolve_resume(config.resume or output) if config.resume is not None else None
+    state = read_training_state(resumed_from / STATE_FILE) if resumed_from is not None else None
+    if schedule is not None:
+        apply_schedule(model, schedule, int(state["step"]) if state else 0)
+    unpadded = _starts_unpadded(model, config, schedule, state)
+    model.unpadded, model.unpadded_margin = unpadded, config.unpadded_margin
+    objective = _objective(config)
+    cache, teacher_embedding = _teacher(config, teacher, objective, eval, context.device)
+    train, eval = _holdout_split(config, train, eval, cache, output, context)
+    cache = cache if _learns_from_teacher(config, objective) else None
+    pipeline = build_pipeline(model, train, eval, config, unpadded, cache, context, config.progress)
+    optimizer, scheduler, scaler, autocast_dtype = _optimisation(model, config, context.device)
+    run = RunState(
+        config=config,
+        context=context,
+        output=output,
+        log=log,
+        schedule=schedule,
+        model=model,
+        objective=objective,
+        cache=cache,
+        teacher_embedding=teacher_embedding,
+        train=train,
+        eval=eval,
+        pipeline=pipeline,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        autocast_dtype=autocast_dtype,
+        resumed_from=resumed_from,
+    )
     if state is not None:
         _resume(run, state)
     run.position, run.last_saved = run.pipeline.sampler.position, run.resumed_from
@@ -262,14 +282,16 @@ def _setup(model, train, eval, config: FinetuneConfig, teacher, context: Distrib
     return run
 
 
-def _optimisation(run: RunState) -> None:
-    """Trainable parameters, AdamW (a group per learning rate and decay), the schedule, and the precision."""
-    config, model = run.config, run.model
+def _optimisation(
+    model: WhisperRope, config: FinetuneConfig, device: torch.device
+) -> Tuple[torch.optim.Optimizer, Any, torch.amp.GradScaler, Optional[torch.dtype]]:
+    """Trainable parameters, then (AdamW with a group per learning rate and decay, its schedule, the gradient
+    scaler, the autocast dtype)."""
     select_trainable(model, config.train_policy)
-    run.optimizer = build_optimizer(model, config.lr, config.weight_decay, config.lr_positional)
-    run.scheduler = lr_scheduler(run.optimizer, config.effective_warmup, config.steps, config.schedule)
-    run.autocast_dtype, use_scaler = precision(config.precision, run.device)
-    run.scaler = torch.amp.GradScaler(run.device.type, enabled=use_scaler)
+    optimizer = build_optimizer(model, config.lr, config.weight_decay, config.lr_positional)
+    scheduler = lr_scheduler(optimizer, config.effective_warmup, config.steps, config.schedule)
+    autocast_dtype, use_scaler = precision(config.precision, device)
+    return optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=use_scaler), autocast_dtype
 
 
 def _prepare_output(config: FinetuneConfig, context: DistributedContext) -> DirectoryClaim:
