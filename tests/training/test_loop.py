@@ -183,6 +183,25 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     assert gates and any(g.abs().max() > 0 for g in gates)  # the new gates trained
 
 
+def test_a_holdout_of_every_clip_is_refused_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before --eval-holdout was checked")
+
+    monkeypatch.setattr("whisper_rope.training.loop.load_model", no_loading)
+    manifest = write_manifest(tmp_path / "three.jsonl", ROWS[:3])
+    output = tmp_path / "run"
+    argv = ["--train", str(manifest), "--output", str(output), "--device", "cpu", "--no-progress"]
+    assert main([*argv, "--eval-holdout", "3"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == (
+        f"whisper-rope: error: --eval-holdout 3 keeps back every clip of {str(manifest)!r} (3 rows): hold out fewer, "
+        "or give --eval"
+    )
+    assert not output.exists()  # refused before the output directory was claimed
+    with pytest.raises(AssertionError, match="a model was loaded"):  # a holdout that leaves clips goes on to load
+        main([*argv, "--eval-holdout", "2"])
+
+
 def test_resume_refuses_another_variant_or_model_size(tmp_path, capsys):
     manifest = write_manifest(tmp_path / "two.jsonl", ROWS[:2])
     source = tmp_path / "source.pt"

@@ -10,7 +10,7 @@ import json
 import random
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 from ..atomic import atomic_write_text
 from ..data import DataError, Example, load_examples, read_manifest
@@ -21,11 +21,10 @@ TRAIN_MANIFEST = "train-without-holdout.jsonl"
 HOLDOUT_MANIFEST = "holdout.jsonl"
 
 
-def split_holdout(train, count: int, seed: int, output: Path) -> Tuple[Path, Sequence[Example]]:
-    """Write the training examples minus ``count`` randomly chosen ones (seeded) to ``output/TRAIN_MANIFEST``.
-
-    Returns (that manifest, the held-out examples). Raises DataError when fewer than ``count + 1`` usable rows exist.
-    """
+def holdout_examples(train, count: int) -> List[Example]:
+    """The examples of the training manifest ``train``, of which ``count`` are to be held out; raises DataError
+    when fewer than ``count + 1`` usable rows exist. Reads only the manifest (no audio), so a run calls it before
+    loading any model."""
     manifest = read_manifest(train, require_text=False)
     examples = list(manifest.examples)
     if len(examples) <= count:
@@ -33,6 +32,15 @@ def split_holdout(train, count: int, seed: int, output: Path) -> Tuple[Path, Seq
             f"--eval-holdout {count} keeps back every clip of {manifest.source!r} ({len(examples)} rows): hold out "
             "fewer, or give --eval"
         )
+    return examples
+
+
+def split_holdout(train, count: int, seed: int, output: Path) -> Tuple[Path, Sequence[Example]]:
+    """Write the training examples minus ``count`` randomly chosen ones (seeded) to ``output/TRAIN_MANIFEST``.
+
+    Returns (that manifest, the held-out examples). Raises DataError as `holdout_examples`.
+    """
+    examples = holdout_examples(train, count)
     chosen = set(random.Random(f"holdout:{seed}").sample(range(len(examples)), count))
     kept = [e for i, e in enumerate(examples) if i not in chosen]
     path = _write_manifest(output / TRAIN_MANIFEST, kept)

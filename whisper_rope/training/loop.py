@@ -52,7 +52,7 @@ from ..weights.format import read_checkpoint
 from ..weights.loading import checkpoint_dict, load_model
 from .config import BOOKKEEPING, FIXED_ON_RESUME, FinetuneConfig
 from .distributed import DistributedContext, from_environment
-from .holdout import HOLDOUT_MANIFEST, TRAIN_MANIFEST, split_holdout, teacher_references
+from .holdout import HOLDOUT_MANIFEST, TRAIN_MANIFEST, holdout_examples, split_holdout, teacher_references
 from .log import TrainingLog, jsonable, plot_curves
 from .losses import StateWeights
 from .objective import Objective, StudentForward, micro_batch_loss
@@ -192,6 +192,8 @@ def finetune(
     eval = eval if eval is not None else config.eval
     if train is None:
         raise ValueError("no training data: pass --train (a manifest or a directory of audio with .txt transcripts)")
+    if config.eval_holdout and eval is None:
+        holdout_examples(train, config.eval_holdout)  # a holdout that leaves nothing to train on fails before loading
     context = from_environment(config.device)
     threads = torch.get_num_threads()
     if config.threads > 0:
