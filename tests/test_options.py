@@ -8,7 +8,15 @@ from typing import List, Optional
 import pytest
 
 from whisper_rope.cli import build_parser
-from whisper_rope.options import ArgumentParser, add_dataclass_arguments, dataclass_from_args, opt, option
+from whisper_rope.options import (
+    ArgumentParser,
+    NamedPath,
+    PathText,
+    add_dataclass_arguments,
+    dataclass_from_args,
+    opt,
+    option,
+)
 
 
 @dataclass
@@ -44,6 +52,23 @@ def test_opt_gives_each_instance_its_own_copy_of_a_list_default():
     parser = add_dataclass_arguments(ArgumentParser(), Declared)
     assert dataclass_from_args(Declared, parser.parse_args(["a.flac"])) == Declared(files=["a.flac"])
     assert "seeds (default: [0, 1])" in parser.format_help()
+
+
+@dataclass
+class Paths:
+    output: PathText = opt("out", "where to write")
+    sets: List[NamedPath] = opt([], "NAME=PATH or PATH", nargs="*")
+    label: str = opt("x", "not a path")
+
+
+def test_path_typed_fields_expand_the_home_directory_from_the_command_line_and_a_config_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    argv = ["--output", "~/o", "--sets", "a=~/a", "~/b", "--label", "~/n"]
+    parsed = dataclass_from_args(Paths, add_dataclass_arguments(ArgumentParser(), Paths).parse_args(argv))
+    assert parsed == Paths(output=str(tmp_path / "o"), sets=[f"a={tmp_path / 'a'}", str(tmp_path / "b")], label="~/n")
+    unset = add_dataclass_arguments(ArgumentParser(), Paths, defaults=False).parse_args([])
+    from_file = dataclass_from_args(Paths, unset, {"output": "~/f", "sets": ["c=~/c"], "label": "~/l"})
+    assert from_file == Paths(output=str(tmp_path / "f"), sets=[f"c={tmp_path / 'c'}"], label="~/l")
 
 
 def _parse(*argv: str) -> Job:

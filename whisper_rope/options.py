@@ -6,6 +6,8 @@ Every subcommand declares its options this way, and every option is spelled and 
 * it is declared with `opt` (its default, help text and argparse keywords in one call); its ``metadata``
   (`option`) holds the help text and any other ``argparse.add_argument`` keywords (``choices``,
   ``type``, ``nargs``, extra ``flags`` such as ``-o``, ``required``), or ``positional=True`` for an argument;
+* a field typed `PathText` (or ``Optional``/``List`` of it) names a file or folder, and its ``~`` is expanded;
+  `NamedPath`, ``NAME=PATH`` or a plain path, likewise;
 * a boolean accepts a bare flag, an explicit value and a negation: ``--fp16``, ``--fp16 False`` (upstream's form),
   ``--fp16=no``, ``--no-fp16``;
 * the help shows each default once.
@@ -18,18 +20,22 @@ import functools
 import os
 import sys
 import typing
-from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Type
+from typing import Any, Callable, Dict, List, NewType, NoReturn, Optional, Sequence, Type
 
 from .errors import one_line
 from .files import user_path
+
+#: The type of an option that names a file or folder: text (``str`` at run time) whose ``~`` is expanded.
+PathText = NewType("PathText", str)
+#: The type of an option that is ``NAME=PATH`` or a plain path: text whose path's ``~`` is expanded.
+NamedPath = NewType("NamedPath", str)
 
 _TRUE = ("true", "yes", "1", "on")
 _FALSE = ("false", "no", "0", "off")
 
 
 def option(help: str, **argparse_options: Any) -> Dict[str, Any]:
-    """A dataclass field's ``metadata``: its help text and any other ``argparse.add_argument`` keywords;
-    ``path=True`` marks a file or folder (``~`` expanded), ``path="named"`` a ``NAME=PATH`` or a plain path."""
+    """A dataclass field's ``metadata``: its help text and any other ``argparse.add_argument`` keywords."""
     return {"help": help, **argparse_options}
 
 
@@ -56,17 +62,18 @@ def expand_named(text: str) -> str:
     return f"{name}={expand_user(path)}" if sep else expand_user(text)
 
 
-def _expander(spec: dataclasses.Field) -> Optional[Callable[[str], str]]:
-    """How the values of a path field are expanded (`option`'s ``path``), or None for other fields."""
-    kind = spec.metadata.get("path", False)
-    return expand_named if kind == "named" else expand_user if kind else None
+def _expander(kind: Any) -> Optional[Callable[[str], str]]:
+    """How the values of a field of value type ``kind`` (`field_type`) are expanded: `PathText` and `NamedPath`
+    fields, or None for other fields."""
+    return {PathText: expand_user, NamedPath: expand_named}.get(kind)
 
 
 def expand_paths(cls: Type, values: Dict[str, Any]) -> Dict[str, Any]:
     """``values`` of ``cls``'s fields (from a config file) with ``~`` expanded in its path fields."""
     out = dict(values)
+    hints = typing.get_type_hints(cls)
     for spec in dataclasses.fields(cls):
-        expand = _expander(spec)
+        expand = _expander(field_type(hints[spec.name]))
         value = out.get(spec.name)
         if expand is None or value is None:
             continue
@@ -151,8 +158,8 @@ def _add_field(parser: argparse.ArgumentParser, spec: dataclasses.Field, kind: t
     shown = _default(spec)  # the value an option left out takes, whether or not ``defaults`` sets it here
     if shown is not None and shown != [] and not positional and "default" not in options["help"].lower():
         options["help"] += f" (default: {shown})".replace("%", "%%")
-    if meta.pop("path", False):
-        meta["type"] = _expander(spec)  # no shell expands the ~ of --option=~/x, nor one a program passes on
+    if _expander(kind):
+        meta["type"] = _expander(kind)  # no shell expands the ~ of --option=~/x, nor one a program passes on
     if positional:
         options.update(type=meta.pop("type", kind), **meta)
         parser.add_argument(spec.name, **options)

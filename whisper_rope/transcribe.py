@@ -38,7 +38,7 @@ from .audio import load_audio
 from .features import first_transcription_window, language_window
 from .longform import supports, transcribe_chunked
 from .model import WhisperRope
-from .options import opt
+from .options import PathText, opt
 from .transcribe_options import transcribe_dtype, window_decoding_options
 from .weights.loading import MODEL_HELP
 
@@ -184,9 +184,9 @@ class TranscribeOptions:
     booleans also as bare flags), the files to write, and whisper_rope's own (``batch_size``, ``unpadded``).
     The model is loaded with `whisper_rope.weights.loading.LoadOptions`."""
 
-    audio: List[str] = opt([], "audio files to transcribe", positional=True, nargs="+", path=True)
-    model: str = opt("turbo", MODEL_HELP, path=True)
-    output_dir: str = opt(".", "directory for the output files", flags=["-o"], path=True)
+    audio: List[PathText] = opt([], "audio files to transcribe", positional=True, nargs="+")
+    model: PathText = opt("turbo", MODEL_HELP)
+    output_dir: PathText = opt(".", "directory for the output files", flags=["-o"])
     output_format: str = opt(
         "all",
         "output format; 'all' writes every format",

@@ -38,7 +38,7 @@ import whisper
 
 from ..atomic import atomic_write, atomic_write_text
 from ..files import user_path
-from ..options import add_dataclass_arguments, dataclass_from_args, opt
+from ..options import NamedPath, PathText, add_dataclass_arguments, dataclass_from_args, opt
 from ..outputs import claim_directory, refuse_overlap, temporary_of
 from ..training.config import FinetuneConfig
 from ..training.loop import finetune
@@ -96,24 +96,23 @@ class RunSpec:
 class CompareConfig:
     """A comparison; each field is a ``whisper-rope compare`` option and a key of its ``--config`` JSON file."""
 
-    model: str = opt("tiny.en", "source checkpoint (name or path)", path=True)
+    model: PathText = opt("tiny.en", "source checkpoint (name or path)")
     runs: List[str] = opt(
         ["whisper", "rotary"],
         "runs to compare: VARIANT or VARIANT@FLAGS, FLAGS a comma-separated subset of distill, transplant, "
         "unpadded (with transplant)",
         nargs="+",
     )
-    train: Optional[str] = opt(
-        None, "training manifest or folder of audio files with .txt transcripts (the same for every run)", path=True
+    train: Optional[PathText] = opt(
+        None, "training manifest or folder of audio files with .txt transcripts (the same for every run)"
     )
-    eval: List[str] = opt(
+    eval: List[NamedPath] = opt(
         [],
         "evaluation sets as NAME=MANIFEST (a manifest or a folder of audio files with .txt transcripts), "
         "e.g. in-domain=in.jsonl retained=ret.jsonl",
         nargs="+",
-        path="named",
     )
-    output: str = opt("compare-output", "output directory", path=True)
+    output: PathText = opt("compare-output", "output directory")
     steps: int = opt(200, "optimizer steps per run")
     lr: float = opt(1e-4, "peak learning rate per run")
     batch_size: int = opt(8, "clips per optimizer step")

@@ -62,7 +62,7 @@ from ..data import (
 )
 from ..errors import PathLike
 from ..model import WhisperRope
-from ..options import add_dataclass_arguments, dataclass_from_args, opt, standalone_main
+from ..options import PathText, add_dataclass_arguments, dataclass_from_args, opt, standalone_main
 from ..outputs import refuse_overlap
 from ..weights.loading import MODEL_HELP, LoadOptions
 from .metrics import ErrorRates, Normalizer, error_rates, normalizer_for
@@ -618,13 +618,12 @@ class EvaluateCommand:
     """The ``whisper-rope evaluate`` command's own options; the model loads with `LoadOptions` and decodes with
     `EvaluationOptions`."""
 
-    model: Optional[str] = opt(None, MODEL_HELP, required=True, path=True)
-    data: Optional[str] = opt(None, DATA_HELP, required=True, path=True)
-    output: Optional[str] = opt(
+    model: Optional[PathText] = opt(None, MODEL_HELP, required=True)
+    data: Optional[PathText] = opt(None, DATA_HELP, required=True)
+    output: Optional[PathText] = opt(
         None,
         "write the summary as JSON here and the per-utterance rows as JSON lines next to it (same name, suffix .jsonl)",
         flags=["-o"],
-        path=True,
     )
     progress: bool = opt(True, "show a progress bar")
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..option_checks import check_device
-from ..options import opt
+from ..options import PathText, opt
 from .optim import check_policy
 from .recipes import RECIPES, recipe_defaults
 from .transplant import transplant_start_variant
@@ -48,11 +48,10 @@ class FinetuneConfig:
         + "; ".join(f"{name}: {recipe.summary}" for name, recipe in RECIPES.items()),
         choices=tuple(RECIPES),
     )
-    model: str = opt(
+    model: PathText = opt(
         "tiny.en",
         "pretrained or fine-tuned weights: a model name (tiny.en ... large-v3-turbo), a .pt checkpoint, or a "
         "faster-whisper / Hugging Face directory; also the distillation teacher",
-        path=True,
     )
     variant: Optional[str] = opt(
         None, "positional variant to train (a preset such as rotary, or ENCODER/DECODER); default: the checkpoint's own"
@@ -61,24 +60,21 @@ class FinetuneConfig:
     gated_rotary: Optional[bool] = opt(
         None, "learn a per-head gate (initialised to 0) that mixes RoPE in; default: the checkpoint's"
     )
-    train: Optional[str] = opt(
+    train: Optional[PathText] = opt(
         None,
         "training manifest (.jsonl/.csv/.tsv with audio,text[,language,start,end,prompt]) or a directory of audio "
         "files with same-named .txt transcripts",
-        path=True,
     )
-    eval: Optional[str] = opt(
+    eval: Optional[PathText] = opt(
         None,
         "evaluation manifest (like --train: .jsonl/.csv/.tsv or a folder of audio files with .txt transcripts): "
         "validation loss and greedy WER/CER every --eval-every steps and at the end",
-        path=True,
     )
-    output: str = opt(
+    output: PathText = opt(
         "finetune-output",
         "output directory: checkpoints, logs, curves; new, empty or an earlier fine-tune's, locked while the run "
         "uses it",
         flags=("-o",),
-        path=True,
     )
     language: Optional[str] = opt(None, "language of rows that name none (multilingual models; default en)")
     task: str = opt("transcribe", "task token of multilingual models", choices=("transcribe", "translate"))
@@ -174,11 +170,10 @@ class FinetuneConfig:
         0.0, "weight of the mean squared error of every encoder layer's output on each clip's positions"
     )
     distill_attention: float = opt(0.0, "weight of the mean squared error of every self-attention output")
-    teacher_cache: Optional[str] = opt(
+    teacher_cache: Optional[PathText] = opt(
         None,
         "directory of the teacher's cached targets, computed once per clip and teacher "
         "(default: whisper_rope's cache directory, teacher-targets/)",
-        path=True,
     )
 
     # Positional transplant.
@@ -226,13 +221,12 @@ class FinetuneConfig:
     save_every: int = opt(0, "write a checkpoint every N steps (0: only at the end)")
     keep_last: int = opt(2, "step checkpoints to keep (the best-WER model is kept apart)")
     log_every: int = opt(10, "log training metrics every N steps")
-    resume: Optional[str] = opt(
+    resume: Optional[PathText] = opt(
         None,
         "continue exactly from a checkpoint: a step-N directory, or an output directory (its latest); without a "
         "value, --output's latest; changed --lr/--weight-decay apply from there and are recorded",
         nargs="?",
         const="",
-        path=True,
     )
     device: Optional[str] = opt(
         None, "cpu or cuda (default: cuda when available; under torchrun each rank uses cuda:LOCAL_RANK)"

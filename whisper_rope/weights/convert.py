@@ -16,7 +16,7 @@ import torch
 import whisper
 
 from whisper_rope.errors import CheckpointError, ModelNotFoundError, PathLike, VariantError
-from whisper_rope.options import opt
+from whisper_rope.options import PathText, opt
 from whisper_rope.outputs import refuse_overlap
 from whisper_rope.variants import UPSTREAM_VARIANT, parse_variant
 from whisper_rope.weights.common import ImportedCheckpoint, save_upstream
@@ -30,17 +30,15 @@ from whisper_rope.weights.loading import load_model
 class ConvertOptions:
     """The ``whisper-rope convert`` command: the arguments of `convert`."""
 
-    src: str = opt(
+    src: PathText = opt(
         "",
         "CTranslate2 directory, Hugging Face directory, .pt file, or a model name (tiny.en ... large-v3-turbo)",
         positional=True,
-        path=True,
     )
-    dst: str = opt(
+    dst: PathText = opt(
         "",
         "output .pt file (from a directory or a model name) or output directory (from a .pt or a model name)",
         positional=True,
-        path=True,
     )
     force: bool = opt(
         False, "replace an existing destination written by convert (a checkpoint, or an export directory)"

@@ -33,7 +33,7 @@ from ..compute_type import apply_compute_type, resolve_compute_type
 from ..errors import CheckpointError, ModelNotFoundError, PathLike, VariantError, first_line, one_line
 from ..model import DEFAULT_ROTARY_THETA, WhisperRope
 from ..option_checks import check_load_options
-from ..options import opt, option
+from ..options import PathText, opt, option
 from ..variants import DECODER_SCHEMES, ENCODER_SCHEMES, PRESETS, UPSTREAM_VARIANT, Variant, parse_variant
 from . import packages
 from .ctranslate2 import is_ctranslate2_dir, read_ctranslate2
@@ -417,9 +417,7 @@ class LoadOptions:
         "default: the checkpoint's own variant (whisper for upstream weights)",
     )
     rotary_theta: Optional[float] = opt(None, "RoPE base; default: the checkpoint's (10000 for new rotary variants)")
-    model_dir: Optional[str] = opt(
-        None, "where upstream model downloads are cached (default ~/.cache/whisper)", path=True
-    )
+    model_dir: Optional[PathText] = opt(None, "where upstream model downloads are cached (default ~/.cache/whisper)")
     device: str = field(default_factory=_default_device, metadata=option("PyTorch device to run on"))
     threads: int = opt(0, "torch CPU threads (0 keeps torch's default)")
     unpadded_margin: Optional[int] = opt(
