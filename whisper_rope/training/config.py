@@ -6,6 +6,7 @@ from typing import Optional
 
 from ..option_checks import check_device
 from ..options import PathText, opt
+from ..weights.loading import ROTARY_THETA_HELP, THREADS_HELP
 from .optim import check_policy
 from .recipes import RECIPES, recipe_defaults
 from .transplant import transplant_start_variant
@@ -56,7 +57,7 @@ class FinetuneConfig:
     variant: Optional[str] = opt(
         None, "positional variant to train (a preset such as rotary, or ENCODER/DECODER); default: the checkpoint's own"
     )
-    rotary_theta: Optional[float] = opt(None, "RoPE base; default: the checkpoint's (10000 for new rotary variants)")
+    rotary_theta: Optional[float] = opt(None, ROTARY_THETA_HELP)
     gated_rotary: Optional[bool] = opt(
         None, "learn a per-head gate (initialised to 0) that mixes RoPE in; default: the checkpoint's"
     )
@@ -231,7 +232,7 @@ class FinetuneConfig:
     device: Optional[str] = opt(
         None, "cpu or cuda (default: cuda when available; under torchrun each rank uses cuda:LOCAL_RANK)"
     )
-    threads: int = opt(0, "torch CPU threads (0 keeps torch's default)")
+    threads: int = opt(0, THREADS_HELP)
     progress: bool = opt(True, "show a progress bar")
 
     def validate(self) -> "FinetuneConfig":

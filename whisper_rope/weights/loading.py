@@ -400,6 +400,9 @@ MODEL_HELP = (
     "a model name (tiny.en ... large-v3-turbo, turbo), a .pt checkpoint (upstream's or whisper_rope's), or a "
     "faster-whisper / Hugging Face model directory"
 )
+#: The help of ``--rotary-theta`` and ``--threads``, which fine-tuning (`FinetuneConfig`) shares with `LoadOptions`.
+ROTARY_THETA_HELP = "RoPE base; default: the checkpoint's (10000 for new rotary variants)"
+THREADS_HELP = "torch CPU threads (0 keeps torch's default)"
 
 
 def _default_device() -> str:
@@ -416,10 +419,10 @@ class LoadOptions:
         f"encoder schemes {{{', '.join(ENCODER_SCHEMES)}}} and decoder schemes {{{', '.join(DECODER_SCHEMES)}}}; "
         "default: the checkpoint's own variant (whisper for upstream weights)",
     )
-    rotary_theta: Optional[float] = opt(None, "RoPE base; default: the checkpoint's (10000 for new rotary variants)")
+    rotary_theta: Optional[float] = opt(None, ROTARY_THETA_HELP)
     model_dir: Optional[PathText] = opt(None, "where upstream model downloads are cached (default ~/.cache/whisper)")
     device: str = field(default_factory=_default_device, metadata=option("PyTorch device to run on"))
-    threads: int = opt(0, "torch CPU threads (0 keeps torch's default)")
+    threads: int = opt(0, THREADS_HELP)
     unpadded_margin: Optional[int] = opt(
         None,
         "padding positions (20 ms each) kept after each clip's real frames when decoding unpadded; default: the "
