@@ -558,7 +558,7 @@ def _before_step(run: RunState) -> None:
 def _switch_to_unpadded(run: RunState) -> None:
     """The encoder's table is gone: from here on the encoder sees each clip's own frames."""
     position = run.pipeline.sampler.position
-    run.pipeline = None  # shuts down the padded pipeline's workers
+    run.pipeline.close()
     run.model.unpadded = True
     run.pipeline = build_pipeline(run.model, run.train, run.eval, run.config, True, run.cache, run.context, False)
     run.pipeline.sampler.position = position

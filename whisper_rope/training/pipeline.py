@@ -32,6 +32,11 @@ class Pipeline:
     def __post_init__(self) -> None:
         self.batches: Iterator[Batch] = iter(self.loader)
 
+    def close(self) -> None:
+        """Stops the loader's worker processes now (the iterator holds them; dropping it shuts them down), before
+        another pipeline starts its own."""
+        self.batches = iter(())
+
     @property
     def problems(self) -> list:
         """Skipped rows of the training set."""
