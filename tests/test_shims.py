@@ -162,14 +162,19 @@ def test_evaluate_stays_callable_after_its_module_is_imported():
     assert result.n_utterances == 1 and result.n_words == 1
 
 
-@pytest.mark.parametrize("module", ["whisper_rope.train", "whisper_rope.evaluate"])
-def test_old_commands_run_without_runpy_warnings(module):
+@pytest.mark.parametrize("module, command", [("whisper_rope.train", "finetune"), ("whisper_rope.evaluate", "evaluate")])
+def test_old_commands_run_without_runpy_warnings(module, command):
+    """``python -m whisper_rope.train`` is ``whisper-rope finetune``: same usage, description and options."""
     completed = subprocess.run(
         [sys.executable, "-W", "error::RuntimeWarning", "-m", module, "--help"], capture_output=True, text=True
     )
     assert completed.returncode == 0, completed.stderr
-    assert "usage: whisper-rope" in completed.stdout
     assert "found in sys.modules" not in completed.stderr
+    subcommand = subprocess.run(
+        [sys.executable, "-m", "whisper_rope.cli", command, "--help"], capture_output=True, text=True, check=True
+    )
+    assert completed.stdout.startswith(f"usage: whisper-rope {command} ")
+    assert completed.stdout == subcommand.stdout
 
 
 def test_no_deprecated_module_is_imported_by_the_package():

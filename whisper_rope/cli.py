@@ -23,11 +23,13 @@ from whisper.utils import get_writer
 from .audio import load_audio
 from .errors import one_line
 from .evaluation.compare import add_compare_arguments, run_compare_cli
+from .evaluation.evaluate import DESCRIPTION as EVALUATE_DESCRIPTION
 from .evaluation.evaluate import add_evaluate_arguments, run_evaluate_cli
 from .model import WhisperRope
 from .option_checks import check_load_options, check_transcribe_options
 from .options import ArgumentParser, add_dataclass_arguments, dataclass_from_args
 from .outputs import TranscriptRecord
+from .training.command import DESCRIPTION as FINETUNE_DESCRIPTION
 from .training.command import add_finetune_arguments, run_finetune_cli
 from .transcribe import WRITER_OPTIONS, TranscribeOptions, transcribe_many
 from .variants import DECODER_SCHEMES, ENCODER_SCHEMES, PRESETS
@@ -73,16 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser(
             "finetune",
             help="fine-tune a checkpoint into a variant",
-            description="Fine-tune pretrained or fine-tuned weights into a positional variant on a manifest or a "
-            "folder of audio with .txt transcripts; under torchrun, with DistributedDataParallel.",
+            description=FINETUNE_DESCRIPTION,
         )
     )
     add_evaluate_arguments(
         sub.add_parser(
             "evaluate",
             help="WER/CER and real-time factor of a model on a manifest",
-            description="Decode every clip of a manifest in batches and score it: WER and CER (with substitutions, "
-            "deletions, insertions), real-time factor, per-utterance JSONL.",
+            description=EVALUATE_DESCRIPTION,
         )
     )
     add_compare_arguments(

@@ -69,6 +69,12 @@ from .metrics import ErrorRates, Normalizer, error_rates, normalizer_for
 
 NORMALIZERS = ("auto", "english", "basic", "none")
 
+# The command's --help description, the same for `whisper-rope evaluate` and `python -m whisper_rope.evaluate`.
+DESCRIPTION = (
+    "Decode every clip of a manifest in batches and score it: WER and CER (with substitutions, deletions, "
+    "insertions), real-time factor, per-utterance JSONL."
+)
+
 
 @dataclass(frozen=True)
 class EvaluationOptions:
@@ -661,5 +667,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m whisper_rope.evaluate ...`` (the module `whisper_rope.evaluate`, which runs this): the evaluate
     command on its own. This module has no ``__main__`` block: the package imports it first, so running it with
     ``-m`` would execute it a second time."""
-    description = "Word and character error rates and real-time factor of a model on a manifest of transcribed clips."
-    return standalone_main("whisper-rope evaluate", description, add_evaluate_arguments, run_evaluate_cli, argv)
+    return standalone_main("whisper-rope evaluate", DESCRIPTION, add_evaluate_arguments, run_evaluate_cli, argv)

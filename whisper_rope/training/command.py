@@ -16,6 +16,12 @@ from .loop import finetune
 from .recipes import recipe_defaults
 from .report import final_evaluation
 
+# The command's --help description, the same for `whisper-rope finetune` and `python -m whisper_rope.train`.
+DESCRIPTION = (
+    "Fine-tune pretrained or fine-tuned weights into a positional variant on a manifest or a folder of audio with "
+    ".txt transcripts; under torchrun, with DistributedDataParallel."
+)
+
 
 def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add one option per `FinetuneConfig` field: ``--batch-size`` (also ``--batch_size``); booleans as
@@ -51,8 +57,7 @@ def run_finetune_cli(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m whisper_rope.train ...``: the finetune command on its own (also under torchrun)."""
-    description = "Fine-tune a Whisper checkpoint into a positional variant."
-    return standalone_main("whisper-rope finetune", description, add_finetune_arguments, run_finetune_cli, argv)
+    return standalone_main("whisper-rope finetune", DESCRIPTION, add_finetune_arguments, run_finetune_cli, argv)
 
 
 if __name__ == "__main__":
