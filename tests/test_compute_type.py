@@ -42,6 +42,7 @@ def test_int8_model_quantises_every_linear_and_the_output_projection(dims, varia
     assert not any(type(m) in (nn.Linear, whisper.model.Linear) for m in model.modules())
     assert isinstance(model.decoder.output_projection, Int8Linear)
     assert model.compute_type == "int8"
+    assert model.decoder.audio_kv_dtype is not None and reference.decoder.audio_kv_dtype is None
     # Two random layers per side: int8 rounding leaves an error of 3-4 % of the logits' spread (measured), and
     # changes something everywhere.
     error = (got - expected).pow(2).mean().sqrt() / expected.std()
@@ -109,3 +110,39 @@ def test_cli_refuses_an_unsupported_compute_type_before_loading_weights(capsys, 
     assert info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("whisper-rope: error: compute_type 'float16' is not supported") and "\n" not in err
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 0.03)])
+@pytest.mark.parametrize("n_clips, rows_per_clip", [(1, 1), (1, 3), (3, 1), (3, 2)])
+def test_cached_audio_heads_attend_as_upstreams_cache(dims, dtype, tolerance, n_clips, rows_per_clip):
+    """Cross-attention keys and values cached heads-major (int8 compute) give upstream's cached steps: exactly up
+    to summation order in float32, within bfloat16's rounding in bfloat16; one or several clips, one or several
+    rows (beams) per clip, a key mask of an unpadded batch."""
+    model = randomise_(whisper_rope.build_model(dims, "whisper")).eval()
+    audio = torch.randn(n_clips, dims.n_audio_ctx, dims.n_audio_state)
+    mask = None  # a single clip has no key mask (`BatchDecodingTask` sets one for unpadded batches only)
+    if n_clips > 1:
+        mask = torch.ones(n_clips, dims.n_audio_ctx, dtype=torch.bool)
+        mask[-1, dims.n_audio_ctx // 2 :] = False  # the last clip of the batch is shorter
+    tokens = torch.randint(0, 50000, (n_clips * rows_per_clip, 5))
+
+    def steps(kv_dtype):
+        model.decoder.audio_kv_dtype = kv_dtype
+        cache, hooks = model.install_kv_cache_hooks()
+        with torch.no_grad():
+            out = [model.decoder(tokens[:, :3], audio, kv_cache=cache, xa_mask=mask)]
+            out += [model.decoder(tokens[:, i : i + 1], audio, kv_cache=cache, xa_mask=mask) for i in (3, 4)]
+        for hook in hooks:
+            hook.remove()
+        return torch.cat(out, dim=1), cache
+
+    expected, upstream_cache = steps(None)
+    got, cache = steps(dtype)
+    cross_keys = [cache[block.cross_attn.key] for block in model.decoder.blocks]
+    head_dim = dims.n_text_state // dims.n_text_head
+    assert all(
+        k.shape == (n_clips, dims.n_text_head, dims.n_audio_ctx, head_dim) and k.dtype == dtype for k in cross_keys
+    )
+    assert all(upstream_cache[block.cross_attn.key].ndim == 3 for block in model.decoder.blocks)
+    error = (got - expected).abs().max() / expected.abs().max()
+    assert error < tolerance and (error > 0 if dtype == torch.bfloat16 else True)

@@ -6,8 +6,9 @@ name                          what runs                                         
 ``default``, ``float32``      fp32 weights and activations: upstream's numerics, bit for bit     any
 ``int8``, ``int8_float32``    every ``Linear`` of encoder and decoder *and* the output           CPU
                               projection (the 51864-wide product with the token embedding) in
-                              int8; everything else (convs, layer norms, attention, embedding
-                              lookups) in fp32
+                              int8; decoding's cross-attention onto bfloat16 keys and values
+                              (see below); everything else (convs, layer norms, other
+                              attention, embedding lookups) in fp32
 ``auto``                      ``int8`` on the CPU, ``float32`` elsewhere                         any
 ============================  =================================================================  ===========
 
@@ -21,6 +22,12 @@ scale per tensor, products accumulated in int32 and returned in fp32. The output
 upstream (``h @ token_embedding.weight.T``), so the decoder gets an `Int8Linear` of the tied embedding as its
 ``output_projection``; the embedding itself stays fp32 for token lookups. On one decoding step of tiny.en that
 projection streams 20 MB instead of 80 MB.
+
+Cross-attention in int8 decoding: each decoding step reads every clip's audio keys and values (tiny.en: 4 layers x
+2 x 1500 x 384 fp32 = 18 MB per clip), through a strided per-head view in upstream's cache layout; that read was the
+largest cost of a step. With int8 the decoder caches them once per clip heads-major (`model.cache_audio_heads`) in
+bfloat16 where the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX; float32 elsewhere): queries times keys and
+weights times values run in bfloat16 (products rounded to bfloat16), the softmax in fp32.
 
 PyTorch has marked these quantized-tensor kernels deprecated in favour of torchao, whose int8 paths run 20-40x
 slower than fp32 on this CPU without ``torch.compile`` (benchmarks/README.md); the tests exercise these kernels, so
@@ -105,6 +112,15 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
+def audio_kv_dtype() -> torch.dtype:
+    """The dtype int8 decoding caches cross-attention keys and values in: bfloat16 where the CPU multiplies it
+    natively (AVX512-BF16 or AMX), else float32 (half the bytes would then cost emulated products)."""
+    native = [
+        getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    ]
+    return torch.bfloat16 if any(native) else torch.float32
+
+
 def quantize_int8(model: WhisperRope) -> WhisperRope:
     """Replace, in place, every ``nn.Linear`` of ``model`` and its output projection by `Int8Linear` (CPU).
 
@@ -117,6 +133,7 @@ def quantize_int8(model: WhisperRope) -> WhisperRope:
             if isinstance(child, nn.Linear):
                 setattr(module, name, Int8Linear(child.weight, child.bias))
     model.decoder.output_projection = Int8Linear(model.decoder.token_embedding.weight)
+    model.decoder.audio_kv_dtype = audio_kv_dtype()
     model.compute_type = INT8
     return model.eval().requires_grad_(False)
 

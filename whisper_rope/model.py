@@ -7,6 +7,7 @@ Shapes use: batch ``b``, mel frames ``n_frames`` (10 ms each), audio positions `
 (20 ms each), text tokens ``n_tokens``.
 """
 
+import functools
 import os
 from dataclasses import asdict, replace
 from typing import Dict, List, Optional, Tuple, Union
@@ -79,6 +80,8 @@ class PositionalAttention(MultiHeadAttention):
     ) -> Tuple[Tensor, Optional[Tensor]]:
         if isinstance(mask, PackedClips):
             return self._packed_attention(q, k, v, mask)
+        if k.ndim == 4:
+            return self._cached_audio_attention(q, k, v, mask)
         if 1 < k.shape[0] < q.shape[0]:
             return self._grouped_cross_attention(q, k, v, mask)
         n_q, n_k = q.shape[1], k.shape[1]
@@ -121,6 +124,31 @@ class PositionalAttention(MultiHeadAttention):
             qk = qk.unflatten(2, (n_rows // n_clips, n_q)).transpose(1, 2).flatten(0, 1)
         return out.reshape(n_rows, n_q, -1), qk
 
+    def _cached_audio_attention(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """Cross-attention onto audio keys and values cached heads-major by `cache_audio_heads` (int8 compute).
+
+        q: (b * g, n_q, n_state), g decoding rows per clip (1 greedy, the beams of beam search); k: (b, n_head,
+        n_audio, head_dim), already multiplied by ``head_dim ** -0.5``; v: (b, n_head, n_audio, head_dim); mask: (b,
+        n_audio) bool, True for a clip's real positions, or None. The g rows of a clip are its g * n_q queries (as
+        in `_grouped_cross_attention`), so the audio is read once per clip. Products run in k's dtype (bfloat16:
+        half the bytes, and the CPU's native bf16 dot products), softmax in fp32. Returns ((b * g, n_q, n_state)
+        in q's dtype, scores (b * g, n_head, n_q, n_audio) fp32 when upstream's SDPA is off, else None).
+        """
+        n_rows, n_q, n_state = q.shape
+        n_clips = k.shape[0]
+        if n_rows % n_clips:
+            raise ValueError(f"{n_rows} decoding rows cannot be split evenly over {n_clips} audio clips")
+        queries = q.reshape(n_clips, -1, self.n_head, n_state // self.n_head).transpose(1, 2).to(k.dtype)
+        scores = (queries @ k.transpose(-1, -2)).float()
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+        out = (scores.softmax(dim=-1).to(v.dtype) @ v).transpose(1, 2).reshape(n_rows, n_q, n_state).to(q.dtype)
+        if upstream.SDPA_AVAILABLE and MultiHeadAttention.use_sdpa:
+            return out, None
+        return out, scores.unflatten(2, (n_rows // n_clips, n_q)).transpose(1, 2).flatten(0, 1)
+
     def _masked_attention(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         """Attention with an explicit boolean mask broadcastable to (b, n_head, n_q, n_k); True = may attend."""
         b, n_q, n_state = q.shape
@@ -134,6 +162,22 @@ class PositionalAttention(MultiHeadAttention):
         weights = qk.softmax(dim=-1).to(q.dtype)
         out = (weights @ v).transpose(1, 2).flatten(start_dim=2)
         return out, qk.detach()
+
+
+def cache_audio_heads(
+    cache: dict, n_head: int, dtype: torch.dtype, scale: float, module: nn.Module, inputs: tuple, output: Tensor
+) -> Tensor:
+    """Forward hook of a cross-attention key or value projection (after upstream's, which cached ``output``):
+    cache and return ``output * scale`` as (b, n_head, n_audio, head_dim) in ``dtype``, contiguous.
+
+    Upstream caches (b, n_audio, n_state) and every decoding step reads it through a strided per-head view; heads
+    laid out one after another (and bfloat16's half the bytes) make that read, the largest of a step, several times
+    cheaper. Keys carry attention's scale, so that the step multiplies nothing.
+    """
+    b, n_audio, n_state = output.shape
+    heads = (output * scale).view(b, n_audio, n_head, n_state // n_head).transpose(1, 2).to(dtype).contiguous()
+    cache[module] = heads
+    return heads
 
 
 class PositionalResidualBlock(ResidualAttentionBlock):
@@ -302,6 +346,9 @@ class PositionalTextDecoder(TextDecoder):
         self.table_scale = 1.0
         # None: logits through the tied fp32 embedding, as upstream. compute_type.quantize_int8 sets a module.
         self.output_projection: Optional[nn.Module] = None
+        # None: cross-attention keys and values cached as upstream, (b, n_audio, n_state) fp32. A dtype: cached
+        # heads-major in it (`cache_audio_heads`); compute_type.quantize_int8 sets one.
+        self.audio_kv_dtype: Optional[torch.dtype] = None
 
     @property
     def has_table(self) -> bool:
@@ -375,6 +422,19 @@ class WhisperRope(Whisper):
     @property
     def variant(self) -> str:
         return self._variant.name
+
+    def install_kv_cache_hooks(self, cache: Optional[dict] = None) -> Tuple[dict, list]:
+        """Upstream's kv-cache hooks; with ``decoder.audio_kv_dtype`` set, each cross-attention's keys and values
+        are cached once per clip in the layout and dtype `PositionalAttention` reads fastest (`cache_audio_heads`)."""
+        cache, hooks = super().install_kv_cache_hooks(cache)
+        dtype = self.decoder.audio_kv_dtype
+        if dtype is not None:
+            head_dim = self.dims.n_text_state // self.dims.n_text_head
+            for block in self.decoder.blocks:
+                for module, scale in ((block.cross_attn.key, head_dim**-0.5), (block.cross_attn.value, 1.0)):
+                    save = functools.partial(cache_audio_heads, cache, self.dims.n_text_head, dtype, scale)
+                    hooks.append(module.register_forward_hook(save))
+        return cache, hooks
 
     @property
     def parsed_variant(self) -> Variant:
