@@ -10,12 +10,15 @@ from dataclasses import replace
 from types import SimpleNamespace
 from typing import List, Optional
 
+import torch
 from torch import Tensor
-from whisper.decoding import BeamSearchDecoder, DecodingOptions, DecodingTask, PyTorchInference
+from whisper.decoding import ApplyTimestampRules, BeamSearchDecoder, DecodingOptions, DecodingTask, PyTorchInference
 from whisper.decoding import detect_language as upstream_detect_language
 from whisper.model import Whisper
 
+from .beam_search import BatchBeamSearchDecoder
 from .features import audio_position_mask, cut_trailing_padding
+from .timestamp_rules import BatchTimestampRules
 
 
 class ClipMaskedInference(PyTorchInference):
@@ -37,6 +40,22 @@ class ClipMaskedInference(PyTorchInference):
             tokens = tokens[:, -1:]  # as upstream: only the new token once the cache holds the prompt
         return self.model.decoder(tokens, audio_features, kv_cache=self.kv_cache, xa_mask=self.xa_mask)
 
+    def rearrange_kv_cache(self, source_indices: List[int]) -> None:
+        """Upstream's reordering of the self-attention caches after a beam-search step, copying only the rows whose
+        beam changed (upstream copies every row of every cache, each step)."""
+        moved = [row for row, source in enumerate(source_indices) if row != source]
+        if not moved:
+            return
+        rows = torch.tensor(moved)
+        sources = torch.tensor([source_indices[row] for row in moved])
+        for module in self.kv_modules:
+            cache = self.kv_cache[module]
+            cache[rows.to(cache.device)] = cache[sources.to(cache.device)]
+
+
+def _batch_timestamp_rules(rules: ApplyTimestampRules) -> BatchTimestampRules:
+    return BatchTimestampRules(rules.tokenizer, rules.sample_begin, rules.max_initial_timestamp_index)
+
 
 class BatchDecodingTask(DecodingTask):
     """Upstream's `DecodingTask` (same options, same results) for batches of clips.
@@ -47,13 +66,22 @@ class BatchDecodingTask(DecodingTask):
       computed once per clip, not once per beam.
     * An unpadded encoder (``model.unpadded``): clips of different lengths are cut to the longest, each encoded as
       if alone, and cross-attention masks the rest (`ClipMaskedInference`); languages are detected per clip.
+    * The per-step bookkeeping that upstream does row by row in Python runs as tensor operations over all rows,
+      with upstream's results: beam search (`BatchBeamSearchDecoder`), the timestamp rules (`BatchTimestampRules`)
+      and the beams' self-attention cache reordering (`ClipMaskedInference.rearrange_kv_cache`).
     """
 
     def __init__(self, model: Whisper, options: DecodingOptions):
         super().__init__(model, options)
         self.inference = ClipMaskedInference(model, len(self.initial_tokens))
         if isinstance(self.decoder, BeamSearchDecoder):
-            self.decoder.inference = self.inference
+            self.decoder = BatchBeamSearchDecoder(
+                options.beam_size, self.tokenizer.eot, self.inference, options.patience
+            )
+        self.logit_filters = [
+            _batch_timestamp_rules(rules) if type(rules) is ApplyTimestampRules else rules
+            for rules in self.logit_filters
+        ]
         self.rows_per_clip = 1
         self.audio_lengths: Optional[List[int]] = None
 
