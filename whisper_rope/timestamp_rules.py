@@ -33,7 +33,7 @@ class BatchTimestampRules(ApplyTimestampRules):
         # A timestamp is sampled when the timestamps' total probability beats every single text token.
         logprobs = F.log_softmax(logits.float(), dim=-1)
         timestamp_wins = logprobs[:, begin:].logsumexp(dim=-1) > logprobs[:, :begin].amax(dim=-1)
-        logits[timestamp_wins, :begin] = float("-inf")
+        _mask_rows(logits, timestamp_wins, slice(None, begin))
 
     def _pair_and_order_rules(self, logits: Tensor, sampled: Tensor) -> None:
         """Timestamps come in pairs (after a lone one only a timestamp or end of text, after a pair only text) and
@@ -42,8 +42,8 @@ class BatchTimestampRules(ApplyTimestampRules):
         is_timestamp = sampled >= begin
         last = is_timestamp[:, -1]
         penultimate = is_timestamp[:, -2] if sampled.shape[1] > 1 else torch.ones_like(last)
-        logits[last & penultimate, begin:] = float("-inf")
-        logits[last & ~penultimate, :eot] = float("-inf")
+        _mask_rows(logits, last & penultimate, slice(begin, None))
+        _mask_rows(logits, last & ~penultimate, slice(None, eot))
         positions = torch.arange(sampled.shape[1], device=sampled.device)
         latest = torch.where(is_timestamp, positions, -1).amax(dim=-1)  # position of each row's last timestamp
         latest_value = sampled.gather(1, latest.clamp(min=0)[:, None])[:, 0]
@@ -52,3 +52,11 @@ class BatchTimestampRules(ApplyTimestampRules):
         columns = torch.arange(logits.shape[1] - begin, device=logits.device)
         too_early = (latest >= 0)[:, None] & (columns[None, :] < (lowest_allowed - begin)[:, None])
         logits[:, begin:].masked_fill_(too_early, float("-inf"))
+
+
+def _mask_rows(logits: Tensor, rows: Tensor, columns: slice) -> None:
+    """``logits[rows, columns] = -inf`` for a (n_rows,) bool ``rows``, writing only those rows (indexing with the
+    bool mask itself would sweep every row's columns)."""
+    (indices,) = rows.nonzero(as_tuple=True)
+    if indices.numel():
+        logits[indices, columns] = float("-inf")
