@@ -39,7 +39,7 @@ def _recording(gap_s: float = 1.5):
 
 def test_pack_chunks_keeps_every_span_in_order_within_30_seconds():
     spans = [(0, 100_000), (150_000, 400_000), (420_000, 600_000), (700_000, 1_180_000), (1_200_000, 1_210_000)]
-    chunks = pack_chunks(spans)
+    chunks = pack_chunks(spans, max_samples=N_SAMPLES)
     assert [chunk.spans for chunk in chunks] == [
         ((0, 100_000), (150_000, 400_000)),
         ((420_000, 600_000),),
@@ -48,7 +48,14 @@ def test_pack_chunks_keeps_every_span_in_order_within_30_seconds():
     ]
     assert all(chunk.n_samples <= N_SAMPLES for chunk in chunks)
     with pytest.raises(ValueError, match="longer than 480000 samples"):
-        pack_chunks([(0, N_SAMPLES + 1)])
+        pack_chunks([(0, N_SAMPLES + 1)], max_samples=N_SAMPLES)
+    # By default a chunk holds at most 25 s, leaving the end of its 30-s window free (speech_chunks.py: why).
+    assert [chunk.spans for chunk in pack_chunks(spans[:3])] == [
+        ((0, 100_000), (150_000, 400_000)),
+        ((420_000, 600_000),),
+    ]
+    with pytest.raises(ValueError, match="longer than 400000 samples"):
+        pack_chunks([(0, 400_001)])
 
 
 def test_chunk_times_map_back_to_the_recording_across_seams():
@@ -110,10 +117,11 @@ def test_real_tiny_en_long_recording_in_batches_gives_timed_sentences(tmp_path):
     segments = result["segments"]
     assert [s["id"] for s in segments] == list(range(len(segments)))
     assert all(a["start"] <= b["start"] for a, b in zip(segments, segments[1:]))
-    # Each sentence starts a segment near its place in the recording (not in its chunk).
+    # Each sentence starts a segment near its place in the recording (not in its chunk: sentences are 4.5 s apart).
+    # Word alignment may start a sentence up to 2 s early when a seam (removed silence) precedes it in its chunk.
     for start, _, text in placed[1:]:
         first_word = normalise(text).split()[0]
-        near = [s for s in segments if abs(s["start"] - start) < 1.0 and normalise(s["text"]).startswith(first_word)]
+        near = [s for s in segments if abs(s["start"] - start) < 2.0 and normalise(s["text"]).startswith(first_word)]
         assert near, (start, text)
     assert segments[-1]["end"] <= len(audio) / SAMPLE_RATE
     for segment in segments:

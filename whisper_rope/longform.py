@@ -1,4 +1,4 @@
-"""Batched long-form transcription: a recording cut into speech chunks of at most 30 s, decoded in batches.
+"""Batched long-form transcription: a recording cut into speech chunks of at most 25 s, decoded in batches.
 
 Upstream's ``transcribe`` walks a long recording window by window, each window starting where the previous one's
 last complete segment ended and conditioned on its text: strictly one window at a time. Here the recording is cut

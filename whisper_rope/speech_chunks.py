@@ -1,4 +1,4 @@
-"""Where the speech of a recording is, and how it is cut into chunks of at most 30 s that decode side by side.
+"""Where the speech of a recording is, and how it is cut into chunks of at most 25 s that decode side by side.
 
 The voice-activity detector is Silero VAD (the ``silero-vad`` package; its model ships inside the package, nothing is
 downloaded), run through the package's "sequence" ONNX model: one ONNX Runtime call per 16 s of audio instead of one
@@ -10,10 +10,14 @@ judges 10-30-ms frames in isolation; Silero is a trained network with context, t
 pipeline also uses, and needs no tuning here.
 
 Chunks: speech spans (each padded by `SPEECH_PAD_S` of its surroundings) are concatenated, in order, until the next
-span would make the chunk longer than 30 s; the silence between spans beyond the padding is left out, so a chunk
-holds up to 30 s of speech. A chunk remembers its spans, so that a time inside it maps back to the recording
-(`SpeechChunk.recording_time`). A span longer than 30 s (the detector cuts speech at its longest pause before 30 s,
-so only a 30-s stretch without any pause) is cut into 30-s pieces.
+span would make the chunk longer than `CHUNK_SECONDS` (25 s); the silence between spans beyond the padding is left
+out, so a chunk holds up to 25 s of speech, decoded in a 30-s window. Why not 30: tiny.en often ends its output
+before the last sentence of a window filled with speech to its very end. On the benchmark's long-form recordings
+(865 s, 1662 words, greedy, benchmarks/README.md) chunks of up to 30 s gave 7.7 % WER in fp32 and 9.8 % in int8,
+28 s 7.2 % and 7.8 %, 25 s 6.4 % and 6.3 %: most of the difference was whole sentences dropped at chunk ends. A chunk
+remembers its spans, so that a time inside it maps back to the recording (`SpeechChunk.recording_time`). A span
+longer than 25 s (the detector cuts speech at its longest pause before that, so only a 25-s stretch without any
+pause) is cut into 25-s pieces.
 
 Shapes and units: audio (n_samples,) float32 at 16 kHz; spans are (start, end) sample indices, end exclusive.
 """
@@ -25,7 +29,7 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 import torch
-from whisper.audio import N_SAMPLES, SAMPLE_RATE
+from whisper.audio import SAMPLE_RATE
 
 Span = Tuple[int, int]
 
@@ -33,6 +37,8 @@ SPEECH_PAD_S = 0.2  # context kept on each side of a speech span (the pause a li
 MIN_SILENCE_S = 0.16  # a pause at least this long separates two spans
 MIN_SPEECH_S = 0.25  # shorter bursts are not speech
 THRESHOLD = 0.5  # speech probability above which a frame is speech
+CHUNK_SECONDS = 25.0  # speech per chunk at most (module docstring: why not the whole 30-s window)
+CHUNK_SAMPLES = int(CHUNK_SECONDS * SAMPLE_RATE)
 
 
 @functools.lru_cache(maxsize=1)
@@ -55,7 +61,7 @@ def _silero():
 
 def speech_spans(audio: np.ndarray) -> List[Span]:
     """Speech spans of a 16-kHz recording, in order, each padded by `SPEECH_PAD_S` (neighbours split the pause
-    between them) and at most 30 s long."""
+    between them) and at most `CHUNK_SECONDS` long."""
     audio = np.ascontiguousarray(audio, dtype=np.float32).reshape(-1)
     if audio.size == 0:
         return []
@@ -66,21 +72,21 @@ def speech_spans(audio: np.ndarray) -> List[Span]:
         threshold=THRESHOLD,
         sampling_rate=SAMPLE_RATE,
         min_speech_duration_ms=int(MIN_SPEECH_S * 1000),
-        max_speech_duration_s=N_SAMPLES / SAMPLE_RATE - 2 * SPEECH_PAD_S,
+        max_speech_duration_s=CHUNK_SECONDS - 2 * SPEECH_PAD_S,
         min_silence_duration_ms=int(MIN_SILENCE_S * 1000),
         speech_pad_ms=int(SPEECH_PAD_S * 1000),
     )
-    return [piece for span in spans for piece in _at_most_one_window((int(span["start"]), int(span["end"])))]
+    return [piece for span in spans for piece in _at_most_one_chunk((int(span["start"]), int(span["end"])))]
 
 
-def _at_most_one_window(span: Span) -> List[Span]:
+def _at_most_one_chunk(span: Span) -> List[Span]:
     start, end = span
-    return [(s, min(s + N_SAMPLES, end)) for s in range(start, end, N_SAMPLES)]
+    return [(s, min(s + CHUNK_SAMPLES, end)) for s in range(start, end, CHUNK_SAMPLES)]
 
 
 @dataclass(frozen=True)
 class SpeechChunk:
-    """Speech spans of one recording, concatenated in order into at most 30 s of audio.
+    """Speech spans of one recording, concatenated in order into at most one 30-s window of audio.
 
     spans: (start, end) samples of the recording; the chunk's audio is their audio, one after the other.
     """
@@ -117,7 +123,7 @@ class SpeechChunk:
         raise AssertionError("unreachable: the last span returns")
 
 
-def pack_chunks(spans: Sequence[Span], max_samples: int = N_SAMPLES) -> List[SpeechChunk]:
+def pack_chunks(spans: Sequence[Span], max_samples: int = CHUNK_SAMPLES) -> List[SpeechChunk]:
     """Consecutive spans (each at most ``max_samples`` long) concatenated greedily into chunks of at most
     ``max_samples`` samples, in recording order."""
     chunks: List[SpeechChunk] = []
@@ -137,5 +143,5 @@ def pack_chunks(spans: Sequence[Span], max_samples: int = N_SAMPLES) -> List[Spe
 
 
 def speech_chunks(audio: np.ndarray) -> List[SpeechChunk]:
-    """The recording's speech as chunks of at most 30 s (`speech_spans`, then `pack_chunks`)."""
+    """The recording's speech as chunks of at most `CHUNK_SECONDS` (`speech_spans`, then `pack_chunks`)."""
     return pack_chunks(speech_spans(audio))

@@ -248,8 +248,8 @@ class TranscribeOptions:
     batch_size: int = opt(
         1,
         "decode up to this many files of at most 30 s together (same results as one by one), and cut longer "
-        "files at pauses (voice-activity detection) into chunks of at most 30 s decoded this many at a time "
-        "(faster; chunks are not conditioned on each other's text); 1: upstream's window-by-window loop",
+        "files at pauses (voice-activity detection) into chunks of at most 25 s of speech decoded this many "
+        "at a time (faster; chunks are not conditioned on each other's text); 1: upstream's window-by-window loop",
     )
     clip_timestamps: str = opt("0", "comma-separated start,end,... seconds of the spans to transcribe")
     hallucination_silence_threshold: Optional[float] = opt(
