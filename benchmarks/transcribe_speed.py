@@ -7,14 +7,15 @@ on a shared machine) and wall seconds:
 1. RoPE overhead, controlled: the ``whisper`` and ``rotary`` presets of tiny.en encode one 30-s window and decode a
    fixed number of tokens (end-of-text suppressed, so both do exactly the same steps), greedy and beam 5.
 2. End to end, upstream ``transcribe`` settings: short clips (the committed speech fixtures, 2-4 s) and long-form
-   clips (whole fixtures joined with silences, 45 s and 100 s), greedy and beam 5, temperature 0 without fallback,
+   recordings (whole fixtures joined with silences, 45 s and 100 s, and ``--spoken`` recordings of 60 s of sentences
+   synthesised with espeak-ng, flite and festival voices), greedy and beam 5, temperature 0 without fallback,
    decoding capped at ``--sample-len`` tokens per window for every system (224 per chunk for the batched long-form
    systems, whose chunks are never re-windowed). Systems: faster-whisper int8 and fp32 one file at a time, its
    ``BatchedInferencePipeline`` (int8, batch 8, timestamps on; long-form only, since it batches the chunks of one
    file), upstream openai-whisper, and whisper_rope's presets in fp32 and ``compute_type="int8"``, one by one and
    through ``transcribe_many`` in batches of 8 (short clips batched across files; long-form recordings cut into
    voice-activity chunks decoded in batches). Reported: median seconds per set, ratio to faster-whisper int8, corpus
-   WER (jiwer, upstream's EnglishTextNormalizer).
+   WER with its word errors and reference words (jiwer, upstream's EnglishTextNormalizer).
 
 The ``rotary`` preset here is tiny.en's pretrained weights with the positional tables swapped for RoPE and *no
 fine-tuning*: it transcribes garbage (expected, see EXPERIMENTS.md) and loops until the token cap, so its
@@ -27,8 +28,8 @@ rows. ``--clips MANIFEST`` takes the short clips from a manifest (JSONL/CSV/TSV 
 to 10 s, the first ``--max-clips``) instead of the committed fixtures, e.g. the domain that model was trained for.
 
 Usage: ``python3 benchmarks/transcribe_speed.py [--runs 3] [--threads 2] [--finetuned PATH] [--clips MANIFEST]
-[--no-long-form] [--json results.json]``; ``--quick`` (one short clip, one run, no long-form) only checks that the
-script works.
+[--no-long-form] [--spoken 3] [--json results.json]``; ``--quick`` (one short clip, one run, no long-form) only
+checks that the script works.
 """
 
 import argparse
@@ -41,7 +42,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -60,6 +61,16 @@ from whisper_rope.weights import packages  # noqa: E402
 SPEECH = ROOT / "tests" / "fixtures" / "speech"
 MODEL = "tiny.en"
 LONG_SECONDS = (45.0, 100.0)
+# Long-form recordings of synthesised sentences (`spoken_long_clips`): voices (engine, name, speed) taken in turn.
+SPOKEN_VOICES = (
+    ("flite", "slt", 1.0),
+    ("espeak-ng", "en-us", 0.85),
+    ("flite", "awb", 1.0),
+    ("festival", "kal_diphone", 1.0),
+    ("espeak-ng", "en+f3", 0.85),
+    ("flite", "rms", 1.0),
+)
+SPOKEN_SECONDS = 60.0
 CHUNK_TOKEN_CAP = 224  # upstream's default sample_len (n_text_ctx // 2): batched speech chunks are never re-windowed
 Clip = Tuple[str, np.ndarray, str]  # name, 16-kHz waveform, reference text
 Transcriber = Callable[[Sequence[np.ndarray], Optional[int]], List[str]]
@@ -84,16 +95,11 @@ def manifest_clips(manifest: Path, limit: int, max_seconds: float = 10.0) -> Lis
     return clips
 
 
-def long_clip(clips: Sequence[Clip], seconds: float, offset: int) -> Clip:
-    """Whole fixtures separated by 0.8-2.0 s of silence, then silence up to ``seconds``.
-
-    Each pass over the fixtures takes them in another order (steps 1, 3, 5, 7 through the list from ``offset``), so
-    that no window repeats the previous one's sentences in the same sequence.
-    """
+def joined(name: str, utterances: Iterable[Tuple[np.ndarray, str]], seconds: float) -> Clip:
+    """Utterances (16-kHz audio, text) one after another, separated by 0.8-2.0 s of silence, as many whole ones as
+    fit in ``seconds``, then silence up to ``seconds``. Reads ``utterances`` only as far as it needs."""
     pieces, texts, n = [], [], 0
-    for i in range(10_000):
-        step = (1, 3, 5, 7)[(i // len(clips)) % 4]
-        _, audio, text = clips[(offset + step * i) % len(clips)]
+    for i, (audio, text) in enumerate(utterances):
         silence = np.zeros(int((0.8 + 0.4 * (i % 4)) * SAMPLE_RATE), dtype=np.float32)
         if n + len(audio) > seconds * SAMPLE_RATE:
             break
@@ -102,7 +108,42 @@ def long_clip(clips: Sequence[Clip], seconds: float, offset: int) -> Clip:
         n += len(audio) + len(silence)
     audio = np.concatenate(pieces)[: int(seconds * SAMPLE_RATE)]
     audio = np.pad(audio, (0, int(seconds * SAMPLE_RATE) - len(audio)))
-    return f"long_{seconds:.0f}s", audio, " ".join(texts)
+    return name, audio, " ".join(texts)
+
+
+def long_clip(clips: Sequence[Clip], seconds: float, offset: int) -> Clip:
+    """Whole fixtures `joined` into ``seconds`` of audio.
+
+    Each pass over the fixtures takes them in another order (steps 1, 3, 5, 7 through the list from ``offset``), so
+    that no window repeats the previous one's sentences in the same sequence.
+    """
+
+    def fixtures():
+        for i in range(10_000):
+            _, audio, text = clips[(offset + (1, 3, 5, 7)[(i // len(clips)) % 4] * i) % len(clips)]
+            yield audio, text
+
+    return joined(f"long_{seconds:.0f}s", fixtures(), seconds)
+
+
+def spoken_long_clips(count: int) -> List[Clip]:
+    """``count`` recordings of `SPOKEN_SECONDS` each: sentences of the evaluation grammar (benchmarks/sentences.py,
+    seed = the recording's number) spoken by one synthesiser voice per recording (`SPOKEN_VOICES` in turn),
+    `joined`. Deterministic: the synthesisers have no randomness (benchmarks/corpus.py)."""
+    from corpus import Voice, synthesize  # the sibling modules; they need the synthesisers only here
+    from sentences import EVALUATION, sentences
+
+    def spoken(number: int, voice: Voice):
+        for text in sentences(EVALUATION, 100, seed=number):
+            yield synthesize(text, voice), text
+
+    recordings = []
+    for number in range(count):
+        engine, name, speed = SPOKEN_VOICES[number % len(SPOKEN_VOICES)]
+        voice = Voice(engine, name, speed)
+        label = f"spoken_{number}_{engine}_{name}"
+        recordings.append(joined(label, spoken(number, voice), SPOKEN_SECONDS))
+    return recordings
 
 
 @contextlib.contextmanager
@@ -313,13 +354,15 @@ def rope_overhead(models: dict, runs: int, n_tokens: int, warmup: bool) -> List[
     return rows
 
 
-def word_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> float:
+def word_errors(references: Sequence[str], hypotheses: Sequence[str]) -> Tuple[int, int]:
+    """(word errors: substitutions + deletions + insertions, reference words) over all clips of a set, both sides
+    through upstream's EnglishTextNormalizer."""
     import jiwer
 
     normalise = EnglishTextNormalizer()
-    refs = [normalise(text) for text in references]
-    hyps = [normalise(text) for text in hypotheses]
-    return jiwer.wer(refs, hyps)
+    measures = jiwer.process_words([normalise(t) for t in references], [normalise(t) for t in hypotheses])
+    errors = measures.substitutions + measures.deletions + measures.insertions
+    return errors, errors + measures.hits - measures.insertions
 
 
 def end_to_end(systems: Dict[str, Transcriber], sets: Dict[str, List[Clip]], runs: int, warmup: bool) -> List[dict]:
@@ -339,6 +382,7 @@ def end_to_end(systems: Dict[str, Transcriber], sets: Dict[str, List[Clip]], run
             warmup = False
             base = results.get("faster-whisper int8", (None, None))
             for name, (cpu_s, wall_s, texts) in results.items():
+                errors, words = word_errors(references, texts)
                 rows.append(
                     {
                         "set": set_name,
@@ -349,7 +393,9 @@ def end_to_end(systems: Dict[str, Transcriber], sets: Dict[str, List[Clip]], run
                         "wall_s": wall_s,
                         "ratio_to_fw_int8": cpu_s / base[0] if base[0] else None,
                         "wall_ratio_to_fw_int8": wall_s / base[1] if base[1] else None,
-                        "wer": word_error_rate(references, texts),
+                        "wer": errors / words,
+                        "word_errors": errors,
+                        "words": words,
                     }
                 )
             print(f"done: {set_name}, {decoding}", file=sys.stderr, flush=True)
@@ -376,7 +422,7 @@ def markdown(rope_rows: List[dict], rows: List[dict]) -> str:
     ]
     lines += [
         "",
-        "| clips | decoding | system | CPU s | × fw int8, CPU | wall s | × fw int8, wall | WER % |",
+        "| clips | decoding | system | CPU s | × fw int8, CPU | wall s | × fw int8, wall | WER % (errors / words) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -385,7 +431,7 @@ def markdown(rope_rows: List[dict], rows: List[dict]) -> str:
         clips = f"{r['set']} ({r['audio_s']:.0f} s audio)"
         lines.append(
             f"| {clips} | {r['decoding']} | {r['system']} | {r['cpu_s']:.2f} | {ratio} | {r['wall_s']:.2f} | "
-            f"{wall_ratio} | {100 * r['wer']:.1f} |"
+            f"{wall_ratio} | {100 * r['wer']:.1f} ({r['word_errors']} / {r['words']}) |"
         )
     return "\n".join(lines)
 
@@ -417,6 +463,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--max-clips", type=int, default=20, help="clips taken from --clips (those up to 10 s)")
     parser.add_argument("--no-long-form", action="store_true", help="time the short clips only")
     parser.add_argument(
+        "--spoken",
+        type=int,
+        default=3,
+        help=f"long-form recordings of synthesised sentences ({SPOKEN_SECONDS:.0f} s each) added to the two built from "
+        "the fixtures",
+    )
+    parser.add_argument(
         "--systems",
         nargs="+",
         default=None,
@@ -433,6 +486,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sets = {"short": clips[:1]} if args.quick else {"short": clips}
     if not (args.quick or args.no_long_form):
         sets["long-form"] = [long_clip(clips, s, offset=i * 3) for i, s in enumerate(LONG_SECONDS)]
+        sets["long-form"] += spoken_long_clips(args.spoken)
 
     models = load_torch_models(args.finetuned)
     rope_rows = rope_overhead(
