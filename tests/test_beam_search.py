@@ -12,6 +12,7 @@ import whisper_rope
 import whisper_rope.decoding
 from whisper_rope.beam_search import BatchBeamSearchDecoder
 
+from .conftest import randomise_, small_dims
 from .speech_helpers import first_window
 
 EOT = 7
@@ -107,6 +108,22 @@ def decode_with(decoder_class, model, mel, options):
         return model.decode(mel, options)
     finally:
         whisper_rope.decoding.BatchBeamSearchDecoder = original
+
+
+@pytest.mark.parametrize("batch", [1, 3, 5])
+def test_small_random_model_batches_decode_as_with_upstreams_beam_search(speech, batch):
+    """A random model rarely ends its text: beams run to the token cap unfinished and ``finalize`` fills in."""
+    model = randomise_(whisper_rope.build_model(small_dims(n_text_ctx=64), "whisper")).eval()
+    windows = torch.stack([first_window(audio)[:, : 2 * 24] for audio in speech[:batch]])
+    for options in (
+        whisper.DecodingOptions(language="en", beam_size=3, fp16=False, sample_len=10),
+        whisper.DecodingOptions(language="en", beam_size=4, fp16=False, sample_len=8, patience=2.0, length_penalty=0.5),
+    ):
+        ours = decode_with(BatchBeamSearchDecoder, model, windows, options)
+        theirs = decode_with(BeamSearchDecoder, model, windows, options)
+        assert [r.tokens for r in ours] == [r.tokens for r in theirs]
+        assert [r.avg_logprob for r in ours] == [r.avg_logprob for r in theirs]
+        assert all(len(r.tokens) > 0 for r in ours)
 
 
 @pytest.mark.parametrize("compute_type", ["float32", "int8"])
