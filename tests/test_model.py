@@ -157,6 +157,22 @@ def test_batched_beam_search_equals_one_clip_at_a_time(dims):
     assert [r.tokens for r in model.decode(mel, greedy)] == [model.decode(mel[i], greedy).tokens for i in range(3)]
 
 
+@pytest.mark.parametrize("variant", ["whisper", "rotary"])
+def test_masked_cross_attention_of_one_clip_with_several_rows(dims, variant):
+    """One clip, several decoding rows (beams), a key mask over its audio: each row attends as it would to the
+    clip's real positions alone (the rows share the clip's one row of audio, as in a batch of several clips)."""
+    model = _model(dims, variant)
+    real = dims.n_audio_ctx // 2
+    audio = torch.randn(1, dims.n_audio_ctx, dims.n_audio_state)
+    mask = torch.zeros(1, dims.n_audio_ctx, dtype=torch.bool)
+    mask[:, :real] = True
+    tokens = torch.randint(0, 50000, (3, 4))
+    with torch.no_grad():
+        masked = model.decoder(tokens, audio, xa_mask=mask)
+        alone = model.decoder(tokens, audio[:, :real].expand(3, -1, -1))
+    torch.testing.assert_close(masked, alone, rtol=1e-5, atol=1e-5)
+
+
 def test_upstream_is_wrong_on_chunked_decoding(dims):
     """Documents why our attention aligns the causal mask: upstream mis-masks several tokens onto a cache."""
     upstream = randomise_(Whisper(dims)).eval()

@@ -82,7 +82,8 @@ class PositionalAttention(MultiHeadAttention):
             return self._packed_attention(q, k, v, mask)
         if k.ndim == 4:
             return self._cached_audio_attention(q, k, v, mask)
-        if 1 < k.shape[0] < q.shape[0]:
+        if k.shape[0] < q.shape[0] and (k.shape[0] > 1 or mask is not None):
+            # Several rows per clip. One clip without a mask keeps upstream's broadcast (bit-identical to it).
             return self._grouped_cross_attention(q, k, v, mask)
         n_q, n_k = q.shape[1], k.shape[1]
         if self.rotary is not None:
