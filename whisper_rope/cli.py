@@ -21,7 +21,7 @@ from whisper.transcribe import transcribe
 from whisper.utils import get_writer
 
 from .audio import load_audio
-from .errors import one_line
+from .errors import one_line, quiet_worker_disconnects
 from .evaluation.compare import add_compare_arguments, run_compare_cli
 from .evaluation.evaluate import DESCRIPTION as EVALUATE_DESCRIPTION
 from .evaluation.evaluate import add_evaluate_arguments, run_evaluate_cli
@@ -242,7 +242,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 2
     try:
-        with _one_line_warnings():
+        with _one_line_warnings(), quiet_worker_disconnects():
             return commands[args.command](args)
     except KeyboardInterrupt:
         _fail("interrupted", 130)

@@ -5,9 +5,12 @@ Each error carries one sentence naming the input (file, tensor, option) and what
 any ``WhisperRopeError`` into a one-line message and a non-zero exit.
 """
 
+import contextlib
 import os
 import re
-from typing import Optional, Union
+import sys
+import traceback as tb
+from typing import Iterator, Optional, Union
 
 #: A file-system path as every public function accepts it.
 PathLike = Union[str, os.PathLike]
@@ -64,3 +67,32 @@ def first_line(error: BaseException, limit: int = 200) -> str:
     open with the reason and go on with pages of explanation."""
     lines = [line for line in _ANSI_ESCAPE.sub("", str(error)).splitlines() if line.strip()]
     return one_line(lines[0], limit) if lines else type(error).__name__
+
+
+@contextlib.contextmanager
+def quiet_worker_disconnects() -> Iterator[None]:
+    """While a command runs, drop the tracebacks of multiprocessing's resource-sharer thread losing a peer.
+
+    DataLoader workers hand tensors to the main process through that thread (file-descriptor sharing). A Ctrl-C
+    from a terminal reaches the whole process group, so the workers may die in the middle of a hand-over and the
+    thread, which reports its own errors through ``sys.excepthook``, would print a BrokenPipeError traceback after
+    the command's one line ``interrupted``. A worker that dies otherwise is still reported, by the DataLoader.
+    After a KeyboardInterrupt the hook is left in place for the rest of the (exiting) process.
+    """
+    previous = sys.excepthook
+
+    def hook(kind, error, traceback) -> None:
+        frames = [frame.filename for frame in tb.extract_tb(traceback)]
+        from_sharer = any(name.endswith(os.path.join("multiprocessing", "resource_sharer.py")) for name in frames)
+        if not (from_sharer and issubclass(kind, (ConnectionError, EOFError))):
+            previous(kind, error, traceback)
+
+    sys.excepthook = hook
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise  # the hook stays: the process is exiting, and hand-overs may still break until the workers are gone
+    except BaseException:
+        sys.excepthook = previous
+        raise
+    sys.excepthook = previous

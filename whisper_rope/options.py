@@ -22,7 +22,7 @@ import sys
 import typing
 from typing import Any, Callable, Dict, List, NewType, NoReturn, Optional, Sequence, Type
 
-from .errors import one_line
+from .errors import one_line, quiet_worker_disconnects
 from .files import user_path
 
 #: The type of an option that names a file or folder: text (``str`` at run time) whose ``~`` is expanded.
@@ -208,11 +208,15 @@ def standalone_main(
     argv: Optional[Sequence[str]] = None,
 ) -> int:
     """One job as its own command (``python -m whisper_rope.train``): parse, run, and turn a bad-input error into
-    one line on stderr and exit status 2."""
+    one line on stderr and exit status 2, Ctrl-C into the line ``interrupted`` and status 130 (as `cli.main`)."""
     parser = add_arguments(ArgumentParser(prog=prog, description=description))
     args = parser.parse_args(argv)
     try:
-        return run(args)
+        with quiet_worker_disconnects():
+            return run(args)
+    except KeyboardInterrupt:
+        print("whisper-rope: error: interrupted", file=sys.stderr)
+        return 130
     except (ValueError, OSError, RuntimeError) as error:
         print(f"whisper-rope: error: {one_line(error, limit=None)}", file=sys.stderr)
         return 2

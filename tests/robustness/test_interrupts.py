@@ -28,10 +28,11 @@ def _leftovers(root: Path) -> list:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.name.endswith(TEMPORARY))
 
 
-def _interrupt(args, when: Callable[[], bool], cwd: Optional[Path] = None, limit: float = 180) -> tuple:
-    """Start ``whisper-rope ARGS`` in its own process group, send SIGINT to the group as soon as ``when()`` holds,
-    and return (exit status, stderr, seconds until the interrupt)."""
-    child = subprocess.Popen([str(WHISPER_ROPE), *map(str, args)], cwd=cwd, env=subprocess_env(),
+def _interrupt(args, when: Callable[[], bool], cwd: Optional[Path] = None, limit: float = 180, command=None) -> tuple:
+    """Start ``whisper-rope ARGS`` (or ``COMMAND ARGS``) in its own process group, send SIGINT to the group as soon
+    as ``when()`` holds, and return (exit status, stderr, seconds until the interrupt)."""
+    command = [str(WHISPER_ROPE)] if command is None else command
+    child = subprocess.Popen([*command, *map(str, args)], cwd=cwd, env=subprocess_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                              start_new_session=True)  # fmt: skip
     started = time.monotonic()
@@ -127,13 +128,16 @@ def test_ctrl_c_inside_a_finetune_checkpoint_write_exits_130_and_leaves_no_parti
     assert _leftovers(out) == []
 
 
-def test_ctrl_c_between_finetune_steps_exits_130(tmp_path, speech_pt):
+@pytest.mark.parametrize("command", [[str(WHISPER_ROPE), "finetune"], [sys.executable, "-m", "whisper_rope.train"]])
+def test_ctrl_c_between_finetune_steps_exits_130(tmp_path, speech_pt, command):
+    """Also while DataLoader workers hand batches over: no traceback of a worker connection the same Ctrl-C cut."""
     out = tmp_path / "run"
     log = out / "train_log.jsonl"
     status, stderr, _ = _interrupt(
-        ["finetune", "--model", speech_pt, "--train", MANIFEST, "--output", out, "--steps", "50", "--batch-size", "2",
+        ["--model", speech_pt, "--train", MANIFEST, "--output", out, "--steps", "50", "--batch-size", "2",
          "--num-workers", "2", "--no-progress", "--log-every", "1"],
         when=lambda: log.is_file() and '"event": "train"' in log.read_text(),
+        command=command,
     )  # fmt: skip
     assert status == 130, stderr
     one_error_line(stderr, "interrupted")
