@@ -42,6 +42,13 @@ def subprocess_env() -> dict:
     return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
 
 
+def default_sigint() -> None:
+    """``preexec_fn`` of a child that a test interrupts: SIGINT handled as in a terminal. A suite started in the
+    background of a non-interactive shell inherits SIGINT ignored, and so would every child (then Ctrl-C tests
+    would see a command run to its end)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_cli(*args) -> int:
     """``whisper-rope ARGS`` in this process: its exit status, whether main returned it or raised SystemExit."""
     from whisper_rope import cli

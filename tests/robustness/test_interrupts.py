@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import pytest
 
-from . import subprocess_env
+from . import default_sigint, subprocess_env
 from .commands import MANIFEST, SPEECH_DIMS, WHISPER_ROPE, one_error_line, save_model
 
 TEMPORARY = (".tmp", ".partial", ".old")
@@ -34,7 +34,7 @@ def _interrupt(args, when: Callable[[], bool], cwd: Optional[Path] = None, limit
     command = [str(WHISPER_ROPE)] if command is None else command
     child = subprocess.Popen([*command, *map(str, args)], cwd=cwd, env=subprocess_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)  # fmt: skip
+                             start_new_session=True, preexec_fn=default_sigint)  # fmt: skip
     started = time.monotonic()
     try:
         while not when():

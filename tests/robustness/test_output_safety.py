@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from . import subprocess_env
+from . import default_sigint, subprocess_env
 from .commands import (
     MANIFEST,
     SPEECH_DIMS,
@@ -166,7 +166,7 @@ def test_a_second_finetune_into_a_running_output_directory_is_refused(tmp_path, 
     first = subprocess.Popen(
         [str(WHISPER_ROPE), "finetune", "--model", str(speech_pt), "--output", str(out), "--train", str(MANIFEST),
          "--steps", "400", "--batch-size", "2", "--num-workers", "0", "--no-progress", "--log-every", "1"],
-        env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 120
