@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 from whisper.audio import N_SAMPLES, SAMPLE_RATE
+from whisper.decoding import DecodingResult
 from whisper.normalizers import EnglishTextNormalizer
 from whisper.tokenizer import get_tokenizer
 
 import whisper_rope
-from whisper_rope import cli
+from whisper_rope import cli, longform
 from whisper_rope.audio import load_audio
 from whisper_rope.longform import split_at_timestamps, transcribe_chunked
 from whisper_rope.speech_chunks import SpeechChunk, pack_chunks, speech_spans
@@ -89,6 +90,71 @@ def test_voice_activity_finds_each_sentence_and_keeps_the_thread_count():
     for start, end in silence:  # the middle of every pause is not speech
         assert not any(s < end and e > start for s, e in seconds), (start, end, seconds)
     assert speech_spans(np.zeros(SAMPLE_RATE * 5, dtype=np.float32)) == []
+
+
+def test_the_rest_of_a_chunk_after_a_time_is_a_chunk_of_its_own():
+    chunk = SpeechChunk(((16_000, 48_000), (80_000, 96_000)))  # 1-3 s and 5-6 s of the recording
+    assert chunk.after(0.5).spans == ((24_000, 48_000), (80_000, 96_000))  # cut inside the first span
+    assert chunk.after(2.0).spans == ((80_000, 96_000),)  # on the seam: the second span whole
+    assert chunk.after(2.25).spans == ((84_000, 96_000),)
+    assert chunk.after(0.0) == chunk
+    assert chunk.after(3.0) is None and chunk.after(7.5) is None
+    assert chunk.after(2.25).recording_time(0.0) == 5.25
+
+
+def test_a_chunk_whose_text_ends_early_is_decoded_again_from_there(monkeypatch):
+    """Like upstream's loop resuming at the last timestamp: the untranscribed tail becomes a chunk of its own,
+    its segments follow the chunk's on the recording's timeline; a tail shorter than MIN_TAIL_SECONDS or a text cut
+    by the token cap is left alone, and the passes are bounded."""
+    tokenizer = get_tokenizer(False)
+    ts, word = tokenizer.timestamp_begin, tokenizer.encode(" hello")
+    chunk = SpeechChunk(((16_000, 176_000),))  # 1-11 s of the recording, one 10-s chunk
+    monkeypatch.setattr(longform, "speech_chunks", lambda audio: [chunk])
+    answers = {
+        10.0: [ts, *word, ts + 100, ts + 100, *word, ts + 200],  # ends at 4 s of 10: 6 s untranscribed
+        6.0: [ts, *word, ts + 150],  # the tail's text ends at 3 s of 6: decoded again
+        3.0: [ts, *word, ts + 140],  # 2.8 s of 3: within MIN_TAIL_SECONDS, done
+    }
+    decoded = []
+
+    def window_holding_its_duration(audio, n_mels):
+        return torch.full((n_mels, 3000), len(audio) / SAMPLE_RATE), len(audio) // 160
+
+    def fake_decode(model, mels, language, options):
+        durations = [round(float(mel[0, 0]), 1) for mel in mels]
+        decoded.extend(durations)
+        return [DecodingResult(audio_features=None, language="en", tokens=answers[d]) for d in durations]
+
+    monkeypatch.setattr(longform, "first_transcription_window", window_holding_its_duration)
+    monkeypatch.setattr(longform, "_decode_with_fallback", fake_decode)
+    model = whisper_rope.build_model(small_dims(), "whisper")
+    result = transcribe_chunked(model, np.zeros(200_000, dtype=np.float32), language="en", temperature=0.0)
+    assert decoded == [10.0, 6.0, 3.0]
+    assert [(s["start"], s["end"]) for s in result["segments"]] == [(1.0, 3.0), (3.0, 5.0), (5.0, 8.0), (8.0, 10.8)]
+    assert [s["id"] for s in result["segments"]] == [0, 1, 2, 3]
+
+    decoded.clear()
+    answers[10.0] = [ts, *word, ts + 100, *word]  # cut by the token cap inside a segment: closes at the chunk's end
+    result = transcribe_chunked(model, np.zeros(200_000, dtype=np.float32), language="en", temperature=0.0)
+    assert decoded == [10.0] and result["segments"][-1]["end"] == 11.0
+
+    # Two chunks, each leaving 6 s: their tails are packed into one 12-s chunk, its segments mapped to each tail.
+    decoded.clear()
+    second = SpeechChunk(((192_000, 352_000),))  # 12-22 s of the recording
+    monkeypatch.setattr(longform, "speech_chunks", lambda audio: [chunk, second])
+    answers[10.0] = [ts, *word, ts + 100, ts + 100, *word, ts + 200]
+    answers[12.0] = [ts, *word, ts + 300, ts + 300, *word, ts + 590]
+    result = transcribe_chunked(model, np.zeros(400_000, dtype=np.float32), language="en", temperature=0.0)
+    assert decoded == [10.0, 10.0, 12.0]
+    assert [(s["start"], s["end"]) for s in result["segments"]] == [
+        (1.0, 3.0), (3.0, 5.0), (5.0, 11.0), (12.0, 14.0), (14.0, 16.0), (16.0, 21.8)
+    ]  # fmt: skip
+    monkeypatch.setattr(longform, "speech_chunks", lambda audio: [chunk])
+
+    decoded.clear()
+    monkeypatch.setattr(longform, "MAX_TAIL_PASSES", 1)
+    transcribe_chunked(model, np.zeros(200_000, dtype=np.float32), language="en", temperature=0.0)
+    assert decoded == [10.0, 6.0]
 
 
 def test_split_at_timestamps_turns_timestamp_pairs_into_segments():

@@ -10,7 +10,10 @@ become segments whose times are mapped back to the recording. What differs from 
   ignored; an ``initial_prompt`` is given to every chunk); silence between speech spans is not decoded;
 * temperature fallback is upstream's rule (compression ratio, mean log-probability, no-speech probability) applied
   per chunk, the chunks that fail one temperature re-decoded together at the next;
-* a chunk whose decoding stops inside a segment (token cap) closes that segment at the chunk's end.
+* a chunk whose decoding stops inside a segment (token cap) closes that segment at the chunk's end;
+* a chunk whose text ends (end of text after a timestamp) well before its audio does is decoded again from its last
+  timestamp, the way upstream resumes its next window there (`MIN_TAIL_SECONDS`, `MAX_TAIL_PASSES`); the tails of
+  all chunks are packed into chunks of their own, so a pass of tails costs a few windows.
 
 Word timestamps use upstream's alignment (`whisper.timing.add_word_timestamps`) on each chunk's own frames.
 """
@@ -27,12 +30,18 @@ from whisper.utils import format_timestamp
 
 from .features import first_transcription_window, language_window
 from .model import WhisperRope
-from .speech_chunks import SpeechChunk, speech_chunks
+from .speech_chunks import SpeechChunk, pack_chunks, speech_chunks
 from .transcribe_options import transcribe_dtype, window_decoding_options
 
 __all__ = ["split_at_timestamps", "supports", "transcribe_chunked"]
 
 SECONDS_PER_TIMESTAMP = 0.02
+
+# A chunk whose text ends this long before its audio does is decoded again from there (`_untranscribed_tail`),
+# at most this many times: tiny.en sometimes ends its text a sentence or two before the chunk ends (beam search more
+# often than greedy), and each further pass decodes a strictly shorter tail.
+MIN_TAIL_SECONDS = 1.5
+MAX_TAIL_PASSES = 2
 
 # Upstream ``transcribe`` options this path cannot honour; a recording asking for one is transcribed by upstream.
 SEQUENTIAL_ONLY = ("clip_timestamps", "hallucination_silence_threshold")
@@ -72,21 +81,64 @@ def transcribe_chunked(model: WhisperRope, audio: np.ndarray, batch_size: int = 
         language=language,
         task=options.get("task", "transcribe"),
     )
-    windows = [first_transcription_window(chunk.audio(audio), model.dims.n_mels) for chunk in chunks]
-    order = sorted(range(len(chunks)), key=lambda i: windows[i][1])  # by length: unpadded batches pad little
-    segments: List[List[dict]] = [[] for _ in chunks]
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        mels = torch.stack([windows[i][0] for i in batch])
-        for i, result in zip(batch, _decode_with_fallback(model, mels, language, options)):
-            if not _is_silence(result, options):
-                segments[i] = _chunk_segments(model, tokenizer, chunks[i], windows[i], result, options)
-    flat = [segment for chunk_segments in segments for segment in chunk_segments]
+    segments: List[dict] = []
+    for _ in range(1 + MAX_TAIL_PASSES):
+        tails = _decode_pass(model, tokenizer, audio, chunks, segments, language, batch_size, options)
+        if not tails:
+            break
+        # The tails of all chunks are packed together like speech spans: a few windows, not one per tail.
+        chunks = pack_chunks(sorted(span for tail in tails for span in tail.spans))
+    flat = sorted(segments, key=lambda segment: segment["start"])  # chunks never overlap in time
     for number, segment in enumerate(flat):
         segment["id"] = number
         if options.get("verbose"):
             print(f"[{format_timestamp(segment['start'])} --> {format_timestamp(segment['end'])}] {segment['text']}")
     return {"text": "".join(segment["text"] for segment in flat), "segments": flat, "language": language}
+
+
+def _decode_pass(
+    model: WhisperRope,
+    tokenizer: Tokenizer,
+    audio: np.ndarray,
+    chunks: List[SpeechChunk],
+    segments: List[dict],
+    language: str,
+    batch_size: int,
+    options: Dict[str, Any],
+) -> List[SpeechChunk]:
+    """Decode ``chunks`` in batches, append their segments to ``segments``, and return the untranscribed tails
+    (`_untranscribed_tail`) to decode next."""
+    windows = [first_transcription_window(chunk.audio(audio), model.dims.n_mels) for chunk in chunks]
+    order = sorted(range(len(chunks)), key=lambda i: windows[i][1])  # by length: unpadded batches pad little
+    tails = []
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        mels = torch.stack([windows[i][0] for i in batch])
+        for i, result in zip(batch, _decode_with_fallback(model, mels, language, options)):
+            if _is_silence(result, options):
+                continue
+            segments.extend(_chunk_segments(model, tokenizer, chunks[i], windows[i], result, options))
+            tail = _untranscribed_tail(chunks[i], result, tokenizer)
+            if tail is not None:
+                tails.append(tail)
+    return tails
+
+
+def _untranscribed_tail(chunk: SpeechChunk, result: DecodingResult, tokenizer: Tokenizer) -> Optional[SpeechChunk]:
+    """The audio after the chunk's last closed segment when the decoder ended the text (end of text after a
+    timestamp) at least `MIN_TAIL_SECONDS` before the chunk's end, else None.
+
+    Upstream's sequential loop resumes the next window at such a timestamp; a chunk has no next window, so its tail
+    becomes a chunk of its own. A decoding that stopped inside a segment (token cap) or without timestamps leaves no
+    tail: that segment already closes at the chunk's end.
+    """
+    tokens = result.tokens
+    if not tokens or tokens[-1] < tokenizer.timestamp_begin:
+        return None
+    end = (tokens[-1] - tokenizer.timestamp_begin) * SECONDS_PER_TIMESTAMP
+    if end <= 0 or chunk.duration - end < MIN_TAIL_SECONDS:
+        return None
+    return chunk.after(end)
 
 
 def _language(model: WhisperRope, audio: np.ndarray, chunks: Sequence[SpeechChunk], options: Dict[str, Any]) -> str:

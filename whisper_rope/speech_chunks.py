@@ -25,7 +25,7 @@ Shapes and units: audio (n_samples,) float32 at 16 kHz; spans are (start, end) s
 import functools
 import warnings
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -121,6 +121,19 @@ class SpeechChunk:
                 return (start + min(max(position - offset, 0), length)) / SAMPLE_RATE
             offset += length
         raise AssertionError("unreachable: the last span returns")
+
+    def after(self, seconds: float) -> Optional["SpeechChunk"]:
+        """The chunk's audio from ``seconds`` (from its start) on, as a chunk of its own; None if nothing is left.
+        The span holding that time is cut there; the spans after it are kept whole."""
+        position = max(round(seconds * SAMPLE_RATE), 0)
+        kept: List[Span] = []
+        offset = 0
+        for start, end in self.spans:
+            length = end - start
+            if offset + length > position:
+                kept.append((start + max(position - offset, 0), end))
+            offset += length
+        return SpeechChunk(tuple(kept)) if kept else None
 
 
 def pack_chunks(spans: Sequence[Span], max_samples: int = CHUNK_SAMPLES) -> List[SpeechChunk]:
