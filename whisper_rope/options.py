@@ -158,8 +158,9 @@ def _add_field(parser: argparse.ArgumentParser, spec: dataclasses.Field, kind: t
     shown = _default(spec)  # the value an option left out takes, whether or not ``defaults`` sets it here
     if shown is not None and shown != [] and not positional and "default" not in options["help"].lower():
         options["help"] += f" (default: {shown})".replace("%", "%%")
-    if _expander(kind):
-        meta["type"] = _expander(kind)  # no shell expands the ~ of --option=~/x, nor one a program passes on
+    expand = _expander(kind)
+    if expand is not None:
+        meta["type"] = expand  # no shell expands the ~ of --option=~/x, nor one a program passes on
     if positional:
         options.update(type=meta.pop("type", kind), **meta)
         parser.add_argument(spec.name, **options)
