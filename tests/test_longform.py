@@ -14,7 +14,7 @@ from whisper.tokenizer import get_tokenizer
 import whisper_rope
 from whisper_rope import cli, longform
 from whisper_rope.audio import load_audio
-from whisper_rope.longform import split_at_timestamps, transcribe_chunked
+from whisper_rope.longform import split_at_timestamps, transcribe_chunked, transcribe_recordings
 from whisper_rope.speech_chunks import SpeechChunk, pack_chunks, speech_spans
 from whisper_rope.transcribe import transcribe_many
 
@@ -155,6 +155,50 @@ def test_a_chunk_whose_text_ends_early_is_decoded_again_from_there(monkeypatch):
     monkeypatch.setattr(longform, "MAX_TAIL_PASSES", 1)
     transcribe_chunked(model, np.zeros(200_000, dtype=np.float32), language="en", temperature=0.0)
     assert decoded == [10.0, 6.0]
+
+
+def test_the_chunks_and_tails_of_several_recordings_share_batches(monkeypatch):
+    """Chunks of different recordings are decoded side by side (shortest first), so are their tails, and each
+    recording's segments are what it gets alone; recordings of different languages never share a batch."""
+    tokenizer = get_tokenizer(False)
+    ts, word = tokenizer.timestamp_begin, tokenizer.encode(" hello")
+    first, second = SpeechChunk(((16_000, 176_000),)), SpeechChunk(((32_000, 160_000),))  # 10 s at 1 s, 8 s at 2 s
+    monkeypatch.setattr(longform, "speech_chunks", lambda audio: [first] if len(audio) == 200_000 else [second])
+    answers = {
+        10.0: [ts, *word, ts + 200],  # ends at 4 s: a 6-s tail
+        8.0: [ts, *word, ts + 150],  # ends at 3 s: a 5-s tail
+        6.0: [ts, *word, ts + 300],
+        5.0: [ts, *word, ts + 250],
+    }
+    calls = []
+
+    def window_holding_its_duration(audio, n_mels):
+        return torch.full((n_mels, 3000), len(audio) / SAMPLE_RATE), len(audio) // 160
+
+    def fake_decode(model, mels, language, options):
+        calls.append([round(float(mel[0, 0]), 1) for mel in mels])
+        return [DecodingResult(audio_features=None, language=language, tokens=answers[d]) for d in calls[-1]]
+
+    monkeypatch.setattr(longform, "first_transcription_window", window_holding_its_duration)
+    monkeypatch.setattr(longform, "_decode_with_fallback", fake_decode)
+    model = whisper_rope.build_model(small_dims(), "whisper")
+    recordings = [np.zeros(200_000, dtype=np.float32), np.zeros(300_000, dtype=np.float32)]
+    options = dict(language="en", temperature=0.0)
+    results = transcribe_recordings(model, recordings, batch_size=8, **options)
+    assert calls == [[8.0, 10.0], [5.0, 6.0]]  # two decodes for two recordings and their tails (was four)
+    assert [(s["start"], s["end"]) for s in results[0]["segments"]] == [(1.0, 5.0), (5.0, 11.0)]
+    assert [(s["start"], s["end"]) for s in results[1]["segments"]] == [(2.0, 5.0), (5.0, 10.0)]
+    for recording, together in zip(recordings, results):
+        assert transcribe_chunked(model, recording, **options) == together
+
+    calls.clear()
+    transcribe_recordings(model, recordings, batch_size=1, **options)
+    assert calls == [[8.0], [10.0], [5.0], [6.0]]
+
+    calls.clear()
+    monkeypatch.setattr(longform, "_language", lambda model, audio, chunks, options: "de" if len(audio) > 2e5 else "en")
+    results = transcribe_recordings(model, recordings, batch_size=8, temperature=0.0)
+    assert calls == [[10.0], [8.0], [6.0], [5.0]] and [r["language"] for r in results] == ["en", "de"]
 
 
 def test_split_at_timestamps_turns_timestamp_pairs_into_segments():

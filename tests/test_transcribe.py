@@ -8,6 +8,7 @@ import torch
 
 import whisper_rope
 from whisper_rope import cli
+from whisper_rope import transcribe as transcribe_module
 from whisper_rope.audio import load_audio
 from whisper_rope.decoding import BatchDecodingTask
 from whisper_rope.longform import transcribe_chunked
@@ -99,6 +100,27 @@ def test_transcribe_many_unpadded_word_timestamps_and_long_clips(speech, monkeyp
     for ours, theirs in zip(batched[:3] + batched[4:], alone):
         _assert_same_results(ours, theirs)
     _assert_same_results(batched[3], chunked)
+
+
+def test_transcribe_many_decodes_long_recordings_together_within_a_memory_bound(speech, monkeypatch):
+    calls = []
+
+    def recorded(model, audios, batch_size, **options):
+        calls.append([len(audio) // 16000 for audio in audios])
+        return [{"text": f"{len(audio) // 16000} s"} for audio in audios]
+
+    monkeypatch.setattr(transcribe_module, "transcribe_recordings", recorded)
+    model = random_rotary()
+    seconds = [40, 50, 35]
+    clips = [np.zeros(s * 16000, dtype=np.float32) for s in seconds[:2]] + [speech[0], np.zeros(35 * 16000)]
+    results = transcribe_many(model, clips, batch_size=8, temperature=0.0, fp16=False, sample_len=2)
+    assert calls == [seconds]  # one call for the three long recordings; the short clip decoded on its own
+    assert [r["text"] for r in results[:2] + results[3:]] == ["40 s", "50 s", "35 s"] and "segments" in results[2]
+
+    calls.clear()
+    monkeypatch.setattr(transcribe_module, "_LONG_AUDIO_HELD", 90 * 16000)
+    transcribe_many(model, clips, batch_size=8, temperature=0.0, fp16=False, sample_len=2)
+    assert calls == [[40, 50], [35]]  # a third recording would exceed the samples held: the first two go first
 
 
 def test_transcribe_many_redecodes_failed_clips_alone_at_the_next_temperature(speech, monkeypatch):

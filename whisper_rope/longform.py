@@ -4,7 +4,8 @@ Upstream's ``transcribe`` walks a long recording window by window, each window s
 last complete segment ended and conditioned on its text: strictly one window at a time. Here the recording is cut
 at pauses first (`speech_chunks`, a voice-activity detector), the chunks are decoded ``batch_size`` at a time with
 `WhisperRope.decode` (an unpadded model encodes each chunk at its own length), and each chunk's timestamp tokens
-become segments whose times are mapped back to the recording. What differs from upstream, by design:
+become segments whose times are mapped back to the recording. Several recordings (`transcribe_recordings`) share
+batches: a few short recordings fill them as one long one does. What differs from upstream, by design:
 
 * chunks are independent: no chunk is conditioned on the previous chunk's text (``condition_on_previous_text`` is
   ignored; an ``initial_prompt`` is given to every chunk); silence between speech spans is not decoded;
@@ -13,11 +14,13 @@ become segments whose times are mapped back to the recording. What differs from 
 * a chunk whose decoding stops inside a segment (token cap) closes that segment at the chunk's end;
 * a chunk whose text ends (end of text after a timestamp) well before its audio does is decoded again from its last
   timestamp, the way upstream resumes its next window there (`MIN_TAIL_SECONDS`, `MAX_TAIL_PASSES`); the tails of
-  all chunks are packed into chunks of their own, so a pass of tails costs a few windows.
+  a recording's chunks are packed into chunks of their own, and those of all recordings share batches, so a pass
+  of tails costs a few windows.
 
 Word timestamps use upstream's alignment (`whisper.timing.add_word_timestamps`) on each chunk's own frames.
 """
 
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -33,7 +36,7 @@ from .model import WhisperRope
 from .speech_chunks import SpeechChunk, pack_chunks, speech_chunks
 from .transcribe_options import transcribe_dtype, window_decoding_options
 
-__all__ = ["split_at_timestamps", "supports", "transcribe_chunked"]
+__all__ = ["split_at_timestamps", "supports", "transcribe_chunked", "transcribe_recordings"]
 
 SECONDS_PER_TIMESTAMP = 0.02
 
@@ -68,11 +71,62 @@ def transcribe_chunked(model: WhisperRope, audio: np.ndarray, batch_size: int = 
     recording, ``text``, ``tokens``, ``temperature``, ``avg_logprob``, ``compression_ratio``, ``no_speech_prob``,
     and ``words`` with word timestamps) and ``language``.
     """
+    return transcribe_recordings(model, [audio], batch_size, **options)[0]
+
+
+def transcribe_recordings(
+    model: WhisperRope, recordings: Sequence[np.ndarray], batch_size: int = 8, **options: Any
+) -> List[dict]:
+    """`transcribe_chunked` of several recordings at once: the speech chunks of all of them (of one language)
+    share batches, and so do their tails, so that a few short recordings fill batches as one long one does.
+
+    Returns one result dict per recording, in order; each is what `transcribe_chunked` gives that recording alone,
+    up to the floating-point rounding of a different batch.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive number of chunks, got {batch_size}")
     if not supports(options):
         raise ValueError(f"batched long-form transcription does not support {', '.join(SEQUENTIAL_ONLY)}")
-    audio = np.asarray(audio, dtype=np.float32).reshape(-1)
+    states, pieces = [], []
+    for audio in recordings:
+        state = _recording(model, np.asarray(audio, dtype=np.float32).reshape(-1), options)
+        states.append(state)
+        pieces += [_Piece(state, chunk) for chunk in state.chunks]
+    for _ in range(1 + MAX_TAIL_PASSES):
+        tails = _decode_pass(model, pieces, batch_size, options)
+        if not tails:
+            break
+        # The tails of a recording are packed together like speech spans: a few windows, not one per tail.
+        pieces = [
+            _Piece(state, chunk)
+            for state in states
+            for chunk in pack_chunks(
+                sorted(span for tail in tails if tail.recording is state for span in tail.chunk.spans)
+            )
+        ]
+    return [_result(state, options) for state in states]
+
+
+@dataclass
+class _Recording:
+    """A recording being transcribed: its audio, speech chunks, language, and the segments decoded so far."""
+
+    audio: np.ndarray  # (n_samples,) float32, 16 kHz
+    chunks: List[SpeechChunk]
+    language: str
+    tokenizer: Tokenizer
+    segments: List[dict] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """A chunk of one recording, waiting for its decode."""
+
+    recording: _Recording
+    chunk: SpeechChunk
+
+
+def _recording(model: WhisperRope, audio: np.ndarray, options: Dict[str, Any]) -> _Recording:
     chunks = speech_chunks(audio)
     language = _language(model, audio, chunks, options)
     tokenizer = get_tokenizer(
@@ -81,46 +135,38 @@ def transcribe_chunked(model: WhisperRope, audio: np.ndarray, batch_size: int = 
         language=language,
         task=options.get("task", "transcribe"),
     )
-    segments: List[dict] = []
-    for _ in range(1 + MAX_TAIL_PASSES):
-        tails = _decode_pass(model, tokenizer, audio, chunks, segments, language, batch_size, options)
-        if not tails:
-            break
-        # The tails of all chunks are packed together like speech spans: a few windows, not one per tail.
-        chunks = pack_chunks(sorted(span for tail in tails for span in tail.spans))
-    flat = sorted(segments, key=lambda segment: segment["start"])  # chunks never overlap in time
+    return _Recording(audio, chunks, language, tokenizer)
+
+
+def _result(recording: _Recording, options: Dict[str, Any]) -> dict:
+    """Upstream's result dict of a decoded recording: its segments in time order, numbered."""
+    flat = sorted(recording.segments, key=lambda segment: segment["start"])  # chunks never overlap in time
     for number, segment in enumerate(flat):
         segment["id"] = number
         if options.get("verbose"):
             print(f"[{format_timestamp(segment['start'])} --> {format_timestamp(segment['end'])}] {segment['text']}")
-    return {"text": "".join(segment["text"] for segment in flat), "segments": flat, "language": language}
+    return {"text": "".join(segment["text"] for segment in flat), "segments": flat, "language": recording.language}
 
 
-def _decode_pass(
-    model: WhisperRope,
-    tokenizer: Tokenizer,
-    audio: np.ndarray,
-    chunks: List[SpeechChunk],
-    segments: List[dict],
-    language: str,
-    batch_size: int,
-    options: Dict[str, Any],
-) -> List[SpeechChunk]:
-    """Decode ``chunks`` in batches, append their segments to ``segments``, and return the untranscribed tails
-    (`_untranscribed_tail`) to decode next."""
-    windows = [first_transcription_window(chunk.audio(audio), model.dims.n_mels) for chunk in chunks]
-    order = sorted(range(len(chunks)), key=lambda i: windows[i][1])  # by length: unpadded batches pad little
+def _decode_pass(model: WhisperRope, pieces: List[_Piece], batch_size: int, options: Dict[str, Any]) -> List[_Piece]:
+    """Decode ``pieces`` in batches of one language, shortest first (unpadded batches then pad little), add their
+    segments to their recordings, and return the untranscribed tails (`_untranscribed_tail`) to decode next."""
     tails = []
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        mels = torch.stack([windows[i][0] for i in batch])
-        for i, result in zip(batch, _decode_with_fallback(model, mels, language, options)):
-            if _is_silence(result, options):
-                continue
-            segments.extend(_chunk_segments(model, tokenizer, chunks[i], windows[i], result, options))
-            tail = _untranscribed_tail(chunks[i], result, tokenizer)
-            if tail is not None:
-                tails.append(tail)
+    for language in dict.fromkeys(piece.recording.language for piece in pieces):
+        ordered = sorted((p for p in pieces if p.recording.language == language), key=lambda p: p.chunk.n_samples)
+        for start in range(0, len(ordered), batch_size):
+            batch = ordered[start : start + batch_size]
+            # Windows are built per batch: the mels of a whole pass of long recordings would be large.
+            windows = [first_transcription_window(p.chunk.audio(p.recording.audio), model.dims.n_mels) for p in batch]
+            mels = torch.stack([mel for mel, _ in windows])
+            for piece, window, result in zip(batch, windows, _decode_with_fallback(model, mels, language, options)):
+                if _is_silence(result, options):
+                    continue
+                recording = piece.recording
+                recording.segments += _chunk_segments(model, recording.tokenizer, piece.chunk, window, result, options)
+                tail = _untranscribed_tail(piece.chunk, result, recording.tokenizer)
+                if tail is not None:
+                    tails.append(_Piece(recording, tail))
     return tails
 
 

@@ -7,9 +7,10 @@ further windows, word timestamps, segments, the result dict) is upstream's own c
 `transcribe` alone returns. A clip whose batched result fails the thresholds is re-decoded by `transcribe` itself at
 the next temperature, alone, as upstream does it; so are any later windows.
 
-Recordings longer than 30 s are cut at pauses into speech chunks that are decoded in batches (`longform`): faster,
-but not upstream's window-by-window result (no chunk is conditioned on the previous one's text). Options only
-upstream's loop honours (``clip_timestamps``, ``hallucination_silence_threshold``) send them through upstream's
+Recordings longer than 30 s are cut at pauses into speech chunks that are decoded in batches (`longform`), the
+chunks of the long recordings among the inputs side by side (at most `_LONG_AUDIO_HELD` of audio held at once):
+faster, but not upstream's window-by-window result (no chunk is conditioned on the previous one's text). Options
+only upstream's loop honours (``clip_timestamps``, ``hallucination_silence_threshold``) send them through upstream's
 `transcribe` instead.
 
 Batches are formed from clips sorted by length (within a read-ahead of a few batches, so that memory stays bounded
@@ -22,13 +23,13 @@ Results agree with one-by-one `transcribe` to floating-point rounding: texts, to
 
 import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor
-from whisper.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES
+from whisper.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE
 from whisper.decoding import DecodingOptions, DecodingResult
 from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
 from whisper.transcribe import transcribe as upstream_transcribe
@@ -36,7 +37,7 @@ from whisper.utils import optional_float, optional_int
 
 from .audio import load_audio
 from .features import first_transcription_window, language_window
-from .longform import supports, transcribe_chunked
+from .longform import supports, transcribe_recordings
 from .model import WhisperRope
 from .options import PathText, opt
 from .transcribe_options import transcribe_dtype, window_decoding_options
@@ -49,6 +50,8 @@ AudioInput = Union[str, "os.PathLike[str]", np.ndarray, Tensor]
 # Clips read ahead and sorted by length before they are cut into batches: an unpadded encoder then encodes little
 # padding, while only this many batches of audio are held in memory at once.
 _SORTED_BATCHES = 4
+# Samples of long recordings held at once to share batches of speech chunks (an hour, 230 MB as float32).
+_LONG_AUDIO_HELD = 3600 * SAMPLE_RATE
 
 
 @dataclass
@@ -69,7 +72,7 @@ def transcribe_many(
     **transcribe_options: Any,
 ) -> List[dict]:
     """Transcribe several clips, decoding the clips of at most 30 s in batches, and the speech chunks of longer
-    recordings in batches too (`longform.transcribe_chunked`).
+    recordings in batches too, several recordings' chunks side by side (`longform.transcribe_recordings`).
 
     Args:
         model: a `WhisperRope` (any variant; an unpadded one batches clips of different lengths too).
@@ -90,24 +93,48 @@ def transcribe_many(
     chunk = batch_size * _SORTED_BATCHES
     for start in range(0, len(audio), chunk):
         clips: List[_Clip] = []
+        recordings = _LongRecordings(model, batch_size, transcribe_options, results)
         for index in range(start, min(start + chunk, len(audio))):
             item = audio[index]
             waveform = load_audio(item) if isinstance(item, (str, os.PathLike)) else item
             clip = _first_window(model, index, waveform) if batchable else None
-            if clip is None:
-                results[index] = _transcribe_alone(model, waveform, batch_size, transcribe_options)
-            else:
+            if clip is not None:
                 clips.append(clip)
+            elif len(waveform) > N_SAMPLES and supports(transcribe_options):
+                recordings.add(index, waveform)
+            else:  # empty, or options only upstream's loop honours
+                results[index] = upstream_transcribe(model, waveform, **transcribe_options)
+        recordings.transcribe()
         _transcribe_clips(model, clips, batch_size, transcribe_options, results)
     return results
 
 
-def _transcribe_alone(model: WhisperRope, audio: AudioInput, batch_size: int, options: Dict[str, Any]) -> dict:
-    """A clip that is not a single first window: longer than 30 s, batched speech chunks (`longform`) when its
-    options allow; otherwise (empty, or options only upstream's loop honours) upstream's `transcribe`."""
-    if len(audio) > N_SAMPLES and supports(options):
-        return transcribe_chunked(model, audio, batch_size, **options)
-    return upstream_transcribe(model, audio, **options)
+@dataclass
+class _LongRecordings:
+    """Recordings longer than one window, held until `transcribe` decodes their speech chunks together
+    (`longform.transcribe_recordings`): the chunks of several recordings fill batches that each alone would not.
+    At most `_LONG_AUDIO_HELD` samples are held; more are transcribed first."""
+
+    model: WhisperRope
+    batch_size: int
+    options: Dict[str, Any]
+    results: List[Optional[dict]]
+    held: List[Tuple[int, Union[np.ndarray, Tensor]]] = field(default_factory=list)
+
+    def add(self, index: int, audio: Union[np.ndarray, Tensor]) -> None:
+        if self.held and sum(len(a) for _, a in self.held) + len(audio) > _LONG_AUDIO_HELD:
+            self.transcribe()
+        self.held.append((index, audio))
+
+    def transcribe(self) -> None:
+        if not self.held:
+            return
+        audios = [np.asarray(audio, dtype=np.float32) for _, audio in self.held]
+        for (index, _), result in zip(
+            self.held, transcribe_recordings(self.model, audios, self.batch_size, **self.options)
+        ):
+            self.results[index] = result
+        self.held = []
 
 
 def _transcribe_clips(
@@ -249,7 +276,8 @@ class TranscribeOptions:
         1,
         "decode up to this many files of at most 30 s together (same results as one by one), and cut longer "
         "files at pauses (voice-activity detection) into chunks of at most 25 s of speech decoded this many "
-        "at a time (faster; chunks are not conditioned on each other's text); 1: upstream's window-by-window loop",
+        "at a time, the chunks of several files together (faster; chunks are not conditioned on each other's "
+        "text); 1: upstream's window-by-window loop",
     )
     clip_timestamps: str = opt("0", "comma-separated start,end,... seconds of the spans to transcribe")
     hallucination_silence_threshold: Optional[float] = opt(
