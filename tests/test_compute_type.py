@@ -11,7 +11,14 @@ from whisper.normalizers import EnglishTextNormalizer
 import whisper_rope
 from whisper_rope import cli
 from whisper_rope.audio import load_audio
-from whisper_rope.compute_type import Int8Linear, apply_compute_type, quantize_int8, resolve_compute_type
+from whisper_rope.compute_type import (
+    PER_CLIP,
+    PER_ROW,
+    Int8Linear,
+    apply_compute_type,
+    quantize_int8,
+    resolve_compute_type,
+)
 
 from .conftest import FIXTURES, MIXED_VARIANTS, randomise_
 
@@ -27,6 +34,39 @@ def test_int8_linear_is_close_to_the_float_product():
     # 8-bit weights and 7-bit activations: about 1 % of the output's range, far below it.
     assert 0 < error < 0.02 * expected.abs().max().item()
     assert q(x).shape == (7, 3, 200) and q.state_dict() == {}
+
+
+def test_an_int8_row_or_clip_does_not_depend_on_its_batch_mates():
+    """One activation scale per row (decoder) or per clip (encoder): a loud neighbour leaves the result bit for bit;
+    the kernel's own scale per call would not."""
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 200)
+    rows = torch.randn(5, 96)
+    loud = torch.cat([rows, 100 * torch.randn(3, 96)])
+    per_row = Int8Linear(linear.weight, linear.bias, PER_ROW)
+    assert torch.equal(per_row(loud)[:5], per_row(rows))
+    clips = torch.randn(2, 30, 96)
+    per_clip = Int8Linear(linear.weight, linear.bias, PER_CLIP)
+    assert torch.equal(per_clip(torch.cat([clips, 100 * clips[:1]]))[:2], per_clip(clips))
+    assert torch.equal(per_clip(clips)[1], per_clip(clips[1:])[0])
+    # The same kernel with one scale per call rounds the quiet rows on the loud rows' grid.
+    kernel = torch.ops.quantized.linear_dynamic
+    assert not torch.equal(kernel(loud, per_clip._packed, True)[:5], kernel(rows, per_clip._packed, True))
+    with pytest.raises(ValueError, match="activation_scale must be 'row' or 'clip', got 'tensor'"):
+        Int8Linear(linear.weight, activation_scale="tensor")
+
+
+def test_int8_decoding_gives_a_clip_what_it_gets_alone_beside_a_loud_clip(dims):
+    model = quantize_int8(randomise_(whisper_rope.build_model(dims, "whisper")).eval())
+    torch.manual_seed(1)
+    mel = torch.randn(2, 80, 2 * dims.n_audio_ctx)
+    mel[1] *= 30
+    options = whisper.DecodingOptions(language="en", fp16=False, sample_len=6, without_timestamps=True)
+    for beam in (None, 3):
+        together = model.decode(mel, whisper.DecodingOptions(**{**options.__dict__, "beam_size": beam}))[0]
+        alone = model.decode(mel[0], whisper.DecodingOptions(**{**options.__dict__, "beam_size": beam}))
+        assert together.tokens == alone.tokens
+        assert together.avg_logprob == pytest.approx(alone.avg_logprob, abs=1e-5)
 
 
 @pytest.mark.parametrize("variant", ALL_VARIANTS)

@@ -17,11 +17,12 @@ are refused in one line: half precision stays upstream's ``fp16`` decoding optio
 CUDA), and PyTorch's int8 kernels used here exist for the CPU only.
 
 Kernels: PyTorch's own dynamic quantization, ``quantized::linear_dynamic`` (fbgemm on x86 CPUs, the ``x86``
-quantized engine): weights quantised once, symmetric per output channel; activations quantised per call, one
-scale per tensor, products accumulated in int32 and returned in fp32. The output projection is not an ``nn.Linear``
-upstream (``h @ token_embedding.weight.T``), so the decoder gets an `Int8Linear` of the tied embedding as its
-``output_projection``; the embedding itself stays fp32 for token lookups. On one decoding step of tiny.en that
-projection streams 20 MB instead of 80 MB.
+quantized engine): weights quantised once, symmetric per output channel; activations quantised to 7 bits per call,
+products accumulated in int32 and returned in fp32. The kernel gives a call one activation scale; `Int8Linear`
+makes that one scale per token in the decoder and one per clip in the encoder (see "Batches" below). The output
+projection is not an ``nn.Linear`` upstream (``h @ token_embedding.weight.T``), so the decoder gets an `Int8Linear`
+of the tied embedding as its ``output_projection``; the embedding itself stays fp32 for token lookups. On one
+decoding step of tiny.en that projection streams 20 MB instead of 80 MB.
 
 Cross-attention in int8 decoding: each decoding step reads every clip's audio keys and values (tiny.en: 4 layers x
 2 x 1500 x 384 fp32 = 18 MB per clip), through a strided per-head view in upstream's cache layout; that read was the
@@ -33,8 +34,13 @@ PyTorch has marked these quantized-tensor kernels deprecated in favour of torcha
 slower than fp32 on this CPU without ``torch.compile`` (benchmarks/README.md); the tests exercise these kernels, so
 their removal fails loudly.
 
-Because an activation scale covers a whole call, a clip decoded in a batch sees slightly different rounding than the
-same clip decoded alone (fp32 batches give the same tokens; int8 batches may, rarely, not).
+Batches: with the kernel's one scale per call, every clip of a batch was rounded on a grid set by the loudest
+activations of all of them, so a recording's transcript changed with the recordings it was batched with (on the
+benchmark's 325-s long-form set, beam 5 went from 30 to 45 word errors when its five recordings shared batches).
+CTranslate2 quantises activations per row; here the decoder's layers and output projection use one scale per
+token and the encoder's layers and the cross-attention keys and values one scale per clip, so that a clip's int8
+result does not depend on its batch (design invariant 10), and costs no more than the scale per call on beam search
+(the per-token rescaling is a few small operations per layer).
 
 An int8 model holds no fp32 ``Linear`` weights: it cannot be trained or saved (`save_checkpoint` refuses it).
 """
@@ -81,35 +87,70 @@ def resolve_compute_type(compute_type: str, device: "str | torch.device") -> str
     return resolved
 
 
+PER_ROW = "row"
+PER_CLIP = "clip"
+
+
 class Int8Linear(nn.Module):
     """``x @ weight.T + bias`` with ``weight`` in int8 (symmetric, one scale per output row) and ``x`` quantised to
-    8 bits per call; int32 accumulation, fp32 result.
+    7 bits per call; int32 accumulation, fp32 result.
 
     weight: (out_features, in_features); bias: (out_features,) or None. x: (..., in_features) ->
     (..., out_features) in x's dtype. The packed weight is no parameter or buffer: it never enters a state dict.
+
+    activation_scale: how ``x`` is quantised; either way a row's result does not depend on the other rows of a
+    batch (the module docstring says why that matters).
+
+    * `PER_ROW` (decoder layers): one scale per row (token). Each row is divided by its largest magnitude before the
+      kernel, whose one scale per call then covers [-1, 1] for every call (a fixed row holding 1 and -1 is appended
+      to pin it), and the result is multiplied back. Five small operations per call instead of one.
+    * `PER_CLIP` (encoder layers, cross-attention keys and values): one scale per clip, ``x[i]`` of a (batch, frames,
+      in_features) input, one kernel call each; cheap where rows are many and long (a whole clip's frames). In an
+      unpadded batch the scale also covers the clip's padding frames.
     """
 
-    def __init__(self, weight: Tensor, bias: Optional[Tensor] = None):
+    def __init__(self, weight: Tensor, bias: Optional[Tensor] = None, activation_scale: str = PER_ROW):
         super().__init__()
+        if activation_scale not in (PER_ROW, PER_CLIP):
+            raise ValueError(f"activation_scale must be {PER_ROW!r} or {PER_CLIP!r}, got {activation_scale!r}")
         weight = weight.detach().float().cpu()
         self.out_features, self.in_features = weight.shape
+        self.activation_scale = activation_scale
         scales = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-12).double()
         zero_points = torch.zeros(self.out_features, dtype=torch.long)
         with warnings.catch_warnings():
             # PyTorch marks quantized-tensor creation deprecated (module docstring); the packed weight is all we keep.
             warnings.filterwarnings("ignore", message=".*quantized tensor creation functions", category=UserWarning)
             quantised = torch.quantize_per_channel(weight, scales, zero_points, 0, torch.qint8)
-        self._packed = torch.ops.quantized.linear_prepack(quantised, None if bias is None else bias.detach().float())
+        bias = None if bias is None else bias.detach().float().cpu()
+        # Per row the bias is added after the rescaling (`torch.addcmul`), so the kernel gets none.
+        self._packed = torch.ops.quantized.linear_prepack(quantised, bias if activation_scale == PER_CLIP else None)
+        self._bias = bias
+        self._pin = torch.zeros(1, self.in_features)
+        self._pin[0, :2] = torch.tensor([1.0, -1.0])
 
     def forward(self, x: Tensor) -> Tensor:
-        # reduce_range=True: 7-bit activations, the setting PyTorch uses for x86 dynamic quantization, so that the
-        # u8 x s8 pair sums of the fbgemm kernels cannot saturate on CPUs without VNNI.
-        flat = x.reshape(-1, self.in_features).float()
-        out = torch.ops.quantized.linear_dynamic(flat, self._packed, True)
+        if self.activation_scale == PER_CLIP and x.dim() == 3:
+            out = torch.stack([self._product(clip.float()) for clip in x])
+        else:
+            out = self._per_row(x.reshape(-1, self.in_features).float())
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
+    def _product(self, flat: Tensor) -> Tensor:
+        # reduce_range=True: 7-bit activations, the setting PyTorch uses for x86 dynamic quantization, so that the
+        # u8 x s8 pair sums of the fbgemm kernels cannot saturate on CPUs without VNNI.
+        return torch.ops.quantized.linear_dynamic(flat, self._packed, True)
+
+    def _per_row(self, flat: Tensor) -> Tensor:
+        """(rows, in_features) -> (rows, out_features), one activation scale per row."""
+        if self.activation_scale == PER_CLIP:  # a clip given as one matrix
+            return self._product(flat)
+        peak = flat.abs().amax(dim=1, keepdim=True).clamp_(min=1e-30)  # 9x faster than vector_norm(ord=inf)
+        out = self._product(torch.cat([flat / peak, self._pin]))[:-1]
+        return out.mul_(peak) if self._bias is None else torch.addcmul(self._bias, out, peak)
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per {self.activation_scale}"
 
 
 def audio_kv_dtype() -> torch.dtype:
@@ -128,10 +169,14 @@ def quantize_int8(model: WhisperRope) -> WhisperRope:
     """
     if model.device.type != "cpu":
         raise ValueError(f"int8 compute runs on the CPU only; the model is on {model.device}")
+    per_clip = {*model.encoder.modules()} | {
+        projection for block in model.decoder.blocks for projection in (block.cross_attn.key, block.cross_attn.value)
+    }  # inputs of a whole clip's frames
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(module, name, Int8Linear(child.weight, child.bias))
+                scale = PER_CLIP if child in per_clip else PER_ROW
+                setattr(module, name, Int8Linear(child.weight, child.bias, scale))
     model.decoder.output_projection = Int8Linear(model.decoder.token_embedding.weight)
     model.decoder.audio_kv_dtype = audio_kv_dtype()
     model.compute_type = INT8
