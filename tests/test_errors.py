@@ -42,3 +42,59 @@ def test_after_an_interrupt_the_hook_stays_for_the_exiting_process(monkeypatch):
     with pytest.raises(ValueError):
         with quiet_worker_disconnects():
             raise ValueError("bad input")
+
+
+def _warns_then(outcome):
+    def run():
+        import warnings
+
+        warnings.warn("three NaN samples\nbecame silence", stacklevel=1)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    return run
+
+
+@pytest.mark.parametrize(
+    "outcome, status, error_line",
+    [
+        (0, 0, None),
+        (1, 1, None),  # the command's own status (transcribe: some file failed)
+        (ValueError("--beam_size must be\n a positive number"), 2, "--beam_size must be a positive number"),
+        (FileNotFoundError("no such file: a.wav"), 2, "no such file: a.wav"),
+        (KeyboardInterrupt(), 130, "interrupted"),
+    ],
+)
+def test_every_entry_point_reports_warnings_and_errors_in_one_line_each(capsys, outcome, status, error_line):
+    import warnings
+
+    from whisper_rope.errors import run_command
+
+    previous = warnings.formatwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):  # Python's, which pytest replaces
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        assert run_command(_warns_then(outcome)) == status
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "whisper-rope: warning: three NaN samples became silence"
+    assert lines[1:] == ([] if error_line is None else [f"whisper-rope: error: {error_line}"])
+    assert warnings.formatwarning is previous
+
+
+def test_the_standalone_entry_points_report_as_the_whisper_rope_command(tmp_path, capsys):
+    """``python -m whisper_rope.evaluate`` returns its status where ``whisper-rope evaluate`` exits with it."""
+    from whisper_rope import cli
+    from whisper_rope.evaluation.evaluate import main
+
+    args = ["--model", str(tmp_path / "missing.pt"), "--data", str(tmp_path), "--no-progress", "--device", "cpu"]
+    assert main(args) == 2
+    standalone = capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["evaluate", *args])
+    assert exited.value.code == 2 and capsys.readouterr().err == standalone
+    assert standalone.startswith("whisper-rope: error: ") and standalone.count("\n") == 1

@@ -9,19 +9,18 @@ line on stderr and a non-zero exit status, never a traceback.
 """
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
 import warnings
-from typing import Callable, Dict, Iterator, List, NoReturn, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 import numpy as np
 from whisper.transcribe import transcribe
 from whisper.utils import get_writer
 
 from .audio import load_audio
-from .errors import one_line, quiet_worker_disconnects
+from .errors import BAD_INPUT, INTERRUPTED, one_line, print_error, run_command
 from .evaluation.compare import add_compare_arguments, run_compare_cli
 from .evaluation.evaluate import DESCRIPTION as EVALUATE_DESCRIPTION
 from .evaluation.evaluate import add_evaluate_arguments, run_evaluate_cli
@@ -42,8 +41,8 @@ SUBCOMMANDS = ("transcribe", "convert", "variants", "finetune", "evaluate", "com
 TRANSCRIPT_FORMATS = ("txt", "vtt", "srt", "tsv", "json")
 
 
-def _fail(message: str, status: int = 2) -> NoReturn:
-    print(f"whisper-rope: error: {message}", file=sys.stderr)
+def _fail(message: str, status: int = BAD_INPUT) -> NoReturn:
+    print_error(message)
     raise SystemExit(status)
 
 
@@ -207,24 +206,7 @@ def _transcribe_batch(model: WhisperRope, waveforms: List[np.ndarray], options: 
 
 
 def _report(what: str, error: BaseException) -> None:
-    print(f"whisper-rope: error: {what}: {one_line(error, limit=None)}", file=sys.stderr)
-
-
-@contextlib.contextmanager
-def _one_line_warnings() -> Iterator[None]:
-    """Within the block, a warning prints as ``whisper-rope: warning: MESSAGE``: one line, like the errors, instead
-    of Python's file:line header and a line of our source (a non-finite audio sample, an English-only model asked
-    for another language)."""
-    previous = warnings.formatwarning
-
-    def one_line_warning(message, category, *args, **kwargs) -> str:
-        return f"whisper-rope: warning: {one_line(message, limit=None)}\n"
-
-    warnings.formatwarning = one_line_warning
-    try:
-        yield
-    finally:
-        warnings.formatwarning = previous
+    print_error(f"{what}: {one_line(error, limit=None)}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -241,13 +223,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    try:
-        with _one_line_warnings(), quiet_worker_disconnects():
-            return commands[args.command](args)
-    except KeyboardInterrupt:
-        _fail("interrupted", 130)
-    except (ValueError, OSError, RuntimeError) as error:
-        _fail(one_line(error, limit=None))
+    status = run_command(lambda: commands[args.command](args))
+    if status in (BAD_INPUT, INTERRUPTED):
+        raise SystemExit(status)  # the way argparse and `_fail` end, so a caller sees one way of failing
+    return status
 
 
 if __name__ == "__main__":

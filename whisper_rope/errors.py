@@ -1,4 +1,5 @@
-"""Exception types raised by whisper_rope, and the one way their messages are made one line.
+"""Exception types raised by whisper_rope, the one way their messages are made one line, and the one way a command
+reports them (`run_command`).
 
 Each error carries one sentence naming the input (file, tensor, option) and what was expected.  They subclass
 ``ValueError`` so that callers who already catch bad-input errors from numpy/torch keep working, and the CLI turns
@@ -10,10 +11,15 @@ import os
 import re
 import sys
 import traceback as tb
-from typing import Iterator, Optional, Union
+import warnings
+from typing import Callable, Iterator, Optional, Union
 
 #: A file-system path as every public function accepts it.
 PathLike = Union[str, os.PathLike]
+
+#: Exit status of a command refused for bad input (argparse's for a usage error too), and of one stopped by Ctrl-C.
+BAD_INPUT = 2
+INTERRUPTED = 130
 
 # Terminal escape sequences (torch colours parts of its unsafe-pickle explanation) and other control characters.
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
@@ -96,3 +102,44 @@ def quiet_worker_disconnects() -> Iterator[None]:
         sys.excepthook = previous
         raise
     sys.excepthook = previous
+
+
+def print_error(message: str) -> None:
+    """``whisper-rope: error: MESSAGE`` on stderr, the form argparse gives a usage error."""
+    print(f"whisper-rope: error: {message}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """Within the block, a warning prints as ``whisper-rope: warning: MESSAGE``: one line, like the errors, instead
+    of Python's file:line header and a line of our source (a non-finite audio sample, an English-only model asked
+    for another language)."""
+    previous = warnings.formatwarning
+
+    def one_line_warning(message, category, *args, **kwargs) -> str:
+        return f"whisper-rope: warning: {one_line(message, limit=None)}\n"
+
+    warnings.formatwarning = one_line_warning
+    try:
+        yield
+    finally:
+        warnings.formatwarning = previous
+
+
+def run_command(run: Callable[[], int]) -> int:
+    """Run one command as every entry point does (``whisper-rope``, ``python -m whisper_rope.train|evaluate``).
+
+    Warnings print as one line each (`one_line_warnings`); a bad-input error (ValueError, OSError, RuntimeError)
+    becomes one line on stderr and status `BAD_INPUT`; Ctrl-C the line ``interrupted`` and status `INTERRUPTED`,
+    without the tracebacks of lost loader workers (`quiet_worker_disconnects`). Returns that status, or the
+    command's own.
+    """
+    try:
+        with one_line_warnings(), quiet_worker_disconnects():
+            return run()
+    except KeyboardInterrupt:
+        print_error("interrupted")
+        return INTERRUPTED
+    except (ValueError, OSError, RuntimeError) as error:
+        print_error(one_line(error, limit=None))
+        return BAD_INPUT

@@ -22,7 +22,7 @@ import sys
 import typing
 from typing import Any, Callable, Dict, List, NewType, NoReturn, Optional, Sequence, Type
 
-from .errors import one_line, quiet_worker_disconnects
+from .errors import BAD_INPUT, one_line, run_command
 from .files import user_path
 
 #: The type of an option that names a file or folder: text (``str`` at run time) whose ``~`` is expanded.
@@ -125,7 +125,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         """argparse's usage error as one line: ``whisper-rope: error: MESSAGE (see PROG --help)``, exit status 2."""
-        self.exit(2, f"whisper-rope: error: {one_line(message, limit=None)} (see {self.prog} --help)\n")
+        self.exit(BAD_INPUT, f"whisper-rope: error: {one_line(message, limit=None)} (see {self.prog} --help)\n")
 
 
 def flags(name: str) -> str:
@@ -208,16 +208,9 @@ def standalone_main(
     run: Callable[[argparse.Namespace], int],
     argv: Optional[Sequence[str]] = None,
 ) -> int:
-    """One job as its own command (``python -m whisper_rope.train``): parse, run, and turn a bad-input error into
-    one line on stderr and exit status 2, Ctrl-C into the line ``interrupted`` and status 130 (as `cli.main`)."""
+    """One job as its own command (``python -m whisper_rope.train``): parse, and run it through
+    `errors.run_command` (one-line errors and warnings, Ctrl-C as status 130), as `cli.main` does. Returns the
+    exit status."""
     parser = add_arguments(ArgumentParser(prog=prog, description=description))
     args = parser.parse_args(argv)
-    try:
-        with quiet_worker_disconnects():
-            return run(args)
-    except KeyboardInterrupt:
-        print("whisper-rope: error: interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, OSError, RuntimeError) as error:
-        print(f"whisper-rope: error: {one_line(error, limit=None)}", file=sys.stderr)
-        return 2
+    return run_command(lambda: run(args))
