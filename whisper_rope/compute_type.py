@@ -18,9 +18,9 @@ CUDA), and PyTorch's int8 kernels used here exist for the CPU only.
 
 Kernels: PyTorch's own dynamic quantization, ``quantized::linear_dynamic`` (fbgemm on x86 CPUs, the ``x86``
 quantized engine): weights quantised once, symmetric per output channel; activations quantised per call to 8 bits
-on CPUs with VNNI (7 elsewhere, see `activation_bits`),
-products accumulated in int32 and returned in fp32. The kernel gives a call one activation scale; `Int8Linear`
-makes that one scale per token in the decoder and one per clip in the encoder (see "Batches" below). The output
+on CPUs with VNNI (7 elsewhere, see `activation_bits`), products accumulated in int32 and returned in fp32. The
+kernel gives a call one activation scale; `Int8Linear` makes that one scale per token in the decoder and one per
+clip in the encoder (see "Batches" below). The output
 projection is not an ``nn.Linear`` upstream (``h @ token_embedding.weight.T``), so the decoder gets an `Int8Linear`
 of the tied embedding as its ``output_projection``; the embedding itself stays fp32 for token lookups. On one
 decoding step of tiny.en that projection streams 20 MB instead of 80 MB.
@@ -40,8 +40,8 @@ activations of all of them, so a recording's transcript changed with the recordi
 benchmark's 325-s long-form set, beam 5 went from 30 to 45 word errors when its five recordings shared batches).
 CTranslate2 quantises activations per row; here the decoder's layers and output projection use one scale per
 token and the encoder's layers and the cross-attention keys and values one scale per clip, so that a clip's int8
-result does not depend on its batch (design invariant 10), and costs no more than the scale per call on beam search
-(the per-token rescaling is a few small operations per layer).
+result does not depend on its batch (design invariant 10). The per-token rescaling is a few small operations per
+layer: about 5 % (beam 5) to 8 % (greedy) more CPU time on batched long-form (benchmarks/README.md).
 
 An int8 model holds no fp32 ``Linear`` weights: it cannot be trained or saved (`save_checkpoint` refuses it).
 """
