@@ -132,10 +132,12 @@ class Int8Linear(nn.Module):
         self._pin[0, :2] = torch.tensor([1.0, -1.0])
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.activation_scale == PER_CLIP and x.dim() == 3:
-            out = torch.stack([self._product(clip.float()) for clip in x])
-        else:
+        if self.activation_scale == PER_ROW:
             out = self._per_row(x.reshape(-1, self.in_features).float())
+        elif x.dim() == 3:
+            out = torch.stack([self._product(clip.float()) for clip in x])
+        else:  # one clip given as one matrix
+            out = self._product(x.reshape(-1, self.in_features).float())
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def _product(self, flat: Tensor) -> Tensor:
@@ -143,8 +145,6 @@ class Int8Linear(nn.Module):
 
     def _per_row(self, flat: Tensor) -> Tensor:
         """(rows, in_features) -> (rows, out_features), one activation scale per row."""
-        if self.activation_scale == PER_CLIP:  # a clip given as one matrix
-            return self._product(flat)
         peak = flat.abs().amax(dim=1, keepdim=True).clamp_(min=1e-30)  # 9x faster than vector_norm(ord=inf)
         out = self._product(torch.cat([flat / peak, self._pin]))[:-1]
         return out.mul_(peak) if self._bias is None else torch.addcmul(self._bias, out, peak)

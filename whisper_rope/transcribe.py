@@ -129,7 +129,7 @@ class _LongRecordings:
     def transcribe(self) -> None:
         if not self.held:
             return
-        audios = [np.asarray(audio, dtype=np.float32) for _, audio in self.held]
+        audios = [audio for _, audio in self.held]  # transcribe_recordings makes each a float32 array
         for (index, _), result in zip(
             self.held, transcribe_recordings(self.model, audios, self.batch_size, **self.options)
         ):
