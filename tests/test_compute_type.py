@@ -11,14 +11,7 @@ from whisper.normalizers import EnglishTextNormalizer
 import whisper_rope
 from whisper_rope import cli
 from whisper_rope.audio import load_audio
-from whisper_rope.compute_type import (
-    PER_CLIP,
-    PER_ROW,
-    Int8Linear,
-    apply_compute_type,
-    quantize_int8,
-    resolve_compute_type,
-)
+from whisper_rope.compute_type import Int8Linear, apply_compute_type, quantize_int8, resolve_compute_type
 
 from .conftest import FIXTURES, MIXED_VARIANTS, randomise_
 
@@ -36,24 +29,35 @@ def test_int8_linear_is_close_to_the_float_product():
     assert q(x).shape == (7, 3, 200) and q.state_dict() == {}
 
 
-def test_an_int8_row_or_clip_does_not_depend_on_its_batch_mates():
-    """One activation scale per row (decoder) or per clip (encoder): a loud neighbour leaves the result bit for bit;
-    the kernel's own scale per call would not."""
+def test_an_int8_row_does_not_depend_on_its_batch_mates():
+    """One activation scale per row: a loud neighbour leaves a row's result bit for bit, in a decoding step's few
+    rows and in an encoder's many (scaled without large temporaries); the kernel's own scale per call would not."""
     torch.manual_seed(0)
     linear = nn.Linear(96, 200)
+    q = Int8Linear(linear.weight, linear.bias)
     rows = torch.randn(5, 96)
     loud = torch.cat([rows, 100 * torch.randn(3, 96)])
-    per_row = Int8Linear(linear.weight, linear.bias, PER_ROW)
-    assert torch.equal(per_row(loud)[:5], per_row(rows))
-    clips = torch.randn(2, 30, 96)
-    per_clip = Int8Linear(linear.weight, linear.bias, PER_CLIP)
-    assert torch.equal(per_clip(torch.cat([clips, 100 * clips[:1]]))[:2], per_clip(clips))
-    assert torch.equal(per_clip(clips)[1], per_clip(clips[1:])[0])
+    many = torch.cat([rows, 100 * torch.randn(401, 96)])  # 38976 elements: the encoder's path
+    assert torch.equal(q(loud)[:5], q(rows)) and torch.equal(q(many)[:5], q(rows))
+    assert torch.equal(q(many.reshape(2, 203, 96))[0, :5], q(rows))
     # The same kernel with one scale per call rounds the quiet rows on the loud rows' grid.
     kernel = torch.ops.quantized.linear_dynamic
-    assert not torch.equal(kernel(loud, per_clip._packed, True)[:5], kernel(rows, per_clip._packed, True))
-    with pytest.raises(ValueError, match="activation_scale must be 'row' or 'clip', got 'tensor'"):
-        Int8Linear(linear.weight, activation_scale="tensor")
+    assert not torch.equal(kernel(loud, q._packed, True)[:5], kernel(rows, q._packed, True))
+
+
+def test_int8_rows_with_outliers_keep_their_small_values():
+    """A row of small values beside a row with one large value (as post-GELU rows are) keeps its relative
+    precision; one scale for both rounds the small row to a few levels."""
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 64)
+    q = Int8Linear(linear.weight)
+    quiet = 0.01 * torch.randn(1, 256)
+    spiky = torch.zeros(1, 256)
+    spiky[0, 7] = 50.0
+    expected = quiet @ linear.weight.detach().T
+    per_row = (q(torch.cat([quiet, spiky]))[:1] - expected).norm() / expected.norm()
+    per_call = torch.ops.quantized.linear_dynamic(torch.cat([quiet, spiky]), q._packed, True)[:1]
+    assert per_row < 0.02 < ((per_call - expected).norm() / expected.norm())
 
 
 def test_int8_decoding_gives_a_clip_what_it_gets_alone_beside_a_loud_clip(dims):
@@ -67,6 +71,23 @@ def test_int8_decoding_gives_a_clip_what_it_gets_alone_beside_a_loud_clip(dims):
         alone = model.decode(mel[0], whisper.DecodingOptions(**{**options.__dict__, "beam_size": beam}))
         assert together.tokens == alone.tokens
         assert together.avg_logprob == pytest.approx(alone.avg_logprob, abs=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["whisper", "rotary"])
+def test_int8_encoder_gives_each_clip_of_a_batch_what_it_gets_alone(dims, variant):
+    """Padded windows and unpadded clips of different lengths, beside a 30x louder clip: bit for bit."""
+    model = quantize_int8(randomise_(whisper_rope.build_model(dims, variant)).eval())
+    assert model.encoder.one_clip_per_call
+    n_frames = 2 * dims.n_audio_ctx
+    lengths = [n_frames, 18, n_frames - 8] if variant == "rotary" else [n_frames] * 3
+    mel = torch.randn(3, 80, n_frames) * (torch.arange(n_frames) < torch.tensor(lengths)[:, None, None])
+    mel[0] *= 30
+    with torch.no_grad():
+        together = model.encoder(mel, torch.tensor(lengths) if variant == "rotary" else None)
+        for i, n in enumerate(lengths):
+            alone = model.encoder(mel[i : i + 1, :, :n])
+            assert torch.equal(together[i, : alone.shape[1]], alone[0])
+            assert not together[i, alone.shape[1] :].any()
 
 
 @pytest.mark.parametrize("variant", ALL_VARIANTS)

@@ -5,14 +5,18 @@ import torch
 import whisper
 import whisper.decoding
 
+from whisper_rope.compute_type import quantize_int8
 from whisper_rope.features import real_frame_counts
 
 from .speech_helpers import first_window, random_rotary
 
 
+@pytest.mark.parametrize("compute_type", ["float32", "int8"])
 @pytest.mark.parametrize("beam_size", [None, 3])
-def test_unpadded_batch_decodes_each_clip_as_if_alone(speech, beam_size):
+def test_unpadded_batch_decodes_each_clip_as_if_alone(speech, beam_size, compute_type):
     model = random_rotary(n_text_ctx=448)
+    if compute_type == "int8":  # each clip encoded alone at its own frames, activations scaled per row
+        model = quantize_int8(model)
     windows = torch.stack([first_window(audio) for audio in speech[:4]])
     assert len(set(real_frame_counts(windows).tolist())) > 1  # the clips differ in length
     options = whisper.DecodingOptions(language="en", beam_size=beam_size, sample_len=12, fp16=False)

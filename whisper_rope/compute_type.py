@@ -19,8 +19,8 @@ CUDA), and PyTorch's int8 kernels used here exist for the CPU only.
 Kernels: PyTorch's own dynamic quantization, ``quantized::linear_dynamic`` (fbgemm on x86 CPUs, the ``x86``
 quantized engine): weights quantised once, symmetric per output channel; activations quantised per call to 8 bits
 on CPUs with VNNI (7 elsewhere, see `activation_bits`), products accumulated in int32 and returned in fp32. The
-kernel gives a call one activation scale; `Int8Linear` makes that one scale per token in the decoder and one per
-clip in the encoder (see "Batches" below). The output
+kernel gives a call one activation scale; `Int8Linear` makes that one scale per row (see "Activation scales"
+below). The output
 projection is not an ``nn.Linear`` upstream (``h @ token_embedding.weight.T``), so the decoder gets an `Int8Linear`
 of the tied embedding as its ``output_projection``; the embedding itself stays fp32 for token lookups. On one
 decoding step of tiny.en that projection streams 20 MB instead of 80 MB.
@@ -35,13 +35,17 @@ PyTorch has marked these quantized-tensor kernels deprecated in favour of torcha
 slower than fp32 on this CPU without ``torch.compile`` (benchmarks/README.md); the tests exercise these kernels, so
 their removal fails loudly.
 
-Batches: with the kernel's one scale per call, every clip of a batch was rounded on a grid set by the loudest
-activations of all of them, so a recording's transcript changed with the recordings it was batched with (on the
-benchmark's 325-s long-form set, beam 5 went from 30 to 45 word errors when its five recordings shared batches).
-CTranslate2 quantises activations per row; here the decoder's layers and output projection use one scale per
-token and the encoder's layers and the cross-attention keys and values one scale per clip, so that a clip's int8
-result does not depend on its batch (design invariant 10). The per-token rescaling is a few small operations per
-layer: about 5 % (beam 5) to 8 % (greedy) more CPU time on batched long-form (benchmarks/README.md).
+Activation scales: with the kernel's one scale per call, every clip of a batch was rounded on a grid set by the
+loudest activations of all of them, so a recording's transcript changed with the recordings it was batched with (on
+the benchmark's 325-s long-form set, beam 5 went from 30 to 45 word errors when its five recordings shared
+batches). One scale per clip fixed that but still rounded each audio position on the grid of the clip's largest
+outlier: in tiny.en's last encoder layer the MLP down-projection's post-GELU input peaks at 559 at one position of a
+clip where the median position's peak is 14, and on 120 espeak-ng
+clips greedy tiny.en had 19.4 % WER in int8 against 17.8 % in fp32. Like CTranslate2, every layer now scales each
+row (token, audio position) on its own: the encoder's output is as close to fp32 as CTranslate2's int8 encoder's
+(2.9 % relative error on those clips, against 6.5 % per clip), the same set gives 17.8 % greedy, and a clip's int8
+result does not depend on its batch (design invariant 10). The encoder takes a batch's clips one at a time
+(`quantize_int8` says why), each at its own frames.
 
 An int8 model holds no fp32 ``Linear`` weights: it cannot be trained or saved (`save_checkpoint` refuses it).
 """
@@ -88,69 +92,65 @@ def resolve_compute_type(compute_type: str, device: "str | torch.device") -> str
     return resolved
 
 
-PER_ROW = "row"
-PER_CLIP = "clip"
+# Inputs with at least this many elements are scaled row by row without temporaries of their own size (below).
+_LARGE_INPUT = 1 << 15
 
 
 class Int8Linear(nn.Module):
     """``x @ weight.T + bias`` with ``weight`` in int8 (symmetric, one scale per output row) and ``x`` quantised to
-    `activation_bits` per call; int32 accumulation, fp32 result.
+    `activation_bits` with one scale per row; int32 accumulation, fp32 result.
 
     weight: (out_features, in_features); bias: (out_features,) or None. x: (..., in_features) ->
     (..., out_features) in x's dtype. The packed weight is no parameter or buffer: it never enters a state dict.
 
-    activation_scale: how ``x`` is quantised; either way a row's result does not depend on the other rows of a
-    batch (the module docstring says why that matters).
-
-    * `PER_ROW` (decoder layers): one scale per row (token). Each row is divided by its largest magnitude before the
-      kernel, whose one scale per call then covers [-1, 1] for every call (a fixed row holding 1 and -1 is appended
-      to pin it), and the result is multiplied back. Five small operations per call instead of one.
-    * `PER_CLIP` (encoder layers, cross-attention keys and values): one scale per clip, ``x[i]`` of a (batch, frames,
-      in_features) input, one kernel call each; cheap where rows are many and long (a whole clip's frames). In an
-      unpadded batch the scale also covers the clip's padding frames.
+    One scale per row (a token in the decoder, an audio position in the encoder), as CTranslate2 quantises: a row's
+    result does not depend on the other rows of a batch, and a row with small values is not rounded on the grid of
+    another row's outliers (the encoder's MLP down-projection sees post-GELU rows whose peaks differ 40x in a clip).
+    The kernel has one scale per call: each row is divided by its largest magnitude before it, a fixed row holding
+    1 and -1 is appended so that the kernel's scale covers [-1, 1] in every call, and the result is multiplied back.
     """
 
-    def __init__(self, weight: Tensor, bias: Optional[Tensor] = None, activation_scale: str = PER_ROW):
+    def __init__(self, weight: Tensor, bias: Optional[Tensor] = None):
         super().__init__()
-        if activation_scale not in (PER_ROW, PER_CLIP):
-            raise ValueError(f"activation_scale must be {PER_ROW!r} or {PER_CLIP!r}, got {activation_scale!r}")
         weight = weight.detach().float().cpu()
         self.out_features, self.in_features = weight.shape
-        self.activation_scale = activation_scale
         scales = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-12).double()
         zero_points = torch.zeros(self.out_features, dtype=torch.long)
         with warnings.catch_warnings():
             # PyTorch marks quantized-tensor creation deprecated (module docstring); the packed weight is all we keep.
             warnings.filterwarnings("ignore", message=".*quantized tensor creation functions", category=UserWarning)
             quantised = torch.quantize_per_channel(weight, scales, zero_points, 0, torch.qint8)
-        bias = None if bias is None else bias.detach().float().cpu()
-        # Per row the bias is added after the rescaling (`torch.addcmul`), so the kernel gets none.
-        self._packed = torch.ops.quantized.linear_prepack(quantised, bias if activation_scale == PER_CLIP else None)
-        self._bias = bias
+        # The bias is added after the rescaling (`torch.addcmul`), so the kernel gets none.
+        self._packed = torch.ops.quantized.linear_prepack(quantised, None)
+        self._bias = None if bias is None else bias.detach().float().cpu()
         self._reduce_range = activation_bits() == 7
         self._pin = torch.zeros(1, self.in_features)
         self._pin[0, :2] = torch.tensor([1.0, -1.0])
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.activation_scale == PER_ROW:
-            out = self._per_row(x.reshape(-1, self.in_features).float())
-        elif x.dim() == 3:
-            out = torch.stack([self._product(clip.float()) for clip in x])
-        else:  # one clip given as one matrix
-            out = self._product(x.reshape(-1, self.in_features).float())
+        flat = x.reshape(-1, self.in_features).float()
+        peak, scaled = self._scaled_rows(flat)
+        out = torch.ops.quantized.linear_dynamic(scaled, self._packed, self._reduce_range)[: flat.shape[0]]
+        out = out.mul_(peak) if self._bias is None else torch.addcmul(self._bias, out, peak)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
-    def _product(self, flat: Tensor) -> Tensor:
-        return torch.ops.quantized.linear_dynamic(flat, self._packed, self._reduce_range)
-
-    def _per_row(self, flat: Tensor) -> Tensor:
-        """(rows, in_features) -> (rows, out_features), one activation scale per row."""
-        peak = flat.abs().amax(dim=1, keepdim=True).clamp_(min=1e-30)  # 9x faster than vector_norm(ord=inf)
-        out = self._product(torch.cat([flat / peak, self._pin]))[:-1]
-        return out.mul_(peak) if self._bias is None else torch.addcmul(self._bias, out, peak)
+    def _scaled_rows(self, flat: Tensor) -> Tuple[Tensor, Tensor]:
+        """(rows, in_features) -> each row's peak magnitude (rows, 1) and the rows divided by it, with the pin row
+        appended: (rows + 1, in_features)."""
+        if flat.numel() < _LARGE_INPUT:  # decoding steps: the fewest operations
+            peak = flat.abs().amax(dim=1, keepdim=True).clamp_(min=1e-30)  # 9x faster than vector_norm(ord=inf)
+            return peak, torch.cat([flat / peak, self._pin])
+        # An encoder's rows: a fresh temporary of this size (an abs, a quotient, a concatenation) costs more than the
+        # arithmetic, since large allocations come from the OS page by page (2.5x the time at 1500 x 384 rows).
+        rows = flat.shape[0]
+        peak = torch.maximum(flat.amax(dim=1, keepdim=True), flat.amin(dim=1, keepdim=True).neg_()).clamp_(min=1e-30)
+        scaled = flat.new_empty(rows + 1, self.in_features)
+        torch.div(flat, peak, out=scaled[:rows])
+        scaled[rows] = self._pin[0]
+        return peak, scaled
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per {self.activation_scale}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per row"
 
 
 def activation_bits() -> int:
@@ -179,16 +179,16 @@ def quantize_int8(model: WhisperRope) -> WhisperRope:
     """
     if model.device.type != "cpu":
         raise ValueError(f"int8 compute runs on the CPU only; the model is on {model.device}")
-    per_clip = {*model.encoder.modules()} | {
-        projection for block in model.decoder.blocks for projection in (block.cross_attn.key, block.cross_attn.value)
-    }  # inputs of a whole clip's frames
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                scale = PER_CLIP if child in per_clip else PER_ROW
-                setattr(module, name, Int8Linear(child.weight, child.bias, scale))
+                setattr(module, name, Int8Linear(child.weight, child.bias))
     model.decoder.output_projection = Int8Linear(model.decoder.token_embedding.weight)
     model.decoder.audio_kv_dtype = audio_kv_dtype()
+    # Per-row scales make a clip's int8 result its own whatever the batch, so the encoder may as well take clips one
+    # at a time: a batch of 8 30-s windows then never builds temporaries of 10-70 MB, whose fresh pages cost more
+    # than the arithmetic on them (tiny.en: 8 windows in 2.25 instead of 2.52 CPU s).
+    model.encoder.one_clip_per_call = True
     model.compute_type = INT8
     return model.eval().requires_grad_(False)
 

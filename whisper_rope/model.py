@@ -247,6 +247,8 @@ class PositionalAudioEncoder(AudioEncoder):
         self.table_scale = 1.0  # annealed towards 0 by positional transplant schedules
         self.drop_padding = False
         self.unpadded_margin = 0  # padding positions kept after the real frames when dropping padding
+        # Encode a batch clip by clip, each at its own frames (int8 models: `compute_type.quantize_int8` says why).
+        self.one_clip_per_call = False
 
     @property
     def has_table(self) -> bool:
@@ -269,11 +271,18 @@ class PositionalAudioEncoder(AudioEncoder):
         Returns (b, n_audio, n_state). Frames past ``n_frames`` (whatever their value) are zeroed before each conv,
         as a lone clip's zero padding, and masked out of self-attention; with ``packed``, the blocks instead see the
         clips' real positions packed into one sequence with block-diagonal attention (`packing.py`: no padding
-        computed, no mask), and the output's padding positions are zeros.
+        computed, no mask), and the output's padding positions are zeros. With ``one_clip_per_call`` each clip is
+        encoded alone at its own frames (the same function), the output's padding positions zeros.
         """
         if self.drop_padding and n_frames is None:
             x, n_frames = cut_trailing_padding(x, self.unpadded_margin)
         self._check_length(x)
+        if self.one_clip_per_call and x.shape[0] > 1:
+            return self._encode_one_by_one(x, n_frames)
+        return self._encode(x, n_frames, packed)
+
+    def _encode(self, x: Tensor, n_frames: Optional[Tensor], packed: bool) -> Tensor:
+        """`forward` after the padding is cut and the length checked."""
         if n_frames is not None:
             # A lone clip's convs see zeros beyond its last frame: zero the padding (whatever its value) before
             # conv1, and what conv1 made of it before conv2.
@@ -296,6 +305,15 @@ class PositionalAudioEncoder(AudioEncoder):
         for block in self.blocks:
             x = block(x, mask=key_mask)
         return self.ln_post(x)
+
+    def _encode_one_by_one(self, x: Tensor, n_frames: Optional[Tensor]) -> Tensor:
+        """`_encode` of each clip alone, at its own ``n_frames``; padding positions of the output are zeros."""
+        frames = [x.shape[-1]] * x.shape[0] if n_frames is None else n_frames.tolist()
+        out = x.new_zeros(x.shape[0], (x.shape[-1] + 1) // 2, self.ln_post.normalized_shape[0])
+        for i, n in enumerate(frames):
+            clip = self._encode(x[i : i + 1, :, :n], None, packed=False)
+            out[i, : clip.shape[1]] = clip[0]
+        return out
 
     def _check_length(self, x: Tensor) -> None:
         """Refuse mel input the table cannot position: not the 30-s window, or (sliced) longer than the table."""
