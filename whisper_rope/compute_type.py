@@ -158,8 +158,8 @@ def activation_bits() -> int:
     products straight into int32; 7 elsewhere (PyTorch's ``reduce_range`` for x86), where fbgemm adds pairs of
     products in int16 first, which full 8-bit activations could saturate.
 
-    8 bits matter on hard audio: on 120 espeak-ng clips of the corpus's in-domain split, greedy tiny.en had 17.8 %
-    WER in fp32, 22.2 % in int8 with 7-bit activations and 19.4 % with 8-bit ones (benchmarks/README.md)."""
+    8 bits matter on hard audio: on 120 espeak-ng clips of the corpus's in-domain split, greedy tiny.en has 17.8 %
+    WER in fp32 and in int8 with 8-bit activations, 19.9 % with 7-bit ones (benchmarks/README.md)."""
     return 8 if getattr(torch.cpu, "_is_vnni_supported", lambda: False)() else 7
 
 

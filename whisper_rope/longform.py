@@ -50,11 +50,15 @@ MAX_TAIL_PASSES = 2
 SEQUENTIAL_ONLY = ("clip_timestamps", "hallucination_silence_threshold")
 
 
+def whole_audio(options: Dict[str, Any]) -> bool:
+    """Whether these ``transcribe`` options ask for the whole audio (``clip_timestamps`` at upstream's default,
+    in any of the spellings upstream accepts for it) rather than some spans of it."""
+    return options.get("clip_timestamps", "0") in ("0", [0], [0.0], (0,), (0.0,))
+
+
 def supports(options: Dict[str, Any]) -> bool:
     """Whether `transcribe_chunked` honours these ``transcribe`` options (else upstream's loop must run)."""
-    return options.get("clip_timestamps", "0") in ("0", [0], [0.0], (0,), (0.0,)) and (
-        options.get("hallucination_silence_threshold") is None
-    )
+    return whole_audio(options) and options.get("hallucination_silence_threshold") is None
 
 
 def transcribe_chunked(model: WhisperRope, audio: np.ndarray, batch_size: int = 8, **options: Any) -> dict:

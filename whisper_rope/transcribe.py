@@ -37,7 +37,7 @@ from whisper.utils import optional_float, optional_int
 
 from .audio import load_audio
 from .features import first_transcription_window, language_window
-from .longform import supports, transcribe_recordings
+from .longform import supports, transcribe_recordings, whole_audio
 from .model import WhisperRope
 from .options import PathText, opt
 from .transcribe_options import transcribe_dtype, window_decoding_options
@@ -89,7 +89,7 @@ def transcribe_many(
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive number of clips, got {batch_size}")
     results: List[Optional[dict]] = [None] * len(audio)
-    batchable = transcribe_options.get("clip_timestamps", "0") in ("0", [0], [0.0], (0,), (0.0,))
+    batchable = whole_audio(transcribe_options)
     chunk = batch_size * _SORTED_BATCHES
     for start in range(0, len(audio), chunk):
         clips: List[_Clip] = []
