@@ -37,15 +37,14 @@ their removal fails loudly.
 
 Activation scales: with the kernel's one scale per call, every clip of a batch was rounded on a grid set by the
 loudest activations of all of them, so a recording's transcript changed with the recordings it was batched with (on
-the benchmark's 325-s long-form set, beam 5 went from 30 to 45 word errors when its five recordings shared
-batches). One scale per clip fixed that but still rounded each audio position on the grid of the clip's largest
-outlier: in tiny.en's last encoder layer the MLP down-projection's post-GELU input peaks at 559 at one position of a
-clip where the median position's peak is 14, and on 120 espeak-ng clips greedy tiny.en had 19.4 % WER in int8
-against 17.8 % in fp32. Like CTranslate2, every layer now scales each
-row (token, audio position) on its own: the encoder's output is as close to fp32 as CTranslate2's int8 encoder's
-(2.9 % relative error on those clips, against 6.5 % per clip), the same set gives 17.8 % greedy, and a clip's int8
-result does not depend on its batch (design invariant 10). The encoder takes a batch's clips one at a time
-(`quantize_int8` says why), each at its own frames.
+the benchmark's 325-s long-form set, beam 5 went from 30 to 45 word errors when its five recordings shared batches).
+One scale per clip fixed that but still rounded each audio position on the grid of the clip's largest outlier: in
+tiny.en's last encoder layer the MLP down-projection's post-GELU input peaks at 559 at one position of a clip where
+the median position's peak is 14, and on 120 espeak-ng clips greedy tiny.en had 19.4 % WER in int8 against 17.8 % in
+fp32. Like CTranslate2, every layer now scales each row (token, audio position) on its own: the encoder's output is
+as close to fp32 as CTranslate2's int8 encoder's (2.9 % relative error on those clips, against 6.5 % per clip), the
+same set gives 17.8 % greedy, and a clip's int8 result does not depend on its batch (design invariant 10). The
+encoder takes a batch's clips one at a time (`quantize_int8` says why), each at its own frames.
 
 An int8 model holds no fp32 ``Linear`` weights: it cannot be trained or saved (`save_checkpoint` refuses it).
 """
