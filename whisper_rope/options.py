@@ -22,7 +22,7 @@ import sys
 import typing
 from typing import Any, Callable, Dict, List, NewType, NoReturn, Optional, Sequence, Type
 
-from .errors import BAD_INPUT, one_line, run_command
+from .errors import BAD_INPUT, one_line, print_error, run_command
 from .files import user_path
 
 #: The type of an option that names a file or folder: text (``str`` at run time) whose ``~`` is expanded.
@@ -125,7 +125,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         """argparse's usage error as one line: ``whisper-rope: error: MESSAGE (see PROG --help)``, exit status 2."""
-        self.exit(BAD_INPUT, f"whisper-rope: error: {one_line(message, limit=None)} (see {self.prog} --help)\n")
+        print_error(f"{one_line(message, limit=None)} (see {self.prog} --help)")
+        self.exit(BAD_INPUT)
 
 
 def flags(name: str) -> str:
