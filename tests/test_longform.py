@@ -158,7 +158,7 @@ def test_a_chunk_whose_text_ends_early_is_decoded_again_from_there(monkeypatch):
 
 
 def test_the_chunks_and_tails_of_several_recordings_share_batches(monkeypatch):
-    """Chunks of different recordings are decoded side by side (shortest first), so are their tails, and each
+    """Chunks of different recordings are decoded side by side (longest first), so are their tails, and each
     recording's segments are what it gets alone; recordings of different languages never share a batch."""
     tokenizer = get_tokenizer(False)
     ts, word = tokenizer.timestamp_begin, tokenizer.encode(" hello")
@@ -185,7 +185,7 @@ def test_the_chunks_and_tails_of_several_recordings_share_batches(monkeypatch):
     recordings = [np.zeros(200_000, dtype=np.float32), np.zeros(300_000, dtype=np.float32)]
     options = dict(language="en", temperature=0.0)
     results = transcribe_recordings(model, recordings, batch_size=8, **options)
-    assert calls == [[8.0, 10.0], [5.0, 6.0]]  # two decodes for two recordings and their tails (was four)
+    assert calls == [[10.0, 8.0], [6.0, 5.0]]  # two decodes for two recordings and their tails (was four)
     assert [(s["start"], s["end"]) for s in results[0]["segments"]] == [(1.0, 5.0), (5.0, 11.0)]
     assert [(s["start"], s["end"]) for s in results[1]["segments"]] == [(2.0, 5.0), (5.0, 10.0)]
     for recording, together in zip(recordings, results):
@@ -193,7 +193,7 @@ def test_the_chunks_and_tails_of_several_recordings_share_batches(monkeypatch):
 
     calls.clear()
     transcribe_recordings(model, recordings, batch_size=1, **options)
-    assert calls == [[8.0], [10.0], [5.0], [6.0]]
+    assert calls == [[10.0], [8.0], [6.0], [5.0]]
 
     calls.clear()
     monkeypatch.setattr(longform, "_language", lambda model, audio, chunks, options: "de" if len(audio) > 2e5 else "en")

