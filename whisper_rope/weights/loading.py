@@ -286,7 +286,8 @@ def load_model(
             with a sinusoid table adds its rows 0..n-1: the sliced table); ``unpadded_margin`` keeps that many
             positions of padding after them.
         compute_type: faster-whisper's names: ``default``/``float32`` (upstream's numerics), ``int8``/``int8_float32``
-            (int8 Linear layers and output projection, CPU), ``auto`` (int8 on the CPU); see `compute_type.py`.
+            (int8 Linear layers but the encoder's first self-attention, int8 output projection, CPU), ``auto``
+            (int8 on the CPU); see `compute_type.py`.
             An unsupported name or device is refused before any weights are read.
 
     Loading a checkpoint into positions it never learned (a hard swap to RoPE, a table it did not have, unpadded
@@ -377,7 +378,7 @@ def checkpoint_dict(model: WhisperRope) -> dict:
     """The checkpoint dict of docs/design.md invariant 7, with CPU tensors."""
     if model.compute_type != "float32":
         raise ValueError(
-            f"a model running in compute_type {model.compute_type!r} holds no float32 weights to save; "
+            f"a model running in compute_type {model.compute_type!r} no longer holds its float32 weights; "
             "save the model as loaded, before apply_compute_type"
         )
     return {
@@ -430,8 +431,9 @@ class LoadOptions:
     )
     compute_type: str = opt(
         "default",
-        "faster-whisper's names: default/float32 (upstream's numerics), int8/int8_float32 (int8 Linear layers and "
-        "output projection, CPU only), auto (int8 on the CPU); other names are refused",
+        "faster-whisper's names: default/float32 (upstream's numerics), int8/int8_float32 (int8 Linear layers but "
+        "the encoder's first attention, int8 output projection, CPU only), auto (int8 on the CPU); other names "
+        "are refused",
     )
 
     def load(self, name_or_path: PathLike, unpadded: Optional[bool] = None) -> WhisperRope:
