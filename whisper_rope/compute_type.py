@@ -43,9 +43,10 @@ One scale per clip fixed that but still rounded each audio position on the grid 
 tiny.en's last encoder layer the MLP down-projection's post-GELU input peaks at 559 at one position of a clip where
 the median position's peak is 14, and on 120 espeak-ng clips greedy tiny.en had 19.4 % WER in int8 against 17.8 % in
 fp32. Like CTranslate2, every layer now scales each row (token, audio position) on its own: the encoder's output is
-as close to fp32 as CTranslate2's int8 encoder's (2.9 % relative error on those clips, against 6.5 % per clip), the
-same set gives 17.8 % greedy, and a clip's int8 result does not depend on its batch (design invariant 10). The
-encoder takes a batch's clips one at a time (`quantize_int8` says why), each at its own frames.
+as close to fp32 as CTranslate2's int8 encoder's (2.9 % relative error on those clips, against 6.5 % per clip;
+2.3 % with `float32_linears`), that set's greedy WER is within half a point of fp32's, and a clip's int8 result
+does not depend on its batch (design invariant 10). The encoder takes a batch's clips one at a time
+(`quantize_int8` says why), each at its own frames.
 
 An int8 model holds most of its ``Linear`` weights only in int8: it cannot be trained or saved (`save_checkpoint`
 refuses it).
@@ -160,8 +161,9 @@ def activation_bits() -> int:
     products straight into int32; 7 elsewhere (PyTorch's ``reduce_range`` for x86), where fbgemm adds pairs of
     products in int16 first, which full 8-bit activations could saturate.
 
-    8 bits matter on hard audio: on 120 espeak-ng clips of the corpus's in-domain split, greedy tiny.en has 17.8 %
-    WER in fp32 and in int8 with 8-bit activations, 19.9 % with 7-bit ones (benchmarks/README.md)."""
+    On 120 espeak-ng clips of the corpus's in-domain split, tiny.en has 17.8 % WER greedy and 14.5 % at beam 5 in
+    fp32, 18.2 / 14.1 % in int8 with 8-bit activations and 18.3 / 14.6 % with 7-bit ones (19.9 / 15.0 % before
+    `float32_linears`; benchmarks/README.md)."""
     return 8 if getattr(torch.cpu, "_is_vnni_supported", lambda: False)() else 7
 
 
