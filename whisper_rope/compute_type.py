@@ -198,10 +198,10 @@ def quantize_int8(model: WhisperRope) -> WhisperRope:
     """
     if model.device.type != "cpu":
         raise ValueError(f"int8 compute runs on the CPU only; the model is on {model.device}")
-    kept = set(map(id, float32_linears(model)))
+    kept = float32_linears(model)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) and id(child) not in kept:
+            if isinstance(child, nn.Linear) and child not in kept:  # modules compare by identity
                 setattr(module, name, Int8Linear(child.weight, child.bias))
     model.decoder.output_projection = Int8Linear(model.decoder.token_embedding.weight)
     model.decoder.audio_kv_dtype = audio_kv_dtype()
