@@ -3,10 +3,13 @@
 Checkpoints, converted models, caches and training state all go through `atomic_write`.
 """
 
+import contextlib
 import os
+import signal
 import tempfile
+import threading
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 import torch
 
@@ -24,17 +27,24 @@ def atomic_write(path: PathLike, write: Callable[[BinaryIO], object]) -> Path:
     path = Path(path)
     directory = path.parent
     directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    fd = tmp_name = handle = None
     try:
-        with os.fdopen(fd, "wb") as handle:
+        # A Ctrl-C inside mkstemp, after it created the file, would leave a file whose name never reached us.
+        with _interrupts_held():
+            fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+        handle = os.fdopen(fd, "wb")
+        with handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; model files should be readable like any other file
         os.replace(tmp_name, path)
     except BaseException as error:
+        if handle is None and fd is not None:
+            os.close(fd)  # no file object took the descriptor (a Ctrl-C held through mkstemp came out first)
         try:
-            os.unlink(tmp_name)
+            if tmp_name is not None:
+                os.unlink(tmp_name)
         except FileNotFoundError:
             pass
         interrupt = _in_chain(error, lambda e: isinstance(e, KeyboardInterrupt))
@@ -48,6 +58,28 @@ def atomic_write(path: PathLike, write: Callable[[BinaryIO], object]) -> Path:
         raise OSError(cause.errno, f"cannot write {path}: {cause.strerror or cause}") from error
     fsync_directory(directory)
     return path
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Run the block with a Ctrl-C that arrives during it raised as KeyboardInterrupt only once it ends.
+
+    Only where Python's own SIGINT handler is installed and can be swapped (the main thread); elsewhere the block
+    runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    held = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if held:
+        raise KeyboardInterrupt
 
 
 def fsync_directory(directory: PathLike) -> None:

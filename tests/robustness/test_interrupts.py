@@ -12,11 +12,14 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import pytest
+
+from whisper_rope.atomic import atomic_write_text
 
 from . import default_sigint, subprocess_env
 from .commands import MANIFEST, SPEECH_DIMS, WHISPER_ROPE, one_error_line, save_model
@@ -166,3 +169,25 @@ def test_ctrl_c_during_transcription_exits_130(tmp_path, speech_pt):
     assert status == 130, stderr
     one_error_line(stderr, "interrupted")
     assert _leftovers(out) == []
+
+
+def test_a_ctrl_c_inside_mkstemp_stops_an_atomic_write_and_leaves_no_file(tmp_path, monkeypatch):
+    """SIGINT while the temporary file is being created, after it exists (how a Ctrl-C once left the transcript
+    record's temporary behind): the write stops with KeyboardInterrupt and leaves nothing."""
+    create = tempfile.mkstemp
+
+    def interrupted_after_creating(*args, **kwargs):
+        created = create(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # Python's handler runs here, before mkstemp has returned the name
+        return created
+
+    monkeypatch.setattr(tempfile, "mkstemp", interrupted_after_creating)
+    # Python's own handler, as under a terminal (a suite started in the background inherits SIGINT ignored).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            atomic_write_text(tmp_path / "record.json", "{}")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert list(tmp_path.iterdir()) == []
