@@ -306,8 +306,9 @@ def read_manifest(source: PathLike, strict: bool = False, require_text: bool = T
     return Manifest(label, examples, rows.problems)
 
 
-def check_audio(manifest: Manifest, strict: bool = False) -> Manifest:
-    """Open every example's audio header: drop missing or undecodable files, bad spans and clips over 30 s.
+def check_audio(manifest: Manifest, strict: bool = False, max_seconds: Optional[float] = MAX_CLIP_SECONDS) -> Manifest:
+    """Open every example's audio header: drop missing or undecodable files, bad spans and clips over 30 s
+    (``max_seconds``; None: recordings of any length, for callers that transcribe them window by window).
 
     Fills ``Example.duration`` (seconds of the clip, after ``start``/``end``). Returns a new Manifest.
     """
@@ -329,8 +330,8 @@ def check_audio(manifest: Manifest, strict: bool = False) -> Manifest:
             rows.skip(example.row, f"end {end:g} s is past the end of {example.audio!r} ({length:.2f} s)")
             continue
         duration = min(end, length) - start
-        if duration > MAX_CLIP_SECONDS:
-            rows.skip(example.row, f"clip is {duration:.1f} s long; a Whisper window holds at most 30 s")
+        if max_seconds is not None and duration > max_seconds:
+            rows.skip(example.row, f"clip is {duration:.1f} s long; a Whisper window holds at most {max_seconds:g} s")
             continue
         if duration < MIN_CLIP_SECONDS:
             rows.skip(example.row, f"clip is {1000 * duration:.0f} ms long; at least 20 ms (two mel frames) are needed")

@@ -7,8 +7,14 @@ deletions and insertions (``jiwer``), the real-time factor, and one row per utte
 
 How clips are decoded:
 
-* Greedy by default (``beam_size`` for beam search), without timestamps, one window per clip; clips longer than
-  30 s are an error (or skipped with ``skip_invalid``), as are missing or undecodable audio files.
+* Greedy by default (``beam_size`` for beam search), without timestamps, one window per clip; missing or
+  undecodable audio files are an error (or skipped with ``skip_invalid``).
+* Recordings longer than 30 s are transcribed as ``whisper-rope transcribe`` does it, with the same decoding
+  (temperature 0 only, ``beam_size``, ``fp16``, the model's unpadded setting, the language and the row's prompt as
+  the initial prompt): through upstream's window-by-window loop (``long_form="loop"``, like ``--batch_size 1``) or
+  cut at pauses into speech chunks decoded in batches of ``batch_size`` (``"batched"``, `whisper_rope.longform`,
+  like ``--batch_size N``). Both need timestamp tokens (the loop seeks on them, the chunks' segments are cut at
+  them); the hypothesis is the transcript's text, capped as below without the one-window limit.
 * Features as in training (`whisper_rope.data`): a 30-s window (the audio padded with silence, then the log-mel)
   for encoders with an absolute table; each clip's own frames, zero-padded to the batch's longest, for unpadded
   encoders (``unpadded``), which encode each clip as if alone and mask the padding. A batch holds one decoding
@@ -20,6 +26,9 @@ How clips are decoded:
   clip's tokens do not depend on its batch mates, so a batch decodes to its largest cap and each hypothesis is cut
   to its own: the same tokens as decoding it alone with its own cap. Beam search keeps batch mates with equal caps
   together instead, because how many steps run changes which beams finish.
+
+The result reports WER per clip length (`metrics.LENGTH_BUCKETS`: up to 5, 10, 20 and 30 s, and longer) beside
+the corpus figures.
 
 Batched and one-by-one decoding agree (greedy or beam search, padded or unpadded): a test pins it.
 
@@ -43,13 +52,17 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+from whisper.audio import SAMPLE_RATE
 from whisper.decoding import DecodingOptions
 from whisper.model import Whisper
 from whisper.tokenizer import Tokenizer, get_tokenizer
+from whisper.transcribe import transcribe as upstream_transcribe
 
 from ..atomic import atomic_write_text
+from ..audio import load_audio
 from ..data import (
     IGNORE_INDEX,
+    MAX_CLIP_SECONDS,
     DataError,
     Example,
     Manifest,
@@ -60,14 +73,27 @@ from ..data import (
     make_loader,
     read_manifest,
 )
-from ..errors import PathLike
+from ..errors import AudioError, PathLike
+from ..longform import transcribe_recordings
 from ..model import WhisperRope
 from ..options import PathText, add_dataclass_arguments, dataclass_from_args, opt, standalone_main
 from ..outputs import refuse_overlap
 from ..weights.loading import MODEL_HELP, LoadOptions
-from .metrics import ErrorRates, Normalizer, error_rates, normalizer_for
+from .metrics import (
+    ErrorRates,
+    LengthBucket,
+    Normalizer,
+    error_rates,
+    length_bucket_table,
+    length_buckets,
+    normalizer_for,
+)
 
 NORMALIZERS = ("auto", "english", "basic", "none")
+#: How recordings longer than 30 s are transcribed: upstream's window-by-window loop, or batched speech chunks.
+LONG_FORMS = ("loop", "batched")
+# Audio of long recordings held at once for the batched path (an hour, 230 MB as float32), as `transcribe` does.
+_LONG_AUDIO_HELD = 3600 * SAMPLE_RATE
 
 # The command's --help description, the same for `whisper-rope evaluate` and `python -m whisper_rope.evaluate`.
 DESCRIPTION = (
@@ -108,8 +134,15 @@ class EvaluationOptions:
     limit: Optional[int] = opt(None, "evaluate only the first N rows of the manifest")
     skip_invalid: bool = opt(
         False,
-        "skip unusable rows (missing or undecodable audio, clips over 30 s) and list them in the result, "
+        "skip unusable rows (missing or undecodable audio, bad spans) and list them in the result, "
         "instead of stopping at the first",
+    )
+    long_form: str = opt(
+        "loop",
+        "how recordings over 30 s are transcribed: loop (upstream's window-by-window loop, as transcribe "
+        "--batch_size 1) or batched (speech chunks cut at pauses, decoded --batch-size at a time, as transcribe "
+        "--batch_size N); shorter clips are decoded as one window either way",
+        choices=LONG_FORMS,
     )
     num_workers: int = opt(0, "processes decoding audio files (0: in the main process)")
 
@@ -128,6 +161,8 @@ class EvaluationOptions:
             raise ValueError(f"limit must be at least 1 row, got {self.limit}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must not be negative, got {self.num_workers}")
+        if self.long_form not in LONG_FORMS:
+            raise ValueError(f"unknown long_form {self.long_form!r}: expected one of {', '.join(LONG_FORMS)}")
         language_code(self.language)
         return self
 
@@ -154,6 +189,7 @@ class UtteranceResult:
     n_tokens: int  # hypothesis tokens
     cap: int  # the decoding-length cap of this utterance, in tokens
     capped: bool  # the hypothesis reached the cap (it may be a loop cut short)
+    long_form: Optional[str] = None  # a recording over 30 s: "loop" or "batched" (how it was transcribed)
 
     @property
     def errors(self) -> int:
@@ -167,6 +203,8 @@ class EvaluationResult(ErrorRates):
     The `ErrorRates` fields (wer, cer, edits, n_words, ...): edits over the normalised references of the whole corpus.
     audio_seconds: total duration of the clips. decode_seconds: wall time inside the model's ``decode`` calls
     (features and audio reading excluded; ``wall_seconds`` includes them). rtf: decode_seconds / audio_seconds.
+    long_form: how recordings over 30 s were (or would be) transcribed. buckets: the scores per clip length
+    (`metrics.length_buckets`).
     """
 
     model: str
@@ -188,6 +226,8 @@ class EvaluationResult(ErrorRates):
     skipped: List[str] = field(default_factory=list)
     rows: List[UtteranceResult] = field(default_factory=list, repr=False)
     loss: Optional[float] = None  # teacher-forced loss per target token, when asked for (training's validation)
+    long_form: str = "loop"
+    buckets: List[LengthBucket] = field(default_factory=list)
 
     def to_dict(self, rows: bool = True) -> Dict[str, Any]:
         """Plain data for JSON; ``rows=False`` leaves out the per-utterance rows."""
@@ -211,6 +251,13 @@ class EvaluationResult(ErrorRates):
             f"{self.audio_seconds:.1f} s of audio: real-time factor {self.rtf:.3f}",
             f"  normaliser: {self.normalizer}",
         ]
+        n_long = sum(row.long_form is not None for row in self.rows)
+        if n_long:
+            how = "upstream's window-by-window loop" if self.long_form == "loop" else "batched speech chunks"
+            lines.append(f"  {n_long} recordings over 30 s transcribed through {how}")
+        if self.buckets:
+            table = length_bucket_table({"": [asdict(bucket) for bucket in self.buckets]})
+            lines += ["  per clip length:"] + ["    " + line for line in table.splitlines()]
         if self.skipped:
             more = f"; and {len(self.skipped) - 3} more" if len(self.skipped) > 3 else ""
             shown = "; ".join(self.skipped[:3]) + more
@@ -349,7 +396,7 @@ def _dataset(model: Whisper, data: Any, options: EvaluationOptions, unpadded: bo
         manifest = replace(manifest, examples=manifest.examples[: options.limit])
     if not manifest.examples and not manifest.problems:
         raise DataError(f"manifest {manifest.source!r} is empty: it lists no audio")
-    manifest = check_audio(manifest, strict=strict)
+    manifest = check_audio(manifest, strict=strict, max_seconds=None)
     spec = TokenizerSpec.for_model(model, language=options.language)
     margin = getattr(model, "unpadded_margin", 0) if unpadded else 0
     dataset = SpeechDataset(
@@ -385,7 +432,8 @@ def evaluate_dataset(
     languages = _decoding_languages(model, dataset, options)
     caps = _caps(model, dataset, languages, options)
     run = _Decoded(skipped=[str(problem) for problem in dataset.problems])
-    batches = _decoding_batches(dataset, languages, caps, options)
+    long = set(_long_recordings(dataset))
+    batches = _decoding_batches(dataset, languages, caps, options, exclude=long)
     loader = make_loader(dataset, batches, num_workers=options.num_workers)
     bar = tqdm(total=len(dataset), desc="evaluating", unit="clip", disable=not progress, file=sys.stderr)
     try:
@@ -395,6 +443,8 @@ def evaluate_dataset(
             if with_loss:
                 run.add_loss(model, batch)
             bar.update(len(wanted))
+        if long:
+            _decode_long(model, dataset, sorted(long), languages, caps, options, run, bar)
     finally:
         bar.close()
     result = _score(model, dataset, options, run, caps, languages, time.perf_counter() - started, str(device))
@@ -404,10 +454,12 @@ def evaluate_dataset(
 
 @dataclass
 class _Decoded:
-    """What decoding the batches produced: per clip index (language, tokens, text), and the running totals."""
+    """What decoding the batches produced: per clip index (language, tokens, text), and the running totals;
+    ``long``: the indices of the recordings over 30 s transcribed by the long-form path."""
 
     skipped: List[str]
     results: Dict[int, Tuple[Optional[str], List[int], str]] = field(default_factory=dict)
+    long: set = field(default_factory=set)
     decode_seconds: float = 0.0
     loss_sum: float = 0.0
     n_target_tokens: int = 0
@@ -442,27 +494,41 @@ def _tokenizer(model: Whisper, language: Optional[str]) -> Tokenizer:
 
 def _caps(model: Whisper, dataset: SpeechDataset, languages: Sequence[Optional[str]], options) -> List[int]:
     """Per clip, the most tokens its hypothesis may have: cap_factor x its reference's tokens + cap_offset, at most
-    half the text context (upstream's own limit), which is also the cap without a cap_factor."""
+    half the text context (upstream's own limit), which is also the cap without a cap_factor. A recording over 30 s
+    has that limit in each of its 30-s windows: its cap is the per-reference one alone, or the windows' limits
+    summed without a cap_factor."""
     max_len = model.dims.n_text_ctx // 2
     caps = []
-    for example, language in zip(dataset.examples, languages):
+    for example, language, seconds in zip(dataset.examples, languages, dataset.durations):
+        limit = max_len * math.ceil(seconds / MAX_CLIP_SECONDS)
         reference = example.text.strip()
         if not options.cap_factor:
-            caps.append(max_len)
+            caps.append(limit)
             continue
         n_ref = len(_tokenizer(model, language or "en").encode(" " + reference)) if reference else 0
-        caps.append(min(max_len, math.ceil(options.cap_factor * n_ref) + options.cap_offset))
+        cap = math.ceil(options.cap_factor * n_ref) + options.cap_offset
+        caps.append(cap if seconds > MAX_CLIP_SECONDS else min(max_len, cap))
     return caps
 
 
+def _long_recordings(dataset: SpeechDataset) -> List[int]:
+    """Indices of the clips longer than one 30-s window."""
+    return [index for index, seconds in enumerate(dataset.durations) if seconds > MAX_CLIP_SECONDS]
+
+
 def _decoding_batches(
-    dataset: SpeechDataset, languages: Sequence[Optional[str]], caps: Sequence[int], options: EvaluationOptions
+    dataset: SpeechDataset,
+    languages: Sequence[Optional[str]],
+    caps: Sequence[int],
+    options: EvaluationOptions,
+    exclude: "set[int]" = frozenset(),
 ) -> List[List[int]]:
-    """Batches of clip indices: one decoding language and prompt per batch, clips in order of duration (least
-    padding for unpadded encoders); with beam search, one cap per batch too."""
+    """Batches of clip indices (but ``exclude``): one decoding language and prompt per batch, clips in order of
+    duration (least padding for unpadded encoders); with beam search, one cap per batch too."""
     groups: Dict[Tuple[Optional[str], Optional[str]], List[int]] = {}
     for index in sorted(range(len(dataset)), key=lambda i: (dataset.durations[i], i)):
-        groups.setdefault((languages[index], dataset.examples[index].prompt), []).append(index)
+        if index not in exclude:
+            groups.setdefault((languages[index], dataset.examples[index].prompt), []).append(index)
     beam = options.beam_size is not None and options.beam_size > 1
     return [batch for group in groups.values() for batch in _batches(group, caps, options.batch_size, beam)]
 
@@ -491,6 +557,86 @@ def _decode_batch(model, dataset, wanted, batch, language, caps, options, run: _
         cut = len(tokens) < len(result.tokens)
         text = _tokenizer(model, result.language).decode(tokens).strip() if cut else result.text
         run.results[index] = (result.language, tokens, text)
+
+
+def _decode_long(model, dataset, indices, languages, caps, options: EvaluationOptions, run: _Decoded, bar) -> None:
+    """Transcribe the recordings ``indices`` (over 30 s) through ``options.long_form``; each hypothesis is its
+    transcript's text, cut to its cap. Recordings of one language and prompt share the batched path's batches."""
+    groups: Dict[Tuple[Optional[str], Optional[str]], List[int]] = {}
+    for index in indices:
+        groups.setdefault((languages[index], dataset.examples[index].prompt), []).append(index)
+    for (language, prompt), group in groups.items():
+        keywords = long_form_options(options, language, prompt)
+        for part in _held_parts(dataset, group):
+            audios = {index: _long_audio(dataset, index, run) for index in part}
+            audios = {index: audio for index, audio in audios.items() if audio is not None}
+            tick = time.perf_counter()
+            transcripts = _transcribe_long(model, list(audios.values()), options, keywords)
+            run.decode_seconds += time.perf_counter() - tick
+            for index, transcript in zip(audios, transcripts):
+                run.results[index] = _long_hypothesis(model, transcript, caps[index])
+                run.long.add(index)
+            bar.update(len(part))
+
+
+def long_form_options(options: EvaluationOptions, language: Optional[str], prompt: Optional[str]) -> Dict[str, Any]:
+    """The keywords of upstream ``transcribe`` (and of `longform.transcribe_recordings`) that decode as `evaluate`
+    does: temperature 0 only (no fallback), ``options.beam_size`` (greedy without), ``options.fp16``, ``language``
+    (None: detected) and the row's prompt as the initial prompt; quiet."""
+    return {
+        "language": language,
+        "temperature": 0.0,
+        "beam_size": options.beam_size,
+        "fp16": bool(options.fp16),
+        "initial_prompt": prompt,
+        "verbose": None,
+    }
+
+
+def _held_parts(dataset: SpeechDataset, indices: Sequence[int]) -> List[List[int]]:
+    """``indices`` in consecutive parts of at most `_LONG_AUDIO_HELD` samples (every part holds at least one)."""
+    parts: List[List[int]] = []
+    held = 0
+    for index in indices:
+        samples = dataset.durations[index] * SAMPLE_RATE
+        if not parts or held + samples > _LONG_AUDIO_HELD:
+            parts.append([])
+            held = 0
+        parts[-1].append(index)
+        held += samples
+    return parts
+
+
+def _long_audio(dataset: SpeechDataset, index: int, run: _Decoded):
+    """The recording's waveform, or None (listed in ``run.skipped``) when it cannot be decoded outside strict mode."""
+    example = dataset.examples[index]
+    try:
+        return load_audio(example.audio, start=example.start, end=example.end)
+    except AudioError as error:
+        if dataset.strict:
+            raise DataError(f"{dataset.source}, row {example.row}: {error}") from None
+        run.skipped.append(f"row {example.row}: {error}")
+        return None
+
+
+def _transcribe_long(model: Whisper, audios: List[Any], options: EvaluationOptions, keywords: Dict[str, Any]):
+    """One upstream result dict per recording, through upstream's loop or the batched long-form path."""
+    if not audios:
+        return []
+    if options.long_form == "loop":
+        return [upstream_transcribe(model, audio, **keywords) for audio in audios]
+    if not isinstance(model, WhisperRope):
+        raise ValueError("long_form 'batched' needs a whisper_rope model (upstream's decode beam-searches one clip)")
+    return transcribe_recordings(model, audios, options.batch_size, **keywords)
+
+
+def _long_hypothesis(model: Whisper, transcript: Dict[str, Any], cap: int) -> Tuple[Optional[str], List[int], str]:
+    """(language, text tokens, text) of a long-form transcript, cut to ``cap`` text tokens."""
+    tokenizer = _tokenizer(model, transcript["language"])
+    tokens = [token for segment in transcript["segments"] for token in segment["tokens"] if token < tokenizer.eot]
+    if len(tokens) <= cap:
+        return transcript["language"], tokens, transcript["text"].strip()
+    return transcript["language"], tokens[:cap], tokenizer.decode(tokens[:cap]).strip()
 
 
 def _decode(model: Whisper, mel: torch.Tensor, options: DecodingOptions) -> list:
@@ -548,6 +694,7 @@ def _utterance_rows(model, dataset, options, run: _Decoded, caps, languages) -> 
                 n_tokens=len(tokens),
                 cap=caps[index],
                 capped=len(tokens) >= caps[index],
+                long_form=options.long_form if index in run.long else None,
             )
         )
     return rows, normalizer_names
@@ -585,6 +732,8 @@ def _score(model, dataset, options, run: _Decoded, caps, languages, wall_seconds
         device=device,
         skipped=run.skipped,
         rows=rows,
+        long_form=options.long_form,
+        buckets=length_buckets(rows),
     )
 
 

@@ -2,11 +2,14 @@
 
 ``normalizer_for(language)`` picks upstream's ``EnglishTextNormalizer`` for English (spelling, numbers and
 contractions standardised) and ``BasicTextNormalizer`` otherwise (case, punctuation and symbols removed).
-``error_rates(references, hypotheses)`` aligns them with ``jiwer`` and returns corpus-level counts.
+``error_rates(references, hypotheses)`` aligns them with ``jiwer`` and returns corpus-level counts;
+``length_buckets(rows)`` splits per-utterance results by clip length (`LENGTH_BUCKETS`) and ``length_bucket_table``
+shows the buckets of one or more models side by side.
 """
 
+import math
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from whisper.normalizers import BasicTextNormalizer, EnglishTextNormalizer
 from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
@@ -105,3 +108,88 @@ def error_rates(
         n_chars=n_chars,
         n_utterances=len(references),
     )
+
+
+#: Length buckets of the per-length report: (name, longest clip in seconds, inclusive). A clip belongs to the first
+#: bucket whose limit it does not exceed; ``> 30 s`` holds the long recordings (decoded window by window).
+LENGTH_BUCKETS = (("≤ 5 s", 5.0), ("5–10 s", 10.0), ("10–20 s", 20.0), ("20–30 s", 30.0), ("> 30 s", math.inf))
+
+
+@dataclass
+class LengthBucket:
+    """The scores of the utterances of one length bucket.
+
+    wer: (substitutions + deletions + insertions) / n_words over the bucket's utterances (None when their
+    references hold no words); n_capped: hypotheses that reached their decoding-length cap (loops cut short).
+    """
+
+    bucket: str
+    clips: int
+    seconds: float
+    n_words: int
+    errors: int
+    wer: Optional[float]
+    n_capped: int
+
+
+def length_bucket(seconds: float) -> str:
+    """The name of the `LENGTH_BUCKETS` bucket that a clip of ``seconds`` belongs to."""
+    return next(name for name, limit in LENGTH_BUCKETS if seconds <= limit)
+
+
+def length_buckets(rows: Sequence[Any]) -> List[LengthBucket]:
+    """Per non-empty length bucket, in bucket order, the scores of ``rows``: per-utterance results with
+    ``seconds``, ``substitutions``, ``deletions``, ``insertions``, ``n_words`` and ``capped``.
+
+    Each utterance is aligned on its own, so summing their edits gives the bucket's corpus WER.
+    """
+    grouped: Dict[str, List[Any]] = {}
+    for row in rows:
+        grouped.setdefault(length_bucket(row.seconds), []).append(row)
+    buckets = []
+    for name, _ in LENGTH_BUCKETS:
+        members = grouped.get(name, [])
+        if not members:
+            continue
+        words = sum(row.n_words for row in members)
+        errors = sum(row.substitutions + row.deletions + row.insertions for row in members)
+        buckets.append(
+            LengthBucket(
+                bucket=name,
+                clips=len(members),
+                seconds=round(sum(row.seconds for row in members), 2),
+                n_words=words,
+                errors=errors,
+                wer=errors / words if words else None,
+                n_capped=sum(bool(row.capped) for row in members),
+            )
+        )
+    return buckets
+
+
+def length_bucket_table(columns: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
+    """A Markdown table with a row per length bucket: its clips and seconds, then the WER and capped count of each
+    column (a model, a decoding).
+
+    columns: column name -> that column's buckets as plain data (`LengthBucket` fields, e.g. from JSON); a bucket
+    missing from a column shows as "–". Clips and seconds come from the first column holding the bucket.
+    """
+    names = list(columns)
+    header = ["length", "clips", "seconds"]
+    header += [f"{name} {what}".strip() for name in names for what in ("WER %", "capped")]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    by_column = [{bucket["bucket"]: bucket for bucket in columns[name]} for name in names]
+    for bucket_name, _ in LENGTH_BUCKETS:
+        present = [buckets[bucket_name] for buckets in by_column if bucket_name in buckets]
+        if not present:
+            continue
+        cells = [bucket_name, str(present[0]["clips"]), f"{present[0]['seconds']:.1f}"]
+        for buckets in by_column:
+            bucket = buckets.get(bucket_name)
+            if bucket is None:
+                cells += ["–", "–"]
+                continue
+            wer = "–" if bucket["wer"] is None else f"{100 * bucket['wer']:.1f}"
+            cells += [wer, f"{bucket['n_capped']}/{bucket['clips']}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
