@@ -78,6 +78,7 @@ def test_compare_writes_reports_and_resumes(source, tmp_path, monkeypatch):
     assert all(0 <= float(r["wer"]) for r in rows)
     table = (output / "results.md").read_text()
     assert "| before (source model) | padded |" in table and " ± " in table
+    assert "WER per clip length on `fixtures`:" in table and "| ≤ 5 s | 8 | " in table  # the fixtures: 2-4 s each
     for name in ("wer_per_set.png", "loss_curves.png", "cost.png"):
         assert (output / name).stat().st_size > 1000
 

@@ -15,8 +15,10 @@ from tests.conftest import FIXTURES
 from whisper_rope import cli
 from whisper_rope.audio import load_audio
 from whisper_rope.data import DataError, check_audio, read_manifest
+from whisper_rope.evaluation.compare import CompareConfig, length_bucket_tables
 from whisper_rope.evaluation.evaluate import evaluate, main
 from whisper_rope.evaluation.metrics import length_bucket, length_bucket_table, length_buckets
+from whisper_rope.training.report import _table
 
 SPEECH = FIXTURES / "speech"
 NAMES = ["flite_slt", "espeak_en", "flite_kal", "espeak_en_us", "flite_awb", "espeak_en_f3", "espeak_en_m3"]
@@ -61,6 +63,53 @@ def test_length_bucket_table_shows_models_side_by_side():
     table = length_bucket_table({"source": source, "adapted": adapted}).splitlines()
     assert table[0] == "| length | clips | seconds | source WER % | source capped | adapted WER % | adapted capped |"
     assert table[2:] == ["| ≤ 5 s | 2 | 7.0 | 10.0 | 0/2 | 10.0 | 0/2 |", "| > 30 s | 1 | 95.5 | – | – | 50.0 | 1/1 |"]
+
+
+def _buckets(short_wer, long_wer, long_capped):
+    return [
+        {"bucket": "≤ 5 s", "clips": 3, "seconds": 9.5, "wer": short_wer, "n_capped": 0},
+        {"bucket": "> 30 s", "clips": 1, "seconds": 120.0, "wer": long_wer, "n_capped": long_capped},
+    ]
+
+
+def test_compare_reports_each_runs_wer_per_clip_length_as_the_mean_over_seeds():
+    def evaluation(decoding, buckets):
+        return {"set": "real", "decoding": decoding, "buckets": buckets}
+
+    run = {"run": "rotary", "variant": "rotary/rotary", "steps": 2, "train_seconds": 1.0, "seconds_per_step": 0.5}
+    run["final_loss"] = 1.0
+    results = {
+        "before": {"run": "before", "variant": "whisper", "evaluations": [evaluation("padded", _buckets(0.1, 0.2, 0))]},
+        "runs": [
+            {**run, "seed": 0, "evaluations": [evaluation("unpadded", _buckets(0.2, 0.5, 1))]},
+            {**run, "seed": 1, "evaluations": [evaluation("unpadded", _buckets(0.3, 0.6, 0))]},
+            # stored before buckets were reported: no column
+            {**run, "run": "old", "seed": 0, "evaluations": [{"set": "real", "decoding": "padded"}]},
+        ],
+    }
+    table = length_bucket_tables(results, CompareConfig(eval=["real=real.jsonl"])).splitlines()
+    assert table[0] == "WER per clip length on `real`:"
+    assert table[2].startswith(
+        "| length | clips | seconds | before padded WER % | before padded capped | rotary unpadded"
+    )
+    assert table[4:6] == [
+        "| ≤ 5 s | 3 | 9.5 | 10.0 | 0/3 | 25.0 | 0/3 |",
+        "| > 30 s | 1 | 120.0 | 20.0 | 0/1 | 55.0 | 0.5/1 |",
+    ]
+
+
+def test_the_recipes_final_table_shows_source_and_adapted_model_per_clip_length():
+    row = {"capped": 0, "clips": 4, "wer_without_capped": 0.1, "rtf": 0.1, "variant": "rotary/learned"}
+    rows = [
+        {**row, "model": "source", "input": "30-s windows", "wer": 0.1, "buckets": _buckets(0.05, 0.2, 0)},
+        {**row, "model": "fine-tuned", "input": "unpadded", "wer": 0.3, "buckets": _buckets(0.1, 0.9, 1)},
+    ]
+    lines = _table(rows, "real.jsonl", "the manifest's text").splitlines()
+    assert "| length | clips | seconds | source (30-s windows) WER % | source (30-s windows) capped |" in lines[9]
+    assert lines[11:] == [
+        "| ≤ 5 s | 3 | 9.5 | 5.0 | 0/3 | 10.0 | 0/3 |",
+        "| > 30 s | 1 | 120.0 | 20.0 | 0/1 | 90.0 | 1/1 |",
+    ]
 
 
 def test_check_audio_keeps_long_recordings_only_when_asked(tmp_path):

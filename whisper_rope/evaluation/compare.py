@@ -9,8 +9,9 @@ with the same keys) does, in order:
 2. fine-tunes each run (a variant, optionally with self-distillation or a positional transplant) for every seed,
    with the same data, steps, learning rate and batch size, through `whisper_rope.training.loop.finetune`;
 3. evaluates each fine-tuned model on every set: 30-s padded, and also unpadded for encoders without a table;
-4. writes ``results.csv`` (one row per run, seed, set and decoding), ``results.md`` (mean ± std over seeds) and PNG
-   plots: WER per set before/after, training-loss curves overlaid, and training cost per run.
+4. writes ``results.csv`` (one row per run, seed, set and decoding), ``results.md`` (mean ± std over seeds, and per
+   set a table of WER per clip length, a row per length bucket) and PNG plots: WER per set before/after,
+   training-loss curves overlaid, and training cost per run.
 
 A run spec is ``VARIANT`` or ``VARIANT@FLAG[,FLAG]`` with flags ``distill``, ``transplant`` and ``unpadded`` (a
 transplant that trains on unpadded input once the tables are gone). Every finished run leaves
@@ -46,6 +47,7 @@ from ..training.state import step_checkpoints
 from ..variants import parse_variant
 from ..weights.loading import load_model
 from .evaluate import EvaluationOptions, evaluate
+from .metrics import length_bucket_table
 
 RUN_FLAGS = ("distill", "transplant", "unpadded")
 #: `CompareConfig` fields that decide what a run trains (with its spec and seed), and what an evaluation measures.
@@ -193,6 +195,7 @@ def _evaluate_all(model, config: CompareConfig) -> List[Dict[str, Any]]:
                     "n_capped": result.n_capped,
                     "rtf": result.rtf,
                     "n_utterances": result.n_utterances,
+                    "buckets": [asdict(bucket) for bucket in result.buckets],
                 }
             )
     return rows
@@ -408,6 +411,40 @@ def results_table(results: Dict[str, Any], config: CompareConfig) -> str:
     return "\n".join(lines)
 
 
+def length_bucket_tables(results: Dict[str, Any], config: CompareConfig) -> str:
+    """Markdown: per evaluation set, a row per clip-length bucket and, per run and decoding, its WER (%) and capped
+    hypotheses (both means over seeds). Evaluations stored before buckets were reported have no column."""
+    sections = []
+    for set_name in config.eval_sets():
+        columns: Dict[str, List[List[Dict[str, Any]]]] = {}
+        for row in _rows(results):
+            if row["set"] == set_name and row.get("buckets"):
+                columns.setdefault(f"{row['run']} {row['decoding']}", []).append(row["buckets"])
+        if columns:
+            merged = {name: _mean_buckets(seeds) for name, seeds in columns.items()}
+            sections += [f"WER per clip length on `{set_name}`:", "", length_bucket_table(merged), ""]
+    return "\n".join(sections)
+
+
+def _mean_buckets(seeds: Sequence[Sequence[Dict[str, Any]]]) -> List[Dict[str, Any]]:
+    """One run's buckets averaged over its seeds: WER (of the seeds with words) and capped hypotheses."""
+    grouped: Dict[str, List[Dict[str, Any]]] = {}
+    for buckets in seeds:
+        for bucket in buckets:
+            grouped.setdefault(bucket["bucket"], []).append(bucket)
+    merged = []
+    for group in grouped.values():
+        wers = [bucket["wer"] for bucket in group if bucket["wer"] is not None]
+        merged.append(
+            {
+                **group[0],
+                "wer": statistics.mean(wers) if wers else None,
+                "n_capped": statistics.mean(bucket["n_capped"] for bucket in group),
+            }
+        )
+    return merged
+
+
 def write_reports(results: Dict[str, Any], config: CompareConfig, output: Path) -> List[Path]:
     rows = _rows(results)
     columns = [
@@ -443,6 +480,7 @@ def write_reports(results: Dict[str, Any], config: CompareConfig, output: Path) 
         "",
         results_table(results, config),
         "",
+        length_bucket_tables(results, config),
         "![WER per set](wer_per_set.png) ![training loss](loss_curves.png) ![cost](cost.png)",
         "",
     ]

@@ -169,7 +169,7 @@ def length_buckets(rows: Sequence[Any]) -> List[LengthBucket]:
 
 def length_bucket_table(columns: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
     """A Markdown table with a row per length bucket: its clips and seconds, then the WER and capped count of each
-    column (a model, a decoding).
+    column (a model, a decoding; a capped count may be a mean over seeds).
 
     columns: column name -> that column's buckets as plain data (`LengthBucket` fields, e.g. from JSON); a bucket
     missing from a column shows as "–". Clips and seconds come from the first column holding the bucket.
@@ -190,6 +190,6 @@ def length_bucket_table(columns: Mapping[str, Sequence[Mapping[str, Any]]]) -> s
                 cells += ["–", "–"]
                 continue
             wer = "–" if bucket["wer"] is None else f"{100 * bucket['wer']:.1f}"
-            cells += [wer, f"{bucket['n_capped']}/{bucket['clips']}"]
+            cells += [wer, f"{bucket['n_capped']:g}/{bucket['clips']}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

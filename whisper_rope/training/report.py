@@ -1,16 +1,19 @@
 """The final evaluation of a recipe run: the adapted model as it will be used, next to the source model as it was.
 
 Each row: WER, how many hypotheses ran into the length cap (loops) and the WER of the others — on a small set one
-looping hypothesis can add tens of points, so both are shown — and the real-time factor. Written to
+looping hypothesis can add tens of points, so both are shown — and the real-time factor. Below it, a row per clip
+length bucket (`metrics.LENGTH_BUCKETS`) with each model's WER and capped hypotheses side by side. Written to
 ``final_evaluation.json`` and ``final_evaluation.md`` in the run's directory.
 """
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ..atomic import atomic_write_text
 from ..evaluation.evaluate import EvaluationResult, evaluate
+from ..evaluation.metrics import length_bucket_table
 from ..weights.loading import load_model
 from .config import FinetuneConfig
 from .holdout import HOLDOUT_MANIFEST
@@ -70,6 +73,7 @@ def _row(name: str, model, evaluation: EvaluationResult) -> Dict[str, Any]:
         "clips": evaluation.n_utterances,
         "wer_without_capped": wer_without_capped(evaluation),
         "rtf": evaluation.rtf,
+        "buckets": [asdict(bucket) for bucket in evaluation.buckets],
     }
 
 
@@ -86,4 +90,6 @@ def _table(rows: List[Dict[str, Any]], data, references: str) -> str:
             f"| {row['model']} | {row['variant']} | {row['input']} | {100 * row['wer']:.1f} | "
             f"{row['capped']}/{row['clips']} | {uncapped} | {row['rtf']:.3f} |"
         )
+    columns = {f"{row['model']} ({row['input']})": row["buckets"] for row in rows}
+    lines += ["", "WER per clip length:", "", length_bucket_table(columns)]
     return "\n".join(lines)
