@@ -306,8 +306,9 @@ def read_manifest(source: PathLike, strict: bool = False, require_text: bool = T
     return Manifest(label, examples, rows.problems)
 
 
-def check_audio(manifest: Manifest, strict: bool = False) -> Manifest:
-    """Open every example's audio header: drop missing or undecodable files, bad spans and clips over 30 s.
+def check_audio(manifest: Manifest, strict: bool = False, max_seconds: Optional[float] = MAX_CLIP_SECONDS) -> Manifest:
+    """Open every example's audio header: drop missing or undecodable files, bad spans and clips over
+    ``max_seconds`` (a 30-s Whisper window; None keeps long recordings, which `windows` cuts into windows).
 
     Fills ``Example.duration`` (seconds of the clip, after ``start``/``end``). Returns a new Manifest.
     """
@@ -329,7 +330,7 @@ def check_audio(manifest: Manifest, strict: bool = False) -> Manifest:
             rows.skip(example.row, f"end {end:g} s is past the end of {example.audio!r} ({length:.2f} s)")
             continue
         duration = min(end, length) - start
-        if duration > MAX_CLIP_SECONDS:
+        if max_seconds is not None and duration > max_seconds:
             rows.skip(example.row, f"clip is {duration:.1f} s long; a Whisper window holds at most 30 s")
             continue
         if duration < MIN_CLIP_SECONDS:
