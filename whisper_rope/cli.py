@@ -16,7 +16,6 @@ import warnings
 from typing import Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 import numpy as np
-from whisper.transcribe import transcribe
 from whisper.utils import get_writer
 
 from .audio import load_audio
@@ -201,7 +200,7 @@ def _load_batch(paths: Sequence[str]) -> Tuple[List[Tuple[str, np.ndarray]], int
 def _transcribe_batch(model: WhisperRope, waveforms: List[np.ndarray], options: TranscribeOptions) -> List[dict]:
     kwargs = options.transcribe_kwargs()
     if options.batch_size == 1:
-        return [transcribe(model, audio, **kwargs) for audio in waveforms]
+        return [model.transcribe(audio, **kwargs) for audio in waveforms]  # upstream's, after warn_outside
     return transcribe_many(model, waveforms, options.batch_size, **kwargs)
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from whisper import model as upstream
+from whisper.audio import SAMPLE_RATE
 from whisper.decoding import DecodingOptions, DecodingResult
 from whisper.model import (
     AudioEncoder,
@@ -28,6 +29,7 @@ from whisper.model import (
 )
 from whisper.transcribe import transcribe as upstream_transcribe
 
+from .adapted_lengths import warn_outside
 from .audio import load_audio
 from .decoding import BatchDecodingTask
 from .features import audio_position_mask, cut_trailing_padding
@@ -410,7 +412,10 @@ class WhisperRope(Whisper):
 
     Attributes:
         variant: canonical ``ENCODER/DECODER`` string.
-        rotary_options: options stored in checkpoints (``theta``, ``gated``, ``unpadded``).
+        rotary_options: options stored in checkpoints (``theta``, ``gated``, ``unpadded``, ``unpadded_margin``, and
+            ``adapted_seconds`` once set).
+        adapted_seconds: (shortest, longest) training window in seconds of the run that fine-tuned the model
+            (None: not recorded); unpadded input far outside it is warned about (`adaptation.warn_outside`).
         load_report: set by `whisper_rope.load_model` (what was loaded, dropped, newly initialised).
     """
 
@@ -437,6 +442,8 @@ class WhisperRope(Whisper):
         self.gated_rotary = bool(gated_rotary and parsed.uses_rotary)
         self.load_report = None
         self.compute_type = "float32"  # "int8" once compute_type.quantize_int8 has run
+        self.adapted_seconds: Optional[Tuple[float, float]] = None
+        self.trained_unpadded = False  # set by load_model from the checkpoint; not stored
 
     @property
     def variant(self) -> str:
@@ -489,6 +496,7 @@ class WhisperRope(Whisper):
             "gated": self.gated_rotary,
             "unpadded": self.unpadded,
             "unpadded_margin": self.unpadded_margin,
+            **({} if self.adapted_seconds is None else {"adapted_seconds": list(self.adapted_seconds)}),
         }
 
     def alignment_heads_dense(self) -> Tensor:
@@ -505,6 +513,7 @@ class WhisperRope(Whisper):
         """
         if isinstance(audio, (str, os.PathLike)):
             audio = load_audio(audio)
+        warn_outside(self, len(audio) / SAMPLE_RATE)
         return upstream_transcribe(self, audio, **kwargs)
 
     @torch.no_grad()

@@ -35,6 +35,7 @@ from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
 from whisper.transcribe import transcribe as upstream_transcribe
 from whisper.utils import optional_float, optional_int
 
+from .adapted_lengths import warn_outside
 from .audio import load_audio
 from .features import first_transcription_window, language_window
 from .longform import supports, transcribe_recordings, whole_audio
@@ -97,6 +98,7 @@ def transcribe_many(
         for index in range(start, min(start + chunk, len(audio))):
             item = audio[index]
             waveform = load_audio(item) if isinstance(item, (str, os.PathLike)) else item
+            warn_outside(model, len(waveform) / SAMPLE_RATE)
             clip = _first_window(model, index, waveform) if batchable else None
             if clip is not None:
                 clips.append(clip)

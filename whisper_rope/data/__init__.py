@@ -12,6 +12,7 @@ from .dataset import (
     Item,
     SpeechDataset,
     TokenizerSpec,
+    composed_dataset,
     eval_batches,
     load_examples,
     make_loader,
@@ -33,6 +34,7 @@ from .manifest import (
     language_code,
     read_manifest,
 )
+from .windows import Piece, Window, WindowPlan, compose_windows, window_audio, window_seconds
 
 __all__ = [
     "AUDIO_SUFFIXES",
@@ -50,7 +52,12 @@ __all__ = [
     "Problem",
     "SpeechDataset",
     "TokenizerSpec",
+    "Piece",
+    "Window",
+    "WindowPlan",
     "check_audio",
+    "compose_windows",
+    "composed_dataset",
     "eval_batches",
     "language_code",
     "load_examples",
@@ -61,4 +68,6 @@ __all__ = [
     "spec_augment_",
     "target_sequence",
     "unpadded_features",
+    "window_audio",
+    "window_seconds",
 ]

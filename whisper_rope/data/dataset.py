@@ -22,7 +22,8 @@ from whisper.tokenizer import Tokenizer, get_tokenizer
 from ..audio import load_audio
 from ..errors import AudioError, DataError, PathLike
 from ..features import padded_window, unpadded_features
-from .manifest import Example, Manifest, RowProblems, check_audio, language_code, read_manifest
+from .manifest import MAX_CLIP_SECONDS, Example, Manifest, RowProblems, check_audio, language_code, read_manifest
+from .windows import Window, WindowPlan, compose_windows, window_audio, window_seconds
 
 logger = logging.getLogger("whisper_rope")
 
@@ -68,15 +69,18 @@ def prompt_tokens(tokenizer: Tokenizer, prompt: Optional[str], n_text_ctx: int) 
 
 
 def target_sequence(
-    tokenizer: Tokenizer, text_tokens: Sequence[int], prompt: Sequence[int] = ()
+    tokenizer: Tokenizer, text_tokens: Sequence[int], prompt: Sequence[int] = (), timestamps: bool = False
 ) -> Tuple[List[int], List[int]]:
-    """Decoder input and labels for one utterance, without timestamps.
+    """Decoder input and labels for one utterance.
 
-    Sequence: ``prompt + SOT sequence (sot, language, task, no-timestamps) + text + EOT``. The decoder reads every
-    token but the last; position ``i`` is trained to predict token ``i + 1`` only where that token is text or EOT
-    (other labels are `IGNORE_INDEX`). Returns (tokens, labels), both of length ``len(sequence) - 1``.
+    Sequence: ``prompt + SOT sequence (sot, language, task, no-timestamps) + text + EOT``; with ``timestamps`` the
+    SOT sequence ends before no-timestamps and ``text_tokens`` hold upstream's timestamp tokens between the text,
+    as decoding with timestamps produces them. The decoder reads every token but the last; position ``i`` is
+    trained to predict token ``i + 1`` only where that token is text, a timestamp or EOT (other labels are
+    `IGNORE_INDEX`). Returns (tokens, labels), both of length ``len(sequence) - 1``.
     """
-    head = list(prompt) + list(tokenizer.sot_sequence_including_notimestamps)
+    sot = tokenizer.sot_sequence if timestamps else tokenizer.sot_sequence_including_notimestamps
+    head = list(prompt) + list(sot)
     sequence = head + list(text_tokens) + [tokenizer.eot]
     tokens = sequence[:-1]
     labels = [token if i + 1 >= len(head) else IGNORE_INDEX for i, token in enumerate(sequence[1:])]
@@ -166,7 +170,13 @@ class SpeechDataset(torch.utils.data.Dataset):
         return self.spec.tokenizer(self.languages[index])
 
     def _audio(self, example: Example) -> np.ndarray:
+        if isinstance(example, Window):
+            return window_audio(example)
         return load_audio(example.audio, start=example.start, end=example.end)
+
+    def timestamps(self, index: int) -> bool:
+        """Whether example ``index``'s targets carry timestamp tokens (a `Window` that drew them)."""
+        return bool(getattr(self.examples[index], "timestamps", False))
 
     def __getitem__(self, index: int) -> Item:
         # Audio that passed the header check can still fail to decode (a truncated file); outside strict mode the
@@ -222,15 +232,17 @@ def load_examples(
     language: Optional[str] = None,
     task: str = "transcribe",
     margin: int = 0,
+    max_seconds: Optional[float] = MAX_CLIP_SECONDS,
 ) -> SpeechDataset:
-    """Read, check and tokenise a manifest for ``model``; log what was skipped.
+    """Read, check and tokenise a manifest for ``model``; log what was skipped. ``max_seconds`` None keeps
+    recordings longer than a window (for `windows.compose_windows` to cut).
 
     Raises `DataError` naming the file when nothing usable is left.
     """
     manifest = read_manifest(source, strict=strict, require_text=require_text)
     if not manifest.examples and not manifest.problems:
         raise DataError(f"manifest {manifest.source!r} is empty: it lists no audio")
-    manifest = check_audio(manifest, strict=strict)
+    manifest = check_audio(manifest, strict=strict, max_seconds=max_seconds)
     spec = TokenizerSpec.for_model(model, task=task, language=language)
     dataset = SpeechDataset(manifest, spec, model.dims.n_mels, pad_30s, teacher_30s, strict, require_text, margin)
     if dataset.problems:
@@ -239,6 +251,34 @@ def load_examples(
         shown = "; ".join(str(p) for p in dataset.problems[:3])
         raise DataError(f"manifest {manifest.source!r} has no usable rows ({len(dataset.problems)} skipped: {shown})")
     return dataset
+
+
+def composed_dataset(dataset: SpeechDataset, plan: WindowPlan, seed: int) -> SpeechDataset:
+    """``dataset``'s clips composed into `windows.compose_windows`'s windows of every length (same options).
+    Untranscribed windows draw timestamp targets (the teacher writes them); transcribed ones have none."""
+    windows = compose_windows(dataset.examples, plan, seed, allow_timestamps=not dataset.require_text)
+    manifest = Manifest(dataset.source, windows, list(dataset.problems))
+    composed = SpeechDataset(
+        manifest,
+        dataset.spec,
+        dataset.n_mels,
+        dataset.pad_30s,
+        dataset.teacher_30s,
+        dataset.strict,
+        dataset.require_text,
+        dataset.margin,
+    )
+    low, high = window_seconds(composed.examples)
+    logger.info(
+        "%s: %d clips composed into %d windows of %.1f-%.1f s (%d sets)",
+        dataset.source,
+        len(dataset),
+        len(composed),
+        low,
+        high,
+        plan.sets,
+    )
+    return composed
 
 
 @dataclass

@@ -307,8 +307,9 @@ def read_manifest(source: PathLike, strict: bool = False, require_text: bool = T
 
 
 def check_audio(manifest: Manifest, strict: bool = False, max_seconds: Optional[float] = MAX_CLIP_SECONDS) -> Manifest:
-    """Open every example's audio header: drop missing or undecodable files, bad spans and clips over 30 s
-    (``max_seconds``; None: recordings of any length, for callers that transcribe them window by window).
+    """Open every example's audio header: drop missing or undecodable files, bad spans and clips over
+    ``max_seconds`` (a 30-s Whisper window; None keeps long recordings, which `windows` cuts into windows and
+    `evaluate` transcribes window by window).
 
     Fills ``Example.duration`` (seconds of the clip, after ``start``/``end``). Returns a new Manifest.
     """
@@ -331,7 +332,7 @@ def check_audio(manifest: Manifest, strict: bool = False, max_seconds: Optional[
             continue
         duration = min(end, length) - start
         if max_seconds is not None and duration > max_seconds:
-            rows.skip(example.row, f"clip is {duration:.1f} s long; a Whisper window holds at most {max_seconds:g} s")
+            rows.skip(example.row, f"clip is {duration:.1f} s long; a Whisper window holds at most 30 s")
             continue
         if duration < MIN_CLIP_SECONDS:
             rows.skip(example.row, f"clip is {1000 * duration:.0f} ms long; at least 20 ms (two mel frames) are needed")

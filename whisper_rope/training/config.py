@@ -131,6 +131,22 @@ class FinetuneConfig:
         "its rows 0..n-1 to n positions (the sliced table). Default: yes for encoders without a table",
     )
     unpadded_margin: int = opt(0, "padding positions (20 ms each) an unpadded encoder keeps after each clip")
+    windows: str = opt(
+        "clips",
+        "what a training example is: clips (each clip of --train, as given) or every-length (clips joined with "
+        "pauses and recordings over 30 s cut at their pauses into windows of 1-30 s, the lengths drawn evenly; "
+        "see --single-clip-share, --window-sets)",
+        choices=("clips", "every-length"),
+    )
+    single_clip_share: float = opt(0.15, "with --windows every-length: the share of windows that stay one clip")
+    window_sets: int = opt(
+        2, "with --windows every-length: how many different compositions of the clips to train on (seeded)"
+    )
+    timestamp_share: float = opt(
+        0.5,
+        "with --windows every-length and teacher transcripts: the share of windows whose targets carry timestamp "
+        "tokens (as transcribe decodes), the rest without (as evaluate and short clips)",
+    )
     pad_to_30s: bool = opt(
         False, "give rotary-only encoders 30-s padded input too (encoders with an absolute table always get it)"
     )
@@ -276,6 +292,12 @@ class FinetuneConfig:
             ),
             (self.stage_steps >= 0, f"--stage-steps must not be negative, got {self.stage_steps}"),
             (self.unpadded_margin >= 0, f"--unpadded-margin must not be negative, got {self.unpadded_margin}"),
+            (
+                0 <= self.single_clip_share <= 1,
+                f"--single-clip-share must be in [0, 1], got {self.single_clip_share}",
+            ),
+            (1 <= self.window_sets <= 100, f"--window-sets must be in 1..100, got {self.window_sets}"),
+            (0 <= self.timestamp_share <= 1, f"--timestamp-share must be in [0, 1], got {self.timestamp_share}"),
             (self.weight_decay >= 0, f"--weight-decay must not be negative, got {self.weight_decay}"),
             (self.grad_clip >= 0, f"--grad-clip must not be negative, got {self.grad_clip}"),
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),

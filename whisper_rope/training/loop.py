@@ -43,6 +43,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..atomic import atomic_torch_save, atomic_write_text
+from ..data import window_seconds
 from ..errors import PathLike, TrainingError, WhisperRopeError
 from ..evaluation.evaluate import validation_metrics
 from ..model import WhisperRope
@@ -255,6 +256,7 @@ def _setup(model, train, eval, config: FinetuneConfig, teacher, context: Distrib
     train, eval = _holdout_split(config, train, eval, cache, output, context)
     cache = cache if _learns_from_teacher(config, objective) else None
     pipeline = build_pipeline(model, train, eval, config, unpadded, cache, context, config.progress)
+    model.adapted_seconds = window_seconds(pipeline.train_set.examples)  # saved with every checkpoint
     optimizer, scheduler, scaler, autocast_dtype = _optimisation(model, config, context.device)
     run = RunState(
         config=config,

@@ -1,6 +1,7 @@
 """What the training loop feeds the model: the datasets, the teacher's cached targets, and the batches.
 
-One pipeline per form of input: 30-s windows, or each clip's own frames (``unpadded``) in length-bucketed batches.
+One pipeline per form of input: 30-s windows, or each clip's own frames (``unpadded``) in length-bucketed batches;
+with ``--windows every-length`` the clips are first composed into windows of every length (`data.windows`).
 When the run learns from the teacher, its targets are filled into the cache before the first step (each rank fills
 its share of the clips), and the DataLoader workers read them with the audio.
 """
@@ -11,7 +12,18 @@ from typing import Iterator, Optional
 
 import torch
 
-from ..data import Batch, BucketBatchSampler, Collator, SpeechDataset, load_examples, make_loader, spec_augment_
+from ..data import (
+    MAX_CLIP_SECONDS,
+    Batch,
+    BucketBatchSampler,
+    Collator,
+    SpeechDataset,
+    WindowPlan,
+    composed_dataset,
+    load_examples,
+    make_loader,
+    spec_augment_,
+)
 from ..model import WhisperRope
 from ..weights.packages import resolve_cache_dir
 from .config import FinetuneConfig
@@ -62,14 +74,18 @@ def build_pipeline(
 ) -> Pipeline:
     """Datasets, teacher targets and loader for one form of input. Raises `DataError` for unusable data."""
     options = dict(strict=config.strict, language=config.language, task=config.task, margin=config.unpadded_margin)
+    composing = config.windows == "every-length"
     train_set = load_examples(
         train,
         model,
         pad_30s=not unpadded,
         require_text=not config.distill_only,
         teacher_30s=cache is not None,
+        max_seconds=None if composing else MAX_CLIP_SECONDS,
         **options,
     )
+    if composing:
+        train_set = composed_dataset(train_set, window_plan(config), config.seed)
     eval_set = None if eval is None else load_examples(eval, model, pad_30s=not unpadded, **options)
     collate = Collator(train_set.tokenizer(0).eot, not unpadded)
     if cache is not None:
@@ -89,6 +105,13 @@ def build_pipeline(
         train_set, sampler, config.num_workers, pin_memory=context.device.type == "cuda", collate_fn=collate
     )
     return Pipeline(train_set, eval_set, sampler, loader, unpadded)
+
+
+def window_plan(config: FinetuneConfig) -> WindowPlan:
+    """How ``--windows every-length`` composes the training windows."""
+    return WindowPlan(
+        single_share=config.single_clip_share, timestamp_share=config.timestamp_share, sets=config.window_sets
+    )
 
 
 def _filled_entries(

@@ -31,6 +31,7 @@ _LABEL_FREE = {
     "batch_size": 8,
     "num_workers": 1,
     "eval_holdout": 24,
+    "windows": "every-length",
 }
 
 RECIPES: Dict[str, Recipe] = {

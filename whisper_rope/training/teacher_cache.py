@@ -183,7 +183,9 @@ class TeacherCache:
     def _forced_key(self, dataset: SpeechDataset, index: int) -> str:
         prompt = dataset.prompts[index]
         if self.spec.transcripts == "teacher":
-            return f"teacher:{dataset.languages[index]}:{dataset.spec.task}:{prompt}"
+            # Windows that draw timestamp targets are transcribed with timestamps: another key, another entry.
+            stamps = ":timestamps" if dataset.timestamps(index) else ""
+            return f"teacher:{dataset.languages[index]}:{dataset.spec.task}:{prompt}{stamps}"
         return f"reference:{dataset.targets[index][0]}"
 
     @torch.no_grad()
@@ -208,7 +210,7 @@ class TeacherCache:
         else:
             text_tokens = [_text_of(*dataset.targets[index]) for index in clips]
         sequences = [
-            target_sequence(dataset.tokenizer(index), text, dataset.prompts[index])[0]
+            target_sequence(dataset.tokenizer(index), text, dataset.prompts[index], dataset.timestamps(index))[0]
             for index, text in zip(clips, text_tokens)
         ]
         tokens = pad_token_rows(sequences, dataset.tokenizer(clips[0]).eot).to(device)
@@ -221,19 +223,22 @@ class TeacherCache:
             self.write(paths[index], entry)
 
     def _transcripts(self, dataset: SpeechDataset, clips: List[int], audio: Tensor) -> List[List[int]]:
-        """The teacher's greedy transcripts (text tokens, without timestamps) of its encoded windows ``audio``
-        (b, n_audio_ctx, d), decoded per language and prompt."""
-        groups: Dict[Tuple[str, Optional[str]], List[int]] = {}
+        """The teacher's greedy transcripts (text tokens, with timestamp tokens for clips whose targets carry
+        them) of its encoded windows ``audio`` (b, n_audio_ctx, d), decoded per language, prompt and timestamps."""
+        groups: Dict[Tuple[str, Optional[str], bool], List[int]] = {}
         for i, index in enumerate(clips):
-            groups.setdefault((dataset.languages[index], dataset.examples[index].prompt), []).append(i)
+            key = (dataset.languages[index], dataset.examples[index].prompt, dataset.timestamps(index))
+            groups.setdefault(key, []).append(i)
         transcripts: Dict[int, List[int]] = {}
-        for (language, prompt), members in groups.items():
+        for (language, prompt, timestamps), members in groups.items():
             options = DecodingOptions(
-                language=language, task=dataset.spec.task, without_timestamps=True, fp16=False, prompt=prompt
+                language=language, task=dataset.spec.task, without_timestamps=not timestamps, fp16=False, prompt=prompt
             )
             for i, result in zip(members, self.teacher.decode(audio[members], options)):
                 index = clips[i]
-                head = len(dataset.prompts[index]) + len(dataset.tokenizer(index).sot_sequence_including_notimestamps)
+                tokenizer = dataset.tokenizer(index)
+                sot = tokenizer.sot_sequence if timestamps else tokenizer.sot_sequence_including_notimestamps
+                head = len(dataset.prompts[index]) + len(sot)
                 transcripts[i] = list(result.tokens)[: max(dataset.spec.n_text_ctx - head, 0)]
         return [transcripts[i] for i in range(len(clips))]
 
@@ -313,7 +318,9 @@ class TeacherTargetsDataset(torch.utils.data.Dataset):
         text = entry.pop("text_tokens").tolist()
         if self.transcripts == "teacher":
             tokenizer = self.dataset.tokenizer(item.index)
-            tokens, labels = target_sequence(tokenizer, text, self.dataset.prompts[item.index])
+            tokens, labels = target_sequence(
+                tokenizer, text, self.dataset.prompts[item.index], self.dataset.timestamps(item.index)
+            )
             item.tokens, item.labels = torch.tensor(tokens), torch.tensor(labels)
         item.teacher_states = entry
         return item

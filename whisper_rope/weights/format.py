@@ -413,8 +413,19 @@ def _flag(value: object, dims: Dict[str, int]) -> bool:
     return isinstance(value, bool)
 
 
+def _seconds_range(value: object, dims: Dict[str, int]) -> bool:
+    """[shortest, longest] window seconds, 0 < shortest <= longest, both finite."""
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(real_number(v) and math.isfinite(v) for v in value)
+        and 0 < value[0] <= value[1]
+    )
+
+
 #: Stored rotary option -> (what it must be, for messages; its check given the dims).
 _ROTARY_OPTIONS = {
+    "adapted_seconds": ("[shortest, longest] finite seconds, 0 < shortest <= longest", _seconds_range),
     "theta": ("a finite positive number", lambda value, dims: positive_finite(value)),
     "gated": ("true or false", _flag),
     "unpadded": ("true or false", _flag),

@@ -317,6 +317,9 @@ def load_model(
     model.unpadded_margin = int(
         stored_options.get("unpadded_margin", 0) if unpadded_margin is None else unpadded_margin
     )
+    model.trained_unpadded = trained_unpadded
+    adapted = stored_options.get("adapted_seconds")
+    model.adapted_seconds = None if adapted is None else (float(adapted[0]), float(adapted[1]))
     _warn_untrained_positions(model, parse_variant(stored_variant), report, trained_unpadded, os.fspath(name_or_path))
     model.load_report = report
     logger.info("%s", report.summary())

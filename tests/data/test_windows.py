@@ -1,0 +1,120 @@
+"""Training windows of every length (whisper_rope.data.windows): what they hold, how their lengths spread, and how
+long recordings are cut."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import soundfile
+from whisper.audio import SAMPLE_RATE
+
+from whisper_rope.audio import load_audio
+from whisper_rope.data import Example, WindowPlan, compose_windows, window_audio, window_seconds
+
+from .conftest import ROWS, SPEECH
+
+
+def _clips(durations, texts=None):
+    texts = texts or [f"clip {i}" for i in range(len(durations))]
+    return [
+        Example(audio=f"/clips/{i}.flac", text=t, row=i + 1, duration=d)
+        for i, (d, t) in enumerate(zip(durations, texts))
+    ]
+
+
+def _fixture_clips():
+    clips = []
+    for i, row in enumerate(ROWS):
+        path = SPEECH / row["audio"]
+        seconds = len(load_audio(path)) / SAMPLE_RATE
+        clips.append(Example(audio=str(path), text=row["text"], row=i + 1, duration=seconds))
+    return clips
+
+
+def test_a_window_holds_its_clips_audio_in_order_with_silent_pauses():
+    clips = _fixture_clips()
+    windows = compose_windows(clips, WindowPlan(single_share=0.0, sets=1), seed=0)
+    joined = max(windows, key=lambda w: len(w.pieces))
+    assert len(joined.pieces) >= 3
+    audio = window_audio(joined)
+    position = 0
+    for i, piece in enumerate(joined.pieces):
+        if i:  # the pause is silence of the drawn length
+            pause = round(joined.pauses[i - 1] * SAMPLE_RATE)
+            assert 0.2 * SAMPLE_RATE <= pause <= 1.5 * SAMPLE_RATE
+            assert not audio[position : position + pause].any()
+            position += pause
+        clip = load_audio(piece.audio)
+        np.testing.assert_array_equal(audio[position : position + len(clip)], clip)
+        position += len(clip)
+    assert position == len(audio)
+    assert abs(joined.duration - len(audio) / SAMPLE_RATE) < 0.01
+    by_path = {str(SPEECH / row["audio"]): row["text"] for row in ROWS}
+    assert joined.text == " ".join(by_path[piece.audio] for piece in joined.pieces)
+
+
+def test_each_set_uses_every_clip_once_and_is_the_same_for_the_same_seed():
+    clips = _clips(np.random.default_rng(0).uniform(2, 6, 300))
+    plan = WindowPlan(sets=3)
+    windows = compose_windows(clips, plan, seed=5)
+    assert windows == compose_windows(clips, plan, seed=5)
+    assert windows != compose_windows(clips, plan, seed=6)
+    uses = Counter(piece.audio for w in windows for piece in w.pieces)
+    assert set(uses.values()) == {3} and len(uses) == 300
+    assert all(w.duration <= 30.0 for w in windows)
+    assert all(abs(w.duration - sum(p.seconds for p in w.pieces) - sum(w.pauses)) < 1e-9 for w in windows)
+
+
+def test_lengths_cover_one_to_thirty_seconds_about_evenly():
+    clips = _clips(np.random.default_rng(1).uniform(2, 6, 2000))
+    windows = compose_windows(clips, WindowPlan(sets=1), seed=0)
+    lengths = np.array([w.duration for w in windows])
+    counts = np.histogram(lengths, bins=[0, 5, 10, 15, 20, 25, 30])[0]
+    assert counts.min() > 0.5 * counts.mean(), counts  # no band of lengths starved
+    assert lengths.max() > 27 and lengths.min() < 3
+    assert window_seconds(windows) == (lengths.min(), lengths.max())
+    singles = sum(len(w.pieces) == 1 for w in windows) / len(windows)
+    assert 0.15 <= singles <= 0.5  # the drawn single-clip share plus targets shorter than the next clip
+
+
+def test_the_single_clip_share_and_the_timestamp_share_are_honoured():
+    clips = _clips(np.random.default_rng(2).uniform(2, 6, 600))
+    only_singles = compose_windows(clips, WindowPlan(single_share=1.0, timestamp_share=0.0, sets=1), seed=0)
+    assert len(only_singles) == 600 and not any(w.timestamps for w in only_singles)
+    stamped = compose_windows(clips, WindowPlan(timestamp_share=0.5, sets=1), seed=0)
+    share = sum(w.timestamps for w in stamped) / len(stamped)
+    assert 0.35 < share < 0.65
+    without = compose_windows(clips, WindowPlan(timestamp_share=1.0, sets=1), seed=0, allow_timestamps=False)
+    assert not any(w.timestamps for w in without)
+
+
+def test_clips_of_other_languages_or_with_a_prompt_are_never_joined():
+    clips = _clips([3.0] * 40)
+    clips = [
+        Example(**{**c.__dict__, "language": "de" if i % 2 else "en", "prompt": "a prompt" if i % 5 == 0 else None})
+        for i, c in enumerate(clips)
+    ]
+    for window in compose_windows(clips, WindowPlan(single_share=0.0, sets=2), seed=0):
+        members = [clips[int(piece.audio.split("/")[-1].split(".")[0])] for piece in window.pieces]
+        assert len({m.language for m in members}) == 1
+        assert len(members) == 1 or not any(m.prompt for m in members)
+
+
+def test_a_long_recording_is_cut_at_its_pauses_into_consecutive_windows(tmp_path):
+    # 3-s bursts of tone with 1-s pauses: 100 s in all.
+    tone = 0.3 * np.sin(2 * np.pi * 220 * np.arange(3 * SAMPLE_RATE) / SAMPLE_RATE).astype(np.float32)
+    audio = np.concatenate([np.concatenate([tone, np.zeros(SAMPLE_RATE, np.float32)]) for _ in range(25)])
+    path = tmp_path / "long.wav"
+    soundfile.write(path, audio, SAMPLE_RATE)
+    spans = [(4 * i * SAMPLE_RATE, (4 * i + 3) * SAMPLE_RATE) for i in range(25)]
+    recording = Example(audio=str(path), text=None, row=1, duration=100.0)
+    windows = compose_windows([recording], WindowPlan(sets=1), seed=0, find_spans=lambda a: spans)
+    assert len(windows) >= 4
+    for window, following in zip(windows, windows[1:]):
+        assert window.end == pytest.approx(following.start)  # consecutive, nothing lost
+        cut = window.end % 4  # each cut lies inside a pause (3..4 s of every 4-s period)
+        assert 3.0 <= cut <= 4.0 or cut == pytest.approx(0.0, abs=1e-9)
+    assert windows[0].start == 0.0 and windows[-1].end == pytest.approx(99.0)
+    assert all(w.duration <= 30.0 for w in windows)
+    first = window_audio(windows[0])
+    np.testing.assert_array_equal(first, load_audio(path)[: len(first)])

@@ -1,0 +1,212 @@
+"""Training windows of every length up to 30 s, composed from whatever audio a training folder holds.
+
+A model adapted on one-sentence clips learns "one sentence, then end of text" and drops the rest of a longer input.
+So the windows a run trains on are composed to cover 1-30 s about evenly:
+
+* short clips are joined in a shuffled order, with a pause of silence between two clips (`WindowPlan.pause`), until
+  the next clip would pass a length drawn uniformly from `WindowPlan.min_seconds`..`max_seconds`; a share of the
+  windows (`WindowPlan.single_share`) stays one clip;
+* a recording longer than a window is cut inside its pauses (found by the Silero VAD of `speech_chunks`) into
+  consecutive windows of drawn lengths.
+
+Each window also draws whether its targets carry timestamp tokens (`WindowPlan.timestamp_share`): upstream's
+``transcribe`` decodes with timestamps by default and seeks on them, evaluation and short clips decode without.
+
+A plan is a pure function of the clips, the seed and the set index (`compose_windows`), so the teacher's targets of
+a window, cached under its audio, are computed once and read in every later epoch and run. Several sets
+(`WindowPlan.sets`) give the same clips in other combinations.
+
+Units: seconds for lengths and pauses; audio (n_samples,) float32 at 16 kHz.
+"""
+
+import logging
+import random
+from dataclasses import dataclass, replace
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from whisper.audio import N_SAMPLES, SAMPLE_RATE
+
+from ..audio import load_audio
+from .manifest import MAX_CLIP_SECONDS, Example
+
+logger = logging.getLogger("whisper_rope")
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A stretch of one audio file: ``start``/``end`` seconds into it (None: from the start / to the end)."""
+
+    audio: str
+    start: Optional[float]
+    end: Optional[float]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Window(Example):
+    """An `Example` whose audio is ``pieces`` joined with ``pauses`` seconds of silence between them (one pause
+    fewer than pieces). ``audio``, ``row`` and ``language`` are the first piece's; ``text`` the pieces' texts
+    joined in order (None when any is untranscribed); ``timestamps``: its targets carry timestamp tokens."""
+
+    pieces: Tuple[Piece, ...] = ()
+    pauses: Tuple[float, ...] = ()
+    timestamps: bool = False
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """How windows are drawn. Lengths in seconds; shares in 0..1."""
+
+    min_seconds: float = 1.0
+    max_seconds: float = MAX_CLIP_SECONDS
+    single_share: float = 0.15
+    pause: Tuple[float, float] = (0.2, 1.5)
+    timestamp_share: float = 0.5
+    sets: int = 2
+
+    def __post_init__(self) -> None:
+        checks = (
+            (0 < self.min_seconds <= self.max_seconds <= MAX_CLIP_SECONDS, "window lengths must lie in 0..30 s"),
+            (0 <= self.single_share <= 1, "the share of single-clip windows must lie in 0..1"),
+            (0 <= self.pause[0] <= self.pause[1], "pauses must be non-negative, shortest first"),
+            (0 <= self.timestamp_share <= 1, "the share of windows with timestamp targets must lie in 0..1"),
+            (self.sets >= 1, "at least one set of windows is needed"),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"{message}, got {self}")
+
+
+#: Finds the speech of a recording: (n_samples,) audio -> (start, end) sample spans in order.
+SpanFinder = Callable[[np.ndarray], List[Tuple[int, int]]]
+
+
+def compose_windows(
+    examples: Sequence[Example],
+    plan: WindowPlan,
+    seed: int,
+    allow_timestamps: bool = True,
+    find_spans: Optional[SpanFinder] = None,
+) -> List[Window]:
+    """Every set of windows of ``examples`` (each with ``duration`` filled, as `check_audio` does), set after set.
+
+    Clips of at most ``plan.max_seconds`` are joined; longer ones are cut at the spans ``find_spans`` returns
+    (default: `speech_chunks.speech_spans`). Clips of different languages or with a prompt are never joined.
+    ``allow_timestamps`` False gives every window targets without timestamps (e.g. reference transcripts, which
+    have none).
+    """
+    short = [e for e in examples if (e.duration or 0.0) <= plan.max_seconds]
+    long = [e for e in examples if (e.duration or 0.0) > plan.max_seconds]
+    cuts = _recording_spans(long, find_spans) if long else {}
+    windows: List[Window] = []
+    for index in range(plan.sets):
+        rng = random.Random(f"windows:{seed}:{index}")
+        drawn = _joined_clips(short, plan, rng) + [w for e in long for w in _cut_recording(e, cuts[e.row], plan, rng)]
+        windows += [replace(w, timestamps=allow_timestamps and rng.random() < plan.timestamp_share) for w in drawn]
+    return windows
+
+
+def window_audio(window: Window) -> np.ndarray:
+    """The window's waveform: its pieces decoded and joined with silence, at most 30 s. Raises `AudioError` when a
+    piece cannot be decoded."""
+    parts = []
+    for i, piece in enumerate(window.pieces):
+        if i:
+            parts.append(np.zeros(round(window.pauses[i - 1] * SAMPLE_RATE), dtype=np.float32))
+        parts.append(load_audio(piece.audio, start=piece.start, end=piece.end))
+    return np.concatenate(parts)[:N_SAMPLES]
+
+
+def window_seconds(windows: Sequence[Example]) -> Tuple[float, float]:
+    """(shortest, longest) window, in seconds."""
+    lengths = [float(w.duration or 0.0) for w in windows]
+    return (min(lengths), max(lengths)) if lengths else (0.0, 0.0)
+
+
+def _joined_clips(clips: Sequence[Example], plan: WindowPlan, rng: random.Random) -> List[Window]:
+    """One pass over ``clips`` in a shuffled order, each clip in exactly one window."""
+    groups: Dict[Tuple[Optional[str], bool], List[Example]] = {}
+    for clip in clips:
+        groups.setdefault((clip.language, bool(clip.prompt)), []).append(clip)
+    windows = []
+    for (_, prompted), members in groups.items():
+        order = list(members)
+        rng.shuffle(order)
+        while order:
+            single = prompted or rng.random() < plan.single_share
+            target = rng.uniform(plan.min_seconds, plan.max_seconds)
+            taken, pauses = [order.pop()], []
+            length = float(taken[0].duration or 0.0)
+            while order and not single:
+                pause = rng.uniform(*plan.pause)
+                if length + pause + float(order[-1].duration or 0.0) > target:
+                    break
+                taken.append(order.pop())
+                pauses.append(pause)
+                length += pause + float(taken[-1].duration or 0.0)
+            windows.append(_window(taken, pauses, length))
+    return windows
+
+
+def _window(clips: Sequence[Example], pauses: Sequence[float], length: float) -> Window:
+    pieces = tuple(Piece(c.audio, c.start, c.end, float(c.duration or 0.0)) for c in clips)
+    texts = [c.text for c in clips]
+    text = None if any(t is None for t in texts) else " ".join(t.strip() for t in texts)
+    first = clips[0]
+    return Window(
+        audio=first.audio,
+        text=text,
+        row=first.row,
+        language=first.language,
+        prompt=first.prompt,
+        duration=length,
+        pieces=pieces,
+        pauses=tuple(pauses),
+    )
+
+
+def _recording_spans(recordings: Sequence[Example], find_spans: Optional[SpanFinder]) -> Dict[int, list]:
+    """Speech spans of each long recording (keyed by row), in seconds from the start of its clip."""
+    if find_spans is None:
+        from ..speech_chunks import speech_spans as find_spans
+    spans = {}
+    for recording in recordings:
+        audio = load_audio(recording.audio, start=recording.start, end=recording.end)
+        spans[recording.row] = [(s / SAMPLE_RATE, e / SAMPLE_RATE) for s, e in find_spans(audio)]
+        logger.info("windows: %s has %d speech spans", recording.audio, len(spans[recording.row]))
+    return spans
+
+
+def _cut_recording(recording: Example, spans: Sequence[Tuple[float, float]], plan: WindowPlan, rng) -> List[Window]:
+    """Consecutive windows of a long recording, each at most ``plan.max_seconds`` long and ending in the middle of a
+    pause, where the next one starts (at most ``plan.pause[1]`` of the pause on either side); a span longer than a
+    window is cut at the window's end."""
+    offset = recording.start or 0.0
+    windows: List[Window] = []
+    i, previous_end = 0, None
+    while i < len(spans):
+        start = spans[i][0] if previous_end is None else max(previous_end, spans[i][0] - plan.pause[1])
+        target = rng.uniform(plan.min_seconds, plan.max_seconds)
+        end = min(spans[i][1], start + plan.max_seconds)
+        i += 1
+        while i < len(spans) and spans[i][1] - start <= target:
+            end = spans[i][1]
+            i += 1
+        if i < len(spans):  # leave half of the pause to the next window
+            end = min(end + min((spans[i][0] - end) / 2, plan.pause[1]), start + plan.max_seconds)
+        previous_end = end
+        piece = Piece(recording.audio, offset + start, offset + end, end - start)
+        windows.append(
+            Window(
+                audio=recording.audio,
+                text=None,
+                row=recording.row,
+                language=recording.language,
+                duration=end - start,
+                start=offset + start,
+                end=offset + end,
+                pieces=(piece,),
+            )
+        )
+    return windows
