@@ -167,7 +167,7 @@ def test_evaluate_transcribes_a_long_recording_through_upstreams_loop_as_transcr
     data = str(recording / "data.jsonl")
     assert main(["--model", "tiny.en", "--data", data, "-o", str(output), "--no-progress", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
-    assert "1 recordings over 30 s transcribed through upstream's window-by-window loop" in printed
+    assert "1 recording over 30 s transcribed through upstream's window-by-window loop" in printed
     summary = json.loads(output.read_text())
     rows = [json.loads(line) for line in output.with_suffix(".jsonl").read_text().splitlines()]
     assert summary["long_form"] == "loop" and summary["n_utterances"] == 2

@@ -254,7 +254,8 @@ class EvaluationResult(ErrorRates):
         n_long = sum(row.long_form is not None for row in self.rows)
         if n_long:
             how = "upstream's window-by-window loop" if self.long_form == "loop" else "batched speech chunks"
-            lines.append(f"  {n_long} recordings over 30 s transcribed through {how}")
+            recordings = "recording" if n_long == 1 else "recordings"
+            lines.append(f"  {n_long} {recordings} over 30 s transcribed through {how}")
         if self.buckets:
             table = length_bucket_table({"": [asdict(bucket) for bucket in self.buckets]})
             lines += ["  per clip length:"] + ["    " + line for line in table.splitlines()]
