@@ -7,7 +7,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import soundfile
-import torch
 from whisper.audio import SAMPLE_RATE
 
 import whisper_rope
@@ -19,6 +18,8 @@ from whisper_rope.evaluation.compare import CompareConfig, length_bucket_tables
 from whisper_rope.evaluation.evaluate import evaluate, main
 from whisper_rope.evaluation.metrics import length_bucket, length_bucket_table, length_buckets
 from whisper_rope.training.report import _table
+
+from .test_evaluate import _one_thread  # noqa: F401  (module-scoped, autouse: tiny.en decodes on one thread)
 
 SPEECH = FIXTURES / "speech"
 NAMES = ["flite_slt", "espeak_en", "flite_kal", "espeak_en_us", "flite_awb", "espeak_en_f3", "espeak_en_m3"]
@@ -122,14 +123,6 @@ def test_check_audio_keeps_long_recordings_only_when_asked(tmp_path):
 
 
 # ---- real tiny.en --------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
