@@ -10,14 +10,15 @@ import soundfile
 from whisper.audio import SAMPLE_RATE
 
 import whisper_rope
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, randomise_, small_dims
 from whisper_rope import cli
 from whisper_rope.audio import load_audio
 from whisper_rope.data import DataError, check_audio, read_manifest
 from whisper_rope.evaluation.compare import CompareConfig, length_bucket_tables
 from whisper_rope.evaluation.evaluate import evaluate, main
 from whisper_rope.evaluation.metrics import length_bucket, length_bucket_table, length_buckets
-from whisper_rope.training.report import _table
+from whisper_rope.training.config import FinetuneConfig
+from whisper_rope.training.report import _table, final_evaluation
 
 from .test_evaluate import _one_thread  # noqa: F401  (module-scoped, autouse: tiny.en decodes on one thread)
 
@@ -182,3 +183,24 @@ def test_evaluate_transcribes_a_long_recording_in_batched_chunks_as_transcribe_d
     assert long.hypothesis == _transcribe_cli(recording, "8", tmp_path)
     assert long.wer < 0.2
     assert [bucket.bucket for bucket in result.buckets] == ["≤ 5 s", "> 30 s"]
+
+
+def test_the_recipes_final_evaluation_gives_long_recordings_through_both_long_form_paths(recording, tmp_path):
+    model = randomise_(whisper_rope.build_model(small_dims(n_audio_ctx=1500), "rotary")).eval()
+    model.unpadded = True
+    source = whisper_rope.save_checkpoint(
+        randomise_(whisper_rope.build_model(small_dims(n_audio_ctx=1500), "whisper")), tmp_path / "source.pt"
+    )
+    config = FinetuneConfig(model=str(source), train="x", eval=str(recording / "data.jsonl"), batch_size=4)
+    table = final_evaluation(SimpleNamespace(output=str(tmp_path), model=model), config, progress=False)
+    lines = table.splitlines()
+    start = lines.index("WER per clip length:")
+    assert lines[start + 2].startswith("| length | clips | seconds | source (30-s windows) WER % |")
+    assert [line.split(" | ")[:2] for line in lines[start + 4 :]] == [["| ≤ 5 s", "1"], ["| > 30 s", "1"]] + [
+        ["| > 30 s, batched", "1"]
+    ]
+    rows = json.loads((tmp_path / "final_evaluation.json").read_text())["rows"]
+    assert [row["model"] for row in rows] == ["source", "fine-tuned"]
+    for row in rows:
+        assert [bucket["bucket"] for bucket in row["buckets"]] == ["≤ 5 s", "> 30 s", "> 30 s, batched"]
+        assert row["clips"] == 2  # the batched pass is of the long recording alone, outside the main row

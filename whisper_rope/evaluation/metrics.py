@@ -172,14 +172,17 @@ def length_bucket_table(columns: Mapping[str, Sequence[Mapping[str, Any]]]) -> s
     column (a model, a decoding; a capped count may be a mean over seeds).
 
     columns: column name -> that column's buckets as plain data (`LengthBucket` fields, e.g. from JSON); a bucket
-    missing from a column shows as "–". Clips and seconds come from the first column holding the bucket.
+    missing from a column shows as "–". Clips and seconds come from the first column holding the bucket. Rows follow
+    `LENGTH_BUCKETS`, then buckets of other names (e.g. another decoding of the long recordings) as first met.
     """
     names = list(columns)
     header = ["length", "clips", "seconds"]
     header += [f"{name} {what}".strip() for name in names for what in ("WER %", "capped")]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     by_column = [{bucket["bucket"]: bucket for bucket in columns[name]} for name in names]
-    for bucket_name, _ in LENGTH_BUCKETS:
+    names_in_order = [name for name, _ in LENGTH_BUCKETS]
+    names_in_order += [name for buckets in by_column for name in buckets if name not in names_in_order]
+    for bucket_name in dict.fromkeys(names_in_order):
         present = [buckets[bucket_name] for buckets in by_column if bucket_name in buckets]
         if not present:
             continue

@@ -2,16 +2,18 @@
 
 Each row: WER, how many hypotheses ran into the length cap (loops) and the WER of the others — on a small set one
 looping hypothesis can add tens of points, so both are shown — and the real-time factor. Below it, a row per clip
-length bucket (`metrics.LENGTH_BUCKETS`) with each model's WER and capped hypotheses side by side. Written to
-``final_evaluation.json`` and ``final_evaluation.md`` in the run's directory.
+length bucket (`metrics.LENGTH_BUCKETS`) with each model's WER and capped hypotheses side by side; recordings over
+30 s are transcribed through upstream's loop (the ``> 30 s`` row) and again through the batched long-form path
+(``> 30 s, batched``). Written to ``final_evaluation.json`` and ``final_evaluation.md`` in the run's directory.
 """
 
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..atomic import atomic_write_text
+from ..data import Manifest, read_manifest
 from ..evaluation.evaluate import EvaluationResult, evaluate
 from ..evaluation.metrics import length_bucket_table
 from ..weights.loading import load_model
@@ -40,10 +42,10 @@ def final_evaluation(result, config: FinetuneConfig, progress: bool = True) -> O
     if data is None:
         return None
     model = result.model
-    rows = [_row("fine-tuned", model, evaluate(model, data, batch_size=config.batch_size, progress=progress))]
+    rows = [_row("fine-tuned", model, *_evaluations(model, data, config.batch_size, progress))]
     if not teacher_references:
         source = load_model(config.model, device=next(model.parameters()).device)
-        rows.insert(0, _row("source", source, evaluate(source, data, batch_size=config.batch_size, progress=progress)))
+        rows.insert(0, _row("source", source, *_evaluations(source, data, config.batch_size, progress)))
     references = "the teacher's 30-s transcripts (held-out clips)" if teacher_references else "the manifest's text"
     table = _table(rows, data, references)
     atomic_write_text(
@@ -63,7 +65,24 @@ def _evaluation_data(config: FinetuneConfig, output: Path):
     return None, False
 
 
-def _row(name: str, model, evaluation: EvaluationResult) -> Dict[str, Any]:
+def _evaluations(model, data, batch_size: int, progress: bool) -> Tuple[EvaluationResult, Optional[EvaluationResult]]:
+    """The evaluation of ``data`` (recordings over 30 s through upstream's loop) and, when it holds such recordings,
+    theirs through the batched long-form path (else None)."""
+    evaluation = evaluate(model, data, batch_size=batch_size, progress=progress)
+    long_rows = {row.row for row in evaluation.rows if row.long_form is not None}
+    if not long_rows:
+        return evaluation, None
+    manifest = read_manifest(data, require_text=False)
+    long = Manifest(manifest.source, [example for example in manifest.examples if example.row in long_rows])
+    return evaluation, evaluate(model, long, batch_size=batch_size, long_form="batched", progress=progress)
+
+
+def _row(name: str, model, evaluation: EvaluationResult, batched: Optional[EvaluationResult] = None) -> Dict[str, Any]:
+    """The table's row of one model; ``batched``: its recordings over 30 s through the batched long-form path, shown
+    as the bucket ``> 30 s, batched``."""
+    buckets = [asdict(bucket) for bucket in evaluation.buckets]
+    if batched is not None:
+        buckets += [{**asdict(bucket), "bucket": f"{bucket.bucket}, batched"} for bucket in batched.buckets]
     return {
         "model": name,
         "variant": getattr(model, "variant", "whisper"),
@@ -73,7 +92,7 @@ def _row(name: str, model, evaluation: EvaluationResult) -> Dict[str, Any]:
         "clips": evaluation.n_utterances,
         "wer_without_capped": wer_without_capped(evaluation),
         "rtf": evaluation.rtf,
-        "buckets": [asdict(bucket) for bucket in evaluation.buckets],
+        "buckets": buckets,
     }
 
 
