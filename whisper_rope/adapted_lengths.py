@@ -22,7 +22,7 @@ UNRECORDED_LIMIT_S = 10.0
 def longest_adapted_window(model) -> "float | None":
     """The longest window ``model`` may take unpadded without a warning; None when any length is fine (not
     unpadded, or not adapted to it at all: `load_model` already warns about that)."""
-    if not model.unpadded:
+    if not getattr(model, "unpadded", False):  # upstream's Whisper has no such flag: always padded
         return None
     recorded = getattr(model, "adapted_seconds", None)
     if recorded is None:

@@ -58,6 +58,7 @@ from whisper.model import Whisper
 from whisper.tokenizer import Tokenizer, get_tokenizer
 from whisper.transcribe import transcribe as upstream_transcribe
 
+from ..adapted_lengths import warn_outside
 from ..atomic import atomic_write_text
 from ..audio import load_audio
 from ..data import (
@@ -434,6 +435,8 @@ def evaluate_dataset(
     caps = _caps(model, dataset, languages, options)
     run = _Decoded(skipped=[str(problem) for problem in dataset.problems])
     long = set(_long_recordings(dataset))
+    if options.unpadded and len(dataset):
+        warn_outside(model, max(dataset.durations), f"{dataset.source}")
     batches = _decoding_batches(dataset, languages, caps, options, exclude=long)
     loader = make_loader(dataset, batches, num_workers=options.num_workers)
     bar = tqdm(total=len(dataset), desc="evaluating", unit="clip", disable=not progress, file=sys.stderr)
