@@ -28,6 +28,7 @@ import numpy as np
 from whisper.audio import N_SAMPLES, SAMPLE_RATE
 
 from ..audio import load_audio
+from ..speech_chunks import speech_spans
 from .manifest import MAX_CLIP_SECONDS, Example
 
 logger = logging.getLogger("whisper_rope")
@@ -168,8 +169,7 @@ def _window(clips: Sequence[Example], pauses: Sequence[float], length: float) ->
 
 def _recording_spans(recordings: Sequence[Example], find_spans: Optional[SpanFinder]) -> Dict[int, list]:
     """Speech spans of each long recording (keyed by row), in seconds from the start of its clip."""
-    if find_spans is None:
-        from ..speech_chunks import speech_spans as find_spans
+    find_spans = find_spans or speech_spans
     spans = {}
     for recording in recordings:
         audio = load_audio(recording.audio, start=recording.start, end=recording.end)
