@@ -14,6 +14,8 @@ import torch
 
 import whisper_rope
 
+from . import known_bug
+
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch) -> Path:
@@ -52,3 +54,40 @@ def test_a_damaged_hash_index_is_rebuilt_silently(cache):
     (cache / "source-hashes.json").write_text("{not json")
     whisper_rope.load_model("tiny.en", device="cpu")
     assert (cache / "source-hashes.json").read_text().startswith("{\n")
+
+
+#: Errors of the machine, not of the file: running out of memory while the cached conversion is read.
+RESOURCE_ERRORS = {
+    "MemoryError": MemoryError(),
+    "torch's allocator": RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: you tried to allocate "
+        "1048576 bytes."
+    ),
+    "torch's allocator (can't allocate)": RuntimeError(
+        "DefaultCPUAllocator: can't allocate memory: you tried to allocate 1048576 bytes. Error code 12 (Cannot "
+        "allocate memory)"
+    ),
+}
+
+
+@known_bug("issue 26 item 9: out of memory while reading the cache is reported as a damaged cache, which is rewritten")
+@pytest.mark.parametrize("error", list(RESOURCE_ERRORS))
+def test_running_out_of_memory_is_not_reported_as_a_damaged_cache_nor_rewrites_it(cache, monkeypatch, caplog, error):
+    (converted,) = [p for p in cache.iterdir() if p.suffix == ".pt"]
+    before = converted.stat()
+    content = converted.read_bytes()
+
+    def out_of_memory(*args, **kwargs):
+        raise RESOURCE_ERRORS[error]
+
+    monkeypatch.setattr(torch, "load", out_of_memory)
+    with caplog.at_level(logging.WARNING, logger="whisper_rope"), pytest.raises((MemoryError, RuntimeError)) as raised:
+        whisper_rope.load_model("tiny.en", device="cpu")
+    message = f"{raised.value}".lower()
+    assert "memory" in message, message
+    for claim in ("truncated", "not a pytorch file", "damaged", "cannot be read"):
+        assert claim not in message, message
+    assert not [r.getMessage() for r in caplog.records if "rebuil" in r.getMessage()]
+    after = converted.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert converted.read_bytes() == content
