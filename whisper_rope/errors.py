@@ -7,6 +7,7 @@ any ``WhisperRopeError`` into a one-line message and a non-zero exit.
 """
 
 import contextlib
+import errno
 import os
 import re
 import sys
@@ -66,6 +67,20 @@ def one_line(text: object, limit: Optional[int] = 300) -> str:
     if not line and isinstance(text, BaseException):
         line = type(text).__name__
     return line if limit is None or len(line) <= limit else line[: limit - 3] + "..."
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` says the machine ran out of memory (Python's MemoryError, torch's allocators, the kernel's
+    ENOMEM): a fault of the machine, never of the file being read, so a reader passes it on rather than calling the
+    file damaged."""
+    if isinstance(error, MemoryError):
+        return True
+    if isinstance(error, OSError):
+        return error.errno == errno.ENOMEM
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(
+        phrase in text for phrase in ("out of memory", "not enough memory", "can't allocate memory")
+    )
 
 
 def first_line(error: BaseException, limit: int = 200) -> str:
@@ -130,9 +145,9 @@ def run_command(run: Callable[[], int]) -> int:
     """Run one command as every entry point does (``whisper-rope``, ``python -m whisper_rope.train|evaluate``).
 
     Warnings print as one line each (`one_line_warnings`); a bad-input error (ValueError, OSError, RuntimeError)
-    becomes one line on stderr and status `BAD_INPUT`; Ctrl-C the line ``interrupted`` and status `INTERRUPTED`,
-    without the tracebacks of lost loader workers (`quiet_worker_disconnects`). Returns that status, or the
-    command's own.
+    becomes one line on stderr and status `BAD_INPUT`; running out of memory one line and status 1; Ctrl-C the line
+    ``interrupted`` and status `INTERRUPTED`, without the tracebacks of lost loader workers
+    (`quiet_worker_disconnects`). Returns that status, or the command's own.
     """
     try:
         with one_line_warnings(), quiet_worker_disconnects():
@@ -143,3 +158,7 @@ def run_command(run: Callable[[], int]) -> int:
     except (ValueError, OSError, RuntimeError) as error:
         print_error(one_line(error, limit=None))
         return BAD_INPUT
+    except MemoryError as error:
+        message = one_line(error, limit=None)
+        print_error(message if "memory" in message.lower() else f"out of memory ({message})")
+        return 1

@@ -22,7 +22,6 @@ import torch
 import whisper_rope
 from whisper_rope.cli import main
 
-from . import known_bug
 from .commands import HELLO, TOY_DIMS, checkpoint, command, entry_point_parsers, one_error_line, save_model
 
 
@@ -251,7 +250,10 @@ def test_the_edges_of_what_decoding_options_accept_still_pass():
                               batch_size=1, clip_timestamps="0,2.5,4", suppress_tokens="-1,50257")  # fmt: skip
     check_transcribe_options(edges)
     check_transcribe_options(TranscribeOptions(length_penalty=1.0, temperature=1.5, clip_timestamps=""))
-    check_load_options(LoadOptions(device="cpu", threads=0, rotary_theta=1e-3, unpadded_margin=0))
+    check_load_options(LoadOptions(device="cpu", threads=0, rotary_theta=1.001, unpadded_margin=0))
+    check_load_options(LoadOptions(device="cpu", threads=1024, rotary_theta=1e9, unpadded_margin=1500))
+    check_transcribe_options(TranscribeOptions(beam_size=64, best_of=64, patience=10.0, batch_size=1024,
+                                               temperature_increment_on_fallback=0.01, temperature=5.0))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -310,74 +312,17 @@ def test_every_subcommand_with_numbers_is_walked():
     assert expected <= found, expected - found
 
 
-# The whole-number options that took a negative number before issue 26 (or refused it without naming the option).
-_NEGATIVE_TAKEN = {
-    ("compare", "--batch-size"),
-    ("compare", "--eval-batch-size"),
-    ("compare", "--num-workers"),
-    ("compare", "--seeds"),
-    ("compare", "--steps"),
-    ("compare", "--warmup-steps"),
-    ("evaluate", "--batch-size"),
-    ("evaluate", "--beam-size"),
-    ("evaluate", "--cap-offset"),
-    ("evaluate", "--limit"),
-    ("evaluate", "--num-workers"),
-    ("finetune", "--seed"),
-    ("finetune", "--threads"),
-    ("finetune", "--transplant-anneal-start"),
-    ("finetune", "--transplant-anneal-steps"),
-    ("finetune", "--transplant-gate-start"),
-    ("finetune", "--transplant-gate-steps"),
-}
-
-
 @pytest.mark.parametrize(
     "subcommand, option",
-    [
-        pytest.param(
-            s, o, marks=[known_bug("issue 26 item 5/6: a negative count is taken")] * ((s, o) in _NEGATIVE_TAKEN)
-        )
-        for s, o, _, whole in NUMERIC_OPTIONS
-        if whole
-    ],
+    [(s, o) for s, o, _, whole in NUMERIC_OPTIONS if whole],
 )
 def test_every_whole_number_option_refuses_a_negative_in_one_line(tmp_path, subcommand, option):
     _refused_naming(tmp_path, subcommand, option, "-5")
 
 
-_NON_FINITE_TAKEN = {
-    ("compare", "--cap-factor", "inf"),
-    ("compare", "--cap-factor", "nan"),
-    ("compare", "--lr", "inf"),
-    ("compare", "--lr", "nan"),
-    ("compare", "--transplant-fraction", "inf"),
-    ("compare", "--transplant-fraction", "nan"),
-    ("evaluate", "--cap-factor", "inf"),
-    ("evaluate", "--cap-factor", "nan"),
-    ("finetune", "--distill-temperature", "inf"),
-    ("finetune", "--grad-clip", "inf"),
-    ("finetune", "--lr", "inf"),
-    ("finetune", "--lr-positional", "inf"),
-    ("finetune", "--rotary-theta", "inf"),
-    ("finetune", "--rotary-theta", "nan"),
-    ("finetune", "--weight-decay", "inf"),
-}
-
-
 @pytest.mark.parametrize(
     "subcommand, option, value",
-    [
-        pytest.param(
-            s,
-            o,
-            v,
-            marks=[known_bug("issue 26 item 9: a non-finite number is taken")] * ((s, o, v) in _NON_FINITE_TAKEN),
-        )
-        for s, o, _, whole in NUMERIC_OPTIONS
-        if not whole
-        for v in ("inf", "nan")
-    ],
+    [(s, o, v) for s, o, _, whole in NUMERIC_OPTIONS if not whole for v in ("inf", "nan")],
 )
 def test_every_real_number_option_refuses_infinity_and_nan_in_one_line(tmp_path, subcommand, option, value):
     _refused_naming(tmp_path, subcommand, option, value)
@@ -408,7 +353,6 @@ LATE_FAILURES = {
 }  # fmt: skip
 
 
-@known_bug("issue 26 item 9: these pass the door and fail late, or the error names no range")
 @pytest.mark.parametrize("case", list(LATE_FAILURES))
 def test_numbers_that_failed_late_are_refused_at_the_door_with_the_range_the_help_states(tmp_path, case):
     subcommand, option, value = LATE_FAILURES[case]
@@ -419,14 +363,19 @@ def test_numbers_that_failed_late_are_refused_at_the_door_with_the_range_the_hel
     assert accepted.group(1) in action.help.replace("%%", "%"), (accepted.group(1), action.help)
 
 
-@known_bug("issue 26 item 9: option help texts do not state the accepted range")
 def test_the_help_of_every_numeric_option_states_the_range_its_error_names(tmp_path):
-    """For each numeric option, a value far out of range (-1e12) is refused with "must be RANGE", and RANGE is in
-    the option's help."""
+    """For each numeric option, a value far out of range (-1e12 or 1e12) is refused with "must be RANGE", and RANGE
+    is in the option's help."""
     unstated = []
     for subcommand, option, action, _ in NUMERIC_OPTIONS:
-        status, stderr = _run_with(tmp_path, subcommand, option, "-1000000000000")
-        accepted = re.search(r"must be (.+?), got ", stderr)
-        if status != 2 or not accepted or accepted.group(1) not in action.help.replace("%%", "%"):
-            unstated.append(f"{subcommand} {option}: {stderr.strip()!r} / help {action.help!r}")
+        refusals = []
+        for value in ("-1000000000000", "1000000000000"):
+            status, stderr = _run_with(tmp_path, subcommand, option, value)
+            found = re.search(r"must be (.+?), got ", stderr)
+            refusals += [(status, found, stderr)] * (found is not None)
+        stated = [
+            status == 2 and found and found.group(1) in action.help.replace("%%", "%") for status, found, _ in refusals
+        ]
+        if not refusals or not all(stated):
+            unstated.append(f"{subcommand} {option}: {refusals} / help {action.help!r}")
     assert not unstated, "\n".join(unstated)

@@ -14,8 +14,6 @@ import torch
 
 import whisper_rope
 
-from . import known_bug
-
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch) -> Path:
@@ -70,7 +68,6 @@ RESOURCE_ERRORS = {
 }
 
 
-@known_bug("issue 26 item 9: out of memory while reading the cache is reported as a damaged cache, which is rewritten")
 @pytest.mark.parametrize("error", list(RESOURCE_ERRORS))
 def test_running_out_of_memory_is_not_reported_as_a_damaged_cache_nor_rewrites_it(cache, monkeypatch, caplog, error):
     (converted,) = [p for p in cache.iterdir() if p.suffix == ".pt"]

@@ -20,7 +20,7 @@ import torch
 
 import whisper_rope
 
-from . import known_bug, run_cli
+from . import run_cli
 from .commands import HELLO, SPEECH_DIMS, checkpoint, command, entry_point_parsers, one_error_line, save_model
 
 SUBCOMMANDS = ["transcribe", "convert", "finetune", "evaluate", "compare"]
@@ -82,7 +82,6 @@ def _twins(spelling: str) -> set:
     return {"--" + name.replace("_", "-"), "--" + name.replace("-", "_")}
 
 
-@known_bug("issue 26 item 5: the negations (--no-fp16 ...) have no underscored spelling (--no_fp16)")
 def test_every_option_of_every_parser_takes_both_spellings():
     """Every parser a user reaches (each subcommand, and the parsers of ``python -m whisper_rope.train`` and
     ``python -m whisper_rope.evaluate``): each long option is also accepted with dashes and with underscores, and both
@@ -99,7 +98,6 @@ def test_every_option_of_every_parser_takes_both_spellings():
     assert not missing, missing
 
 
-@known_bug("issue 26 item 5: --no_fp16 is an unrecognized argument")
 @pytest.mark.parametrize("subcommand", ["transcribe", "evaluate"])
 def test_the_dashed_and_underscored_spellings_both_parse_as_the_same_option(tmp_path, subcommand):
     """``--compute-type int8 --no_fp16`` (mixed spellings) parses in every subcommand that loads a model: the only

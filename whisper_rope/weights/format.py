@@ -9,7 +9,6 @@ makes (field types, layer counts, shapes) before anything is sized from it.
 """
 
 import io
-import math
 import pickle
 import re
 from typing import Dict, Optional, Tuple, Union
@@ -17,7 +16,8 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from ..errors import CheckpointError, ModelNotFoundError, PathLike, first_line, one_line
+from ..errors import CheckpointError, ModelNotFoundError, PathLike, first_line, one_line, out_of_memory
+from ..positional import ROTARY_THETA
 
 # The fields of ``whisper.model.ModelDimensions``, in its order.
 DIM_KEYS: Tuple[str, ...] = (
@@ -60,7 +60,8 @@ def load_pt(source: Union[PathLike, bytes], label: str, mmap: bool = False) -> o
 
     label: how messages name the file (``checkpoint '/x/model.pt'``). mmap: map the file instead of reading it,
     where its format allows (legacy non-zip files are read). Raises `ModelNotFoundError` for a missing file and
-    `CheckpointError` for anything else that is not a readable, safe pickle.
+    `CheckpointError` for anything else that is not a readable, safe pickle; running out of memory is the machine's
+    fault, not the file's: a `MemoryError` naming the file, never a `CheckpointError` (a cache would be rebuilt).
     """
     try:
         if isinstance(source, bytes):
@@ -86,6 +87,8 @@ def load_pt(source: Union[PathLike, bytes], label: str, mmap: bool = False) -> o
             ) from None
         raise CheckpointError(f"cannot read {label}: truncated or not a PyTorch file") from None
     except Exception as error:  # torch's unpickler raises many types on garbage (IndexError, struct.error, ...)
+        if out_of_memory(error):
+            raise MemoryError(f"out of memory while reading {label} ({first_line(error)})") from None
         raise CheckpointError(f"cannot read {label}: truncated or not a PyTorch file ({first_line(error)})") from None
 
 
@@ -404,18 +407,13 @@ def real_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def positive_finite(value: object) -> bool:
-    """Whether ``value`` is a finite number above 0 (a RoPE base, a scale)."""
-    return real_number(value) and math.isfinite(value) and value > 0
-
-
 def _flag(value: object, dims: Dict[str, int]) -> bool:
     return isinstance(value, bool)
 
 
 #: Stored rotary option -> (what it must be, for messages; its check given the dims).
 _ROTARY_OPTIONS = {
-    "theta": ("a finite positive number", lambda value, dims: positive_finite(value)),
+    "theta": (str(ROTARY_THETA), lambda value, dims: ROTARY_THETA.accepts(value)),
     "gated": ("true or false", _flag),
     "unpadded": ("true or false", _flag),
     "unpadded_margin": (
