@@ -27,7 +27,7 @@ from whisper_rope import build_model
 from whisper_rope.data import DataError, check_audio, load_examples, read_manifest
 
 from ..conftest import small_dims
-from . import LONG, SPEECH, PeakMemory, assert_clear_message, known_bug, scaled, time_limit
+from . import LONG, SPEECH, PeakMemory, assert_clear_message, scaled, time_limit
 from .commands import HELLO, SPEECH_DIMS, mib, peak_memory, save_model, write_manifest
 
 CLIPS = sorted(p.name for p in SPEECH.glob("*.flac"))[:3]
@@ -326,7 +326,6 @@ def test_an_unterminated_csv_quote_is_reported_not_merged_into_a_transcript(fold
 # issue 26: URLs, and transcripts no clip can hold (items 8 and 11)
 
 
-@known_bug("issue 26 item 11: a URL is reported as a missing file under the manifest's folder")
 @pytest.mark.parametrize("url", ["https://example.com/x.flac", "s3://bucket/clip.wav", "file:///tmp/x.flac"])
 def test_a_url_in_a_manifest_is_reported_as_an_unsupported_url(folder, url):
     path = folder / "urls.jsonl"
@@ -347,7 +346,6 @@ def test_a_url_in_a_manifest_is_reported_as_an_unsupported_url(folder, url):
 LONGEST_TEXT = 200 * 30 + 200
 
 
-@known_bug("issue 26 item 8: a transcript of any length is accepted")
 @pytest.mark.parametrize("field", ["text", "prompt"])
 def test_a_transcript_longer_than_any_clip_can_hold_is_refused_naming_the_row_and_the_cap(folder, field):
     rows = [{"audio": f"clips/{CLIPS[0]}", "text": "kept", field: "x" * LONGEST_TEXT},
@@ -362,7 +360,6 @@ def test_a_transcript_longer_than_any_clip_can_hold_is_refused_naming_the_row_an
         read_manifest(path, strict=True)
 
 
-@known_bug("issue 26 item 8: a transcript of any length is accepted")
 def test_a_transcript_longer_than_its_own_clip_can_hold_is_refused(folder):
     """The cap follows the clip: a span's (``start``/``end``) when the row gives one, the file's once it is opened."""
     from whisper_rope.audio import audio_duration
@@ -383,7 +380,6 @@ def test_a_transcript_longer_than_its_own_clip_can_hold_is_refused(folder):
     assert str(cap) in checked.problems[0].reason and f"{seconds:.2f} s" in checked.problems[0].reason, checked
 
 
-@known_bug("issue 26 item 8: a folder's .txt transcript is read whole, whatever its size")
 def test_a_huge_transcript_file_in_a_folder_is_refused_without_being_read(tmp_path):
     shutil.copy(SPEECH / CLIPS[0], tmp_path / "a.flac")
     (tmp_path / "a.txt").write_text("a short transcript\n")
@@ -398,10 +394,11 @@ def test_a_huge_transcript_file_in_a_folder_is_refused_without_being_read(tmp_pa
     assert peak.traced < 16 << 20 and peak.resident < 64 << 20, (peak.traced, peak.resident)
 
 
-@known_bug("issue 26 item 8: a 20-MB transcript makes evaluate tokenize it (about 90 times its size in memory)")
 def test_a_twenty_megabyte_transcript_is_refused_by_evaluate_quickly_in_bounded_memory(tmp_path):
+    """Refused while the manifest is read, within 256 MiB of address space beyond the imports (it once took about 90
+    times the text's size: 9 GB for 100 MB of text)."""
     model = save_model(tmp_path / "speech.pt", dims=SPEECH_DIMS)
-    rows = [{"audio": str(HELLO), "text": "hello"}, {"audio": str(HELLO), "text": "word " * (4 << 20)}]
+    rows = [{"audio": str(HELLO), "text": "hello"}, {"audio": str(HELLO), "text": "w" * (20 << 20)}]
     manifest = write_manifest(tmp_path / "huge.jsonl", rows)
     started = time.monotonic()
     outcome = peak_memory(
@@ -409,7 +406,7 @@ def test_a_twenty_megabyte_transcript_is_refused_by_evaluate_quickly_in_bounded_
         from whisper_rope.evaluation.evaluate import evaluate
         evaluate(whisper_rope.load_model({str(model)!r}, device="cpu"), {str(manifest)!r})
         """,
-        cap_bytes=1 << 30,
+        cap_bytes=256 << 20,
         timeout=120,
     )
     assert outcome["result"] == "refused", outcome
