@@ -159,6 +159,6 @@ def run_command(run: Callable[[], int]) -> int:
         print_error(one_line(error, limit=None))
         return BAD_INPUT
     except MemoryError as error:
-        message = one_line(error, limit=None)
-        print_error(message if "memory" in message.lower() else f"out of memory ({message})")
+        message = one_line(str(error), limit=None)  # Python's own MemoryError has no message
+        print_error(message if "memory" in message.lower() else f"out of memory {message}".strip())
         return 1

@@ -379,3 +379,11 @@ def test_the_help_of_every_numeric_option_states_the_range_its_error_names(tmp_p
         if not refusals or not all(stated):
             unstated.append(f"{subcommand} {option}: {refusals} / help {action.help!r}")
     assert not unstated, "\n".join(unstated)
+
+
+def test_a_first_temperature_above_one_keeps_itself_as_its_only_temperature():
+    from whisper_rope.transcribe import TranscribeOptions
+
+    assert TranscribeOptions(temperature=1.5).temperatures() == (1.5,)
+    fallbacks = TranscribeOptions(temperature=0.5, temperature_increment_on_fallback=0.25).temperatures()
+    assert [round(t, 6) for t in fallbacks] == [0.5, 0.75, 1.0]

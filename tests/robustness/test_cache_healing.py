@@ -88,3 +88,15 @@ def test_running_out_of_memory_is_not_reported_as_a_damaged_cache_nor_rewrites_i
     after = converted.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     assert converted.read_bytes() == content
+
+
+@pytest.mark.parametrize("error", [MemoryError(), MemoryError("out of memory while reading checkpoint 'x.pt'")])
+def test_running_out_of_memory_ends_a_command_in_one_line_with_status_1(capsys, error):
+    from whisper_rope.errors import run_command
+
+    def command() -> int:
+        raise error
+
+    assert run_command(command) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("whisper-rope: error: ") and "memory" in lines[0], lines
