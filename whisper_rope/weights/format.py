@@ -16,7 +16,15 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from ..errors import CheckpointError, ModelNotFoundError, PathLike, first_line, one_line, out_of_memory
+from ..errors import (
+    CheckpointError,
+    ModelNotFoundError,
+    OutOfResources,
+    PathLike,
+    first_line,
+    one_line,
+    out_of_resources,
+)
 from ..positional import ROTARY_THETA
 
 # The fields of ``whisper.model.ModelDimensions``, in its order.
@@ -60,8 +68,9 @@ def load_pt(source: Union[PathLike, bytes], label: str, mmap: bool = False) -> o
 
     label: how messages name the file (``checkpoint '/x/model.pt'``). mmap: map the file instead of reading it,
     where its format allows (legacy non-zip files are read). Raises `ModelNotFoundError` for a missing file and
-    `CheckpointError` for anything else that is not a readable, safe pickle; running out of memory is the machine's
-    fault, not the file's: a `MemoryError` naming the file, never a `CheckpointError` (a cache would be rebuilt).
+    `CheckpointError` for anything else that is not a readable, safe pickle. Running out of memory or threads is the
+    machine's fault, not the file's: `OutOfResources` naming the file, never a `CheckpointError` (for which a cached
+    conversion would be rebuilt).
     """
     try:
         if isinstance(source, bytes):
@@ -87,8 +96,8 @@ def load_pt(source: Union[PathLike, bytes], label: str, mmap: bool = False) -> o
             ) from None
         raise CheckpointError(f"cannot read {label}: truncated or not a PyTorch file") from None
     except Exception as error:  # torch's unpickler raises many types on garbage (IndexError, struct.error, ...)
-        if out_of_memory(error):
-            raise MemoryError(f"out of memory while reading {label} ({first_line(error)})") from None
+        if out_of_resources(error):
+            raise OutOfResources(f"out of memory or threads while reading {label} ({first_line(error)})") from None
         raise CheckpointError(f"cannot read {label}: truncated or not a PyTorch file ({first_line(error)})") from None
 
 
