@@ -7,6 +7,7 @@ any ``WhisperRopeError`` into a one-line message and a non-zero exit.
 """
 
 import contextlib
+import errno
 import os
 import re
 import sys
@@ -54,6 +55,10 @@ class OptionError(WhisperRopeError, ValueError):
     """An option (of a command or a function) outside what it accepts."""
 
 
+class OutOfResources(WhisperRopeError, MemoryError):
+    """The machine ran out of memory, threads or open files: no fault of the input being read (`out_of_resources`)."""
+
+
 class TrainingError(WhisperRopeError, RuntimeError):
     """Training cannot continue (a non-finite loss, a checkpoint that does not fit this run)."""
 
@@ -66,6 +71,30 @@ def one_line(text: object, limit: Optional[int] = 300) -> str:
     if not line and isinstance(text, BaseException):
         line = type(text).__name__
     return line if limit is None or len(line) <= limit else line[: limit - 3] + "..."
+
+
+#: How torch, OpenMP and the C library say the machine ran out of memory, threads or file descriptors.
+_RESOURCE_PHRASES = (
+    "out of memory",
+    "not enough memory",
+    "can't allocate memory",
+    "cannot allocate memory",
+    "resource temporarily unavailable",
+    "pthread_create",
+    "too many open files",
+)
+
+
+def out_of_resources(error: BaseException) -> bool:
+    """Whether ``error`` says the machine ran out of memory, threads or open files (Python's MemoryError, torch's
+    allocators, a thread pool that cannot start, the kernel's ENOMEM/EAGAIN/EMFILE/ENFILE): a fault of the machine,
+    never of the file being read, so a reader passes it on rather than calling the file damaged."""
+    if isinstance(error, MemoryError):
+        return True
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOMEM, errno.EAGAIN, errno.EMFILE, errno.ENFILE)
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(phrase in text for phrase in _RESOURCE_PHRASES)
 
 
 def first_line(error: BaseException, limit: int = 200) -> str:
@@ -130,9 +159,10 @@ def run_command(run: Callable[[], int]) -> int:
     """Run one command as every entry point does (``whisper-rope``, ``python -m whisper_rope.train|evaluate``).
 
     Warnings print as one line each (`one_line_warnings`); a bad-input error (ValueError, OSError, RuntimeError)
-    becomes one line on stderr and status `BAD_INPUT`; Ctrl-C the line ``interrupted`` and status `INTERRUPTED`,
-    without the tracebacks of lost loader workers (`quiet_worker_disconnects`). Returns that status, or the
-    command's own.
+    becomes one line on stderr and status `BAD_INPUT`; running out of memory (`OutOfResources` included) one line
+    and status 1; Ctrl-C the line
+    ``interrupted`` and status `INTERRUPTED`, without the tracebacks of lost loader workers
+    (`quiet_worker_disconnects`). Returns that status, or the command's own.
     """
     try:
         with one_line_warnings(), quiet_worker_disconnects():
@@ -143,3 +173,7 @@ def run_command(run: Callable[[], int]) -> int:
     except (ValueError, OSError, RuntimeError) as error:
         print_error(one_line(error, limit=None))
         return BAD_INPUT
+    except MemoryError as error:
+        message = one_line(str(error), limit=None)  # Python's own MemoryError has no message
+        print_error(message if "memory" in message.lower() else f"out of memory {message}".strip())
+        return 1

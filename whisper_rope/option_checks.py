@@ -1,20 +1,42 @@
-"""Checks of the decoding and device options, made before any model is loaded or any file written.
+"""Checks of the options of every command, made before any model is loaded or any file written.
 
 Each failed check is an `OptionError`: one line naming the option (both its spellings, ``--beam-size/--beam_size``)
-and what it accepts. Upstream's ``whisper`` command passes such values on and fails later, after the model is loaded,
-with a traceback (``--temperature_increment_on_fallback 0`` divides by zero, ``--beam_size 0`` and
-``--patience 0`` end inside the beam search, ``--device cuda`` on a CPU build ends in torch's multi-line error).
+and what it accepts. A number's range is declared once, on its field (``bounds=``, `options.Bounds`; the shared
+ranges are below), where its help text is built too; `check_bounds` checks every field of an options object.
+
+Upstream's ``whisper`` command passes bad values on and fails later, after the model is loaded, with a traceback
+(``--temperature_increment_on_fallback 0`` divides by zero, ``--beam_size 0`` and ``--patience 0`` end inside the
+beam search, ``--patience 1e308`` overflows, ``--beam_size 1000000`` fails in the allocator, ``--device cuda`` on a
+CPU build ends in torch's multi-line error).
 """
 
+import dataclasses
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
 from .errors import OptionError
-from .options import flags
+from .options import Bounds, flags
 
-__all__ = ["check_device", "check_load_options", "check_positive", "check_transcribe_options"]
+__all__ = ["check_bounds", "check_device", "check_load_options", "check_transcribe_options"]
+
+#: The most steps, intervals or rows an option counts: beyond any real run, far below where arithmetic overflows.
+MAX_COUNT = 10**9
+#: Beams of a beam search or candidates sampled: each holds a key-value cache of its own.
+BEAMS = Bounds.integers(1, 64)
+#: Clips decoded or trained together in one forward pass.
+BATCH = Bounds.integers(1, 1024)
+#: torch CPU threads (0: torch's default); each started thread takes memory whether or not cores are there.
+THREADS = Bounds.integers(0, 1024)
+#: Processes decoding audio (0: in the main process).
+WORKERS = Bounds.integers(0, 256)
+#: Seeds: numpy's generators take 0 to 2**32 - 1.
+SEED = Bounds.integers(0, 2**32 - 1)
+#: Peak learning rates of AdamW.
+LEARNING_RATE = Bounds.reals(0, 1, low_open=True)
+#: Padding positions (20 ms each) an unpadded encoder keeps after a clip: at most a whole 30-s window.
+UNPADDED_MARGIN = Bounds.integers(0, 1500)
 
 
 def check_device(device: Optional[str], flag: str = "--device") -> None:
@@ -39,63 +61,31 @@ def check_device(device: Optional[str], flag: str = "--device") -> None:
         raise OptionError(f"{flag} {device}: whisper_rope runs on cpu, cuda or mps devices")
 
 
+def check_bounds(options: Any) -> None:
+    """Refuse the first field of the dataclass instance ``options`` whose value lies outside the `Bounds` its
+    metadata declares (``bounds``); a list is checked item by item, None (an option left unset) passes."""
+    for spec in dataclasses.fields(options):
+        bounds = spec.metadata.get("bounds")
+        value = getattr(options, spec.name)
+        if bounds is None or value is None:
+            continue
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if not bounds.accepts(item):
+                raise OptionError(f"{flags(spec.name)} must be {bounds}, got {item!r}")
+
+
 def check_load_options(options: Any) -> None:
-    """`weights.loading.LoadOptions` (``device``, ``threads``, ``rotary_theta``, ``unpadded_margin``)."""
+    """`weights.loading.LoadOptions`: its numbers (``threads``, ``rotary_theta``, ``unpadded_margin``) and device."""
+    check_bounds(options)
     check_device(options.device, flags("device"))
-    _check(options.threads, flags("threads"), _integer(0), "a whole number >= 0 (0: torch's default)")
-    check_positive(options.rotary_theta, flags("rotary_theta"))
-    _check(options.unpadded_margin, flags("unpadded_margin"), _integer(0), "a whole number >= 0")
 
 
 def check_transcribe_options(options: Any) -> None:
-    """`transcribe.TranscribeOptions`: every number within what upstream's decoding accepts."""
-    rules = (
-        ("temperature", _non_negative, "a finite number >= 0"),
-        ("best_of", _integer(1), "a whole number >= 1, or None"),
-        ("beam_size", _integer(1), "a whole number >= 1, or None"),
-        ("patience", _positive, "a finite number > 0, or None"),
-        ("length_penalty", lambda x: _finite(x) and 0 <= x <= 1, "between 0 and 1, or None"),
-        ("temperature_increment_on_fallback", _positive, "a finite number > 0, or None (no fallback)"),
-        ("compression_ratio_threshold", _finite, "a finite number, or None"),
-        ("logprob_threshold", _finite, "a finite number, or None"),
-        ("no_speech_threshold", _finite, "a finite number, or None"),
-        ("hallucination_silence_threshold", _non_negative, "a finite number of seconds >= 0, or None"),
-        ("max_line_width", _integer(1), "a whole number >= 1, or None"),
-        ("max_line_count", _integer(1), "a whole number >= 1, or None"),
-        ("max_words_per_line", _integer(1), "a whole number >= 1, or None"),
-        ("batch_size", _integer(1), "a whole number of files >= 1"),
-    )
-    for name, ok, expected in rules:
-        _check(getattr(options, name), flags(name), ok, expected)
+    """`transcribe.TranscribeOptions`: every number within its declared range, the spans and token ids as
+    upstream's command parses them."""
+    check_bounds(options)
     _check_clip_timestamps(options.clip_timestamps, flags("clip_timestamps"))
     _check_suppress_tokens(options.suppress_tokens, flags("suppress_tokens"))
-
-
-def check_positive(value: Optional[float], name: str) -> None:
-    """Refuse a value that is not a finite number > 0 (NaN, infinities, zero, negatives); None passes."""
-    _check(value, name, _positive, "a finite number > 0")
-
-
-def _check(value: Any, flag: str, ok: Callable[[Any], bool], expected: str) -> None:
-    """None always passes (an option left unset); anything else must satisfy ``ok``."""
-    if value is not None and (isinstance(value, bool) or not ok(value)):
-        raise OptionError(f"{flag} must be {expected}, got {value!r}")
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def _non_negative(value: Any) -> bool:
-    return _finite(value) and value >= 0
-
-
-def _positive(value: Any) -> bool:
-    return _finite(value) and value > 0
-
-
-def _integer(minimum: int) -> Callable[[Any], bool]:
-    return lambda value: isinstance(value, int) and value >= minimum
 
 
 def _check_clip_timestamps(text: str, flag: str) -> None:

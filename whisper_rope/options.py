@@ -9,7 +9,9 @@ Every subcommand declares its options this way, and every option is spelled and 
 * a field typed `PathText` (or ``Optional``/``List`` of it) names a file or folder, and its ``~`` is expanded;
   `NamedPath`, ``NAME=PATH`` or a plain path, likewise;
 * a boolean accepts a bare flag, an explicit value and a negation: ``--fp16``, ``--fp16 False`` (upstream's form),
-  ``--fp16=no``, ``--no-fp16``;
+  ``--fp16=no``, ``--no-fp16`` (also ``--no_fp16``);
+* a number declares the values it accepts (``bounds=Bounds.integers(1, 64)``): its help states them and
+  `option_checks.check_bounds` refuses anything else in one line naming the option;
 * the help shows each default once.
 """
 
@@ -17,6 +19,8 @@ import argparse
 import copy
 import dataclasses
 import functools
+import math
+import numbers
 import os
 import sys
 import typing
@@ -32,6 +36,52 @@ NamedPath = NewType("NamedPath", str)
 
 _TRUE = ("true", "yes", "1", "on")
 _FALSE = ("false", "no", "0", "off")
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """The numbers an option accepts: whole numbers (``whole``) or finite ones, from ``low`` to ``high`` (None: no
+    bound on that side; ``low_open``/``high_open`` exclude the bound itself). Declared as a field's ``bounds``
+    metadata (``opt(5, "beams", bounds=Bounds.integers(1, 64))``): `option_checks.check_bounds` refuses other values
+    and the option's help states the range (``str(bounds)``). None, an option left unset, is checked by no bounds.
+    """
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    whole: bool = False
+    low_open: bool = False
+    high_open: bool = False
+
+    @classmethod
+    def integers(cls, low: int, high: Optional[int] = None) -> "Bounds":
+        """Whole numbers from ``low`` to ``high`` (counts, sizes, steps, seeds)."""
+        return cls(low, high, whole=True)
+
+    @classmethod
+    def reals(cls, low: Optional[float] = None, high: Optional[float] = None, **open_sides: bool) -> "Bounds":
+        """Finite numbers from ``low`` to ``high`` (``low_open=True``: above ``low``)."""
+        return cls(low, high, **open_sides)
+
+    def accepts(self, value: Any) -> bool:
+        kind = numbers.Integral if self.whole else numbers.Real
+        if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or (value < self.high or (not self.high_open and value == self.high))
+
+    def __str__(self) -> str:
+        kind = "a whole number" if self.whole else "a finite number"
+        low = None if self.low is None else f"{'>' if self.low_open else '>='} {_number(self.low)}"
+        high = None if self.high is None else f"{'<' if self.high_open else '<='} {_number(self.high)}"
+        if low and high and not (self.low_open or self.high_open):
+            return f"{kind} from {_number(self.low)} to {_number(self.high)}"
+        return " ".join([kind, " and ".join(side for side in (low, high) if side)]).strip()
+
+
+def _number(value: float) -> str:
+    """A bound as people write it: 64, 0.01, 1e+09, 4294967295."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
 
 
 def option(help: str, **argparse_options: Any) -> Dict[str, Any]:
@@ -157,8 +207,11 @@ def _add_field(parser: argparse.ArgumentParser, spec: dataclasses.Field, kind: t
     options: Dict[str, Any] = {"help": meta.pop("help", "")}
     positional = meta.pop("positional", False)
     shown = _default(spec)  # the value an option left out takes, whether or not ``defaults`` sets it here
+    notes = [str(meta.pop("bounds"))] if "bounds" in meta else []
     if shown is not None and shown != [] and not positional and "default" not in options["help"].lower():
-        options["help"] += f" (default: {shown})".replace("%", "%%")
+        notes.append(f"default: {shown}")
+    if notes:
+        options["help"] += f" ({'; '.join(notes)})".replace("%", "%%")
     expand = _expander(kind)
     if expand is not None:
         meta["type"] = expand  # no shell expands the ~ of --option=~/x, nor one a program passes on
@@ -178,9 +231,13 @@ def _add_field(parser: argparse.ArgumentParser, spec: dataclasses.Field, kind: t
     options.update(meta)
     parser.add_argument(*names, **options)
     if kind is bool:
-        negation = f"--no-{names[0][2:]}"
+        negations = [f"--no-{names[0][2:]}", f"--no_{spec.name}"]
         parser.add_argument(
-            negation, dest=spec.name, action="store_false", default=argparse.SUPPRESS, help=f"same as {names[0]} False"
+            *negations,
+            dest=spec.name,
+            action="store_false",
+            default=argparse.SUPPRESS,
+            help=f"same as {names[0]} False",
         )
 
 

@@ -12,6 +12,12 @@ from typing import Dict, Tuple
 import torch
 from torch import Tensor
 
+from .options import Bounds
+
+#: RoPE bases: above 1 the pairs turn ever slower (``theta ** (-2 i / head_dim)`` falls from 1); from far below 1,
+#: ``theta ** -1`` overflows float32 and the angles become NaN. 1e9 is above any base in use (10000 to 5e8).
+ROTARY_THETA = Bounds.reals(1, 10**9, low_open=True)
+
 
 def rotate_half(x: Tensor) -> Tensor:
     """(..., d) -> (..., d): ``(x1, x2) -> (-x2, x1)`` on the two halves of the last dimension.
@@ -71,8 +77,8 @@ class RotaryEmbedding:
     def __init__(self, head_dim: int, theta: float = 10000.0, n_ctx: int = 0):
         if head_dim % 2:
             raise ValueError(f"rotary embeddings need an even head dimension, got {head_dim}")
-        if theta <= 0:
-            raise ValueError(f"rotary theta must be positive, got {theta}")
+        if not ROTARY_THETA.accepts(theta):
+            raise ValueError(f"rotary theta must be {ROTARY_THETA}, got {theta}")
         self.head_dim = head_dim
         self.theta = float(theta)
         self.n_ctx = n_ctx

@@ -40,7 +40,8 @@ from .audio import load_audio
 from .features import first_transcription_window, language_window
 from .longform import supports, transcribe_recordings, whole_audio
 from .model import WhisperRope
-from .options import PathText, opt
+from .option_checks import BATCH, BEAMS
+from .options import Bounds, PathText, opt
 from .transcribe_options import transcribe_dtype, window_decoding_options
 from .weights.loading import MODEL_HELP
 
@@ -233,12 +234,20 @@ class TranscribeOptions:
         "spoken language; detected when not given (English-only models always use English)",
         choices=sorted(LANGUAGES) + sorted(k.title() for k in TO_LANGUAGE_CODE),
     )
-    temperature: float = opt(0.0, "sampling temperature of the first attempt")
-    best_of: Optional[int] = opt(5, "candidates sampled when the temperature is above zero", type=optional_int)
-    beam_size: Optional[int] = opt(5, "beams for beam search at temperature zero", type=optional_int)
-    patience: Optional[float] = opt(None, "beam-search patience factor (1.0 = conventional beam search)")
+    temperature: float = opt(0.0, "sampling temperature of the first attempt", bounds=Bounds.reals(0, 5))
+    best_of: Optional[int] = opt(
+        5, "candidates sampled when the temperature is above zero", type=optional_int, bounds=BEAMS
+    )
+    beam_size: Optional[int] = opt(5, "beams for beam search at temperature zero", type=optional_int, bounds=BEAMS)
+    patience: Optional[float] = opt(
+        None,
+        "beam-search patience factor (1.0 = conventional beam search)",
+        bounds=Bounds.reals(0, 10, low_open=True),
+    )
     length_penalty: Optional[float] = opt(
-        None, "length-penalty exponent alpha for ranking beams; plain length normalisation when not given"
+        None,
+        "length-penalty exponent alpha for ranking beams; plain length normalisation when not given",
+        bounds=Bounds.reals(0, 1),
     )
     suppress_tokens: str = opt(
         "-1", "comma-separated token ids never to emit; -1 means most special symbols except common punctuation"
@@ -250,18 +259,28 @@ class TranscribeOptions:
     )
     fp16: bool = opt(True, "run in half precision (falls back to fp32 on the CPU)")
     temperature_increment_on_fallback: Optional[float] = opt(
-        0.2, "temperature step of the retries when a window fails the thresholds below", type=optional_float
+        0.2,
+        "temperature step of the retries when a window fails the thresholds below",
+        type=optional_float,
+        bounds=Bounds.reals(0.01, 1),
     )
     compression_ratio_threshold: Optional[float] = opt(
-        2.4, "a window whose text gzip-compresses better than this ratio is retried", type=optional_float
+        2.4,
+        "a window whose text gzip-compresses better than this ratio is retried",
+        type=optional_float,
+        bounds=Bounds.reals(0),
     )
     logprob_threshold: Optional[float] = opt(
-        -1.0, "a window whose mean token log-probability is below this is retried", type=optional_float
+        -1.0,
+        "a window whose mean token log-probability is below this is retried",
+        type=optional_float,
+        bounds=Bounds.reals(None, 0),
     )
     no_speech_threshold: Optional[float] = opt(
         0.6,
         "a window is silence when P(no speech) is above this and the log-probability test failed",
         type=optional_float,
+        bounds=Bounds.reals(0, 1),
     )
     word_timestamps: bool = opt(False, "compute word-level timestamps (cross-attention alignment)")
     prepend_punctuations: str = opt("\"'“¿([{-", "with word timestamps: punctuation joined to the next word")
@@ -269,10 +288,17 @@ class TranscribeOptions:
         "\"'.。,，!！?？:：”)]}、", "with word timestamps: punctuation joined to the previous word"
     )
     highlight_words: bool = opt(False, _NEEDS_WORDS + "underline the spoken word in srt/vtt")
-    max_line_width: Optional[int] = opt(None, _NEEDS_WORDS + "characters per subtitle line", type=optional_int)
-    max_line_count: Optional[int] = opt(None, _NEEDS_WORDS + "lines per subtitle segment", type=optional_int)
+    max_line_width: Optional[int] = opt(
+        None, _NEEDS_WORDS + "characters per subtitle line", type=optional_int, bounds=Bounds.integers(1)
+    )
+    max_line_count: Optional[int] = opt(
+        None, _NEEDS_WORDS + "lines per subtitle segment", type=optional_int, bounds=Bounds.integers(1)
+    )
     max_words_per_line: Optional[int] = opt(
-        None, "(needs --word-timestamps; ignored with --max-line-width) words per subtitle segment", type=optional_int
+        None,
+        "(needs --word-timestamps; ignored with --max-line-width) words per subtitle segment",
+        type=optional_int,
+        bounds=Bounds.integers(1),
     )
     batch_size: int = opt(
         1,
@@ -280,12 +306,14 @@ class TranscribeOptions:
         "files at pauses (voice-activity detection) into chunks of at most 25 s of speech decoded this many "
         "at a time, the chunks of several files together (faster; chunks are not conditioned on each other's "
         "text); 1: upstream's window-by-window loop",
+        bounds=BATCH,
     )
     clip_timestamps: str = opt("0", "comma-separated start,end,... seconds of the spans to transcribe")
     hallucination_silence_threshold: Optional[float] = opt(
         None,
         _NEEDS_WORDS + "skip silences longer than this many seconds around suspected hallucinations",
         type=optional_float,
+        bounds=Bounds.reals(0),
     )
     unpadded: Optional[bool] = opt(
         None,
@@ -294,10 +322,13 @@ class TranscribeOptions:
     )
 
     def temperatures(self) -> Tuple[float, ...]:
-        """The first temperature and its fallbacks, as upstream's command builds them."""
+        """The first temperature and its fallbacks, as upstream's command builds them; a first temperature above 1
+        has no fallbacks (upstream's command builds none and then fails)."""
         if self.temperature_increment_on_fallback is None:
             return (self.temperature,)
-        return tuple(np.arange(self.temperature, 1.0 + 1e-6, self.temperature_increment_on_fallback))
+        return tuple(np.arange(self.temperature, 1.0 + 1e-6, self.temperature_increment_on_fallback)) or (
+            self.temperature,
+        )
 
     def transcribe_kwargs(self) -> Dict[str, Any]:
         """The keywords for upstream ``transcribe`` (and the `DecodingOptions` it passes on)."""

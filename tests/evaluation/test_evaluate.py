@@ -78,7 +78,7 @@ def test_bad_options_are_one_sentence():
         score_texts(["a"], ["a"], "latin")
     with pytest.raises(ValueError, match="one hypothesis per reference: got 2 and 1"):
         score_texts(["a", "b"], ["a"])
-    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+    with pytest.raises(ValueError, match="--batch-size/--batch_size must be a whole number from 1 to 1024, got 0"):
         EvaluationOptions(batch_size=0).validate()
     with pytest.raises(ValueError, match="unknown language 'klingon'"):
         EvaluationOptions(language="klingon").validate()
@@ -137,7 +137,10 @@ def test_cli_end_to_end_on_the_speech_fixtures(tmp_path, capsys):
     "extra, message",
     [
         (["--variant", "rotary/nonsense"], "rotary/nonsense"),
-        (["--normalizer", "english", "--batch-size", "0"], "batch_size must be at least 1"),
+        (
+            ["--normalizer", "english", "--batch-size", "0"],
+            "--batch-size/--batch_size must be a whole number from 1 to 1024, got 0",
+        ),
     ],
 )
 def test_cli_errors_are_one_line(extra, message, capsys):

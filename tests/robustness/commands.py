@@ -7,6 +7,7 @@ Everything here goes through public behaviour only (the console script, ``whispe
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -146,3 +147,44 @@ def mib(n_bytes: float) -> str:
 def write_manifest(path: Path, rows: Sequence[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return path
+
+
+class _Captured(Exception):
+    """Raised in place of parsing, once an entry point's parser is captured."""
+
+
+def entry_point_parsers() -> Dict[str, argparse.ArgumentParser]:
+    """Every parser a user reaches, as the entry points build them: ``whisper-rope`` and each of its subcommands
+    (``whisper-rope transcribe`` ...), ``python -m whisper_rope.train`` and ``python -m whisper_rope.evaluate``,
+    keyed by the command line that reaches it. Captured when each ``main`` starts to parse, so that a parser built
+    another way is still found."""
+    from unittest import mock
+
+    from whisper_rope import cli
+    from whisper_rope.evaluation import evaluate
+    from whisper_rope.training import command as training_command
+
+    captured: Dict[str, argparse.ArgumentParser] = {}
+    entry_points = {"whisper-rope": cli.main, "python -m whisper_rope.train": training_command.main,
+                    "python -m whisper_rope.evaluate": evaluate.main}  # fmt: skip
+    for name, main in entry_points.items():
+
+        def capture(parser, *args, _name=name, **kwargs):
+            captured[_name] = parser
+            raise _Captured
+
+        with mock.patch.object(argparse.ArgumentParser, "parse_known_args", capture):
+            try:
+                main(["--help"])
+            except _Captured:
+                pass
+        assert name in captured, f"{name} parsed nothing"
+
+    def walk(name: str, parser: argparse.ArgumentParser):
+        yield name, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, sub_parser in action.choices.items():
+                    yield from walk(f"{name} {sub_name}", sub_parser)
+
+    return {found: parser for name, parser in captured.items() for found, parser in walk(name, parser)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch
 import whisper_rope
 from whisper_rope.cli import main
 
-from .commands import HELLO, TOY_DIMS, checkpoint, command, one_error_line, save_model
+from .commands import HELLO, TOY_DIMS, checkpoint, command, entry_point_parsers, one_error_line, save_model
 
 
 @pytest.fixture(scope="module")
@@ -249,4 +250,140 @@ def test_the_edges_of_what_decoding_options_accept_still_pass():
                               batch_size=1, clip_timestamps="0,2.5,4", suppress_tokens="-1,50257")  # fmt: skip
     check_transcribe_options(edges)
     check_transcribe_options(TranscribeOptions(length_penalty=1.0, temperature=1.5, clip_timestamps=""))
-    check_load_options(LoadOptions(device="cpu", threads=0, rotary_theta=1e-3, unpadded_margin=0))
+    check_load_options(LoadOptions(device="cpu", threads=0, rotary_theta=1.001, unpadded_margin=0))
+    check_load_options(LoadOptions(device="cpu", threads=1024, rotary_theta=1e9, unpadded_margin=1500))
+    check_transcribe_options(TranscribeOptions(beam_size=64, best_of=64, patience=10.0, batch_size=1024,
+                                               temperature_increment_on_fallback=0.01, temperature=5.0))  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# every numeric option of every subcommand (issue 26, items 5, 6, 9 and 11)
+
+#: What each subcommand needs besides the option under test; its model is a missing file, so that an option let
+#: through ends in the missing model's error instead of the option's.
+REQUIRED = {"transcribe": [HELLO], "evaluate": ["--data", HELLO], "finetune": ["--train", HELLO],
+            "compare": ["--train", HELLO, "--eval", f"a={HELLO}"]}  # fmt: skip
+
+
+def _numeric_options():
+    """(subcommand, option, argparse action, whole) for every option of a ``whisper-rope`` subcommand that takes a
+    number (its type int or float, or upstream's optional_int/optional_float)."""
+    from whisper.utils import optional_float, optional_int
+
+    for name, parser in entry_point_parsers().items():
+        words = name.split()
+        if words[0] != "whisper-rope" or len(words) != 2 or words[1] not in REQUIRED:
+            continue
+        for action in parser._actions:
+            if action.type in (int, float, optional_int, optional_float):
+                yield words[1], action.option_strings[0], action, action.type in (int, optional_int)
+
+
+NUMERIC_OPTIONS = list(_numeric_options())
+
+
+def _run_with(tmp_path: Path, subcommand: str, option: str, value: str):
+    """``whisper-rope SUBCOMMAND OPTION VALUE ...`` in this process with a missing model: status and stderr."""
+    output = ["--output_dir" if subcommand == "transcribe" else "--output", tmp_path / "out"]
+    args = [subcommand, option, value, *REQUIRED[subcommand], "--model", tmp_path / "missing.pt", *output]
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            status = main([str(a) for a in args])
+        except SystemExit as exit_:
+            status = exit_.code
+    return status, stderr.getvalue()
+
+
+def _refused_naming(tmp_path: Path, subcommand: str, option: str, value: str) -> str:
+    status, stderr = _run_with(tmp_path, subcommand, option, value)
+    line = one_error_line(stderr, option)
+    assert status == 2, stderr
+    assert "missing.pt" not in line, line
+    assert not (tmp_path / "out").exists()
+    return line
+
+
+def test_every_subcommand_with_numbers_is_walked():
+    found = {(subcommand, option) for subcommand, option, _, _ in NUMERIC_OPTIONS}
+    expected = {("transcribe", "--beam-size"), ("transcribe", "--threads"), ("finetune", "--lr"),
+                ("finetune", "--transplant-anneal-steps"), ("evaluate", "--cap-offset"),
+                ("compare", "--seeds")}  # fmt: skip
+    assert expected <= found, expected - found
+
+
+@pytest.mark.parametrize(
+    "subcommand, option",
+    [(s, o) for s, o, _, whole in NUMERIC_OPTIONS if whole],
+)
+def test_every_whole_number_option_refuses_a_negative_in_one_line(tmp_path, subcommand, option):
+    _refused_naming(tmp_path, subcommand, option, "-5")
+
+
+@pytest.mark.parametrize(
+    "subcommand, option, value",
+    [(s, o, v) for s, o, _, whole in NUMERIC_OPTIONS if not whole for v in ("inf", "nan")],
+)
+def test_every_real_number_option_refuses_infinity_and_nan_in_one_line(tmp_path, subcommand, option, value):
+    _refused_naming(tmp_path, subcommand, option, value)
+
+
+#: The cases of issue 26 that passed the door and failed late (or never): each is refused in one line naming the
+#: option and the range it accepts, the range its --help states.
+LATE_FAILURES = {
+    "finetune --lr inf": ("finetune", "--lr", "inf"),
+    "finetune --lr 1e6": ("finetune", "--lr", "1e6"),
+    "transcribe --patience 1e308": ("transcribe", "--patience", "1e308"),
+    "transcribe --temperature_increment_on_fallback 1e-300": (
+        "transcribe", "--temperature-increment-on-fallback", "1e-300"),
+    "transcribe --rotary_theta 1e-300": ("transcribe", "--rotary-theta", "1e-300"),
+    "evaluate --rotary_theta 1e-300": ("evaluate", "--rotary-theta", "1e-300"),
+    "finetune --rotary_theta 1e-300": ("finetune", "--rotary-theta", "1e-300"),
+    "transcribe --beam_size 1000000": ("transcribe", "--beam-size", "1000000"),
+    "evaluate --beam_size 1000000": ("evaluate", "--beam-size", "1000000"),
+    "transcribe --best_of 1000000": ("transcribe", "--best-of", "1000000"),
+    "transcribe --threads 100000": ("transcribe", "--threads", "100000"),
+    "finetune --threads 100000": ("finetune", "--threads", "100000"),
+    "finetune --threads -1": ("finetune", "--threads", "-1"),
+    "finetune --seed -1": ("finetune", "--seed", "-1"),
+    "finetune --seed 2**32": ("finetune", "--seed", str(2**32)),
+    "finetune --transplant-anneal-steps -5": ("finetune", "--transplant-anneal-steps", "-5"),
+    "finetune --num-workers 100000": ("finetune", "--num-workers", "100000"),
+    "finetune --distill-temperature 1e-300": ("finetune", "--distill-temperature", "1e-300"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(LATE_FAILURES))
+def test_numbers_that_failed_late_are_refused_at_the_door_with_the_range_the_help_states(tmp_path, case):
+    subcommand, option, value = LATE_FAILURES[case]
+    line = _refused_naming(tmp_path, subcommand, option, value)
+    accepted = re.search(r"must be (.+), got ", line)
+    assert accepted, line
+    action = next(a for s, o, a, _ in NUMERIC_OPTIONS if (s, o) == (subcommand, option))
+    assert accepted.group(1) in action.help.replace("%%", "%"), (accepted.group(1), action.help)
+
+
+def test_the_help_of_every_numeric_option_states_the_range_its_error_names(tmp_path):
+    """For each numeric option, a value far out of range (-1e12 or 1e12) is refused with "must be RANGE", and RANGE
+    is in the option's help."""
+    unstated = []
+    for subcommand, option, action, _ in NUMERIC_OPTIONS:
+        refusals = []
+        for value in ("-1000000000000", "1000000000000"):
+            status, stderr = _run_with(tmp_path, subcommand, option, value)
+            found = re.search(r"must be (.+?), got ", stderr)
+            refusals += [(status, found, stderr)] * (found is not None)
+        stated = [
+            status == 2 and found and found.group(1) in action.help.replace("%%", "%") for status, found, _ in refusals
+        ]
+        if not refusals or not all(stated):
+            unstated.append(f"{subcommand} {option}: {refusals} / help {action.help!r}")
+    assert not unstated, "\n".join(unstated)
+
+
+def test_a_first_temperature_above_one_keeps_itself_as_its_only_temperature():
+    from whisper_rope.transcribe import TranscribeOptions
+
+    assert TranscribeOptions(temperature=1.5).temperatures() == (1.5,)
+    fallbacks = TranscribeOptions(temperature=0.5, temperature_increment_on_fallback=0.25).temperatures()
+    assert [round(t, 6) for t in fallbacks] == [0.5, 0.75, 1.0]

@@ -6,6 +6,7 @@ rebuilt from its source with a warning, instead of failing every run until someo
 
 from __future__ import annotations
 
+import errno
 import logging
 from pathlib import Path
 
@@ -52,3 +53,54 @@ def test_a_damaged_hash_index_is_rebuilt_silently(cache):
     (cache / "source-hashes.json").write_text("{not json")
     whisper_rope.load_model("tiny.en", device="cpu")
     assert (cache / "source-hashes.json").read_text().startswith("{\n")
+
+
+#: Errors of the machine, not of the file: running out of memory, threads or file descriptors while the cached
+#: conversion is read (``--threads 100000`` once made torch.load fail so, and the intact cache was rebuilt).
+RESOURCE_ERRORS = {
+    "MemoryError": MemoryError(),
+    "torch's allocator": RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: you tried to allocate "
+        "1048576 bytes."
+    ),
+    "torch's allocator (can't allocate)": RuntimeError(
+        "DefaultCPUAllocator: can't allocate memory: you tried to allocate 1048576 bytes. Error code 12 (Cannot "
+        "allocate memory)"
+    ),
+    "a thread pool that cannot start": RuntimeError("pthread_create failed: Resource temporarily unavailable"),
+    "too many open files": OSError(errno.EMFILE, "Too many open files"),
+}
+
+
+@pytest.mark.parametrize("error", list(RESOURCE_ERRORS))
+def test_running_out_of_resources_is_not_reported_as_a_damaged_cache_nor_rewrites_it(cache, monkeypatch, caplog, error):
+    (converted,) = [p for p in cache.iterdir() if p.suffix == ".pt"]
+    before = converted.stat()
+    content = converted.read_bytes()
+
+    def out_of_memory(*args, **kwargs):
+        raise RESOURCE_ERRORS[error]
+
+    monkeypatch.setattr(torch, "load", out_of_memory)
+    with caplog.at_level(logging.WARNING, logger="whisper_rope"), pytest.raises(MemoryError) as raised:
+        whisper_rope.load_model("tiny.en", device="cpu")
+    message = f"{raised.value}".lower()
+    assert "memory" in message, message
+    for claim in ("truncated", "not a pytorch file", "damaged", "cannot be read"):
+        assert claim not in message, message
+    assert not [r.getMessage() for r in caplog.records if "rebuil" in r.getMessage()]
+    after = converted.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert converted.read_bytes() == content
+
+
+@pytest.mark.parametrize("error", [MemoryError(), MemoryError("out of memory while reading checkpoint 'x.pt'")])
+def test_running_out_of_memory_ends_a_command_in_one_line_with_status_1(capsys, error):
+    from whisper_rope.errors import run_command
+
+    def command() -> int:
+        raise error
+
+    assert run_command(command) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("whisper-rope: error: ") and "memory" in lines[0], lines

@@ -21,7 +21,7 @@ import torch
 import whisper_rope
 
 from . import run_cli
-from .commands import HELLO, SPEECH_DIMS, checkpoint, command, one_error_line, save_model
+from .commands import HELLO, SPEECH_DIMS, checkpoint, command, entry_point_parsers, one_error_line, save_model
 
 SUBCOMMANDS = ["transcribe", "convert", "finetune", "evaluate", "compare"]
 #: Options of upstream's ``whisper`` command keep its spelling; their dashed twins are ours.
@@ -74,6 +74,39 @@ def test_every_long_option_is_accepted_with_dashes_and_with_underscores(subcomma
             if twin not in options and not name.startswith("no-"):
                 missing.append(twin)
     assert not missing, f"{subcommand}: {sorted(missing)}"
+
+
+def _twins(spelling: str) -> set:
+    """``--a-b_c`` -> {``--a-b-c``, ``--a_b_c``}: the option's dashed and underscored spellings."""
+    name = spelling[2:]
+    return {"--" + name.replace("_", "-"), "--" + name.replace("-", "_")}
+
+
+def test_every_option_of_every_parser_takes_both_spellings():
+    """Every parser a user reaches (each subcommand, and the parsers of ``python -m whisper_rope.train`` and
+    ``python -m whisper_rope.evaluate``): each long option is also accepted with dashes and with underscores, and both
+    spellings are the same option."""
+    parsers = entry_point_parsers()
+    assert {"whisper-rope transcribe", "whisper-rope finetune", "python -m whisper_rope.train"} <= set(parsers)
+    missing = []
+    for name, parser in parsers.items():
+        for action in parser._actions:
+            for spelling in (s for s in action.option_strings if s.startswith("--")):
+                for twin in _twins(spelling):
+                    if parser._option_string_actions.get(twin) is not action:
+                        missing.append(f"{name}: {twin} (twin of {spelling})")
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("subcommand", ["transcribe", "evaluate"])
+def test_the_dashed_and_underscored_spellings_both_parse_as_the_same_option(tmp_path, subcommand):
+    """``--compute-type int8 --no_fp16`` (mixed spellings) parses in every subcommand that loads a model: the only
+    error is the missing model's."""
+    required = [str(HELLO)] if subcommand == "transcribe" else ["--data", str(HELLO)]
+    for spellings in (["--compute-type", "int8", "--no_fp16"], ["--compute_type", "int8", "--no-fp16"]):
+        status, _, stderr = _in_process(subcommand, *spellings, *required, "--model", tmp_path / "missing.pt")
+        assert status == 2, (spellings, stderr)
+        one_error_line(stderr, "missing.pt")
 
 
 @pytest.mark.parametrize("subcommand", list(BOOLEANS))

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Tuple
@@ -26,7 +27,8 @@ from whisper_rope import build_model
 from whisper_rope.data import DataError, check_audio, load_examples, read_manifest
 
 from ..conftest import small_dims
-from . import LONG, SPEECH, assert_clear_message, scaled
+from . import LONG, SPEECH, PeakMemory, assert_clear_message, scaled, time_limit
+from .commands import HELLO, SPEECH_DIMS, mib, peak_memory, save_model, write_manifest
 
 CLIPS = sorted(p.name for p in SPEECH.glob("*.flac"))[:3]
 MANIFEST_SETTINGS = settings(
@@ -318,3 +320,96 @@ def test_an_unterminated_csv_quote_is_reported_not_merged_into_a_transcript(fold
     parsed = read_manifest(path)
     assert all("\n" not in e.text for e in parsed.examples), [e.text for e in parsed.examples]
     assert 3 in [p.row for p in parsed.problems]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# issue 26: URLs, and transcripts no clip can hold (items 8 and 11)
+
+
+@pytest.mark.parametrize("url", ["https://example.com/x.flac", "s3://bucket/clip.wav", "file:///tmp/x.flac"])
+def test_a_url_in_a_manifest_is_reported_as_an_unsupported_url(folder, url):
+    path = folder / "urls.jsonl"
+    path.write_text(
+        json.dumps({"audio": f"clips/{CLIPS[0]}", "text": "kept"})
+        + "\n"
+        + json.dumps({"audio": url, "text": "hi"})
+        + "\n"
+    )
+    parsed = check_audio(read_manifest(path))
+    assert [e.row for e in parsed.examples] == [1]
+    (problem,) = parsed.problems
+    assert problem.row == 2 and "URL" in problem.reason and url in problem.reason, problem
+    assert "does not exist" not in problem.reason and "not supported" in problem.reason, problem
+
+
+#: The longest transcript a clip of at most 30 s may have: 200 characters per second of audio plus 200.
+LONGEST_TEXT = 200 * 30 + 200
+
+
+@pytest.mark.parametrize("field", ["text", "prompt"])
+def test_a_transcript_longer_than_any_clip_can_hold_is_refused_naming_the_row_and_the_cap(folder, field):
+    rows = [{"audio": f"clips/{CLIPS[0]}", "text": "kept", field: "x" * LONGEST_TEXT},
+            {"audio": f"clips/{CLIPS[0]}", "text": "refused", field: "x" * (LONGEST_TEXT + 1)}]  # fmt: skip
+    path = folder / f"long-{field}.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    parsed = read_manifest(path)
+    assert [e.row for e in parsed.examples] == [1]
+    (problem,) = parsed.problems
+    assert problem.row == 2 and f"'{field}'" in problem.reason and str(LONGEST_TEXT) in problem.reason, problem
+    with pytest.raises(DataError, match=rf"row 2: '{field}' holds {LONGEST_TEXT + 1} characters"):
+        read_manifest(path, strict=True)
+
+
+def test_a_transcript_longer_than_its_own_clip_can_hold_is_refused(folder):
+    """The cap follows the clip: a span's (``start``/``end``) when the row gives one, the file's once it is opened."""
+    from whisper_rope.audio import audio_duration
+
+    seconds = audio_duration(folder / "clips" / CLIPS[0])
+    cap = int(200 * seconds) + 200
+    rows = [{"audio": f"clips/{CLIPS[0]}", "text": "y" * cap},
+            {"audio": f"clips/{CLIPS[0]}", "text": "y" * (cap + 1)},
+            {"audio": f"clips/{CLIPS[0]}", "text": "z" * 401, "start": 0.5, "end": 1.5},
+            {"audio": f"clips/{CLIPS[0]}", "text": "z" * 400, "start": 0.5, "end": 1.5}]  # fmt: skip
+    path = folder / "clip-length.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    parsed = read_manifest(path)
+    assert [p.row for p in parsed.problems] == [3] and "400" in parsed.problems[0].reason, parsed.problems
+    checked = check_audio(parsed)
+    assert [e.row for e in checked.examples] == [1, 4]
+    assert [p.row for p in checked.problems] == [2, 3]
+    assert str(cap) in checked.problems[0].reason and f"{seconds:.2f} s" in checked.problems[0].reason, checked
+
+
+def test_a_huge_transcript_file_in_a_folder_is_refused_without_being_read(tmp_path):
+    shutil.copy(SPEECH / CLIPS[0], tmp_path / "a.flac")
+    (tmp_path / "a.txt").write_text("a short transcript\n")
+    shutil.copy(SPEECH / CLIPS[1], tmp_path / "b.flac")
+    with open(tmp_path / "b.txt", "wb") as sparse:
+        sparse.truncate(1 << 30)  # 1 GiB of holes: costs nothing on disk, a gigabyte if read
+    with PeakMemory() as peak, time_limit(10):
+        parsed = read_manifest(tmp_path)
+    assert [e.row for e in parsed.examples] == [1]
+    (problem,) = parsed.problems
+    assert problem.row == 2 and "b.txt" in problem.reason, problem
+    assert peak.traced < 16 << 20 and peak.resident < 64 << 20, (peak.traced, peak.resident)
+
+
+def test_a_twenty_megabyte_transcript_is_refused_by_evaluate_quickly_in_bounded_memory(tmp_path):
+    """Refused while the manifest is read, within 256 MiB of address space beyond the imports (it once took about 90
+    times the text's size: 9 GB for 100 MB of text)."""
+    model = save_model(tmp_path / "speech.pt", dims=SPEECH_DIMS)
+    rows = [{"audio": str(HELLO), "text": "hello"}, {"audio": str(HELLO), "text": "w" * (20 << 20)}]
+    manifest = write_manifest(tmp_path / "huge.jsonl", rows)
+    started = time.monotonic()
+    outcome = peak_memory(
+        f"""
+        from whisper_rope.evaluation.evaluate import evaluate
+        evaluate(whisper_rope.load_model({str(model)!r}, device="cpu"), {str(manifest)!r})
+        """,
+        cap_bytes=256 << 20,
+        timeout=120,
+    )
+    assert outcome["result"] == "refused", outcome
+    assert "row 2: 'text' holds 20971520 characters" in outcome["message"], outcome
+    assert outcome["growth"] < 200 << 20, mib(outcome["growth"])
+    assert time.monotonic() - started < 60

@@ -453,7 +453,7 @@ def test_cli_options_are_built_from_the_config_fields():
         parser.parse_args(["--schedule", "step"])
     with pytest.raises(ValueError, match="--train-policy '\\(' is neither"):
         config_from_args(parser.parse_args(["--train-policy", "("]))
-    with pytest.raises(ValueError, match="--keep-last must be at least 1"):
+    with pytest.raises(ValueError, match="--keep-last/--keep_last must be a whole number from 1 to 1000000000, got 0"):
         FinetuneConfig(keep_last=0).validate()
 
 

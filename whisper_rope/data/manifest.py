@@ -6,8 +6,9 @@ manifest's folder), ``text``, and optionally ``language``, ``start``/``end`` (se
 (``.jsonl``/``.json``), ``.csv`` and ``.tsv`` with a header row, or a directory of audio files each with a
 same-named ``.txt`` transcript.
 
-Rows that cannot be used (malformed lines, missing columns, missing or undecodable audio, empty transcripts, clips
-over 30 s) are skipped and listed with their row numbers; with ``strict`` the first one is an error.
+Rows that cannot be used (malformed lines, missing columns, URLs, missing or undecodable audio, empty transcripts,
+transcripts longer than their clip can hold, clips over 30 s) are skipped and listed with their row numbers; with
+``strict`` the first one is an error.
 """
 
 import csv
@@ -36,6 +37,13 @@ MIN_CLIP_SECONDS = 2 * HOP_LENGTH / SAMPLE_RATE
 #: File suffixes read as audio when a directory is given instead of a manifest.
 AUDIO_SUFFIXES = (".flac", ".wav", ".mp3", ".ogg", ".opus", ".m4a", ".webm", ".mp4", ".aac", ".wma")
 MANIFEST_SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
+#: A transcript (or prompt) holds at most this many characters per second of its clip, plus `TEXT_SLACK`: several
+#: times the fastest speech (about 30 a second), so that only text no clip can hold is refused, before it is tokenized
+#: (which costs about 90 times its size in memory).
+TEXT_PER_SECOND = 200
+TEXT_SLACK = 200
+# "scheme://": a URL, which the audio readers do not fetch.
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # A clip's span may run this far past the file's end (rounded segment times) before the row is rejected.
 _END_TOLERANCE_S = 0.05
 
@@ -107,6 +115,29 @@ def _has_undecodable_bytes(text: str) -> bool:
     return any("\udc80" <= ch <= "\udcff" for ch in text)
 
 
+def text_limit(seconds: Optional[float] = None) -> int:
+    """The most characters the transcript of a clip of ``seconds`` may hold (`TEXT_PER_SECOND` a second plus
+    `TEXT_SLACK`); a clip of unknown length counts as the longest a window holds (30 s: 6200 characters)."""
+    seconds = MAX_CLIP_SECONDS if seconds is None else min(seconds, MAX_CLIP_SECONDS)
+    return int(TEXT_PER_SECOND * seconds) + TEXT_SLACK
+
+
+def check_text_length(text: Optional[str], name: str, seconds: Optional[float] = None) -> None:
+    """Raise ValueError when ``text`` (a row's field ``name``) is longer than a clip of ``seconds`` can hold."""
+    limit = text_limit(seconds)
+    if text is not None and len(text) > limit:
+        clip = f"a {seconds:.2f} s clip" if seconds is not None else "a clip of at most 30 s"
+        raise ValueError(
+            f"'{name}' holds {len(text)} characters; {clip} holds at most {limit} "
+            f"({TEXT_PER_SECOND} a second + {TEXT_SLACK})"
+        )
+
+
+def _span_seconds(start: Optional[float], end: Optional[float]) -> Optional[float]:
+    """The length of a row's span when its end is given (from ``start``, or the file's start), else None."""
+    return None if end is None else end - (start or 0.0)
+
+
 def _optional_seconds(value: object, name: str) -> Optional[float]:
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
@@ -134,6 +165,8 @@ def _example_from_record(record: Dict[str, object], row: int, folder: Path, requ
     audio = record.get("audio")
     if not isinstance(audio, str) or not audio.strip():
         raise ValueError("has no 'audio' path")
+    if _URL.match(audio.strip()):
+        raise ValueError(f"'audio' is a URL ({audio.strip()}), which is not supported: give a local file's path")
     text = record.get("text")
     if text is not None and not isinstance(text, str):
         raise ValueError(f"'text' must be a string, got {type(text).__name__}")
@@ -146,17 +179,21 @@ def _example_from_record(record: Dict[str, object], row: int, folder: Path, requ
     end = _optional_seconds(record.get("end"), "end")
     if start is not None and end is not None and end <= start:
         raise ValueError(f"end {end:g} s is not after start {start:g} s")
+    text = text.strip() if isinstance(text, str) else None
+    check_text_length(text, "text", _span_seconds(start, end))
+    prompt = _optional_text(record.get("prompt"), "prompt")
+    check_text_length(prompt, "prompt")  # the text before the clip, not the clip's own: the longest clip's cap
     path = user_path(audio.strip())
     if not path.is_absolute():
         path = folder / path
     return Example(
         audio=str(path),
-        text=text.strip() if isinstance(text, str) else None,
+        text=text,
         row=row,
         language=_optional_text(record.get("language"), "language"),
         start=start,
         end=end,
-        prompt=_optional_text(record.get("prompt"), "prompt"),
+        prompt=prompt,
     )
 
 
@@ -261,7 +298,12 @@ def _parse_directory(path: Path, rows: RowProblems, require_text: bool) -> List[
         transcript = audio.with_suffix(".txt")
         text: Optional[str] = None
         if transcript.is_file():
-            raw = transcript.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+            try:  # read only what a transcript can be: UTF-8 takes at most 4 bytes a character
+                data = read_regular(transcript, "transcript", DataError, limit=4 * text_limit())
+            except DataError as error:
+                rows.skip(number, str(error))
+                continue
+            raw = data.decode("utf-8-sig", errors="surrogateescape")
             if _has_undecodable_bytes(raw):
                 rows.skip(number, f"transcript {transcript.name!r} is not valid UTF-8")
                 continue
@@ -333,6 +375,11 @@ def check_audio(manifest: Manifest, strict: bool = False, max_seconds: Optional[
         duration = min(end, length) - start
         if max_seconds is not None and duration > max_seconds:
             rows.skip(example.row, f"clip is {duration:.1f} s long; a Whisper window holds at most 30 s")
+            continue
+        try:
+            check_text_length(example.text, "text", duration)
+        except ValueError as error:
+            rows.skip(example.row, str(error))
             continue
         if duration < MIN_CLIP_SECONDS:
             rows.skip(example.row, f"clip is {1000 * duration:.0f} ms long; at least 20 ms (two mel frames) are needed")

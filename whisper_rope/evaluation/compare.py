@@ -39,14 +39,15 @@ import whisper
 
 from ..atomic import atomic_write, atomic_write_text
 from ..files import user_path
-from ..options import NamedPath, PathText, add_dataclass_arguments, dataclass_from_args, opt
+from ..option_checks import BATCH, LEARNING_RATE, SEED, WORKERS, check_bounds
+from ..options import Bounds, NamedPath, PathText, add_dataclass_arguments, dataclass_from_args, opt
 from ..outputs import claim_directory, refuse_overlap, temporary_of
-from ..training.config import FinetuneConfig
+from ..training.config import AT_LEAST_ONE_STEP, STEPS, FinetuneConfig
 from ..training.loop import finetune
 from ..training.state import step_checkpoints
 from ..variants import parse_variant
 from ..weights.loading import load_model
-from .evaluate import EvaluationOptions, evaluate
+from .evaluate import CAP_FACTOR, EvaluationOptions, evaluate
 from .metrics import length_bucket_table
 
 RUN_FLAGS = ("distill", "transplant", "unpadded")
@@ -115,20 +116,26 @@ class CompareConfig:
         nargs="+",
     )
     output: PathText = opt("compare-output", "output directory")
-    steps: int = opt(200, "optimizer steps per run")
-    lr: float = opt(1e-4, "peak learning rate per run")
-    batch_size: int = opt(8, "clips per optimizer step")
-    warmup_steps: int = opt(20, "learning-rate warm-up steps")
+    steps: int = opt(200, "optimizer steps per run", bounds=AT_LEAST_ONE_STEP)
+    lr: float = opt(1e-4, "peak learning rate per run", bounds=LEARNING_RATE)
+    batch_size: int = opt(8, "clips per optimizer step", bounds=BATCH)
+    warmup_steps: int = opt(20, "learning-rate warm-up steps", bounds=STEPS)
     seeds: List[int] = opt(
-        [0], "seeds; each run is trained once per seed (two or more give mean ± std)", nargs="+", type=int
+        [0],
+        "seeds; each run is trained once per seed (two or more give mean ± std)",
+        nargs="+",
+        type=int,
+        bounds=SEED,
     )
-    eval_batch_size: int = opt(16, "clips decoded together in evaluation")
-    cap_factor: float = opt(3.0, "cap hypotheses at this many times the reference tokens")
+    eval_batch_size: int = opt(16, "clips decoded together in evaluation", bounds=BATCH)
+    cap_factor: float = opt(3.0, "cap hypotheses at this many times the reference tokens", bounds=CAP_FACTOR)
     transplant_fraction: float = opt(
-        0.5, "transplant runs anneal the tables and open the gates over this fraction of the steps"
+        0.5,
+        "transplant runs anneal the tables and open the gates over this fraction of the steps",
+        bounds=Bounds.reals(0, 1, low_open=True),
     )
     device: Optional[str] = opt(None, "cpu or cuda (default: cuda when available)")
-    num_workers: int = opt(2, "audio-decoding processes while training")
+    num_workers: int = opt(2, "audio-decoding processes while training", bounds=WORKERS)
     progress: bool = opt(True, "show progress bars")
 
     def run_specs(self) -> List[RunSpec]:
@@ -145,6 +152,7 @@ class CompareConfig:
 
     def validate(self) -> "CompareConfig":
         """Check every setting and that every input exists, before anything is written."""
+        check_bounds(self)
         if not self.train:
             raise ValueError("compare needs a training manifest (--train)")
         if not self.eval_sets():
@@ -159,8 +167,6 @@ class CompareConfig:
         if not self.runs or not self.seeds:
             raise ValueError("compare needs at least one run and one seed")
         self.run_specs()
-        if not 0 < self.transplant_fraction <= 1:
-            raise ValueError(f"transplant_fraction must be in (0, 1], got {self.transplant_fraction}")
         return self
 
 

@@ -77,7 +77,8 @@ from ..data import (
 from ..errors import AudioError, PathLike
 from ..longform import transcribe_recordings
 from ..model import WhisperRope
-from ..options import PathText, add_dataclass_arguments, dataclass_from_args, opt, standalone_main
+from ..option_checks import BATCH, BEAMS, MAX_COUNT, WORKERS, check_bounds
+from ..options import Bounds, PathText, add_dataclass_arguments, dataclass_from_args, opt, standalone_main
 from ..outputs import refuse_overlap
 from ..weights.loading import MODEL_HELP, LoadOptions
 from .metrics import (
@@ -95,6 +96,9 @@ NORMALIZERS = ("auto", "english", "basic", "none")
 LONG_FORMS = ("loop", "batched")
 # Audio of long recordings held at once for the batched path (an hour, 230 MB as float32), as `transcribe` does.
 _LONG_AUDIO_HELD = 3600 * SAMPLE_RATE
+#: Hypotheses capped at this many times their reference's tokens (0: no cap); the cap is what keeps a hypothesis
+#: that loops from costing the whole text context.
+CAP_FACTOR = Bounds.reals(0, 1000)
 
 # The command's --help description, the same for `whisper-rope evaluate` and `python -m whisper_rope.evaluate`.
 DESCRIPTION = (
@@ -118,8 +122,8 @@ class EvaluationOptions:
         "for English-only models and English rows, basic otherwise",
         choices=NORMALIZERS,
     )
-    batch_size: int = opt(16, "clips decoded together")
-    beam_size: Optional[int] = opt(None, "beam search with this many beams (default: greedy)")
+    batch_size: int = opt(16, "clips decoded together", bounds=BATCH)
+    beam_size: Optional[int] = opt(None, "beam search with this many beams (default: greedy)", bounds=BEAMS)
     fp16: Optional[bool] = opt(None, "decode in half precision (default: on CUDA devices; never on the CPU)")
     unpadded: Optional[bool] = opt(
         None,
@@ -130,9 +134,12 @@ class EvaluationOptions:
         3.0,
         "cap each hypothesis at this many times the reference's tokens (plus --cap-offset); 0: no cap beyond "
         "upstream's half the text context",
+        bounds=CAP_FACTOR,
     )
-    cap_offset: int = opt(10, "tokens added to the per-utterance cap")
-    limit: Optional[int] = opt(None, "evaluate only the first N rows of the manifest")
+    cap_offset: int = opt(10, "tokens added to the per-utterance cap", bounds=Bounds.integers(0, 1000))
+    limit: Optional[int] = opt(
+        None, "evaluate only the first N rows of the manifest", bounds=Bounds.integers(1, MAX_COUNT)
+    )
     skip_invalid: bool = opt(
         False,
         "skip unusable rows (missing or undecodable audio, bad spans) and list them in the result, "
@@ -145,23 +152,12 @@ class EvaluationOptions:
         "--batch_size N); shorter clips are decoded as one window either way",
         choices=LONG_FORMS,
     )
-    num_workers: int = opt(0, "processes decoding audio files (0: in the main process)")
+    num_workers: int = opt(0, "processes decoding audio files (0: in the main process)", bounds=WORKERS)
 
     def validate(self) -> "EvaluationOptions":
         if self.normalizer not in NORMALIZERS:
             raise ValueError(f"unknown normalizer {self.normalizer!r}: expected one of {', '.join(NORMALIZERS)}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
-        if self.beam_size is not None and self.beam_size < 1:
-            raise ValueError(f"beam_size must be at least 1, got {self.beam_size}")
-        if self.cap_factor is not None and self.cap_factor < 0:
-            raise ValueError(f"cap_factor must be 0 (no cap) or positive, got {self.cap_factor}")
-        if self.cap_offset < 0:
-            raise ValueError(f"cap_offset must not be negative, got {self.cap_offset}")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be at least 1 row, got {self.limit}")
-        if self.num_workers < 0:
-            raise ValueError(f"num_workers must not be negative, got {self.num_workers}")
+        check_bounds(self)
         if self.long_form not in LONG_FORMS:
             raise ValueError(f"unknown long_form {self.long_form!r}: expected one of {', '.join(LONG_FORMS)}")
         language_code(self.language)

@@ -4,12 +4,29 @@
 from dataclasses import dataclass
 from typing import Optional
 
-from ..option_checks import check_device
-from ..options import PathText, opt
+from ..option_checks import (
+    BATCH,
+    LEARNING_RATE,
+    MAX_COUNT,
+    SEED,
+    THREADS,
+    UNPADDED_MARGIN,
+    WORKERS,
+    check_bounds,
+    check_device,
+)
+from ..options import Bounds, PathText, opt
+from ..positional import ROTARY_THETA
 from ..weights.loading import ROTARY_THETA_HELP, THREADS_HELP
 from .optim import check_policy
 from .recipes import RECIPES, recipe_defaults
 from .transplant import transplant_start_variant
+
+#: Whole numbers of steps (or of clips) counted from 0 (none) or from 1.
+STEPS = Bounds.integers(0, MAX_COUNT)
+AT_LEAST_ONE_STEP = Bounds.integers(1, MAX_COUNT)
+#: Weights of the loss terms: beyond 1000 a term swamps the others and fp16 losses overflow.
+LOSS_WEIGHT = Bounds.reals(0, 1000)
 
 #: Settings that do not change the training trajectory: a resumed run may differ in these.
 BOOKKEEPING = {
@@ -57,7 +74,7 @@ class FinetuneConfig:
     variant: Optional[str] = opt(
         None, "positional variant to train (a preset such as rotary, or ENCODER/DECODER); default: the checkpoint's own"
     )
-    rotary_theta: Optional[float] = opt(None, ROTARY_THETA_HELP)
+    rotary_theta: Optional[float] = opt(None, ROTARY_THETA_HELP, bounds=ROTARY_THETA)
     gated_rotary: Optional[bool] = opt(
         None, "learn a per-head gate (initialised to 0) that mixes RoPE in; default: the checkpoint's"
     )
@@ -81,24 +98,35 @@ class FinetuneConfig:
     task: str = opt("transcribe", "task token of multilingual models", choices=("transcribe", "translate"))
 
     # Optimisation.
-    steps: int = opt(1000, "optimizer steps to train for (in total, when resuming)")
-    batch_size: int = opt(8, "clips per forward pass over all processes (a multiple of the number of processes)")
-    grad_accum: int = opt(1, "forward passes accumulated per optimizer step (clips per step: batch_size * grad_accum)")
-    lr: float = opt(1e-5, "peak learning rate (AdamW)")
+    steps: int = opt(1000, "optimizer steps to train for (in total, when resuming)", bounds=AT_LEAST_ONE_STEP)
+    batch_size: int = opt(
+        8, "clips per forward pass over all processes (a multiple of the number of processes)", bounds=BATCH
+    )
+    grad_accum: int = opt(
+        1,
+        "forward passes accumulated per optimizer step (clips per step: batch_size * grad_accum)",
+        bounds=Bounds.integers(1, 1024),
+    )
+    lr: float = opt(1e-5, "peak learning rate (AdamW)", bounds=LEARNING_RATE)
     lr_positional: Optional[float] = opt(
         None,
         "peak learning rate of the positional path (self-attention query/key projections, rotary gates, learned "
         "positional tables), which a positional change invalidates; default: --lr",
+        bounds=LEARNING_RATE,
     )
     warmup_steps: Optional[int] = opt(
-        None, "steps of linear learning-rate warm-up from zero (default: a tenth of --steps, at most 50)"
+        None, "steps of linear learning-rate warm-up from zero (default: a tenth of --steps, at most 50)", bounds=STEPS
     )
     schedule: str = opt("cosine", "learning-rate decay after warm-up, to zero at --steps", choices=("cosine", "linear"))
     weight_decay: float = opt(
-        0.01, "AdamW weight decay, applied to matrices only (biases, norms and gates are not decayed)"
+        0.01,
+        "AdamW weight decay, applied to matrices only (biases, norms and gates are not decayed)",
+        bounds=Bounds.reals(0, 1),
     )
-    grad_clip: float = opt(1.0, "clip the gradient norm to this (0: no clipping)")
-    label_smoothing: float = opt(0.0, "label smoothing of the token cross-entropy")
+    grad_clip: float = opt(1.0, "clip the gradient norm to this (0: no clipping)", bounds=Bounds.reals(0))
+    label_smoothing: float = opt(
+        0.0, "label smoothing of the token cross-entropy", bounds=Bounds.reals(0, 1, high_open=True)
+    )
     train_policy: str = opt(
         "all",
         "which parameters train: all, positional (positional parameters and attention), decoder, encoder, or a "
@@ -106,7 +134,9 @@ class FinetuneConfig:
         "re-initialised tables) always train",
     )
     stage_steps: int = opt(
-        0, "train only --stage-policy for this many first steps, then every parameter --train-policy selects"
+        0,
+        "train only --stage-policy for this many first steps, then every parameter --train-policy selects",
+        bounds=STEPS,
     )
     stage_policy: str = opt(
         "positional-path", "what trains during the first --stage-steps steps (a --train-policy value)"
@@ -130,7 +160,9 @@ class FinetuneConfig:
         "train on each clip's own frames (length-bucketed batches); an encoder with a sinusoid table then adds "
         "its rows 0..n-1 to n positions (the sliced table). Default: yes for encoders without a table",
     )
-    unpadded_margin: int = opt(0, "padding positions (20 ms each) an unpadded encoder keeps after each clip")
+    unpadded_margin: int = opt(
+        0, "padding positions (20 ms each) an unpadded encoder keeps after each clip", bounds=UNPADDED_MARGIN
+    )
     windows: str = opt(
         "clips",
         "what a training example is: clips (each clip of --train, as given) or every-length (clips joined with "
@@ -138,14 +170,19 @@ class FinetuneConfig:
         "see --single-clip-share, --window-sets)",
         choices=("clips", "every-length"),
     )
-    single_clip_share: float = opt(0.15, "with --windows every-length: the share of windows that stay one clip")
+    single_clip_share: float = opt(
+        0.15, "with --windows every-length: the share of windows that stay one clip", bounds=Bounds.reals(0, 1)
+    )
     window_sets: int = opt(
-        2, "with --windows every-length: how many different compositions of the clips to train on (seeded)"
+        2,
+        "with --windows every-length: how many different compositions of the clips to train on (seeded)",
+        bounds=Bounds.integers(1, 100),
     )
     timestamp_share: float = opt(
         0.5,
         "with --windows every-length and teacher transcripts: the share of windows whose targets carry timestamp "
         "tokens (as transcribe decodes), the rest without (as evaluate and short clips)",
+        bounds=Bounds.reals(0, 1),
     )
     pad_to_30s: bool = opt(
         False, "give rotary-only encoders 30-s padded input too (encoders with an absolute table always get it)"
@@ -155,13 +192,15 @@ class FinetuneConfig:
         "encode unpadded batches packed: clips end to end with block-diagonal attention instead of padding and a "
         "mask (same results; fused variable-length attention on GPUs, see benchmarks/README.md)",
     )
-    num_workers: int = opt(2, "DataLoader processes decoding audio (0: in the main process)")
+    num_workers: int = opt(2, "DataLoader processes decoding audio (0: in the main process)", bounds=WORKERS)
     strict: bool = opt(False, "stop at the first unusable manifest row instead of skipping and listing it")
-    seed: int = opt(0, "seed of the batch order, SpecAugment and initialisation")
+    seed: int = opt(0, "seed of the batch order, SpecAugment and initialisation", bounds=SEED)
 
     # Self-distillation.
     ce_weight: float = opt(
-        1.0, "weight of the token cross-entropy against the targets (0: learn from the teacher alone)"
+        1.0,
+        "weight of the token cross-entropy against the targets (0: learn from the teacher alone)",
+        bounds=LOSS_WEIGHT,
     )
     distill: bool = opt(
         False,
@@ -171,22 +210,28 @@ class FinetuneConfig:
     distill_only: bool = opt(
         False, "train on untranscribed audio: the teacher's greedy transcript is the target (implies --distill)"
     )
-    distill_weight: float = opt(1.0, "weight of the distillation KL term")
-    distill_temperature: float = opt(2.0, "softmax temperature of the distillation KL")
+    distill_weight: float = opt(1.0, "weight of the distillation KL term", bounds=LOSS_WEIGHT)
+    distill_temperature: float = opt(2.0, "softmax temperature of the distillation KL", bounds=Bounds.reals(0.01, 100))
     distill_encoder_weight: float = opt(
         0.0,
         "weight of the mean squared error between the student's and the teacher's encoder outputs on each clip's "
         "own positions (the teacher fed the 30-s window)",
+        bounds=LOSS_WEIGHT,
     )
     distill_decoder_layers: float = opt(
         0.0,
         "weight of the mean squared error between student and teacher hidden states of every decoder layer, on "
         "the teacher-forced tokens",
+        bounds=LOSS_WEIGHT,
     )
     distill_encoder_layers: float = opt(
-        0.0, "weight of the mean squared error of every encoder layer's output on each clip's positions"
+        0.0,
+        "weight of the mean squared error of every encoder layer's output on each clip's positions",
+        bounds=LOSS_WEIGHT,
     )
-    distill_attention: float = opt(0.0, "weight of the mean squared error of every self-attention output")
+    distill_attention: float = opt(
+        0.0, "weight of the mean squared error of every self-attention output", bounds=LOSS_WEIGHT
+    )
     teacher_cache: Optional[PathText] = opt(
         None,
         "directory of the teacher's cached targets, computed once per clip and teacher "
@@ -201,16 +246,16 @@ class FinetuneConfig:
         "identical to the checkpoint at the start, fade the absolute tables out while the RoPE gates open; the "
         "finished run is saved as plain --variant",
     )
-    transplant_anneal_start: int = opt(0, "step at which the absolute tables start to fade")
+    transplant_anneal_start: int = opt(0, "step at which the absolute tables start to fade", bounds=STEPS)
     transplant_anneal_steps: Optional[int] = opt(
-        None, "steps over which the tables fade from 1 to 0 (default: half of --steps)"
+        None, "steps over which the tables fade from 1 to 0 (default: half of --steps)", bounds=STEPS
     )
     transplant_shape: str = opt("cosine", "shape of the fade and gate ramps", choices=("linear", "cosine"))
     transplant_sides: str = opt(
         "both", "which tables fade (encoder or decoder alone leaves a hybrid)", choices=("both", "encoder", "decoder")
     )
     transplant_gate_start: Optional[int] = opt(
-        None, "step at which scheduled gates start to open (default: when the tables start to fade)"
+        None, "step at which scheduled gates start to open (default: when the tables start to fade)", bounds=STEPS
     )
     transplant_gates: str = opt(
         "scheduled",
@@ -219,7 +264,7 @@ class FinetuneConfig:
         choices=("scheduled", "learned"),
     )
     transplant_gate_steps: Optional[int] = opt(
-        None, "steps over which scheduled gates open (default: the fade's steps)"
+        None, "steps over which scheduled gates open (default: the fade's steps)", bounds=STEPS
     )
     transplant_unpadded: bool = opt(
         False,
@@ -232,12 +277,13 @@ class FinetuneConfig:
         0,
         "without --eval: keep this many clips of --train out of training and evaluate on them against the "
         "teacher's 30-s transcripts (label-free evaluation; 0 %% WER = the source model's words)",
+        bounds=STEPS,
     )
-    eval_every: int = opt(0, "evaluate every N steps (0: only at the end)")
+    eval_every: int = opt(0, "evaluate every N steps (0: only at the end)", bounds=STEPS)
     eval_at_start: bool = opt(False, "also evaluate before the first step (a baseline)")
-    save_every: int = opt(0, "write a checkpoint every N steps (0: only at the end)")
-    keep_last: int = opt(2, "step checkpoints to keep (the best-WER model is kept apart)")
-    log_every: int = opt(10, "log training metrics every N steps")
+    save_every: int = opt(0, "write a checkpoint every N steps (0: only at the end)", bounds=STEPS)
+    keep_last: int = opt(2, "step checkpoints to keep (the best-WER model is kept apart)", bounds=AT_LEAST_ONE_STEP)
+    log_every: int = opt(10, "log training metrics every N steps", bounds=AT_LEAST_ONE_STEP)
     resume: Optional[PathText] = opt(
         None,
         "continue exactly from a checkpoint: a step-N directory, or an output directory (its latest); without a "
@@ -248,11 +294,12 @@ class FinetuneConfig:
     device: Optional[str] = opt(
         None, "cpu or cuda (default: cuda when available; under torchrun each rank uses cuda:LOCAL_RANK)"
     )
-    threads: int = opt(0, THREADS_HELP)
+    threads: int = opt(0, THREADS_HELP, bounds=THREADS)
     progress: bool = opt(True, "show a progress bar")
 
     def validate(self) -> "FinetuneConfig":
         """Raise ValueError naming the first invalid setting."""
+        check_bounds(self)
         for ok, message in self._checks():
             if not ok:
                 raise ValueError(message)
@@ -265,55 +312,18 @@ class FinetuneConfig:
         return self
 
     def _checks(self):
-        weights = {
-            "--ce-weight": self.ce_weight,
-            "--distill-weight": self.distill_weight,
-            "--distill-encoder-weight": self.distill_encoder_weight,
-            "--distill-decoder-layers": self.distill_decoder_layers,
-            "--distill-encoder-layers": self.distill_encoder_layers,
-            "--distill-attention": self.distill_attention,
-        }
-        yield from (
-            (0 <= value < float("inf"), f"{flag} must be a finite number >= 0, got {value}")
-            for flag, value in weights.items()
-        )
-        yield from [
-            (self.steps >= 1, f"--steps must be at least 1, got {self.steps}"),
-            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
-            (self.grad_accum >= 1, f"--grad-accum must be at least 1, got {self.grad_accum}"),
-            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
-            (
-                self.lr_positional is None or self.lr_positional > 0,
-                f"--lr-positional must be positive, got {self.lr_positional}",
-            ),
-            (
-                self.warmup_steps is None or self.warmup_steps >= 0,
-                f"--warmup-steps must not be negative, got {self.warmup_steps}",
-            ),
-            (self.stage_steps >= 0, f"--stage-steps must not be negative, got {self.stage_steps}"),
-            (self.unpadded_margin >= 0, f"--unpadded-margin must not be negative, got {self.unpadded_margin}"),
-            (
-                0 <= self.single_clip_share <= 1,
-                f"--single-clip-share must be in [0, 1], got {self.single_clip_share}",
-            ),
-            (1 <= self.window_sets <= 100, f"--window-sets must be in 1..100, got {self.window_sets}"),
-            (0 <= self.timestamp_share <= 1, f"--timestamp-share must be in [0, 1], got {self.timestamp_share}"),
-            (self.weight_decay >= 0, f"--weight-decay must not be negative, got {self.weight_decay}"),
-            (self.grad_clip >= 0, f"--grad-clip must not be negative, got {self.grad_clip}"),
-            (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
+        """The settings no declared range covers (numbers are checked by `check_bounds`)."""
+        return [
             (self.schedule in ("cosine", "linear"), f"--schedule must be cosine or linear, got {self.schedule!r}"),
             (
                 self.precision in ("auto", "fp32", "bf16", "fp16"),
                 f"--precision must be auto, fp32, bf16 or fp16, got {self.precision!r}",
             ),
             (self.task in ("transcribe", "translate"), f"--task must be transcribe or translate, got {self.task!r}"),
-            (self.distill_temperature > 0, f"--distill-temperature must be positive, got {self.distill_temperature}"),
-            (self.num_workers >= 0, f"--num-workers must not be negative, got {self.num_workers}"),
-            (self.eval_holdout >= 0, f"--eval-holdout must not be negative, got {self.eval_holdout}"),
-            (self.eval_every >= 0, f"--eval-every must not be negative, got {self.eval_every}"),
-            (self.save_every >= 0, f"--save-every must not be negative, got {self.save_every}"),
-            (self.keep_last >= 1, f"--keep-last must be at least 1, got {self.keep_last}"),
-            (self.log_every >= 1, f"--log-every must be at least 1, got {self.log_every}"),
+            (
+                self.windows in ("clips", "every-length"),
+                f"--windows must be clips or every-length, got {self.windows!r}",
+            ),
             (bool(self.output), "--output must name a directory"),
         ]
 

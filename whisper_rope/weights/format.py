@@ -17,7 +17,16 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from ..errors import CheckpointError, ModelNotFoundError, PathLike, first_line, one_line
+from ..errors import (
+    CheckpointError,
+    ModelNotFoundError,
+    OutOfResources,
+    PathLike,
+    first_line,
+    one_line,
+    out_of_resources,
+)
+from ..positional import ROTARY_THETA
 
 # The fields of ``whisper.model.ModelDimensions``, in its order.
 DIM_KEYS: Tuple[str, ...] = (
@@ -60,7 +69,9 @@ def load_pt(source: Union[PathLike, bytes], label: str, mmap: bool = False) -> o
 
     label: how messages name the file (``checkpoint '/x/model.pt'``). mmap: map the file instead of reading it,
     where its format allows (legacy non-zip files are read). Raises `ModelNotFoundError` for a missing file and
-    `CheckpointError` for anything else that is not a readable, safe pickle.
+    `CheckpointError` for anything else that is not a readable, safe pickle. Running out of memory or threads is the
+    machine's fault, not the file's: `OutOfResources` naming the file, never a `CheckpointError` (for which a cached
+    conversion would be rebuilt).
     """
     try:
         if isinstance(source, bytes):
@@ -86,6 +97,8 @@ def load_pt(source: Union[PathLike, bytes], label: str, mmap: bool = False) -> o
             ) from None
         raise CheckpointError(f"cannot read {label}: truncated or not a PyTorch file") from None
     except Exception as error:  # torch's unpickler raises many types on garbage (IndexError, struct.error, ...)
+        if out_of_resources(error):
+            raise OutOfResources(f"out of memory or threads while reading {label} ({first_line(error)})") from None
         raise CheckpointError(f"cannot read {label}: truncated or not a PyTorch file ({first_line(error)})") from None
 
 
@@ -404,11 +417,6 @@ def real_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def positive_finite(value: object) -> bool:
-    """Whether ``value`` is a finite number above 0 (a RoPE base, a scale)."""
-    return real_number(value) and math.isfinite(value) and value > 0
-
-
 def _flag(value: object, dims: Dict[str, int]) -> bool:
     return isinstance(value, bool)
 
@@ -426,7 +434,7 @@ def _seconds_range(value: object, dims: Dict[str, int]) -> bool:
 #: Stored rotary option -> (what it must be, for messages; its check given the dims).
 _ROTARY_OPTIONS = {
     "adapted_seconds": ("[shortest, longest] finite seconds, 0 < shortest <= longest", _seconds_range),
-    "theta": ("a finite positive number", lambda value, dims: positive_finite(value)),
+    "theta": (str(ROTARY_THETA), lambda value, dims: ROTARY_THETA.accepts(value)),
     "gated": ("true or false", _flag),
     "unpadded": ("true or false", _flag),
     "unpadded_margin": (

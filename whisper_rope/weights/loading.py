@@ -32,12 +32,13 @@ from ..atomic import atomic_torch_save
 from ..compute_type import apply_compute_type, resolve_compute_type
 from ..errors import CheckpointError, ModelNotFoundError, PathLike, VariantError, first_line, one_line
 from ..model import DEFAULT_ROTARY_THETA, WhisperRope
-from ..option_checks import check_load_options
+from ..option_checks import THREADS, UNPADDED_MARGIN, check_load_options
 from ..options import PathText, opt, option
+from ..positional import ROTARY_THETA
 from ..variants import DECODER_SCHEMES, ENCODER_SCHEMES, PRESETS, UPSTREAM_VARIANT, Variant, parse_variant
 from . import packages
 from .ctranslate2 import is_ctranslate2_dir, read_ctranslate2
-from .format import VARIANT_MARKER, positive_finite, read_checkpoint, validate_checkpoint
+from .format import VARIANT_MARKER, read_checkpoint, validate_checkpoint
 from .huggingface import is_huggingface_dir, read_huggingface
 
 logger = logging.getLogger("whisper_rope")
@@ -297,8 +298,8 @@ def load_model(
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if rotary_theta is not None and not positive_finite(rotary_theta):
-        raise VariantError(f"rotary_theta is {rotary_theta!r}; expected a finite positive number (RoPE's base)")
+    if rotary_theta is not None and not ROTARY_THETA.accepts(rotary_theta):
+        raise VariantError(f"rotary_theta is {rotary_theta!r}; expected {ROTARY_THETA} (RoPE's base)")
     resolve_compute_type(compute_type, device)
     checkpoint, heads, source = resolve_checkpoint(name_or_path, download_root, in_memory)
     stored_variant = checkpoint.get("variant", UPSTREAM_VARIANT)  # both checked by validate_checkpoint
@@ -423,14 +424,15 @@ class LoadOptions:
         f"encoder schemes {{{', '.join(ENCODER_SCHEMES)}}} and decoder schemes {{{', '.join(DECODER_SCHEMES)}}}; "
         "default: the checkpoint's own variant (whisper for upstream weights)",
     )
-    rotary_theta: Optional[float] = opt(None, ROTARY_THETA_HELP)
+    rotary_theta: Optional[float] = opt(None, ROTARY_THETA_HELP, bounds=ROTARY_THETA)
     model_dir: Optional[PathText] = opt(None, "where upstream model downloads are cached (default ~/.cache/whisper)")
     device: str = field(default_factory=_default_device, metadata=option("PyTorch device to run on"))
-    threads: int = opt(0, THREADS_HELP)
+    threads: int = opt(0, THREADS_HELP, bounds=THREADS)
     unpadded_margin: Optional[int] = opt(
         None,
         "padding positions (20 ms each) kept after each clip's real frames when decoding unpadded; default: the "
         "checkpoint's (0)",
+        bounds=UNPADDED_MARGIN,
     )
     compute_type: str = opt(
         "default",
