@@ -353,6 +353,7 @@ def _student_model(model: Optional[WhisperRope], config: FinetuneConfig, schedul
             device="cpu",
             rotary_theta=config.rotary_theta,
             gated_rotary=True if schedule else config.gated_rotary,
+            progress=config.progress,
         )
     if schedule is not None:
         check_transplant_model(model)
@@ -397,7 +398,7 @@ def _teacher(config: FinetuneConfig, teacher: Optional[WhisperRope], objective: 
     if not (_learns_from_teacher(config, objective) or holdout):
         return None, None
     if teacher is None:
-        teacher = load_model(config.model, variant="whisper", device="cpu")
+        teacher = load_model(config.model, variant="whisper", device="cpu", progress=config.progress)
     teacher = teacher.to(device).eval().requires_grad_(False)
     cache = teacher_cache(config, teacher, objective.cached_kinds)
     embedding = teacher.decoder.token_embedding.weight.detach() if objective.kl > 0 else None

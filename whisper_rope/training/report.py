@@ -39,7 +39,7 @@ def final_evaluation(result, config: FinetuneConfig, progress: bool = True) -> O
     model = result.model
     rows = [_row("fine-tuned", model, evaluate(model, data, batch_size=config.batch_size, progress=progress))]
     if not teacher_references:
-        source = load_model(config.model, device=next(model.parameters()).device)
+        source = load_model(config.model, device=next(model.parameters()).device, progress=progress)
         rows.insert(0, _row("source", source, evaluate(source, data, batch_size=config.batch_size, progress=progress)))
     references = "the teacher's 30-s transcripts (held-out clips)" if teacher_references else "the manifest's text"
     table = _table(rows, data, references)

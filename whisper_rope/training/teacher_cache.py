@@ -4,7 +4,8 @@ A distillation teacher is frozen and, without augmentation of its input, its tar
 clip: the teacher's transcript (for label-free training), its hidden states on the teacher-forced tokens and its
 encoder states on the clip's positions. Recomputing them every epoch costs a 30-s window through the teacher's
 encoder per clip — on a 2-core CPU more than the student's own step. `TeacherCache.fill` computes every missing
-entry once (batched, with a progress bar); training then reads entries in its DataLoader workers.
+entry once (batched, with a progress bar, or log lines where there is none); training then reads entries in its
+DataLoader workers.
 
 An entry is one safetensors file (fp16 states, int64 tokens) named by a SHA-256 over
 
@@ -33,7 +34,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import Tensor
-from tqdm import tqdm
 from whisper.decoding import DecodingOptions
 
 from ..atomic import atomic_write, atomic_write_text
@@ -41,6 +41,7 @@ from ..data import IGNORE_INDEX, Collator, DataError, Item, SpeechDataset, make_
 from ..errors import one_line
 from ..features import real_frame_counts
 from ..model import WhisperRope
+from ..progress import PhaseProgress
 from .losses import StateRecorder, recorded_modules, stacked_states
 
 logger = logging.getLogger("whisper_rope")
@@ -237,7 +238,7 @@ class TeacherCache:
         loader = make_loader(dataset, batches, num_workers=num_workers)
         computed = 0
         self._avoid_links()
-        bar = tqdm(total=len(order), desc="teacher targets", unit="clip", disable=not progress, dynamic_ncols=True)
+        bar = PhaseProgress(len(order), "teacher targets", "clip", bar=progress)
         try:
             for batch in loader:
                 windows = batch.mel if batch.padded_30s else batch.teacher_mel
