@@ -139,13 +139,15 @@ def test_a_recipes_step_counts_follow_an_overridden_steps():
 def test_a_recipe_run_shortened_with_steps_ends_as_the_model_the_recipe_promises(tmp_path, source):
     config = FinetuneConfig.from_recipe(
         "unpadded-rotary", model=str(source), train=str(_audio_folder(tmp_path)), output=str(tmp_path / "run"),
-        steps=5, batch_size=2, eval_holdout=1, num_workers=0, progress=False, device="cpu",
-        teacher_cache=str(tmp_path / "cache"),
+        steps=5, batch_size=2, num_workers=0, progress=False, device="cpu", teacher_cache=str(tmp_path / "cache"),
     )  # fmt: skip
     result = finetune(config=config)
     assert result.model.variant == "rotary/learned" and result.model.unpadded
     records = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert [r["finished"] for r in records if r["event"] == "transplant"] == [True]
+    # The recipe's own hold-out (a fifth of the clips) is what the final evaluation scores.
+    assert len((tmp_path / "run" / "holdout.jsonl").read_text().splitlines()) == len(list(SPEECH.glob("*.flac"))) // 5
+    assert "teacher's 30-s transcripts" in final_evaluation(result, config, progress=False)
 
 
 def test_the_warm_up_warning_names_what_is_wrong_in_numbers_that_add_up():

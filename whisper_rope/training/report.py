@@ -55,7 +55,7 @@ def _evaluation_data(config: FinetuneConfig, output: Path):
     if config.eval is not None:
         return config.eval, False
     holdout = output / HOLDOUT_MANIFEST
-    if config.eval_holdout and holdout.is_file():
+    if config.eval_holdout != 0 and holdout.is_file():  # None: a recipe's share of the clips
         return holdout, True
     return None, False
 
