@@ -37,13 +37,14 @@ def planned_holdout(train, count: Optional[int], batch_size: int, require_text: 
 
     Reads only the manifest (no audio), so a run calls it before loading any model. Raises DataError, naming the
     options to change, when the hold-out keeps back every clip or leaves fewer than one batch (``batch_size``
-    clips) to train on.
+    clips) to train on; a manifest without clips is left to `load_examples`, which says why none is usable.
     """
     manifest = read_manifest(train, require_text=require_text)
     clips = len(manifest.examples)
     count = default_holdout(clips) if count is None else count
-    holdout_examples(train, count)
-    if clips - count < batch_size:
+    if count:
+        holdout_examples(train, count)
+    if clips and clips - count < batch_size:  # (no clips at all: loading the data says why)
         if count:
             size = f"has {clips} clips: holding out {count} (--eval-holdout) leaves {clips - count} to train on,"
             options = "--batch-size or --eval-holdout"
