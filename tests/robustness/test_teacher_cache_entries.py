@@ -171,3 +171,18 @@ def test_entries_planted_behind_a_linked_cache_directory_are_not_read(tmp_path, 
         entries = _fill(cache, dataset)
     assert cache.computed == 2 and all(not str(e).startswith(str(link)) for e in entries)
     assert {path: path.read_bytes() for path in paths} == before
+
+
+def test_a_label_free_entry_with_ids_past_the_vocabulary_is_recomputed_not_decoded(tmp_path, teacher, dataset, caplog):
+    """The teacher's own transcript is the target of a label-free run: an id past the vocabulary was a tiktoken
+    OverflowError when the transcript was decoded, and a wrong target when it was not."""
+    spec = TargetSpec(kinds=KINDS, transcripts="teacher")
+    first, _ = _fill(TeacherCache(tmp_path / "cache", teacher, spec), dataset)
+    good = _contents(first)
+    _rewrite(first, DAMAGE["token id past the vocabulary"])
+    cache = TeacherCache(tmp_path / "cache", teacher, spec)
+    with caplog.at_level(logging.WARNING, logger="whisper_rope"):
+        entries = _fill(cache, dataset)
+    assert cache.computed == 1 and "outside the vocabulary" in caplog.text and _same(_contents(first), good)
+    text = TeacherTargetsDataset(dataset, entries, "teacher", KINDS)[0].tokens
+    assert int(text.max()) < teacher.dims.n_vocab and dataset.tokenizer(0).decode(text.tolist())
