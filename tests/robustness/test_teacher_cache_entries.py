@@ -152,6 +152,7 @@ def test_an_unusable_cache_directory_degrades_to_computing_without_caching(
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and str(cache.directory) in warnings[0] and "without caching" in warnings[0], warnings
     assert not any(elsewhere.iterdir()), "nothing is written through the link"
+    assert all(cache.read(entry) is not None for entry in entries)  # as the hold-out's references read them
     items = TeacherTargetsDataset(dataset, entries, "reference", KINDS)
     for index in range(len(dataset)):
         states = items[index].teacher_states

@@ -139,8 +139,6 @@ class TeacherCache:
         """The entry's tensors, or None when it is missing, cannot be read or (given ``expected``) fails
         `entry_problem`; a failing entry gets one warning naming it, and is then recomputed by `fill`."""
         location = self.location(path)
-        if self._skip_directory and location == path:
-            return None
         if not location.is_file():
             return None
         try:
