@@ -74,3 +74,16 @@ def test_a_resumed_run_keeps_its_hold_out_whatever_the_folder_holds_now(tmp_path
     assert _audio(run / HOLDOUT_MANIFEST) == held_out
     assert not set(_audio(run / TRAIN_MANIFEST)) & set(held_out)
     assert len(_audio(run / TRAIN_MANIFEST)) == len(CLIPS) - 2 - 2
+
+
+def test_a_resume_whose_stored_hold_out_is_unusable_keeps_the_runs_holdout_manifest(tmp_path):
+    from whisper_rope.training.loop import _kept_holdout
+
+    clip = str(CLIPS[0])
+    (tmp_path / HOLDOUT_MANIFEST).write_text(json.dumps({"audio": clip, "text": "the teacher's words"}) + "\n")
+    for stored in (None, "x", [1, 2], [{"audio": clip, "start": "soon"}], [{"audio": clip, "path": "/etc"}], []):
+        assert _kept_holdout({"holdout": stored}, tmp_path) == [{"audio": clip}], stored
+    assert _kept_holdout({"holdout": [{"audio": clip, "end": 2.5}]}, tmp_path) == [{"audio": clip, "end": 2.5}]
+    for manifest in ("{not json\n", "[1]\n"):
+        (tmp_path / HOLDOUT_MANIFEST).write_text(manifest)
+        assert _kept_holdout({}, tmp_path) is None  # drawn again

@@ -54,6 +54,7 @@ from .config import BOOKKEEPING, FIXED_ON_RESUME, FinetuneConfig
 from .distributed import DistributedContext, from_environment
 from .holdout import (
     HOLDOUT_MANIFEST,
+    ROW_FIELDS,
     TRAIN_MANIFEST,
     holdout_rows,
     planned_holdout,
@@ -423,13 +424,24 @@ def _holdout_split(
 
 
 def _kept_holdout(state: dict, output: Path) -> Optional[List[Dict[str, Any]]]:
-    """The held-out clips a checkpoint's run used: stored in its state, else its holdout manifest; None if neither."""
+    """The held-out clips a checkpoint's run used: stored in its state, else its holdout manifest; None if neither
+    is there and readable (then the clips are drawn again)."""
     stored = state.get("holdout")
-    if isinstance(stored, list) and all(isinstance(row, dict) and isinstance(row.get("audio"), str) for row in stored):
+    if isinstance(stored, list) and stored and all(_holdout_row(row) for row in stored):
         return stored
-    if (output / HOLDOUT_MANIFEST).is_file():
-        return holdout_rows(read_holdout(output / HOLDOUT_MANIFEST))
-    return None
+    try:
+        return holdout_rows(read_holdout(output / HOLDOUT_MANIFEST)) or None
+    except (OSError, ValueError, TypeError, AttributeError):  # missing, or not our JSON lines
+        return None
+
+
+def _holdout_row(row: Any) -> bool:
+    """Whether ``row`` is a held-out clip as `holdout.holdout_rows` stores it."""
+    if not (isinstance(row, dict) and isinstance(row.get("audio"), str)):
+        return False
+    numbers = all(isinstance(row.get(key), (int, float, type(None))) for key in ("start", "end"))
+    texts = all(isinstance(row.get(key), (str, type(None))) for key in ("language", "prompt"))
+    return numbers and texts and set(row) <= set(ROW_FIELDS)
 
 
 def _resume(run: RunState, state: dict) -> None:
