@@ -20,7 +20,7 @@ import torch
 
 import whisper_rope
 
-from . import run_cli
+from . import SPEECH, run_cli
 from .commands import HELLO, SPEECH_DIMS, checkpoint, command, entry_point_parsers, one_error_line, save_model
 
 SUBCOMMANDS = ["transcribe", "convert", "finetune", "evaluate", "compare"]
@@ -112,7 +112,9 @@ def test_the_dashed_and_underscored_spellings_both_parse_as_the_same_option(tmp_
 @pytest.mark.parametrize("subcommand", list(BOOLEANS))
 def test_boolean_options_take_the_same_four_forms_everywhere(tmp_path, subcommand):
     """``--x``, ``--no-x``, ``--x True`` and ``--x False`` all parse: the only error is about the missing model."""
-    required = {"transcribe": [str(HELLO)], "evaluate": ["--data", str(HELLO)], "finetune": ["--train", str(HELLO)],
+    # finetune reads its --train before any model loads (to refuse a folder too small to train on): a real manifest.
+    training = str(SPEECH / "manifest.jsonl")
+    required = {"transcribe": [str(HELLO)], "evaluate": ["--data", str(HELLO)], "finetune": ["--train", training],
                 "compare": ["--train", str(HELLO), "--eval", f"a={HELLO}"]}[subcommand]  # fmt: skip
     for name in BOOLEANS[subcommand]:
         for form in ([f"--{name}"], [f"--no-{name.replace('_', '-')}"], [f"--{name}", "True"], [f"--{name}", "False"]):

@@ -199,7 +199,7 @@ def test_a_holdout_of_every_clip_is_refused_before_any_model_loads(tmp_path, mon
     )
     assert not output.exists()  # refused before the output directory was claimed
     with pytest.raises(AssertionError, match="a model was loaded"):  # a holdout that leaves clips goes on to load
-        main([*argv, "--eval-holdout", "2"])
+        main([*argv, "--eval-holdout", "2", "--batch-size", "1"])
 
 
 def test_resume_refuses_another_variant_or_model_size(tmp_path, capsys):

@@ -9,10 +9,10 @@ import torch
 
 import whisper_rope
 from tests.conftest import FIXTURES, randomise_, small_dims
-from whisper_rope.training.command import add_finetune_arguments, config_from_args
+from whisper_rope.training.command import add_finetune_arguments, config_from_args, main
 from whisper_rope.training.config import FinetuneConfig
 from whisper_rope.training.loop import finetune
-from whisper_rope.training.recipes import RECIPES
+from whisper_rope.training.recipes import RECIPES, STEP_COUNTS
 from whisper_rope.training.report import final_evaluation
 from whisper_rope.training.transplant import rotary_gates
 
@@ -116,3 +116,98 @@ def test_settings_that_defeat_themselves_are_warned_about():
         FinetuneConfig(train="x", ce_weight=0.0).validate()
     with pytest.raises(ValueError, match="--stage-policy"):
         FinetuneConfig(train="x", stage_policy="(").validate()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A recipe's step counts follow --steps; its hold-out follows the folder (issue 26, items 7, 12, 13)
+
+
+def test_a_recipes_step_counts_follow_an_overridden_steps():
+    full = _parse(["--recipe", "unpadded-rotary", "--train", "x"])
+    assert (full.steps, full.transplant_anneal_steps, full.warmup_steps) == (1500, 300, 20)  # the measured recipe
+    short = _parse(["--recipe", "unpadded-rotary", "--train", "x", "--steps", "20"])
+    assert (short.transplant_anneal_steps, short.warmup_steps) == (4, 1)  # the same fractions of 20 steps
+    assert short.self_defeating() == []
+    assert FinetuneConfig.from_recipe("unpadded-rotary", train="x", steps=20).transplant_anneal_steps == 4
+    assert _parse(["--recipe", "unpadded-sliced", "--train", "x", "--steps", "150"]).warmup_steps == 10
+    given = _parse(["--recipe", "unpadded-rotary", "--train", "x", "--steps", "20", "--warmup-steps", "3"])
+    assert (given.transplant_anneal_steps, given.warmup_steps) == (4, 3)  # a count given explicitly wins
+    for recipe in RECIPES.values():  # every step count of a recipe is a fraction of its run, none fixed
+        assert not set(recipe.defaults) & set(STEP_COUNTS), recipe.summary
+
+
+def test_a_recipe_run_shortened_with_steps_ends_as_the_model_the_recipe_promises(tmp_path, source):
+    config = FinetuneConfig.from_recipe(
+        "unpadded-rotary", model=str(source), train=str(_audio_folder(tmp_path)), output=str(tmp_path / "run"),
+        steps=5, batch_size=2, num_workers=0, progress=False, device="cpu", teacher_cache=str(tmp_path / "cache"),
+    )  # fmt: skip
+    result = finetune(config=config)
+    assert result.model.variant == "rotary/learned" and result.model.unpadded
+    records = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["finished"] for r in records if r["event"] == "transplant"] == [True]
+    # The recipe's own hold-out (a fifth of the clips) is what the final evaluation scores.
+    assert len((tmp_path / "run" / "holdout.jsonl").read_text().splitlines()) == len(list(SPEECH.glob("*.flac"))) // 5
+    assert "teacher's 30-s transcripts" in final_evaluation(result, config, progress=False)
+
+
+def test_the_warm_up_warning_names_what_is_wrong_in_numbers_that_add_up():
+    def warnings(steps, warmup):
+        return FinetuneConfig(train="x", steps=steps, warmup_steps=warmup).self_defeating()
+
+    assert warnings(20, 10) == []
+    [whole] = warnings(20, 20)
+    assert whole == (
+        "--warmup-steps 20 with --steps 20: the learning rate rises for the whole run and never decays; give "
+        "--warmup-steps at most 10 (half of --steps)"
+    )
+    [most] = warnings(20, 15)
+    assert "rises for 15 of the 20 steps and decays for only 5" in most and "at most 10" in most
+    [beyond] = warnings(20, 50)
+    assert "reaches only 40 % of --lr 1e-05" in beyond and "at most 10" in beyond
+
+
+def _manifest_of(tmp_path: Path, rows: int) -> Path:
+    """A manifest of ``rows`` rows (the fixture clips, repeated: only the rows are counted before a model loads)."""
+    clips = sorted(SPEECH.glob("*.flac"))
+    path = tmp_path / f"{rows}.jsonl"
+    path.write_text("".join(json.dumps({"audio": str(clips[i % len(clips)])}) + "\n" for i in range(rows)))
+    return path
+
+
+@pytest.mark.parametrize("rows, held_out", [(10, 2), (30, 6), (119, 23), (500, 24)])
+def test_a_recipes_default_hold_out_is_a_share_of_the_clips_at_most_24(tmp_path, monkeypatch, rows, held_out):
+    seen = {}
+
+    def stop_before_loading(model, train, eval, config, *rest):
+        seen["eval_holdout"] = config.eval_holdout
+        raise SystemExit(0)
+
+    monkeypatch.setattr("whisper_rope.training.loop._run", stop_before_loading)
+    argv = ["--recipe", "unpadded-sliced", "--train", str(_manifest_of(tmp_path, rows)), "-o", str(tmp_path / "run")]
+    with pytest.raises(SystemExit):
+        finetune(config=_parse(argv))
+    assert seen["eval_holdout"] == held_out
+    explicit = _parse([*argv, "--eval-holdout", "1"])
+    with pytest.raises(SystemExit):
+        finetune(config=explicit)
+    assert seen["eval_holdout"] == 1
+
+
+def test_a_folder_too_small_to_train_on_is_refused_before_any_model_loads_naming_the_options(
+    tmp_path, monkeypatch, capsys
+):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the folder's size was checked")
+
+    monkeypatch.setattr("whisper_rope.training.loop.load_model", no_loading)
+    manifest = _manifest_of(tmp_path, 8)
+    output = tmp_path / "run"
+    argv = ["--recipe", "unpadded-sliced", "--train", str(manifest), "--output", str(output), "--device", "cpu"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"whisper-rope: error: {str(manifest)!r} has 8 clips: holding out 1 (--eval-holdout) leaves 7 to train on, "
+        "fewer than one batch (--batch-size 8); give a smaller --batch-size or --eval-holdout, or more clips"
+    )
+    assert not output.exists()
+    assert main([*argv[:2], "--train", str(_manifest_of(tmp_path, 3)), *argv[4:], "--eval-holdout", "0"]) == 2
+    assert "has 3 clips, fewer than one batch (--batch-size 8); give a smaller --batch-size" in capsys.readouterr().err

@@ -226,7 +226,7 @@ def run_one(config: CompareConfig, spec: RunSpec, seed: int, directory: Path) ->
     started = time.perf_counter()
     trained = finetune(config=_finetune_config(config, spec, seed, directory / "train"))
     train_seconds = time.perf_counter() - started
-    model = load_model(trained.model_path, device=config.device)
+    model = load_model(trained.model_path, device=config.device, progress=config.progress)
     model.eval()
     result = {
         "run": spec.label,
@@ -298,7 +298,7 @@ def _run_result(config: CompareConfig, spec: RunSpec, seed: int, output: Path) -
     if stored is None or stored.get("settings") != settings:
         return run_one(config, spec, seed, directory)
     if stored.get("evaluation_settings") != evaluation_settings(config):
-        model = load_model(stored["model_path"], device=config.device).eval()
+        model = load_model(stored["model_path"], device=config.device, progress=config.progress).eval()
         stored.update(evaluation_settings=evaluation_settings(config), evaluations=_evaluate_all(model, config))
         atomic_write_text(directory / "result.json", json.dumps(stored, indent=2))
     return stored
@@ -311,7 +311,7 @@ def _before(config: CompareConfig, output: Path) -> Dict[str, Any]:
     key = {"model": _as_given(config.model), "evaluation_settings": evaluation_settings(config)}
     if stored is not None and all(stored.get(name) == value for name, value in key.items()):
         return stored
-    model = load_model(config.model, device=config.device).eval()
+    model = load_model(config.model, device=config.device, progress=config.progress).eval()
     result = {"run": "before (source model)", "variant": model.variant, **key}
     result["evaluations"] = _evaluate_all(model, config)
     atomic_write_text(path, json.dumps(result, indent=2))

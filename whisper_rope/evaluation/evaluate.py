@@ -803,7 +803,9 @@ def run_evaluate_cli(args: argparse.Namespace) -> int:
     if command.output:  # before the model loads: an output must never replace an input
         for path, what in zip(output_paths(command.output), ("--output", "--output's per-utterance file")):
             refuse_overlap(path, {"--data": command.data, "--model": command.model}, what)
-    model = dataclass_from_args(LoadOptions, args).load(command.model, unpadded=options.unpadded)
+    model = dataclass_from_args(LoadOptions, args).load(
+        command.model, unpadded=options.unpadded, progress=command.progress
+    )
     result = evaluate(model, command.data, options, progress=command.progress)
     print(result.summary())
     if command.output:

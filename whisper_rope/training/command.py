@@ -30,9 +30,10 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
 
 
 def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
-    """The `FinetuneConfig` of parsed ``whisper-rope finetune`` arguments: given options, then the recipe's values,
-    then the field defaults (validated)."""
-    return dataclass_from_args(FinetuneConfig, args, recipe_defaults(getattr(args, "recipe", None))).validate()
+    """The `FinetuneConfig` of parsed ``whisper-rope finetune`` arguments: given options, then the recipe's values
+    (its step counts scaled to a given --steps), then the field defaults (validated)."""
+    defaults = recipe_defaults(getattr(args, "recipe", None), getattr(args, "steps", None))
+    return dataclass_from_args(FinetuneConfig, args, defaults).validate()
 
 
 def run_finetune_cli(args: argparse.Namespace) -> int:

@@ -273,10 +273,11 @@ class FinetuneConfig:
     )
 
     # Bookkeeping.
-    eval_holdout: int = opt(
+    eval_holdout: Optional[int] = opt(
         0,
-        "without --eval: keep this many clips of --train out of training and evaluate on them against the "
-        "teacher's 30-s transcripts (label-free evaluation; 0 %% WER = the source model's words)",
+        "without --eval: keep this many clips of --train (clips whose audio decodes) out of training and evaluate on "
+        "them against the teacher's 30-s transcripts (label-free evaluation; 0 %% WER = the source model's words); "
+        "a recipe's default is a fifth of the clips, at most 24",
         bounds=STEPS,
     )
     eval_every: int = opt(0, "evaluate every N steps (0: only at the end)", bounds=STEPS)
@@ -348,8 +349,9 @@ class FinetuneConfig:
 
     @classmethod
     def from_recipe(cls, name: str, **overrides) -> "FinetuneConfig":
-        """A config with recipe ``name``'s values (`recipes.RECIPES`), ``overrides`` winning; not yet validated."""
-        return cls(**{**recipe_defaults(name), **overrides})
+        """A config with recipe ``name``'s values (`recipes.RECIPES`, step counts scaled to ``steps`` when it is
+        overridden), ``overrides`` winning; not yet validated."""
+        return cls(**{**recipe_defaults(name, overrides.get("steps")), **overrides})
 
     @property
     def uses_teacher(self) -> bool:
@@ -367,15 +369,23 @@ class FinetuneConfig:
         """--warmup-steps, or a tenth of --steps (at most 50) when it is not given."""
         return self.warmup_steps if self.warmup_steps is not None else min(50, self.steps // 10)
 
+    def _warmup_warning(self) -> str:
+        """What a warm-up longer than half the run does to the learning rate, and the longest one that does not."""
+        warmup, steps = self.warmup_steps, self.steps
+        if warmup > steps:
+            effect = f"the learning rate reaches only {100 * steps / warmup:.0f} % of --lr {self.lr:g} and never decays"
+        elif warmup == steps:
+            effect = "the learning rate rises for the whole run and never decays"
+        else:
+            effect = f"the learning rate rises for {warmup} of the {steps} steps and decays for only {steps - warmup}"
+        advice = f"give --warmup-steps at most {steps // 2} (half of --steps)"
+        return f"--warmup-steps {warmup} with --steps {steps}: {effect}; {advice}"
+
     def self_defeating(self) -> list:
         """Warnings for settings that defeat their own purpose (the run still starts)."""
         messages = []
         if self.warmup_steps is not None and self.warmup_steps * 2 > self.steps:
-            peak = min(1.0, self.steps / max(self.warmup_steps, 1))
-            messages.append(
-                f"--warmup-steps {self.warmup_steps} with --steps {self.steps}: the learning rate reaches only "
-                f"{100 * peak:.0f} % of --lr {self.lr:g} at its highest and decays for under half the run"
-            )
+            messages.append(self._warmup_warning())
         if self.stage_steps >= self.steps:
             messages.append(
                 f"--stage-steps {self.stage_steps} covers the whole run of {self.steps} steps: only "

@@ -10,21 +10,56 @@ import json
 import random
 from dataclasses import asdict
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..atomic import atomic_write_text
-from ..data import DataError, Example, load_examples, read_manifest
+from ..audio import load_audio
+from ..data import DataError, Example, Manifest, check_audio, load_examples, read_manifest
+from ..errors import AudioError
 from ..model import WhisperRope
 from .teacher_cache import TargetSpec, TeacherCache
 
 TRAIN_MANIFEST = "train-without-holdout.jsonl"
 HOLDOUT_MANIFEST = "holdout.jsonl"
+#: The most clips a recipe holds out by default.
+MAX_DEFAULT_HOLDOUT = 24
+#: The fields of a held-out clip written to its manifest and stored in the run's training state.
+ROW_FIELDS = ("audio", "text", "language", "start", "end", "prompt")
+
+
+def default_holdout(clips: int) -> int:
+    """A recipe's hold-out for ``clips`` clips: a fifth of them (at least 1), at most `MAX_DEFAULT_HOLDOUT`."""
+    return min(MAX_DEFAULT_HOLDOUT, max(1, clips // 5))
+
+
+def planned_holdout(train, count: Optional[int], batch_size: int, require_text: bool = False) -> int:
+    """The number of clips of the training manifest ``train`` to hold out: ``count``, or `default_holdout` for None.
+
+    Reads only the manifest (no audio), so a run calls it before loading any model. Raises DataError, naming the
+    options to change, when the hold-out keeps back every clip or leaves fewer than one batch (``batch_size``
+    clips) to train on; a manifest without clips is left to `load_examples`, which says why none is usable.
+    """
+    manifest = read_manifest(train, require_text=require_text)
+    clips = len(manifest.examples)
+    count = default_holdout(clips) if count is None else count
+    if count:
+        holdout_examples(train, count)
+    if clips and clips - count < batch_size:  # (no clips at all: loading the data says why)
+        if count:
+            size = f"has {clips} clips: holding out {count} (--eval-holdout) leaves {clips - count} to train on,"
+            options = "--batch-size or --eval-holdout"
+        else:
+            size, options = f"has {clips} clips,", "--batch-size"
+        raise DataError(
+            f"{manifest.source!r} {size} fewer than one batch (--batch-size {batch_size}); give a smaller {options}, "
+            "or more clips"
+        )
+    return count
 
 
 def holdout_examples(train, count: int) -> List[Example]:
     """The examples of the training manifest ``train``, of which ``count`` are to be held out; raises DataError
-    when fewer than ``count + 1`` usable rows exist. Reads only the manifest (no audio), so a run calls it before
-    loading any model."""
+    when fewer than ``count + 1`` usable rows exist. Reads only the manifest (no audio)."""
     manifest = read_manifest(train, require_text=False)
     examples = list(manifest.examples)
     if len(examples) <= count:
@@ -35,16 +70,71 @@ def holdout_examples(train, count: int) -> List[Example]:
     return examples
 
 
-def split_holdout(train, count: int, seed: int, output: Path) -> Tuple[Path, Sequence[Example]]:
-    """Write the training examples minus ``count`` randomly chosen ones (seeded) to ``output/TRAIN_MANIFEST``.
+def split_holdout(
+    train, count: int, seed: int, output: Path, kept: Optional[Sequence[Dict[str, Any]]] = None
+) -> Tuple[Path, List[Example]]:
+    """Write the training examples minus the held-out ones to ``output/TRAIN_MANIFEST``.
 
-    Returns (that manifest, the held-out examples). Raises DataError as `holdout_examples`.
+    The ``count`` held-out clips are drawn (seeded) among the clips whose audio decodes, so that an unreadable file
+    never takes a slot; ``kept`` (the `holdout_rows` a resumed run stored) holds out those clips again instead, so
+    that a resume never trains on a clip it evaluates on, whatever the folder holds now. Returns (that manifest, the
+    held-out examples). Raises DataError as `holdout_examples`, or when fewer than ``count`` clips decode.
     """
-    examples = holdout_examples(train, count)
-    chosen = set(random.Random(f"holdout:{seed}").sample(range(len(examples)), count))
-    kept = [e for i, e in enumerate(examples) if i not in chosen]
-    path = _write_manifest(output / TRAIN_MANIFEST, kept)
-    return path, [e for i, e in enumerate(examples) if i in chosen]
+    examples = holdout_examples(train, count if kept is None else 0)
+    held_out = _draw(examples, count, seed, str(train)) if kept is None else [_example(row) for row in kept]
+    keys = {_key(example) for example in held_out}
+    path = _write_manifest(output / TRAIN_MANIFEST, [e for e in examples if _key(e) not in keys])
+    return path, held_out
+
+
+def holdout_rows(examples: Sequence[Example]) -> List[Dict[str, Any]]:
+    """The held-out clips as plain rows (without the teacher's text), for the run's training state."""
+    return [_row(_without_text(example)) for example in examples]
+
+
+def read_holdout(path: Path) -> List[Example]:
+    """The held-out examples of a run's ``HOLDOUT_MANIFEST``."""
+    return [_example(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _draw(examples: Sequence[Example], count: int, seed: int, source: str) -> List[Example]:
+    """``count`` examples in a seeded random order, skipping those whose audio does not decode; in manifest order."""
+    order = list(range(len(examples)))
+    random.Random(f"holdout:{seed}").shuffle(order)
+    chosen: List[int] = []
+    for index in order:
+        if len(chosen) == count:
+            break
+        if _decodes(examples[index]):
+            chosen.append(index)
+    if len(chosen) < count:
+        raise DataError(
+            f"--eval-holdout {count}: only {len(chosen)} clips of {source!r} have audio that decodes; hold out fewer"
+        )
+    return [examples[index] for index in sorted(chosen)]
+
+
+def _decodes(example: Example) -> bool:
+    """Whether the clip passes the training set's audio check (header, span, length) and its samples decode."""
+    if not check_audio(Manifest(example.audio, [example])).examples:
+        return False
+    try:
+        load_audio(example.audio, start=example.start, end=example.end)
+    except AudioError:
+        return False
+    return True
+
+
+def _key(example: Example) -> Tuple[str, Optional[float], Optional[float]]:
+    return example.audio, example.start, example.end
+
+
+def _row(example: Example) -> Dict[str, Any]:
+    return {key: getattr(example, key) for key in ROW_FIELDS if getattr(example, key) is not None}
+
+
+def _example(row: Dict[str, Any]) -> Example:
+    return Example(row=0, **{key: row.get(key) for key in ROW_FIELDS})
 
 
 def teacher_references(
@@ -71,9 +161,4 @@ def _without_text(example: Example) -> Example:
 
 def _write_manifest(path: Path, examples: Sequence[Example]) -> Path:
     """JSON lines with absolute audio paths (the manifest lives in the run's directory, not beside the audio)."""
-    keys = ("audio", "text", "language", "start", "end", "prompt")
-    lines = []
-    for example in examples:
-        row = {key: getattr(example, key) for key in keys if getattr(example, key) is not None}
-        lines.append(json.dumps(row, ensure_ascii=False))
-    return atomic_write_text(path, "\n".join(lines) + "\n")
+    return atomic_write_text(path, "".join(json.dumps(_row(e), ensure_ascii=False) + "\n" for e in examples))

@@ -32,7 +32,7 @@ import math
 import random
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -53,7 +53,16 @@ from ..weights.format import read_checkpoint
 from ..weights.loading import checkpoint_dict, load_model
 from .config import BOOKKEEPING, FIXED_ON_RESUME, FinetuneConfig
 from .distributed import DistributedContext, from_environment
-from .holdout import HOLDOUT_MANIFEST, TRAIN_MANIFEST, holdout_examples, split_holdout, teacher_references
+from .holdout import (
+    HOLDOUT_MANIFEST,
+    ROW_FIELDS,
+    TRAIN_MANIFEST,
+    holdout_rows,
+    planned_holdout,
+    read_holdout,
+    split_holdout,
+    teacher_references,
+)
 from .log import TrainingLog, jsonable, plot_curves
 from .losses import StateWeights
 from .objective import Objective, StudentForward, micro_batch_loss
@@ -151,6 +160,7 @@ class RunState:
     final_loss: Optional[float] = None
     window: Dict[str, float] = field(default_factory=dict)
     settings_history: List[Dict[str, Any]] = field(default_factory=list)  # [{"step", "changed": {key: [old, new]}}]
+    holdout: Optional[List[Dict[str, Any]]] = None  # the clips held out of --train (`holdout.holdout_rows`)
 
     @property
     def device(self) -> torch.device:
@@ -193,8 +203,9 @@ def finetune(
     eval = eval if eval is not None else config.eval
     if train is None:
         raise ValueError("no training data: pass --train (a manifest or a directory of audio with .txt transcripts)")
-    if config.eval_holdout and eval is None:
-        holdout_examples(train, config.eval_holdout)  # a holdout that leaves nothing to train on fails before loading
+    # A folder too small to train on (or to hold clips out of) is refused before anything loads.
+    holdout = planned_holdout(train, config.eval_holdout if eval is None else 0, config.batch_size)
+    config = replace(config, eval_holdout=holdout if eval is None else config.eval_holdout or 0)
     context = from_environment(config.device)
     threads = torch.get_num_threads()
     if config.threads > 0:
@@ -253,7 +264,10 @@ def _setup(model, train, eval, config: FinetuneConfig, teacher, context: Distrib
     model.unpadded, model.unpadded_margin = unpadded, config.unpadded_margin
     objective = _objective(config)
     cache, teacher_embedding = _teacher(config, teacher, objective, eval, context.device)
-    train, eval = _holdout_split(config, train, eval, cache, output, context)
+    kept = _kept_holdout(state, output) if state is not None and config.eval_holdout and eval is None else None
+    if kept is not None:
+        config = replace(config, eval_holdout=len(kept))  # the resumed run's hold-out, whatever the folder holds now
+    train, eval, held_out = _holdout_split(config, train, eval, cache, output, context, kept)
     cache = cache if _learns_from_teacher(config, objective) else None
     pipeline = build_pipeline(model, train, eval, config, unpadded, cache, context, config.progress)
     model.adapted_seconds = window_seconds(pipeline.train_set.examples)  # saved with every checkpoint
@@ -277,6 +291,7 @@ def _setup(model, train, eval, config: FinetuneConfig, teacher, context: Distrib
         autocast_dtype=autocast_dtype,
         resumed_from=resumed_from,
     )
+    run.holdout = held_out
     if state is not None:
         _resume(run, state)
     run.position, run.last_saved = run.pipeline.sampler.position, run.resumed_from
@@ -341,6 +356,7 @@ def _student_model(model: Optional[WhisperRope], config: FinetuneConfig, schedul
             device="cpu",
             rotary_theta=config.rotary_theta,
             gated_rotary=True if schedule else config.gated_rotary,
+            progress=config.progress,
         )
     if schedule is not None:
         check_transplant_model(model)
@@ -385,23 +401,49 @@ def _teacher(config: FinetuneConfig, teacher: Optional[WhisperRope], objective: 
     if not (_learns_from_teacher(config, objective) or holdout):
         return None, None
     if teacher is None:
-        teacher = load_model(config.model, variant="whisper", device="cpu")
+        teacher = load_model(config.model, variant="whisper", device="cpu", progress=config.progress)
     teacher = teacher.to(device).eval().requires_grad_(False)
     cache = teacher_cache(config, teacher, objective.cached_kinds)
     embedding = teacher.decoder.token_embedding.weight.detach() if objective.kl > 0 else None
     return cache, embedding
 
 
-def _holdout_split(config: FinetuneConfig, train, eval, cache: Optional[TeacherCache], output: Path, context):
+def _holdout_split(
+    config: FinetuneConfig, train, eval, cache: Optional[TeacherCache], output: Path, context, kept: Optional[list]
+):
     """With --eval-holdout and no --eval: (the training clips minus the held-out ones, the held-out clips with the
-    teacher's transcripts as references), both written into the run's directory; else (train, eval)."""
+    teacher's transcripts as references, the held-out clips as rows), the manifests written into the run's
+    directory; else (train, eval, None). ``kept``: the hold-out of the run a resume continues (`_kept_holdout`),
+    held out again instead of a new draw from the folder."""
     if not config.eval_holdout or eval is not None:
-        return train, eval
+        return train, eval, None
     if context.is_main:
-        _, held_out = split_holdout(train, config.eval_holdout, config.seed, output)
+        _, held_out = split_holdout(train, config.eval_holdout, config.seed, output, kept)
         teacher_references(held_out, cache.teacher, cache.root, output, config.language, config.task)
+        kept = holdout_rows(held_out)
     context.barrier()
-    return output / TRAIN_MANIFEST, output / HOLDOUT_MANIFEST
+    return output / TRAIN_MANIFEST, output / HOLDOUT_MANIFEST, kept
+
+
+def _kept_holdout(state: dict, output: Path) -> Optional[List[Dict[str, Any]]]:
+    """The held-out clips a checkpoint's run used: stored in its state, else its holdout manifest; None if neither
+    is there and readable (then the clips are drawn again)."""
+    stored = state.get("holdout")
+    if isinstance(stored, list) and stored and all(_holdout_row(row) for row in stored):
+        return stored
+    try:
+        return holdout_rows(read_holdout(output / HOLDOUT_MANIFEST)) or None
+    except (OSError, ValueError, TypeError, AttributeError):  # missing, or not our JSON lines
+        return None
+
+
+def _holdout_row(row: Any) -> bool:
+    """Whether ``row`` is a held-out clip as `holdout.holdout_rows` stores it."""
+    if not (isinstance(row, dict) and isinstance(row.get("audio"), str)):
+        return False
+    numbers = all(isinstance(row.get(key), (int, float, type(None))) for key in ("start", "end"))
+    texts = all(isinstance(row.get(key), (str, type(None))) for key in ("language", "prompt"))
+    return numbers and texts and set(row) <= set(ROW_FIELDS)
 
 
 def _resume(run: RunState, state: dict) -> None:
@@ -726,6 +768,7 @@ def _save(run: RunState) -> None:
             "best_wer": run.best_wer,
             "best_step": run.best_step,
             "settings_history": run.settings_history,
+            "holdout": run.holdout,
         }
         model_state = checkpoint_dict(run.model)
         run.last_saved = save_step_checkpoint(run.output, run.step, model_state, state, run.config.keep_last)

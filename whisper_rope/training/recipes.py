@@ -2,7 +2,9 @@
 (docs/results.md, "Unpadded decoding that keeps what tiny.en knew").
 
 ``whisper-rope finetune --recipe NAME --model M --train AUDIO_FOLDER`` takes a recipe's values for every option not
-given on the command line; ``FinetuneConfig.from_recipe(NAME, **overrides)`` does the same in Python.
+given on the command line; ``FinetuneConfig.from_recipe(NAME, **overrides)`` does the same in Python. A recipe's
+step counts (warm-up, the transplant's fade) are fractions of its run, so ``--steps 20`` gives a short run of the
+same shape that still ends as the model the recipe promises; its hold-out is a share of the clips, at most 24.
 
 Both recipes here adapt a checkpoint to *unpadded* decoding (each clip's own frames instead of a 30-s window) from
 untranscribed audio: the frozen source model, fed the 30-s window, is the teacher; its transcript is the target
@@ -10,16 +12,31 @@ sequence, and the student matches its hidden states (every decoder layer on the 
 encoder's output on the clip's own positions) — no labels anywhere.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
+
+#: `FinetuneConfig` fields that count optimizer steps: a recipe gives them as fractions of its run (`Recipe.shares`),
+#: so that a run shortened or lengthened with --steps keeps the recipe's shape (its fade ends, its warm-up ends).
+STEP_COUNTS = (
+    "warmup_steps",
+    "transplant_anneal_start",
+    "transplant_anneal_steps",
+    "transplant_gate_start",
+    "transplant_gate_steps",
+    "stage_steps",
+    "eval_every",
+    "save_every",
+)
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """summary: one line for ``--help``; defaults: `FinetuneConfig` field values."""
+    """summary: one line for ``--help``; defaults: `FinetuneConfig` field values; shares: step counts
+    (`STEP_COUNTS`) as fractions of the run's --steps, rounded, at least 1."""
 
     summary: str
     defaults: Dict[str, Any]
+    shares: Dict[str, float] = field(default_factory=dict)
 
 
 _LABEL_FREE = {
@@ -30,7 +47,7 @@ _LABEL_FREE = {
     "unpadded": True,
     "batch_size": 8,
     "num_workers": 1,
-    "eval_holdout": 24,
+    "eval_holdout": None,  # a share of the clips, at most 24 (`holdout.default_holdout`)
     "windows": "every-length",
 }
 
@@ -44,29 +61,32 @@ RECIPES: Dict[str, Recipe] = {
             **_LABEL_FREE,
             "variant": "rotary/learned",
             "transplant": True,
-            "transplant_anneal_steps": 300,
             "distill_encoder_weight": 1.0,
             "steps": 1500,
             "lr": 1e-4,
             "lr_positional": 3e-4,
-            "warmup_steps": 20,
         },
+        shares={"transplant_anneal_steps": 300 / 1500, "warmup_steps": 20 / 1500},
     ),
     "unpadded-sliced": Recipe(
         summary=(
             "keep upstream's sinusoid table, sliced to each clip's frames (whisper.cpp's audio_ctx), adapted to "
             "unpadded input from untranscribed audio: the baseline a rotary encoder must match"
         ),
-        defaults={**_LABEL_FREE, "variant": "whisper", "steps": 300, "lr": 3e-5, "warmup_steps": 20},
+        defaults={**_LABEL_FREE, "variant": "whisper", "steps": 300, "lr": 3e-5},
+        shares={"warmup_steps": 20 / 300},
     ),
 }
 
 
-def recipe_defaults(name: Optional[str]) -> Dict[str, Any]:
-    """The field values of recipe ``name`` (with ``recipe`` itself); {} for None. Raises ValueError for an unknown
-    name."""
+def recipe_defaults(name: Optional[str], steps: Optional[int] = None) -> Dict[str, Any]:
+    """The field values of recipe ``name`` (with ``recipe`` itself) for a run of ``steps`` optimizer steps (None:
+    the recipe's own), its step counts scaled to them; {} for None. Raises ValueError for an unknown name."""
     if name is None:
         return {}
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}: expected one of {', '.join(RECIPES)}")
-    return {**RECIPES[name].defaults, "recipe": name}
+    recipe = RECIPES[name]
+    steps = recipe.defaults["steps"] if steps is None else steps
+    counts = {key: max(1, round(share * steps)) for key, share in recipe.shares.items()}
+    return {**recipe.defaults, **counts, "recipe": name}

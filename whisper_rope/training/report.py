@@ -44,7 +44,7 @@ def final_evaluation(result, config: FinetuneConfig, progress: bool = True) -> O
     model = result.model
     rows = [_row("fine-tuned", model, *_evaluations(model, data, config.batch_size, progress))]
     if not teacher_references:
-        source = load_model(config.model, device=next(model.parameters()).device)
+        source = load_model(config.model, device=next(model.parameters()).device, progress=progress)
         rows.insert(0, _row("source", source, *_evaluations(source, data, config.batch_size, progress)))
     references = "the teacher's 30-s transcripts (held-out clips)" if teacher_references else "the manifest's text"
     table = _table(rows, data, references)
@@ -60,7 +60,7 @@ def _evaluation_data(config: FinetuneConfig, output: Path):
     if config.eval is not None:
         return config.eval, False
     holdout = output / HOLDOUT_MANIFEST
-    if config.eval_holdout and holdout.is_file():
+    if config.eval_holdout != 0 and holdout.is_file():  # None: a recipe's share of the clips
         return holdout, True
     return None, False
 

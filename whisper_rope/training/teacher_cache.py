@@ -4,7 +4,8 @@ A distillation teacher is frozen and, without augmentation of its input, its tar
 clip: the teacher's transcript (for label-free training), its hidden states on the teacher-forced tokens and its
 encoder states on the clip's positions. Recomputing them every epoch costs a 30-s window through the teacher's
 encoder per clip — on a 2-core CPU more than the student's own step. `TeacherCache.fill` computes every missing
-entry once (batched, with a progress bar); training then reads entries in its DataLoader workers.
+entry once (batched, with a progress bar, or log lines where there is none); training then reads entries in its
+DataLoader workers.
 
 An entry is one safetensors file (fp16 states, int64 tokens) named by a SHA-256 over
 
@@ -12,33 +13,42 @@ An entry is one safetensors file (fp16 states, int64 tokens) named by a SHA-256 
 * the options: which states, the unpadded margin, where the transcript comes from, the format version;
 * the clip: its 30-s log-mel window (a function of its audio), its position count and the text it is forced with.
 
-Any change of these gives another name, so a stale entry is never read; writes are atomic, and an entry that fails
-to read is recomputed with a warning.
+Any change of these gives another name, so a stale entry is never read; writes are atomic. The entry records its
+name and forced text (safetensors metadata), and what a run reads is checked before use (`entry_problem`): that
+record, the tensors' dtypes and shapes against the teacher's dimensions and the clip's position and token counts,
+token ids in the vocabulary, finite values. An entry that fails (truncated, damaged, foreign, edited) is recomputed
+with one warning naming it. A cache directory that is a symlink, or cannot be written (read-only, full), is not
+written to: the targets of the run go to a temporary directory removed at exit, with one warning.
 """
 
+import errno
 import hashlib
 import json
 import logging
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import AbstractSet, Dict, List, Optional, Sequence, Tuple
+from typing import AbstractSet, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 from torch import Tensor
-from tqdm import tqdm
 from whisper.decoding import DecodingOptions
 
 from ..atomic import atomic_write, atomic_write_text
 from ..data import IGNORE_INDEX, Collator, DataError, Item, SpeechDataset, make_loader, pad_token_rows, target_sequence
+from ..errors import one_line
 from ..features import real_frame_counts
 from ..model import WhisperRope
+from ..progress import PhaseProgress
 from .losses import StateRecorder, recorded_modules, stacked_states
 
 logger = logging.getLogger("whisper_rope")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: entries record their name and forced text
+#: The safetensors metadata field holding what an entry was written for (JSON: entry name, forced text, version).
+RECORD = "whisper_rope_teacher_entry"
 TRANSCRIPTS = ("reference", "teacher")
 #: The tensors an entry holds for each state kind.
 STORED_KEYS = {
@@ -110,6 +120,11 @@ class TeacherCache:
             **asdict(spec),
             "version": FORMAT_VERSION,
         }
+        self._fallback: Optional[Path] = None  # the temporary directory entries go to when the cache is unusable
+        self._fallback_owner: Optional[tempfile.TemporaryDirectory] = None
+        self._skip_directory = False  # the cache directory is a link: neither read nor written
+        self._forced: Dict[Path, str] = {}  # entry name -> its forced text, recorded in the entry when written
+        self._warned: set = set()  # entries already reported as failing (one warning each)
 
     def entry_path(self, window: Tensor, forced: str) -> Path:
         """The file of one clip: ``window`` its (n_mels, 3000) log-mel, ``forced`` what determines the forced tokens
@@ -120,15 +135,81 @@ class TeacherCache:
         name = digest.hexdigest()
         return self.directory / name[:2] / f"{name}.safetensors"
 
-    def read(self, path: Path) -> Optional[Dict[str, Tensor]]:
-        """The entry's tensors, or None when it is missing or cannot be read (then it is recomputed)."""
-        return read_entry(path)
+    def read(self, path: Path, expected: Optional["EntryExpectation"] = None) -> Optional[Dict[str, Tensor]]:
+        """The entry's tensors, or None when it is missing, cannot be read or (given ``expected``) fails
+        `entry_problem`; a failing entry gets one warning naming it, and is then recomputed by `fill`."""
+        location = self.location(path)
+        if not location.is_file():
+            return None
+        try:
+            entry, record = _load_entry(location)
+        except (SafetensorError, OSError, ValueError) as error:
+            self._warn_once(location, f"cannot be read ({one_line(error)})")
+            return None
+        if expected is not None:
+            problem = entry_problem(entry, record, expected)
+            if problem is not None:
+                self._warn_once(location, problem)
+                return None
+        return entry
+
+    def location(self, path: Path) -> Path:
+        """Where the entry named ``path`` (a path under ``directory``) is: in the temporary directory once the cache
+        is unusable (`_fall_back`) and the entry was written there or the cache directory is a link, else ``path``."""
+        if self._fallback is None or not path.is_relative_to(self.directory):
+            return path
+        moved = self._fallback / path.relative_to(self.directory)
+        return moved if self._skip_directory or moved.is_file() else path
 
     def write(self, path: Path, tensors: Dict[str, Tensor]) -> None:
-        if not self.directory.joinpath("about.json").exists():
-            atomic_write_text(self.directory / "about.json", json.dumps(self._about, indent=2) + "\n")
-        payload = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+        """Write the entry named ``path`` (recording its name and forced text); into the temporary directory when the
+        cache directory is a link or a write into it fails (read-only, full), with one warning."""
+        # One metadata field: safetensors writes several in no fixed order, and equal entries should be equal files.
+        record = json.dumps({"entry": path.stem, "forced": self._forced.get(path, ""), "version": FORMAT_VERSION})
+        payload = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata={RECORD: record})
+        if self._fallback is None:
+            try:
+                self._write_into(self.directory, path, payload)
+                return
+            except OSError as error:
+                self._fall_back(f"cannot be written ({_reason(error)})")
+        self._write_into(self._fallback, self._fallback / path.relative_to(self.directory), payload)
+
+    def _write_into(self, directory: Path, path: Path, payload: bytes) -> None:
+        if not directory.joinpath("about.json").exists():
+            atomic_write_text(directory / "about.json", json.dumps(self._about, indent=2) + "\n")
         atomic_write(path, lambda handle: handle.write(payload))
+
+    def _avoid_links(self) -> None:
+        """Neither read nor write a cache directory that is a link (it would choose where the run's files go, or
+        what it trains on)."""
+        if self._fallback is None and self._linked():
+            self._skip_directory = True
+            self._fall_back("is or lies in a symbolic link")
+
+    def _linked(self) -> bool:
+        """Whether the cache root, this teacher's directory or one of its folders is a symbolic link."""
+        folders = [self.root, self.directory]
+        if self.directory.is_dir() and not self.directory.is_symlink():
+            folders += [child for child in self.directory.iterdir() if len(child.name) == 2]
+        return any(folder.is_symlink() for folder in folders)
+
+    def _fall_back(self, reason: str) -> None:
+        """Use a temporary directory, removed at exit, for the rest of this run's entries (one warning)."""
+        self._fallback_owner = tempfile.TemporaryDirectory(prefix="whisper-rope-teacher-targets-")
+        self._fallback = Path(self._fallback_owner.name)
+        logger.warning(
+            "teacher cache %s %s: computing this run's teacher targets without caching them (kept in %s until the "
+            "run ends); give --teacher-cache a writable directory to keep them",
+            self.directory,
+            reason,
+            self._fallback,
+        )
+
+    def _warn_once(self, path: Path, problem: str) -> None:
+        if path not in self._warned:
+            self._warned.add(path)
+            logger.warning("teacher cache entry %s %s; recomputing it", path, problem)
 
     def fill(
         self,
@@ -154,15 +235,19 @@ class TeacherCache:
         batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
         loader = make_loader(dataset, batches, num_workers=num_workers)
         computed = 0
-        bar = tqdm(total=len(order), desc="teacher targets", unit="clip", disable=not progress, dynamic_ncols=True)
+        self._avoid_links()
+        bar = PhaseProgress(len(order), "teacher targets", "clip", bar=progress)
         try:
             for batch in loader:
                 windows = batch.mel if batch.padded_30s else batch.teacher_mel
+                positions = self._positions(windows)
                 missing = []
                 for row, index in enumerate(batch.indices):
-                    path = self.entry_path(windows[row], self._forced_key(dataset, index))
-                    paths[index] = path
-                    if not self._complete(self.read(path)):
+                    forced = self._forced_key(dataset, index)
+                    path = self.entry_path(windows[row], forced)
+                    paths[index], self._forced[path] = path, forced
+                    expected = self._expectation(dataset, index, path, forced, positions[row])
+                    if not self._complete(self.read(path, expected)):
                         missing.append(row)
                 if missing:
                     self._compute(dataset, batch.indices, windows, missing, paths, device)
@@ -174,11 +259,36 @@ class TeacherCache:
         logger.info(
             "teacher targets: %d of %d clips computed, the rest read from %s", computed, len(dataset), self.directory
         )
-        return paths
+        return [None if path is None else self.location(path) for path in paths]
 
     def _complete(self, entry: Optional[Dict[str, Tensor]]) -> bool:
         """Whether an entry holds every state kind this run needs (it may hold more)."""
         return entry is not None and all(key in entry for kind in self.spec.kinds for key in STORED_KEYS[kind])
+
+    def _positions(self, windows: Tensor) -> List[int]:
+        """The encoder positions an entry keeps for each window (b, n_mels, 3000): the clip's real ones (half its
+        real frames, rounded up) and the margin, at most the teacher's n_audio_ctx."""
+        real = (real_frame_counts(windows) + 1) // 2
+        return (real + self.spec.margin).clamp(max=self.teacher.dims.n_audio_ctx).tolist()
+
+    def _expectation(
+        self, dataset: SpeechDataset, index: int, path: Path, forced: str, positions: int
+    ) -> "EntryExpectation":
+        dims = self.teacher.dims
+        tokenizer = dataset.tokenizer(index)
+        prompt = dataset.prompts[index]
+        timestamps = dataset.timestamps(index)
+        return EntryExpectation(
+            name=path.stem,
+            forced=forced,
+            positions=positions,
+            decoder_tokens=lambda text: len(target_sequence(tokenizer, text, prompt, timestamps)[0]),
+            reference=_text_of(*dataset.targets[index]) if self.spec.transcripts == "reference" else None,
+            n_vocab=min(dims.n_vocab, tokenizer.encoding.n_vocab),
+            n_text_ctx=dims.n_text_ctx,
+            text=(dims.n_text_layer, dims.n_text_state),
+            audio=(dims.n_audio_layer, dims.n_audio_state),
+        )
 
     def _forced_key(self, dataset: SpeechDataset, index: int) -> str:
         prompt = dataset.prompts[index]
@@ -267,14 +377,90 @@ def read_entry(path: Path, keys: Optional[AbstractSet[str]] = None) -> Optional[
     if not path.is_file():
         return None
     try:
-        if keys is None:
-            return load_file(str(path))
-        with safe_open(str(path), framework="pt") as entry:
-            wanted = keys | {"text_tokens"}
-            return {key: entry.get_tensor(key) for key in entry.keys() if key in wanted}
+        return _load_entry(path, keys)[0]
     except (SafetensorError, OSError, ValueError) as error:
-        logger.warning("teacher cache entry %s cannot be read (%s); recomputing it", path, error)
+        logger.warning("teacher cache entry %s cannot be read (%s); recomputing it", path, one_line(error))
         return None
+
+
+def _load_entry(path: Path, keys: Optional[AbstractSet[str]] = None) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
+    """(the entry's tensors, or only ``keys`` and the transcript; the record of what it was written for, {} when
+    it has none or it is not a JSON object)."""
+    with safe_open(str(path), framework="pt") as entry:
+        wanted = None if keys is None else keys | {"text_tokens"}
+        tensors = {key: entry.get_tensor(key) for key in entry.keys() if wanted is None or key in wanted}
+        text = (entry.metadata() or {}).get(RECORD, "")
+    try:
+        record = json.loads(text)
+    except ValueError:
+        record = {}
+    return tensors, record if isinstance(record, dict) else {}
+
+
+@dataclass(frozen=True)
+class EntryExpectation:
+    """What one clip's entry must hold to be used.
+
+    name: the entry's file name (without suffix), recorded in the entry; forced: the text its tokens were forced
+    with, recorded too; positions: the encoder positions kept for the clip; decoder_tokens: the decoder positions
+    of a transcript (text tokens -> count); reference: the text tokens the entry must hold (reference transcripts;
+    None for the teacher's own); n_vocab: token ids must be below it; n_text_ctx: the decoder's context; text,
+    audio: (layers, width) of the decoder and the encoder.
+    """
+
+    name: str
+    forced: str
+    positions: int
+    decoder_tokens: Callable[[List[int]], int]
+    reference: Optional[List[int]]
+    n_vocab: int
+    n_text_ctx: int
+    text: Tuple[int, int]
+    audio: Tuple[int, int]
+
+    def shapes(self, n_tokens: int) -> Dict[str, Tuple[int, ...]]:
+        """The shape of every state an entry may hold, for a transcript of ``n_tokens`` decoder positions."""
+        (text_layers, text_width), (audio_layers, audio_width) = self.text, self.audio
+        return {
+            "decoder_layers": (text_layers + 1, n_tokens, text_width),
+            "decoder_attention": (text_layers, n_tokens, text_width),
+            "encoder_output": (self.positions, audio_width),
+            "encoder_layers": (audio_layers, self.positions, audio_width),
+            "encoder_attention": (audio_layers, self.positions, audio_width),
+        }
+
+
+def entry_problem(entry: Dict[str, Tensor], record: Dict[str, Any], expected: EntryExpectation) -> Optional[str]:
+    """What makes a read entry unusable for ``expected`` (words for a warning), or None when it is sound: another
+    entry's name or forced text recorded in it (a foreign or renamed file, an older format), a transcript that is
+    not int64 ids in the vocabulary fitting the decoder's context, a state of the wrong dtype or shape, or a
+    non-finite value."""
+    if record.get("entry") != expected.name or record.get("forced") != expected.forced:
+        return "was written for another clip or transcript (its recorded name or forced text differ)"
+    text = entry.get("text_tokens")
+    if text is None or text.dtype != torch.int64 or text.ndim != 1:
+        return "holds no transcript of int64 token ids"
+    if text.numel() and not (0 <= int(text.min()) and int(text.max()) < expected.n_vocab):
+        return f"holds token ids outside the vocabulary of {expected.n_vocab}"
+    if expected.reference is not None and text.tolist() != expected.reference:
+        return "holds another transcript than the clip's reference"
+    n_tokens = expected.decoder_tokens(text.tolist())
+    if n_tokens > expected.n_text_ctx:
+        return f"holds a transcript of {n_tokens} tokens, more than the decoder's {expected.n_text_ctx}"
+    for key, shape in expected.shapes(n_tokens).items():
+        value = entry.get(key)
+        if value is None:
+            continue
+        if value.dtype != torch.float16 or tuple(value.shape) != shape:
+            return f"holds {key} {value.dtype} {tuple(value.shape)}, expected float16 {shape}"
+        if not torch.isfinite(value).all():
+            return f"holds non-finite values in {key}"
+    return None
+
+
+def _reason(error: OSError) -> str:
+    """An OS error in words: its strerror (read-only file system, no space left on device ...) or its message."""
+    return error.strerror or errno.errorcode.get(error.errno or 0, "") or one_line(error)
 
 
 class TeacherTargetsDataset(torch.utils.data.Dataset):

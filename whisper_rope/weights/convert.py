@@ -77,16 +77,16 @@ def convert(src: PathLike, dst: PathLike, progress: bool = True, overwrite: bool
         raise ModelNotFoundError(f"Checkpoint {src} does not exist, and is not a model name.")
     check_destination(src, dst, overwrite)
     if named:
-        return _named_model(os.fspath(src), dst, overwrite)
+        return _named_model(os.fspath(src), dst, overwrite, progress)
     if src.is_dir() or src.name.startswith("model.bin"):
         return _foreign_to_upstream(src, dst, progress)
     return _upstream_to_huggingface(src, dst, overwrite)
 
 
-def _named_model(name: str, dst: Path, overwrite: bool) -> Path:
+def _named_model(name: str, dst: Path, overwrite: bool, progress: bool) -> Path:
     """A model name, found as `load_model` finds it (upstream's cache, an installed model package, upstream's
     download) -> an upstream-format ``.pt`` (``dst`` ending in .pt) or a Hugging Face directory."""
-    model = load_model(name, device="cpu")
+    model = load_model(name, device="cpu", progress=progress)
     heads = model.alignment_heads.to_dense()
     imported = ImportedCheckpoint(asdict(model.dims), model.state_dict(), heads, name)
     if dst.suffix == ".pt":

@@ -182,9 +182,9 @@ def _offline_help(name: str) -> str:
 
 
 def resolve_checkpoint(
-    name_or_path: PathLike, download_root: Optional[str] = None, in_memory: bool = False
+    name_or_path: PathLike, download_root: Optional[str] = None, in_memory: bool = False, progress: bool = True
 ) -> Tuple[dict, Optional[Union[bytes, Tensor]], str]:
-    """Find the weights for a name or path.
+    """Find the weights for a name or path (``progress``: a bar while an installed model is converted on first use).
 
     Returns (checkpoint dict, alignment heads or None, a description of the source). The alignment heads are
     upstream's base85 dump for named models, or a bool tensor from a converted or whisper_rope checkpoint.
@@ -215,7 +215,7 @@ def resolve_checkpoint(
             source = Path(cached).read_bytes() if in_memory else cached
             return read_checkpoint(source, name=cached), heads, cached
         if packages.find_installed_model(text) is not None:
-            checkpoint, converted = _installed_checkpoint(text)
+            checkpoint, converted = _installed_checkpoint(text, progress)
             return checkpoint, heads, f"{text} (installed package, {converted})"
         try:
             downloaded = whisper._download(whisper._MODELS[text], root, in_memory)
@@ -230,17 +230,17 @@ def resolve_checkpoint(
     )
 
 
-def _installed_checkpoint(name: str) -> Tuple[dict, Path]:
+def _installed_checkpoint(name: str, progress: bool = True) -> Tuple[dict, Path]:
     """The checkpoint of the installed model ``name``, converted once into whisper_rope's cache; a cached conversion
     that fails to read (truncated, overwritten, another model's) is derived data, so it is rebuilt from the installed
     package with a warning instead of failing every run until someone deletes it."""
-    converted = packages.cached_conversion(name)
+    converted = packages.cached_conversion(name, progress=progress)
     try:
         return read_checkpoint(converted, name=str(converted)), converted
     except CheckpointError as error:
         logger.warning("%s: the cached conversion cannot be read (%s); rebuilding it", converted.name, one_line(error))
     converted.unlink(missing_ok=True)  # our own derived file: cached_conversion writes it again, atomically
-    converted = packages.cached_conversion(name)
+    converted = packages.cached_conversion(name, progress=progress)
     return read_checkpoint(converted, name=str(converted)), converted
 
 
@@ -271,6 +271,7 @@ def load_model(
     unpadded: Optional[bool] = None,
     unpadded_margin: Optional[int] = None,
     compute_type: str = "default",
+    progress: bool = True,
 ) -> WhisperRope:
     """Load pretrained or fine-tuned weights into a positional variant.
 
@@ -290,6 +291,8 @@ def load_model(
             (int8 Linear layers but the encoder's first self-attention, int8 output projection, CPU), ``auto``
             (int8 on the CPU); see `compute_type.py`.
             An unsupported name or device is refused before any weights are read.
+        progress: show a bar while an installed model (tiny.en of the faster-whisper packages) is converted on first
+            use (``--no-progress`` turns it off).
 
     Loading a checkpoint into positions it never learned (a hard swap to RoPE, a table it did not have, unpadded
     input it was not fine-tuned for) logs one warning saying so and how to fine-tune it first.
@@ -301,7 +304,7 @@ def load_model(
     if rotary_theta is not None and not ROTARY_THETA.accepts(rotary_theta):
         raise VariantError(f"rotary_theta is {rotary_theta!r}; expected {ROTARY_THETA} (RoPE's base)")
     resolve_compute_type(compute_type, device)
-    checkpoint, heads, source = resolve_checkpoint(name_or_path, download_root, in_memory)
+    checkpoint, heads, source = resolve_checkpoint(name_or_path, download_root, in_memory, progress)
     stored_variant = checkpoint.get("variant", UPSTREAM_VARIANT)  # both checked by validate_checkpoint
     stored_options = checkpoint.get("rotary") or {}
     target_variant = parse_variant(variant if variant is not None else stored_variant)
@@ -441,9 +444,9 @@ class LoadOptions:
         "are refused",
     )
 
-    def load(self, name_or_path: PathLike, unpadded: Optional[bool] = None) -> WhisperRope:
-        """`load_model` with these options; a bad variant, device or number is reported before any weights are
-        looked for."""
+    def load(self, name_or_path: PathLike, unpadded: Optional[bool] = None, progress: bool = True) -> WhisperRope:
+        """`load_model` with these options (``progress``: a bar while an installed model is converted); a bad
+        variant, device or number is reported before any weights are looked for."""
         check_load_options(self)
         if self.variant is not None:
             parse_variant(self.variant)
@@ -458,4 +461,5 @@ class LoadOptions:
             unpadded=unpadded,
             unpadded_margin=self.unpadded_margin,
             compute_type=self.compute_type,
+            progress=progress,
         )
