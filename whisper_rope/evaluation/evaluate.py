@@ -63,7 +63,7 @@ from ..data import (
 from ..errors import PathLike
 from ..model import WhisperRope
 from ..options import PathText, add_dataclass_arguments, dataclass_from_args, opt, standalone_main
-from ..outputs import refuse_overlap
+from ..outputs import claim_files, refuse_overlap
 from ..weights.loading import MODEL_HELP, LoadOptions
 from .metrics import ErrorRates, Normalizer, error_rates, normalizer_for
 
@@ -628,7 +628,8 @@ class EvaluateCommand:
     data: Optional[PathText] = opt(None, DATA_HELP, required=True)
     output: Optional[PathText] = opt(
         None,
-        "write the summary as JSON here and the per-utterance rows as JSON lines next to it (same name, suffix .jsonl)",
+        "write the summary as JSON here and the per-utterance rows as JSON lines next to it (same name, suffix "
+        ".jsonl); a file there that whisper-rope did not write is never replaced",
         flags=["-o"],
     )
     progress: bool = opt(True, "show a progress bar")
@@ -651,14 +652,18 @@ def run_evaluate_cli(args: argparse.Namespace) -> int:
     """Run ``whisper-rope evaluate`` from parsed arguments: print the summary, write ``--output``; exit status 0."""
     command = dataclass_from_args(EvaluateCommand, args)
     options = options_from_args(args)
-    if command.output:  # before the model loads: an output must never replace an input
-        for path, what in zip(output_paths(command.output), ("--output", "--output's per-utterance file")):
+    record = None
+    if command.output:  # before the model loads: an output never replaces an input, nor a file we did not write
+        paths = output_paths(command.output)
+        for path, what in zip(paths, ("--output", "--output's per-utterance file")):
             refuse_overlap(path, {"--data": command.data, "--model": command.model}, what)
+        record = claim_files(paths, "--output")
     model = dataclass_from_args(LoadOptions, args).load(command.model, unpadded=options.unpadded)
     result = evaluate(model, command.data, options, progress=command.progress)
     print(result.summary())
-    if command.output:
+    if record is not None:
         summary_path, rows_path = result.write(command.output)
+        record.written([summary_path.name, rows_path.name])
         print(f"wrote {summary_path} and {rows_path}")
     return 0
 
