@@ -196,8 +196,8 @@ def check_writable(folder: PathLike, option: str) -> None:
     while not os.path.lexists(existing) and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        where = "is a file" if existing == path else f"cannot be created: {os.fspath(existing)!r} is a file"
-        raise OutputError(f"{option} {shown!r} {where}, expected a directory")
+        where = "is not a directory" if existing == path else f"cannot be created: {os.fspath(existing)!r} is a file"
+        raise OutputError(f"{option} {shown!r} {where}")
     try:
         probe_directory(existing)
     except OSError as error:

@@ -663,8 +663,8 @@ def run_evaluate_cli(args: argparse.Namespace) -> int:
     print(result.summary())
     if record is not None:
         summary_path, rows_path = result.write(command.output)
-        record.written([summary_path.name, rows_path.name])
         print(f"wrote {summary_path} and {rows_path}")
+        record.written([summary_path.name, rows_path.name])
     return 0
 
 
