@@ -100,6 +100,27 @@ def test_evaluate_replaces_its_own_earlier_output(tmp_path, capsys, random_model
     assert sorted(p.name for p in out.iterdir()) == [RECORD, "scores.json", "scores.jsonl"]
 
 
+def test_an_evaluation_cut_short_by_a_full_disk_is_replaced_by_the_next_one(tmp_path, capsys, monkeypatch,
+                                                                             random_model):  # fmt: skip
+    """The summary is written, the rows are not (ENOSPC): the summary is recorded as evaluate's, so that the next
+    run replaces it instead of refusing it as a file it did not write."""
+
+    def replace(source, target):
+        if Path(target).name == "scores.jsonl":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return os.replace(source, target)
+
+    data = _one_row_manifest(tmp_path / "data")
+    out = tmp_path / "out"
+    _atomic_os(monkeypatch, replace=replace)
+    assert _evaluate(random_model, data, out / "scores.json") == 2
+    assert "No space left on device" in _errors(capsys.readouterr().err)[-1]
+    assert sorted(p.name for p in out.iterdir()) == [RECORD, "scores.json"]
+    monkeypatch.undo()  # space freed
+    assert _evaluate(random_model, data, out / "scores.json") == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [RECORD, "scores.json", "scores.jsonl"]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Item 1: never through a link
 

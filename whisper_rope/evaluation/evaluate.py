@@ -662,9 +662,11 @@ def run_evaluate_cli(args: argparse.Namespace) -> int:
     result = evaluate(model, command.data, options, progress=command.progress)
     print(result.summary())
     if record is not None:
-        summary_path, rows_path = result.write(command.output)
-        print(f"wrote {summary_path} and {rows_path}")
-        record.written([summary_path.name, rows_path.name])
+        try:
+            summary_path, rows_path = result.write(command.output)
+            print(f"wrote {summary_path} and {rows_path}")
+        finally:  # what was written, also when the second write failed: a later run replaces it
+            record.written([path.name for path in paths])
     return 0
 
 
