@@ -81,6 +81,9 @@ def probe_directory(directory: PathLike) -> None:
             os.unlink(tmp_name)
 
 
+_UMASK_READ = threading.Lock()
+
+
 def umasked(mode: int) -> int:
     """``mode`` without the bits of the process's umask: what ``open(2)`` (0666) or ``mkdir(2)`` (0777) would give
     a new file or folder, for those created private first (``mkstemp``, ``mkdtemp``, safetensors)."""
@@ -93,13 +96,10 @@ def umasked(mode: int) -> int:
         pass
     # Elsewhere: set and restore. 077 meanwhile, so that a file another thread creates is at worst private; the lock
     # keeps two writers from restoring each other's value.
-    with _LOCK:
+    with _UMASK_READ:
         umask = os.umask(0o077)
         os.umask(umask)
     return mode & ~umask
-
-
-_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager

@@ -210,7 +210,8 @@ def _write_transcript(result: dict, path: str, options: TranscribeOptions, recor
         _report(path, error)
         ok = False
     try:
-        record.written(written)
+        if written:
+            record.written(written)
     except OSError as error:
         shown = ", ".join(os.path.join(options.output_dir, name) for name in written)
         _report(path, f"{one_line(error, limit=None)}; {shown} not recorded as written by whisper-rope (a later run "
