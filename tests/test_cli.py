@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from whisper.utils import get_writer
 
 import whisper_rope
 from whisper_rope import cli
@@ -50,6 +51,13 @@ def test_transcribe_writes_every_output_format(random_model_file, tmp_path):
     ]
     result = json.loads((tmp_path / "hello.json").read_text())
     assert result["language"] == "en" and "segments" in result
+    # Byte for byte what upstream's writers write for the same result (ours render into memory, then write atomically).
+    upstream = tmp_path / "upstream"
+    upstream.mkdir()
+    defaults = dict(highlight_words=False, max_line_count=None, max_line_width=None, max_words_per_line=None)
+    get_writer("all", str(upstream))(result, str(HELLO), defaults)
+    for ext in ("json", "srt", "tsv", "txt", "vtt"):
+        assert (tmp_path / f"hello.{ext}").read_bytes() == (upstream / f"hello.{ext}").read_bytes(), ext
 
 
 def test_missing_file_among_several_fails_only_itself(random_model_file, tmp_path, capsys):

@@ -12,7 +12,7 @@ from whisper_rope import transcribe as transcribe_module
 from whisper_rope.audio import load_audio
 from whisper_rope.decoding import BatchDecodingTask
 from whisper_rope.longform import transcribe_chunked
-from whisper_rope.outputs import TranscriptRecord
+from whisper_rope.outputs import OutputRecord
 from whisper_rope.speech_chunks import speech_chunks
 from whisper_rope.transcribe import transcribe_many
 
@@ -169,7 +169,7 @@ def test_cli_batch_size_writes_the_same_files(tmp_path):
             ]
         )
         assert status == 0
-        outputs[batch_size] = {p.name: p.read_text() for p in sorted(out.iterdir()) if p.name != TranscriptRecord.NAME}
+        outputs[batch_size] = {p.name: p.read_text() for p in sorted(out.iterdir()) if p.name != OutputRecord.NAME}
     assert len(outputs[1]) == 15 and outputs[1].keys() == outputs[4].keys()
     for name, text in outputs[1].items():
         if name.endswith(".json"):

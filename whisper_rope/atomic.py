@@ -1,6 +1,9 @@
 """Atomic file writes: a crash at any moment leaves either the previous file or the complete new one.
 
-Checkpoints, converted models, caches and training state all go through `atomic_write`.
+Checkpoints, converted models, caches, training state, transcripts and evaluation results all go through
+`atomic_write`. Its rename replaces whatever is at the name, a symlink included, by the new regular file: a write
+never follows a link (docs/reliability.md, "Outputs"). New files get the mode any program's new file gets, 0666
+without the user's umask (``umask 077``: readable by the user alone).
 """
 
 import contextlib
@@ -9,7 +12,7 @@ import signal
 import tempfile
 import threading
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Iterator, Tuple
 
 import torch
 
@@ -31,13 +34,13 @@ def atomic_write(path: PathLike, write: Callable[[BinaryIO], object]) -> Path:
     try:
         # A Ctrl-C inside mkstemp, after it created the file, would leave a file whose name never reached us.
         with _interrupts_held():
-            fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+            fd, tmp_name = _create_temporary(directory, path.name)
         handle = os.fdopen(fd, "wb")
         with handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; model files should be readable like any other file
+        os.chmod(tmp_name, umasked(0o666))  # mkstemp creates 0600, whatever the umask
         os.replace(tmp_name, path)
     except BaseException as error:
         if handle is None and fd is not None:
@@ -58,6 +61,45 @@ def atomic_write(path: PathLike, write: Callable[[BinaryIO], object]) -> Path:
         raise OSError(cause.errno, f"cannot write {path}: {cause.strerror or cause}") from error
     fsync_directory(directory)
     return path
+
+
+def _create_temporary(directory: Path, name: str) -> Tuple[int, str]:
+    """(descriptor, path) of a new, empty temporary file ``.NAME.XXXXXXXX.tmp`` in ``directory`` (mode 0600)."""
+    return tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+
+
+def probe_directory(directory: PathLike) -> None:
+    """Raise the `OSError` an `atomic_write` into ``directory`` would meet creating its temporary file (a read-only
+    folder, a full inode table, no permission); create nothing that stays."""
+    fd = tmp_name = None
+    try:
+        with _interrupts_held():
+            fd, tmp_name = _create_temporary(Path(directory), "whisper-rope-probe")
+    finally:
+        if fd is not None:
+            os.close(fd)
+            os.unlink(tmp_name)
+
+
+_UMASK_READ = threading.Lock()
+
+
+def umasked(mode: int) -> int:
+    """``mode`` without the bits of the process's umask: what ``open(2)`` (0666) or ``mkdir(2)`` (0777) would give
+    a new file or folder, for those created private first (``mkstemp``, ``mkdtemp``, safetensors)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:  # Linux 4.7+: read without changing it
+            for line in status:
+                if line.startswith("Umask:"):
+                    return mode & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    # Elsewhere: set and restore. 077 meanwhile, so that a file another thread creates is at worst private; the lock
+    # keeps two writers from restoring each other's value.
+    with _UMASK_READ:
+        umask = os.umask(0o077)
+        os.umask(umask)
+    return mode & ~umask
 
 
 @contextlib.contextmanager

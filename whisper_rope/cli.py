@@ -9,6 +9,7 @@ line on stderr and a non-zero exit status, never a traceback.
 """
 
 import argparse
+import io
 import logging
 import os
 import sys
@@ -18,6 +19,7 @@ from typing import Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 import numpy as np
 from whisper.utils import get_writer
 
+from .atomic import atomic_write_text
 from .audio import load_audio
 from .errors import BAD_INPUT, INTERRUPTED, one_line, print_error, run_command
 from .evaluation.compare import add_compare_arguments, run_compare_cli
@@ -26,7 +28,7 @@ from .evaluation.evaluate import add_evaluate_arguments, run_evaluate_cli
 from .model import WhisperRope
 from .option_checks import check_load_options, check_transcribe_options
 from .options import ArgumentParser, add_dataclass_arguments, dataclass_from_args
-from .outputs import TranscriptRecord
+from .outputs import OutputRecord, check_writable
 from .training.command import DESCRIPTION as FINETUNE_DESCRIPTION
 from .training.command import add_finetune_arguments, run_finetune_cli
 from .transcribe import WRITER_OPTIONS, TranscribeOptions, transcribe_many
@@ -133,10 +135,13 @@ def _check_writer_options(options: TranscribeOptions) -> None:
 def _run_transcribe(args: argparse.Namespace) -> int:
     options = dataclass_from_args(TranscribeOptions, args, keep_none=True)
     loading = dataclass_from_args(LoadOptions, args)
-    # Before the model is loaded: a bad number fails in one line now, not in a traceback after a minute of loading.
+    # Before the model is loaded: a bad number or output fails in one line now, not after a minute of loading.
     check_transcribe_options(options)
     check_load_options(loading)
     _check_writer_options(options)
+    _refuse_colliding_transcripts(options)
+    check_writable(options.output_dir, "--output_dir")
+    record = OutputRecord(options.output_dir, "--output_dir")
     if options.verbose:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     model = loading.load(options.model, unpadded=options.unpadded)
@@ -145,8 +150,6 @@ def _run_transcribe(args: argparse.Namespace) -> int:
     if not model.is_multilingual:
         options.language = "en"
     os.makedirs(options.output_dir, exist_ok=True)
-    writer = get_writer(options.output_format, options.output_dir)
-    record = TranscriptRecord(options.output_dir)
     failures = 0
     for start in range(0, len(options.audio), options.batch_size):
         loaded, failed = _load_batch(options.audio[start : start + options.batch_size])
@@ -158,31 +161,62 @@ def _run_transcribe(args: argparse.Namespace) -> int:
             _report(", ".join(path for path, _ in loaded), error)
             continue
         for (path, _), result in zip(loaded, results):
-            failures += not _write_transcript(writer, result, path, options, record)
+            failures += not _write_transcript(result, path, options, record)
     if failures:
         print(f"whisper-rope: {failures} of {len(options.audio)} files failed", file=sys.stderr)
     return 1 if failures else 0
 
 
-def _write_transcript(writer, result: dict, path: str, options: TranscribeOptions, record: TranscriptRecord) -> bool:
-    """Write one file's transcripts unless one of them would replace a file this command did not write (reported in
-    one line, nothing written); whether it was written."""
-    stem = os.path.splitext(os.path.basename(path))[0]
+def _stem(audio: str) -> str:
+    """The name of an input's transcripts without the format's extension (upstream's writers name them so)."""
+    return os.path.splitext(os.path.basename(audio))[0]
+
+
+def _refuse_colliding_transcripts(options: TranscribeOptions) -> None:
+    """Refuse two inputs whose transcripts would have the same name (``x/clip.flac``, ``y/clip.wav``): the second
+    would replace the first's, written by the same run."""
+    extension = "txt" if options.output_format == "all" else options.output_format
+    first: Dict[str, int] = {}
+    for index, path in enumerate(options.audio):
+        stem = _stem(path)
+        if first.setdefault(stem, index) != index:
+            shown = os.path.join(options.output_dir, f"{stem}.{extension}")
+            _fail(
+                f"{options.audio[first[stem]]} and {path} would both be transcribed to {shown}; transcribe them "
+                "into separate --output_dir folders"
+            )
+
+
+def _write_transcript(result: dict, path: str, options: TranscribeOptions, record: OutputRecord) -> bool:
+    """Write one file's transcripts, each atomically, unless one of them would replace something this command did not
+    write (reported in one line, nothing written), and record them; whether all went well."""
     formats = TRANSCRIPT_FORMATS if options.output_format == "all" else (options.output_format,)
-    names = [f"{stem}.{extension}" for extension in formats]
+    names = [f"{_stem(path)}.{extension}" for extension in formats]
     foreign = record.foreign(names)
     if foreign:
-        shown = ", ".join(os.path.join(options.output_dir, name) for name in foreign)
-        _report(path, f"{shown} exists and was not written by whisper-rope; not replaced (choose another --output_dir)")
+        shown = "; ".join(f"{os.path.join(options.output_dir, name)} {why}" for name, why in foreign.items())
+        _report(path, f"{shown}; not replaced (choose another --output_dir)")
         return False
+    written, ok = [], True
     try:
-        writer(result, path, **{name: getattr(options, name) for name in WRITER_OPTIONS})
+        for extension, name in zip(formats, names):
+            text = io.StringIO()
+            writer = get_writer(extension, options.output_dir)  # upstream's writer of one format
+            writer.write_result(result, text, **{option: getattr(options, option) for option in WRITER_OPTIONS})
+            atomic_write_text(os.path.join(options.output_dir, name), text.getvalue())
+            written.append(name)
     except OSError as error:
         _report(path, error)
+        ok = False
+    try:
+        if written:
+            record.written(written)
+    except OSError as error:
+        shown = ", ".join(os.path.join(options.output_dir, name) for name in written)
+        _report(path, f"{one_line(error, limit=None)}; {shown} not recorded as written by whisper-rope (a later run "
+                "will not replace it)")  # fmt: skip
         return False
-    finally:
-        record.written([name for name in names if name not in foreign])
-    return True
+    return ok
 
 
 def _load_batch(paths: Sequence[str]) -> Tuple[List[Tuple[str, np.ndarray]], int]:

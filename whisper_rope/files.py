@@ -9,6 +9,7 @@ model directory.
   refuses one that leads out of the directory (``../x``, an absolute name, a symlink to elsewhere) or is not a
   regular file. The one layout whose links lead out is Hugging Face's download cache
   (``snapshots/REV/NAME -> ../../blobs/HASH``): links into that repository's ``blobs`` folder are followed.
+* `append_text` adds to a file a command keeps writing (a training log) without ever following a link at its name.
 """
 
 import os
@@ -85,6 +86,14 @@ def _read_all(fd: int, size: int, limit: int) -> Tuple[Optional[str], bytes]:
         if len(chunk) < want:  # a regular file reads short only at its end
             return None, b"".join(chunks)
         want = min(1 << 16, limit + 1 - total)
+
+
+def append_text(path: PathLike, text: str) -> None:
+    """Append ``text`` (UTF-8) to ``path``, creating it with the user's umask; a symlink at ``path`` is an `OSError`
+    (ELOOP), never followed, so that a link placed in an output folder cannot choose where the program writes."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    with os.fdopen(fd, "ab") as handle:
+        handle.write(text.encode("utf-8"))
 
 
 def _within(path: Path, folder: Path) -> bool:

@@ -60,7 +60,8 @@ def _bad_files(folder: Path) -> Dict[str, Path]:
     files["holds no audio samples"] = folder / "header-only.wav"
     sf.write(files["holds no audio samples"], np.zeros(0, dtype=np.int16), SAMPLE_RATE, subtype="PCM_16")
     for suffix in (".wav", ".flac", ".ogg", ".m4a"):
-        files[f"could not be decoded ({suffix} of random bytes)"] = folder / f"random{suffix}"
+        # One name each: the CLI refuses inputs whose transcripts would share a name (random.txt).
+        files[f"could not be decoded ({suffix} of random bytes)"] = folder / f"random-{suffix[1:]}{suffix}"
         files[f"could not be decoded ({suffix} of random bytes)"].write_bytes(rng.bytes(5000))
     files["is a directory"] = folder / "folder.wav"
     files["is a directory"].mkdir(exist_ok=True)

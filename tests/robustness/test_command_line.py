@@ -160,7 +160,9 @@ def test_help_shows_each_default_once(subcommand):
 
 def test_transcribe_takes_batch_size_spelled_with_a_dash(tmp_path):
     model = save_model(tmp_path / "speech.pt", dims=SPEECH_DIMS)
-    done = command(HELLO, HELLO, "--model", model, "--batch-size", "2", "--output_dir", tmp_path / "out",
+    again = tmp_path / "hello-again.flac"  # a second name: two inputs with one transcript name are refused
+    again.write_bytes(HELLO.read_bytes())
+    done = command(HELLO, again, "--model", model, "--batch-size", "2", "--output_dir", tmp_path / "out",
                    "--output_format", "txt", "--fp16", "False", "--verbose", "False")  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert (tmp_path / "out" / "hello.txt").is_file()
+    assert (tmp_path / "out" / "hello.txt").is_file() and (tmp_path / "out" / "hello-again.txt").is_file()

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import whisper.utils
 
 import whisper_rope
 import whisper_rope.atomic
@@ -184,19 +183,21 @@ def test_convert_on_a_full_disk_names_the_file_and_the_cause(tmp_path, capsys):
 
 
 def test_a_transcript_written_to_a_full_device_fails_that_file_only(tmp_path, capsys, monkeypatch, random_model):
-    """Writing ``out/first.txt`` goes to /dev/full, where every write fails with ENOSPC. (A link placed at
-    ``out/first.txt`` would be a file transcribe did not write, which it refuses to replace: the writer's ``open``
-    is redirected instead.)"""
+    """The disk is full while ``out/first.txt`` is written: every write to its temporary file fails with ENOSPC. (A
+    link placed at ``out/first.txt`` would be something transcribe did not write, which it refuses to replace: the
+    temporary file's writes are made to fail instead.)"""
     output = tmp_path / "out"
     output.mkdir()
     first, second = tmp_path / "first.flac", tmp_path / "second.flac"
     for path in (first, second):
         path.write_bytes(HELLO.read_bytes())
 
-    def open_full(file, *args, **kwargs):
-        return open("/dev/full" if Path(file) == output / "first.txt" else file, *args, **kwargs)
+    def full_for_first(fd, mode):
+        handle = os.fdopen(fd, mode)
+        temporary = os.readlink(f"/proc/self/fd/{fd}")
+        return FillingFile(handle, 0) if temporary.startswith(f"{output}/.first.txt.") else handle
 
-    monkeypatch.setattr(whisper.utils, "open", open_full, raising=False)
+    _atomic_os(monkeypatch, fdopen=full_for_first)
     assert transcribe(random_model, [first, second], output) == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("whisper-rope:")]
     assert errors[0].startswith(f"whisper-rope: error: {first}: ") and "No space left on device" in errors[0]

@@ -161,7 +161,12 @@ def test_ctrl_c_inside_a_conversion_write_exits_130_and_leaves_no_partial_file(t
 
 def test_ctrl_c_during_transcription_exits_130(tmp_path, speech_pt):
     out = tmp_path / "out"
-    clips = sorted(MANIFEST.parent.glob("*.flac")) * 4
+    (tmp_path / "clips").mkdir()
+    clips = []
+    for copy in range(4):  # distinct names: inputs whose transcripts would share a name are refused
+        for clip in sorted(MANIFEST.parent.glob("*.flac")):
+            clips.append(tmp_path / "clips" / f"{copy}-{clip.name}")
+            clips[-1].write_bytes(clip.read_bytes())
     status, stderr, _ = _interrupt(
         [*clips, "--model", speech_pt, "--output_dir", out, "--fp16", "False", "--verbose", "False"],
         when=lambda: out.is_dir() and any(out.iterdir()),

@@ -117,7 +117,7 @@ def test_every_exported_file_is_readable_like_any_other_file(tmp_path, toy_pt):
     umask = os.umask(0)
     os.umask(umask)
     modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
-    assert set(modes.values()) == {0o644 & ~umask}, modes
+    assert set(modes.values()) == {0o666 & ~umask}, modes
 
 
 # ----------------------------------------------------------------------------------------------------------------

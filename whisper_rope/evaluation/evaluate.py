@@ -79,7 +79,7 @@ from ..longform import transcribe_recordings
 from ..model import WhisperRope
 from ..option_checks import BATCH, BEAMS, MAX_COUNT, WORKERS, check_bounds
 from ..options import Bounds, PathText, add_dataclass_arguments, dataclass_from_args, opt, standalone_main
-from ..outputs import refuse_overlap
+from ..outputs import claim_files, refuse_overlap
 from ..weights.loading import MODEL_HELP, LoadOptions
 from .metrics import (
     ErrorRates,
@@ -777,7 +777,8 @@ class EvaluateCommand:
     data: Optional[PathText] = opt(None, DATA_HELP, required=True)
     output: Optional[PathText] = opt(
         None,
-        "write the summary as JSON here and the per-utterance rows as JSON lines next to it (same name, suffix .jsonl)",
+        "write the summary as JSON here and the per-utterance rows as JSON lines next to it (same name, suffix "
+        ".jsonl); a file there that whisper-rope did not write is never replaced",
         flags=["-o"],
     )
     progress: bool = opt(True, "show a progress bar")
@@ -800,17 +801,23 @@ def run_evaluate_cli(args: argparse.Namespace) -> int:
     """Run ``whisper-rope evaluate`` from parsed arguments: print the summary, write ``--output``; exit status 0."""
     command = dataclass_from_args(EvaluateCommand, args)
     options = options_from_args(args)
-    if command.output:  # before the model loads: an output must never replace an input
-        for path, what in zip(output_paths(command.output), ("--output", "--output's per-utterance file")):
+    record = None
+    if command.output:  # before the model loads: an output never replaces an input, nor a file we did not write
+        paths = output_paths(command.output)
+        for path, what in zip(paths, ("--output", "--output's per-utterance file")):
             refuse_overlap(path, {"--data": command.data, "--model": command.model}, what)
+        record = claim_files(paths, "--output")
     model = dataclass_from_args(LoadOptions, args).load(
         command.model, unpadded=options.unpadded, progress=command.progress
     )
     result = evaluate(model, command.data, options, progress=command.progress)
     print(result.summary())
-    if command.output:
-        summary_path, rows_path = result.write(command.output)
-        print(f"wrote {summary_path} and {rows_path}")
+    if record is not None:
+        try:
+            summary_path, rows_path = result.write(command.output)
+            print(f"wrote {summary_path} and {rows_path}")
+        finally:  # what was written, also when the second write failed: a later run replaces it
+            record.written([path.name for path in paths])
     return 0
 
 

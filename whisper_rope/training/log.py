@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ..errors import PathLike
+from ..files import append_text
 
 logger = logging.getLogger("whisper_rope")
 
@@ -32,8 +33,7 @@ class TrainingLog:
         record = jsonable(record)
         self.records.append(record)
         if self.path is not None:
-            with open(self.path, "a", encoding="utf-8") as fp:
-                fp.write(json.dumps(record) + "\n")
+            append_text(self.path, json.dumps(record) + "\n")
 
 
 def plot_curves(log_path: PathLike, png_path: PathLike) -> Optional[Path]:

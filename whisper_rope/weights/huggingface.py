@@ -32,7 +32,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from whisper_rope.atomic import atomic_write
+from whisper_rope.atomic import atomic_write, umasked
 from whisper_rope.errors import CheckpointError, ModelNotFoundError, PathLike, one_line
 from whisper_rope.files import inside
 from whisper_rope.weights.common import (
@@ -424,8 +424,8 @@ def write_huggingface(
         _writing(
             out_dir / "generation_config.json", lambda: _write_json(staging / "generation_config.json", generation)
         )
-        os.chmod(staging, 0o755)  # mkdtemp makes 0700
-        os.chmod(staging / SAFETENSORS, 0o644)  # safetensors creates 0600; readable like every file we write
+        os.chmod(staging, umasked(0o777))  # mkdtemp makes 0700; the user's umask decides, as for any new folder
+        os.chmod(staging / SAFETENSORS, umasked(0o666))  # safetensors creates 0600
         _move_into_place(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
