@@ -41,8 +41,9 @@ from .format import alignment_mask, check_dims
 logger = logging.getLogger("whisper_rope")
 
 #: Bump when `quantize_int8` would compute other values from the same weights, so that older files are not reused.
-FORMAT = "whisper_rope-int8-1"
+FORMAT = "whisper_rope-int8-2"
 _SUFFIXES = ("int8_weight", "int8_scale", "int8_bias")
+LOOKUP_TABLE = "decoder.token_embedding.weight"
 
 
 @dataclass
@@ -170,7 +171,8 @@ def _check_tensors(expected: Dict[str, Tensor], tensors: Dict[str, Tensor], labe
         raise CheckpointError(f"{label}: missing tensors {missing[:3]}, unexpected tensors {unexpected[:3]}")
     for name, tensor in tensors.items():
         want = expected[name]
-        if (tensor.dtype, tensor.shape) != (want.dtype, want.shape):
+        dtypes = (want.dtype, torch.float16) if name == LOOKUP_TABLE else (want.dtype,)  # `narrow_lookup_table`
+        if tensor.dtype not in dtypes or tensor.shape != want.shape:
             raise CheckpointError(
                 f"{label}: {name} is {tensor.dtype} {tuple(tensor.shape)}, expected {want.dtype} {tuple(want.shape)}"
             )
