@@ -13,7 +13,7 @@ import whisper_rope
 from whisper_rope.audio import load_audio
 from whisper_rope.compute_type import Int8Linear, quantize_int8
 from whisper_rope.errors import CheckpointError
-from whisper_rope.weights import int8_cache
+from whisper_rope.weights import int8_cache, packages
 from whisper_rope.weights.loading import LoadReport
 
 from ..conftest import FIXTURES, randomise_
@@ -127,3 +127,14 @@ def test_the_transcribe_command_imports_no_compiler_stack():
     code = "import sys, whisper_rope.cli; print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_without_a_writable_cache_directory_int8_loads_still_work(tmp_path, monkeypatch):
+    """A cache directory that cannot be created (a read-only home) costs only the cache: the model loads, quantised."""
+    converted = packages.cached_conversion("tiny.en")  # where the fp16 conversion is (the cache as configured)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("WHISPER_ROPE_CACHE", str(blocker / "cache"))
+    monkeypatch.setattr(packages, "cached_conversion", lambda name: converted)
+    model = whisper_rope.load_model("tiny.en", device="cpu", compute_type="int8")
+    assert model.compute_type == "int8" and "cached int8" not in model.load_report.source

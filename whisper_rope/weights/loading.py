@@ -164,9 +164,13 @@ def _upstream_cached_file(name: str, root: str) -> Optional[str]:
     if not os.path.isfile(target):
         return None
     # Remembered by path, size and mtime in whisper_rope's cache: a 3-GB large-v3 is read once, not on every load.
-    cache = packages.resolve_cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    if packages.file_digests([Path(target)], cache)[0] != url.split("/")[-2]:
+    try:
+        cache = packages.resolve_cache_dir()
+        cache.mkdir(parents=True, exist_ok=True)
+        digest = packages.file_digests([Path(target)], cache)[0]
+    except OSError:  # no cache to remember it in (read-only home): read the file each time, as upstream does
+        digest = packages.file_digests([Path(target)])[0]
+    if digest != url.split("/")[-2]:
         logger.warning("%s exists but its SHA-256 does not match upstream's; ignoring it", target)
         return None
     return target
@@ -373,7 +377,11 @@ def _int8_cache_file(
         "rotary_theta": rotary_theta,
         "gated_rotary": gated_rotary,
     }
-    return int8_cache.cache_file(Path(source), settings)
+    try:
+        return int8_cache.cache_file(Path(source), settings)
+    except OSError as error:  # no cache directory to keep it in: quantise on every load
+        logger.info("no int8 cache (%s)", one_line(error))
+        return None
 
 
 def _cache_int8(
