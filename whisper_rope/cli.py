@@ -21,10 +21,15 @@ from whisper.utils import get_writer
 
 from .audio import load_audio
 from .errors import BAD_INPUT, INTERRUPTED, one_line, print_error, run_command
+from .evaluation.compare import add_compare_arguments, run_compare_cli
+from .evaluation.evaluate import DESCRIPTION as EVALUATE_DESCRIPTION
+from .evaluation.evaluate import add_evaluate_arguments, run_evaluate_cli
 from .model import WhisperRope
 from .option_checks import check_load_options, check_transcribe_options
 from .options import ArgumentParser, add_dataclass_arguments, dataclass_from_args
 from .outputs import TranscriptRecord
+from .training.command import DESCRIPTION as FINETUNE_DESCRIPTION
+from .training.command import add_finetune_arguments, run_finetune_cli
 from .transcribe import WRITER_OPTIONS, TranscribeOptions, transcribe_many
 from .variants import DECODER_SCHEMES, ENCODER_SCHEMES, PRESETS
 from .version import __version__
@@ -41,10 +46,7 @@ def _fail(message: str, status: int = BAD_INPUT) -> NoReturn:
     raise SystemExit(status)
 
 
-def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
-    """The command's parser; with ``command``, one that knows only that subcommand of ``finetune``, ``evaluate`` and
-    ``compare`` (their modules, which training and evaluation need, are imported only for them: a transcription
-    starts without them)."""
+def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="whisper-rope",
         description="Whisper with pluggable positional embeddings. `whisper-rope AUDIO ...` is short for "
@@ -68,41 +70,30 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
 
     sub.add_parser("variants", help="list presets and the schemes of each side")
 
-    if command in (None, "finetune"):
-        from .training.command import DESCRIPTION as FINETUNE_DESCRIPTION
-        from .training.command import add_finetune_arguments
-
-        add_finetune_arguments(
-            sub.add_parser(
-                "finetune",
-                help="fine-tune a checkpoint into a variant",
-                description=FINETUNE_DESCRIPTION,
-            )
+    add_finetune_arguments(
+        sub.add_parser(
+            "finetune",
+            help="fine-tune a checkpoint into a variant",
+            description=FINETUNE_DESCRIPTION,
         )
-    if command in (None, "evaluate"):
-        from .evaluation.evaluate import DESCRIPTION as EVALUATE_DESCRIPTION
-        from .evaluation.evaluate import add_evaluate_arguments
-
-        add_evaluate_arguments(
-            sub.add_parser(
-                "evaluate",
-                help="WER/CER and real-time factor of a model on a manifest",
-                description=EVALUATE_DESCRIPTION,
-            )
+    )
+    add_evaluate_arguments(
+        sub.add_parser(
+            "evaluate",
+            help="WER/CER and real-time factor of a model on a manifest",
+            description=EVALUATE_DESCRIPTION,
         )
-    if command in (None, "compare"):
-        from .evaluation.compare import add_compare_arguments
-
-        add_compare_arguments(
-            sub.add_parser(
-                "compare",
-                help="fine-tune and evaluate several variants side by side",
-                description="Evaluate a source checkpoint, fine-tune it into each run's variant with identical "
-                "settings, evaluate every run on every set, and write results.md, results.csv and plots. A run "
-                "finished with the same settings is kept and skipped when the comparison is run again; other "
-                "settings train and evaluate anew.",
-            )
+    )
+    add_compare_arguments(
+        sub.add_parser(
+            "compare",
+            help="fine-tune and evaluate several variants side by side",
+            description="Evaluate a source checkpoint, fine-tune it into each run's variant with identical settings, "
+            "evaluate every run on every set, and write results.md, results.csv and plots. A run finished with the "
+            "same settings is kept and skipped when the comparison is run again; other settings train and evaluate "
+            "anew.",
         )
+    )
     return parser
 
 
@@ -218,35 +209,16 @@ def _report(what: str, error: BaseException) -> None:
     print_error(f"{what}: {one_line(error, limit=None)}")
 
 
-def _run_finetune(args: argparse.Namespace) -> int:
-    from .training.command import run_finetune_cli
-
-    return run_finetune_cli(args)
-
-
-def _run_evaluate(args: argparse.Namespace) -> int:
-    from .evaluation.evaluate import run_evaluate_cli
-
-    return run_evaluate_cli(args)
-
-
-def _run_compare(args: argparse.Namespace) -> int:
-    from .evaluation.compare import run_compare_cli
-
-    return run_compare_cli(args)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = _normalise_argv(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(argv[0] if argv and argv[0] in SUBCOMMANDS else None)
-    args = parser.parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(_normalise_argv(sys.argv[1:] if argv is None else argv))
     commands: Dict[str, Callable[[argparse.Namespace], int]] = {
         "transcribe": _run_transcribe,
         "convert": _run_convert,
         "variants": _run_variants,
-        "finetune": _run_finetune,
-        "evaluate": _run_evaluate,
-        "compare": _run_compare,
+        "finetune": run_finetune_cli,
+        "evaluate": run_evaluate_cli,
+        "compare": run_compare_cli,
     }
     if args.command is None:
         parser.print_help()
