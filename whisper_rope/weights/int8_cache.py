@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 from whisper.model import ModelDimensions
 
@@ -80,8 +82,6 @@ def cache_file(source: Path, settings: Dict[str, object]) -> Path:
 
 def save(model: WhisperRope, info: Int8Model, path: Path) -> Path:
     """Write int8 ``model`` (from `quantize_int8`) and ``info`` to ``path``, atomically."""
-    from safetensors.torch import save as safetensors_bytes
-
     tensors: Dict[str, Tensor] = {}
     for name, layer in model.named_modules():
         if not isinstance(layer, Int8Linear):
@@ -120,8 +120,6 @@ def load(path: Path) -> Tuple[WhisperRope, Int8Model]:
 
 
 def _read(path: Path, label: str) -> Tuple[Int8Model, Dict[str, Tensor]]:
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
