@@ -121,6 +121,23 @@ def test_int8_model_quantises_every_linear_but_the_first_encoder_attention_and_t
     assert 0.005 < error < 0.06
 
 
+@pytest.mark.parametrize("variant", ["whisper", "rotary"])
+def test_int8_keeps_the_lookup_table_in_float16_only_where_that_changes_no_result(dims, variant):
+    model = randomise_(whisper_rope.build_model(dims, variant)).eval()
+    inexact = quantize_int8(copy.deepcopy(model))
+    assert inexact.decoder.token_embedding.weight.dtype == torch.float32  # random fp32 values: kept
+    with torch.no_grad():
+        model.decoder.token_embedding.weight.copy_(model.decoder.token_embedding.weight.half())
+    quantize_int8(model)
+    assert model.decoder.token_embedding.weight.dtype == torch.float16
+    mel = torch.randn(2, 80, 2 * dims.n_audio_ctx)
+    tokens = torch.randint(0, 50000, (2, 9))
+    with torch.no_grad():
+        narrowed = model(mel, tokens)
+        model.decoder.token_embedding.weight = nn.Parameter(model.decoder.token_embedding.weight.float())
+        assert narrowed.dtype == torch.float32 and torch.equal(narrowed, model(mel, tokens))
+
+
 def test_int8_greedy_decoding_keeps_cached_steps_equal_to_a_full_forward(dims):
     """The kv-cache hooks see the int8 key/value projections: a cached step equals the full forward's last position
     (up to the per-call activation scale)."""

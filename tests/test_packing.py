@@ -95,7 +95,7 @@ def test_cuda_half_precision_takes_the_variable_length_kernel(monkeypatch):
         calls.append((q.shape, cu_q.tolist(), cu_k.tolist(), max_q, max_k, cu_q.dtype))
         return q
 
-    monkeypatch.setattr(packing, "varlen_attn", fake_varlen)
+    monkeypatch.setattr(packing, "varlen_kernel", lambda: fake_varlen)
     clips = PackedClips.from_lengths(torch.tensor([5, 3]))
     q = torch.randn(8, 2, 4, dtype=torch.bfloat16)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))

@@ -23,8 +23,9 @@ on CPUs with VNNI (7 elsewhere, see `activation_bits`), products accumulated in 
 kernel gives a call one activation scale; `Int8Linear` makes that one scale per row (see "Activation scales"
 below). The output
 projection is not an ``nn.Linear`` upstream (``h @ token_embedding.weight.T``), so the decoder gets an `Int8Linear`
-of the tied embedding as its ``output_projection``; the embedding itself stays fp32 for token lookups. On one
-decoding step of tiny.en that projection streams 20 MB instead of 80 MB.
+of the tied embedding as its ``output_projection``; the embedding itself stays for token lookups (in float16 where
+that holds it exactly: `narrow_lookup_table`). On one decoding step of tiny.en that projection streams 20 MB instead
+of 80 MB.
 
 Cross-attention in int8 decoding: each decoding step reads every clip's audio keys and values (tiny.en: 4 layers x
 2 x 1500 x 384 fp32 = 18 MB per clip), through a strided per-head view in upstream's cache layout; that read was the
@@ -115,19 +116,47 @@ class Int8Linear(nn.Module):
     def __init__(self, weight: Tensor, bias: Optional[Tensor] = None):
         super().__init__()
         weight = weight.detach().float().cpu()
-        self.out_features, self.in_features = weight.shape
         scales = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-12).double()
-        zero_points = torch.zeros(self.out_features, dtype=torch.long)
+        zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
         with warnings.catch_warnings():
             # PyTorch marks quantized-tensor creation deprecated (module docstring); the packed weight is all we keep.
             warnings.filterwarnings("ignore", message=".*quantized tensor creation functions", category=UserWarning)
             quantised = torch.quantize_per_channel(weight, scales, zero_points, 0, torch.qint8)
+        self._set_weight(quantised, bias)
+
+    @classmethod
+    def from_int8(cls, values: Tensor, scales: Tensor, bias: Optional[Tensor] = None) -> "Int8Linear":
+        """The layer whose weight is ``values`` (int8, (out_features, in_features)) times ``scales`` (float64,
+        (out_features,)) per row, as `int8_weight` returns them: the same layer, bit for bit, without quantising."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        zero_points = torch.zeros(values.shape[0], dtype=torch.long)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions", category=UserWarning)
+            quantised = torch._make_per_channel_quantized_tensor(values, scales, zero_points, 0)
+        layer._set_weight(quantised, bias)
+        return layer
+
+    def _set_weight(self, quantised: Tensor, bias: Optional[Tensor]) -> None:
+        """Pack a per-row qint8 weight (out_features, in_features) for the kernel."""
+        self.out_features, self.in_features = quantised.shape
         # The bias is added after the rescaling (`torch.addcmul`), so the kernel gets none.
         self._packed = torch.ops.quantized.linear_prepack(quantised, None)
         self._bias = None if bias is None else bias.detach().float().cpu()
         self._reduce_range = activation_bits() == 7
         self._pin = torch.zeros(1, self.in_features)
         self._pin[0, :2] = torch.tensor([1.0, -1.0])
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        """(out_features,) fp32, or None."""
+        return self._bias
+
+    def int8_weight(self) -> Tuple[Tensor, Tensor]:
+        """The weight as stored: its int8 values (out_features, in_features) and each row's scale (out_features,)
+        float64; `from_int8` rebuilds the layer from them."""
+        quantised, _ = torch.ops.quantized.linear_unpack(self._packed)
+        return quantised.int_repr(), quantised.q_per_channel_scales()
 
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, self.in_features).float()
@@ -198,12 +227,50 @@ def quantize_int8(model: WhisperRope) -> WhisperRope:
     """
     if model.device.type != "cpu":
         raise ValueError(f"int8 compute runs on the CPU only; the model is on {model.device}")
+    for name in int8_layer_names(model):
+        if name == OUTPUT_PROJECTION:
+            model.decoder.output_projection = Int8Linear(model.decoder.token_embedding.weight)
+        else:
+            linear = model.get_submodule(name)
+            set_submodule(model, name, Int8Linear(linear.weight, linear.bias))
+    narrow_lookup_table(model.decoder.token_embedding)
+    return mark_int8(model)
+
+
+def narrow_lookup_table(embedding: nn.Embedding) -> None:
+    """Keep the token embedding of an int8 model, which it only looks tokens up in (its products with the vocabulary
+    run on `OUTPUT_PROJECTION`), in float16 where float16 holds its values exactly, as upstream's checkpoints store
+    them: a lookup then enters the decoder's fp32 sums with the same values, from half the memory (tiny.en: 40 of
+    its 80 MB)."""
+    weight = embedding.weight.detach()
+    half = weight.half()
+    if weight.dtype == torch.float32 and torch.equal(half.float(), weight):
+        embedding.weight = nn.Parameter(half, requires_grad=False)
+
+
+#: The name `quantize_int8` gives the decoder's int8 output projection (the tied token embedding's int8 copy).
+OUTPUT_PROJECTION = "decoder.output_projection"
+
+
+def int8_layer_names(model: WhisperRope) -> List[str]:
+    """The modules `quantize_int8` makes `Int8Linear`: every ``nn.Linear`` but `float32_linears`, by name, and
+    `OUTPUT_PROJECTION`."""
     kept = float32_linears(model)
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) and child not in kept:  # modules compare by identity
-                setattr(module, name, Int8Linear(child.weight, child.bias))
-    model.decoder.output_projection = Int8Linear(model.decoder.token_embedding.weight)
+    names = [
+        name for name, module in model.named_modules() if isinstance(module, nn.Linear) and module not in kept
+    ]  # modules compare by identity
+    return names + [OUTPUT_PROJECTION]
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted ``name`` inside ``model``, in place of what is there."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def mark_int8(model: WhisperRope) -> WhisperRope:
+    """Set what an int8 model does besides its `Int8Linear` layers (they are in place): returns ``model``, in eval
+    mode with ``compute_type == "int8"``."""
     model.decoder.audio_kv_dtype = audio_kv_dtype()
     # Per-row scales make a clip's int8 result its own whatever the batch, so the encoder may as well take clips one
     # at a time: a batch of 8 30-s windows then never builds temporaries of 10-70 MB, whose fresh pages cost more

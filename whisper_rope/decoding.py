@@ -8,7 +8,7 @@ cross-attention (`ClipMaskedInference`). `WhisperRope.decode` runs it.
 
 from dataclasses import replace
 from types import SimpleNamespace
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -27,18 +27,43 @@ class ClipMaskedInference(PyTorchInference):
     xa_mask: (b, n_audio) bool, True for a clip's real positions, one row per clip (not per beam), or None.
     """
 
-    def __init__(self, model: Whisper, initial_token_length: int):
+    def __init__(self, model: Whisper, initial_token_length: int, read_positions: Sequence[int] = ()):
         super().__init__(model, initial_token_length)
         self.xa_mask: Optional[Tensor] = None
+        # The positions of the first step's logits that the decoding loop reads (`prompt_logits`).
+        self.read_positions = sorted({p % initial_token_length for p in read_positions})
 
     def logits(self, tokens: Tensor, audio_features: Tensor) -> Tensor:
-        if self.xa_mask is None:
+        if self.xa_mask is None and not self._reads_few_positions(tokens):
             return super().logits(tokens, audio_features)
         if not self.kv_cache:
             self.kv_cache, self.hooks = self.model.install_kv_cache_hooks()
         if tokens.shape[-1] > self.initial_token_length:
             tokens = tokens[:, -1:]  # as upstream: only the new token once the cache holds the prompt
+        elif self._reads_few_positions(tokens):
+            return self.prompt_logits(tokens, audio_features)
         return self.model.decoder(tokens, audio_features, kv_cache=self.kv_cache, xa_mask=self.xa_mask)
+
+    def _reads_few_positions(self, tokens: Tensor) -> bool:
+        """Whether this is an int8 model's first step over a prompt longer than the positions read of it."""
+        n_tokens = tokens.shape[-1]
+        first = n_tokens == self.initial_token_length and 0 < len(self.read_positions) < n_tokens
+        return first and getattr(self.model, "compute_type", None) == "int8"
+
+    def prompt_logits(self, tokens: Tensor, audio_features: Tensor) -> Tensor:
+        """The first step's logits (rows, n_tokens, n_vocab) with only `read_positions` computed (the self-attention
+        caches still get every position); the other positions are left unset.
+
+        Upstream's loop reads two positions of this step (the start-of-transcript token's, for the no-speech
+        probability, and the last); computing all of them for a 224-token prompt at beam 5 makes 230 MB of logits.
+        Only an int8 model takes this way: its output projection computes each row on its own (per-row scales,
+        int32 sums), so these rows are those a full product gives, bit for bit; fp32's would differ in the last bits.
+        """
+        decoder = self.model.decoder
+        hidden = decoder.hidden(tokens, audio_features, kv_cache=self.kv_cache, xa_mask=self.xa_mask)
+        out = hidden.new_empty(*hidden.shape[:2], self.model.dims.n_vocab)  # left untouched: not made resident
+        out[:, self.read_positions] = decoder.logits(hidden[:, self.read_positions])
+        return out
 
     def rearrange_kv_cache(self, source_indices: List[int]) -> None:
         """Upstream's reordering of the self-attention caches after a beam-search step, copying only the rows whose
@@ -73,7 +98,7 @@ class BatchDecodingTask(DecodingTask):
 
     def __init__(self, model: Whisper, options: DecodingOptions):
         super().__init__(model, options)
-        self.inference = ClipMaskedInference(model, len(self.initial_tokens))
+        self.inference = ClipMaskedInference(model, len(self.initial_tokens), (self.sot_index, -1))
         if isinstance(self.decoder, BeamSearchDecoder):
             self.decoder = BatchBeamSearchDecoder(
                 options.beam_size, self.tokenizer.eot, self.inference, options.patience

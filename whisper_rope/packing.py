@@ -16,16 +16,25 @@ Within a clip, RoPE rotates each position by its place in that clip (`PackedClip
 computed exactly as the same clip alone or masked in a padded batch (up to summation order).
 """
 
+import functools
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-try:
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:  # torch before 2.9 has no variable-length attention: every device takes the per-clip path
-    varlen_attn = None
+
+@functools.cache
+def varlen_kernel() -> Optional[Callable[..., Tensor]]:
+    """``torch.nn.attention.varlen.varlen_attn``, imported on first use: importing it imports ``torch._dynamo``,
+    which more than doubles the start-up time of a process that only transcribes. None before torch 2.9, which has
+    no variable-length attention (every device then takes the per-clip path)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
 
 
 @dataclass(frozen=True)
@@ -73,9 +82,10 @@ def block_diagonal_attention(q: Tensor, k: Tensor, v: Tensor, clips: PackedClips
 
     q, k, v: (total, n_head, head_dim). Returns (total, n_head, head_dim).
     """
-    if varlen_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    kernel = varlen_kernel() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
+    if kernel is not None:
         offsets = clips.offsets.to(q.device)
-        return varlen_attn(q, k, v, offsets, offsets, clips.max_length, clips.max_length)
+        return kernel(q, k, v, offsets, offsets, clips.max_length, clips.max_length)
     heads = [t.transpose(0, 1) for t in (q, k, v)]  # (n_head, total, head_dim)
     bounds = clips.offsets.tolist()
     blocks = [

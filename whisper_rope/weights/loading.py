@@ -6,6 +6,9 @@ Resolution order for `load_model(name_or_path)`:
   2. an upstream model name (``tiny.en`` ... ``large-v3-turbo``): upstream's download cache (SHA-256 checked),
      then an installed model package (converted once into whisper_rope's cache), then upstream's download.
 
+A model name loaded in int8 is cached in the form it runs in (`int8_cache`): later int8 loads of it read that file
+instead of reading, building and quantising the fp32 model.
+
 Our file format (read with ``torch.load(weights_only=True)``; plain tensors, strings, numbers and dicts only)::
 
     {"dims": dict, "model_state_dict": dict, "variant": "ENCODER/DECODER", "rotary": {"theta", "gated",
@@ -14,7 +17,6 @@ Our file format (read with ``torch.load(weights_only=True)``; plain tensors, str
 A ``whisper``-variant file is also an upstream checkpoint: ``whisper.load_model(path)`` reads it.
 """
 
-import hashlib
 import logging
 import os
 import re
@@ -29,14 +31,14 @@ from whisper.model import ModelDimensions
 
 from .. import version
 from ..atomic import atomic_torch_save
-from ..compute_type import apply_compute_type, resolve_compute_type
+from ..compute_type import INT8, apply_compute_type, resolve_compute_type
 from ..errors import CheckpointError, ModelNotFoundError, PathLike, VariantError, first_line, one_line
-from ..model import DEFAULT_ROTARY_THETA, WhisperRope
+from ..model import DEFAULT_ROTARY_THETA, WhisperRope, WithoutRandomInit
 from ..option_checks import THREADS, UNPADDED_MARGIN, check_load_options
 from ..options import PathText, opt, option
 from ..positional import ROTARY_THETA
 from ..variants import DECODER_SCHEMES, ENCODER_SCHEMES, PRESETS, UPSTREAM_VARIANT, Variant, parse_variant
-from . import packages
+from . import int8_cache, packages
 from .ctranslate2 import is_ctranslate2_dir, read_ctranslate2
 from .format import VARIANT_MARKER, read_checkpoint, validate_checkpoint
 from .huggingface import is_huggingface_dir, read_huggingface
@@ -162,11 +164,14 @@ def _upstream_cached_file(name: str, root: str) -> Optional[str]:
     target = os.path.join(root, os.path.basename(url))
     if not os.path.isfile(target):
         return None
-    digest = hashlib.sha256()
-    with open(target, "rb") as fp:
-        for block in iter(lambda: fp.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() != url.split("/")[-2]:
+    # Remembered by path, size and mtime in whisper_rope's cache: a 3-GB large-v3 is read once, not on every load.
+    try:
+        cache = packages.resolve_cache_dir()
+        cache.mkdir(parents=True, exist_ok=True)
+        digest = packages.file_digests([Path(target)], cache)[0]
+    except OSError:  # no cache to remember it in (read-only home): read the file each time, as upstream does
+        digest = packages.file_digests([Path(target)])[0]
+    if digest != url.split("/")[-2]:
         logger.warning("%s exists but its SHA-256 does not match upstream's; ignoring it", target)
         return None
     return target
@@ -290,7 +295,8 @@ def load_model(
         compute_type: faster-whisper's names: ``default``/``float32`` (upstream's numerics), ``int8``/``int8_float32``
             (int8 Linear layers but the encoder's first self-attention, int8 output projection, CPU), ``auto``
             (int8 on the CPU); see `compute_type.py`.
-            An unsupported name or device is refused before any weights are read.
+            An unsupported name or device is refused before any weights are read. A model *name* in int8 is read
+            from, or on its first int8 load written to, `int8_cache` (the same model, bit for bit).
         progress: show a bar while an installed model (tiny.en of the faster-whisper packages) is converted on first
             use (``--no-progress`` turns it off).
 
@@ -303,7 +309,14 @@ def load_model(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if rotary_theta is not None and not ROTARY_THETA.accepts(rotary_theta):
         raise VariantError(f"rotary_theta is {rotary_theta!r}; expected {ROTARY_THETA} (RoPE's base)")
-    resolve_compute_type(compute_type, device)
+    if variant is not None:
+        variant = parse_variant(variant)
+    cache_file = None
+    if resolve_compute_type(compute_type, device) == INT8:
+        cache_file = _int8_cache_file(name_or_path, download_root, variant, rotary_theta, gated_rotary)
+        cached = int8_cache.cached_or_none(cache_file)
+        if cached is not None:
+            return _finish_cached(*cached, cache_file, unpadded, unpadded_margin, os.fspath(name_or_path))
     checkpoint, heads, source = resolve_checkpoint(name_or_path, download_root, in_memory, progress)
     stored_variant = checkpoint.get("variant", UPSTREAM_VARIANT)  # both checked by validate_checkpoint
     stored_options = checkpoint.get("rotary") or {}
@@ -311,7 +324,12 @@ def load_model(
     theta = float(rotary_theta if rotary_theta is not None else stored_options.get("theta", DEFAULT_ROTARY_THETA))
     gated = bool(gated_rotary if gated_rotary is not None else stored_options.get("gated", False))
 
-    model = WhisperRope(ModelDimensions(**checkpoint["dims"]), target_variant, rotary_theta=theta, gated_rotary=gated)
+    dims = ModelDimensions(**checkpoint["dims"])
+    if _loads_every_random_tensor(checkpoint["model_state_dict"], parse_variant(stored_variant), target_variant):
+        with WithoutRandomInit():  # random values that the checkpoint's would replace cost 0.3 CPU s for tiny.en
+            model = WhisperRope(dims, target_variant, rotary_theta=theta, gated_rotary=gated)
+    else:
+        model = WhisperRope(dims, target_variant, rotary_theta=theta, gated_rotary=gated)
     state, report = adapt_state_dict(checkpoint["model_state_dict"], stored_variant, model, source=source)
     model.load_state_dict(state, strict=True)
     _set_alignment_heads(model, heads)
@@ -328,7 +346,80 @@ def load_model(
     model.load_report = report
     logger.info("%s", report.summary())
     del checkpoint, state
-    return apply_compute_type(model.to(device), compute_type)
+    model = apply_compute_type(model.to(device), compute_type)
+    if cache_file is not None and not report.initialised:  # nothing random in it: the cached model is this one
+        _cache_int8(model, cache_file, stored_variant, trained_unpadded, int(stored_options.get("unpadded_margin", 0)))
+    return model
+
+
+def _loads_every_random_tensor(state: Dict[str, Tensor], stored: Variant, target: Variant) -> bool:
+    """Whether loading ``state`` (of variant ``stored``) into a new ``target`` model replaces every tensor its
+    constructor fills with random values: all but a learned decoder table, which is loaded only from a table it
+    can take (`_loads_table`)."""
+    if _table_kind(target, "decoder") != "learned":
+        return True
+    return "decoder.positional_embedding" in state and _loads_table(_table_kind(stored, "decoder"), "learned")
+
+
+def _int8_cache_file(
+    name_or_path: PathLike,
+    download_root: Optional[str],
+    variant: Optional[Variant],
+    rotary_theta: Optional[float],
+    gated_rotary: Optional[bool],
+) -> Optional[Path]:
+    """Where `int8_cache` keeps the int8 model of a model *name* loaded with these options; None for a path or a
+    name whose weights are not on this machine yet."""
+    text = os.fspath(name_or_path)
+    if text not in whisper._MODELS or Path(text).expanduser().exists():
+        return None  # a path (`resolve_checkpoint` takes an existing path before a name)
+    root = download_root or _default_download_root()
+    source = _upstream_cached_file(text, root)
+    if source is None and packages.find_installed_model(text) is not None:
+        source = packages.cached_conversion(text)
+    if source is None:
+        return None
+    settings = {
+        "variant": None if variant is None else variant.name,
+        "rotary_theta": rotary_theta,
+        "gated_rotary": gated_rotary,
+    }
+    try:
+        return int8_cache.cache_file(Path(source), settings)
+    except OSError as error:  # no cache directory to keep it in: quantise on every load
+        logger.info("no int8 cache (%s)", one_line(error))
+        return None
+
+
+def _cache_int8(
+    model: WhisperRope, path: Path, stored_variant: str, trained_unpadded: bool, unpadded_margin: int
+) -> None:
+    """Write int8 ``model`` to ``path`` for later loads; a cache that cannot be written only costs them time."""
+    report = asdict(model.load_report)
+    info = int8_cache.info_of(model, stored_variant, trained_unpadded, unpadded_margin, report)
+    try:
+        int8_cache.save(model, info, path)
+    except (OSError, ValueError, RuntimeError) as error:
+        logger.warning("the int8 model cannot be cached in %s (%s); every load will quantise it", path, one_line(error))
+
+
+def _finish_cached(
+    model: WhisperRope,
+    info: "int8_cache.Int8Model",
+    path: Path,
+    unpadded: Optional[bool],
+    unpadded_margin: Optional[int],
+    name: str,
+) -> WhisperRope:
+    """Set on a model read from the int8 cache what `load_model` sets on a freshly loaded one."""
+    model.unpadded = info.trained_unpadded if unpadded is None else unpadded
+    model.unpadded_margin = int(info.unpadded_margin if unpadded_margin is None else unpadded_margin)
+    report = LoadReport(**info.report)
+    report.source = f"{report.source}, as the cached int8 model {path}"
+    _warn_untrained_positions(model, parse_variant(info.stored_variant), report, info.trained_unpadded, name)
+    model.load_report = report
+    logger.info("%s", report.summary())
+    return model
 
 
 def _warn_untrained_positions(

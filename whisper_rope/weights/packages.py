@@ -156,22 +156,28 @@ def content_hash(files: Sequence[Path], directory: Optional[Path] = None) -> str
     Hashing a file means reading it, so each file's digest is remembered in ``directory`` keyed by its resolved path,
     mtime and size; an unchanged file is then not read again.
     """
-    index = _load_hash_index(directory) if directory is not None else {}
-    changed = False
     combined = hashlib.sha256(f"whisper_rope-ct2-{CONVERTER_VERSION}".encode())
+    for path, digest in zip(files, file_digests(files, directory)):
+        combined.update(f"{path.stat().st_size}:{digest};".encode())
+    return combined.hexdigest()
+
+
+def file_digests(files: Sequence[Path], directory: Optional[Path] = None) -> List[str]:
+    """The SHA-256 (hex) of each file's content, remembered in ``directory`` as `content_hash` says."""
+    index = _load_hash_index(directory) if directory is not None else {}
+    digests, changed = [], False
     for path in files:
         stat = path.stat()
         key = f"{path.resolve()}:{stat.st_mtime_ns}:{stat.st_size}"
         digest = index.get(key)
         if not isinstance(digest, str):
-            digest = _file_sha256(path)
-            index[key] = digest
+            digest = index[key] = _file_sha256(path)
             changed = True
-        combined.update(f"{stat.st_size}:{digest};".encode())
+        digests.append(digest)
     if changed and directory is not None:
         payload = json.dumps(index, indent=1, sort_keys=True).encode()
         atomic_write(directory / _HASH_INDEX, lambda handle: handle.write(payload))
-    return combined.hexdigest()
+    return digests
 
 
 # --------------------------------------------------------------------------------------------------------------
