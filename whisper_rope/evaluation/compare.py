@@ -30,10 +30,11 @@ import os
 import re
 import statistics
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import torch
 import whisper
 
 from ..atomic import atomic_write, atomic_write_text
@@ -44,7 +45,7 @@ from ..training.config import FinetuneConfig
 from ..training.loop import finetune
 from ..training.state import step_checkpoints
 from ..variants import parse_variant
-from ..weights.loading import load_model
+from ..weights.loading import DEVICE_HELP, load_model
 from .evaluate import EvaluationOptions, evaluate
 
 RUN_FLAGS = ("distill", "transplant", "unpadded")
@@ -52,10 +53,18 @@ RUN_FLAGS = ("distill", "transplant", "unpadded")
 TRAINING_SETTINGS = ("model", "train", "steps", "lr", "batch_size", "warmup_steps", "transplant_fraction")
 EVALUATION_SETTINGS = ("eval_batch_size", "cap_factor")
 #: `CompareConfig` fields that every run's `FinetuneConfig` takes as they are.
-FINETUNE_SETTINGS = ("model", "train", "steps", "lr", "batch_size", "warmup_steps", "device", "num_workers", "progress")
+FINETUNE_SETTINGS = ("model", "train", "steps", "lr", "batch_size", "warmup_steps", "device", "threads", "num_workers",
+                     "progress")  # fmt: skip
 #: Every name `compare` writes into its --output.
 COMPARE_FILES = ("config.json", "before.json", "runs", "results.csv", "results.md", "wer_per_set.png",
                  "loss_curves.png", "cost.png")  # fmt: skip
+
+
+def finetune_option(name: str) -> Any:
+    """A `CompareConfig` field declared as `FinetuneConfig`'s field ``name``: one default, one help text, one meaning
+    for the option in ``finetune`` and ``compare``."""
+    declared = next(f for f in fields(FinetuneConfig) if f.name == name)
+    return field(default=declared.default, metadata=declared.metadata)
 
 
 @dataclass(frozen=True)
@@ -112,11 +121,15 @@ class CompareConfig:
         "e.g. in-domain=in.jsonl retained=ret.jsonl",
         nargs="+",
     )
-    output: PathText = opt("compare-output", "output directory")
-    steps: int = opt(200, "optimizer steps per run")
-    lr: float = opt(1e-4, "peak learning rate per run")
-    batch_size: int = opt(8, "clips per optimizer step")
-    warmup_steps: int = opt(20, "learning-rate warm-up steps")
+    output: PathText = opt(
+        "compare-output",
+        "output directory: the reports, and each run's fine-tune in runs/; new, empty or an earlier comparison's",
+        flags=["-o"],
+    )
+    steps: int = finetune_option("steps")
+    lr: float = finetune_option("lr")
+    batch_size: int = finetune_option("batch_size")
+    warmup_steps: Optional[int] = finetune_option("warmup_steps")
     seeds: List[int] = opt(
         [0], "seeds; each run is trained once per seed (two or more give mean ± std)", nargs="+", type=int
     )
@@ -125,8 +138,9 @@ class CompareConfig:
     transplant_fraction: float = opt(
         0.5, "transplant runs anneal the tables and open the gates over this fraction of the steps"
     )
-    device: Optional[str] = opt(None, "cpu or cuda (default: cuda when available)")
-    num_workers: int = opt(2, "audio-decoding processes while training")
+    device: Optional[str] = opt(None, DEVICE_HELP)
+    threads: int = finetune_option("threads")
+    num_workers: int = finetune_option("num_workers")
     progress: bool = opt(True, "show progress bars")
 
     def run_specs(self) -> List[RunSpec]:
@@ -159,6 +173,7 @@ class CompareConfig:
         self.run_specs()
         if not 0 < self.transplant_fraction <= 1:
             raise ValueError(f"transplant_fraction must be in (0, 1], got {self.transplant_fraction}")
+        FinetuneConfig(**{name: getattr(self, name) for name in FINETUNE_SETTINGS}, output=self.output).validate()
         return self
 
 
@@ -329,6 +344,16 @@ def compare(config: CompareConfig) -> Dict[str, Any]:
     its evaluations only when the evaluation settings are too; the reports show only this configuration's results.
     """
     config.validate()
+    threads = torch.get_num_threads()
+    if config.threads > 0:  # the evaluations' threads; each fine-tune sets (and restores) its own
+        torch.set_num_threads(config.threads)
+    try:
+        return _compare(config)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compare(config: CompareConfig) -> Dict[str, Any]:
     output = user_path(config.output)
     inputs = {"--model": config.model, "--train": config.train}
     refuse_overlap(output, {**inputs, **{f"--eval {n}": p for n, p in config.eval_sets().items()}}, "--output")

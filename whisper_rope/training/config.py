@@ -6,7 +6,7 @@ from typing import Optional
 
 from ..option_checks import check_device
 from ..options import PathText, opt
-from ..weights.loading import ROTARY_THETA_HELP, THREADS_HELP
+from ..weights.loading import DEVICE_HELP, ROTARY_THETA_HELP, THREADS_HELP
 from .optim import check_policy
 from .recipes import RECIPES, recipe_defaults
 from .transplant import transplant_start_variant
@@ -18,6 +18,7 @@ BOOKKEEPING = {
     "steps",
     "progress",
     "save_every",
+    "save_dtype",
     "keep_last",
     "log_every",
     "eval_every",
@@ -219,7 +220,17 @@ class FinetuneConfig:
     )
     eval_every: int = opt(0, "evaluate every N steps (0: only at the end)")
     eval_at_start: bool = opt(False, "also evaluate before the first step (a baseline)")
-    save_every: int = opt(0, "write a checkpoint every N steps (0: only at the end)")
+    save_every: int = opt(
+        0,
+        "write a step checkpoint (step-N/: the model and the training state that --resume continues from) every N "
+        "steps and at the last step (0: none; the run writes only model.pt and best/)",
+    )
+    save_dtype: str = opt(
+        "float16",
+        "dtype of the weights in the model files (model.pt, best/, step-N/); float16 (like upstream's files) halves "
+        "them, and a step checkpoint's training state keeps in float32 what float16 rounds, so --resume stays exact",
+        choices=("float16", "float32"),
+    )
     keep_last: int = opt(2, "step checkpoints to keep (the best-WER model is kept apart)")
     log_every: int = opt(10, "log training metrics every N steps")
     resume: Optional[PathText] = opt(
@@ -229,9 +240,7 @@ class FinetuneConfig:
         nargs="?",
         const="",
     )
-    device: Optional[str] = opt(
-        None, "cpu or cuda (default: cuda when available; under torchrun each rank uses cuda:LOCAL_RANK)"
-    )
+    device: Optional[str] = opt(None, f"{DEVICE_HELP}; under torchrun each rank uses cuda:LOCAL_RANK")
     threads: int = opt(0, THREADS_HELP)
     progress: bool = opt(True, "show a progress bar")
 
@@ -290,6 +299,10 @@ class FinetuneConfig:
             (self.eval_holdout >= 0, f"--eval-holdout must not be negative, got {self.eval_holdout}"),
             (self.eval_every >= 0, f"--eval-every must not be negative, got {self.eval_every}"),
             (self.save_every >= 0, f"--save-every must not be negative, got {self.save_every}"),
+            (
+                self.save_dtype in ("float16", "float32"),
+                f"--save-dtype must be float16 or float32, got {self.save_dtype!r}",
+            ),
             (self.keep_last >= 1, f"--keep-last must be at least 1, got {self.keep_last}"),
             (self.log_every >= 1, f"--log-every must be at least 1, got {self.log_every}"),
             (bool(self.output), "--output must name a directory"),
