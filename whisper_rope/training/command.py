@@ -9,13 +9,15 @@ import logging
 import os
 import sys
 import textwrap
+from pathlib import Path
 from typing import Optional, Sequence
 
 from ..options import add_dataclass_arguments, dataclass_from_args, standalone_main
 from .config import FinetuneConfig
-from .loop import finetune
+from .loop import finetune, finished_differences, finished_run
 from .recipes import RECIPES, recipe_defaults
 from .report import final_evaluation
+from .state import MODEL_FILE
 
 # The command's --help description, the same for `whisper-rope finetune` and `python -m whisper_rope.train`.
 DESCRIPTION = (
@@ -67,15 +69,16 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
 def run_finetune_cli(args: argparse.Namespace) -> int:
     """Run ``whisper-rope finetune`` from parsed arguments; returns the exit status."""
     config = config_from_args(args)
+    output = Path(config.output).expanduser()
+    if config.resume is None and finished_differences(output, config) == {}:  # nothing to train, nothing to load
+        step = finished_run(output)["step"]
+        print(f"{output} already holds this run, finished at step {step}; final model {output / MODEL_FILE}")
+        return 0
     rank = int(os.environ.get("RANK", "0") or 0)
     if rank == 0:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     result = finetune(config=config)
     if rank != 0:
-        return 0
-    if result.already_finished:
-        finished = f"{result.output} already holds this run, finished at step {result.steps}"
-        print(f"{finished}; final model {result.model_path}")
         return 0
     summary = f"trained {result.steps} steps; final model {result.model_path}"
     if result.best_wer is not None:

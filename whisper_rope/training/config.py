@@ -228,7 +228,8 @@ class FinetuneConfig:
     save_dtype: str = opt(
         "float16",
         "dtype of the weights in the model files (model.pt, best/, step-N/); float16 (like upstream's files) halves "
-        "them, and a step checkpoint's training state keeps in float32 what float16 rounds, so --resume stays exact",
+        "them, and a step checkpoint's training state keeps in float32 what float16 rounds, so --resume stays exact "
+        "(validation during the run scores the float32 weights)",
         choices=("float16", "float32"),
     )
     keep_last: int = opt(2, "step checkpoints to keep (the best-WER model is kept apart)")

@@ -349,13 +349,12 @@ def _prepare_output(config: FinetuneConfig, context: DistributedContext, recogni
 
 #: Settings that change neither what a run trains nor what it writes: a finished run that differs from a new
 #: command only in these is the same run.
-RUN_INDEPENDENT = {"resume", "progress", "num_workers", "threads", "device", "recipe"}
+RUN_INDEPENDENT = {"output", "resume", "progress", "num_workers", "threads", "device", "recipe"}
 
 
-def finished_differences(output: Path, config: FinetuneConfig) -> Optional[Dict[str, List[Any]]]:
-    """{setting: [the finished run's, this config's]} of the settings that differ from the finished run in
-    ``output`` ({} for the same run); None when ``output`` holds no finished run (no final model, or no log record
-    of its end)."""
+def finished_run(output: Path) -> Optional[Dict[str, Any]]:
+    """The log record of the end of the finished run in ``output`` (with its settings under ``config``), or None
+    when ``output`` holds no finished run (no final model, or no log record of its end)."""
     if not (output / MODEL_FILE).is_file():
         return None
     end = None
@@ -367,10 +366,16 @@ def finished_differences(output: Path, config: FinetuneConfig) -> Optional[Dict[
                     end = record
     except (OSError, ValueError):
         return None
-    stored = end.get("config") if end else None
-    if not isinstance(stored, dict):
+    return end if end is not None and isinstance(end.get("config"), dict) else None
+
+
+def finished_differences(output: Path, config: FinetuneConfig) -> Optional[Dict[str, List[Any]]]:
+    """{setting: [the finished run's, this config's]} of the settings that differ from the finished run in
+    ``output`` ({} for the same run); None when ``output`` holds no finished run."""
+    end = finished_run(output)
+    if end is None:
         return None
-    current = jsonable(asdict(config))
+    stored, current = end["config"], jsonable(asdict(config))
     return {
         key: [stored.get(key), current[key]]
         for key in sorted(current)
