@@ -157,6 +157,7 @@ class RunState:
     last_saved: Optional[Path] = None
     last_eval_step: Optional[int] = None
     last_save_step: Optional[int] = None
+    last_model_file: Optional[Tuple[int, Path]] = None  # (step, path) of the last model file this run wrote
     final_loss: Optional[float] = None
     window: Dict[str, float] = field(default_factory=dict)
     settings_history: List[Dict[str, Any]] = field(default_factory=list)  # [{"step", "changed": {key: [old, new]}}]
@@ -798,13 +799,13 @@ def _evaluate(run: RunState) -> None:
             run.best_wer, run.best_step = metrics["wer"], run.step
             best = run.output / "best"
             best.mkdir(exist_ok=True)
-            atomic_torch_save(_saved_model(run), best / MODEL_FILE)
+            run.last_model_file = (run.step, atomic_torch_save(_saved_model(run), best / MODEL_FILE))
             atomic_write_text(best / "metrics.json", json.dumps(jsonable({"step": run.step, **metrics}), indent=2))
     run.context.barrier()
 
 
 def _save(run: RunState) -> None:
-    same = _file_of_this_step(run)  # before last_save_step names this step
+    same = _file_of_this_step(run)
     run.last_save_step = run.step
     if run.context.is_main:
         state = {
@@ -828,6 +829,7 @@ def _save(run: RunState) -> None:
         state["exact_weights"] = rounded_weights(checkpoint["model_state_dict"], dtype)
         model = same if same is not None else cast_checkpoint(checkpoint, dtype)
         run.last_saved = save_step_checkpoint(run.output, run.step, model, state, run.config.keep_last)
+        run.last_model_file = (run.step, run.last_saved / MODEL_FILE)
         run.log.write({"event": "checkpoint", "step": run.step, "path": str(run.last_saved)})
     run.context.barrier()
 
@@ -838,17 +840,13 @@ def _saved_model(run: RunState) -> dict:
 
 
 def _file_of_this_step(run: RunState) -> Optional[Path]:
-    """A model file this run already wrote at the current step (best/, then the step checkpoint), or None: a later
-    file of the same weights links to it instead of holding another copy. A transplant's model changes between its
-    last step and the end (the schedule's final values), so it links nothing."""
-    if run.schedule is not None:
+    """A model file this run wrote at the current step (so in its --save-dtype), or None: a later file of the same
+    weights links to it instead of holding another copy. A transplant's model changes between its last step and
+    the end (the schedule's final values), so it links nothing."""
+    if run.schedule is not None or run.last_model_file is None:
         return None
-    candidates = []
-    if run.best_step == run.step:
-        candidates.append(run.output / "best" / MODEL_FILE)
-    if run.last_save_step == run.step and run.last_saved is not None:
-        candidates.append(run.last_saved / MODEL_FILE)
-    return next((path for path in candidates if path.is_file()), None)
+    step, path = run.last_model_file
+    return path if step == run.step and path.is_file() else None
 
 
 def _finish(run: RunState) -> FinetuneResult:
