@@ -331,7 +331,11 @@ def _prepare_output(config: FinetuneConfig, context: DistributedContext, recogni
             raise TrainingError(
                 f"output directory {str(config.output)!r} holds a finished run of other settings "
                 f"({_differences_text(finished)}): choose another --output"
-                + (", or pass --resume to continue its last step checkpoint" if step_checkpoints(output) else "")
+                + (
+                    ", or pass --resume to continue its last step checkpoint"
+                    if step_checkpoints(output)
+                    else " (it kept no step checkpoint to --resume from: --save-every N keeps one)"
+                )
             )
         recognised = finished == {} and recognise_finished
         if config.resume is None and not recognised and step_checkpoints(output):
