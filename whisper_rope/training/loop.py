@@ -503,7 +503,7 @@ def _resume(run: RunState, state: dict) -> None:
     changed = _changed_settings(run, state)
     weights = read_checkpoint(source / MODEL_FILE)["model_state_dict"]
     exact = state.get("exact_weights", {})  # absent from float32 checkpoints of earlier versions
-    if not isinstance(exact, dict) or not set(exact) <= set(weights):
+    if not (isinstance(exact, dict) and set(exact) <= set(weights) and all(map(torch.is_tensor, exact.values()))):
         raise TrainingError(
             f"training state {str(source / STATE_FILE)!r} has an unusable 'exact_weights' entry (expected float32 "
             f"weights named as in {MODEL_FILE})"
