@@ -126,3 +126,47 @@ def test_variants_subcommand_lists_presets(capsys):
     assert _run("variants") == 0
     out = capsys.readouterr().out
     assert "rotary/learned-sinusoidal" in out and "decoder schemes: learned, sinusoidal" in out
+
+
+def _subcommand_options(name: str):
+    """{dest: action} of a subcommand's options (its first flag's action per destination)."""
+    import argparse
+
+    parser = cli.build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    actions = {}
+    for action in subparsers.choices[name]._actions:
+        if action.option_strings and action.help != argparse.SUPPRESS:
+            actions.setdefault(action.dest, action)
+    return actions
+
+
+def test_an_option_shared_by_subcommands_has_one_meaning_and_one_default():
+    from whisper_rope.evaluation.compare import CompareConfig
+    from whisper_rope.training.config import FinetuneConfig
+    from whisper_rope.weights.loading import DEVICE_HELP, LoadOptions
+
+    commands = {name: _subcommand_options(name) for name in ("transcribe", "evaluate", "finetune", "compare")}
+    for name, options in commands.items():
+        assert options["device"].help.startswith(DEVICE_HELP), name  # cuda when available, in every subcommand
+        assert options["threads"].help == commands["transcribe"]["threads"].help, name
+    assert LoadOptions().device is None and CompareConfig().device is None and FinetuneConfig().device is None
+    finetune, compare = commands["finetune"], commands["compare"]
+    for dest in ("steps", "lr", "batch_size", "warmup_steps", "num_workers", "threads"):
+        assert compare[dest].help == finetune[dest].help, dest
+        assert getattr(CompareConfig(), dest) == getattr(FinetuneConfig(), dest), dest
+    assert "-o" in compare["output"].option_strings and "-o" in finetune["output"].option_strings
+
+
+def test_finetune_help_shows_the_options_each_recipe_sets(capsys):
+    from whisper_rope.training.recipes import RECIPES
+
+    with pytest.raises(SystemExit):
+        cli.main(["finetune", "--help"])
+    shown = capsys.readouterr().out
+    recipes = shown[shown.index("recipes: --recipe NAME sets these options") :]
+    assert "unpadded-rotary: --distill-only --ce-weight 0.0" in recipes
+    assert "--lr 0.0001" in recipes and "--lr 3e-05" in recipes and "--transplant-anneal-steps 300" in recipes
+    for name, recipe in RECIPES.items():
+        assert f"  {name}: " in recipes
+        assert f"--steps {recipe.defaults['steps']}" in recipes

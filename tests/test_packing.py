@@ -2,6 +2,7 @@
 gradients, for every positional combination; the fused-kernel dispatch gets the layout right."""
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -124,7 +125,8 @@ def test_finetune_with_packed_attention_trains_like_the_masked_batch(tmp_path, m
     losses, weights = [], []
     for packed in (False, True):
         out = tmp_path / ("packed" if packed else "masked")
-        finetune(config=quick_config(out, model=str(source), train=str(manifest), steps=3, packed_attention=packed))
+        config = quick_config(out, model=str(source), train=str(manifest), steps=3, packed_attention=packed)
+        finetune(config=replace(config, save_dtype="float32"))  # weights compared to 1e-4, below float16's step
         losses.append([r["loss"] for r in records(out, "train")])
         weights.append(state_dict_of(out / MODEL_FILE))
     assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], abs=1e-4)

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import whisper.utils
 
 import whisper_rope
 from whisper_rope import cli
@@ -177,3 +178,25 @@ def test_cli_batch_size_writes_the_same_files(tmp_path):
             _assert_same_results(ours, theirs)
         else:
             assert outputs[4][name] == text, name
+
+
+def test_cli_batched_verbose_output_names_each_file_in_input_order(tmp_path, capsys):
+    model_file = whisper_rope.save_checkpoint(random_rotary(), tmp_path / "rotary.pt")
+    # The longest clip first: batches decode shortest first, and the console must still follow the input order.
+    clips = sorted(SPEECH_CLIPS, key=lambda path: -len(load_audio(path)))[:1] + [FIXTURES / "hello.flac"]
+    assert len(load_audio(clips[0])) > len(load_audio(clips[1]))
+    out = tmp_path / "out"
+    status = cli.main(
+        [*map(str, clips), "--model", str(model_file), "--batch_size", "2", "--output_dir", str(out), "--fp16",
+         "False", "--beam_size", "2", "--temperature_increment_on_fallback", "None", "--output_format", "json"]
+    )  # fmt: skip
+    assert status == 0
+    printed = capsys.readouterr().out.splitlines()
+    expected = []
+    for clip in clips:
+        expected.append(f"{clip}:")
+        for segment in json.loads((out / f"{clip.stem}.json").read_text())["segments"]:
+            start, end = (whisper.utils.format_timestamp(segment[key]) for key in ("start", "end"))
+            expected.append(f"[{start} --> {end}] {segment['text']}")
+    assert len(expected) > 3  # each file printed some segments
+    assert printed == expected

@@ -155,7 +155,7 @@ def _run_transcribe(args: argparse.Namespace) -> int:
         loaded, failed = _load_batch(options.audio[start : start + options.batch_size])
         failures += failed
         try:
-            results = _transcribe_batch(model, [audio for _, audio in loaded], options)
+            results = _transcribe_batch(model, loaded, options)
         except (ValueError, OSError, RuntimeError) as error:
             failures += len(loaded)
             _report(", ".join(path for path, _ in loaded), error)
@@ -231,11 +231,14 @@ def _load_batch(paths: Sequence[str]) -> Tuple[List[Tuple[str, np.ndarray]], int
     return loaded, failed
 
 
-def _transcribe_batch(model: WhisperRope, waveforms: List[np.ndarray], options: TranscribeOptions) -> List[dict]:
+def _transcribe_batch(
+    model: WhisperRope, loaded: List[Tuple[str, np.ndarray]], options: TranscribeOptions
+) -> List[dict]:
     kwargs = options.transcribe_kwargs()
     if options.batch_size == 1:
-        return [model.transcribe(audio, **kwargs) for audio in waveforms]  # upstream's, after warn_outside
-    return transcribe_many(model, waveforms, options.batch_size, **kwargs)
+        return [model.transcribe(audio, **kwargs) for _, audio in loaded]  # upstream's, after warn_outside
+    paths, waveforms = [path for path, _ in loaded], [audio for _, audio in loaded]
+    return transcribe_many(model, waveforms, options.batch_size, names=paths, **kwargs)
 
 
 def _report(what: str, error: BaseException) -> None:

@@ -33,7 +33,7 @@ from whisper.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE
 from whisper.decoding import DecodingOptions, DecodingResult
 from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
 from whisper.transcribe import transcribe as upstream_transcribe
-from whisper.utils import optional_float, optional_int
+from whisper.utils import format_timestamp, make_safe, optional_float, optional_int
 
 from .adapted_lengths import warn_outside
 from .audio import load_audio
@@ -71,6 +71,8 @@ def transcribe_many(
     model: WhisperRope,
     audio: Sequence[AudioInput],
     batch_size: int = 8,
+    *,
+    names: Optional[Sequence[str]] = None,
     **transcribe_options: Any,
 ) -> List[dict]:
     """Transcribe several clips, decoding the clips of at most 30 s in batches, and the speech chunks of longer
@@ -82,7 +84,10 @@ def transcribe_many(
         batch_size: clips per ``model.decode`` call.
         transcribe_options: every keyword of upstream's `transcribe` (``temperature``, ``word_timestamps``,
             ``initial_prompt``, ``verbose``, ...) and of `DecodingOptions` (``language``, ``beam_size``, ``fp16``, ...),
-            with upstream's defaults and meanings.
+            with upstream's defaults and meanings. ``verbose=True`` prints each input's segments as upstream does,
+            after a line naming the input, in input order once its read-ahead group of clips is decoded (batches
+            finish in length order).
+        names: what verbose output calls each input (default: its path, or ``audio N`` for a waveform).
 
     Returns one upstream result dict per input, in input order: ``text``, ``segments`` (each with ``id``, ``seek``,
     ``start``, ``end``, ``text``, ``tokens``, ``temperature``, ``avg_logprob``, ``compression_ratio``,
@@ -92,6 +97,8 @@ def transcribe_many(
         raise ValueError(f"batch_size must be a positive number of clips, got {batch_size}")
     results: List[Optional[dict]] = [None] * len(audio)
     batchable = whole_audio(transcribe_options)
+    verbose = transcribe_options.get("verbose")
+    transcribe_options = {**transcribe_options, "verbose": None}  # printed below, in input order
     chunk = batch_size * _SORTED_BATCHES
     for start in range(0, len(audio), chunk):
         clips: List[_Clip] = []
@@ -109,7 +116,23 @@ def transcribe_many(
                 results[index] = upstream_transcribe(model, waveform, **transcribe_options)
         recordings.transcribe()
         _transcribe_clips(model, clips, batch_size, transcribe_options, results)
+        for index in range(start, min(start + chunk, len(audio))) if verbose else ():
+            _print_result(_name(audio, names, index), results[index])
     return results
+
+
+def _name(audio: Sequence[AudioInput], names: Optional[Sequence[str]], index: int) -> str:
+    if names is not None:
+        return names[index]
+    return os.fspath(audio[index]) if isinstance(audio[index], (str, os.PathLike)) else f"audio {index}"
+
+
+def _print_result(name: str, result: dict) -> None:
+    """Upstream's verbose lines of one result's segments, after a line naming its input."""
+    print(make_safe(f"{name}:"))
+    for segment in result["segments"]:
+        start, end = format_timestamp(segment["start"]), format_timestamp(segment["end"])
+        print(make_safe(f"[{start} --> {end}] {segment['text']}"))
 
 
 @dataclass

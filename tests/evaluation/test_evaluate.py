@@ -227,6 +227,7 @@ def test_training_and_evaluate_report_the_same_wer_for_the_same_model_data_and_o
         progress=False,
         device="cpu",
         threads=1,
+        save_dtype="float32",  # the model validation scored, as it is
     )
     finetune(config=config)
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]

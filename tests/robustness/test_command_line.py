@@ -154,7 +154,7 @@ def test_help_shows_each_default_once(subcommand):
              if len(re.findall(r"default", entry, re.IGNORECASE)) > 1}  # fmt: skip
     assert not twice, twice
     if subcommand == "compare":
-        for option, default in (("--steps", "200"), ("--lr", "0.0001"), ("--output", "compare-output")):
+        for option, default in (("--steps", "1000"), ("--lr", "1e-05"), ("--output", "compare-output")):  # finetune's
             assert re.search(rf"default:? {re.escape(default)}", help_entries(subcommand)[option]), option
 
 

@@ -152,6 +152,15 @@ DAMAGES = {
     "no RNG state": lambda marker: lambda state: {k: v for k, v in state.items() if k != "rng"},
     "a list instead of a dict": lambda marker: lambda state: [state["step"]],
     "truncated": lambda marker: lambda state: b"PK\x03\x04" + b"\x00" * 64,
+    "float32 weights of another model": lambda marker: (
+        lambda state: {**state, "exact_weights": {"no.such": state["step"]}}
+    ),
+    "float32 weights that are not tensors": lambda marker: (
+        lambda state: {
+            **state,
+            "exact_weights": dict.fromkeys(state["exact_weights"], "a string"),
+        }
+    ),
 }
 
 

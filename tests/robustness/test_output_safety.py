@@ -150,13 +150,18 @@ def test_finetune_refuses_an_output_directory_holding_files_it_did_not_write(tmp
 
 def test_finetune_into_a_new_directory_then_resume_still_works(tmp_path, speech_pt):
     out = tmp_path / "out"
-    first = command("finetune", "--model", speech_pt, "--output", out, "--train", MANIFEST, *FINETUNE_FAST)
+    saving = ("--save-every", "1")
+    first = command("finetune", "--model", speech_pt, "--output", out, "--train", MANIFEST, *FINETUNE_FAST, *saving)
     assert first.returncode == 0, first.stderr
-    fresh_again = command("finetune", "--model", speech_pt, "--output", out, "--train", MANIFEST, *FINETUNE_FAST)
-    assert fresh_again.returncode == 2
-    one_error_line(fresh_again.stderr, "--resume")
+    same_again = command("finetune", "--model", speech_pt, "--output", out, "--train", MANIFEST, *FINETUNE_FAST,
+                         *saving)  # fmt: skip
+    assert same_again.returncode == 0 and "already holds this run, finished at step 1" in same_again.stdout
+    other_lr = command("finetune", "--model", speech_pt, "--output", out, "--train", MANIFEST, *FINETUNE_FAST,
+                       *saving, "--lr", "1e-3")  # fmt: skip
+    assert other_lr.returncode == 2
+    one_error_line(other_lr.stderr, "--resume")
     resumed = command("finetune", "--model", speech_pt, "--output", out, "--train", MANIFEST, "--resume",
-                      *FINETUNE_FAST[:-2], "--steps", "2")  # fmt: skip
+                      *FINETUNE_FAST[:-2], *saving, "--steps", "2")  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
     assert (out / "step-0000002").is_dir()
 

@@ -19,6 +19,7 @@ from .commands import MANIFEST, SPEECH_DIMS, command, save_model
 FAST_TRANSCRIBE = ("--output_format", "txt", "--fp16", "False", "--verbose", "False", "--beam_size", "None",
                    "--best_of", "None", "--temperature_increment_on_fallback", "None")  # fmt: skip
 FAST_RUN = ("--steps", "1", "--batch-size", "2", "--num-workers", "0", "--no-progress", "--warmup-steps", "0")
+SAVING = ("--save-every", "1")  # a step checkpoint to --resume from
 
 
 @pytest.fixture
@@ -47,11 +48,11 @@ def _no_literal_tilde(user: dict) -> None:
 def test_finetune_takes_a_relative_folder_and_home_paths_everywhere(user):
     run = dict(cwd=user["cwd"], home=user["home"])
     first = command("finetune", "--model", "~/m.pt", "--train", "my data/audio", "--eval", "~/clips.jsonl",
-                    "--output", "~/runs/first", *FAST_RUN, **run)  # fmt: skip
+                    "--output", "~/runs/first", *FAST_RUN, *SAVING, **run)  # fmt: skip
     assert first.returncode == 0, first.stderr
     assert (user["home"] / "runs" / "first" / "model.pt").is_file()
     resumed = command("finetune", "--model", "~/m.pt", "--train", "~/clips", "--resume", "~/runs/first",
-                      "--output", "~/runs/first", *FAST_RUN[2:], "--steps", "2", **run)  # fmt: skip
+                      "--output", "~/runs/first", *FAST_RUN[2:], "--steps", "2", *SAVING, **run)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
     assert (user["home"] / "runs" / "first" / "step-0000002").is_dir()
     _no_literal_tilde(user)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from tests.conftest import FIXTURES, randomise_, small_dims
 from whisper_rope import build_model, load_model, save_checkpoint
 from whisper_rope.data import IGNORE_INDEX, Collator, load_examples
 from whisper_rope.errors import TrainingError
+from whisper_rope.outputs import LOCK_FILE
 from whisper_rope.training.command import add_finetune_arguments, config_from_args, main
 from whisper_rope.training.config import FinetuneConfig
 from whisper_rope.training.loop import CURVES_FILE, LOG_FILE, finetune
@@ -128,7 +130,9 @@ def test_training_writes_loadable_checkpoints_logs_and_curves(overfit):
 
     reloaded = load_model(output / MODEL_FILE, device="cpu")
     assert reloaded.unpadded is True  # trained unpadded: transcribe drops the 30-s padding
-    assert max_difference(reloaded.state_dict(), result.model.state_dict()) == 0.0
+    as_float16 = {k: v.half().float() for k, v in result.model.state_dict().items()}  # --save-dtype float16
+    assert max_difference(reloaded.state_dict(), as_float16) == 0.0
+    assert max_difference(reloaded.state_dict(), result.model.state_dict()) > 0.0
     assert (output / CURVES_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert records(output, "start")[0]["unpadded"] is True
 
@@ -145,6 +149,84 @@ def test_transcribing_the_saved_model_through_upstream_decode_gives_the_trained_
     mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(audio))
     decoded = model.decode(mel, DecodingOptions(language="en", without_timestamps=True, fp16=False))
     assert decoded.text.strip() == row["text"]
+
+
+def _unique_bytes(folder: Path, pattern: str) -> int:
+    """Bytes on disk of the files under ``folder`` matching ``pattern``, a hard-linked file counted once."""
+    inodes = {p.stat().st_ino: p.stat().st_size for p in folder.rglob(pattern) if p.is_file()}
+    return sum(inodes.values())
+
+
+def test_a_run_folder_holds_one_float16_copy_of_the_final_model_and_the_disk_it_needs_is_logged(tmp_path, caplog):
+    manifest = write_manifest(tmp_path / "two.jsonl", ROWS[:2])
+    output = tmp_path / "run"
+    model = build_model(small_dims(), "rotary")
+    # As a recipe runs: evaluation at the end only (best/ is the final model), --save-every 0.
+    with caplog.at_level("INFO", logger="whisper_rope"):
+        result = finetune(model, manifest, manifest, quick_config(output, steps=2))
+    assert not list(output.glob("step-*"))
+    final = output / MODEL_FILE
+    assert (output / "best" / MODEL_FILE).stat().st_ino == final.stat().st_ino  # a hard link, not a copy
+    assert _unique_bytes(output, "*.pt") == final.stat().st_size
+    assert {t.dtype for t in state_dict_of(final).values()} == {torch.float16}
+    float32_file = save_checkpoint(result.model, tmp_path / "float32.pt")
+    assert final.stat().st_size < 0.52 * float32_file.stat().st_size
+    estimate = records(output, "start")[0]["disk_bytes"]
+    assert estimate["model"] == pytest.approx(final.stat().st_size, rel=0.02)
+    assert estimate["step_checkpoints"] == 0 and estimate["best"] is True
+    logged = [r.getMessage() for r in caplog.records if "this run needs up to" in r.getMessage()]
+    assert logged and "model.pt 7 MB (float16)" in logged[0], logged
+
+
+def test_step_checkpoints_link_the_model_files_of_their_step_and_the_estimate_matches_their_size(tmp_path):
+    manifest = write_manifest(tmp_path / "two.jsonl", ROWS[:2])
+    output = tmp_path / "run"
+    config = quick_config(output, steps=3, save_every=2, eval_every=2, save_dtype="float32")
+    finetune(build_model(small_dims(), "rotary"), manifest, manifest, config)
+    assert sorted(p.name for p in output.glob("step-*")) == ["step-0000002", "step-0000003"]  # every 2 and the end
+    final = output / MODEL_FILE
+    assert (output / "step-0000003" / MODEL_FILE).stat().st_ino == final.stat().st_ino
+    assert {t.dtype for t in state_dict_of(final).values()} == {torch.float32}
+    state = output / "step-0000003" / STATE_FILE
+    assert torch.load(state, weights_only=True)["exact_weights"] == {}  # float32 files hold the exact weights
+    estimate = records(output, "start")[0]["disk_bytes"]
+    # A float32 run's state holds the two AdamW moments of every trained weight, and no rounded weights.
+    assert estimate["state"] == pytest.approx(state.stat().st_size, rel=0.02)
+    assert estimate["model"] == pytest.approx(final.stat().st_size, rel=0.02)
+    models = {p.stat().st_ino for p in output.rglob(MODEL_FILE)}
+    assert len(models) <= 3  # step 2 (linked to best/ when step 2 was best), step 3 = model.pt, best/
+
+
+def _written(output: Path):
+    """{file: modification time} of a run's files (the lock file, rewritten by every claim, left out)."""
+    return {p: p.stat().st_mtime_ns for p in output.rglob("*") if p.is_file() and p.name != LOCK_FILE}
+
+
+def test_an_identical_finished_run_is_recognised_and_one_of_other_settings_refused(tmp_path, capsys):
+    manifest = write_manifest(tmp_path / "two.jsonl", ROWS[:2])
+    source = tmp_path / "source.pt"
+    save_checkpoint(build_model(small_dims(), "rotary"), source)
+    output = tmp_path / "run"
+    command = ["--model", str(source), "--train", str(manifest), "--output", str(output), "--steps", "2",
+               "--batch-size", "2", "--num-workers", "0", "--no-progress", "--device", "cpu",
+               "--save-every", "1"]  # fmt: skip
+    assert main(command) == 0
+    first = capsys.readouterr().out
+    assert "trained 2 steps" in first
+    before = _written(output)
+    assert main([*command, "--threads", "1"]) == 0  # the same run; threads change nothing it writes
+    again = capsys.readouterr()
+    assert (
+        again.out.strip() == f"{output} already holds this run, finished at step 2; final model {output / MODEL_FILE}"
+    )
+    assert _written(output) == before  # nothing rewritten
+    assert main([*command, "--steps", "3"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.endswith(
+        "holds a finished run of other settings (--steps 2 there, 3 now): choose another --output, or pass --resume "
+        "to continue its last step checkpoint"
+    )
+    assert _written(output) == before
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -169,6 +251,10 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     )
     straight = finetune(config=quick_config(tmp_path / "straight", save_every=2, keep_last=5, **settings))
     assert straight.steps == 4
+    step_two = tmp_path / "straight" / "step-0000002"
+    assert {t.dtype for t in state_dict_of(step_two / MODEL_FILE).values()} == {torch.float16}
+    exact = torch.load(step_two / STATE_FILE, weights_only=True)["exact_weights"]
+    assert exact and {t.dtype for t in exact.values()} == {torch.float32}  # what float16 rounds, kept for resume
     interrupted = tmp_path / "interrupted"
     shutil.copytree(tmp_path / "straight" / "step-0000002", interrupted / "step-0000002")
     resumed = finetune(config=quick_config(interrupted, resume=str(interrupted), **settings))
@@ -206,7 +292,7 @@ def test_resume_refuses_another_variant_or_model_size(tmp_path, capsys):
     manifest = write_manifest(tmp_path / "two.jsonl", ROWS[:2])
     source = tmp_path / "source.pt"
     save_checkpoint(build_model(small_dims(), "rotary"), source)
-    finetune(config=quick_config(tmp_path / "run", model=str(source), train=str(manifest), steps=1))
+    finetune(config=quick_config(tmp_path / "run", model=str(source), train=str(manifest), steps=1, save_every=1))
     common = [
         "--train",
         str(manifest),
@@ -229,7 +315,9 @@ def test_resume_refuses_another_variant_or_model_size(tmp_path, capsys):
     assert "different model size (n_text_ctx differ" in capsys.readouterr().err
     # A fresh run must not mix its checkpoints into another run's directory.
     assert main(["--model", str(source), *common[:4], "--batch-size", "2", "--no-progress"]) == 2
-    assert "already holds checkpoints of another run" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "holds a finished run of other settings (" in error and "--lr 0.001 there, 1e-05 now" in error
+    assert error.strip().endswith("choose another --output, or pass --resume to continue its last step checkpoint")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -243,7 +331,8 @@ from whisper_rope.training.command import main
 dist.init_process_group("gloo")  # finetune joins the existing group (two runs in one torchrun)
 model, train, out = sys.argv[1:4]
 common = ["--model", model, "--train", train, "--steps", "3", "--batch-size", "2", "--lr", "1e-3",
-          "--warmup-steps", "0", "--num-workers", "0", "--no-progress", "--device", "cpu", "--log-every", "1"]
+          "--warmup-steps", "0", "--num-workers", "0", "--no-progress", "--device", "cpu", "--log-every", "1",
+          "--save-dtype", "float32"]  # weights compared to 1e-6 below
 if main(common + ["--output", out + "/straight", "--save-every", "1", "--keep-last", "3"]):
     sys.exit(1)
 if dist.get_rank() == 0:
@@ -291,7 +380,8 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     ]
     _run_launcher(command, env)
 
-    single = finetune(config=quick_config(tmp_path / "single", model=str(source), train=str(manifest), steps=3))
+    single_config = quick_config(tmp_path / "single", model=str(source), train=str(manifest), steps=3)
+    single = finetune(config=replace(single_config, save_dtype="float32"))
     ddp = tmp_path / "ddp" / "straight"
     # Each rank pads its clip only to its own length; masking makes that invisible up to rounding.
     assert max_difference(state_dict_of(ddp / MODEL_FILE), state_dict_of(single.output / MODEL_FILE)) < 1e-5
@@ -311,7 +401,7 @@ model, train, out, cache = sys.argv[1:5]
 sys.exit(main(["--model", model, "--variant", "rotary/learned", "--train", train, "--steps", "2", "--batch-size", "2",
                "--lr", "1e-3", "--warmup-steps", "0", "--num-workers", "0", "--no-progress", "--device", "cpu",
                "--log-every", "1", "--distill-only", "--ce-weight", "0", "--distill-decoder-layers", "1",
-               "--distill-encoder-weight", "1", "--teacher-cache", cache, "--output", out]))
+               "--distill-encoder-weight", "1", "--teacher-cache", cache, "--output", out, "--save-dtype", "float32"]))
 """
 
 
@@ -340,6 +430,7 @@ def test_label_free_state_distillation_under_two_gloo_processes_matches_one_proc
             distill_decoder_layers=1.0,
             distill_encoder_weight=1.0,
             teacher_cache=str(tmp_path / "cache"),
+            save_dtype="float32",
         )
     )
     ddp = records(tmp_path / "ddp", "train")
@@ -653,7 +744,7 @@ def test_a_damaged_or_hostile_training_state_is_refused_naming_the_file(tmp_path
 def test_a_resumed_run_sweeps_only_its_own_temporary_files_left_by_writes_cut_short(tmp_path):
     manifest = write_manifest(tmp_path / "two.jsonl", ROWS[:2])
     output = tmp_path / "run"
-    finetune(build_model(small_dims(), "rotary"), manifest, None, quick_config(output, steps=1))
+    finetune(build_model(small_dims(), "rotary"), manifest, None, quick_config(output, steps=1, save_every=1))
     best = output / "best"
     best.mkdir(exist_ok=True)
     strays = [output / ".model.pt.k1ll3d0q.tmp", best / ".model.pt.x_7abc12.tmp", best / ".metrics.json.0000abcd.tmp"]

@@ -31,22 +31,23 @@ import os
 import re
 import statistics
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import torch
 import whisper
 
 from ..atomic import atomic_write, atomic_write_text
 from ..files import user_path
-from ..option_checks import BATCH, LEARNING_RATE, SEED, WORKERS, check_bounds
+from ..option_checks import BATCH, SEED, check_bounds
 from ..options import Bounds, NamedPath, PathText, add_dataclass_arguments, dataclass_from_args, opt
 from ..outputs import claim_directory, refuse_overlap, temporary_of
-from ..training.config import AT_LEAST_ONE_STEP, STEPS, FinetuneConfig
+from ..training.config import FinetuneConfig
 from ..training.loop import finetune
 from ..training.state import step_checkpoints
 from ..variants import parse_variant
-from ..weights.loading import load_model
+from ..weights.loading import DEVICE_HELP, load_model
 from .evaluate import CAP_FACTOR, EvaluationOptions, evaluate
 from .metrics import length_bucket_table
 
@@ -55,10 +56,18 @@ RUN_FLAGS = ("distill", "transplant", "unpadded")
 TRAINING_SETTINGS = ("model", "train", "steps", "lr", "batch_size", "warmup_steps", "transplant_fraction")
 EVALUATION_SETTINGS = ("eval_batch_size", "cap_factor")
 #: `CompareConfig` fields that every run's `FinetuneConfig` takes as they are.
-FINETUNE_SETTINGS = ("model", "train", "steps", "lr", "batch_size", "warmup_steps", "device", "num_workers", "progress")
+FINETUNE_SETTINGS = ("model", "train", "steps", "lr", "batch_size", "warmup_steps", "device", "threads", "num_workers",
+                     "progress")  # fmt: skip
 #: Every name `compare` writes into its --output.
 COMPARE_FILES = ("config.json", "before.json", "runs", "results.csv", "results.md", "wer_per_set.png",
                  "loss_curves.png", "cost.png")  # fmt: skip
+
+
+def finetune_option(name: str) -> Any:
+    """A `CompareConfig` field declared as `FinetuneConfig`'s field ``name``: one default, one help text, one meaning
+    for the option in ``finetune`` and ``compare``."""
+    declared = next(f for f in fields(FinetuneConfig) if f.name == name)
+    return field(default=declared.default, metadata=declared.metadata)
 
 
 @dataclass(frozen=True)
@@ -115,11 +124,15 @@ class CompareConfig:
         "e.g. in-domain=in.jsonl retained=ret.jsonl",
         nargs="+",
     )
-    output: PathText = opt("compare-output", "output directory")
-    steps: int = opt(200, "optimizer steps per run", bounds=AT_LEAST_ONE_STEP)
-    lr: float = opt(1e-4, "peak learning rate per run", bounds=LEARNING_RATE)
-    batch_size: int = opt(8, "clips per optimizer step", bounds=BATCH)
-    warmup_steps: int = opt(20, "learning-rate warm-up steps", bounds=STEPS)
+    output: PathText = opt(
+        "compare-output",
+        "output directory: the reports, and each run's fine-tune in runs/; new, empty or an earlier comparison's",
+        flags=["-o"],
+    )
+    steps: int = finetune_option("steps")
+    lr: float = finetune_option("lr")
+    batch_size: int = finetune_option("batch_size")
+    warmup_steps: Optional[int] = finetune_option("warmup_steps")
     seeds: List[int] = opt(
         [0],
         "seeds; each run is trained once per seed (two or more give mean ± std)",
@@ -134,8 +147,9 @@ class CompareConfig:
         "transplant runs anneal the tables and open the gates over this fraction of the steps",
         bounds=Bounds.reals(0, 1, low_open=True),
     )
-    device: Optional[str] = opt(None, "cpu or cuda (default: cuda when available)")
-    num_workers: int = opt(2, "audio-decoding processes while training", bounds=WORKERS)
+    device: Optional[str] = opt(None, DEVICE_HELP)
+    threads: int = finetune_option("threads")
+    num_workers: int = finetune_option("num_workers")
     progress: bool = opt(True, "show progress bars")
 
     def run_specs(self) -> List[RunSpec]:
@@ -167,6 +181,7 @@ class CompareConfig:
         if not self.runs or not self.seeds:
             raise ValueError("compare needs at least one run and one seed")
         self.run_specs()
+        FinetuneConfig(**{name: getattr(self, name) for name in FINETUNE_SETTINGS}, output=self.output).validate()
         return self
 
 
@@ -338,6 +353,16 @@ def compare(config: CompareConfig) -> Dict[str, Any]:
     its evaluations only when the evaluation settings are too; the reports show only this configuration's results.
     """
     config.validate()
+    threads = torch.get_num_threads()
+    if config.threads > 0:  # the evaluations' threads; each fine-tune sets (and restores) its own
+        torch.set_num_threads(config.threads)
+    try:
+        return _compare(config)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compare(config: CompareConfig) -> Dict[str, Any]:
     output = user_path(config.output)
     inputs = {"--model": config.model, "--train": config.train}
     refuse_overlap(output, {**inputs, **{f"--eval {n}": p for n, p in config.eval_sets().items()}}, "--output")

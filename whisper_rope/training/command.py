@@ -8,13 +8,16 @@ import argparse
 import logging
 import os
 import sys
+import textwrap
+from pathlib import Path
 from typing import Optional, Sequence
 
 from ..options import add_dataclass_arguments, dataclass_from_args, standalone_main
 from .config import FinetuneConfig
-from .loop import finetune
-from .recipes import recipe_defaults
+from .loop import finetune, finished_differences, finished_run
+from .recipes import RECIPES, recipe_defaults
 from .report import final_evaluation
+from .state import MODEL_FILE
 
 # The command's --help description, the same for `whisper-rope finetune` and `python -m whisper_rope.train`.
 DESCRIPTION = (
@@ -25,8 +28,36 @@ DESCRIPTION = (
 
 def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add one option per `FinetuneConfig` field: ``--batch-size`` (also ``--batch_size``); booleans as
-    ``--flag``/``--no-flag``. Unset options parse as None (the recipe's or the field's default applies)."""
+    ``--flag``/``--no-flag``. Unset options parse as None (the recipe's or the field's default applies). The help
+    ends with the options each ``--recipe`` sets."""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # the recipes below keep their lines
+    if parser.description:
+        parser.description = textwrap.fill(" ".join(parser.description.split()), _HELP_WIDTH)
+    parser.epilog = recipes_help()
     return add_dataclass_arguments(parser, FinetuneConfig, defaults=False)
+
+
+_HELP_WIDTH = 100
+
+
+def recipes_help() -> str:
+    """Each recipe as the options it sets, for ``finetune --help``."""
+    lines = ["recipes: --recipe NAME sets these options (an option given on the command line wins):"]
+    for name, recipe in RECIPES.items():
+        options = " ".join(_as_option(key, value) for key, value in recipe.defaults.items())
+        text = textwrap.fill(f"{name}: {options}", _HELP_WIDTH, initial_indent="  ", subsequent_indent="    ")
+        lines.append(text.replace(_KEEP_TOGETHER, " "))
+    return "\n".join(lines)
+
+
+_KEEP_TOGETHER = "\xa0"  # joins an option to its value: textwrap breaks lines only at ASCII whitespace
+
+
+def _as_option(name: str, value) -> str:
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else "--no-" + flag[2:]
+    return f"{flag}{_KEEP_TOGETHER}{value}"
 
 
 def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
@@ -39,6 +70,11 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
 def run_finetune_cli(args: argparse.Namespace) -> int:
     """Run ``whisper-rope finetune`` from parsed arguments; returns the exit status."""
     config = config_from_args(args)
+    output = Path(config.output).expanduser()
+    if config.resume is None and finished_differences(output, config) == {}:  # nothing to train, nothing to load
+        step = finished_run(output)["step"]
+        print(f"{output} already holds this run, finished at step {step}; final model {output / MODEL_FILE}")
+        return 0
     rank = int(os.environ.get("RANK", "0") or 0)
     if rank == 0:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")

@@ -17,7 +17,7 @@ from ..option_checks import (
 )
 from ..options import Bounds, PathText, opt
 from ..positional import ROTARY_THETA
-from ..weights.loading import ROTARY_THETA_HELP, THREADS_HELP
+from ..weights.loading import DEVICE_HELP, ROTARY_THETA_HELP, THREADS_HELP
 from .optim import check_policy
 from .recipes import RECIPES, recipe_defaults
 from .transplant import transplant_start_variant
@@ -35,6 +35,7 @@ BOOKKEEPING = {
     "steps",
     "progress",
     "save_every",
+    "save_dtype",
     "keep_last",
     "log_every",
     "eval_every",
@@ -282,7 +283,19 @@ class FinetuneConfig:
     )
     eval_every: int = opt(0, "evaluate every N steps (0: only at the end)", bounds=STEPS)
     eval_at_start: bool = opt(False, "also evaluate before the first step (a baseline)")
-    save_every: int = opt(0, "write a checkpoint every N steps (0: only at the end)", bounds=STEPS)
+    save_every: int = opt(
+        0,
+        "write a step checkpoint (step-N/: the model and the training state that --resume continues from) every N "
+        "steps and at the last step (0: none; the run writes only model.pt and best/)",
+        bounds=STEPS,
+    )
+    save_dtype: str = opt(
+        "float16",
+        "dtype of the weights in the model files (model.pt, best/, step-N/); float16 (like upstream's files) halves "
+        "them, and a step checkpoint's training state keeps in float32 what float16 rounds, so --resume stays exact "
+        "(validation during the run scores the float32 weights)",
+        choices=("float16", "float32"),
+    )
     keep_last: int = opt(2, "step checkpoints to keep (the best-WER model is kept apart)", bounds=AT_LEAST_ONE_STEP)
     log_every: int = opt(10, "log training metrics every N steps", bounds=AT_LEAST_ONE_STEP)
     resume: Optional[PathText] = opt(
@@ -292,9 +305,7 @@ class FinetuneConfig:
         nargs="?",
         const="",
     )
-    device: Optional[str] = opt(
-        None, "cpu or cuda (default: cuda when available; under torchrun each rank uses cuda:LOCAL_RANK)"
-    )
+    device: Optional[str] = opt(None, f"{DEVICE_HELP}; under torchrun each rank uses cuda:LOCAL_RANK")
     threads: int = opt(0, THREADS_HELP, bounds=THREADS)
     progress: bool = opt(True, "show a progress bar")
 

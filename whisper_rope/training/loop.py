@@ -9,13 +9,17 @@ DistributedDataParallel.
 Output directory::
 
     model.pt                 the final model, our checkpoint format (``whisper_rope.load_model`` reads it)
-    step-0000500/            every --save-every steps and at the end; the last --keep-last are kept
+    step-0000500/            with --save-every N: every N steps and at the end; the last --keep-last are kept
         model.pt             the model at that step
-        training_state.pt    optimizer, LR scheduler, grad scaler, step, RNG states, sampler position, config
+        training_state.pt    optimizer, LR scheduler, grad scaler, step, RNG states, sampler position, config, and
+                             the float32 weights that model.pt's dtype rounds
     best/model.pt            the model with the lowest evaluation WER so far (best/metrics.json says which)
     train_log.jsonl          every logged metric, one JSON object per line
     training_curves.png      loss and WER curves, drawn at the end
 
+Model files hold their weights in ``--save-dtype`` (float16 by default, like upstream's checkpoints). Files that
+hold the same weights (the final model, the best model found at the last step, the last step's model) are hard links
+to one file, so a run's folder holds one copy of the final model; the disk a run needs is logged at its start.
 Every file is written atomically (a temporary file, fsynced, renamed), and a step directory only appears once both
 of its files are complete, so a crash at any moment leaves the previous checkpoint loadable. Every ``.pt`` file
 holds only tensors and plain data: ``torch.load(path, weights_only=True)`` reads it.
@@ -53,6 +57,7 @@ from ..weights.format import read_checkpoint
 from ..weights.loading import checkpoint_dict, load_model
 from .config import BOOKKEEPING, FIXED_ON_RESUME, FinetuneConfig
 from .distributed import DistributedContext, from_environment
+from .footprint import disk_estimate
 from .holdout import (
     HOLDOUT_MANIFEST,
     ROW_FIELDS,
@@ -79,13 +84,17 @@ from .pipeline import Pipeline, build_pipeline, prepare_batch, teacher_cache
 from .report import JSON_FILE, TABLE_FILE
 from .state import (
     MODEL_FILE,
+    SAVE_DTYPES,
     STAGING_DIR,
     STATE_FILE,
     STEP_DIR,
+    cast_checkpoint,
+    link_or_copy,
     read_training_state,
     resolve_resume,
     restore_entry,
     rng_state,
+    rounded_weights,
     save_step_checkpoint,
     set_rng_state,
     step_checkpoints,
@@ -123,6 +132,7 @@ class FinetuneResult:
     best_step: Optional[int]
     history: List[Dict[str, Any]]
     skipped_rows: Dict[str, List[str]]
+    already_finished: bool = False  # the output held this run, finished: nothing was trained
 
 
 @dataclass
@@ -157,6 +167,7 @@ class RunState:
     last_saved: Optional[Path] = None
     last_eval_step: Optional[int] = None
     last_save_step: Optional[int] = None
+    last_model_file: Optional[Tuple[int, Path]] = None  # (step, path) of the last model file this run wrote
     final_loss: Optional[float] = None
     window: Dict[str, float] = field(default_factory=dict)
     settings_history: List[Dict[str, Any]] = field(default_factory=list)  # [{"step", "changed": {key: [old, new]}}]
@@ -211,7 +222,9 @@ def finetune(
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     try:
-        with _prepare_output(config, context) as claim:
+        with _prepare_output(config, context, recognise_finished=model is None) as claim:
+            if model is None and config.resume is None and finished_differences(claim.path, config) == {}:
+                return _finished_result(config, claim.path, context)
             return _run(model, train, eval, config, teacher, context, claim.path)
     finally:
         torch.set_num_threads(threads)
@@ -237,7 +250,7 @@ def _run(model, train, eval, config: FinetuneConfig, teacher, context: Distribut
             _after_step(run, grad_norm, lr, progress)
         if run.pipeline.eval_set is not None and run.last_eval_step != run.step:
             _evaluate(run)
-        if run.last_save_step != run.step:
+        if config.save_every and run.last_save_step != run.step:
             _save(run)
     progress.close()
     return _finish(run)
@@ -313,13 +326,15 @@ def _optimisation(
     return optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=use_scaler), autocast_dtype
 
 
-def _prepare_output(config: FinetuneConfig, context: DistributedContext) -> DirectoryClaim:
+def _prepare_output(config: FinetuneConfig, context: DistributedContext, recognise_finished: bool) -> DirectoryClaim:
     """The output directory, claimed and locked for this run (on rank 0; the other ranks get an unlocked claim).
 
     Refused before anything is written: an output that is or holds --model, --train or --eval; a directory of files
-    this command did not write, or of another command's; one another run is using; one holding checkpoints when
-    --resume was not given. Only this run's own leftovers (a staging directory, its atomic writes' temporary files)
-    are swept, and a fresh start in a directory of an earlier run that never saved starts its log afresh.
+    this command did not write, or of another command's; one another run is using; without --resume, one holding a
+    finished run of other settings or step checkpoints. A finished run of the same settings is kept as it is when
+    ``recognise_finished`` (the caller returns it). Only this run's own leftovers (a staging directory, its atomic
+    writes' temporary files) are swept, and a fresh start in a directory of an earlier run that never saved starts
+    its log afresh.
     """
     inputs = {"--model": config.model, "--train": config.train, "--eval": config.eval}
     refuse_overlap(config.output, inputs, "--output")
@@ -328,18 +343,95 @@ def _prepare_output(config: FinetuneConfig, context: DistributedContext) -> Dire
         return DirectoryClaim(output, "finetune", adopted=True)
     claim = claim_directory(output, "finetune", "--output", _run_entry, adopt_unmarked=config.resume is not None)
     try:
-        if config.resume is None and step_checkpoints(output):
+        finished = finished_differences(output, config) if config.resume is None else None
+        if finished:
             raise TrainingError(
-                f"output directory {str(config.output)!r} already holds checkpoints of another run: pass --resume to "
-                "continue it, or choose another --output"
+                f"output directory {str(config.output)!r} holds a finished run of other settings "
+                f"({_differences_text(finished)}): choose another --output"
+                + (
+                    ", or pass --resume to continue its last step checkpoint"
+                    if step_checkpoints(output)
+                    else " (it kept no step checkpoint to --resume from: --save-every N keeps one)"
+                )
+            )
+        recognised = finished == {} and recognise_finished
+        if config.resume is None and not recognised and step_checkpoints(output):
+            raise TrainingError(
+                f"output directory {str(config.output)!r} already holds checkpoints of an earlier run: pass "
+                "--resume to continue it, or choose another --output"
             )
         sweep_temporary_files(output, RUN_FILES)
-        if config.resume is None and (output / LOG_FILE).exists():
-            (output / LOG_FILE).unlink()  # this command's log of a run that never wrote a checkpoint: start afresh
+        if config.resume is None and not recognised and (output / LOG_FILE).exists():
+            (output / LOG_FILE).unlink()  # this command's log of a run that never finished: start afresh
     except BaseException:
         claim.release()
         raise
     return claim
+
+
+#: Settings that change neither what a run trains nor what it writes: a finished run that differs from a new
+#: command only in these is the same run.
+RUN_INDEPENDENT = {"output", "resume", "progress", "num_workers", "threads", "device", "recipe"}
+
+
+def finished_run(output: Path) -> Optional[Dict[str, Any]]:
+    """The log record of the end of the finished run in ``output`` (with its settings under ``config``), or None
+    when ``output`` holds no finished run (no final model, or no log record of its end)."""
+    if not (output / MODEL_FILE).is_file():
+        return None
+    end = None
+    try:
+        with open(output / LOG_FILE, encoding="utf-8") as lines:
+            for line in lines:
+                record = json.loads(line) if line.strip() else {}
+                if isinstance(record, dict) and record.get("event") == "end":
+                    end = record
+    except (OSError, ValueError):
+        return None
+    return end if end is not None and isinstance(end.get("config"), dict) else None
+
+
+def finished_differences(output: Path, config: FinetuneConfig) -> Optional[Dict[str, List[Any]]]:
+    """{setting: [the finished run's, this config's]} of the settings that differ from the finished run in
+    ``output`` ({} for the same run); None when ``output`` holds no finished run."""
+    end = finished_run(output)
+    if end is None:
+        return None
+    stored, current = end["config"], jsonable(asdict(config))
+    return {
+        key: [stored.get(key), current[key]]
+        for key in sorted(current)
+        if key not in RUN_INDEPENDENT and stored.get(key) != current[key]
+    }
+
+
+def _differences_text(differences: Dict[str, List[Any]]) -> str:
+    return ", ".join(f"--{key.replace('_', '-')} {old!r} there, {new!r} now" for key, (old, new) in differences.items())
+
+
+def _finished_result(config: FinetuneConfig, output: Path, context: DistributedContext) -> FinetuneResult:
+    """The result of the finished run of the same settings in ``output``, read back from its files."""
+    records = [json.loads(line) for line in (output / LOG_FILE).read_text(encoding="utf-8").splitlines() if line]
+    end = [r for r in records if r.get("event") == "end"][-1]
+    losses = [r["loss"] for r in records if r.get("event") == "train" and "loss" in r]
+    if context.is_main:
+        logger.info("%s already holds this run, finished at step %d: nothing to do", output, end["step"])
+    step_dirs = step_checkpoints(output)
+    start = next((r for r in records if r.get("event") == "start"), {})
+    skipped = {"train": start.get("skipped_train_rows", []), "eval": start.get("skipped_eval_rows", [])}
+    return FinetuneResult(
+        load_model(output / MODEL_FILE, device=context.device),
+        int(end["step"]),
+        output,
+        output / MODEL_FILE,
+        step_dirs[-1][1] if step_dirs else None,
+        losses[-1] if losses else None,
+        end.get("best_wer"),
+        end.get("best_step"),
+        records,
+        skipped,
+        already_finished=True,
+    )
 
 
 def _run_entry(name: str) -> bool:
@@ -453,7 +545,14 @@ def _resume(run: RunState, state: dict) -> None:
     source, config = run.resumed_from, run.config
     _check_resumable(state, run.model, source)
     changed = _changed_settings(run, state)
-    run.model.load_state_dict(read_checkpoint(source / MODEL_FILE)["model_state_dict"], strict=True)
+    weights = read_checkpoint(source / MODEL_FILE)["model_state_dict"]
+    exact = state.get("exact_weights", {})  # absent from float32 checkpoints of earlier versions
+    if not (isinstance(exact, dict) and set(exact) <= set(weights) and all(map(torch.is_tensor, exact.values()))):
+        raise TrainingError(
+            f"training state {str(source / STATE_FILE)!r} has an unusable 'exact_weights' entry (expected float32 "
+            f"weights named as in {MODEL_FILE})"
+        )
+    run.model.load_state_dict({**weights, **exact}, strict=True)
     settings = peak_settings(run.optimizer)  # this run's, before the checkpoint's replace them
     try:
         run.optimizer.load_state_dict(state["optimizer"])
@@ -547,6 +646,7 @@ def _log_start(run: RunState) -> None:
     if not run.context.is_main:
         return
     train_set, eval_set, model = run.pipeline.train_set, run.pipeline.eval_set, run.model
+    footprint = disk_estimate(run.config, model, eval_set is not None)
     run.log.write(
         {
             "event": "start",
@@ -564,8 +664,10 @@ def _log_start(run: RunState) -> None:
             "objective": {"ce": run.objective.ce, "kl": run.objective.kl, **asdict(run.objective.states)},
             "world_size": run.context.world_size,
             "resumed_from": str(run.resumed_from) if run.resumed_from else None,
+            "disk_bytes": asdict(footprint),
         }
     )
+    logger.info("%s", footprint.summary(run.output))
     logger.info(
         "training %s (%s) on %d clips, %s input, %d process(es)",
         run.config.model,
@@ -745,12 +847,13 @@ def _evaluate(run: RunState) -> None:
             run.best_wer, run.best_step = metrics["wer"], run.step
             best = run.output / "best"
             best.mkdir(exist_ok=True)
-            atomic_torch_save(checkpoint_dict(run.model), best / MODEL_FILE)
+            run.last_model_file = (run.step, atomic_torch_save(_saved_model(run), best / MODEL_FILE))
             atomic_write_text(best / "metrics.json", json.dumps(jsonable({"step": run.step, **metrics}), indent=2))
     run.context.barrier()
 
 
 def _save(run: RunState) -> None:
+    same = _file_of_this_step(run)
     run.last_save_step = run.step
     if run.context.is_main:
         state = {
@@ -770,10 +873,29 @@ def _save(run: RunState) -> None:
             "settings_history": run.settings_history,
             "holdout": run.holdout,
         }
-        model_state = checkpoint_dict(run.model)
-        run.last_saved = save_step_checkpoint(run.output, run.step, model_state, state, run.config.keep_last)
+        checkpoint = checkpoint_dict(run.model)
+        dtype = SAVE_DTYPES[run.config.save_dtype]
+        state["exact_weights"] = rounded_weights(checkpoint["model_state_dict"], dtype)
+        model = same if same is not None else cast_checkpoint(checkpoint, dtype)
+        run.last_saved = save_step_checkpoint(run.output, run.step, model, state, run.config.keep_last)
+        run.last_model_file = (run.step, run.last_saved / MODEL_FILE)
         run.log.write({"event": "checkpoint", "step": run.step, "path": str(run.last_saved)})
     run.context.barrier()
+
+
+def _saved_model(run: RunState) -> dict:
+    """The model's checkpoint dict with its weights in --save-dtype."""
+    return cast_checkpoint(checkpoint_dict(run.model), SAVE_DTYPES[run.config.save_dtype])
+
+
+def _file_of_this_step(run: RunState) -> Optional[Path]:
+    """A model file this run wrote at the current step (so in its --save-dtype), or None: a later file of the same
+    weights links to it instead of holding another copy. A transplant's model changes between its last step and
+    the end (the schedule's final values), so it links nothing."""
+    if run.schedule is not None or run.last_model_file is None:
+        return None
+    step, path = run.last_model_file
+    return path if step == run.step and path.is_file() else None
 
 
 def _finish(run: RunState) -> FinetuneResult:
@@ -783,7 +905,12 @@ def _finish(run: RunState) -> FinetuneResult:
         model = _finish_transplant(model, run.schedule, run.log, run.context)
     model_path = None
     if run.context.is_main:
-        model_path = atomic_torch_save(checkpoint_dict(model), run.output / MODEL_FILE)
+        same = _file_of_this_step(run) if model is run.model and run.schedule is None else None
+        if same is not None:
+            model_path = link_or_copy(same, run.output / MODEL_FILE)
+        else:
+            dtype = SAVE_DTYPES[run.config.save_dtype]
+            model_path = atomic_torch_save(cast_checkpoint(checkpoint_dict(model), dtype), run.output / MODEL_FILE)
         run.log.write(
             {
                 "event": "end",
@@ -791,6 +918,7 @@ def _finish(run: RunState) -> FinetuneResult:
                 "model": str(model_path),
                 "best_wer": run.best_wer,
                 "best_step": run.best_step,
+                "config": asdict(run.config),
             }
         )
         plot_curves(run.output / LOG_FILE, run.output / CURVES_FILE)

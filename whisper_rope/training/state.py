@@ -1,8 +1,10 @@
 """Files of a fine-tuning run that let it resume exactly: step directories, their training state, RNG states.
 
-A step directory ``step-NNNNNNN/`` holds ``model.pt`` (our checkpoint format) and ``training_state.pt`` (optimizer,
-scheduler, grad scaler, sampler position, RNG states, config); it is published by renaming a complete staging
-directory, so a crash leaves either the previous step directories or a complete new one.
+A step directory ``step-NNNNNNN/`` holds ``model.pt`` (our checkpoint format, its weights in the run's
+``--save-dtype``) and ``training_state.pt`` (optimizer, scheduler, grad scaler, sampler position, RNG states, config,
+and in float32 every weight that the saved dtype rounds, so that a resumed run continues from the exact weights); it
+is published by renaming a complete staging directory, so a crash leaves either the previous step directories or a
+complete new one. A model file whose weights another file of the run already holds is a hard link to that file.
 """
 
 import os
@@ -10,7 +12,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -23,6 +25,8 @@ from ..weights.format import load_pt
 MODEL_FILE = "model.pt"
 STATE_FILE = "training_state.pt"
 STEP_DIR = re.compile(r"^step-(\d+)$")
+#: ``--save-dtype`` choices: the dtype of the weights in a run's model files.
+SAVE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 #: Where `save_step_checkpoint` assembles a step directory before renaming it into place.
 STAGING_DIR = re.compile(r"^\.step-(\d+)\.partial$")
 
@@ -77,6 +81,42 @@ _STATE_ENTRIES = {
     "variant": str,
     "dims": dict,
 }
+
+
+def cast_checkpoint(checkpoint: dict, dtype: torch.dtype) -> dict:
+    """``checkpoint`` (our format) with its floating-point weights in ``dtype`` (other entries shared)."""
+    weights = checkpoint["model_state_dict"]
+    cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
+    return {**checkpoint, "model_state_dict": cast}
+
+
+def rounded_weights(weights: Dict[str, torch.Tensor], dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    """The entries of a state dict that ``dtype`` does not hold exactly, as they are: what a training state keeps
+    beside a model file saved in ``dtype`` so that resuming restores the exact weights. Weights loaded from an fp16
+    checkpoint and never trained round-trip exactly and are left out."""
+    return {
+        k: v
+        for k, v in weights.items()
+        if v.is_floating_point() and v.dtype != dtype and not torch.equal(v.to(dtype).to(v.dtype), v)
+    }
+
+
+def link_or_copy(source: Path, target: Path) -> Path:
+    """Make ``target`` a hard link to ``source`` (a copy where the file system has no hard links), replacing
+    ``target`` atomically: one copy of the bytes on disk, and removing either name keeps the other intact."""
+    temporary = target.with_name(f".{target.name}.link.tmp")
+    temporary.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(source, temporary)
+        except OSError:
+            shutil.copyfile(source, temporary)
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    fsync_directory(target.parent)
+    return target
 
 
 def read_training_state(path: PathLike) -> dict:
@@ -139,8 +179,11 @@ def resolve_resume(path: PathLike) -> Path:
     return latest
 
 
-def save_step_checkpoint(output: PathLike, step: int, model_state: dict, training_state: dict, keep_last: int) -> Path:
-    """Write ``step-N/{model.pt, training_state.pt}`` atomically, then prune old step directories.
+def save_step_checkpoint(
+    output: PathLike, step: int, model: Union[dict, Path], training_state: dict, keep_last: int
+) -> Path:
+    """Write ``step-N/{model.pt, training_state.pt}`` atomically, then prune old step directories. ``model`` is the
+    checkpoint dict to save, or a model file of the run holding the same weights, which ``model.pt`` links to.
 
     Both files go to a hidden staging directory first; renaming it to ``step-N`` publishes them together, so a
     crash leaves either no ``step-N`` or a complete one, and an error or Ctrl-C while writing removes the staging
@@ -152,7 +195,11 @@ def save_step_checkpoint(output: PathLike, step: int, model_state: dict, trainin
     if staging.exists():
         shutil.rmtree(staging)
     try:
-        atomic_torch_save(model_state, staging / MODEL_FILE)
+        if isinstance(model, dict):
+            atomic_torch_save(model, staging / MODEL_FILE)
+        else:
+            staging.mkdir(parents=True, exist_ok=True)
+            link_or_copy(model, staging / MODEL_FILE)
         atomic_torch_save(training_state, staging / STATE_FILE)
         if final.exists():
             shutil.rmtree(final)

@@ -16,6 +16,7 @@ import torch
 from whisper_rope.atomic import atomic_write
 from whisper_rope.errors import CheckpointError, PathLike, one_line
 from whisper_rope.files import read_regular
+from whisper_rope.variants import UPSTREAM_VARIANT
 
 
 def read_json_object(path: Path, what: str) -> Dict[str, Any]:
@@ -47,6 +48,8 @@ class ImportedCheckpoint:
             word timestamps, or None when the source does not say.
         source: a one-line human description of where the weights came from.
         extra: other facts the source carried (e.g. ``lang_ids``, ``suppress_ids``), for information only.
+        input_options: whisper_rope's input settings the source carried (``unpadded``, ``unpadded_margin``: how the
+            model was fine-tuned to be fed), which loading restores; empty for upstream's padded input.
     """
 
     dims: Dict[str, int]
@@ -54,12 +57,17 @@ class ImportedCheckpoint:
     alignment_heads: Optional[torch.Tensor]
     source: str
     extra: Dict[str, Any] = field(default_factory=dict)
+    input_options: Dict[str, Any] = field(default_factory=dict)
 
     def to_upstream(self) -> Dict[str, Any]:
-        """The checkpoint dict ``whisper.load_model`` reads: ``{"dims", "model_state_dict"[, "alignment_heads"]}``."""
+        """The checkpoint dict ``whisper.load_model`` reads: ``{"dims", "model_state_dict"[, "alignment_heads"]}``,
+        and with input options our ``variant`` (upstream's) and ``rotary`` entries that carry them (upstream's
+        loader ignores both)."""
         checkpoint: Dict[str, Any] = {"dims": dict(self.dims), "model_state_dict": self.state_dict}
         if self.alignment_heads is not None:
             checkpoint["alignment_heads"] = self.alignment_heads
+        if self.input_options:
+            checkpoint.update(variant=UPSTREAM_VARIANT, rotary=dict(self.input_options))
         return checkpoint
 
 

@@ -22,7 +22,13 @@ from whisper_rope.variants import UPSTREAM_VARIANT, parse_variant
 from whisper_rope.weights.common import ImportedCheckpoint, save_upstream
 from whisper_rope.weights.ctranslate2 import is_ctranslate2_dir, read_ctranslate2
 from whisper_rope.weights.format import check_state_dict, read_checkpoint
-from whisper_rope.weights.huggingface import EXPORT_FILES, is_huggingface_dir, read_huggingface, write_huggingface
+from whisper_rope.weights.huggingface import (
+    EXPORT_FILES,
+    INPUT_OPTIONS,
+    is_huggingface_dir,
+    read_huggingface,
+    write_huggingface,
+)
 from whisper_rope.weights.loading import load_model
 
 
@@ -159,7 +165,18 @@ def _upstream_to_huggingface(src: Path, dst: Path, overwrite: bool) -> Path:
     alignment = checkpoint.get("alignment_heads")
     if alignment is not None and not isinstance(alignment, torch.Tensor):
         raise CheckpointError(f"Checkpoint {src}: alignment_heads is {type(alignment).__name__}, expected a tensor.")
-    return write_huggingface(dims, state_dict, dst, alignment_heads=alignment, overwrite=overwrite)
+    return write_huggingface(
+        dims, state_dict, dst, alignment_heads=alignment, overwrite=overwrite, input_options=_input_options(checkpoint)
+    )
+
+
+def _input_options(checkpoint: Dict[str, Any]) -> Dict[str, Any]:
+    """The input settings of a model fine-tuned for unpadded input, which the export keeps in its config.json; {}
+    for upstream's padded input."""
+    stored = checkpoint.get("rotary") or {}
+    if not stored.get("unpadded") and not stored.get("unpadded_margin"):
+        return {}
+    return {key: stored[key] for key in INPUT_OPTIONS if key in stored}
 
 
 def _check_portable(checkpoint: Dict[str, Any], src: Path) -> None:

@@ -14,6 +14,10 @@ The tensors are upstream Whisper's under other names::
     decoder.token_embedding.weight       model.decoder.embed_tokens.weight (proj_out.weight is tied to it)
 
 Both sides keep the query unscaled (Hugging Face scales at run time too), so tensors carry over unchanged.
+
+A model fine-tuned for unpadded input (each clip's own frames, its sinusoid table sliced) keeps that setting in
+``config.json`` under ``whisper_rope`` (``{"unpadded": true, "unpadded_margin": 0}``), which `read_huggingface`
+restores; transformers keeps unknown config keys as they are, but pads every input to 30 s itself.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from whisper_rope.weights.common import (
 from whisper_rope.weights.format import (
     alignment_mask,
     check_dims,
+    check_rotary_options,
     check_state_dict,
     check_storage,
     load_pt,
@@ -57,6 +62,9 @@ EXPORT_FILES = ("config.json", "generation_config.json", SAFETENSORS)
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PYTORCH_BIN = "pytorch_model.bin"
 TIED_OUTPUT = "proj_out.weight"
+#: The config.json key of whisper_rope's input settings, and the settings it may hold.
+INPUT_OPTIONS_KEY = "whisper_rope"
+INPUT_OPTIONS = ("unpadded", "unpadded_margin")
 
 # (pattern on an upstream name, replacement) applied in order; the first group of rules renames whole names.
 _TO_HF = [
@@ -308,7 +316,19 @@ def read_huggingface(directory: PathLike, dtype: Optional[torch.dtype] = torch.f
         state_dict=state_dict,
         alignment_heads=_alignment(directory, config, dims),
         source=f"Hugging Face Whisper from {directory}",
+        input_options=_input_options(config, dims, directory / "config.json"),
     )
+
+
+def _input_options(config: Dict[str, Any], dims: Dict[str, int], path: Path) -> Dict[str, Any]:
+    """The ``whisper_rope`` input settings of a config.json ({} when it has none), checked like a checkpoint's."""
+    options = config.get(INPUT_OPTIONS_KEY, {})
+    if not isinstance(options, dict) or set(options) - set(INPUT_OPTIONS):
+        raise CheckpointError(
+            f"{path} has {INPUT_OPTIONS_KEY!r} {one_line(repr(options), 80)}, expected an object with only "
+            f"{', '.join(INPUT_OPTIONS)}"
+        )
+    return check_rotary_options(options, dims, str(path)) if options else {}
 
 
 def _check_layer_counts(getters: Dict[str, Any], prefix: str, dims: Dict[str, int], config: Path) -> None:
@@ -385,6 +405,7 @@ def write_huggingface(
     out_dir: PathLike,
     alignment_heads: Optional[torch.Tensor] = None,
     overwrite: bool = False,
+    input_options: Optional[Dict[str, Any]] = None,
 ) -> Path:
     """Write a Hugging Face ``WhisperForConditionalGeneration`` directory from upstream-named tensors.
 
@@ -400,6 +421,7 @@ def write_huggingface(
         out_dir: directory to create; must not exist (or be empty) unless ``overwrite``.
         alignment_heads: bool (n_text_layer, n_text_head) mask, stored as [layer, head] pairs.
         overwrite: replace an existing ``out_dir``.
+        input_options: whisper_rope's input settings to keep in config.json (``unpadded``, ``unpadded_margin``).
 
     Returns:
         ``out_dir`` as a Path.
@@ -412,6 +434,8 @@ def write_huggingface(
     pairs = alignment_pairs(alignment_heads) if alignment_heads is not None else None
     dtype = float_dtype_of(t.dtype for t in state_dict.values())
     config = dims_to_config(dims, dtype, pairs)
+    if input_options:
+        config[INPUT_OPTIONS_KEY] = {key: input_options[key] for key in INPUT_OPTIONS if key in input_options}
     tensors = _exportable(state_dict)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))

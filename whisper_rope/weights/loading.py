@@ -35,7 +35,7 @@ from ..compute_type import INT8, apply_compute_type, resolve_compute_type
 from ..errors import CheckpointError, ModelNotFoundError, PathLike, VariantError, first_line, one_line
 from ..model import DEFAULT_ROTARY_THETA, WhisperRope, WithoutRandomInit
 from ..option_checks import THREADS, UNPADDED_MARGIN, check_load_options
-from ..options import PathText, opt, option
+from ..options import PathText, opt
 from ..positional import ROTARY_THETA
 from ..variants import DECODER_SCHEMES, ENCODER_SCHEMES, PRESETS, UPSTREAM_VARIANT, Variant, parse_variant
 from . import int8_cache, packages
@@ -209,7 +209,7 @@ def resolve_checkpoint(
                 f"directory {text!r} is neither a faster-whisper (CTranslate2) model (model.bin + config.json) nor a "
                 "Hugging Face model (config.json + model.safetensors or pytorch_model.bin)"
             )
-        checkpoint = {"dims": imported.dims, "model_state_dict": imported.state_dict}
+        checkpoint = imported.to_upstream()  # with the input settings a Hugging Face export kept
         return validate_checkpoint(checkpoint, text), imported.alignment_heads, text
 
     if text in whisper._MODELS:
@@ -502,10 +502,8 @@ MODEL_HELP = (
 #: The help of ``--rotary-theta`` and ``--threads``, which fine-tuning (`FinetuneConfig`) shares with `LoadOptions`.
 ROTARY_THETA_HELP = "RoPE base; default: the checkpoint's (10000 for new rotary variants)"
 THREADS_HELP = "torch CPU threads (0 keeps torch's default)"
-
-
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+#: The help of every command's ``--device``: one default (resolved by `load_model`) for every subcommand.
+DEVICE_HELP = "cpu, cuda or cuda:N (default: cuda when available, else cpu)"
 
 
 @dataclass
@@ -520,7 +518,7 @@ class LoadOptions:
     )
     rotary_theta: Optional[float] = opt(None, ROTARY_THETA_HELP, bounds=ROTARY_THETA)
     model_dir: Optional[PathText] = opt(None, "where upstream model downloads are cached (default ~/.cache/whisper)")
-    device: str = field(default_factory=_default_device, metadata=option("PyTorch device to run on"))
+    device: Optional[str] = opt(None, DEVICE_HELP)
     threads: int = opt(0, THREADS_HELP, bounds=THREADS)
     unpadded_margin: Optional[int] = opt(
         None,
