@@ -1,7 +1,21 @@
 """Fixtures of every training test."""
 
+from pathlib import Path
+
 import pytest
 import torch
+
+from tests.conftest import FIXTURES
+
+
+def audio_folder(tmp_path: Path) -> Path:
+    """The speech fixtures as a folder of untranscribed audio (links, no .txt beside them): what a user gives
+    ``--train`` for label-free training."""
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    for clip in sorted((FIXTURES / "speech").glob("*.flac")):
+        (folder / clip.name).symlink_to(clip)
+    return folder
 
 
 @pytest.fixture(autouse=True)

@@ -11,6 +11,7 @@ from whisper.normalizers import EnglishTextNormalizer
 
 import whisper_rope
 from tests.conftest import FIXTURES, randomise_, small_dims
+from tests.training.conftest import audio_folder
 from whisper_rope.adapted_lengths import UNRECORDED_LIMIT_S, warn_outside
 from whisper_rope.data import WindowPlan, composed_dataset, load_examples, target_sequence
 from whisper_rope.training.config import FinetuneConfig
@@ -19,14 +20,6 @@ from whisper_rope.training.teacher_cache import TargetSpec, TeacherCache, Teache
 
 SPEECH = FIXTURES / "speech"
 ROWS = [json.loads(line) for line in (SPEECH / "manifest.jsonl").read_text().splitlines()]
-
-
-def _folder(tmp_path: Path) -> Path:
-    folder = tmp_path / "audio"
-    folder.mkdir()
-    for clip in sorted(SPEECH.glob("*.flac")):
-        (folder / clip.name).symlink_to(clip)
-    return folder
 
 
 def _windows(teacher, folder: Path, plan: WindowPlan, seed: int = 0):
@@ -41,7 +34,7 @@ def tiny_en():
 
 def test_the_teacher_labels_a_composed_window_with_its_clips_text_in_order(tmp_path, tiny_en):
     plan = WindowPlan(single_share=0.0, timestamp_share=0.0, sets=1)
-    windows = _windows(tiny_en, _folder(tmp_path), plan)
+    windows = _windows(tiny_en, audio_folder(tmp_path), plan)
     index = max(range(len(windows)), key=lambda i: len(windows.examples[i].pieces))
     window = windows.examples[index]
     assert len(window.pieces) >= 3
@@ -58,7 +51,7 @@ def test_the_teacher_labels_a_composed_window_with_its_clips_text_in_order(tmp_p
 
 
 def test_windows_that_draw_timestamps_are_labelled_and_trained_with_timestamp_tokens(tmp_path, tiny_en):
-    windows = _windows(tiny_en, _folder(tmp_path), WindowPlan(timestamp_share=1.0, sets=1))
+    windows = _windows(tiny_en, audio_folder(tmp_path), WindowPlan(timestamp_share=1.0, sets=1))
     cache = TeacherCache(tmp_path / "cache", tiny_en, TargetSpec(kinds=("decoder_layers",), transcripts="teacher"))
     entries = cache.fill(windows, torch.device("cpu"), batch_size=4, progress=False)
     tokenizer = windows.tokenizer(0)
@@ -75,7 +68,7 @@ def test_windows_that_draw_timestamps_are_labelled_and_trained_with_timestamp_to
 
 def test_the_cache_is_read_on_the_second_epoch_and_by_a_second_run(tmp_path):
     teacher = randomise_(whisper_rope.build_model(small_dims(n_audio_ctx=1500), "whisper"), std=0.05).eval()
-    folder = _folder(tmp_path)
+    folder = audio_folder(tmp_path)
     plan = WindowPlan(sets=2)
     cache = TeacherCache(tmp_path / "cache", teacher, TargetSpec(kinds=("decoder_layers",), transcripts="teacher"))
     first = cache.fill(_windows(teacher, folder, plan), torch.device("cpu"), batch_size=4, progress=False)
@@ -91,7 +84,7 @@ def test_a_label_free_run_records_the_window_lengths_it_trained_on(tmp_path):
     model = randomise_(whisper_rope.build_model(small_dims(n_audio_ctx=1500), "whisper"), std=0.05)
     source = whisper_rope.save_checkpoint(model, tmp_path / "source.pt")
     config = FinetuneConfig.from_recipe(
-        "unpadded-sliced", model=str(source), train=str(_folder(tmp_path)), output=str(tmp_path / "run"),
+        "unpadded-sliced", model=str(source), train=str(audio_folder(tmp_path)), output=str(tmp_path / "run"),
         steps=2, batch_size=2, warmup_steps=1, eval_holdout=2, num_workers=0, progress=False, device="cpu",
         teacher_cache=str(tmp_path / "cache"),
     )  # fmt: skip

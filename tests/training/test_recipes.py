@@ -9,6 +9,7 @@ import torch
 
 import whisper_rope
 from tests.conftest import FIXTURES, randomise_, small_dims
+from tests.training.conftest import audio_folder
 from whisper_rope.training.command import add_finetune_arguments, config_from_args, main
 from whisper_rope.training.config import FinetuneConfig
 from whisper_rope.training.loop import finetune
@@ -25,15 +26,6 @@ def source(tmp_path_factory) -> Path:
     torch.manual_seed(3)
     model = randomise_(whisper_rope.build_model(small_dims(n_audio_ctx=1500), "whisper"), std=0.05)
     return whisper_rope.save_checkpoint(model, tmp_path_factory.mktemp("source") / "source.pt")
-
-
-def _audio_folder(tmp_path: Path) -> Path:
-    """The speech fixtures as a folder of untranscribed audio (no .txt beside them)."""
-    folder = tmp_path / "audio"
-    folder.mkdir()
-    for clip in sorted(SPEECH.glob("*.flac")):
-        (folder / clip.name).symlink_to(clip)
-    return folder
 
 
 def _parse(argv):
@@ -55,7 +47,7 @@ def test_a_recipe_fills_what_the_command_line_leaves_open():
 
 def test_the_label_free_recipe_turns_a_folder_of_audio_into_a_loadable_unpadded_rotary_model(tmp_path, source):
     config = FinetuneConfig.from_recipe(
-        "unpadded-rotary", model=str(source), train=str(_audio_folder(tmp_path)), output=str(tmp_path / "run"),
+        "unpadded-rotary", model=str(source), train=str(audio_folder(tmp_path)), output=str(tmp_path / "run"),
         steps=4, batch_size=2, transplant_anneal_steps=2, warmup_steps=1, eval_holdout=2, num_workers=0,
         progress=False, device="cpu", teacher_cache=str(tmp_path / "cache"),
     )  # fmt: skip
@@ -77,7 +69,7 @@ def test_the_label_free_recipe_turns_a_folder_of_audio_into_a_loadable_unpadded_
 
 
 def test_staged_training_moves_only_the_positional_path_first(tmp_path, source):
-    folder = _audio_folder(tmp_path)
+    folder = audio_folder(tmp_path)
     model = whisper_rope.load_model(source, variant="rotary/learned", device="cpu")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     config = FinetuneConfig(
@@ -138,7 +130,7 @@ def test_a_recipes_step_counts_follow_an_overridden_steps():
 
 def test_a_recipe_run_shortened_with_steps_ends_as_the_model_the_recipe_promises(tmp_path, source):
     config = FinetuneConfig.from_recipe(
-        "unpadded-rotary", model=str(source), train=str(_audio_folder(tmp_path)), output=str(tmp_path / "run"),
+        "unpadded-rotary", model=str(source), train=str(audio_folder(tmp_path)), output=str(tmp_path / "run"),
         steps=5, batch_size=2, num_workers=0, progress=False, device="cpu", teacher_cache=str(tmp_path / "cache"),
     )  # fmt: skip
     result = finetune(config=config)
