@@ -17,7 +17,7 @@ from whisper_rope import cli, longform
 from whisper_rope.audio import load_audio
 from whisper_rope.features import first_transcription_window
 from whisper_rope.longform import split_at_breaks, split_at_timestamps, transcribe_chunked, transcribe_recordings
-from whisper_rope.speech_chunks import SpeechChunk, pack_chunks, speech_spans
+from whisper_rope.speech_chunks import SpeechChunk, pack_chunks, pack_tails, speech_spans
 from whisper_rope.transcribe import transcribe_many
 
 from .conftest import FIXTURES, randomise_, small_dims
@@ -102,6 +102,26 @@ def test_the_rest_of_a_chunk_after_a_time_is_a_chunk_of_its_own():
     assert chunk.after(0.0) == chunk
     assert chunk.after(3.0) is None and chunk.after(7.5) is None
     assert chunk.after(2.25).recording_time(0.0) == 5.25
+
+
+def test_packed_tails_remember_where_one_ends_and_the_next_begins():
+    tails = [
+        SpeechChunk(((800_000, 900_000),)),  # 50-56.25 s
+        SpeechChunk(((16_000, 48_000), (64_000, 96_000))),  # 1-3 s and 4-6 s: one tail of two spans
+        SpeechChunk(((2_000_000, 2_300_000),)),  # 125-143.75 s
+    ]
+    packed = pack_tails(tails)
+    assert [(chunk.spans, chunk.breaks) for chunk in packed] == [
+        (((16_000, 48_000), (64_000, 96_000), (800_000, 900_000)), (2,)),  # in recording order, a break per tail
+        (((2_000_000, 2_300_000),), ()),  # 25 s at most: the next window
+    ]
+    assert packed[0].parts() == [(0.0, 4.0), (4.0, 10.25)]
+    assert pack_chunks([span for tail in tails for span in tail.spans])[0].breaks == ()
+    # The rest of a packed chunk keeps its breaks; packed again, its parts stay apart.
+    rest = packed[0].after(3.5)
+    assert (rest.spans, rest.breaks) == (((88_000, 96_000), (800_000, 900_000)), (1,))
+    assert packed[0].after(4.0).breaks == () and packed[0].after(4.0).parts() == [(0.0, 6.25)]
+    assert pack_tails([rest])[0] == rest
 
 
 def test_a_chunk_whose_text_ends_early_is_decoded_again_from_there(monkeypatch):
