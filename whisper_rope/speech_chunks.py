@@ -164,7 +164,7 @@ def pack_chunks(spans: Sequence[Span], max_samples: int = CHUNK_SAMPLES) -> List
 def pack_tails(tails: Sequence[SpeechChunk], max_samples: int = CHUNK_SAMPLES) -> List[SpeechChunk]:
     """The untranscribed tails of one recording's chunks packed like speech spans (`pack_chunks`), in recording
     order, with a break (`SpeechChunk.breaks`) wherever two of them meet: the speech between two tails was decoded
-    in their chunks, so a packed chunk's parts are far apart in the recording even when its audio is continuous."""
+    in their own chunks, so two tails side by side in a packed chunk are far apart in the recording."""
     parts = [part for tail in tails for part in _parts(tail)]
     return _pack(sorted(parts), max_samples)
 
