@@ -9,16 +9,18 @@ import torch
 from whisper.audio import N_SAMPLES, SAMPLE_RATE
 from whisper.decoding import DecodingResult
 from whisper.normalizers import EnglishTextNormalizer
+from whisper.timing import WordTiming, find_alignment
 from whisper.tokenizer import get_tokenizer
 
 import whisper_rope
 from whisper_rope import cli, longform
 from whisper_rope.audio import load_audio
-from whisper_rope.longform import split_at_timestamps, transcribe_chunked, transcribe_recordings
-from whisper_rope.speech_chunks import SpeechChunk, pack_chunks, speech_spans
+from whisper_rope.features import first_transcription_window
+from whisper_rope.longform import split_at_breaks, split_at_timestamps, transcribe_chunked, transcribe_recordings
+from whisper_rope.speech_chunks import SpeechChunk, pack_chunks, pack_tails, speech_spans
 from whisper_rope.transcribe import transcribe_many
 
-from .conftest import FIXTURES, small_dims
+from .conftest import FIXTURES, randomise_, small_dims
 
 SPEECH = FIXTURES / "speech"
 NAMES = ["flite_slt", "espeak_en", "flite_kal", "espeak_en_us", "flite_awb", "espeak_en_f3", "espeak_en_m3"] * 2
@@ -100,6 +102,26 @@ def test_the_rest_of_a_chunk_after_a_time_is_a_chunk_of_its_own():
     assert chunk.after(0.0) == chunk
     assert chunk.after(3.0) is None and chunk.after(7.5) is None
     assert chunk.after(2.25).recording_time(0.0) == 5.25
+
+
+def test_packed_tails_remember_where_one_ends_and_the_next_begins():
+    tails = [
+        SpeechChunk(((800_000, 900_000),)),  # 50-56.25 s
+        SpeechChunk(((16_000, 48_000), (64_000, 96_000))),  # 1-3 s and 4-6 s: one tail of two spans
+        SpeechChunk(((2_000_000, 2_300_000),)),  # 125-143.75 s
+    ]
+    packed = pack_tails(tails)
+    assert [(chunk.spans, chunk.breaks) for chunk in packed] == [
+        (((16_000, 48_000), (64_000, 96_000), (800_000, 900_000)), (2,)),  # in recording order, a break per tail
+        (((2_000_000, 2_300_000),), ()),  # 25 s at most: the next window
+    ]
+    assert packed[0].parts() == [(0.0, 4.0), (4.0, 10.25)]
+    assert pack_chunks([span for tail in tails for span in tail.spans])[0].breaks == ()
+    # The rest of a packed chunk keeps its breaks; packed again, its parts stay apart.
+    rest = packed[0].after(3.5)
+    assert (rest.spans, rest.breaks) == (((88_000, 96_000), (800_000, 900_000)), (1,))
+    assert packed[0].after(4.0).breaks == () and packed[0].after(4.0).parts() == [(0.0, 6.25)]
+    assert pack_tails([rest])[0] == rest
 
 
 def test_a_chunk_whose_text_ends_early_is_decoded_again_from_there(monkeypatch):
@@ -199,6 +221,126 @@ def test_the_chunks_and_tails_of_several_recordings_share_batches(monkeypatch):
     monkeypatch.setattr(longform, "_language", lambda model, audio, chunks, options: "de" if len(audio) > 2e5 else "en")
     results = transcribe_recordings(model, recordings, batch_size=8, temperature=0.0)
     assert calls == [[10.0], [8.0], [6.0], [5.0]] and [r["language"] for r in results] == ["en", "de"]
+
+
+def test_tails_from_far_apart_chunks_share_a_window_but_never_a_segment(monkeypatch):
+    """The tails of chunks at 1-11, 100-110 and 200-210 s are packed into one 18-s chunk with breaks at 6 and 12 s
+    of it. A segment the decoder runs across a break is split there by its words' alignment (each piece timed inside
+    the tail it was spoken in), or, when all its words lie on one side, kept whole on that side."""
+    tokenizer = get_tokenizer(False)
+    ts = tokenizer.timestamp_begin
+    hello, world, again = (tokenizer.encode(f" {word}") for word in ("hello", "world", "again"))
+    chunks = [SpeechChunk(((start, start + 160_000),)) for start in (16_000, 1_600_000, 3_200_000)]
+    monkeypatch.setattr(longform, "speech_chunks", lambda audio: chunks)
+    answers = {
+        10.0: [ts, *hello, ts + 200],  # each chunk's text ends at 4 s of 10: tails at 5-11, 104-110 and 204-210 s
+        18.0: [ts, *hello, ts + 200]  # the packed tails: inside the first tail,
+        + [ts + 200, *world, *again, ts + 400]  # across the first break (at 6 s),
+        + [ts + 400, *hello, ts + 580]  # inside the second tail,
+        + [ts + 585, *hello, *world, ts + 850],  # from 0.3 s before the second break (at 12 s)
+    }
+    decoded = []
+
+    def window_holding_its_duration(audio, n_mels):
+        return torch.full((n_mels, 3000), len(audio) / SAMPLE_RATE), len(audio) // 160
+
+    def fake_decode(model, mels, language, options):
+        decoded.append([round(float(mel[0, 0]), 1) for mel in mels])
+        return [DecodingResult(audio_features=None, language="en", tokens=answers[d]) for d in decoded[-1]]
+
+    # The packed chunk's words (start s, end s): "world" ends the first tail, "again" begins the second.
+    word_times = [(1.5, 2.5), (5.0, 6.0), (6.5, 7.5), (9.0, 10.0), (12.5, 13.0), (14.0, 16.0)]
+
+    def fake_alignment(model, tokenizer, text_tokens, mel, num_frames):
+        words, word_tokens = tokenizer.split_to_word_tokens(text_tokens + [tokenizer.eot])
+        return [WordTiming(w, t, *times, 0.9) for w, t, times in zip(words, word_tokens, word_times)]
+
+    monkeypatch.setattr(longform, "first_transcription_window", window_holding_its_duration)
+    monkeypatch.setattr(longform, "_decode_with_fallback", fake_decode)
+    monkeypatch.setattr(longform, "find_alignment", fake_alignment)
+    model = whisper_rope.build_model(small_dims(n_audio_ctx=1500), "whisper").eval()
+    audio = np.zeros(3_400_000, dtype=np.float32)
+    result = transcribe_chunked(model, audio, language="en", temperature=0.0)
+    assert decoded == [[10.0, 10.0, 10.0], [18.0]]  # the three tails share one window
+    assert [(s["start"], s["end"], s["text"]) for s in result["segments"]] == [
+        (1.0, 5.0, " hello"),
+        (5.0, 9.0, " hello"),
+        (9.0, 11.0, " world"),  # the segment across the first break, split there: its first word
+        (100.0, 104.0, " hello"),
+        (104.0, 106.0, " again"),  # and its second, in the second tail
+        (106.0, 109.6, " hello"),
+        (200.0, 204.0, " hello"),
+        (204.0, 209.0, " hello world"),  # not from 109.7 s: none of its words is in the second tail
+    ]
+    split = [s for s in result["segments"] if s["text"] in (" world", " again")]
+    assert [s["tokens"] for s in split] == [[ts + 200, *world, ts + 300], [ts + 300, *again, ts + 400]]
+
+    # With the model's own alignment (random here) and word timestamps, every segment and word still lies inside
+    # the chunk or tail it was decoded from.
+    monkeypatch.setattr(longform, "find_alignment", find_alignment)
+    result = transcribe_chunked(model, audio, language="en", temperature=0.0, word_timestamps=True)
+    assert sorted("".join(s["text"] for s in result["segments"]).split()) == sorted(
+        "hello hello hello hello world again hello hello world".split()
+    )
+    for segment in result["segments"]:
+        start = next(s for s in (1.0, 100.0, 200.0) if s <= segment["start"] <= s + 10.0)
+        assert segment["end"] <= start + 10.0, segment
+        assert all(start <= w["start"] <= w["end"] <= start + 10.0 for w in segment["words"]), segment
+
+
+def test_a_segment_that_starts_in_the_silence_before_a_break_starts_after_it():
+    """On the benchmark's 285-s recording, tails at 27.99-31.53 s and 189.38-193.22 s shared a window, and "If the
+    station is frozen..." (spoken at 190 s) was decoded from 0.02 s before their seam: it came out as one segment
+    from 31.5 to 193.2 s. A start in the last `SPEECH_PAD_S` of a part (silence after its speech) is moved to the
+    next part without aligning words; a segment that only touches one part, or a chunk of one part, is unchanged."""
+    tokenizer = get_tokenizer(False)
+    ts, text = tokenizer.timestamp_begin, tokenizer.encode(" If the station is frozen")
+    chunk = SpeechChunk(((447_840, 504_480), (3_030_080, 3_091_520)), breaks=(1,))
+    parts = chunk.parts()
+    assert parts == [(0.0, 3.54), (3.54, 7.38)]
+    segment = (3.52, 7.36, [ts + 176, *text, ts + 368])
+
+    def no_alignment():
+        raise AssertionError("no word alignment is needed")
+
+    assert split_at_breaks([segment], tokenizer, parts, no_alignment) == [(3.54, 7.36, segment[2])]
+    assert chunk.recording_time(3.54) == 189.38
+    inside = [(0.0, 3.4, [ts, *text, ts + 170]), (3.54, 7.36, segment[2])]
+    assert split_at_breaks(inside, tokenizer, parts, no_alignment) == inside
+    assert split_at_breaks([segment], tokenizer, [(0.0, 7.38)], no_alignment) == [segment]
+    # 0.3 s before the seam its words decide; without any, the part that holds most of the segment.
+    early = (3.24, 7.36, [ts + 162, *text, ts + 368])
+    assert split_at_breaks([early], tokenizer, parts, list) == [(3.54, 7.36, early[2])]
+    assert split_at_breaks([(3.24, 3.64, early[2])], tokenizer, parts, list) == [(3.24, 3.54, early[2])]
+
+
+def test_the_alignment_that_splits_a_segment_reuses_the_decode_s_encoder_output(speech):
+    """`longform._alignment` runs only the decoder on the features the decode made: the word timings of upstream's
+    `find_alignment` of the model, which encodes the window again."""
+    model = randomise_(whisper_rope.build_model(small_dims(n_audio_ctx=1500), "whisper")).eval()
+    tokenizer = get_tokenizer(False)
+    window = first_transcription_window(speech[0], model.dims.n_mels)
+    mel, n_frames = window
+    text = tokenizer.encode(" hello world, how are you")
+    with torch.no_grad():
+        features = model.encoder(mel[None])[0]
+    encoder_calls = []
+    hook = model.encoder.register_forward_hook(lambda module, args, output: encoder_calls.append(1))
+    try:
+        reused = longform._alignment(
+            model, tokenizer, text, DecodingResult(audio_features=features, language="en"), window
+        )
+    finally:
+        hook.remove()
+    assert encoder_calls == []
+    expected = find_alignment(model, tokenizer, text, mel, n_frames)
+    # The same words and times; the probabilities to float rounding (the decode's encoder ran with SDPA, the
+    # alignment's without).
+    assert len(expected) == 6
+    assert [(w.word, w.tokens, w.start, w.end) for w in reused] == [
+        (w.word, w.tokens, w.start, w.end) for w in expected
+    ]
+    assert [w.probability for w in reused] == pytest.approx([w.probability for w in expected], rel=1e-4)
 
 
 def test_split_at_timestamps_turns_timestamp_pairs_into_segments():

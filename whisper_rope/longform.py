@@ -15,28 +15,30 @@ batches: a few short recordings fill them as one long one does. What differs fro
 * a chunk whose text ends (end of text after a timestamp) well before its audio does is decoded again from its last
   timestamp, the way upstream resumes its next window there (`MIN_TAIL_SECONDS`, `MAX_TAIL_PASSES`); the tails of
   a recording's chunks are packed into chunks of their own, and those of all recordings share batches, so a pass
-  of tails costs a few windows.
+  of tails costs a few windows. Tails packed side by side are far apart in the recording: a segment the decoder
+  runs across the seam of two is split there by its words' alignment (`split_at_breaks`), so that each piece is
+  timed inside the tail it was spoken in.
 
 Word timestamps use upstream's alignment (`whisper.timing.add_word_timestamps`) on each chunk's own frames.
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from whisper.audio import HOP_LENGTH
+from whisper.audio import HOP_LENGTH, SAMPLE_RATE
 from whisper.decoding import DecodingResult
-from whisper.timing import add_word_timestamps
+from whisper.timing import WordTiming, add_word_timestamps, find_alignment
 from whisper.tokenizer import Tokenizer, get_tokenizer
 from whisper.utils import format_timestamp
 
 from .features import first_transcription_window, language_window
 from .model import WhisperRope
-from .speech_chunks import SpeechChunk, pack_chunks, speech_chunks
+from .speech_chunks import SPEECH_PAD_S, SpeechChunk, pack_tails, speech_chunks
 from .transcribe_options import transcribe_dtype, window_decoding_options
 
-__all__ = ["split_at_timestamps", "supports", "transcribe_chunked", "transcribe_recordings"]
+__all__ = ["split_at_breaks", "split_at_timestamps", "supports", "transcribe_chunked", "transcribe_recordings"]
 
 SECONDS_PER_TIMESTAMP = 0.02
 
@@ -100,13 +102,13 @@ def transcribe_recordings(
         tails = _decode_pass(model, pieces, batch_size, options)
         if not tails:
             break
-        # The tails of a recording are packed together like speech spans: a few windows, not one per tail.
+        # The tails of a recording are packed together like speech spans: a few windows, not one per tail (a
+        # window costs a whole encoder pass, however little audio it holds, unless the encoder is unpadded). The
+        # breaks between them keep each segment inside one tail (`split_at_breaks`).
         pieces = [
             _Piece(state, chunk)
             for state in states
-            for chunk in pack_chunks(
-                sorted(span for tail in tails if tail.recording is state for span in tail.chunk.spans)
-            )
+            for chunk in pack_tails([tail.chunk for tail in tails if tail.recording is state])
         ]
     return [_result(state, options) for state in states]
 
@@ -264,7 +266,14 @@ def _chunk_segments(
     result: DecodingResult,
     options: Dict[str, Any],
 ) -> List[dict]:
-    """The chunk's segments, times in seconds of the recording."""
+    """The chunk's segments, times in seconds of the recording, each segment and its words inside one part of the
+    chunk (`SpeechChunk.parts`)."""
+    mel, n_frames = window
+    parts = chunk.parts()
+    pieces = split_at_timestamps(result.tokens, tokenizer, chunk.duration)
+    if len(parts) > 1:
+        text = [token for _, _, tokens in pieces for token in tokens if token < tokenizer.eot]
+        pieces = split_at_breaks(pieces, tokenizer, parts, lambda: _alignment(model, tokenizer, text, result, window))
     segments = [
         {
             "seek": 0,
@@ -277,10 +286,11 @@ def _chunk_segments(
             "compression_ratio": result.compression_ratio,
             "no_speech_prob": result.no_speech_prob,
         }
-        for start, end, tokens in split_at_timestamps(result.tokens, tokenizer, chunk.duration)
+        for start, end, tokens in pieces
     ]
+    # Each piece lies inside one part; word alignment may move its start or end (or a word) beyond that part.
+    segment_parts = [parts[_part_index(parts, (start + end) / 2)] for start, end, _ in pieces]
     if options.get("word_timestamps") and segments:
-        mel, n_frames = window
         add_word_timestamps(
             segments=segments,
             model=model,
@@ -292,14 +302,142 @@ def _chunk_segments(
             last_speech_timestamp=0.0,
         )
     seek = chunk.spans[0][0] // HOP_LENGTH
-    for segment in segments:
+    for segment, part in zip(segments, segment_parts):
         segment["seek"] = seek
-        segment["start"] = chunk.recording_time(segment["start"])
-        segment["end"] = chunk.recording_time(segment["end"], is_end=True)
+        segment["start"] = _recording_time(chunk, part, segment["start"])
+        segment["end"] = _recording_time(chunk, part, segment["end"], is_end=True)
         for word in segment.get("words", []):
-            word["start"] = chunk.recording_time(word["start"])
-            word["end"] = chunk.recording_time(word["end"], is_end=True)
+            word["start"] = _recording_time(chunk, part, word["start"])
+            word["end"] = _recording_time(chunk, part, word["end"], is_end=True)
     return [segment for segment in segments if segment["text"].strip() or segment.get("words")]
+
+
+def _alignment(
+    model: WhisperRope, tokenizer: Tokenizer, text: List[int], result: DecodingResult, window: tuple
+) -> List[WordTiming]:
+    """Upstream's `find_alignment` of a decoded chunk's ``text`` tokens, on the encoder output its decode made
+    (``result.audio_features``, the whole window's) instead of a second encoder pass. An unpadded encoder's output
+    in a batch holds the batch's padding, which its decode masked: that model encodes the window again."""
+    mel, n_frames = window
+    features = result.audio_features
+    aligner = model if features is None or model.unpadded else _Encoded(model, features)
+    return find_alignment(aligner, tokenizer, text, mel.to(model.device), n_frames)
+
+
+class _Encoded:
+    """A model whose audio is already encoded, as `find_alignment` calls it: ``aligner(mel, tokens)`` runs the
+    decoder on ``features`` (n_audio_ctx, n_audio_state), and every attribute is the model's."""
+
+    def __init__(self, model: WhisperRope, features: torch.Tensor):
+        self.model, self.features = model, features
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+    def __call__(self, mel: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.decoder(tokens, self.features.expand(tokens.shape[0], *self.features.shape))
+
+
+def _part_index(parts: Sequence[Tuple[float, float]], seconds: float, is_end: bool = False) -> int:
+    """Which of the chunk's ``parts`` (start s, end s) holds a time of the chunk: a time on the seam of two parts
+    is in the second as a start and in the first as an end (``is_end``), one beyond the chunk in the last."""
+    for index, (_, end) in enumerate(parts):
+        if seconds < end or (is_end and seconds <= end):
+            return index
+    return len(parts) - 1
+
+
+def _recording_time(chunk: SpeechChunk, part: Tuple[float, float], seconds: float, is_end: bool = False) -> float:
+    """A time of the chunk, clamped into ``part`` (start s, end s), as seconds of the recording. A time on either
+    end of the part stays in the part, start or end (`SpeechChunk.recording_time` puts an end on the part's start
+    at the end of the part before, and a start on its end at the start of the part after)."""
+    position = min(max(round(seconds * SAMPLE_RATE), round(part[0] * SAMPLE_RATE)), round(part[1] * SAMPLE_RATE))
+    if position == round(part[0] * SAMPLE_RATE) or position == round(part[1] * SAMPLE_RATE):
+        is_end = position == round(part[1] * SAMPLE_RATE)
+    return chunk.recording_time(position / SAMPLE_RATE, is_end=is_end)
+
+
+def split_at_breaks(
+    segments: Sequence[tuple],
+    tokenizer: Tokenizer,
+    parts: Sequence[Tuple[float, float]],
+    align: Callable[[], Sequence[WordTiming]],
+) -> List[tuple]:
+    """Segments (start s, end s, tokens) of a chunk cut at the seams of its ``parts`` (start s, end s): a chunk of
+    packed tails holds pieces of the recording far apart, and a segment timed across a seam would span the speech
+    between them.
+
+    A segment that starts in the last `SPEECH_PAD_S` of a part (the silence the voice-activity detector keeps after
+    speech) starts at the next part: none of the first part's speech is in it. A segment that still crosses seams
+    is cut into one segment per part that holds its words, each word in the part that holds its middle; a piece
+    starts and ends where the segment does or at a seam, where it gets a timestamp token. ``align()`` (called once,
+    and only for such a segment) gives the words: `whisper.timing.find_alignment` of the text tokens of all
+    ``segments``, in order. Without words the segment stays whole in the part that holds most of it.
+    """
+    text_counts = [sum(token < tokenizer.eot for token in tokens) for _, _, tokens in segments]
+    offsets = np.cumsum([0, *text_counts])  # text tokens before each segment
+    middles: Optional[List[float]] = None  # the middle of each text token's word (s)
+    split = []
+    for (start, end, tokens), offset, count in zip(segments, offsets, text_counts):
+        first, last = _part_index(parts, start), _part_index(parts, end, is_end=True)
+        while first < last and start >= parts[first][1] - SPEECH_PAD_S:
+            first += 1
+            start = parts[first][0]
+        if first == last:
+            split.append((start, end, tokens))
+            continue
+        if middles is None:
+            middles = [(word.start + word.end) / 2 for word in align() for _ in word.tokens]
+        words = middles[offset : offset + count] if offset + count <= len(middles) else None
+        split += _split_segment(start, end, tokens, tokenizer, parts[first : last + 1], words)
+    return split
+
+
+def _split_segment(
+    start: float,
+    end: float,
+    tokens: Sequence[int],
+    tokenizer: Tokenizer,
+    parts: Sequence[Tuple[float, float]],
+    words: Optional[Sequence[float]],
+) -> List[tuple]:
+    """`split_at_breaks` of one segment that crosses the seams of ``parts`` (those it touches); ``words``: the
+    middle of the word of each of its text tokens, or None."""
+    lead = _leading_timestamps(tokens, tokenizer)
+    trail = _leading_timestamps(tokens[::-1], tokenizer)
+    body = tokens[lead : len(tokens) - trail]
+    if words is None:
+        shares = [min(end, part_end) - max(start, part_start) for part_start, part_end in parts]
+        token_parts = [shares.index(max(shares))] * len(body)
+    else:
+        token_parts, part, middles = [], 0, iter(words)
+        for token in body:
+            if token < tokenizer.eot:  # a text token: the part of its word's middle, never an earlier one
+                part = max(part, _part_index(parts, next(middles)))
+            token_parts.append(part)
+    runs = [index for index in range(len(body)) if index == 0 or token_parts[index] != token_parts[index - 1]]
+    pieces = []
+    for number, run_start in enumerate(runs):
+        run_end = runs[number + 1] if number + 1 < len(runs) else len(body)
+        part_start, part_end = parts[token_parts[run_start]]
+        piece_start, piece_end = max(start, part_start), min(end, part_end)
+        opening = tokens[:lead] if number == 0 else [_timestamp(piece_start, tokenizer)]
+        closing = tokens[len(tokens) - trail :] if run_end == len(body) else [_timestamp(piece_end, tokenizer)]
+        pieces.append((piece_start, piece_end, [*opening, *body[run_start:run_end], *closing]))
+    return pieces
+
+
+def _leading_timestamps(tokens: Sequence[int], tokenizer: Tokenizer) -> int:
+    """How many timestamp tokens ``tokens`` begins with."""
+    count = 0
+    while count < len(tokens) and tokens[count] >= tokenizer.timestamp_begin:
+        count += 1
+    return count
+
+
+def _timestamp(seconds: float, tokenizer: Tokenizer) -> int:
+    """The timestamp token nearest to a time of the chunk."""
+    return tokenizer.timestamp_begin + round(seconds / SECONDS_PER_TIMESTAMP)
 
 
 def split_at_timestamps(tokens: Sequence[int], tokenizer: Tokenizer, duration: float) -> List[tuple]:

@@ -15,7 +15,8 @@ out, so a chunk holds up to 25 s of speech, decoded in a 30-s window. Why not 30
 before the last sentence of a window filled with speech to its very end. On the benchmark's long-form recordings
 (865 s, 1662 words, greedy, benchmarks/README.md) chunks of up to 30 s gave 7.7 % WER in fp32 and 9.8 % in int8,
 28 s 7.2 % and 7.8 %, 25 s 6.4 % and 6.3 %: most of the difference was whole sentences dropped at chunk ends. A chunk
-remembers its spans, so that a time inside it maps back to the recording (`SpeechChunk.recording_time`). A span
+remembers its spans, so that a time inside it maps back to the recording (`SpeechChunk.recording_time`), and, when
+it packs pieces of several chunks (`pack_tails`), where one piece ends and the next begins (its parts). A span
 longer than 25 s (the detector cuts speech at its longest pause before that, so only a 25-s stretch without any
 pause) is cut into 25-s pieces.
 
@@ -89,9 +90,13 @@ class SpeechChunk:
     """Speech spans of one recording, concatenated in order into at most one 30-s window of audio.
 
     spans: (start, end) samples of the recording; the chunk's audio is their audio, one after the other.
+    breaks: indices of the spans that do not continue the span before them: other speech of the recording, decoded
+        in another chunk, lies between the two (`pack_tails`). Breaks cut the chunk into parts; a segment belongs
+        to one part, since the recording between two parts is not this chunk's audio.
     """
 
     spans: Tuple[Span, ...]
+    breaks: Tuple[int, ...] = ()
 
     @property
     def n_samples(self) -> int:
@@ -122,36 +127,74 @@ class SpeechChunk:
             offset += length
         raise AssertionError("unreachable: the last span returns")
 
+    def parts(self) -> List[Tuple[float, float]]:
+        """(start s, end s) inside the chunk of each part (the spans between two breaks), in order."""
+        bounds, offset = [0.0], 0
+        for index, (start, end) in enumerate(self.spans):
+            if index in self.breaks:
+                bounds.append(offset / SAMPLE_RATE)
+            offset += end - start
+        bounds.append(offset / SAMPLE_RATE)
+        return list(zip(bounds, bounds[1:]))
+
     def after(self, seconds: float) -> Optional["SpeechChunk"]:
         """The chunk's audio from ``seconds`` (from its start) on, as a chunk of its own; None if nothing is left.
-        The span holding that time is cut there; the spans after it are kept whole."""
+        The span holding that time is cut there; the spans after it are kept whole, and so are the breaks between
+        them."""
         position = max(round(seconds * SAMPLE_RATE), 0)
         kept: List[Span] = []
+        breaks: List[int] = []
         offset = 0
-        for start, end in self.spans:
+        for index, (start, end) in enumerate(self.spans):
             length = end - start
             if offset + length > position:
+                if kept and index in self.breaks:
+                    breaks.append(len(kept))
                 kept.append((start + max(position - offset, 0), end))
             offset += length
-        return SpeechChunk(tuple(kept)) if kept else None
+        return SpeechChunk(tuple(kept), tuple(breaks)) if kept else None
 
 
 def pack_chunks(spans: Sequence[Span], max_samples: int = CHUNK_SAMPLES) -> List[SpeechChunk]:
     """Consecutive spans (each at most ``max_samples`` long) concatenated greedily into chunks of at most
     ``max_samples`` samples, in recording order."""
+    return _pack([tuple(spans)], max_samples)
+
+
+def pack_tails(tails: Sequence[SpeechChunk], max_samples: int = CHUNK_SAMPLES) -> List[SpeechChunk]:
+    """The untranscribed tails of one recording's chunks packed like speech spans (`pack_chunks`), in recording
+    order, with a break (`SpeechChunk.breaks`) wherever two of them meet: the speech between two tails was decoded
+    in their own chunks, so two tails side by side in a packed chunk are far apart in the recording."""
+    parts = [part for tail in tails for part in _parts(tail)]
+    return _pack(sorted(parts), max_samples)
+
+
+def _parts(chunk: SpeechChunk) -> List[Tuple[Span, ...]]:
+    """The chunk's spans, grouped into its parts."""
+    cuts = [0, *chunk.breaks, len(chunk.spans)]
+    return [chunk.spans[a:b] for a, b in zip(cuts, cuts[1:])]
+
+
+def _pack(parts: Sequence[Sequence[Span]], max_samples: int) -> List[SpeechChunk]:
+    """The spans of ``parts`` (each a run of consecutive spans, the runs in recording order) concatenated greedily
+    into chunks of at most ``max_samples`` samples, a break where a run starts inside a chunk."""
     chunks: List[SpeechChunk] = []
     current: List[Span] = []
+    breaks: List[int] = []
     length = 0
-    for start, end in spans:
-        if end - start > max_samples:
-            raise ValueError(f"speech span {start}..{end} is longer than {max_samples} samples")
-        if current and length + end - start > max_samples:
-            chunks.append(SpeechChunk(tuple(current)))
-            current, length = [], 0
-        current.append((start, end))
-        length += end - start
+    for part in parts:
+        for index, (start, end) in enumerate(part):
+            if end - start > max_samples:
+                raise ValueError(f"speech span {start}..{end} is longer than {max_samples} samples")
+            if current and length + end - start > max_samples:
+                chunks.append(SpeechChunk(tuple(current), tuple(breaks)))
+                current, breaks, length = [], [], 0
+            if current and index == 0:
+                breaks.append(len(current))
+            current.append((start, end))
+            length += end - start
     if current:
-        chunks.append(SpeechChunk(tuple(current)))
+        chunks.append(SpeechChunk(tuple(current), tuple(breaks)))
     return chunks
 
 
