@@ -147,6 +147,7 @@ def test_the_cycle_finder_finds_a_cycle():
 
 
 def test_the_weights_layer_is_at_the_bottom():
-    """weights/format.py reads and validates .pt files and imports nothing above it in the package."""
+    """weights/format.py reads and validates .pt files and imports nothing above it in the package: the error types,
+    and the range of RoPE's base from positional.py (a stored theta is checked by the bounds the model enforces)."""
     graph = _import_edges()
-    assert graph["whisper_rope.weights.format"] <= {"whisper_rope.errors"}
+    assert graph["whisper_rope.weights.format"] <= {"whisper_rope.errors", "whisper_rope.positional"}

@@ -334,14 +334,7 @@ def load_model(
     model.load_state_dict(state, strict=True)
     _set_alignment_heads(model, heads)
     _restore_table_scales(model, stored_options.get("table_scale"), parse_variant(stored_variant))
-    trained_unpadded = bool(stored_options.get("unpadded", False))
-    model.unpadded = trained_unpadded if unpadded is None else unpadded
-    model.unpadded_margin = int(
-        stored_options.get("unpadded_margin", 0) if unpadded_margin is None else unpadded_margin
-    )
-    model.trained_unpadded = trained_unpadded
-    adapted = stored_options.get("adapted_seconds")
-    model.adapted_seconds = None if adapted is None else (float(adapted[0]), float(adapted[1]))
+    trained_unpadded = _restore_input_options(model, stored_options, unpadded, unpadded_margin)
     _warn_untrained_positions(model, parse_variant(stored_variant), report, trained_unpadded, os.fspath(name_or_path))
     model.load_report = report
     logger.info("%s", report.summary())
@@ -350,6 +343,21 @@ def load_model(
     if cache_file is not None and not report.initialised:  # nothing random in it: the cached model is this one
         _cache_int8(model, cache_file, stored_variant, trained_unpadded, int(stored_options.get("unpadded_margin", 0)))
     return model
+
+
+def _restore_input_options(
+    model: WhisperRope, stored: dict, unpadded: Optional[bool], unpadded_margin: Optional[int]
+) -> bool:
+    """Set the model's input options from the checkpoint's ``rotary`` entry ``stored`` (``unpadded`` and
+    ``unpadded_margin`` when not given; the window lengths it was adapted on). Returns whether it was trained
+    unpadded."""
+    trained = bool(stored.get("unpadded", False))
+    model.unpadded = trained if unpadded is None else unpadded
+    model.unpadded_margin = int(stored.get("unpadded_margin", 0) if unpadded_margin is None else unpadded_margin)
+    model.trained_unpadded = trained
+    adapted = stored.get("adapted_seconds")
+    model.adapted_seconds = None if adapted is None else (float(adapted[0]), float(adapted[1]))
+    return trained
 
 
 def _loads_every_random_tensor(state: Dict[str, Tensor], stored: Variant, target: Variant) -> bool:
