@@ -166,7 +166,10 @@ def test_finetune_help_shows_the_options_each_recipe_sets(capsys):
     shown = capsys.readouterr().out
     recipes = shown[shown.index("recipes: --recipe NAME sets these options") :]
     assert "unpadded-rotary: --distill-only --ce-weight 0.0" in recipes
-    assert "--lr 0.0001" in recipes and "--lr 3e-05" in recipes and "--transplant-anneal-steps 300" in recipes
+    assert "--lr 0.0001" in recipes and "--lr 3e-05" in recipes
+    assert "--transplant-anneal-steps 300 (20.0% of --steps)" in recipes  # counts that follow --steps say so
+    assert "--eval-holdout (a fifth of the clips, at most 24)" in recipes and "None" not in recipes
+    assert "--windows every-length" in recipes
     for name, recipe in RECIPES.items():
         assert f"  {name}: " in recipes
         assert f"--steps {recipe.defaults['steps']}" in recipes

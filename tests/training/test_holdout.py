@@ -60,7 +60,7 @@ def test_a_resumed_run_keeps_its_hold_out_whatever_the_folder_holds_now(tmp_path
     run = tmp_path / "run"
     settings = dict(
         model=str(source), train=str(folder), output=str(run), batch_size=2, eval_holdout=2, num_workers=0,
-        progress=False, device="cpu", teacher_cache=str(tmp_path / "cache"),
+        progress=False, device="cpu", teacher_cache=str(tmp_path / "cache"), save_every=2,
     )  # fmt: skip
     finetune(config=FinetuneConfig.from_recipe("unpadded-sliced", steps=2, **settings))
     held_out = _audio(run / HOLDOUT_MANIFEST)

@@ -135,6 +135,6 @@ def test_without_a_writable_cache_directory_int8_loads_still_work(tmp_path, monk
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     monkeypatch.setenv("WHISPER_ROPE_CACHE", str(blocker / "cache"))
-    monkeypatch.setattr(packages, "cached_conversion", lambda name: converted)
+    monkeypatch.setattr(packages, "cached_conversion", lambda name, **_: converted)
     model = whisper_rope.load_model("tiny.en", device="cpu", compute_type="int8")
     assert model.compute_type == "int8" and "cached int8" not in model.load_report.source

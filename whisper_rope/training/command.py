@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 from ..options import add_dataclass_arguments, dataclass_from_args, standalone_main
 from .config import FinetuneConfig
+from .holdout import MAX_DEFAULT_HOLDOUT
 from .loop import finetune, finished_differences, finished_run
 from .recipes import RECIPES, recipe_defaults
 from .report import final_evaluation
@@ -44,8 +45,16 @@ def recipes_help() -> str:
     """Each recipe as the options it sets, for ``finetune --help``."""
     lines = ["recipes: --recipe NAME sets these options (an option given on the command line wins):"]
     for name, recipe in RECIPES.items():
-        options = " ".join(_as_option(key, value) for key, value in recipe.defaults.items())
-        text = textwrap.fill(f"{name}: {options}", _HELP_WIDTH, initial_indent="  ", subsequent_indent="    ")
+        shown = [_as_option(key, value) for key, value in recipe.defaults.items()]
+        steps = recipe.defaults["steps"]
+        for key, share in recipe.shares.items():  # step counts that follow --steps
+            shown.append(
+                f"{_as_option(key, round(share * steps))} ({share:.1%} of --steps)".replace(" ", _KEEP_TOGETHER)
+            )
+        options = " ".join(shown)
+        text = textwrap.fill(
+            f"{name}: {options}", _HELP_WIDTH, initial_indent="  ", subsequent_indent="    ", break_on_hyphens=False
+        )
         lines.append(text.replace(_KEEP_TOGETHER, " "))
     return "\n".join(lines)
 
@@ -55,6 +64,8 @@ _KEEP_TOGETHER = "\xa0"  # joins an option to its value: textwrap breaks lines o
 
 def _as_option(name: str, value) -> str:
     flag = "--" + name.replace("_", "-")
+    if name == "eval_holdout" and value is None:
+        return f"{flag} (a fifth of the clips, at most {MAX_DEFAULT_HOLDOUT})".replace(" ", _KEEP_TOGETHER)
     if isinstance(value, bool):
         return flag if value else "--no-" + flag[2:]
     return f"{flag}{_KEEP_TOGETHER}{value}"
