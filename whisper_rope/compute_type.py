@@ -34,8 +34,8 @@ bfloat16 where the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX; float32
 weights times values run in bfloat16 (products rounded to bfloat16), the softmax in fp32.
 
 PyTorch has marked these quantized-tensor kernels deprecated in favour of torchao, whose int8 paths, without
-``torch.compile``, run many times slower than these kernels on this CPU (benchmarks/README.md, "Kernels considered
-for int8"); the tests exercise these kernels, so their removal fails loudly.
+``torch.compile``, run many times slower than these kernels on the benchmark's CPU (benchmarks/README.md, "Kernels
+considered for int8"); the tests exercise these kernels, so their removal fails loudly.
 
 Activation scales: the kernel rounds a call's activations on one grid, set by their largest magnitude. Shared by a
 batch, that grid would make a recording's transcript depend on the recordings batched with it; shared by a clip, it
