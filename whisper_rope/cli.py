@@ -135,7 +135,8 @@ def _check_writer_options(options: TranscribeOptions) -> None:
 def _run_transcribe(args: argparse.Namespace) -> int:
     options = dataclass_from_args(TranscribeOptions, args, keep_none=True)
     loading = dataclass_from_args(LoadOptions, args)
-    # Before the model is loaded: a bad number or output fails in one line now, not after a minute of loading.
+    # Checked before the model is loaded, so that a bad number or output fails in one line, not after a minute of
+    # loading.
     check_transcribe_options(options)
     check_load_options(loading)
     _check_writer_options(options)

@@ -28,26 +28,23 @@ that holds it exactly: `narrow_lookup_table`). On one decoding step of tiny.en t
 of 80 MB.
 
 Cross-attention in int8 decoding: each decoding step reads every clip's audio keys and values (tiny.en: 4 layers x
-2 x 1500 x 384 fp32 = 18 MB per clip), through a strided per-head view in upstream's cache layout; that read was the
-largest cost of a step. With int8 the decoder caches them once per clip heads-major (`model.cache_audio_heads`) in
+2 x 1500 x 384 fp32 = 18 MB per clip); in upstream's cache layout that read is a strided per-head view and the
+largest cost of a step. So with int8 the decoder caches them once per clip heads-major (`model.cache_audio_heads`) in
 bfloat16 where the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX; float32 elsewhere): queries times keys and
 weights times values run in bfloat16 (products rounded to bfloat16), the softmax in fp32.
 
-PyTorch has marked these quantized-tensor kernels deprecated in favour of torchao, whose int8 paths run 20-40x
-slower than fp32 on this CPU without ``torch.compile`` (benchmarks/README.md); the tests exercise these kernels, so
-their removal fails loudly.
+PyTorch has marked these quantized-tensor kernels deprecated in favour of torchao, whose int8 paths, without
+``torch.compile``, run many times slower than these kernels on the benchmark's CPU (benchmarks/README.md, "Kernels
+considered for int8"); the tests exercise these kernels, so their removal fails loudly.
 
-Activation scales: with the kernel's one scale per call, every clip of a batch was rounded on a grid set by the
-loudest activations of all of them, so a recording's transcript changed with the recordings it was batched with (on
-the benchmark's 325-s long-form set, beam 5 went from 30 to 45 word errors when its five recordings shared batches).
-One scale per clip fixed that but still rounded each audio position on the grid of the clip's largest outlier: in
-tiny.en's last encoder layer the MLP down-projection's post-GELU input peaks at 559 at one position of a clip where
-the median position's peak is 14, and on 120 espeak-ng clips greedy tiny.en had 19.4 % WER in int8 against 17.8 % in
-fp32. Like CTranslate2, every layer now scales each row (token, audio position) on its own: the encoder's output is
-as close to fp32 as CTranslate2's int8 encoder's (2.9 % relative error on those clips, against 6.5 % per clip;
-2.3 % with `float32_linears`), that set's greedy WER is within half a point of fp32's, and a clip's int8 result
-does not depend on its batch (design invariant 10). The encoder takes a batch's clips one at a time
-(`quantize_int8` says why), each at its own frames.
+Activation scales: the kernel rounds a call's activations on one grid, set by their largest magnitude. Shared by a
+batch, that grid would make a recording's transcript depend on the recordings batched with it; shared by a clip, it
+rounds every audio position on the grid of the clip's largest outlier (in tiny.en's last encoder layer the MLP
+down-projection's post-GELU input peaks at 559 at one position of a clip where the median position's peak is 14).
+So, like CTranslate2, every layer scales each row (token, audio position) on its own: a clip's int8 result does not
+depend on its batch (design invariant 10), and the encoder's output is as close to fp32 as CTranslate2's int8
+encoder's (benchmarks/README.md, "Where int8's error was"). The encoder takes a batch's clips one at a time
+(`mark_int8` says why), each at its own frames.
 
 An int8 model holds most of its ``Linear`` weights only in int8: it cannot be trained or saved (`save_checkpoint`
 refuses it).
@@ -190,9 +187,7 @@ def activation_bits() -> int:
     products straight into int32; 7 elsewhere (PyTorch's ``reduce_range`` for x86), where fbgemm adds pairs of
     products in int16 first, which full 8-bit activations could saturate.
 
-    On 120 espeak-ng clips of the corpus's in-domain split, tiny.en has 17.8 % WER greedy and 14.5 % at beam 5 in
-    fp32, 18.2 / 14.1 % in int8 with 8-bit activations and 18.3 / 14.6 % with 7-bit ones (19.9 / 15.0 % before
-    `float32_linears`; benchmarks/README.md)."""
+    On tiny.en the two differ by at most half a point of WER (benchmarks/README.md)."""
     return 8 if getattr(torch.cpu, "_is_vnni_supported", lambda: False)() else 7
 
 
@@ -209,11 +204,10 @@ def float32_linears(model: WhisperRope) -> List[nn.Module]:
     """The ``Linear`` layers an int8 model keeps in fp32: the projections (query, key, value, out) of the encoder's
     first self-attention.
 
-    Their error is carried through every later layer, and they carry more of it than their share of the work: on 16
-    in-domain clips, keeping them in fp32 (8 % of the encoder's Linear multiply-adds) takes the int8 encoder's output
-    from 2.9 to 2.3 % relative error for tiny.en (CTranslate2's int8 encoder: 2.9 %), and from 4.9 to 2.9 % for
-    base, for 4 % more encoder time. Of the other sets of the same cost measured (benchmarks/README.md), the best,
-    every layer's attention out projection, left 2.5 %.
+    Their error is carried through every later layer, and they carry more of it than their share of the work: at 8 %
+    of the encoder's Linear multiply-adds, keeping them in fp32 cuts the int8 encoder's output error by a fifth for
+    tiny.en (to 2.3 % relative, below CTranslate2's int8 encoder's 2.9 %) and by two fifths for base, for 4 % more
+    encoder time; no other set of layers of that cost does as well (benchmarks/README.md, "The layers kept in fp32").
     """
     blocks = model.encoder.blocks
     return [child for child in blocks[0].attn.children() if isinstance(child, nn.Linear)] if len(blocks) else []
@@ -223,7 +217,7 @@ def quantize_int8(model: WhisperRope) -> WhisperRope:
     """Replace, in place, every ``nn.Linear`` of ``model`` but `float32_linears`, and its output projection, by
     `Int8Linear` (CPU).
 
-    Returns ``model``, now in eval mode with ``compute_type == "int8"``.
+    Returns ``model``, in eval mode with ``compute_type == "int8"``.
     """
     if model.device.type != "cpu":
         raise ValueError(f"int8 compute runs on the CPU only; the model is on {model.device}")
@@ -274,7 +268,7 @@ def mark_int8(model: WhisperRope) -> WhisperRope:
     model.decoder.audio_kv_dtype = audio_kv_dtype()
     # Per-row scales make a clip's int8 result its own whatever the batch, so the encoder may as well take clips one
     # at a time: a batch of 8 30-s windows then never builds temporaries of 10-70 MB, whose fresh pages cost more
-    # than the arithmetic on them (tiny.en: 8 windows in 2.25 instead of 2.52 CPU s).
+    # than the arithmetic on them (benchmarks/README.md).
     model.encoder.one_clip_per_call = True
     model.compute_type = INT8
     return model.eval().requires_grad_(False)

@@ -75,9 +75,9 @@ def unpadded_features(audio: np.ndarray, n_mels: int, margin: int = 0) -> Tuple[
 
     Transcription pads the audio with silence and cuts the mel where `real_frame_counts` finds the padding, so a
     clip's own trailing digital silence (often 0.3-0.5 s in TTS output) is dropped with it: it cannot be told apart
-    from the padding. Training must cut the same way; a model trained on clips with that silence misreads clips
-    that arrive without it (measured on a transplanted tiny.en: 114 % WER cut at the speech, 37 % with 1 s of
-    silence left). One second of padding gives the same frames as the 30-s window at a tenth of its cost.
+    from the padding. Training must cut the same way: a model trained on clips with that silence misreads clips
+    that arrive without it (docs/results.md). One second of padding gives the same frames as the 30-s window at a
+    tenth of its cost.
     """
     padded = pad_or_trim(audio, min(len(audio) + SAMPLE_RATE + 2 * margin * HOP_LENGTH, N_SAMPLES))
     mel = log_mel_spectrogram(padded, n_mels=n_mels)

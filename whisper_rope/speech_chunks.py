@@ -2,23 +2,20 @@
 
 The voice-activity detector is Silero VAD (the ``silero-vad`` package; its model ships inside the package, nothing is
 downloaded), run through the package's "sequence" ONNX model: one ONNX Runtime call per 16 s of audio instead of one
-per 32-ms frame, with the same per-frame probabilities. On this project's CPU it takes 0.18 CPU s for 100 s of audio;
-the package's TorchScript model, driven frame by frame, takes 1.2 s, and would cost a third of a batched tiny.en
-transcription. ``webrtcvad`` (a Gaussian-mixture model over band energies) is cheaper still (0.01 s) and found the
-same sentences on our synthetic long-form clips, but it is tuned by an aggressiveness level per recording and
-judges 10-30-ms frames in isolation; Silero is a trained network with context, the detector faster-whisper's batched
-pipeline also uses, and needs no tuning here.
+per 32-ms frame, with the same per-frame probabilities, several times cheaper than the package's TorchScript model
+driven frame by frame, which would cost a third of a batched tiny.en transcription (benchmarks/README.md,
+"Voice-activity detection"). ``webrtcvad`` (a Gaussian-mixture model over band energies) is cheaper still, but it is
+tuned by an aggressiveness level per recording and judges 10-30-ms frames in isolation; Silero is a trained network
+with context, the detector faster-whisper's batched pipeline also uses, and needs no tuning here.
 
 Chunks: speech spans (each padded by `SPEECH_PAD_S` of its surroundings) are concatenated, in order, until the next
 span would make the chunk longer than `CHUNK_SECONDS` (25 s); the silence between spans beyond the padding is left
 out, so a chunk holds up to 25 s of speech, decoded in a 30-s window. Why not 30: tiny.en often ends its output
-before the last sentence of a window filled with speech to its very end. On the benchmark's long-form recordings
-(865 s, 1662 words, greedy, benchmarks/README.md) chunks of up to 30 s gave 7.7 % WER in fp32 and 9.8 % in int8,
-28 s 7.2 % and 7.8 %, 25 s 6.4 % and 6.3 %: most of the difference was whole sentences dropped at chunk ends. A chunk
-remembers its spans, so that a time inside it maps back to the recording (`SpeechChunk.recording_time`), and, when
-it packs pieces of several chunks (`pack_tails`), where one piece ends and the next begins (its parts). A span
-longer than 25 s (the detector cuts speech at its longest pause before that, so only a 25-s stretch without any
-pause) is cut into 25-s pieces.
+before the last sentence of a window filled with speech to its very end, so longer chunks lose whole sentences at
+their ends (benchmarks/README.md compares 30-, 28- and 25-s chunks). A chunk remembers its spans, so that a time
+inside it maps back to the recording (`SpeechChunk.recording_time`), and, when it packs pieces of several chunks
+(`pack_tails`), where one piece ends and the next begins (its parts). A span longer than 25 s (the detector cuts
+speech at its longest pause before that, so only a 25-s stretch without any pause) is cut into 25-s pieces.
 
 Shapes and units: audio (n_samples,) float32 at 16 kHz; spans are (start, end) sample indices, end exclusive.
 """
@@ -163,7 +160,7 @@ def pack_chunks(spans: Sequence[Span], max_samples: int = CHUNK_SAMPLES) -> List
 
 def pack_tails(tails: Sequence[SpeechChunk], max_samples: int = CHUNK_SAMPLES) -> List[SpeechChunk]:
     """The untranscribed tails of one recording's chunks packed like speech spans (`pack_chunks`), in recording
-    order, with a break (`SpeechChunk.breaks`) wherever two of them meet: the speech between two tails was decoded
+    order, with a break (`SpeechChunk.breaks`) wherever two of them meet: the speech between two tails is decoded
     in their own chunks, so two tails side by side in a packed chunk are far apart in the recording."""
     parts = [part for tail in tails for part in _parts(tail)]
     return _pack(sorted(parts), max_samples)

@@ -1,4 +1,4 @@
-"""Helpers for round 2 of the battery: the ``whisper-rope`` command run as a user runs it, tiny checkpoints, file-tree
+"""Helpers for the robustness tests: the ``whisper-rope`` command run as a user runs it, tiny checkpoints, file-tree
 fingerprints and the peak memory of a child process.
 
 Everything here goes through public behaviour only (the console script, ``whisper_rope.build_model``,

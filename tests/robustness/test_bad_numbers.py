@@ -1,4 +1,4 @@
-"""Bad numbers are caught at the door (issue 14, property 5).
+"""Bad numbers are caught at the door.
 
 Non-finite audio samples are repaired with a warning (NaN as silence, infinities clipped to full scale: what
 upstream's ffmpeg decoding makes of them), non-finite weights, impossible dims and mistyped rotary options are
@@ -257,7 +257,7 @@ def test_the_edges_of_what_decoding_options_accept_still_pass():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# every numeric option of every subcommand (issue 26, items 5, 6, 9 and 11)
+# every numeric option of every subcommand
 
 #: What each subcommand needs besides the option under test; its model is a missing file, so that an option let
 #: through ends in the missing model's error instead of the option's.
@@ -328,7 +328,7 @@ def test_every_real_number_option_refuses_infinity_and_nan_in_one_line(tmp_path,
     _refused_naming(tmp_path, subcommand, option, value)
 
 
-#: The cases of issue 26 that passed the door and failed late (or never): each is refused in one line naming the
+#: Values that a looser check lets through, to fail late (or never): each is refused in one line naming the
 #: option and the range it accepts, the range its --help states.
 LATE_FAILURES = {
     "finetune --lr inf": ("finetune", "--lr", "inf"),

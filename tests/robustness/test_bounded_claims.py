@@ -1,4 +1,4 @@
-"""Every claim a file makes is bounded before it costs anything (issue 14, property 2).
+"""Every claim a file makes is bounded before it costs anything.
 
 A lying file is refused with one line naming the file and the claim, and the peak memory of refusing it stays
 within a small constant of the file's size plus the model its honest tensors describe. Each case runs in a child

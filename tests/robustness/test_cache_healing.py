@@ -1,4 +1,4 @@
-"""Caches heal (issue 14, property 8).
+"""Caches heal.
 
 A derived file in whisper_rope's cache (the installed tiny.en converted to a ``.pt``) that fails to read is
 rebuilt from its source with a warning, instead of failing every run until someone deletes it by hand.

@@ -1,4 +1,4 @@
-"""Model directories are closed (issue 14, property 3).
+"""Model directories are closed.
 
 Every file a reader opens resolves inside the model directory and is a regular file: an index naming ``../x`` or
 an absolute path, a symlink leading out of the directory, a FIFO or a device in place of a file are refused with

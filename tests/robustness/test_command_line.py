@@ -1,4 +1,4 @@
-"""One command line (issue 14, property 10).
+"""One command line.
 
 The same option is spelled and behaves the same in every subcommand: every long option is accepted with dashes
 and with underscores, a boolean option is a bare flag everywhere (``--unpadded``, ``--no-unpadded``, and upstream's

@@ -1,8 +1,8 @@
-"""Checkpoint compatibility both ways (issue 14, property 6).
+"""Checkpoint compatibility both ways.
 
 whisper_rope reads every checkpoint upstream's ``whisper.load_model`` reads (extra entries are ignored or used,
 never fatal); upstream cannot silently read a file of another positional variant as plain Whisper (it fails
-loudly, while whisper_rope reads the file as the variant it is), files written before that change still load, and
+loudly, while whisper_rope reads the file as the variant it is), files without that marker still load, and
 ``whisper``-variant files stay upstream checkpoints.
 """
 

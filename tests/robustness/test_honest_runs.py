@@ -1,4 +1,4 @@
-"""Honest resume and compare (issue 14, property 4).
+"""Honest resume and compare.
 
 A resumed fine-tune applies changed optimizer settings and records when they changed (or refuses them); ``compare``
 keys every stored result by the settings that produced it, so a re-run with other settings trains and evaluates

@@ -1,4 +1,4 @@
-"""Interrupts stay interrupts (issue 14, property 7).
+"""Interrupts stay interrupts.
 
 Ctrl-C anywhere (SIGINT to the whole process group, as a terminal sends it, so DataLoader workers and ffmpeg get
 it too) ends every command with one line ``whisper-rope: error: interrupted`` and exit status 130, and leaves no

@@ -323,7 +323,7 @@ def test_an_unterminated_csv_quote_is_reported_not_merged_into_a_transcript(fold
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# issue 26: URLs, and transcripts no clip can hold (items 8 and 11)
+# URLs, and transcripts no clip can hold
 
 
 @pytest.mark.parametrize("url", ["https://example.com/x.flac", "s3://bucket/clip.wav", "file:///tmp/x.flac"])

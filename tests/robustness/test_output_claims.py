@@ -1,4 +1,4 @@
-"""Which files a command may write, round 3 (issue 26, items 0-3, 10 and 11): evaluate claims its two files, no
+"""Which files a command may write: evaluate claims its two files, no
 output is written through a link the program did not make, inputs whose transcripts would collide are refused,
 the transcript record has one rule per failure, a failing record write ends no batch, and files follow the umask.
 
@@ -72,7 +72,7 @@ def _evaluate(model: Path, data: Path, output: Path) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Item 0: evaluate claims X.json and X.jsonl
+# `evaluate` claims X.json and X.jsonl
 
 
 @pytest.mark.parametrize("existing", ["train.jsonl", "train.json"])
@@ -122,7 +122,7 @@ def test_an_evaluation_cut_short_by_a_full_disk_is_replaced_by_the_next_one(tmp_
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Item 1: never through a link
+# Never through a link
 
 
 @pytest.mark.parametrize("target_exists", [False, True], ids=["dangling", "to a file"])
@@ -198,7 +198,7 @@ def test_an_atomic_write_replaces_a_link_at_its_name_and_never_follows_it(tmp_pa
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Item 2: inputs whose transcripts would collide
+# Inputs whose transcripts would collide
 
 
 def test_inputs_whose_transcripts_would_collide_are_refused_before_the_model_loads(tmp_path, capsys, loads,
@@ -211,7 +211,7 @@ def test_inputs_whose_transcripts_would_collide_are_refused_before_the_model_loa
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Item 3: the transcript record
+# The transcript record
 
 
 def _listing(root: Path) -> dict:
@@ -275,7 +275,7 @@ def test_a_damaged_record_warns_once_and_every_existing_output_counts_as_foreign
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Item 10: a failing record write, an output folder that cannot be written
+# A failing record write, an output folder that cannot be written
 
 
 def _atomic_os(monkeypatch, **overrides) -> None:
@@ -326,7 +326,7 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_the_model_loa
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Item 11: the umask
+# The umask
 
 
 @pytest.mark.parametrize("umask", [0o077, 0o002])

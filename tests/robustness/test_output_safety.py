@@ -1,4 +1,4 @@
-"""No command deletes or overwrites a file it did not create, and none replaces its own input (issue 14, property 1).
+"""No command deletes or overwrites a file it did not create, and none replaces its own input.
 
 Each case runs the installed ``whisper-rope`` command as a user would and compares a fingerprint of every file
 around it before and after: a refusal is one line and exit 2, and leaves every byte as it was. ``--force`` replaces

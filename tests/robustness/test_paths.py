@@ -1,4 +1,4 @@
-"""Paths as people type them (issue 14, property 9).
+"""Paths as people type them.
 
 Every command runs from another working directory with relative paths, ``~`` (HOME is a temporary directory,
 and no shell expands the ``~``: the command must), names with spaces and symlinks, in every path option, outputs

@@ -1,4 +1,4 @@
-"""Progress as people expect it (issue 26, item 6): ``--no-progress`` silences every bar, and a long phase without a
+"""Progress as people expect it: ``--no-progress`` silences every bar, and a long phase without a
 bar (the teacher's targets with ``--no-progress`` or stderr not a terminal) logs what is done and what is left at
 least every minute."""
 

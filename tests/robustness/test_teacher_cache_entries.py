@@ -1,4 +1,4 @@
-"""A teacher cache cannot poison a run (issue 26, item 4): what `TeacherCache.fill` reads is checked before use.
+"""A teacher cache cannot poison a run: what `TeacherCache.fill` reads is checked before use.
 
 An entry that parses but holds another clip's states, ids outside the vocabulary, NaN, the wrong dtype or an edited
 transcript is recomputed with one warning naming it; a cache directory that is a link, read-only or full is not

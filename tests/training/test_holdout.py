@@ -1,5 +1,5 @@
 """The clips a label-free run holds out (whisper_rope.training.holdout): drawn among clips that decode, kept by a
-resume (issue 26, item 11)."""
+resume."""
 
 import json
 import os

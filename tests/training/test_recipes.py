@@ -111,7 +111,7 @@ def test_settings_that_defeat_themselves_are_warned_about():
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# A recipe's step counts follow --steps; its hold-out follows the folder (issue 26, items 7, 12, 13)
+# A recipe's step counts follow --steps; its hold-out follows the folder
 
 
 def test_a_recipes_step_counts_follow_an_overridden_steps():

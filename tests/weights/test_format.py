@@ -132,7 +132,7 @@ def test_a_missing_file_and_a_directory_are_named(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Every claim bounded (issue 14, property 2)
+# Every claim bounded
 
 EMBED = "decoder.token_embedding.weight"
 
@@ -199,7 +199,7 @@ def test_a_missing_tensor_that_backs_a_dim_is_refused_even_when_adaptation_fills
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The variant marker and the entries upstream ignores (issue 14, property 6)
+# The variant marker and the entries upstream ignores
 
 
 def _ours(variant, **extra):
