@@ -61,7 +61,7 @@ MOVED = {
         ],
     ),
     "evaluate": (
-        ["evaluation.evaluate"],
+        ["evaluation.evaluate", "evaluation.command"],
         [
             "EvaluationOptions",
             "EvaluationResult",
@@ -69,8 +69,6 @@ MOVED = {
             "evaluate",
             "score_texts",
             "main",
-            "add_evaluate_arguments",
-            "run_evaluate_cli",
             "NORMALIZERS",
         ],
     ),

@@ -9,8 +9,9 @@ works whichever of the two the name holds.
 import sys
 import types
 
+from whisper_rope.evaluation.command import main
 from whisper_rope.evaluation.evaluate import *  # noqa: F403
-from whisper_rope.evaluation.evaluate import evaluate, main
+from whisper_rope.evaluation.evaluate import evaluate
 
 
 class _CallableModule(types.ModuleType):

@@ -39,9 +39,10 @@ import torch
 import whisper
 
 from ..atomic import atomic_write, atomic_write_text
+from ..fields import Bounds, NamedPath, PathText, opt
 from ..files import user_path
 from ..option_checks import BATCH, SEED, check_bounds
-from ..options import Bounds, NamedPath, PathText, add_dataclass_arguments, dataclass_from_args, opt
+from ..options import add_dataclass_arguments, dataclass_from_args
 from ..outputs import claim_directory, refuse_overlap, temporary_of
 from ..training.config import FinetuneConfig
 from ..training.loop import finetune
