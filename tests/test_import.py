@@ -3,9 +3,12 @@ exist (Windows), so that ``load_model`` can be imported there (docs/design.md, "
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,10 +22,15 @@ CLI_MODULES = {
 }
 
 
+def _run_module(*arguments: str) -> subprocess.CompletedProcess:
+    """A fresh interpreter run with ``arguments``, this checkout's package first on the path."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, *arguments], capture_output=True, text=True, env=env, timeout=120)
+
+
 def _run(code: str) -> subprocess.CompletedProcess:
     """``code`` in a fresh interpreter with this checkout's package first on the path."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    return _run_module("-c", code)
 
 
 def test_importing_the_package_imports_no_command_line_module():
@@ -59,3 +67,33 @@ print("fcntl" in sys.modules and sys.modules["fcntl"] is None, same, loaded.vari
     done = _run(code)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["True", "True", "rotary/rotary"]
+
+
+#: What the README names under ``whisper_rope.`` that is a module, not an API name: the command line's module
+#: (``torchrun -m whisper_rope.cli``), the subpackage of the foreign-format readers, and ``__all__`` itself.
+README_MODULES = {"cli", "weights", "__all__"}
+
+
+def test_every_name_the_readme_teaches_is_in_the_public_api():
+    import whisper_rope
+
+    taught = set(re.findall(r"whisper_rope\.([A-Za-z_]\w*)", (REPO / "README.md").read_text(encoding="utf-8")))
+    assert {"load_model", "finetune", "transcribe_many"} <= taught  # the README's examples are read
+    missing = taught - README_MODULES - set(whisper_rope.__all__)
+    assert not missing, sorted(missing)
+    assert all(hasattr(whisper_rope, name) for name in whisper_rope.__all__)
+    assert callable(whisper_rope.evaluate) and callable(whisper_rope.finetune)
+
+
+STANDALONE = [("whisper_rope.training", "finetune"), ("whisper_rope.evaluation", "evaluate")]
+
+
+@pytest.mark.parametrize("module, command", STANDALONE)
+def test_the_standalone_commands_are_the_subcommands(module, command):
+    """``python -m whisper_rope.training`` is ``whisper-rope finetune``: same usage, description and options."""
+    alone = _run_module("-W", "error::RuntimeWarning", "-m", module, "--help")
+    assert alone.returncode == 0, alone.stderr
+    subcommand = _run_module("-m", "whisper_rope.cli", command, "--help")
+    assert subcommand.returncode == 0, subcommand.stderr
+    assert alone.stdout.startswith(f"usage: whisper-rope {command} ")
+    assert alone.stdout == subcommand.stdout

@@ -156,7 +156,7 @@ def one_line_warnings() -> Iterator[None]:
 
 
 def run_command(run: Callable[[], int]) -> int:
-    """Run one command as every entry point does (``whisper-rope``, ``python -m whisper_rope.train|evaluate``).
+    """Run one command as every entry point does (``whisper-rope``, ``python -m whisper_rope.training|evaluation``).
 
     Warnings print as one line each (`one_line_warnings`); a bad-input error (ValueError, OSError, RuntimeError)
     becomes one line on stderr and status `BAD_INPUT`; running out of memory (`OutOfResources` included) one line

@@ -149,7 +149,7 @@ def standalone_main(
     run: Callable[[argparse.Namespace], int],
     argv: Optional[Sequence[str]] = None,
 ) -> int:
-    """One job as its own command (``python -m whisper_rope.train``): parse, and run it through
+    """One job as its own command (``python -m whisper_rope.training``): parse, and run it through
     `errors.run_command` (one-line errors and warnings, Ctrl-C as status 130), as `cli.main` does. Returns the
     exit status."""
     parser = add_arguments(ArgumentParser(prog=prog, description=description))

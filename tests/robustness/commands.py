@@ -155,7 +155,7 @@ class _Captured(Exception):
 
 def entry_point_parsers() -> Dict[str, argparse.ArgumentParser]:
     """Every parser a user reaches, as the entry points build them: ``whisper-rope`` and each of its subcommands
-    (``whisper-rope transcribe`` ...), ``python -m whisper_rope.train`` and ``python -m whisper_rope.evaluation``,
+    (``whisper-rope transcribe`` ...), ``python -m whisper_rope.training`` and ``python -m whisper_rope.evaluation``,
     keyed by the command line that reaches it. Captured when each ``main`` starts to parse, so that a parser built
     another way is still found."""
     from unittest import mock
@@ -165,7 +165,7 @@ def entry_point_parsers() -> Dict[str, argparse.ArgumentParser]:
     from whisper_rope.training import command as training_command
 
     captured: Dict[str, argparse.ArgumentParser] = {}
-    entry_points = {"whisper-rope": cli.main, "python -m whisper_rope.train": training_command.main,
+    entry_points = {"whisper-rope": cli.main, "python -m whisper_rope.training": training_command.main,
                     "python -m whisper_rope.evaluation": evaluation_command.main}  # fmt: skip
     for name, main in entry_points.items():
 
