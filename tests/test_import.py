@@ -17,7 +17,7 @@ CLI_MODULES = {
     "whisper_rope.cli",
     "whisper_rope.options",
     "whisper_rope.evaluation.command",
-    "whisper_rope.evaluation.compare",
+    "whisper_rope.evaluation.compare_command",
     "whisper_rope.training.command",
 }
 

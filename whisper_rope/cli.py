@@ -24,7 +24,7 @@ from .audio import load_audio
 from .errors import BAD_INPUT, INTERRUPTED, one_line, print_error, run_command
 from .evaluation.command import DESCRIPTION as EVALUATE_DESCRIPTION
 from .evaluation.command import add_evaluate_arguments, run_evaluate_cli
-from .evaluation.compare import add_compare_arguments, run_compare_cli
+from .evaluation.compare_command import add_compare_arguments, run_compare_cli
 from .model import WhisperRope
 from .option_checks import check_load_options, check_transcribe_options
 from .options import ArgumentParser, add_dataclass_arguments, dataclass_from_args
