@@ -172,8 +172,8 @@ LAYERS: List[Tuple[str, Set[str]]] = [
     ("training", {"training", "training.*"}),
     ("experiments", {"evaluation.compare"}),
     ("public API", {""}),  # whisper_rope/__init__.py
-    ("command line", {"options", "cli", "evaluation.command", "evaluation.__main__", "evaluation.compare_command",
-                      "training.command", "training.__main__"}),
+    ("command line", {"command_runtime", "options", "cli", "evaluation.command", "evaluation.__main__",
+                      "evaluation.compare_command", "training.command", "training.__main__"}),
 ]  # fmt: skip
 
 

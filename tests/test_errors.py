@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from whisper_rope.errors import quiet_worker_disconnects
+from whisper_rope.command_runtime import quiet_worker_disconnects
 
 SHARER = os.path.join(os.sep, "lib", "python3", "multiprocessing", "resource_sharer.py")
 
@@ -69,7 +69,7 @@ def _warns_then(outcome):
 def test_every_entry_point_reports_warnings_and_errors_in_one_line_each(capsys, outcome, status, error_line):
     import warnings
 
-    from whisper_rope.errors import run_command
+    from whisper_rope.command_runtime import run_command
 
     previous = warnings.formatwarning
 

@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 #: The command line: the argparse bridge, the subcommands and their runners. The library imports none of them.
 CLI_MODULES = {
     "whisper_rope.cli",
+    "whisper_rope.command_runtime",
     "whisper_rope.options",
     "whisper_rope.evaluation.command",
     "whisper_rope.evaluation.compare_command",

@@ -22,7 +22,8 @@ import sys
 import typing
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Type
 
-from .errors import BAD_INPUT, one_line, print_error, run_command
+from .command_runtime import BAD_INPUT, print_error, run_command
+from .errors import one_line
 from .fields import expand_paths, field_type, path_expander
 
 _TRUE = ("true", "yes", "1", "on")
@@ -150,7 +151,7 @@ def standalone_main(
     argv: Optional[Sequence[str]] = None,
 ) -> int:
     """One job as its own command (``python -m whisper_rope.training``): parse, and run it through
-    `errors.run_command` (one-line errors and warnings, Ctrl-C as status 130), as `cli.main` does. Returns the
+    `command_runtime.run_command` (one-line errors and warnings, Ctrl-C as status 130), as `cli.main` does. Returns the
     exit status."""
     parser = add_arguments(ArgumentParser(prog=prog, description=description))
     args = parser.parse_args(argv)
