@@ -1,6 +1,6 @@
 """The shape of the package, read from its source with ``ast``: functions fit on a screen, modules import their
-siblings at the top (so the import graph is what the files say), and the graph has no cycle (docs/design.md,
-"Layout")."""
+siblings at the top (so the import graph is what the files say), the graph has no cycle, and no module imports one
+of a higher layer (docs/design.md, "Layout")."""
 
 import ast
 from pathlib import Path
@@ -151,3 +151,66 @@ def test_the_weights_layer_is_at_the_bottom():
     and the range of RoPE's base from positional.py (a stored theta is checked by the bounds the model enforces)."""
     graph = _import_edges()
     assert graph["whisper_rope.weights.format"] <= {"whisper_rope.errors", "whisper_rope.positional"}
+
+
+#: The layers of docs/design.md, bottom first: a module imports only modules of its own layer or of layers before
+#: it (within a layer, the cycle test above keeps the imports one way). ``NAME.*`` places every module of a
+#: subpackage not named elsewhere. The command line is on top: no library module imports it.
+LAYERS: List[Tuple[str, Set[str]]] = [
+    ("errors and version", {"errors", "version"}),
+    ("files, fields, audio", {"files", "fields", "atomic", "outputs", "progress", "variants", "positional", "audio"}),
+    ("signal and option checks", {"features", "speech_chunks", "beam_search", "timestamp_rules", "adapted_lengths",
+                                  "option_checks"}),
+    ("batched decoding", {"decoding", "packing"}),
+    ("model", {"model"}),
+    ("int8", {"compute_type"}),
+    ("weights", {"weights", "weights.*"}),
+    ("data", {"data", "data.*"}),
+    ("window options", {"transcribe_options"}),
+    ("long-form", {"longform"}),
+    ("transcription and evaluation", {"transcribe", "evaluation", "evaluation.evaluate", "evaluation.metrics"}),
+    ("training", {"training", "training.*"}),
+    ("experiments", {"evaluation.compare"}),
+    ("public API", {""}),  # whisper_rope/__init__.py
+    ("command line", {"command_runtime", "options", "cli", "evaluation.command", "evaluation.__main__",
+                      "evaluation.compare_command", "training.command", "training.__main__"}),
+]  # fmt: skip
+
+
+def _layer(module: str) -> int:
+    """The index in `LAYERS` of the package module ``module`` (its name, or else its subpackage's ``NAME.*``)."""
+    short = module.removeprefix("whisper_rope").removeprefix(".")
+    exact = [i for i, (_, names) in enumerate(LAYERS) if short in names]
+    wildcard = [i for i, (_, names) in enumerate(LAYERS) if short.rpartition(".")[0] + ".*" in names]
+    found = exact or wildcard
+    assert len(found) == 1, f"{module} is in {len(found)} layers of LAYERS (add it to exactly one)"
+    return found[0]
+
+
+def _upward_imports(graph: Dict[str, Set[str]]) -> List[str]:
+    return [
+        f"{module} ({LAYERS[_layer(module)][0]}) imports {target} ({LAYERS[_layer(target)][0]})"
+        for module, targets in sorted(graph.items())
+        for target in sorted(targets)
+        if _layer(target) > _layer(module)
+    ]
+
+
+def test_every_module_is_in_one_layer():
+    for module in MODULES:
+        _layer(module)
+
+
+def test_no_module_imports_one_from_a_higher_layer():
+    upward = _upward_imports(_import_edges())
+    assert not upward, "\n".join(upward)
+
+
+def test_the_layer_check_finds_an_upward_import():
+    """The model importing the command line, or training's config importing its command, is caught."""
+    upward = _upward_imports({"whisper_rope.model": {"whisper_rope.cli"}, "whisper_rope.training.config": {
+        "whisper_rope.training.command", "whisper_rope.weights.loading"}})  # fmt: skip
+    assert upward == [
+        "whisper_rope.model (model) imports whisper_rope.cli (command line)",
+        "whisper_rope.training.config (training) imports whisper_rope.training.command (command line)",
+    ]

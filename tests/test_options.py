@@ -8,15 +8,8 @@ from typing import List, Optional
 import pytest
 
 from whisper_rope.cli import build_parser
-from whisper_rope.options import (
-    ArgumentParser,
-    NamedPath,
-    PathText,
-    add_dataclass_arguments,
-    dataclass_from_args,
-    opt,
-    option,
-)
+from whisper_rope.fields import NamedPath, PathText, opt, option
+from whisper_rope.options import ArgumentParser, add_dataclass_arguments, dataclass_from_args
 
 
 @dataclass

@@ -1,37 +1,39 @@
 """whisper_rope: OpenAI Whisper with pluggable positional embeddings, loading pretrained checkpoints.
 
-Public API::
-
-    load_model(name_or_path, variant=None, device=None, ...)   pretrained or fine-tuned weights into a variant
-    build_model(dims, variant)                                   a randomly initialised model
-    save_checkpoint(model, path)                                 our checkpoint format, written atomically
-    available_variants()                                         the preset names
+Every name the README teaches is importable from here; the subpackages (`weights`, `data`, `training`,
+`evaluation`) hold the rest. Importing the package imports no command-line module (`whisper_rope.cli`).
 """
 
-from . import errors
-from .errors import AudioError, CheckpointError, ModelNotFoundError, VariantError, WhisperRopeError
+from .audio import load_audio
+from .errors import (
+    AudioError,
+    CheckpointError,
+    DataError,
+    ModelNotFoundError,
+    OptionError,
+    TrainingError,
+    VariantError,
+    WhisperRopeError,
+)
 from .evaluation.evaluate import EvaluationOptions, EvaluationResult, evaluate
+from .longform import transcribe_chunked, transcribe_recordings
 from .model import WhisperRope
+from .training.config import FinetuneConfig
+from .training.loop import finetune
+from .transcribe import transcribe_many
 from .variants import available_variants, parse_variant
 from .version import __version__
 from .weights.loading import LoadReport, build_model, load_model, save_checkpoint
 
 __all__ = [
-    "AudioError",
-    "CheckpointError",
-    "EvaluationOptions",
-    "EvaluationResult",
-    "LoadReport",
-    "ModelNotFoundError",
-    "VariantError",
-    "WhisperRope",
-    "WhisperRopeError",
+    # models: load, build, save
+    "load_model", "build_model", "save_checkpoint", "WhisperRope", "LoadReport", "available_variants", "parse_variant",
+    # transcription
+    "load_audio", "transcribe_many", "transcribe_chunked", "transcribe_recordings",
+    # fine-tuning and evaluation
+    "finetune", "FinetuneConfig", "evaluate", "EvaluationOptions", "EvaluationResult",
+    # errors (each a ValueError, FileNotFoundError or RuntimeError too)
+    "WhisperRopeError", "AudioError", "CheckpointError", "DataError", "ModelNotFoundError", "OptionError",
+    "TrainingError", "VariantError",
     "__version__",
-    "available_variants",
-    "build_model",
-    "errors",
-    "evaluate",
-    "load_model",
-    "parse_variant",
-    "save_checkpoint",
-]
+]  # fmt: skip

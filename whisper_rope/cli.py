@@ -21,10 +21,11 @@ from whisper.utils import get_writer
 
 from .atomic import atomic_write_text
 from .audio import load_audio
-from .errors import BAD_INPUT, INTERRUPTED, one_line, print_error, run_command
-from .evaluation.compare import add_compare_arguments, run_compare_cli
-from .evaluation.evaluate import DESCRIPTION as EVALUATE_DESCRIPTION
-from .evaluation.evaluate import add_evaluate_arguments, run_evaluate_cli
+from .command_runtime import BAD_INPUT, INTERRUPTED, print_error, run_command
+from .errors import one_line
+from .evaluation.command import DESCRIPTION as EVALUATE_DESCRIPTION
+from .evaluation.command import add_evaluate_arguments, run_evaluate_cli
+from .evaluation.compare_command import add_compare_arguments, run_compare_cli
 from .model import WhisperRope
 from .option_checks import check_load_options, check_transcribe_options
 from .options import ArgumentParser, add_dataclass_arguments, dataclass_from_args

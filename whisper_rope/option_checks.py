@@ -1,7 +1,7 @@
 """Checks of the options of every command, made before any model is loaded or any file written.
 
 Each failed check is an `OptionError`: one line naming the option (both its spellings, ``--beam-size/--beam_size``)
-and what it accepts. A number's range is declared once, on its field (``bounds=``, `options.Bounds`; the shared
+and what it accepts. A number's range is declared once, on its field (``bounds=``, `fields.Bounds`; the shared
 ranges are below), where its help text is built too; `check_bounds` checks every field of an options object.
 
 Upstream's ``whisper`` command passes bad values on and fails later, after the model is loaded, with a traceback
@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 
 from .errors import OptionError
-from .options import Bounds, flags
+from .fields import Bounds, flags
 
 __all__ = ["check_bounds", "check_device", "check_load_options", "check_transcribe_options"]
 

@@ -3,9 +3,9 @@ using, never through a link it did not make (docs/reliability.md, "Outputs").
 
 * `refuse_overlap` stops a command whose output is, or would hold, one of its inputs.
 * `claim_directory` adopts an output directory for one command (new, empty, or marked by an earlier run of the same
-  command) and holds an exclusive ``flock`` on it until `DirectoryClaim.release` or the process ends; a directory of
-  someone else's files, one holding a symlink anywhere inside, or one another process is using, is refused in one
-  line.
+  command) and holds an exclusive lock on it (`filelock`: ``flock`` on POSIX, a byte-range lock on Windows) until
+  `DirectoryClaim.release` or the process ends; a directory of someone else's files, one holding a symlink anywhere
+  inside, or one another process is using, is refused in one line.
 * `temporary_of` recognises the temporary files of our own atomic writes, so that a command sweeps only those.
 * `OutputRecord` remembers which files ``transcribe`` and ``evaluate`` wrote into a folder, so that a later run
   replaces its own and never a file a person put there (a reference ``clip.txt`` beside ``clip.flac``, a training
@@ -18,7 +18,6 @@ it, or appended to by `files.append_text`, which refuses one; the claims above r
 would write before it starts, so that it never replaces a link a person made either.
 """
 
-import fcntl
 import json
 import os
 import re
@@ -27,6 +26,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+import filelock
 
 from .atomic import atomic_write_text, probe_directory
 from .errors import PathLike, WhisperRopeError
@@ -76,20 +77,20 @@ def refuse_overlap(output: PathLike, inputs: Dict[str, Optional[PathLike]], opti
 
 @dataclass
 class DirectoryClaim:
-    """An output directory held by this process: an open, ``flock``-ed lock file inside it (``_fd``; None for a
+    """An output directory held by this process: the held lock on the lock file inside it (``_lock``; None for a
     claim that holds no lock, such as a non-main rank's view of the directory rank 0 claimed)."""
 
     path: Path
     command: str
     adopted: bool  # it already carried the mark of an earlier run of the same command
     created: bool = False  # this claim created the directory
-    _fd: Optional[int] = None
+    _lock: Optional[filelock.BaseFileLock] = None
 
     def release(self) -> None:
         """Unlock the directory. The lock file stays as the mark of the command, unless the run wrote nothing
         beside it: then it goes, with the directory if this claim created it, so a run refused or failed before
         its first file leaves no trace."""
-        if self._fd is None:
+        if self._lock is None:
             return
         try:
             if [entry.name for entry in self.path.iterdir()] == [LOCK_FILE]:
@@ -98,8 +99,8 @@ class DirectoryClaim:
                     os.rmdir(self.path)
         except OSError:
             pass  # best effort: a left mark only lets the next run of the same command adopt the directory
-        os.close(self._fd)
-        self._fd = None
+        self._lock.release()
+        self._lock = None
 
     def __enter__(self) -> "DirectoryClaim":
         return self
@@ -171,19 +172,35 @@ def claim_directory(
     mark = _check_claimable(path, shown, command, option, owns, adopt_unmarked)
     created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    lock = filelock.FileLock(path / LOCK_FILE, timeout=0)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
+        lock.acquire()
+    except filelock.Timeout:
         raise OutputError(
             f"{option} {shown!r} is in use by another `whisper-rope {command}` run; wait for it to finish or choose "
             "another directory"
         ) from None
+    _write_mark(path / LOCK_FILE, command)
+    return DirectoryClaim(path, command, adopted=mark == command, created=created, _lock=lock)
+
+
+def _write_mark(lock_file: Path, command: str) -> None:
+    """Name ``command`` (and this process) in the held ``lock_file``, through a descriptor of its own: a POSIX
+    ``flock`` belongs to the lock's descriptor, so closing this one keeps the lock. Where the lock forbids other
+    writers (Windows' byte-range lock), the lock file stays unmarked, which `_check_claimable` reads as a run that
+    died while marking."""
     payload = json.dumps({"command": command, "pid": os.getpid()}).encode()
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, payload, 0)
-    return DirectoryClaim(path, command, adopted=mark == command, created=created, _fd=fd)
+    try:
+        fd = os.open(lock_file, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, payload)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def check_writable(folder: PathLike, option: str) -> None:

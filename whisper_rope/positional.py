@@ -12,7 +12,7 @@ from typing import Dict, Tuple
 import torch
 from torch import Tensor
 
-from .options import Bounds
+from .fields import Bounds
 
 #: RoPE bases: above 1 the pairs turn ever slower (``theta ** (-2 i / head_dim)`` falls from 1); from far below 1,
 #: ``theta ** -1`` overflows float32 and the angles become NaN. 1e9 is above any base in use (10000 to 5e8).

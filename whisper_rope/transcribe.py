@@ -38,10 +38,10 @@ from whisper.utils import format_timestamp, make_safe, optional_float, optional_
 from .adapted_lengths import warn_outside
 from .audio import load_audio
 from .features import first_transcription_window, language_window
+from .fields import Bounds, PathText, opt
 from .longform import supports, transcribe_recordings, whole_audio
 from .model import WhisperRope
 from .option_checks import BATCH, BEAMS
-from .options import Bounds, PathText, opt
 from .transcribe_options import transcribe_dtype, window_decoding_options
 from .weights.loading import MODEL_HELP
 

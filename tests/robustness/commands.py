@@ -155,18 +155,18 @@ class _Captured(Exception):
 
 def entry_point_parsers() -> Dict[str, argparse.ArgumentParser]:
     """Every parser a user reaches, as the entry points build them: ``whisper-rope`` and each of its subcommands
-    (``whisper-rope transcribe`` ...), ``python -m whisper_rope.train`` and ``python -m whisper_rope.evaluate``,
+    (``whisper-rope transcribe`` ...), ``python -m whisper_rope.training`` and ``python -m whisper_rope.evaluation``,
     keyed by the command line that reaches it. Captured when each ``main`` starts to parse, so that a parser built
     another way is still found."""
     from unittest import mock
 
     from whisper_rope import cli
-    from whisper_rope.evaluation import evaluate
+    from whisper_rope.evaluation import command as evaluation_command
     from whisper_rope.training import command as training_command
 
     captured: Dict[str, argparse.ArgumentParser] = {}
-    entry_points = {"whisper-rope": cli.main, "python -m whisper_rope.train": training_command.main,
-                    "python -m whisper_rope.evaluate": evaluate.main}  # fmt: skip
+    entry_points = {"whisper-rope": cli.main, "python -m whisper_rope.training": training_command.main,
+                    "python -m whisper_rope.evaluation": evaluation_command.main}  # fmt: skip
     for name, main in entry_points.items():
 
         def capture(parser, *args, _name=name, **kwargs):

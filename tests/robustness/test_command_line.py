@@ -83,11 +83,11 @@ def _twins(spelling: str) -> set:
 
 
 def test_every_option_of_every_parser_takes_both_spellings():
-    """Every parser a user reaches (each subcommand, and the parsers of ``python -m whisper_rope.train`` and
-    ``python -m whisper_rope.evaluate``): each long option is also accepted with dashes and with underscores, and both
+    """Every parser a user reaches (each subcommand, and the parsers of ``python -m whisper_rope.training`` and
+    ``python -m whisper_rope.evaluation``): each long option is also accepted with dashes and with underscores, and both
     spellings are the same option."""
     parsers = entry_point_parsers()
-    assert {"whisper-rope transcribe", "whisper-rope finetune", "python -m whisper_rope.train"} <= set(parsers)
+    assert {"whisper-rope transcribe", "whisper-rope finetune", "python -m whisper_rope.training"} <= set(parsers)
     missing = []
     for name, parser in parsers.items():
         for action in parser._actions:

@@ -131,7 +131,7 @@ def test_ctrl_c_inside_a_finetune_checkpoint_write_exits_130_and_leaves_no_parti
     assert _leftovers(out) == []
 
 
-@pytest.mark.parametrize("command", [[str(WHISPER_ROPE), "finetune"], [sys.executable, "-m", "whisper_rope.train"]])
+@pytest.mark.parametrize("command", [[str(WHISPER_ROPE), "finetune"], [sys.executable, "-m", "whisper_rope.training"]])
 def test_ctrl_c_between_finetune_steps_exits_130(tmp_path, speech_pt, command):
     """Also while DataLoader workers hand batches over: no traceback of a worker connection the same Ctrl-C cut."""
     out = tmp_path / "run"

@@ -21,7 +21,6 @@ training settings it trains anew beside the old runs, with other evaluation sett
 the stored models again. The reports show only the results of the settings given.
 """
 
-import argparse
 import csv
 import hashlib
 import io
@@ -39,9 +38,9 @@ import torch
 import whisper
 
 from ..atomic import atomic_write, atomic_write_text
+from ..fields import Bounds, NamedPath, PathText, opt
 from ..files import user_path
 from ..option_checks import BATCH, SEED, check_bounds
-from ..options import Bounds, NamedPath, PathText, add_dataclass_arguments, dataclass_from_args, opt
 from ..outputs import claim_directory, refuse_overlap, temporary_of
 from ..training.config import FinetuneConfig
 from ..training.loop import finetune
@@ -576,35 +575,3 @@ def plot_results(results: Dict[str, Any], config: CompareConfig, output: Path) -
     cost_path = _save_figure(figure, output / "cost.png")
     plt.close(figure)
     return [wer_path, loss_path, cost_path]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Command line
-
-
-def add_compare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--config", help="JSON file with any of the options below (command-line options override it)")
-    # No defaults here: an option left out keeps the config file's value, or the field's default.
-    return add_dataclass_arguments(parser, CompareConfig, defaults=False)
-
-
-def config_from_args(args: argparse.Namespace) -> CompareConfig:
-    values: Dict[str, Any] = {}
-    if args.config:
-        try:
-            values = json.loads(Path(args.config).expanduser().read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as error:
-            raise ValueError(f"cannot read compare config {args.config!r}: {error}") from None
-        unknown = set(values) - {f.name for f in fields(CompareConfig)}
-        if unknown:
-            raise ValueError(f"compare config {args.config!r}: unknown keys {', '.join(sorted(unknown))}")
-    return dataclass_from_args(CompareConfig, args, base=values)
-
-
-def run_compare_cli(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
-    compare(config)
-    output = Path(config.output)
-    print((output / "results.md").read_text(encoding="utf-8"))
-    print(f"wrote {output / 'results.md'}, {output / 'results.csv'} and plots")
-    return 0

@@ -10,7 +10,7 @@
 * `optim` - which parameters train, at which learning rate, on which schedule, in which precision.
 * `holdout` - label-free evaluation on held-out clips against the teacher's transcripts.
 * `report` - the final evaluation table of a recipe run, the adapted model beside the source model.
-* `command` - the ``whisper-rope finetune`` command (``python -m whisper_rope.train``).
+* `command` - the ``whisper-rope finetune`` command (``python -m whisper_rope.training``).
 * `state` - step directories and the training state that ``--resume`` continues exactly from.
 * `log` - ``train_log.jsonl`` and the training curves.
 * `distributed` - the DistributedDataParallel context under ``torchrun``.

@@ -20,7 +20,7 @@ from .recipes import RECIPES, recipe_defaults
 from .report import final_evaluation
 from .state import MODEL_FILE
 
-# The command's --help description, the same for `whisper-rope finetune` and `python -m whisper_rope.train`.
+# The command's --help description, the same for `whisper-rope finetune` and `python -m whisper_rope.training`.
 DESCRIPTION = (
     "Fine-tune pretrained or fine-tuned weights into a positional variant on a manifest or a folder of audio with "
     ".txt transcripts; under torchrun, with DistributedDataParallel."
@@ -104,7 +104,7 @@ def run_finetune_cli(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m whisper_rope.train ...``: the finetune command on its own (also under torchrun)."""
+    """``python -m whisper_rope.training ...``: the finetune command on its own (also under torchrun)."""
     return standalone_main("whisper-rope finetune", DESCRIPTION, add_finetune_arguments, run_finetune_cli, argv)
 
 

@@ -4,6 +4,7 @@
 from dataclasses import dataclass
 from typing import Optional
 
+from ..fields import Bounds, PathText, opt
 from ..option_checks import (
     BATCH,
     LEARNING_RATE,
@@ -15,7 +16,6 @@ from ..option_checks import (
     check_bounds,
     check_device,
 )
-from ..options import Bounds, PathText, opt
 from ..positional import ROTARY_THETA
 from ..weights.loading import DEVICE_HELP, ROTARY_THETA_HELP, THREADS_HELP
 from .optim import check_policy

@@ -16,7 +16,7 @@ import torch
 import whisper
 
 from whisper_rope.errors import CheckpointError, ModelNotFoundError, PathLike, VariantError
-from whisper_rope.options import PathText, opt
+from whisper_rope.fields import PathText, opt
 from whisper_rope.outputs import refuse_overlap
 from whisper_rope.variants import UPSTREAM_VARIANT, parse_variant
 from whisper_rope.weights.common import ImportedCheckpoint, save_upstream

@@ -33,9 +33,9 @@ from .. import version
 from ..atomic import atomic_torch_save
 from ..compute_type import INT8, apply_compute_type, resolve_compute_type
 from ..errors import CheckpointError, ModelNotFoundError, PathLike, VariantError, first_line, one_line
+from ..fields import PathText, opt
 from ..model import DEFAULT_ROTARY_THETA, WhisperRope, WithoutRandomInit
 from ..option_checks import THREADS, UNPADDED_MARGIN, check_load_options
-from ..options import PathText, opt
 from ..positional import ROTARY_THETA
 from ..variants import DECODER_SCHEMES, ENCODER_SCHEMES, PRESETS, UPSTREAM_VARIANT, Variant, parse_variant
 from . import int8_cache, packages

@@ -1,0 +1,38 @@
+"""``whisper-rope compare``: its options (`CompareConfig`, over an optional JSON ``--config`` file) and the run."""
+
+import argparse
+import json
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Dict
+
+from ..options import add_dataclass_arguments, dataclass_from_args
+from .compare import CompareConfig, compare
+
+
+def add_compare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--config", help="JSON file with any of the options below (command-line options override it)")
+    # No defaults here: an option left out keeps the config file's value, or the field's default.
+    return add_dataclass_arguments(parser, CompareConfig, defaults=False)
+
+
+def config_from_args(args: argparse.Namespace) -> CompareConfig:
+    values: Dict[str, Any] = {}
+    if args.config:
+        try:
+            values = json.loads(Path(args.config).expanduser().read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"cannot read compare config {args.config!r}: {error}") from None
+        unknown = set(values) - {f.name for f in fields(CompareConfig)}
+        if unknown:
+            raise ValueError(f"compare config {args.config!r}: unknown keys {', '.join(sorted(unknown))}")
+    return dataclass_from_args(CompareConfig, args, base=values)
+
+
+def run_compare_cli(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    compare(config)
+    output = Path(config.output)
+    print((output / "results.md").read_text(encoding="utf-8"))
+    print(f"wrote {output / 'results.md'}, {output / 'results.csv'} and plots")
+    return 0

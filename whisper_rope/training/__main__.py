@@ -1,0 +1,7 @@
+"""``python -m whisper_rope.training``: the ``whisper-rope finetune`` command on its own (also under torchrun)."""
+
+import sys
+
+from .command import main
+
+sys.exit(main())
