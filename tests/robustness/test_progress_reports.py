@@ -85,3 +85,32 @@ def test_teacher_targets_without_a_bar_report_in_the_log(tmp_path, monkeypatch, 
     assert lines[2].startswith("teacher targets: 2 of 3 clips (67 %), about ") and lines[2].endswith(" left")
     assert lines[3].startswith("teacher targets: 3 of 3 clips computed")
     assert "%|" not in capfd.readouterr().err  # no bar
+
+
+class _FakeDownload:
+    """What ``urllib.request.urlopen`` returns, holding a few bytes (which fail upstream's checksum afterwards)."""
+
+    def __init__(self, *_):
+        self.left = [b"x" * 100_000]
+
+    def info(self):
+        return {"Content-Length": "100000"}
+
+    def read(self, _size):
+        return self.left.pop() if self.left else b""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        return False
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_no_progress_also_silences_upstreams_download_bar(tmp_path, monkeypatch, capfd, progress):
+    monkeypatch.setattr("urllib.request.urlopen", _FakeDownload)
+    monkeypatch.setattr("whisper_rope.weights.packages.find_installed_model", lambda name: None)
+    with pytest.raises(RuntimeError, match="SHA256"):  # the fake bytes are not the model: only the bar matters
+        whisper_rope.load_model("base.en", device="cpu", download_root=str(tmp_path), progress=progress)
+    err = capfd.readouterr().err
+    assert ("iB/s" in err or "98k" in err or "%|" in err) == progress, err

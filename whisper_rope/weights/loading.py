@@ -17,12 +17,14 @@ Our file format (read with ``torch.load(weights_only=True)``; plain tensors, str
 A ``whisper``-variant file is also an upstream checkpoint: ``whisper.load_model(path)`` reads it.
 """
 
+import contextlib
+import functools
 import logging
 import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 import whisper
@@ -223,7 +225,8 @@ def resolve_checkpoint(
             checkpoint, converted = _installed_checkpoint(text, progress)
             return checkpoint, heads, f"{text} (installed package, {converted})"
         try:
-            downloaded = whisper._download(whisper._MODELS[text], root, in_memory)
+            with _upstream_bar(progress):
+                downloaded = whisper._download(whisper._MODELS[text], root, in_memory)
         except OSError as error:  # urllib's URLError is an OSError
             raise ModelNotFoundError(_offline_help(text) + f" (download error: {error})") from None
         label = f"{text} (downloaded)"
@@ -233,6 +236,21 @@ def resolve_checkpoint(
         f"model {text!r} is neither an existing path nor a model name; available names: "
         f"{', '.join(whisper.available_models())}"
     )
+
+
+@contextlib.contextmanager
+def _upstream_bar(shown: bool) -> Iterator[None]:
+    """Upstream's ``_download`` draws its bar with the ``tqdm`` its package imported and takes no option to hide it:
+    with ``shown`` False that name is a bar that is disabled, for the call only."""
+    if shown:
+        yield
+        return
+    original = whisper.tqdm
+    whisper.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        whisper.tqdm = original
 
 
 def _installed_checkpoint(name: str, progress: bool = True) -> Tuple[dict, Path]:
