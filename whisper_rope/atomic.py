@@ -157,4 +157,25 @@ def atomic_write_text(path: PathLike, text: str) -> Path:
 
 def atomic_torch_save(obj: object, path: PathLike) -> Path:
     """``torch.save`` through `atomic_write`."""
-    return atomic_write(path, lambda handle: torch.save(obj, handle))
+    return atomic_write(path, lambda handle: torch.save(obj, _LateWritesDropped(handle)))
+
+
+class _LateWritesDropped:
+    """A binary file for torch's zip writer whose writes after the file closed are dropped.
+
+    torch's writer writes its closing records when it is freed. After a Ctrl-C inside ``torch.save`` it is freed
+    with the exception's frames, after `atomic_write` has closed (and removed) the temporary file; the write then
+    raises inside a C++ destructor, and the process aborts instead of exiting 130. The file is gone by then, so
+    nothing is lost by dropping those bytes."""
+
+    def __init__(self, handle: BinaryIO):
+        self.handle = handle
+
+    def write(self, data) -> int:
+        if self.handle.closed:
+            return len(data)
+        return self.handle.write(data)
+
+    def flush(self) -> None:
+        if not self.handle.closed:
+            self.handle.flush()

@@ -13,7 +13,7 @@ from typing import Any, Dict, Iterable, Optional, Sequence
 
 import torch
 
-from whisper_rope.atomic import atomic_write
+from whisper_rope.atomic import atomic_torch_save
 from whisper_rope.errors import CheckpointError, PathLike, one_line
 from whisper_rope.files import read_regular
 from whisper_rope.variants import UPSTREAM_VARIANT
@@ -91,7 +91,7 @@ def float_dtype_of(dtypes: Iterable[torch.dtype]) -> torch.dtype:
 def save_upstream(checkpoint: ImportedCheckpoint, path: PathLike) -> Path:
     """Write ``checkpoint`` atomically as an upstream-format ``.pt`` file readable by ``whisper.load_model``."""
     payload = checkpoint.to_upstream()
-    return atomic_write(path, lambda handle: torch.save(payload, handle))
+    return atomic_torch_save(payload, path)
 
 
 def describe_paths(paths: Sequence[Path]) -> str:
