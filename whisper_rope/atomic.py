@@ -172,10 +172,13 @@ class _LateWritesDropped:
         self.handle = handle
 
     def write(self, data) -> int:
-        if self.handle.closed:
+        if self._closed():
             return len(data)
         return self.handle.write(data)
 
     def flush(self) -> None:
-        if not self.handle.closed:
+        if not self._closed():
             self.handle.flush()
+
+    def _closed(self) -> bool:
+        return bool(getattr(self.handle, "closed", False))  # any object with write() may stand in for a file
