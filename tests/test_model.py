@@ -12,7 +12,7 @@ from whisper.model import Whisper, disable_sdpa
 import whisper_rope
 from whisper_rope.audio import load_audio
 from whisper_rope.features import trailing_padding_start
-from whisper_rope.model import PositionalAttention
+from whisper_rope.model import CausalSelfAttention, CrossAttention, SelfAttention
 from whisper_rope.positional import RotaryEmbedding, rotate_half
 
 from .conftest import MIXED_VARIANTS, SPEECH_CLIPS, randomise_
@@ -301,8 +301,16 @@ def test_gated_rope_at_zero_is_the_unrotated_model(dims):
     assert all(block.attn.rotary_gate.grad.abs().sum() > 0 for block in hybrid.decoder.blocks)
 
 
-def test_positional_attention_subclasses_upstream():
-    assert issubclass(PositionalAttention, whisper.model.MultiHeadAttention)
+def test_attentions_subclass_upstream_under_upstreams_names(dims):
+    assert all(issubclass(c, whisper.model.MultiHeadAttention) for c in (SelfAttention, CrossAttention))
+    model = whisper_rope.build_model(dims, "rotary")
+    assert all(type(block.attn) is SelfAttention for block in model.encoder.blocks)
+    assert all(type(block.attn) is CausalSelfAttention for block in model.decoder.blocks)
+    assert all(type(block.cross_attn) is CrossAttention for block in model.decoder.blocks)
+    assert model.state_dict().keys() == whisper.model.Whisper(dims).state_dict().keys() - {
+        "encoder.positional_embedding",
+        "decoder.positional_embedding",
+    }
 
 
 def test_kv_cache_with_few_unpadded_frames_keeps_cross_attention_keys_and_matches_full_forward(monkeypatch):

@@ -87,7 +87,7 @@ class BatchDecodingTask(DecodingTask):
 
     * Several decoding rows per clip (beam search, best-of-n): upstream's ``run`` needs one feature row per
       decoding row, so the features are repeated for it, but the decoding loop gets one row per clip and
-      `PositionalAttention` folds a clip's rows into its query length: cross-attention keys and values are
+      `CrossAttention` folds a clip's rows into its query length: cross-attention keys and values are
       computed once per clip, not once per beam.
     * An unpadded encoder (``model.unpadded``): clips of different lengths are cut to the longest, each encoded as
       if alone, and cross-attention masks the rest (`ClipMaskedInference`); languages are detected per clip.

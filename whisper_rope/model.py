@@ -41,31 +41,40 @@ from .variants import SideScheme, Variant, parse_variant
 DEFAULT_ROTARY_THETA = 10000.0
 
 
-class PositionalAttention(MultiHeadAttention):
-    """Upstream attention plus optional RoPE, a cache-aligned causal mask and key-padding masks.
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, n_head: int) -> Tuple[Tensor, Optional[Tensor]]:
+    """Attention of q (b, n_q, n_state) onto k, v (b, n_k, n_state) through an explicit boolean mask broadcastable
+    to (b, n_head, n_q, n_k), True = may attend. Returns ((b, n_q, n_state), scores (b, n_head, n_q, n_k) fp32 when
+    upstream's SDPA is off, else None), as upstream's ``qkv_attention``."""
+    b, n_q, n_state = q.shape
+    q, k, v = (t.view(b, t.shape[1], n_head, -1).transpose(1, 2) for t in (q, k, v))
+    if upstream.SDPA_AVAILABLE and MultiHeadAttention.use_sdpa:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        return out.transpose(1, 2).flatten(start_dim=2), None
+    scale = (n_state // n_head) ** -0.25
+    qk = ((q * scale) @ (k * scale).transpose(-1, -2)).float()
+    qk = qk.masked_fill(~allowed, float("-inf"))
+    weights = qk.softmax(dim=-1).to(q.dtype)
+    out = (weights @ v).transpose(1, 2).flatten(start_dim=2)
+    return out, qk.detach()
 
-    rotary: rotates queries and keys of *self*-attention. With upstream's kv-cache hooks the cached keys are the
-        raw projections of positions ``0 .. n_k - 1``, so queries sit at ``offset .. offset + n_q - 1`` with
-        ``offset = n_k - n_q`` and the rotation happens here, after the cache.
-    causal: this is the decoder's self-attention; ``mask`` is then the (n_text_ctx, n_text_ctx) causal table.
-        Otherwise a given ``mask`` is a boolean key mask (b, n_k), True where a key may be attended, or a
-        `PackedClips` layout: the input (1, total, n_state) is several clips packed end to end, each attending to
-        itself only, rotated by its positions within its clip (`packing.py`).
+
+class SelfAttention(MultiHeadAttention):
+    """The encoder's self-attention: upstream's, plus optional (gated) RoPE, a key-padding mask or packed clips.
+
+    rotary: rotates queries and keys. With upstream's kv-cache hooks (decoder, `CausalSelfAttention`) the cached
+        keys are the raw projections of positions ``0 .. n_k - 1``, so queries sit at ``offset .. offset + n_q - 1``
+        with ``offset = n_k - n_q`` and the rotation happens here, after the cache.
     gated: a learnable per-head gate ``g`` (initialised to 0) mixes the rotation in: ``x + g * (rope(x) - x)``;
         at ``g = 0`` the module computes exactly the un-rotated function.
+
+    ``mask`` is None, a boolean key mask (b, n_k), True where a key may be attended, or a `PackedClips` layout: the
+    input (1, total, n_state) is several clips packed end to end, each attending to itself only, rotated by its
+    positions within its clip (`packing.py`).
     """
 
-    def __init__(
-        self,
-        n_state: int,
-        n_head: int,
-        rotary: Optional[RotaryEmbedding] = None,
-        causal: bool = False,
-        gated: bool = False,
-    ):
+    def __init__(self, n_state: int, n_head: int, rotary: Optional[RotaryEmbedding] = None, gated: bool = False):
         super().__init__(n_state, n_head)
         self.rotary = rotary
-        self.causal = causal
         self.rotary_gate = nn.Parameter(torch.zeros(n_head)) if (gated and rotary is not None) else None
 
     def _rotate(self, x: Tensor, offset: int, positions: Optional[Tensor] = None) -> Tensor:
@@ -78,30 +87,22 @@ class PositionalAttention(MultiHeadAttention):
             rotated = heads + gate * (rotated - heads)
         return rotated.reshape(x.shape)
 
+    def _rotated(self, q: Tensor, k: Tensor) -> Tuple[Tensor, Tensor]:
+        """q (b, n_q, n_state) and k (b, n_k, n_state) rotated to their positions (the queries are the last n_q of
+        the n_k); unchanged without RoPE."""
+        if self.rotary is None:
+            return q, k
+        return self._rotate(q, k.shape[1] - q.shape[1]), self._rotate(k, 0)
+
     def qkv_attention(
-        self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None
+        self, q: Tensor, k: Tensor, v: Tensor, mask: "Tensor | PackedClips | None" = None
     ) -> Tuple[Tensor, Optional[Tensor]]:
         if isinstance(mask, PackedClips):
             return self._packed_attention(q, k, v, mask)
-        if k.ndim == 4:
-            return self._cached_audio_attention(q, k, v, mask)
-        if k.shape[0] < q.shape[0] and (k.shape[0] > 1 or mask is not None):
-            # Several rows per clip. One clip without a mask keeps upstream's broadcast (bit-identical to it).
-            return self._grouped_cross_attention(q, k, v, mask)
-        n_q, n_k = q.shape[1], k.shape[1]
-        if self.rotary is not None:
-            q = self._rotate(q, n_k - n_q)
-            k = self._rotate(k, 0)
+        q, k = self._rotated(q, k)
         if mask is None:
             return super().qkv_attention(q, k, v, None)
-        if self.causal:
-            if n_q == n_k or n_q == 1:
-                # The two shapes upstream decoding produces: upstream's own code is right for them (and stays
-                # bit-identical for the `whisper` variant).
-                return super().qkv_attention(q, k, v, mask)
-            # Several tokens onto a non-empty cache: align the causal table to the cache offset.
-            return self._masked_attention(q, k, v, mask[n_k - n_q : n_k, :n_k] == 0)
-        return self._masked_attention(q, k, v, mask[:, None, None, :])
+        return masked_attention(q, k, v, mask[:, None, None, :], self.n_head)
 
     def _packed_attention(self, q: Tensor, k: Tensor, v: Tensor, clips: PackedClips) -> Tuple[Tensor, None]:
         """Self-attention of packed clips: q, k, v (1, total, n_state) -> (1, total, n_state), block-diagonal."""
@@ -110,19 +111,59 @@ class PositionalAttention(MultiHeadAttention):
         q, k, v = (t.view(t.shape[1], self.n_head, -1) for t in (q, k, v))
         return block_diagonal_attention(q, k, v, clips).flatten(start_dim=1)[None], None
 
-    def _grouped_cross_attention(
+
+class CausalSelfAttention(SelfAttention):
+    """The decoder's self-attention: `SelfAttention`'s RoPE; ``mask`` is the decoder's (n_text_ctx, n_text_ctx)
+    causal table, aligned to the kv-cache's offset when several tokens are fed onto a non-empty cache."""
+
+    def qkv_attention(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        q, k = self._rotated(q, k)
+        n_q, n_k = q.shape[1], k.shape[1]
+        if mask is None or n_q == n_k or n_q == 1:
+            # The shapes upstream decoding produces: upstream's own code is right for them (and stays bit-identical
+            # for the `whisper` variant).
+            return MultiHeadAttention.qkv_attention(self, q, k, v, mask)
+        # Several tokens onto a non-empty cache: upstream would take the table's top-left corner.
+        return masked_attention(q, k, v, mask[n_k - n_q : n_k, :n_k] == 0, self.n_head)
+
+
+class CrossAttention(MultiHeadAttention):
+    """The decoder's cross-attention onto the audio: upstream's, plus a key mask over audio positions, several
+    decoding rows per clip, and keys and values cached heads-major (int8 compute). Never rotated: text positions
+    and audio frames share no position space.
+
+    q: (b * g, n_q, n_state), g consecutive decoding rows per clip (beams, samples); k, v: the audio's projections
+    (b, n_audio, n_state), encoded once per clip, or as cached by `cache_audio_heads` (b, n_head, n_audio,
+    head_dim); mask: (b, n_audio) bool, True for a clip's real positions, or None.
+    """
+
+    rotary: Optional[RotaryEmbedding] = None  # as on the self-attentions, for code that reads any attention
+
+    def qkv_attention(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        if k.ndim == 4:
+            return self._cached_audio_attention(q, k, v, mask)
+        if k.shape[0] < q.shape[0] and (k.shape[0] > 1 or mask is not None):
+            # Several rows per clip. One clip without a mask keeps upstream's broadcast (bit-identical to it).
+            return self._grouped_attention(q, k, v, mask)
+        if mask is None:
+            return super().qkv_attention(q, k, v, None)
+        return masked_attention(q, k, v, mask[:, None, None, :], self.n_head)
+
+    def _grouped_attention(
         self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]
     ) -> Tuple[Tensor, Optional[Tensor]]:
-        """Cross-attention of several consecutive decoding rows per clip (beams, samples) onto one row of audio.
+        """Cross-attention of the g rows of each clip onto that clip's one row of audio keys (b, n_audio, n_state).
 
-        q: (b * g, n_q, n_state); k, v: (b, n_audio, n_state), encoded once per clip. The g rows of a clip become
-        g * n_q queries of that clip: cross-attention has no causal order, so this is the same attention without g
-        copies of the audio keys. Upstream relies on broadcasting instead, which only works for one clip.
+        The g rows of a clip become g * n_q queries of that clip: cross-attention has no causal order, so this is
+        the same attention without g copies of the audio keys. Upstream relies on broadcasting instead, which only
+        works for one clip.
         """
         n_rows, n_q, n_state = q.shape
-        n_clips = k.shape[0]
-        if n_rows % n_clips:
-            raise ValueError(f"{n_rows} decoding rows cannot be split evenly over {n_clips} audio clips")
+        n_clips = _clips_of(n_rows, k)
         out, qk = self.qkv_attention(q.reshape(n_clips, -1, n_state), k, v, mask)
         if qk is not None:  # (b, n_head, g * n_q, n_audio) -> (b * g, n_head, n_q, n_audio)
             qk = qk.unflatten(2, (n_rows // n_clips, n_q)).transpose(1, 2).flatten(0, 1)
@@ -133,17 +174,14 @@ class PositionalAttention(MultiHeadAttention):
     ) -> Tuple[Tensor, Optional[Tensor]]:
         """Cross-attention onto audio keys and values cached heads-major by `cache_audio_heads` (int8 compute).
 
-        q: (b * g, n_q, n_state), g decoding rows per clip (1 greedy, the beams of beam search); k: (b, n_head,
-        n_audio, head_dim), already multiplied by ``head_dim ** -0.5``; v: (b, n_head, n_audio, head_dim); mask: (b,
-        n_audio) bool, True for a clip's real positions, or None. The g rows of a clip are its g * n_q queries (as
-        in `_grouped_cross_attention`), so the audio is read once per clip. Products run in k's dtype (bfloat16:
-        half the bytes, and the CPU's native bf16 dot products), softmax in fp32. Returns ((b * g, n_q, n_state)
-        in q's dtype, scores (b * g, n_head, n_q, n_audio) fp32 when upstream's SDPA is off, else None).
+        k: (b, n_head, n_audio, head_dim), already multiplied by ``head_dim ** -0.5``; v: (b, n_head, n_audio,
+        head_dim). The g rows of a clip are its g * n_q queries (as in `_grouped_attention`), so the audio is read
+        once per clip. Products run in k's dtype (bfloat16: half the bytes, and the CPU's native bf16 dot products),
+        softmax in fp32. Returns ((b * g, n_q, n_state) in q's dtype, scores (b * g, n_head, n_q, n_audio) fp32 when
+        upstream's SDPA is off, else None).
         """
         n_rows, n_q, n_state = q.shape
-        n_clips = k.shape[0]
-        if n_rows % n_clips:
-            raise ValueError(f"{n_rows} decoding rows cannot be split evenly over {n_clips} audio clips")
+        n_clips = _clips_of(n_rows, k)
         queries = q.reshape(n_clips, -1, self.n_head, n_state // self.n_head).transpose(1, 2).to(k.dtype)
         scores = (queries @ k.transpose(-1, -2)).float()
         if mask is not None:
@@ -153,19 +191,13 @@ class PositionalAttention(MultiHeadAttention):
             return out, None
         return out, scores.unflatten(2, (n_rows // n_clips, n_q)).transpose(1, 2).flatten(0, 1)
 
-    def _masked_attention(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
-        """Attention with an explicit boolean mask broadcastable to (b, n_head, n_q, n_k); True = may attend."""
-        b, n_q, n_state = q.shape
-        q, k, v = (t.view(b, t.shape[1], self.n_head, -1).transpose(1, 2) for t in (q, k, v))
-        if upstream.SDPA_AVAILABLE and MultiHeadAttention.use_sdpa:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-            return out.transpose(1, 2).flatten(start_dim=2), None
-        scale = (n_state // self.n_head) ** -0.25
-        qk = ((q * scale) @ (k * scale).transpose(-1, -2)).float()
-        qk = qk.masked_fill(~allowed, float("-inf"))
-        weights = qk.softmax(dim=-1).to(q.dtype)
-        out = (weights @ v).transpose(1, 2).flatten(start_dim=2)
-        return out, qk.detach()
+
+def _clips_of(n_rows: int, k: Tensor) -> int:
+    """The clips of audio keys ``k`` (one per row of dim 0), which ``n_rows`` decoding rows must share evenly."""
+    n_clips = k.shape[0]
+    if n_rows % n_clips:
+        raise ValueError(f"{n_rows} decoding rows cannot be split evenly over {n_clips} audio clips")
+    return n_clips
 
 
 def cache_audio_heads(
@@ -185,7 +217,8 @@ def cache_audio_heads(
 
 
 class PositionalResidualBlock(ResidualAttentionBlock):
-    """Upstream residual block whose attentions are `PositionalAttention`; accepts a mask over audio frames."""
+    """Upstream residual block with our attentions under upstream's names (``attn``: `SelfAttention`, or
+    `CausalSelfAttention` in the decoder; ``cross_attn``: `CrossAttention`); accepts a mask over audio frames."""
 
     def __init__(
         self,
@@ -196,11 +229,11 @@ class PositionalResidualBlock(ResidualAttentionBlock):
         gated: bool = False,
     ):
         super().__init__(n_state, n_head, cross_attention)
-        # Self-attention of the decoder is causal; cross-attention is never rotated (text positions and audio
-        # frames share no position space).
-        self.attn = PositionalAttention(n_state, n_head, rotary=rotary, causal=cross_attention, gated=gated)
+        # A block with cross-attention is the decoder's, whose self-attention is causal.
+        self_attention = CausalSelfAttention if cross_attention else SelfAttention
+        self.attn = self_attention(n_state, n_head, rotary=rotary, gated=gated)
         if cross_attention:
-            self.cross_attn = PositionalAttention(n_state, n_head)
+            self.cross_attn = CrossAttention(n_state, n_head)
 
     def forward(
         self,
@@ -479,7 +512,7 @@ class WhisperRope(Whisper):
 
     def install_kv_cache_hooks(self, cache: Optional[dict] = None) -> Tuple[dict, list]:
         """Upstream's kv-cache hooks; with ``decoder.audio_kv_dtype`` set, each cross-attention's keys and values
-        are cached once per clip in the layout and dtype `PositionalAttention` reads fastest (`cache_audio_heads`)."""
+        are cached once per clip in the layout and dtype `CrossAttention` reads fastest (`cache_audio_heads`)."""
         cache, hooks = super().install_kv_cache_hooks(cache)
         dtype = self.decoder.audio_kv_dtype
         if dtype is not None:
