@@ -58,12 +58,8 @@ def decode_window(model, audio: np.ndarray, reference_tokens: int, padded: bool)
             return None
     sample_len = min(model.dims.n_text_ctx - 8, 3 * reference_tokens + 10)
     options = DecodingOptions(language="en", without_timestamps=True, fp16=False, sample_len=sample_len)
-    previous = model.unpadded
-    model.unpadded = not padded
-    try:
+    with model.using(unpadded=not padded):
         return model.decode(mel, options).text
-    finally:
-        model.unpadded = previous
 
 
 def measure(models: Dict[str, str], args: argparse.Namespace) -> List[Dict]:

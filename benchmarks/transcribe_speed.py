@@ -146,14 +146,9 @@ def spoken_long_clips(count: int) -> List[Clip]:
     return recordings
 
 
-@contextlib.contextmanager
 def unpadded(model, value: bool):
-    previous = model.unpadded
-    model.unpadded = value
-    try:
-        yield
-    finally:
-        model.unpadded = previous
+    """``model`` unpadded (or not) inside the ``with`` block; upstream's model has no such setting."""
+    return model.using(unpadded=value) if isinstance(model, whisper_rope.WhisperRope) else contextlib.nullcontext()
 
 
 def load_torch_models(finetuned: Optional[Path] = None) -> dict:
@@ -184,7 +179,7 @@ def torch_systems(models: dict, sample_len: int) -> Dict[str, Transcriber]:
 
     def one_by_one(model, use_unpadded: bool = False) -> Transcriber:
         def run(audios, beam):
-            with unpadded(model, use_unpadded) if hasattr(model, "unpadded") else contextlib.nullcontext():
+            with unpadded(model, use_unpadded):
                 return [whisper.transcribe(model, a, **options(beam))["text"] for a in audios]
 
         return run
@@ -192,7 +187,7 @@ def torch_systems(models: dict, sample_len: int) -> Dict[str, Transcriber]:
     def batched(model, use_unpadded: bool = False) -> Transcriber:
         def run(audios, beam):
             settings = {**options(beam), "sample_len": chunk_cap(audios, sample_len)}
-            with unpadded(model, use_unpadded) if hasattr(model, "unpadded") else contextlib.nullcontext():
+            with unpadded(model, use_unpadded):
                 return [r["text"] for r in transcribe_many(model, audios, batch_size=8, **settings)]
 
         return run

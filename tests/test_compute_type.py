@@ -84,7 +84,7 @@ def test_int8_decoding_gives_a_clip_what_it_gets_alone_beside_a_loud_clip(dims):
 def test_int8_encoder_gives_each_clip_of_a_batch_what_it_gets_alone(dims, variant):
     """Padded windows and unpadded clips of different lengths, beside a 30x louder clip: bit for bit."""
     model = quantize_int8(randomise_(whisper_rope.build_model(dims, variant)).eval())
-    assert model.encoder.one_clip_per_call
+    assert model.settings.one_clip_per_call
     n_frames = 2 * dims.n_audio_ctx
     lengths = [n_frames, 18, n_frames - 8] if variant == "rotary" else [n_frames] * 3
     mel = torch.randn(3, 80, n_frames) * (torch.arange(n_frames) < torch.tensor(lengths)[:, None, None])
@@ -114,7 +114,7 @@ def test_int8_model_quantises_every_linear_but_the_first_encoder_attention_and_t
     assert isinstance(model.encoder.blocks[1].attn.query, Int8Linear)
     assert isinstance(model.decoder.output_projection, Int8Linear)
     assert model.compute_type == "int8"
-    assert model.decoder.audio_kv_dtype is not None and reference.decoder.audio_kv_dtype is None
+    assert model.settings.audio_kv_dtype is not None and reference.settings.audio_kv_dtype is None
     # Two random layers per side: int8 rounding leaves an error of 3-4 % of the logits' spread (measured), and
     # changes something everywhere.
     error = (got - expected).pow(2).mean().sqrt() / expected.std()
@@ -235,7 +235,7 @@ def test_cached_audio_heads_attend_as_upstreams_cache(dims, dtype, tolerance, n_
     tokens = torch.randint(0, 50000, (n_clips * rows_per_clip, 5))
 
     def steps(kv_dtype):
-        model.decoder.audio_kv_dtype = kv_dtype
+        model.configure(audio_kv_dtype=kv_dtype)
         cache, hooks = model.install_kv_cache_hooks()
         with torch.no_grad():
             out = [model.decoder(tokens[:, :3], audio, kv_cache=cache, xa_mask=mask)]

@@ -12,7 +12,7 @@ from whisper.model import Whisper, disable_sdpa
 import whisper_rope
 from whisper_rope.audio import load_audio
 from whisper_rope.features import trailing_padding_start
-from whisper_rope.model import CausalSelfAttention, CrossAttention, SelfAttention
+from whisper_rope.model import CausalSelfAttention, CrossAttention, ModelSettings, SelfAttention
 from whisper_rope.positional import RotaryEmbedding, rotate_half
 
 from .conftest import MIXED_VARIANTS, SPEECH_CLIPS, randomise_
@@ -288,6 +288,30 @@ def test_unpadded_encoder_drops_transcribe_padding(dims):
     sliced = _model(dims, "whisper")
     sliced.unpadded = True  # a table encoder slices its table instead (tests/test_sliced_table.py)
     assert sliced.encoder(mel[None][..., : 2 * dims.n_audio_ctx]).shape[1] == dims.n_audio_ctx
+
+
+def test_settings_are_the_models_and_using_restores_them(dims):
+    """One settings object, read by encoder and decoder; `using` changes it for a block only, even one that raises."""
+    model = _model(dims, "rotary")
+    mel = whisper.log_mel_spectrogram(torch.randn(16000) * 0.1, padding=whisper.audio.N_SAMPLES)[None, :, :3000]
+    n_real = trailing_padding_start(mel[0])
+    assert model.encoder.settings is model.settings is model.decoder.settings == ModelSettings()
+    with model.using(unpadded=True, unpadded_margin=3) as same:
+        assert same is model and model.encoder.settings is model.settings is model.decoder.settings
+        assert model.encoder(mel).shape[1] == (n_real + 2 * 3 + 1) // 2  # 3 positions of padding: 6 frames
+    assert model.settings == ModelSettings() and model.encoder(mel).shape[1] == 1500
+    with pytest.raises(RuntimeError, match="inside"), model.using(unpadded=True):
+        raise RuntimeError("inside")
+    assert not model.unpadded and model.decoder.settings == ModelSettings()
+    model.set_table_scales(decoder=0.25)
+    model.set_table_scales(encoder=0.5)
+    assert (model.encoder.table_scale, model.decoder.table_scale) == (0.5, 0.25)
+    assert model.configure(unpadded=1).settings == ModelSettings(unpadded=True, table_scales=(0.5, 0.25))
+    with pytest.raises(TypeError, match="drop_padding"):
+        model.configure(drop_padding=True)
+    with pytest.raises(ValueError, match=f"unpadded margin must be an integer in 0..{dims.n_audio_ctx}"):
+        model.configure(unpadded_margin=dims.n_audio_ctx + 1)
+    assert model.settings.unpadded_margin == 0  # a refused change changes nothing
 
 
 def test_gated_rope_at_zero_is_the_unrotated_model(dims):

@@ -36,7 +36,7 @@ def test_layout_of_packed_clips():
 def _model(variant, table_faded):
     model = randomise_(whisper_rope.build_model(small_dims(n_audio_ctx=40), variant))
     if table_faded:
-        model.encoder.table_scale = 0.0  # a transplanted encoder whose table has faded: it takes any length
+        model.set_table_scales(encoder=0.0)  # a transplanted encoder whose table has faded: it takes any length
     return model
 
 

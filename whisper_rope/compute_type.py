@@ -29,9 +29,10 @@ of 80 MB.
 
 Cross-attention in int8 decoding: each decoding step reads every clip's audio keys and values (tiny.en: 4 layers x
 2 x 1500 x 384 fp32 = 18 MB per clip); in upstream's cache layout that read is a strided per-head view and the
-largest cost of a step. So with int8 the decoder caches them once per clip heads-major (`model.cache_audio_heads`) in
-bfloat16 where the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX; float32 elsewhere): queries times keys and
-weights times values run in bfloat16 (products rounded to bfloat16), the softmax in fp32.
+largest cost of a step. So with int8 (the model's ``settings.audio_kv_dtype``) the decoder caches them once per clip
+heads-major (`model.cache_audio_heads`) in bfloat16 where the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX;
+float32 elsewhere): queries times keys and weights times values run in bfloat16 (products rounded to bfloat16), the
+softmax in fp32.
 
 PyTorch has marked these quantized-tensor kernels deprecated in favour of torchao, whose int8 paths, without
 ``torch.compile``, run many times slower than these kernels on the benchmark's CPU (benchmarks/README.md, "Kernels
@@ -265,11 +266,10 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def mark_int8(model: WhisperRope) -> WhisperRope:
     """Set what an int8 model does besides its `Int8Linear` layers (they are in place): returns ``model``, in eval
     mode with ``compute_type == "int8"``."""
-    model.decoder.audio_kv_dtype = audio_kv_dtype()
     # Per-row scales make a clip's int8 result its own whatever the batch, so the encoder may as well take clips one
     # at a time: a batch of 8 30-s windows then never builds temporaries of 10-70 MB, whose fresh pages cost more
     # than the arithmetic on them (benchmarks/README.md).
-    model.encoder.one_clip_per_call = True
+    model.configure(audio_kv_dtype=audio_kv_dtype(), one_clip_per_call=True)
     model.compute_type = INT8
     return model.eval().requires_grad_(False)
 

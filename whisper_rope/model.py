@@ -9,8 +9,9 @@ Shapes use: batch ``b``, mel frames ``n_frames`` (10 ms each), audio positions `
 
 import functools
 import os
-from dataclasses import asdict, replace
-from typing import Dict, List, Optional, Tuple, Union
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -39,6 +40,29 @@ from .positional import RotaryEmbedding
 from .variants import SideScheme, Variant, parse_variant
 
 DEFAULT_ROTARY_THETA = 10000.0
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """How a `WhisperRope` runs, apart from its weights. The model owns one (``model.settings``), hands it to its
+    encoder and decoder, and replaces it only through `WhisperRope.configure` and `WhisperRope.using`.
+
+    unpadded: the encoder drops the 30-s padding upstream's ``transcribe`` appends and encodes each clip's own
+        frames (`PositionalAudioEncoder`); an absolute table is then sliced.
+    unpadded_margin: padding positions an unpadded encoder keeps after each clip's real frames.
+    table_scales: (encoder, decoder) factors of the absolute tables: 1 as trained, annealed towards 0 by positional
+        transplant schedules (`training/transplant.py`).
+    one_clip_per_call: the encoder takes a batch's clips one at a time, each at its own frames (int8 models:
+        `compute_type.mark_int8` says why).
+    audio_kv_dtype: None caches cross-attention keys and values as upstream, (b, n_audio, n_state) in the model's
+        dtype; a dtype caches them heads-major in it (`cache_audio_heads`; int8 models).
+    """
+
+    unpadded: bool = False
+    unpadded_margin: int = 0
+    table_scales: Tuple[float, float] = (1.0, 1.0)
+    one_clip_per_call: bool = False
+    audio_kv_dtype: Optional[torch.dtype] = None
 
 
 def masked_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, n_head: int) -> Tuple[Tensor, Optional[Tensor]]:
@@ -257,13 +281,13 @@ def _rotary_embedding(scheme: SideScheme, head_dim: int, theta: float, n_ctx: in
 
 
 class PositionalAudioEncoder(AudioEncoder):
-    """Upstream's encoder with the sinusoid table optional and RoPE optional.
+    """Upstream's encoder with the sinusoid table optional and RoPE optional; it runs as its model's `ModelSettings`
+    (``settings``) say.
 
-    Without a table the encoder accepts any number of mel frames. With ``drop_padding`` (the model's ``unpadded``)
-    it encodes only each clip's frames before the padding upstream's ``transcribe`` appends (see
-    `whisper_rope.features.real_frame_counts`), plus ``unpadded_margin`` positions of that padding, and an absolute
-    table is *sliced*: ``n`` positions get its rows ``0 .. n - 1``, as whisper.cpp's ``audio_ctx`` does (at most
-    ``n_ctx`` positions).
+    Without a table the encoder accepts any number of mel frames. With ``settings.unpadded`` it encodes only each
+    clip's frames before the padding upstream's ``transcribe`` appends (see `whisper_rope.features.real_frame_counts`),
+    plus ``settings.unpadded_margin`` positions of that padding, and an absolute table is *sliced*: ``n`` positions
+    get its rows ``0 .. n - 1``, as whisper.cpp's ``audio_ctx`` does (at most ``n_ctx`` positions).
     """
 
     def __init__(
@@ -280,15 +304,16 @@ class PositionalAudioEncoder(AudioEncoder):
         self.blocks = nn.ModuleList(
             PositionalResidualBlock(n_state, n_head, rotary=self.rotary, gated=gated) for _ in range(dims.n_audio_layer)
         )
-        self.table_scale = 1.0  # annealed towards 0 by positional transplant schedules
-        self.drop_padding = False
-        self.unpadded_margin = 0  # padding positions kept after the real frames when dropping padding
-        # Encode a batch clip by clip, each at its own frames (int8 models: `compute_type.quantize_int8` says why).
-        self.one_clip_per_call = False
+        self.settings = ModelSettings()  # the model's, once built into one (`WhisperRope.configure`)
 
     @property
     def has_table(self) -> bool:
         return self.scheme.table is not None
+
+    @property
+    def table_scale(self) -> float:
+        """The factor of the absolute table (``settings.table_scales[0]``)."""
+        return self.settings.table_scales[0]
 
     @property
     def adds_table(self) -> bool:
@@ -299,7 +324,7 @@ class PositionalAudioEncoder(AudioEncoder):
     def needs_full_window(self) -> bool:
         """Whether input must be exactly the 30-s window: true while a table is added to padded input. An unpadded
         encoder slices its table instead, and one without a (non-zero) table takes any length."""
-        return self.adds_table and not self.drop_padding
+        return self.adds_table and not self.settings.unpadded
 
     def forward(self, x: Tensor, n_frames: Optional[Tensor] = None, packed: bool = False) -> Tensor:
         """x: (b, n_mels, n_frames) log-mel; n_frames: (b,) real frames per item of a padded batch, or None.
@@ -307,13 +332,14 @@ class PositionalAudioEncoder(AudioEncoder):
         Returns (b, n_audio, n_state). Frames past ``n_frames`` (whatever their value) are zeroed before each conv,
         as a lone clip's zero padding, and masked out of self-attention; with ``packed``, the blocks instead see the
         clips' real positions packed into one sequence with block-diagonal attention (`packing.py`: no padding
-        computed, no mask), and the output's padding positions are zeros. With ``one_clip_per_call`` each clip is
-        encoded alone at its own frames (the same function), the output's padding positions zeros.
+        computed, no mask), and the output's padding positions are zeros. With ``settings.one_clip_per_call`` each
+        clip is encoded alone at its own frames (the same function), the output's padding positions zeros. With
+        ``settings.unpadded`` and no ``n_frames``, the input is first cut where its padding starts.
         """
-        if self.drop_padding and n_frames is None:
-            x, n_frames = cut_trailing_padding(x, self.unpadded_margin)
+        if self.settings.unpadded and n_frames is None:
+            x, n_frames = cut_trailing_padding(x, self.settings.unpadded_margin)
         self._check_length(x)
-        if self.one_clip_per_call and x.shape[0] > 1:
+        if self.settings.one_clip_per_call and x.shape[0] > 1:
             return self._encode_one_by_one(x, n_frames)
         return self._encode(x, n_frames, packed)
 
@@ -368,7 +394,8 @@ class PositionalAudioEncoder(AudioEncoder):
 
 
 class PositionalTextDecoder(TextDecoder):
-    """Upstream's decoder with the positional table chosen by the scheme and optional RoPE in self-attention.
+    """Upstream's decoder with the positional table chosen by the scheme and optional RoPE in self-attention; it runs
+    as its model's `ModelSettings` (``settings``) say.
 
     Tables: ``learned`` (upstream's parameter), ``learned-sinusoidal`` (a parameter initialised with sinusoids),
     ``sinusoidal`` (a fixed, non-persistent buffer: not in the state dict), or none.
@@ -398,16 +425,18 @@ class PositionalTextDecoder(TextDecoder):
             PositionalResidualBlock(n_state, n_head, cross_attention=True, rotary=self.rotary, gated=gated)
             for _ in range(dims.n_text_layer)
         )
-        self.table_scale = 1.0
+        self.settings = ModelSettings()  # the model's, once built into one (`WhisperRope.configure`)
         # None: logits through the tied fp32 embedding, as upstream. compute_type.quantize_int8 sets a module.
         self.output_projection: Optional[nn.Module] = None
-        # None: cross-attention keys and values cached as upstream, (b, n_audio, n_state) fp32. A dtype: cached
-        # heads-major in it (`cache_audio_heads`); compute_type.quantize_int8 sets one.
-        self.audio_kv_dtype: Optional[torch.dtype] = None
 
     @property
     def has_table(self) -> bool:
         return self.scheme.table is not None
+
+    @property
+    def table_scale(self) -> float:
+        """The factor of the absolute table (``settings.table_scales[1]``)."""
+        return self.settings.table_scales[1]
 
     def forward(
         self, x: Tensor, xa: Tensor, kv_cache: Optional[dict] = None, xa_mask: Optional[Tensor] = None
@@ -471,6 +500,9 @@ class WithoutRandomInit(TorchFunctionMode):
 class WhisperRope(Whisper):
     """`whisper.model.Whisper` with a positional variant; upstream's decode/transcribe/detect_language work as is.
 
+    How it runs apart from its weights (unpadded input, table scales, int8's switches) is one `ModelSettings`,
+    ``settings``, changed through `configure` (for good) or `using` (for a block).
+
     Attributes:
         variant: canonical ``ENCODER/DECODER`` string.
         rotary_options: options stored in checkpoints (``theta``, ``gated``, ``unpadded``, ``unpadded_margin``, and
@@ -505,16 +537,17 @@ class WhisperRope(Whisper):
         self.compute_type = "float32"  # "int8" once compute_type.quantize_int8 has run
         self.adapted_seconds: Optional[Tuple[float, float]] = None
         self.trained_unpadded = False  # set by load_model from the checkpoint; not stored
+        self._install(ModelSettings())
 
     @property
     def variant(self) -> str:
         return self._variant.name
 
     def install_kv_cache_hooks(self, cache: Optional[dict] = None) -> Tuple[dict, list]:
-        """Upstream's kv-cache hooks; with ``decoder.audio_kv_dtype`` set, each cross-attention's keys and values
+        """Upstream's kv-cache hooks; with ``settings.audio_kv_dtype`` set, each cross-attention's keys and values
         are cached once per clip in the layout and dtype `CrossAttention` reads fastest (`cache_audio_heads`)."""
         cache, hooks = super().install_kv_cache_hooks(cache)
-        dtype = self.decoder.audio_kv_dtype
+        dtype = self.settings.audio_kv_dtype
         if dtype is not None:
             head_dim = self.dims.n_text_state // self.dims.n_text_head
             for block in self.decoder.blocks:
@@ -528,27 +561,65 @@ class WhisperRope(Whisper):
         return self._variant
 
     @property
+    def settings(self) -> ModelSettings:
+        """How the model runs apart from its weights; change it with `configure` or `using`."""
+        return self._settings
+
+    def configure(self, **changes: object) -> "WhisperRope":
+        """Replace the named fields of `settings` (``model.configure(unpadded=True, unpadded_margin=4)``) for good.
+
+        Raises ValueError for an unpadded margin outside 0..n_audio_ctx, TypeError for a name that is no field.
+        Returns the model.
+        """
+        settings = replace(self._settings, **changes)
+        margin = settings.unpadded_margin
+        if isinstance(margin, bool) or not isinstance(margin, int) or not 0 <= margin <= self.dims.n_audio_ctx:
+            raise ValueError(
+                f"unpadded margin must be an integer in 0..{self.dims.n_audio_ctx} positions, got {margin!r}"
+            )
+        self._install(replace(settings, unpadded=bool(settings.unpadded)))
+        return self
+
+    @contextmanager
+    def using(self, **changes: object) -> Iterator["WhisperRope"]:
+        """`configure` for the ``with`` block only (``with model.using(unpadded=True): ...``): the settings before
+        it are back afterwards, also when the block raises."""
+        saved = self._settings
+        self.configure(**changes)
+        try:
+            yield self
+        finally:
+            self._install(saved)
+
+    def _install(self, settings: ModelSettings) -> None:
+        """Make ``settings`` the model's, and so its encoder's and decoder's (they read the same object)."""
+        self._settings = self.encoder.settings = self.decoder.settings = settings
+
+    def set_table_scales(self, encoder: Optional[float] = None, decoder: Optional[float] = None) -> None:
+        """Set the factor of the encoder's and the decoder's absolute table; a side given as None keeps its own."""
+        old_encoder, old_decoder = self._settings.table_scales
+        new = (old_encoder if encoder is None else encoder, old_decoder if decoder is None else decoder)
+        self.configure(table_scales=tuple(float(scale) for scale in new))
+
+    @property
     def unpadded(self) -> bool:
         """Whether the encoder drops the 30-s padding upstream's ``transcribe`` feeds it (an absolute table is then
-        sliced to the positions that remain)."""
-        return self.encoder.drop_padding
+        sliced to the positions that remain): ``settings.unpadded``; assigning it is `configure`."""
+        return self._settings.unpadded
 
     @unpadded.setter
     def unpadded(self, value: bool) -> None:
-        self.encoder.drop_padding = bool(value)
+        self.configure(unpadded=value)
 
     @property
     def unpadded_margin(self) -> int:
-        """Padding positions an unpadded encoder keeps after each clip's real frames."""
-        return self.encoder.unpadded_margin
+        """Padding positions an unpadded encoder keeps after each clip's real frames: ``settings.unpadded_margin``;
+        assigning it is `configure`."""
+        return self._settings.unpadded_margin
 
     @unpadded_margin.setter
     def unpadded_margin(self, value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= self.dims.n_audio_ctx:
-            raise ValueError(
-                f"unpadded margin must be an integer in 0..{self.dims.n_audio_ctx} positions, got {value!r}"
-            )
-        self.encoder.unpadded_margin = value
+        self.configure(unpadded_margin=value)
 
     @property
     def rotary_options(self) -> Dict[str, object]:

@@ -23,7 +23,7 @@ ROOT = FIXTURES.parents[1]
 
 def _quantised(dims, variant: str, gated: bool = False):
     model = randomise_(whisper_rope.build_model(dims, variant, gated_rotary=gated)).eval()
-    model.encoder.table_scale, model.decoder.table_scale = 0.5, 0.25
+    model.set_table_scales(encoder=0.5, decoder=0.25)
     heads = torch.zeros(dims.n_text_layer, dims.n_text_head, dtype=torch.bool)
     heads[1, 0] = heads[0, 1] = True
     model.register_buffer("alignment_heads", heads.to_sparse(), persistent=False)
@@ -50,7 +50,7 @@ def test_a_cached_int8_model_computes_exactly_what_the_quantised_one_does(dims, 
     assert (loaded.variant, loaded.gated_rotary, loaded.compute_type) == (model.variant, gated, "int8")
     assert (loaded.encoder.table_scale, loaded.decoder.table_scale) == (0.5, 0.25)
     assert torch.equal(loaded.alignment_heads_dense(), model.alignment_heads_dense())
-    assert loaded.decoder.audio_kv_dtype == model.decoder.audio_kv_dtype and loaded.encoder.one_clip_per_call
+    assert loaded.settings == model.settings and loaded.settings.one_clip_per_call
     assert info.report["source"] == "test"
 
 

@@ -44,9 +44,10 @@ import os
 import sys
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -318,25 +319,13 @@ def _batches(order: Sequence[int], caps: Sequence[int], batch_size: int, equal_c
     return batches
 
 
-class _UnpaddedMode:
-    """Set ``model.unpadded`` for the evaluation and restore it afterwards."""
-
-    def __init__(self, model: Whisper, unpadded: bool):
-        self.model = model
-        self.unpadded = unpadded
-        self.saved = getattr(model, "unpadded", False)
-
-    def __enter__(self) -> None:
-        if self.unpadded != self.saved:
-            if not isinstance(self.model, WhisperRope):
-                raise ValueError(
-                    "unpadded decoding needs a whisper_rope model (upstream's encoder takes only 30-s windows)"
-                )
-            self.model.unpadded = self.unpadded
-
-    def __exit__(self, *exc: object) -> None:
-        if self.unpadded != self.saved:
-            self.model.unpadded = self.saved
+def _input_mode(model: Whisper, unpadded: bool) -> ContextManager:
+    """``model`` decoding ``unpadded`` (or 30-s windows) inside the ``with`` block, as it was afterwards."""
+    if isinstance(model, WhisperRope):
+        return model.using(unpadded=unpadded)
+    if unpadded:
+        raise ValueError("unpadded decoding needs a whisper_rope model (upstream's encoder takes only 30-s windows)")
+    return nullcontext()
 
 
 def evaluate(
@@ -367,7 +356,7 @@ def evaluate(
         warnings.warn("fp16 is not supported on the CPU; decoding in fp32")
         fp16 = False
     unpadded = bool(getattr(model, "unpadded", False)) if options.unpadded is None else options.unpadded
-    with _UnpaddedMode(model, unpadded):
+    with _input_mode(model, unpadded):
         dataset = _dataset(model, data, options, unpadded)
         return evaluate_dataset(
             model, dataset, replace(options, fp16=fp16, unpadded=unpadded), progress=progress, started=started
@@ -736,7 +725,7 @@ def validation_metrics(model: Whisper, dataset: SpeechDataset, batch_size: int, 
     unpadded = not dataset.pad_30s
     options = EvaluationOptions(batch_size=batch_size, fp16=False, unpadded=unpadded)
     try:
-        with _UnpaddedMode(model, unpadded):
+        with _input_mode(model, unpadded):
             result = evaluate_dataset(model, dataset, options, with_loss=True)
     finally:
         model.train(was_training)

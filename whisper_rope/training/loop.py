@@ -274,7 +274,7 @@ def _setup(model, train, eval, config: FinetuneConfig, teacher, context: Distrib
     if schedule is not None:
         apply_schedule(model, schedule, int(state["step"]) if state else 0)
     unpadded = _starts_unpadded(model, config, schedule, state)
-    model.unpadded, model.unpadded_margin = unpadded, config.unpadded_margin
+    model.configure(unpadded=unpadded, unpadded_margin=config.unpadded_margin)
     objective = _objective(config)
     cache, teacher_embedding = _teacher(config, teacher, objective, eval, context.device)
     kept = _kept_holdout(state, output) if state is not None and config.eval_holdout and eval is None else None
@@ -705,7 +705,7 @@ def _switch_to_unpadded(run: RunState) -> None:
     """The encoder's table is gone: from here on the encoder sees each clip's own frames."""
     position = run.pipeline.sampler.position
     run.pipeline.close()
-    run.model.unpadded = True
+    run.model.configure(unpadded=True)
     run.pipeline = build_pipeline(run.model, run.train, run.eval, run.config, True, run.cache, run.context, False)
     run.pipeline.sampler.position = position
     if run.context.is_main:

@@ -88,7 +88,7 @@ def teacher_fingerprint(teacher: WhisperRope) -> str:
         "variant": teacher.variant,
         "dims": teacher.dims_dict(),
         "rotary": teacher.rotary_options,
-        "table_scale": [teacher.encoder.table_scale, teacher.decoder.table_scale],
+        "table_scale": list(teacher.settings.table_scales),
     }
     digest.update(json.dumps(header, sort_keys=True).encode())
     for name, tensor in sorted(teacher.state_dict().items()):

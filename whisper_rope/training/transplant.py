@@ -131,10 +131,9 @@ def finishes(schedule: TransplantSchedule, model: WhisperRope) -> bool:
 def apply_schedule(model: WhisperRope, schedule: TransplantSchedule, step: int) -> Tuple[float, Optional[float]]:
     """Set the table scales (and scheduled gates) for ``step``. Returns (alpha, gate value or None)."""
     alpha = schedule.table_scale(step)
-    if schedule.sides in ("both", "encoder"):
-        model.encoder.table_scale = alpha
-    if schedule.sides in ("both", "decoder"):
-        model.decoder.table_scale = alpha
+    model.set_table_scales(
+        encoder=alpha if schedule.fades("encoder") else None, decoder=alpha if schedule.fades("decoder") else None
+    )
     gate = schedule.gate_value(step)
     if gate is not None:
         with torch.no_grad():
@@ -166,7 +165,6 @@ def finalize_transplant(model: WhisperRope, tolerance: float = 1e-3) -> Tuple[Wh
     state, report = adapt_state_dict(source, model.variant, plain, source="finished transplant")
     plain.load_state_dict(state, strict=True)
     plain.register_buffer("alignment_heads", model.alignment_heads.clone(), persistent=False)
-    plain.unpadded = model.unpadded
-    plain.unpadded_margin = model.unpadded_margin
+    plain.configure(unpadded=model.unpadded, unpadded_margin=model.unpadded_margin)
     plain.load_report = report
     return plain, report

@@ -115,7 +115,7 @@ def load(path: Path) -> Tuple[WhisperRope, Int8Model]:
     model.load_state_dict(tensors, strict=True, assign=True)
     heads = alignment_mask(info.alignment_heads, dims.n_text_layer, dims.n_text_head, label)
     model.register_buffer("alignment_heads", heads.to_sparse(), persistent=False)
-    model.encoder.table_scale, model.decoder.table_scale = (float(scale) for scale in info.table_scale)
+    model.set_table_scales(*info.table_scale)
     return mark_int8(model), info
 
 
@@ -185,7 +185,7 @@ def info_of(
         variant=model.variant,
         rotary_theta=model.rotary_theta,
         gated_rotary=model.gated_rotary,
-        table_scale=[model.encoder.table_scale, model.decoder.table_scale],
+        table_scale=list(model.settings.table_scales),
         alignment_heads=alignment_pairs(model.alignment_heads_dense()),
         stored_variant=stored_variant,
         trained_unpadded=trained_unpadded,

@@ -370,8 +370,10 @@ def _restore_input_options(
     ``unpadded_margin`` when not given; the window lengths it was adapted on). Returns whether it was trained
     unpadded."""
     trained = bool(stored.get("unpadded", False))
-    model.unpadded = trained if unpadded is None else unpadded
-    model.unpadded_margin = int(stored.get("unpadded_margin", 0) if unpadded_margin is None else unpadded_margin)
+    model.configure(
+        unpadded=trained if unpadded is None else unpadded,
+        unpadded_margin=int(stored.get("unpadded_margin", 0) if unpadded_margin is None else unpadded_margin),
+    )
     model.trained_unpadded = trained
     adapted = stored.get("adapted_seconds")
     model.adapted_seconds = None if adapted is None else (float(adapted[0]), float(adapted[1]))
@@ -438,8 +440,10 @@ def _finish_cached(
     name: str,
 ) -> WhisperRope:
     """Set on a model read from the int8 cache what `load_model` sets on a freshly loaded one."""
-    model.unpadded = info.trained_unpadded if unpadded is None else unpadded
-    model.unpadded_margin = int(info.unpadded_margin if unpadded_margin is None else unpadded_margin)
+    model.configure(
+        unpadded=info.trained_unpadded if unpadded is None else unpadded,
+        unpadded_margin=int(info.unpadded_margin if unpadded_margin is None else unpadded_margin),
+    )
     report = LoadReport(**info.report)
     report.source = f"{report.source}, as the cached int8 model {path}"
     _warn_untrained_positions(model, parse_variant(info.stored_variant), report, info.trained_unpadded, name)
@@ -485,9 +489,12 @@ def _restore_table_scales(model: WhisperRope, scales: object, stored: Variant) -
     and the target variant have that table (a table that was not stored starts at full scale)."""
     if scales is None:
         return  # otherwise [encoder, decoder] numbers in [0, 1] (check_rotary_options)
-    for coder, side, scale in ((model.encoder, "encoder", scales[0]), (model.decoder, "decoder", scales[1])):
-        if coder.has_table and getattr(stored, side).table == getattr(model.parsed_variant, side).table:
-            coder.table_scale = float(scale)
+    kept = {
+        side: float(scale)
+        for coder, side, scale in ((model.encoder, "encoder", scales[0]), (model.decoder, "decoder", scales[1]))
+        if coder.has_table and getattr(stored, side).table == getattr(model.parsed_variant, side).table
+    }
+    model.set_table_scales(**kept)
 
 
 def marked_dims(dims: Dict[str, int], variant: str) -> Dict[str, object]:
@@ -509,7 +516,7 @@ def checkpoint_dict(model: WhisperRope) -> dict:
         "dims": marked_dims(asdict(model.dims), model.variant),
         "model_state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "variant": model.variant,
-        "rotary": {**model.rotary_options, "table_scale": [model.encoder.table_scale, model.decoder.table_scale]},
+        "rotary": {**model.rotary_options, "table_scale": list(model.settings.table_scales)},
         "alignment_heads": model.alignment_heads_dense(),
         "whisper_rope_version": version.__version__,
     }
