@@ -14,6 +14,7 @@ from whisper_rope import cli
 from whisper_rope.audio import load_audio
 from whisper_rope.compute_type import (
     Int8Linear,
+    activation_bits,
     apply_compute_type,
     float32_linears,
     quantize_int8,
@@ -158,7 +159,9 @@ def test_int8_greedy_decoding_keeps_cached_steps_equal_to_a_full_forward(dims):
 
 def test_real_tiny_en_int8_encoder_is_closer_to_fp32_with_its_first_attention_in_fp32():
     """The one exception to int8 (`float32_linears`) earns its place: on real speech the encoder's relative error
-    against fp32 is well below that of an encoder with every Linear in int8."""
+    against fp32 is well below that of an encoder with every Linear in int8. The bound on the error itself depends on
+    the CPU: activations are quantised to 8 bits with VNNI and to 7 bits without (`activation_bits`); without VNNI
+    tiny.en's error measured 0.037."""
     reference = whisper_rope.load_model("tiny.en", device="cpu")
     model = whisper_rope.load_model("tiny.en", device="cpu", compute_type="int8")
     every_linear = copy.deepcopy(model.encoder)
@@ -172,7 +175,8 @@ def test_real_tiny_en_int8_encoder_is_closer_to_fp32_with_its_first_attention_in
         return ((got - expected).norm(dim=-1) / expected.norm(dim=-1)).mean().item()
 
     shipped, all_int8 = relative_error(model.encoder), relative_error(every_linear)
-    assert shipped < 0.85 * all_int8 and shipped < 0.03, (shipped, all_int8)
+    bound = 0.03 if activation_bits() == 8 else 0.045
+    assert shipped < 0.85 * all_int8 and shipped < bound, (shipped, all_int8, activation_bits())
 
 
 def test_real_tiny_en_in_int8_gives_the_float_transcripts():
