@@ -1,4 +1,5 @@
-"""Tests of whisper_rope.audio: both decoders, channel mixing, resampling, slicing, errors, and the fixtures.
+"""Tests of whisper_rope.audio: which decoder runs, channel mixing, cuts, ffmpeg discovery, errors, and the fixtures.
+Parity with upstream's `whisper.audio.load_audio` is tested in test_audio_parity.py.
 
 The format fixtures (tests/fixtures/formats/clip.*) are one 1.000 s 44.1 kHz stereo clip: left = speech, right =
 a 440 Hz sine, so a loader that keeps one channel, or sums instead of averaging, changes the 440 Hz amplitude.
@@ -15,7 +16,6 @@ from typing import Dict
 import numpy as np
 import pytest
 import soundfile as sf
-import soxr
 
 from whisper_rope import audio
 from whisper_rope.audio import SAMPLE_RATE, audio_duration, ffmpeg_executable, load_audio
@@ -31,20 +31,17 @@ HELLO = FIXTURES / "hello.flac"
 CODEC_FRAME = {"wav": 0, "ogg": 1024, "mp3": 1152, "m4a": 1024}
 
 
-def needs_system_ffmpeg(test):
-    """Upstream's `whisper.audio.load_audio` runs the ffmpeg on PATH; CI installs it, so its absence fails loudly."""
-    return test
-
-
 def _frame_tolerance(ext: str) -> int:
     """One codec frame in 16 kHz output samples, plus one for rounding."""
     return int(np.ceil(CODEC_FRAME[ext] * SAMPLE_RATE / 44100)) + 1
 
 
 def _tone_amplitude(signal: np.ndarray, rate: int, freq: float = 440.0) -> float:
-    """Amplitude of the ``freq`` sinusoid in the first second of ``signal`` (1 Hz DFT bins, so 440 Hz is exact)."""
-    second = signal[:rate]
-    return float(np.abs(np.fft.rfft(second))[int(freq)] / (rate / 2))
+    """Amplitude of the ``freq`` sinusoid in ``signal``: its projection on a sine and a cosine, over the whole
+    periods it holds (the speech in the other channel is nearly orthogonal to it)."""
+    n = int(len(signal) * freq / rate) * rate // int(freq)
+    phase = 2 * np.pi * freq * np.arange(n) / rate
+    return float(2 * np.hypot(signal[:n] @ np.sin(phase), signal[:n] @ np.cos(phase)) / n)
 
 
 @pytest.fixture(scope="module")
@@ -71,64 +68,17 @@ def test_each_format_decodes_to_16k_mono_float32(ext: str, decoded: Dict[str, np
     assert signal.dtype == np.float32 and signal.ndim == 1
     assert np.all(np.abs(signal) <= 1.0)
     assert abs(signal.shape[0] - SAMPLE_RATE) <= _frame_tolerance(ext)
-    assert abs(audio_duration(FORMATS / f"clip.{ext}") - 1.0) <= CODEC_FRAME[ext] / 44100 + 0.01
+    # libsndfile's header for WAV; ffprobe's container duration (which counts MP3's encoder delay and padding,
+    # 45 ms here) for the others: within the 50 ms a manifest's end may run past the audio.
+    assert abs(audio_duration(FORMATS / f"clip.{ext}") - 1.0) <= audio._END_TOLERANCE_S
 
 
 @pytest.mark.parametrize("ext", sorted(CODEC_FRAME))
-def test_stereo_is_averaged_and_aligned(ext: str, decoded: Dict[str, np.ndarray], wav_reference: np.ndarray) -> None:
-    signal = decoded[ext]
+def test_stereo_is_averaged(ext: str, decoded: Dict[str, np.ndarray], wav_reference: np.ndarray) -> None:
     # Average of the channels: half the right channel's tone.  Left only would give ~0, a sum twice this, and
     # ffmpeg's unnormalized float downmix 1/sqrt(2) of the sum.
     expected = _tone_amplitude(wav_reference[:, 1], 44100) / 2
-    assert _tone_amplitude(signal, SAMPLE_RATE) == pytest.approx(expected, rel=0.12)
-    # Same content at the same time offset as the resampled average of the WAV (no codec priming left in).
-    reference = soxr.resample(wav_reference.mean(axis=1), 44100, SAMPLE_RATE)
-    n = min(len(reference), len(signal)) - 200
-    assert np.corrcoef(signal[:n], reference[:n])[0, 1] > 0.97
-
-
-def test_resampling_is_soxr_of_the_channel_average(wav_reference: np.ndarray, decoded: Dict[str, np.ndarray]) -> None:
-    mono = wav_reference.mean(axis=1, dtype=np.float32)
-    expected = np.clip(soxr.resample(mono, 44100, SAMPLE_RATE, quality="HQ"), -1, 1)
-    np.testing.assert_allclose(decoded["wav"], expected, atol=1e-6)
-
-
-def test_block_streaming_equals_one_shot_resampling(tmp_path: Path) -> None:
-    # 8 s at 44.1 kHz spans two soundfile blocks, so block boundaries and the final flush are exercised.
-    rng = np.random.default_rng(0)
-    stereo = (0.3 * rng.standard_normal((8 * 44100, 2))).astype(np.float32)
-    path = tmp_path / "noise.wav"
-    sf.write(path, stereo, 44100, subtype="FLOAT")
-    assert stereo.shape[0] > audio._BLOCK_FRAMES
-    expected = np.clip(soxr.resample(stereo.mean(axis=1, dtype=np.float32), 44100, SAMPLE_RATE, quality="HQ"), -1, 1)
-    got = load_audio(path)
-    assert got.shape == expected.shape
-    np.testing.assert_allclose(got, expected, atol=1e-6)
-
-
-@needs_system_ffmpeg
-def test_16k_mono_wav_equals_upstream_whisper(tmp_path: Path) -> None:
-    whisper_audio = importlib.import_module("whisper.audio")
-    samples, rate = sf.read(HELLO, dtype="int16")
-    assert rate == SAMPLE_RATE
-    wav = tmp_path / "hello16k.wav"
-    sf.write(wav, samples, SAMPLE_RATE, subtype="PCM_16")
-    for path in (wav, HELLO):
-        ours = load_audio(path)
-        theirs = whisper_audio.load_audio(str(path))
-        assert ours.shape == theirs.shape and ours.dtype == theirs.dtype == np.float32
-        assert np.max(np.abs(ours - theirs)) <= 1 / 32768
-
-
-@needs_system_ffmpeg
-def test_stereo_44k_wav_close_to_upstream_whisper(decoded: Dict[str, np.ndarray]) -> None:
-    whisper_audio = importlib.import_module("whisper.audio")
-    theirs = whisper_audio.load_audio(str(FORMATS / "clip.wav"))
-    ours = decoded["wav"]
-    assert ours.shape == theirs.shape
-    # Different resamplers (soxr vs ffmpeg's swr), same downmix: close but not bit-equal.
-    assert np.max(np.abs(ours - theirs)) < 0.02
-    assert np.corrcoef(ours, theirs)[0, 1] > 0.999
+    assert _tone_amplitude(decoded[ext], SAMPLE_RATE) == pytest.approx(expected, rel=0.12)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -139,7 +89,7 @@ def test_stereo_44k_wav_close_to_upstream_whisper(decoded: Dict[str, np.ndarray]
 def decoder_calls(monkeypatch: pytest.MonkeyPatch) -> Dict[str, int]:
     """Count calls of the two decoders while still running them."""
     calls = {"soundfile": 0, "ffmpeg": 0}
-    real_sf, real_ff = audio._decode_with_soundfile, audio._decode_with_ffmpeg
+    real_sf, real_ff = audio._read_in_process, audio._decode_with_ffmpeg
 
     def counted_sf(*args, **kwargs):  # type: ignore[no-untyped-def]
         calls["soundfile"] += 1
@@ -149,28 +99,30 @@ def decoder_calls(monkeypatch: pytest.MonkeyPatch) -> Dict[str, int]:
         calls["ffmpeg"] += 1
         return real_ff(*args, **kwargs)
 
-    monkeypatch.setattr(audio, "_decode_with_soundfile", counted_sf)
+    monkeypatch.setattr(audio, "_read_in_process", counted_sf)
     monkeypatch.setattr(audio, "_decode_with_ffmpeg", counted_ff)
     return calls
 
 
-@pytest.mark.parametrize("ext", ["wav", "ogg", "mp3"])
-def test_libsndfile_formats_stay_in_process(ext: str, decoder_calls: Dict[str, int]) -> None:
+def test_16k_mono_pcm_stays_in_process(tmp_path: Path, decoder_calls: Dict[str, int]) -> None:
+    wav = tmp_path / "hello.wav"
+    sf.write(wav, sf.read(HELLO, dtype="int16")[0], SAMPLE_RATE, subtype="PCM_16")
+    for path in (HELLO, wav, *sorted(SPEECH.glob("*.flac"))):
+        load_audio(path)
+    assert decoder_calls == {"soundfile": 10, "ffmpeg": 0}
+
+
+@pytest.mark.parametrize("ext", sorted(CODEC_FRAME))
+def test_other_rates_channels_and_codecs_go_through_ffmpeg(ext: str, decoder_calls: Dict[str, int]) -> None:
     load_audio(FORMATS / f"clip.{ext}")
-    assert decoder_calls == {"soundfile": 1, "ffmpeg": 0}
-
-
-def test_m4a_goes_through_ffmpeg(decoder_calls: Dict[str, int]) -> None:
-    load_audio(FORMATS / "clip.m4a")
     assert decoder_calls == {"soundfile": 0, "ffmpeg": 1}
 
 
-def test_file_soundfile_rejects_falls_back_to_ffmpeg(tmp_path: Path, decoder_calls: Dict[str, int]) -> None:
+def test_file_soundfile_rejects_goes_to_ffmpeg(tmp_path: Path, decoder_calls: Dict[str, int]) -> None:
     disguised = tmp_path / "actually_aac.wav"
     shutil.copyfile(FORMATS / "clip.m4a", disguised)
-    signal = load_audio(disguised)
-    assert decoder_calls == {"soundfile": 1, "ffmpeg": 1}
-    assert abs(signal.shape[0] - SAMPLE_RATE) <= _frame_tolerance("m4a")
+    np.testing.assert_array_equal(load_audio(disguised), load_audio(FORMATS / "clip.m4a"))
+    assert decoder_calls == {"soundfile": 0, "ffmpeg": 2}
 
 
 def test_imageio_ffmpeg_used_without_system_ffmpeg(
@@ -187,8 +139,8 @@ def test_imageio_ffmpeg_used_without_system_ffmpeg(
     assert abs(signal.shape[0] - SAMPLE_RATE) <= _frame_tolerance("m4a")
     n = min(len(signal), len(decoded["m4a"]))
     assert np.corrcoef(signal[:n], decoded["m4a"][:n])[0, 1] > 0.99
-    # Without ffprobe the duration comes from ffmpeg's "Duration:" line (10 ms resolution).
-    assert audio_duration(FORMATS / "clip.m4a") == pytest.approx(1.0, abs=0.011)
+    # Without ffprobe the duration is the decoded length.
+    assert audio_duration(FORMATS / "clip.m4a") == signal.shape[0] / SAMPLE_RATE
 
 
 def test_no_ffmpeg_anywhere(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -201,10 +153,11 @@ def test_no_ffmpeg_anywhere(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(imageio_ffmpeg, "get_ffmpeg_exe", no_binary)
     with pytest.raises(AudioError, match="no ffmpeg executable"):
         ffmpeg_executable()
-    with pytest.raises(AudioError, match="clip.m4a"):
-        load_audio(FORMATS / "clip.m4a")
-    # Formats libsndfile reads need no ffmpeg at all.
-    assert load_audio(FORMATS / "clip.ogg").shape[0] == SAMPLE_RATE
+    for ext in sorted(CODEC_FRAME):
+        with pytest.raises(AudioError, match=f"clip.{ext}' could not be decoded by ffmpeg .no ffmpeg executable"):
+            load_audio(FORMATS / f"clip.{ext}")
+    # 16 kHz mono PCM is read in-process, with no ffmpeg at all.
+    assert load_audio(HELLO).shape == (53200,)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -214,20 +167,17 @@ def test_no_ffmpeg_anywhere(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("ext", sorted(CODEC_FRAME))
 def test_start_end_slice(ext: str, decoded: Dict[str, np.ndarray]) -> None:
     path = FORMATS / f"clip.{ext}"
-    part = load_audio(path, start=0.25, end=0.75)
-    assert part.dtype == np.float32 and part.shape == (8000,)
-    reference = decoded[ext][4000:12000]
-    inner = slice(200, -200)  # the resampler and codec restart at the cut, so compare away from the edges
-    assert np.corrcoef(part[inner], reference[inner])[0, 1] > 0.99
-
-    assert abs(load_audio(path, start=0.5).shape[0] - (decoded[ext].shape[0] - 8000)) <= 2
-    assert load_audio(path, end=0.3).shape == (4800,)
+    # A cut is the full decoding's samples between round(start * 16000) and round(end * 16000), whatever the
+    # stream's first timestamp (the Vorbis clip's first decoded sample is 128 input samples in).
+    np.testing.assert_array_equal(load_audio(path, start=0.25, end=0.75), decoded[ext][4000:12000])
+    np.testing.assert_array_equal(load_audio(path, start=0.5), decoded[ext][8000:])
+    np.testing.assert_array_equal(load_audio(path, end=0.3), decoded[ext][:4800])
 
 
 @pytest.mark.parametrize("which", ["system", "imageio"])
-def test_ffmpeg_slice_is_sample_accurate(which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # A 3.3 s M4A, so start=2.0 uses the fast input seek (to 1.0 s) plus the accurate output seek; ffmpeg 7's input
-    # seek alone would land up to one AAC frame late.
+def test_ffmpeg_cut_equals_the_full_decoding_sliced(which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # The cut counts output samples after resampling (atrim after aformat), with Debian's ffmpeg 5.1 and
+    # imageio-ffmpeg's newer build alike; an input seek would restart the resampler and AAC decoder elsewhere.
     if which == "system":
         assert shutil.which("ffmpeg"), "this test needs a system ffmpeg on PATH (CI installs Debian's ffmpeg)"
     if which == "imageio":
@@ -242,14 +192,8 @@ def test_ffmpeg_slice_is_sample_accurate(which: str, tmp_path: Path, monkeypatch
         .run(cmd=ffmpeg_executable(), capture_stdout=True, capture_stderr=True)
     )
     full = load_audio(m4a)
-    part = load_audio(m4a, start=2.0, end=3.0)
-    assert part.shape == (16000,)
-    reference = full[32000:48000]
-    # Sample-aligned: the lag maximizing the cross-correlation is 0, and the waveforms agree closely.
-    lags = range(-300, 301)
-    scores = [float(np.dot(part[400:-400], full[32000 + 400 + lag : 48000 - 400 + lag])) for lag in lags]
-    assert lags[int(np.argmax(scores))] == 0
-    assert np.corrcoef(part[400:-400], reference[400:-400])[0, 1] > 0.99
+    np.testing.assert_array_equal(load_audio(m4a, start=2.0, end=3.0), full[32000:48000])
+    np.testing.assert_array_equal(load_audio(m4a, start=1.23456), full[19753:])
 
 
 def test_slice_without_resampling_is_exact() -> None:
@@ -285,7 +229,7 @@ def _bad_files(tmp_path: Path) -> Dict[str, Path]:
         ("missing", "does not exist"),
         ("directory", "is a directory"),
         ("empty", "is empty"),
-        ("random", "soundfile failed .* and ffmpeg failed"),
+        ("random", "could not be decoded by ffmpeg"),
         ("random_m4a", "could not be decoded by ffmpeg"),
         ("no_samples", "holds no audio samples"),
     ],

@@ -1,36 +1,36 @@
-"""Decode audio files into the 16 kHz mono float32 waveform Whisper models consume.
+"""Decode audio files into the 16 kHz mono float32 waveform Whisper models consume, as upstream Whisper does.
 
-Two decoders are used, cheapest first:
+Upstream ``whisper.audio.load_audio`` runs ``ffmpeg -i FILE -f s16le -ac 1 -acodec pcm_s16le -ar 16000 -`` and
+divides the 16-bit samples by 32768; the models were trained on that decoding, so this module returns the same
+samples:
 
-* ``soundfile`` (libsndfile) decodes WAV, FLAC, OGG/Vorbis/Opus, MP3 and the other formats it knows in-process, with
-  no subprocess; channels are averaged to mono and the signal is resampled with ``soxr``.
-* ``ffmpeg`` (the system binary if one is on ``PATH``, else the one bundled with ``imageio-ffmpeg``), driven through
-  ``ffmpeg-python``, handles everything else (MP4/M4A/AAC, WebM, MKV, video files, ...) and any file libsndfile
-  refuses.  It pipes mono 16-bit PCM at the target rate to stdout, exactly as upstream Whisper does.
+* Files already at the target rate, mono, holding PCM or float samples in a container libsndfile reads (WAV, FLAC,
+  AIFF, ...) are read in-process by ``soundfile`` and converted to 16 bits the way ffmpeg converts them (integers
+  keep their top 16 bits, floats are rounded to the nearest step and clipped), with no subprocess: bit-equal to
+  upstream.
+* Everything else (other rates, several channels, lossy codecs, video containers) is decoded by ``ffmpeg`` with
+  upstream's arguments, driven through ``ffmpeg-python``: the system binary if one is on ``PATH`` (upstream's), else
+  the one bundled with ``imageio-ffmpeg``.
 
-Upstream ``whisper.audio.load_audio`` always shells out to ffmpeg and returns ``int16 / 32768``; for 16-bit PCM at
-16 kHz the soundfile path returns exactly those values (libsndfile also scales by 1/32768), so results agree.
+A ``start``/``end`` cut returns exactly the samples of the full decoding between those times (ffmpeg trims its
+16 kHz output, after resampling, so the resampler's phase is that of the full decoding).  Float files with NaN or
+infinite samples are the one place this module differs from upstream on purpose: it reads NaN as silence and
+infinities as full scale, with a warning, where ffmpeg turns each into a full-scale click.
 
 Every failure is raised as :class:`whisper_rope.errors.AudioError` with one sentence naming the file.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import re
 import shutil
-import subprocess
-import sys
-import threading
 import warnings
 from typing import Iterator, Optional, Tuple
 
 import ffmpeg  # ffmpeg-python: builds the command line and runs it
 import numpy as np
 import soundfile as sf
-import soxr
 
 from whisper_rope.errors import AudioError, PathLike, one_line
 
@@ -40,68 +40,38 @@ __all__ = ["SAMPLE_RATE", "load_audio", "audio_duration", "ffmpeg_executable"]
 #: Sample rate (Hz) every Whisper model expects.
 SAMPLE_RATE: int = 16000
 
-# Containers/codecs libsndfile cannot read; sending them straight to ffmpeg saves a failed open and keeps the error
-# message about ffmpeg alone.  Anything not listed is still tried with soundfile first and falls back to ffmpeg.
-_FFMPEG_ONLY_SUFFIXES = frozenset(
-    {
-        ".3gp",
-        ".aac",
-        ".ac3",
-        ".amr",
-        ".avi",
-        ".flv",
-        ".m4a",
-        ".m4b",
-        ".m4v",
-        ".mka",
-        ".mkv",
-        ".mov",
-        ".mp4",
-        ".mpeg",
-        ".mpg",
-        ".ts",
-        ".webm",
-        ".wma",
-        ".wmv",
-    }
+# Suffixes whose files libsndfile may read: containers of PCM or float samples, and Ogg, whose header gives
+# `audio_duration` the stream's length without a subprocess.  MP3 is left out: libsndfile's libmpg123 prints its own
+# warnings to the process's stderr, and ffmpeg decodes MP3 anyway.
+_SOUNDFILE_SUFFIXES = frozenset(
+    {".wav", ".wave", ".flac", ".aif", ".aiff", ".aifc", ".w64", ".rf64", ".caf", ".au", ".snd", ".ogg", ".oga"}
 )
 
-# Frames per soundfile read: ~6 s at 44.1 kHz, small next to an hour of audio (so a long file never exists as
-# float32 multichannel at its native rate) yet large enough that per-block overhead is negligible.
+# libsndfile subtypes ffmpeg decodes to the same numbers, so converting them to 16 bits in-process as ffmpeg's
+# libswresample does (integers cut to their top 16 bits, floats rounded and clipped) gives upstream's samples.
+_INTEGER_SUBTYPES = frozenset({"PCM_16", "PCM_24", "PCM_32"})
+_FLOAT_SUBTYPES = frozenset({"FLOAT", "DOUBLE"})
+
+# Frames per soundfile read: ~16 s at 16 kHz, small next to an hour of audio yet large enough that per-block overhead
+# is negligible.
 _BLOCK_FRAMES = 1 << 18
 
 # Output samples preallocated per byte of file at most (see `_honest_samples`): a header's frame count is a claim,
 # and a FLAC header claiming 2**36 samples must not reserve 256 GiB.
 _SAMPLES_PER_BYTE = 8
 
-# soxr "HQ" is 20-bit precision (~120 dB stop-band rejection).  The log-mel features Whisper sees are clamped to an
-# 80 dB range below their peak, so "VHQ" (28-bit) would only add CPU time with no effect on what the model sees.
-_RESAMPLE_QUALITY = "HQ"
-
 # How far a requested ``end`` may run past the last sample before it is an error rather than clamped: manifests round
 # segment times (often to 10 ms), and a compressed file's reported length can differ from what decodes by up to one
 # codec frame (1152 samples = 26 ms for MP3 at 44.1 kHz).
 _END_TOLERANCE_S = 0.05
 
-# Seconds decoded (and discarded) before ``start`` on the ffmpeg path, so the inaccurate fast input seek lands safely
-# before the span and the accurate output seek does the rest; many codec frames long, yet cheap to decode.
-_FFMPEG_PRE_ROLL_S = 1.0
-
-
-class _DecoderFailed(Exception):
-    """Internal: one decoder could not read the file; the message is a short reason, used in the AudioError."""
-
-
-class _NoSamples(_DecoderFailed):
-    """Internal: the file decoded without error but holds zero samples (e.g. a WAV header with no data)."""
-
 
 def ffmpeg_executable() -> str:
-    """Return the path of the ffmpeg binary used for formats soundfile cannot decode.
+    """Return the path of the ffmpeg binary used for the files not read in-process.
 
-    The system ``ffmpeg`` on ``PATH`` is preferred (it usually has the most codecs and matches what upstream Whisper
-    runs); otherwise the static binary shipped inside the ``imageio-ffmpeg`` wheel is used, so a plain
-    ``pip install`` works on machines without ffmpeg.  Looked up on every call (cheap) so a changed ``PATH`` counts.
+    The system ``ffmpeg`` on ``PATH`` is preferred (the one upstream Whisper runs, usually with the most codecs);
+    otherwise the static binary shipped inside the ``imageio-ffmpeg`` wheel is used, so a plain ``pip install``
+    works on machines without ffmpeg.  Looked up on every call (cheap) so a changed ``PATH`` counts.
 
     Returns:
         Absolute path (or PATH-resolved path) of an ffmpeg executable.
@@ -129,57 +99,51 @@ def load_audio(
     start: Optional[float] = None,
     end: Optional[float] = None,
 ) -> np.ndarray:
-    """Decode an audio (or video) file to a mono float32 waveform.
+    """Decode an audio (or video) file to a mono float32 waveform, as upstream ``whisper.audio.load_audio`` does.
 
     Args:
-        path: file to decode.  WAV/FLAC/OGG/MP3 and other libsndfile formats are read in-process; MP4/M4A/WebM/...
-            and anything libsndfile rejects are decoded by ffmpeg.
+        path: file to decode.  Mono PCM/float WAV, FLAC, ... already at ``sample_rate`` are read in-process;
+            everything else is decoded by ffmpeg.
         sample_rate: output rate in Hz (Whisper uses 16000).
         start: first second to decode (``None``: from the beginning), e.g. a manifest segment's start.
         end: second to stop at, exclusive (``None``: to the end of the file).  Up to 50 ms past the end of the
             audio is clamped; further is an error.
 
     Returns:
-        Array of shape ``(n_samples,)``, dtype float32, values in [-1, 1], at ``sample_rate`` Hz; multichannel input
-        is averaged over channels.  ``n_samples`` is about ``(end - start) * sample_rate``.  For 16-bit PCM already
-        at ``sample_rate`` this equals upstream ``whisper.audio.load_audio`` exactly.  Peak memory is about one
-        copy of the result on the soundfile path and two on the ffmpeg path (an hour at 16 kHz is 230 MB each).
+        Array of shape ``(n_samples,)``, dtype float32, 16-bit values divided by 32768 (so in [-1, 1)), at
+        ``sample_rate`` Hz.  Without a cut it equals upstream's ``load_audio`` sample for sample (same ffmpeg);
+        with one it equals that array sliced at ``round(start * sample_rate)`` and ``round(end * sample_rate)``.
+        Peak memory is about one copy of the result in-process and 1.5 (at most two) through ffmpeg (an hour at
+        16 kHz is 230 MB); a cut through ffmpeg decodes (and discards) the file up to ``start``.
 
     Raises:
-        AudioError: the file is missing, a directory, empty, undecodable by both decoders, holds no samples, or
-            ``start``/``end`` are negative, out of order, or beyond the audio.
+        AudioError: the file is missing, a directory, empty, undecodable, holds no samples, or ``start``/``end`` are
+            negative, out of order, or beyond the audio.
     """
     name = os.fspath(path)
     _check_sample_rate(name, sample_rate)
     _check_file(name)
     _check_span(name, start, end)
-
-    soundfile_reason: Optional[str] = None
-    if _suffix(name) not in _FFMPEG_ONLY_SUFFIXES:
-        try:
-            return _decode_with_soundfile(name, sample_rate, start, end)
-        except _DecoderFailed as exc:
-            soundfile_reason = str(exc)
-
-    try:
-        return _decode_with_ffmpeg(name, sample_rate, start, end)
-    except _NoSamples:
-        # ffmpeg read the container fine, so whatever soundfile said, the file is valid but empty.
-        raise AudioError(f"audio file '{name}' holds no audio samples, expected at least one") from None
-    except _DecoderFailed as exc:
-        if soundfile_reason is None:
-            raise AudioError(f"audio file '{name}' could not be decoded by ffmpeg ({exc})") from None
-        raise AudioError(
-            f"audio file '{name}' could not be decoded: soundfile failed ({soundfile_reason}) and ffmpeg failed ({exc})"
-        ) from None
+    f = _open_soundfile(name)
+    repaired = None
+    if f is not None:
+        with f:
+            exact = f.subtype in _INTEGER_SUBTYPES | _FLOAT_SUBTYPES
+            try:
+                if exact and f.samplerate == sample_rate and f.channels == 1 and f.frames > 0:
+                    return _read_in_process(name, f, start, end)
+                if f.subtype in _FLOAT_SUBTYPES:
+                    repaired = _repaired_floats(name, f)
+            except (sf.SoundFileError, RuntimeError, OSError):
+                pass  # a read error past the header: ffmpeg decodes the file, and reports what it cannot read
+    return _decode_with_ffmpeg(name, sample_rate, start, end, repaired)
 
 
 def audio_duration(path: PathLike) -> float:
-    """Return the length of an audio file in seconds without decoding it (where the container says).
+    """Return the length of an audio file in seconds, decoding it only when nothing records the length.
 
-    Uses libsndfile's header (exact frame count) when it can read the file, else ffprobe's container duration when
-    ``ffprobe`` is on PATH, else the ``Duration:`` line ffmpeg prints (10 ms resolution); only when the container
-    records no duration is the file decoded.
+    Uses libsndfile's header (exact frame count) for the formats it reads, else ffprobe's container duration when
+    ``ffprobe`` is on PATH, else the length of ffmpeg's decoding.
 
     Args:
         path: audio or video file.
@@ -188,31 +152,24 @@ def audio_duration(path: PathLike) -> float:
         Duration in seconds (float, > 0).
 
     Raises:
-        AudioError: the file is missing, a directory, empty, or neither decoder can read it.
+        AudioError: the file is missing, a directory, empty, or cannot be decoded.
     """
     name = os.fspath(path)
     _check_file(name)
-    if _suffix(name) not in _FFMPEG_ONLY_SUFFIXES:
-        try:
-            with _quiet_c_stderr(name):
-                info = sf.info(name)
-            if info.samplerate > 0 and info.frames > 0:
-                return info.frames / info.samplerate
-        except (sf.SoundFileError, RuntimeError, OSError, TypeError):
-            pass  # not a libsndfile format: ask ffmpeg below
-    duration = _ffmpeg_container_duration(name)
-    if duration is not None and duration > 0:
+    f = _open_soundfile(name)
+    if f is not None:
+        with f:
+            if f.samplerate > 0 and f.frames > 0:
+                return f.frames / f.samplerate
+    duration = _ffprobe_duration(name)
+    if duration:
         return duration
-    # No duration in the container (e.g. raw ADTS streams): decoding is the only way to know.
+    # No ffprobe, or no duration in the container (e.g. raw ADTS streams): decoding is the only way to know.
     return load_audio(name).shape[0] / SAMPLE_RATE
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # argument and file checks
-
-
-def _suffix(name: str) -> str:
-    return os.path.splitext(name)[1].lower()
 
 
 def _check_sample_rate(name: str, sample_rate: int) -> None:
@@ -246,71 +203,32 @@ def _check_span(name: str, start: Optional[float], end: Optional[float]) -> None
         raise AudioError(f"end {end:g} s must be after start {start:g} s for audio file '{name}'")
 
 
-def _span_frames(name: str, start: Optional[float], end: Optional[float], rate: int, total: int) -> Tuple[int, int]:
-    """Convert ``start``/``end`` seconds to a frame range ``[first, last)`` of a file with ``total`` frames."""
-    length_s = total / rate
+def _span_samples(start: Optional[float], end: Optional[float], rate: int) -> Tuple[int, Optional[int]]:
+    """``start``/``end`` seconds as output sample indices ``[first, last)`` (``last`` None: to the end); a span
+    shorter than one sample still yields one."""
     first = 0 if start is None else int(round(start * rate))
-    if first >= total:
-        raise AudioError(
-            f"start {start:g} s is at or past the end of audio file '{name}', which is {length_s:.3f} s long"
-        )
-    if end is None:
-        return first, total
-    if end > length_s + _END_TOLERANCE_S:
-        raise AudioError(f"end {end:g} s is past the end of audio file '{name}', which is {length_s:.3f} s long")
-    # max(): a span shorter than one input frame still yields a sample rather than an empty array.
-    return first, max(first + 1, min(total, int(round(end * rate))))
+    return first, None if end is None else max(first + 1, int(round(end * rate)))
+
+
+def _past_the_end(name: str, label: str, seconds: float, length_s: Optional[float]) -> AudioError:
+    said = "" if length_s is None else f", which is {length_s:.3f} s long"
+    where = "at or past" if label == "start" else "past"
+    return AudioError(f"{label} {seconds:g} s is {where} the end of audio file '{name}'{said}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# soundfile decoder
+# in-process reading (soundfile)
 
 
-# Suffixes libsndfile hands to a bundled C decoder (libmpg123) that prints its own warnings straight to the process's
-# stderr (e.g. "[src/libmpg123/parse.c:...] warning: Cannot read next header"), bypassing our one-line reports.
-_CHATTY_SUFFIXES = frozenset({".mp3", ".mp2", ".mp1", ".mpga"})
-
-_STDERR_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _quiet_c_stderr(name: str) -> Iterator[None]:
-    """Send file descriptor 2 to /dev/null while a chatty C decoder reads ``name``; a no-op for other files."""
-    if _suffix(name) not in _CHATTY_SUFFIXES:
-        yield
-        return
-    with _STDERR_LOCK:
-        try:
-            sys.stderr.flush()
-        except (OSError, ValueError, AttributeError):
-            pass
-        saved = devnull = None
-        try:
-            saved = os.dup(2)
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 2)
-        except OSError:  # no fd 2 or no /dev/null: read with the library's output as it is
-            pass
-        try:
-            yield
-        finally:
-            if saved is not None:
-                if devnull is not None:
-                    os.dup2(saved, 2)
-                    os.close(devnull)
-                os.close(saved)
-
-
-# libsndfile's message for any failed open of a file it routes to a codec library (MP3), whatever the cause.
-_MISLEADING_OPEN_ERROR = "does not exist or is not a regular file"
-
-
-def _soundfile_reason(exc: BaseException, name: Optional[str] = None) -> str:
-    # LibsndfileError carries libsndfile's own message ("Format not recognised."); str() adds "Error opening '...'".
-    reason = one_line(str(getattr(exc, "error_string", "") or exc).rstrip("."), 200) or type(exc).__name__
-    if name is not None and _MISLEADING_OPEN_ERROR in reason.lower() and os.path.isfile(name):
-        return "its data is not a stream libsndfile recognises (corrupt or not audio)"
-    return reason
+def _open_soundfile(name: str) -> Optional[sf.SoundFile]:
+    """``name`` opened by libsndfile for reading, or None when its suffix is not one libsndfile is asked to read or
+    libsndfile cannot read it (ffmpeg then decodes it, and reports its errors)."""
+    if os.path.splitext(name)[1].lower() not in _SOUNDFILE_SUFFIXES:
+        return None
+    try:
+        return sf.SoundFile(name)
+    except (sf.SoundFileError, RuntimeError, OSError, TypeError, ValueError):
+        return None
 
 
 class _Output:
@@ -324,7 +242,7 @@ class _Output:
     def append(self, chunk: np.ndarray) -> None:
         end = self.size + chunk.shape[0]
         if end > self.buffer.shape[0]:
-            # Only when a decoder yields more than its header promised; grow by 25% to keep appends amortized O(1).
+            # Only when a file holds more than its size suggested; grow by 25% to keep appends amortized O(1).
             grown = np.empty(max(end, self.buffer.shape[0] * 5 // 4), dtype=np.float32)
             grown[: self.size] = self.buffer[: self.size]
             self.buffer = grown
@@ -335,71 +253,47 @@ class _Output:
         return self.buffer[: self.size]
 
 
-def _decode_with_soundfile(name: str, sample_rate: int, start: Optional[float], end: Optional[float]) -> np.ndarray:
-    """Read with libsndfile in blocks, repair non-finite samples, average channels, stream-resample; returns float32
-    ``(n_samples,)``.
+def _read_in_process(name: str, f: sf.SoundFile, start: Optional[float], end: Optional[float]) -> np.ndarray:
+    """The samples ffmpeg's ``-f s16le`` gives for a mono file already at the output rate, divided by 32768;
+    returns float32 ``(n_samples,)``.
 
-    Peak memory is one copy of the output plus one block (a few MB), whatever the input's rate and channel count:
-    the output is preallocated from the header's frame count (bounded by what the file's size can honestly hold, so
-    that a header claiming days of samples costs nothing) and every block is mixed down and resampled before the
-    next is read.
+    libswresample converts 24/32-bit integers to 16 bits by dropping their low bits, as libsndfile's ``int16`` reads
+    do, and floats by rounding ``x * 32768`` to the nearest integer (ties to even, as ``lrintf``) and clipping.
+    Peak memory is one copy of the output plus one block: the output is preallocated from the header's frame count,
+    bounded by what the file's size can honestly hold.
     """
+    rate, total = int(f.samplerate), int(f.frames)
+    first, last = _span_samples(start, end, rate)
+    if first >= total:
+        raise _past_the_end(name, "start", start or 0.0, total / rate)
+    if last is not None and last > total + _END_TOLERANCE_S * rate:
+        raise _past_the_end(name, "end", end or 0.0, total / rate)
+    last = total if last is None else min(last, total)
+    floats = f.subtype in _FLOAT_SUBTYPES
+    output = _Output(min(last - first, _honest_samples(name)))
     repaired = 0
-    try:
-        with _quiet_c_stderr(name), sf.SoundFile(name) as f:
-            in_rate, total = int(f.samplerate), int(f.frames)
-            if total <= 0:
-                # Let ffmpeg have a go (libsndfile reports 0 frames for some streams it cannot size); if it also
-                # finds nothing, the "no samples" error applies.
-                raise _DecoderFailed("file holds no audio frames")
-            first, last = _span_frames(name, start, end, in_rate, total)
-            if first > 0:
-                f.seek(first)
-            resampler = None
-            if in_rate != sample_rate:
-                resampler = soxr.ResampleStream(in_rate, sample_rate, 1, dtype="float32", quality=_RESAMPLE_QUALITY)
-            # soxr emits round(n * ratio) samples in total; the slack covers rounding.
-            output = _Output(min(math.ceil((last - first) * sample_rate / in_rate) + 16, _honest_samples(name)))
-            read = 0
-            for block in _blocks(f, last - first):
-                read += block.shape[0]
-                repaired += _repair_non_finite(block)
-                # (frames, channels) -> (frames,): plain average, as ffmpeg's `-ac 1` does for stereo.
-                mono = block[:, 0] if block.shape[1] == 1 else block.mean(axis=1, dtype=np.float32)
-                mono = np.ascontiguousarray(mono)
-                output.append(mono if resampler is None else resampler.resample_chunk(mono))
-            if resampler is not None:
-                # Flush the filter's delay line; without it the last few ms of audio would be dropped.
-                output.append(resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True))
-    except (AudioError, _DecoderFailed):
-        raise
-    except (sf.SoundFileError, RuntimeError, OSError, TypeError, ValueError) as exc:
-        raise _DecoderFailed(_soundfile_reason(exc, name)) from None
-
-    audio = output.result()
-    if audio.size == 0:
-        raise _DecoderFailed("file holds no audio frames")
-    if end is not None and (first + read) / in_rate < end - _END_TOLERANCE_S:  # the header promised more
-        raise AudioError(
-            f"end {end:g} s is past the end of audio file '{name}', which is {(first + read) / in_rate:.3f} s long"
-        )
-    if repaired:
-        warnings.warn(
-            f"audio file '{name}' holds {repaired} non-finite samples (NaN or infinite); read NaN as silence and "
-            "infinities as full scale",
-            stacklevel=3,
-        )
-    # Float files may exceed full scale and resampling overshoots near full-scale peaks; the contract is [-1, 1].
-    return np.clip(audio, -1.0, 1.0, out=audio)
+    if first:
+        f.seek(first)
+    for block in _blocks(f, last - first, "float64" if floats else "int16"):
+        if floats:
+            repaired += _repair_non_finite(block)
+            block = np.clip(np.rint(block * 32768.0), -32768.0, 32767.0)
+        output.append(block[:, 0] / np.float32(32768.0))
+    if output.size == 0:
+        raise AudioError(f"audio file '{name}' holds no audio samples, expected at least one")
+    if end is not None and (first + output.size) / rate < end - _END_TOLERANCE_S:  # the header promised more
+        raise _past_the_end(name, "end", end, (first + output.size) / rate)
+    _warn_repaired(name, repaired)
+    return output.result()
 
 
-def _blocks(f: sf.SoundFile, frames: int) -> Iterator[np.ndarray]:
-    """Up to ``frames`` frames of ``f`` as float32 ``(frames, channels)`` blocks, ending at the first short read:
-    a header may claim more frames than the file holds (soundfile's own ``blocks`` would then go on yielding its
-    stale buffer for every frame claimed)."""
+def _blocks(f: sf.SoundFile, frames: int, dtype: str) -> Iterator[np.ndarray]:
+    """Up to ``frames`` frames of ``f`` as ``(frames, channels)`` blocks of ``dtype``, ending at the first short
+    read: a header may claim more frames than the file holds (soundfile's own ``blocks`` would then go on yielding
+    its stale buffer for every frame claimed)."""
     while frames > 0:
         wanted = min(_BLOCK_FRAMES, frames)
-        block = f.read(wanted, dtype="float32", always_2d=True)
+        block = f.read(wanted, dtype=dtype, always_2d=True)
         if block.shape[0]:
             yield block
         if block.shape[0] < wanted:
@@ -409,8 +303,8 @@ def _blocks(f: sf.SoundFile, frames: int) -> Iterator[np.ndarray]:
 
 def _honest_samples(name: str) -> int:
     """The most output samples a file of this size is preallocated for: `_SAMPLES_PER_BYTE` per byte plus one
-    second. Honest files stay under it (a 32 kbit/s MP3 makes 4 samples per byte at 16 kHz); one that decodes to
-    more (silence in FLAC) grows its buffer as it goes."""
+    second. Honest PCM files stay under it; one that decodes to more (silence in FLAC) grows its buffer as it
+    goes."""
     try:
         size = os.path.getsize(name)
     except OSError:
@@ -419,16 +313,40 @@ def _honest_samples(name: str) -> int:
 
 
 def _repair_non_finite(block: np.ndarray) -> int:
-    """Set NaN samples of ``block`` to 0 and infinities to full scale (+-1), in place, as ffmpeg's conversion to
-    16-bit PCM (upstream's decoding) reads them; returns how many samples were repaired."""
+    """Set NaN samples of ``block`` to 0 and infinities to full scale (+-1), in place; returns how many samples
+    were repaired."""
     bad = int(block.size - np.count_nonzero(np.isfinite(block)))
     if bad:
         np.nan_to_num(block, copy=False, nan=0.0, posinf=1.0, neginf=-1.0)
     return bad
 
 
+def _warn_repaired(name: str, repaired: int) -> None:
+    if repaired:
+        warnings.warn(
+            f"audio file '{name}' holds {repaired} non-finite samples (NaN or infinite); read NaN as silence and "
+            "infinities as full scale",
+            stacklevel=4,
+        )
+
+
+def _repaired_floats(name: str, f: sf.SoundFile) -> Optional[Tuple[np.ndarray, int]]:
+    """For a float file ffmpeg is to resample or mix: None when every sample is finite (ffmpeg then decodes the file
+    itself), else all its frames, float32 ``(frames, channels)`` with NaN and infinities repaired, and its rate.
+
+    ffmpeg would turn a NaN into a full-scale click and its resampler would spread it over its filter length, so a
+    damaged file is repaired here and its samples are handed to ffmpeg instead of the file.
+    """
+    if all(np.isfinite(block).all() for block in _blocks(f, int(f.frames), "float32")):
+        return None
+    f.seek(0)
+    blocks = list(_blocks(f, int(f.frames), "float32"))
+    _warn_repaired(name, sum(_repair_non_finite(block) for block in blocks))
+    return np.concatenate(blocks), int(f.samplerate)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
-# ffmpeg decoder
+# ffmpeg
 
 
 def _ffmpeg_input(name: str) -> str:
@@ -449,110 +367,84 @@ def _ffmpeg_reason(stderr: Optional[bytes], input_arg: str) -> str:
     return one_line(reason, 200)
 
 
-def _decode_with_ffmpeg(name: str, sample_rate: int, start: Optional[float], end: Optional[float]) -> np.ndarray:
-    """Decode with an ffmpeg subprocess to mono float32 at ``sample_rate``; returns ``(n_samples,)``.
+def _ffmpeg_command(
+    name: str, sample_rate: int, first: int, last: Optional[int], repaired: Optional[Tuple[np.ndarray, int]]
+) -> ffmpeg.nodes.OutputStream:
+    """ffmpeg-python's command: upstream's arguments, plus, for a cut to output samples ``[first, last)``, an
+    ``atrim`` filter, and for ``repaired`` frames (float32 ``(frames, channels)`` and their rate) a raw input on
+    stdin instead of the file.
 
-    ``start`` is split into a coarse input seek to ``_FFMPEG_PRE_ROLL_S`` before it (fast: the skipped part is not
-    decoded) and a fine output seek for the rest (decoded, so sample-accurate); ``end`` becomes the output ``-t``.
-    An input seek alone is not accurate everywhere: ffmpeg 7 (imageio-ffmpeg's binary) lands up to one AAC frame
-    (~23 ms) late in M4A files, while ffmpeg 5 does not.
-
-    The output is s16le, as upstream Whisper asks for, not f32le: for float output ffmpeg's stereo-to-mono matrix
-    is not normalized (each channel weighted 1/sqrt(2), so mono comes out 3 dB louder than the average), while for
-    16-bit output it is the plain average.  s16le therefore gives both the average and upstream's exact samples;
-    16-bit resolution (96 dB) is well beyond the 80 dB range of Whisper's log-mel features.
+    The cut counts samples, after the conversion to ``sample_rate`` mono 16-bit (``aformat`` makes the same one
+    libswresample step upstream's output does, then ``atrim`` runs on its output): so it slices the full decoding
+    exactly.  Time-based cuts (``-ss``/``-t``) would not: they count from timestamp 0, and a stream whose first
+    decoded sample comes later (Vorbis drops its first packet's output) would be shifted.  ffmpeg stops decoding at
+    ``last``; what precedes ``first`` is decoded and dropped.
     """
+    if repaired is None:
+        stream = ffmpeg.input(_ffmpeg_input(name), threads=0)
+    else:
+        stream = ffmpeg.input("pipe:", format="f32le", ar=repaired[1], ac=repaired[0].shape[1])
+    cut = {}
+    if first or last is not None:
+        trim = f"start_sample={first}" + ("" if last is None else f":end_sample={last}")
+        cut["af"] = f"aformat=sample_fmts=s16:sample_rates={sample_rate}:channel_layouts=mono,atrim={trim}"
+    output = stream.output("pipe:", format="s16le", acodec="pcm_s16le", ac=1, ar=sample_rate, vn=None, **cut)
+    return output.global_args("-nostdin", "-hide_banner", "-loglevel", "error")
+
+
+def _decode_with_ffmpeg(
+    name: str,
+    sample_rate: int,
+    start: Optional[float],
+    end: Optional[float],
+    repaired: Optional[Tuple[np.ndarray, int]] = None,
+) -> np.ndarray:
+    """Decode with an ffmpeg subprocess to 16-bit mono at ``sample_rate`` (upstream's arguments), divided by 32768;
+    returns float32 ``(n_samples,)``.  ``repaired`` (frames and rate) replaces the file as ffmpeg's input."""
     try:
         exe = ffmpeg_executable()
     except AudioError as exc:
-        raise _DecoderFailed(str(exc)) from None
-
-    input_arg = _ffmpeg_input(name)
-    input_options = {}
-    output_options = {}
-    if start:
-        coarse = max(0.0, start - _FFMPEG_PRE_ROLL_S)
-        if coarse > 0:
-            input_options["ss"] = f"{coarse:.6f}"
-        output_options["ss"] = f"{start - coarse:.6f}"
-    if end is not None:
-        output_options["t"] = f"{end - (start or 0.0):.6f}"
-    command = (
-        ffmpeg.input(input_arg, **input_options)
-        .output("pipe:", format="s16le", acodec="pcm_s16le", ac=1, ar=sample_rate, vn=None, **output_options)
-        .global_args("-nostdin", "-hide_banner", "-loglevel", "error")
-    )
+        raise AudioError(f"audio file '{name}' could not be decoded by ffmpeg ({exc})") from None
+    first, last = _span_samples(start, end, sample_rate)
+    command = _ffmpeg_command(name, sample_rate, first, last, repaired)
+    stdin = None if repaired is None else repaired[0].tobytes()
     try:
-        stdout, _ = command.run(cmd=exe, capture_stdout=True, capture_stderr=True)
+        stdout, _ = command.run(cmd=exe, input=stdin, capture_stdout=True, capture_stderr=True)
     except ffmpeg.Error as exc:
-        raise _DecoderFailed(_ffmpeg_reason(exc.stderr, input_arg)) from None
+        reason = _ffmpeg_reason(exc.stderr, _ffmpeg_input(name))
+        raise AudioError(f"audio file '{name}' could not be decoded by ffmpeg ({reason})") from None
     except OSError as exc:
-        raise _DecoderFailed(f"could not run '{exe}': {exc.strerror or exc}") from None
+        raise AudioError(f"audio file '{name}' could not be decoded: running '{exe}' failed ({exc})") from None
 
     usable = len(stdout) // 2  # a killed ffmpeg could leave half a sample
-    # int16 / 32768 lies in [-1, 1) by construction.  astype makes the one float32 copy and the division is in place;
-    # the bytes (half its size) are freed here.
+    # astype makes the one float32 copy and the division is in place; the bytes (half its size) are freed here.
     audio = np.frombuffer(stdout, dtype="<i2", count=usable).astype(np.float32)
     del stdout
     audio /= np.float32(32768.0)
-
     if audio.size == 0:
-        if start:
-            try:
-                length = _ffmpeg_container_duration(name)
-            except AudioError:
-                length = None  # the length only decorates the message; the error below stands regardless
-            said = f", which is {length:.3f} s long" if length else ""
-            raise AudioError(f"start {start:g} s is at or past the end of audio file '{name}'{said}")
-        raise _NoSamples("it decoded to no audio samples")
-    if end is not None:
-        got_s = audio.size / sample_rate
-        wanted_s = end - (start or 0.0)
-        if got_s < wanted_s - _END_TOLERANCE_S:
-            raise AudioError(
-                f"end {end:g} s is past the end of audio file '{name}', which is {(start or 0.0) + got_s:.3f} s long"
-            )
+        if first:
+            raise _past_the_end(name, "start", start or 0.0, None)
+        raise AudioError(f"audio file '{name}' holds no audio samples, expected at least one")
+    if last is not None and audio.size < last - first - _END_TOLERANCE_S * sample_rate:
+        raise _past_the_end(name, "end", end or 0.0, (first + audio.size) / sample_rate)
     return audio
 
 
-_DURATION_LINE = re.compile(r"Duration:\s*(\d+):(\d{2}):(\d{2}(?:\.\d+)?)")
-
-
-def _ffmpeg_container_duration(name: str) -> Optional[float]:
-    """Container duration in seconds via ffprobe (if on PATH) or ffmpeg's banner; ``None`` if none is recorded.
+def _ffprobe_duration(name: str) -> Optional[float]:
+    """Container duration in seconds via ffprobe; ``None`` when ffprobe is not on PATH or the container records none.
 
     Raises:
-        AudioError: ffmpeg cannot open the file, or no ffmpeg is available.
+        AudioError: ffprobe cannot open the file.
     """
-    input_arg = _ffmpeg_input(name)
     ffprobe = shutil.which("ffprobe")
-    if ffprobe:
-        try:
-            probe = ffmpeg.probe(input_arg, cmd=ffprobe)
-            value = probe.get("format", {}).get("duration")
-            return float(value) if value not in (None, "N/A") else None
-        except ffmpeg.Error as exc:
-            raise AudioError(
-                f"audio file '{name}' could not be read by ffprobe ({_ffmpeg_reason(exc.stderr, input_arg)})"
-            ) from None
-        except (OSError, ValueError):
-            pass  # broken ffprobe or odd output: fall through to ffmpeg
-
-    exe = ffmpeg_executable()
-    try:
-        # With no output file ffmpeg prints the input's header then exits non-zero ("At least one output file must
-        # be specified"); the header is all we need, so the exit status is ignored.  ffmpeg-python cannot express a
-        # command without an output, hence plain subprocess here.
-        stderr = subprocess.run(
-            [exe, "-nostdin", "-hide_banner", "-i", input_arg], capture_output=True, check=False
-        ).stderr
-    except OSError as exc:
-        raise AudioError(f"audio file '{name}' could not be probed: running '{exe}' failed ({exc.strerror})") from None
-    text = stderr.decode("utf-8", "replace")
-    match = _DURATION_LINE.search(text)
-    if match:
-        hours, minutes, seconds = match.groups()
-        return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
-    if "Duration: N/A" in text:
+    if not ffprobe:
         return None
-    raise AudioError(f"audio file '{name}' could not be read by ffmpeg ({_ffmpeg_reason(stderr, input_arg)})")
+    input_arg = _ffmpeg_input(name)
+    try:
+        value = ffmpeg.probe(input_arg, cmd=ffprobe).get("format", {}).get("duration")
+        return float(value) if value not in (None, "N/A") else None
+    except ffmpeg.Error as exc:
+        reason = _ffmpeg_reason(exc.stderr, input_arg)
+        raise AudioError(f"audio file '{name}' could not be read by ffprobe ({reason})") from None
+    except (OSError, ValueError):
+        return None  # a broken ffprobe or odd output: decode instead
