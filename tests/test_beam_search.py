@@ -9,8 +9,8 @@ import whisper
 from whisper.decoding import BeamSearchDecoder
 
 import whisper_rope
-import whisper_rope.decoding
-from whisper_rope.beam_search import BatchBeamSearchDecoder
+import whisper_rope.decoding.task
+from whisper_rope.decoding.beam_search import BatchBeamSearchDecoder
 
 from .conftest import randomise_, small_dims
 from .speech_helpers import first_window
@@ -102,12 +102,12 @@ def test_identical_beams_with_different_logits_keep_the_last_score_at_the_first_
 
 def decode_with(decoder_class, model, mel, options):
     """``model.decode`` with `BatchDecodingTask` building ``decoder_class`` for beam search."""
-    original = whisper_rope.decoding.BatchBeamSearchDecoder
-    whisper_rope.decoding.BatchBeamSearchDecoder = decoder_class
+    original = whisper_rope.decoding.task.BatchBeamSearchDecoder
+    whisper_rope.decoding.task.BatchBeamSearchDecoder = decoder_class
     try:
         return model.decode(mel, options)
     finally:
-        whisper_rope.decoding.BatchBeamSearchDecoder = original
+        whisper_rope.decoding.task.BatchBeamSearchDecoder = original
 
 
 @pytest.mark.parametrize("batch", [1, 3, 5])

@@ -142,7 +142,7 @@ def _subcommand_options(name: str):
 
 
 def test_an_option_shared_by_subcommands_has_one_meaning_and_one_default():
-    from whisper_rope.evaluation.compare import CompareConfig
+    from whisper_rope.experiments.compare import CompareConfig
     from whisper_rope.training.config import FinetuneConfig
     from whisper_rope.weights.loading import DEVICE_HELP, LoadOptions
 

@@ -5,8 +5,8 @@ import torch
 import whisper
 import whisper.decoding
 
-from whisper_rope import decoding
 from whisper_rope.compute_type import quantize_int8
+from whisper_rope.decoding import task as decoding
 from whisper_rope.features import real_frame_counts
 
 from .speech_helpers import first_window, random_rotary

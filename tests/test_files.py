@@ -1,4 +1,4 @@
-"""whisper_rope.files: paths as users type them, regular files only, nothing outside a model directory."""
+"""whisper_rope.fs.files: paths as users type them, regular files only, nothing outside a model directory."""
 
 import os
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from whisper_rope.errors import CheckpointError, ModelNotFoundError
-from whisper_rope.files import inside, is_regular, read_regular, user_path
+from whisper_rope.fs.files import inside, is_regular, read_regular, user_path
 
 
 def test_user_path_expands_home_and_keeps_relative_paths_relative(monkeypatch, tmp_path):

@@ -13,12 +13,18 @@ from whisper.timing import WordTiming, find_alignment
 from whisper.tokenizer import get_tokenizer
 
 import whisper_rope
-from whisper_rope import cli, longform
+from whisper_rope import cli
 from whisper_rope.audio import load_audio
 from whisper_rope.features import first_transcription_window
-from whisper_rope.longform import split_at_breaks, split_at_timestamps, transcribe_chunked, transcribe_recordings
-from whisper_rope.speech_chunks import SpeechChunk, pack_chunks, pack_tails, speech_spans
-from whisper_rope.transcribe import transcribe_many
+from whisper_rope.transcription import longform
+from whisper_rope.transcription.longform import (
+    split_at_breaks,
+    split_at_timestamps,
+    transcribe_chunked,
+    transcribe_recordings,
+)
+from whisper_rope.transcription.speech_chunks import SpeechChunk, pack_chunks, pack_tails, speech_spans
+from whisper_rope.transcription.transcribe import transcribe_many
 
 from .conftest import FIXTURES, randomise_, small_dims
 

@@ -1,5 +1,5 @@
-"""One way to declare command-line options (whisper_rope.options): every subcommand is built from dataclass fields,
-so every option has both spellings and every boolean takes a bare flag, a value or a negation."""
+"""One way to declare command-line options (whisper_rope.cli.arguments): every subcommand is built from dataclass
+fields, so every option has both spellings and every boolean takes a bare flag, a value or a negation."""
 
 import argparse
 from dataclasses import dataclass, field, fields
@@ -8,8 +8,8 @@ from typing import List, Optional
 import pytest
 
 from whisper_rope.cli import build_parser
+from whisper_rope.cli.arguments import ArgumentParser, add_dataclass_arguments, dataclass_from_args
 from whisper_rope.fields import NamedPath, PathText, opt, option
-from whisper_rope.options import ArgumentParser, add_dataclass_arguments, dataclass_from_args
 
 
 @dataclass
@@ -131,7 +131,7 @@ def test_transcribe_reads_upstreams_spelling_and_ours_the_same():
 
 def test_none_is_a_value_where_upstream_gives_it_one():
     """Upstream's ``--temperature_increment_on_fallback None`` turns the fallback off; it must not become 0.2."""
-    from whisper_rope.transcribe import TranscribeOptions
+    from whisper_rope.transcription.transcribe import TranscribeOptions
 
     args = build_parser().parse_args(
         ["transcribe", "--temperature_increment_on_fallback", "None", "--best_of", "None", "a"]

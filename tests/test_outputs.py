@@ -1,9 +1,9 @@
-"""`whisper_rope.outputs`: what a command may write (docs/reliability.md, "Outputs, honest runs, interrupts and
+"""`whisper_rope.fs.outputs`: what a command may write (docs/reliability.md, "Outputs, honest runs, interrupts and
 caches")."""
 
 import pytest
 
-from whisper_rope.outputs import LOCK_FILE, OutputError, claim_directory, refuse_overlap, temporary_of
+from whisper_rope.fs.outputs import LOCK_FILE, OutputError, claim_directory, refuse_overlap, temporary_of
 
 
 def _owns(name: str) -> bool:

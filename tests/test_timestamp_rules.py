@@ -5,7 +5,7 @@ import torch
 from whisper.decoding import ApplyTimestampRules
 from whisper.tokenizer import get_tokenizer
 
-from whisper_rope.timestamp_rules import BatchTimestampRules
+from whisper_rope.decoding.timestamp_rules import BatchTimestampRules
 
 TOKENIZER = get_tokenizer(False)
 N_VOCAB = 51864

@@ -9,13 +9,13 @@ import whisper.utils
 
 import whisper_rope
 from whisper_rope import cli
-from whisper_rope import transcribe as transcribe_module
 from whisper_rope.audio import load_audio
-from whisper_rope.decoding import BatchDecodingTask
-from whisper_rope.longform import transcribe_chunked
-from whisper_rope.outputs import OutputRecord
-from whisper_rope.speech_chunks import speech_chunks
-from whisper_rope.transcribe import transcribe_many
+from whisper_rope.decoding.task import BatchDecodingTask
+from whisper_rope.fs.outputs import OutputRecord
+from whisper_rope.transcription import transcribe as transcribe_module
+from whisper_rope.transcription.longform import transcribe_chunked
+from whisper_rope.transcription.speech_chunks import speech_chunks
+from whisper_rope.transcription.transcribe import transcribe_many
 
 from .conftest import FIXTURES, SPEECH_CLIPS, randomise_, small_dims
 from .speech_helpers import EncoderLengths, random_rotary

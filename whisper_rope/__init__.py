@@ -16,11 +16,11 @@ from .errors import (
     WhisperRopeError,
 )
 from .evaluation.evaluate import EvaluationOptions, EvaluationResult, evaluate
-from .longform import transcribe_chunked, transcribe_recordings
 from .model import WhisperRope
 from .training.config import FinetuneConfig
 from .training.loop import finetune
-from .transcribe import transcribe_many
+from .transcription.longform import transcribe_chunked, transcribe_recordings
+from .transcription.transcribe import transcribe_many
 from .variants import available_variants, parse_variant
 from .version import __version__
 from .weights.loading import LoadReport, build_model, load_model, save_checkpoint

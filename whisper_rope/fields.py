@@ -3,7 +3,7 @@
 option (`flags`).
 
 The library's option dataclasses (`LoadOptions`, `TranscribeOptions`, `EvaluationOptions`, `FinetuneConfig`, ...)
-are declared here; `whisper_rope.options` builds the command line's options from the same fields, so that the
+are declared here; `whisper_rope.cli.arguments` builds the command line's options from the same fields, so that the
 Python API and the CLI cannot drift. This module imports no argparse: the library uses it without the command line.
 """
 
@@ -16,7 +16,7 @@ import os
 import typing
 from typing import Any, Callable, Dict, NewType, Optional, Type
 
-from .files import user_path
+from .fs.files import user_path
 
 #: The type of an option that names a file or folder: text (``str`` at run time) whose ``~`` is expanded.
 PathText = NewType("PathText", str)

@@ -9,7 +9,7 @@ import pytest
 import whisper_rope
 from tests.conftest import FIXTURES, randomise_, small_dims
 from whisper_rope import cli
-from whisper_rope.evaluation.compare import CompareConfig, RunSpec, compare
+from whisper_rope.experiments.compare import CompareConfig, RunSpec, compare
 
 SPEECH = FIXTURES / "speech" / "manifest.jsonl"
 
@@ -83,7 +83,7 @@ def test_compare_writes_reports_and_resumes(source, tmp_path, monkeypatch):
         assert (output / name).stat().st_size > 1000
 
     # A second invocation with the same settings finds every run finished: nothing is trained or evaluated again.
-    import whisper_rope.evaluation.compare as compare_module
+    import whisper_rope.experiments.compare as compare_module
 
     def no_training(*_, **__):
         raise AssertionError("a finished run was trained again")

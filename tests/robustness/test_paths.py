@@ -130,7 +130,7 @@ def test_a_config_file_s_home_paths_are_expanded(monkeypatch, tmp_path):
     import json
 
     from whisper_rope.cli import build_parser
-    from whisper_rope.evaluation.compare_command import config_from_args
+    from whisper_rope.cli.compare import config_from_args
 
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "c.json").write_text(json.dumps({"train": "~/clips", "eval": ["a=~/a.jsonl"], "output": "~/cmp"}))

@@ -1,5 +1,5 @@
 """`FinetuneConfig`: every setting of a fine-tuning run, the one declaration that the Python API and the
-``whisper-rope finetune`` options (`whisper_rope.options`) are both built from."""
+``whisper-rope finetune`` options (`whisper_rope.cli.arguments`) are both built from."""
 
 from dataclasses import dataclass
 from typing import Optional

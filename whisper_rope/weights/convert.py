@@ -17,7 +17,7 @@ import whisper
 
 from whisper_rope.errors import CheckpointError, ModelNotFoundError, PathLike, VariantError
 from whisper_rope.fields import PathText, opt
-from whisper_rope.outputs import refuse_overlap
+from whisper_rope.fs.outputs import refuse_overlap
 from whisper_rope.variants import UPSTREAM_VARIANT, parse_variant
 from whisper_rope.weights.common import ImportedCheckpoint, save_upstream
 from whisper_rope.weights.ctranslate2 import is_ctranslate2_dir, read_ctranslate2

@@ -32,10 +32,10 @@ from torch import Tensor
 from whisper.model import ModelDimensions
 
 from .. import version
-from ..atomic import atomic_torch_save
 from ..compute_type import INT8, apply_compute_type, resolve_compute_type
 from ..errors import CheckpointError, ModelNotFoundError, PathLike, VariantError, first_line, one_line
 from ..fields import PathText, opt
+from ..fs.atomic import atomic_torch_save
 from ..model import DEFAULT_ROTARY_THETA, WhisperRope, WithoutRandomInit
 from ..option_checks import THREADS, UNPADDED_MARGIN, check_load_options
 from ..positional import ROTARY_THETA

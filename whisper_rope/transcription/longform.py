@@ -33,10 +33,10 @@ from whisper.timing import WordTiming, add_word_timestamps, find_alignment
 from whisper.tokenizer import Tokenizer, get_tokenizer
 from whisper.utils import format_timestamp
 
-from .features import first_transcription_window, language_window
-from .model import WhisperRope
+from ..features import first_transcription_window, language_window
+from ..model import WhisperRope
 from .speech_chunks import SPEECH_PAD_S, SpeechChunk, pack_tails, speech_chunks
-from .transcribe_options import transcribe_dtype, window_decoding_options
+from .window_options import transcribe_dtype, window_decoding_options
 
 __all__ = ["split_at_breaks", "split_at_timestamps", "supports", "transcribe_chunked", "transcribe_recordings"]
 

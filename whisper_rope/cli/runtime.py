@@ -9,7 +9,7 @@ import traceback as tb
 import warnings
 from typing import Callable, Iterator
 
-from .errors import one_line
+from ..errors import one_line
 
 #: Exit status of a command refused for bad input (argparse's for a usage error too), and of one stopped by Ctrl-C.
 BAD_INPUT = 2

@@ -6,8 +6,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Dict
 
-from ..options import add_dataclass_arguments, dataclass_from_args
-from .compare import CompareConfig, compare
+from ..experiments.compare import CompareConfig, compare
+from .arguments import add_dataclass_arguments, dataclass_from_args
 
 
 def add_compare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -22,9 +22,9 @@ import sys
 import typing
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Type
 
-from .command_runtime import BAD_INPUT, print_error, run_command
-from .errors import one_line
-from .fields import expand_paths, field_type, path_expander
+from ..errors import one_line
+from ..fields import expand_paths, field_type, path_expander
+from .runtime import BAD_INPUT, print_error, run_command
 
 _TRUE = ("true", "yes", "1", "on")
 _FALSE = ("false", "no", "0", "off")
@@ -151,8 +151,8 @@ def standalone_main(
     argv: Optional[Sequence[str]] = None,
 ) -> int:
     """One job as its own command (``python -m whisper_rope.training``): parse, and run it through
-    `command_runtime.run_command` (one-line errors and warnings, Ctrl-C as status 130), as `cli.main` does. Returns the
-    exit status."""
+    `runtime.run_command` (one-line errors and warnings, Ctrl-C as status 130), as `main.main` does. Returns the exit
+    status."""
     parser = add_arguments(ArgumentParser(prog=prog, description=description))
     args = parser.parse_args(argv)
     return run_command(lambda: run(args))

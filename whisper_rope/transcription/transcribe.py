@@ -35,15 +35,15 @@ from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
 from whisper.transcribe import transcribe as upstream_transcribe
 from whisper.utils import format_timestamp, make_safe, optional_float, optional_int
 
-from .adapted_lengths import warn_outside
-from .audio import load_audio
-from .features import first_transcription_window, language_window
-from .fields import Bounds, PathText, opt
+from ..adapted_lengths import warn_outside
+from ..audio import load_audio
+from ..features import first_transcription_window, language_window
+from ..fields import Bounds, PathText, opt
+from ..model import WhisperRope
+from ..option_checks import BATCH, BEAMS
+from ..weights.loading import MODEL_HELP
 from .longform import supports, transcribe_recordings, whole_audio
-from .model import WhisperRope
-from .option_checks import BATCH, BEAMS
-from .transcribe_options import transcribe_dtype, window_decoding_options
-from .weights.loading import MODEL_HELP
+from .window_options import transcribe_dtype, window_decoding_options
 
 __all__ = ["TranscribeOptions", "transcribe_many"]
 

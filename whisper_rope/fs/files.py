@@ -17,7 +17,7 @@ import stat
 from pathlib import Path, PurePath
 from typing import Callable, Optional, Tuple
 
-from .errors import PathLike, one_line
+from ..errors import PathLike, one_line
 
 #: Largest JSON or text file read whole (configs, indexes, manifests); real ones are kilobytes to a few megabytes.
 MAX_TEXT_BYTES = 256 << 20

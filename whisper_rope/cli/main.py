@@ -19,24 +19,24 @@ from typing import Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 import numpy as np
 from whisper.utils import get_writer
 
-from .atomic import atomic_write_text
-from .audio import load_audio
-from .command_runtime import BAD_INPUT, INTERRUPTED, print_error, run_command
-from .errors import one_line
-from .evaluation.command import DESCRIPTION as EVALUATE_DESCRIPTION
-from .evaluation.command import add_evaluate_arguments, run_evaluate_cli
-from .evaluation.compare_command import add_compare_arguments, run_compare_cli
-from .model import WhisperRope
-from .option_checks import check_load_options, check_transcribe_options
-from .options import ArgumentParser, add_dataclass_arguments, dataclass_from_args
-from .outputs import OutputRecord, check_writable
-from .training.command import DESCRIPTION as FINETUNE_DESCRIPTION
-from .training.command import add_finetune_arguments, run_finetune_cli
-from .transcribe import WRITER_OPTIONS, TranscribeOptions, transcribe_many
-from .variants import DECODER_SCHEMES, ENCODER_SCHEMES, PRESETS
-from .version import __version__
-from .weights.convert import ConvertOptions, convert
-from .weights.loading import LoadOptions
+from ..audio import load_audio
+from ..errors import one_line
+from ..fs.atomic import atomic_write_text
+from ..fs.outputs import OutputRecord, check_writable
+from ..model import WhisperRope
+from ..option_checks import check_load_options, check_transcribe_options
+from ..transcription.transcribe import WRITER_OPTIONS, TranscribeOptions, transcribe_many
+from ..variants import DECODER_SCHEMES, ENCODER_SCHEMES, PRESETS
+from ..version import __version__
+from ..weights.convert import ConvertOptions, convert
+from ..weights.loading import LoadOptions
+from .arguments import ArgumentParser, add_dataclass_arguments, dataclass_from_args
+from .compare import add_compare_arguments, run_compare_cli
+from .evaluate import DESCRIPTION as EVALUATE_DESCRIPTION
+from .evaluate import add_evaluate_arguments, run_evaluate_cli
+from .finetune import DESCRIPTION as FINETUNE_DESCRIPTION
+from .finetune import add_finetune_arguments, run_finetune_cli
+from .runtime import BAD_INPUT, INTERRUPTED, print_error, run_command
 
 SUBCOMMANDS = ("transcribe", "convert", "variants", "finetune", "evaluate", "compare")
 #: The formats ``--output_format all`` writes (upstream's writers; each file is ``STEM.FORMAT``).
@@ -265,7 +265,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if status in (BAD_INPUT, INTERRUPTED):
         raise SystemExit(status)  # the way argparse and `_fail` end, so a caller sees one way of failing
     return status
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,18 +7,17 @@ did not give; every option's help still shows the default of `FinetuneConfig`.
 import argparse
 import logging
 import os
-import sys
 import textwrap
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..options import add_dataclass_arguments, dataclass_from_args, standalone_main
-from .config import FinetuneConfig
-from .holdout import MAX_DEFAULT_HOLDOUT
-from .loop import finetune, finished_differences, finished_run
-from .recipes import RECIPES, recipe_defaults
-from .report import final_evaluation
-from .state import MODEL_FILE
+from ..experiments.report import final_evaluation
+from ..training.config import FinetuneConfig
+from ..training.holdout import MAX_DEFAULT_HOLDOUT
+from ..training.loop import finetune, finished_differences, finished_run
+from ..training.recipes import RECIPES, recipe_defaults
+from ..training.state import MODEL_FILE
+from .arguments import add_dataclass_arguments, dataclass_from_args, standalone_main
 
 # The command's --help description, the same for `whisper-rope finetune` and `python -m whisper_rope.training`.
 DESCRIPTION = (
@@ -106,7 +105,3 @@ def run_finetune_cli(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m whisper_rope.training ...``: the finetune command on its own (also under torchrun)."""
     return standalone_main("whisper-rope finetune", DESCRIPTION, add_finetune_arguments, run_finetune_cli, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,7 +16,7 @@ from typing import BinaryIO, Callable, Iterator, Tuple
 
 import torch
 
-from .errors import PathLike
+from ..errors import PathLike
 
 
 def atomic_write(path: PathLike, write: Callable[[BinaryIO], object]) -> Path:

@@ -16,8 +16,8 @@ from whisper.decoding import ApplyTimestampRules, BeamSearchDecoder, DecodingOpt
 from whisper.decoding import detect_language as upstream_detect_language
 from whisper.model import Whisper
 
+from ..features import audio_position_mask, cut_trailing_padding
 from .beam_search import BatchBeamSearchDecoder
-from .features import audio_position_mask, cut_trailing_padding
 from .timestamp_rules import BatchTimestampRules
 
 

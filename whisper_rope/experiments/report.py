@@ -12,16 +12,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from ..atomic import atomic_write_text
 from ..data import Manifest, read_manifest
 from ..evaluation.evaluate import EvaluationResult, evaluate
 from ..evaluation.metrics import length_bucket_table
+from ..fs.atomic import atomic_write_text
+from ..training.config import FinetuneConfig
+from ..training.holdout import HOLDOUT_MANIFEST
+from ..training.state import REPORT_JSON_FILE, REPORT_TABLE_FILE
 from ..weights.loading import load_model
-from .config import FinetuneConfig
-from .holdout import HOLDOUT_MANIFEST
-
-JSON_FILE = "final_evaluation.json"
-TABLE_FILE = "final_evaluation.md"
 
 
 def wer_without_capped(result: EvaluationResult) -> Optional[float]:
@@ -49,9 +47,10 @@ def final_evaluation(result, config: FinetuneConfig, progress: bool = True) -> O
     references = "the teacher's 30-s transcripts (held-out clips)" if teacher_references else "the manifest's text"
     table = _table(rows, data, references)
     atomic_write_text(
-        output / JSON_FILE, json.dumps({"data": str(data), "references": references, "rows": rows}, indent=2) + "\n"
+        output / REPORT_JSON_FILE,
+        json.dumps({"data": str(data), "references": references, "rows": rows}, indent=2) + "\n",
     )
-    atomic_write_text(output / TABLE_FILE, table + "\n")
+    atomic_write_text(output / REPORT_TABLE_FILE, table + "\n")
     return table
 
 

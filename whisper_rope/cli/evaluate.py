@@ -5,11 +5,11 @@ import argparse
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from ..evaluation.evaluate import EvaluationOptions, evaluate, output_paths
 from ..fields import PathText, opt
-from ..options import add_dataclass_arguments, dataclass_from_args, standalone_main
-from ..outputs import claim_files, refuse_overlap
+from ..fs.outputs import claim_files, refuse_overlap
 from ..weights.loading import MODEL_HELP, LoadOptions
-from .evaluate import EvaluationOptions, evaluate, output_paths
+from .arguments import add_dataclass_arguments, dataclass_from_args, standalone_main
 
 # The command's --help description, the same for `whisper-rope evaluate` and `python -m whisper_rope.evaluation`.
 DESCRIPTION = (

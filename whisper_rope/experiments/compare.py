@@ -37,18 +37,18 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import whisper
 
-from ..atomic import atomic_write, atomic_write_text
+from ..evaluation.evaluate import CAP_FACTOR, EvaluationOptions, evaluate
+from ..evaluation.metrics import length_bucket_table
 from ..fields import Bounds, NamedPath, PathText, opt
-from ..files import user_path
+from ..fs.atomic import atomic_write, atomic_write_text
+from ..fs.files import user_path
+from ..fs.outputs import claim_directory, refuse_overlap, temporary_of
 from ..option_checks import BATCH, SEED, check_bounds
-from ..outputs import claim_directory, refuse_overlap, temporary_of
 from ..training.config import FinetuneConfig
 from ..training.loop import finetune
 from ..training.state import step_checkpoints
 from ..variants import parse_variant
 from ..weights.loading import DEVICE_HELP, load_model
-from .evaluate import CAP_FACTOR, EvaluationOptions, evaluate
-from .metrics import length_bucket_table
 
 RUN_FLAGS = ("distill", "transplant", "unpadded")
 #: `CompareConfig` fields that decide what a run trains (with its spec and seed), and what an evaluation measures.

@@ -29,8 +29,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import filelock
 
+from ..errors import PathLike, WhisperRopeError
 from .atomic import atomic_write_text, probe_directory
-from .errors import PathLike, WhisperRopeError
 from .files import read_regular, user_path
 
 #: The lock file of a claimed directory; it stays behind as the mark of the command that owns the directory.

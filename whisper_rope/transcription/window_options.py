@@ -9,7 +9,7 @@ from whisper.decoding import DecodingOptions
 from whisper.tokenizer import get_tokenizer
 from whisper.transcribe import transcribe as upstream_transcribe
 
-from .model import WhisperRope
+from ..model import WhisperRope
 
 # Options of upstream `transcribe` itself; every other keyword goes to `DecodingOptions`, as upstream does it.
 TRANSCRIBE_OPTIONS = frozenset(
