@@ -163,10 +163,10 @@ LAYERS: List[Tuple[str, Set[str]]] = [
     ("decoding", {"decoding", "decoding.*"}),
     ("model", {"model"}),
     ("int8", {"compute_type"}),
-    ("weights", {"weights", "weights.*"}),
     ("transcription", {"transcription", "transcription.*"}),
     ("data", {"data", "data.*"}),
     ("evaluation", {"evaluation", "evaluation.*"}),
+    ("weights", {"weights", "weights.*"}),
     ("training", {"training", "training.*"}),
     ("experiments", {"experiments", "experiments.*"}),
     ("public API", {""}),  # whisper_rope/__init__.py

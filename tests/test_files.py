@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from whisper_rope.errors import CheckpointError, ModelNotFoundError
-from whisper_rope.fs.files import inside, is_regular, read_regular, user_path
+from whisper_rope.fs.files import inside, is_regular, read_regular, user_path, within
 
 
 def test_user_path_expands_home_and_keeps_relative_paths_relative(monkeypatch, tmp_path):
@@ -56,6 +56,14 @@ def model_dir(tmp_path) -> Path:
     (directory / "config.json").write_text("{}")
     (tmp_path / "outside.json").write_text("{}")
     return directory
+
+
+@pytest.mark.parametrize(
+    "path, folder, expected",
+    [("/a/b/c", "/a", True), ("/a", "/a", True), ("/ab", "/a", False), ("/a", "/a/b", False), ("a/b", "/a", False)],
+)
+def test_within_is_the_folder_itself_or_below_it_never_a_sibling_sharing_its_prefix(path, folder, expected):
+    assert within(Path(path), Path(folder)) is expected
 
 
 @pytest.mark.parametrize(

@@ -131,7 +131,7 @@ def test_transcribe_reads_upstreams_spelling_and_ours_the_same():
 
 def test_none_is_a_value_where_upstream_gives_it_one():
     """Upstream's ``--temperature_increment_on_fallback None`` turns the fallback off; it must not become 0.2."""
-    from whisper_rope.transcription.transcribe import TranscribeOptions
+    from whisper_rope.cli.transcribe import TranscribeOptions
 
     args = build_parser().parse_args(
         ["transcribe", "--temperature_increment_on_fallback", "None", "--best_of", "None", "a"]

@@ -81,7 +81,7 @@ def check_load_options(options: Any) -> None:
 
 
 def check_transcribe_options(options: Any) -> None:
-    """`transcribe.TranscribeOptions`: every number within its declared range, the spans and token ids as
+    """`cli.transcribe.TranscribeOptions`: every number within its declared range, the spans and token ids as
     upstream's command parses them."""
     check_bounds(options)
     _check_clip_timestamps(options.clip_timestamps, flags("clip_timestamps"))

@@ -238,8 +238,8 @@ def test_toy_dims_are_what_the_tests_assume():
 def test_the_edges_of_what_decoding_options_accept_still_pass():
     """The checks refuse only what upstream cannot decode with: its defaults, None where upstream takes None, and the
     boundary values all pass."""
+    from whisper_rope.cli.transcribe import TranscribeOptions
     from whisper_rope.option_checks import check_load_options, check_transcribe_options
-    from whisper_rope.transcription.transcribe import TranscribeOptions
     from whisper_rope.weights.loading import LoadOptions
 
     check_transcribe_options(TranscribeOptions())
@@ -382,7 +382,7 @@ def test_the_help_of_every_numeric_option_states_the_range_its_error_names(tmp_p
 
 
 def test_a_first_temperature_above_one_keeps_itself_as_its_only_temperature():
-    from whisper_rope.transcription.transcribe import TranscribeOptions
+    from whisper_rope.cli.transcribe import TranscribeOptions
 
     assert TranscribeOptions(temperature=1.5).temperatures() == (1.5,)
     fallbacks = TranscribeOptions(temperature=0.5, temperature_increment_on_fallback=0.25).temperatures()

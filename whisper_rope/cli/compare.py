@@ -9,6 +9,13 @@ from typing import Any, Dict
 from ..experiments.compare import CompareConfig, compare
 from .arguments import add_dataclass_arguments, dataclass_from_args
 
+HELP = "fine-tune and evaluate several variants side by side"
+DESCRIPTION = (
+    "Evaluate a source checkpoint, fine-tune it into each run's variant with identical settings, evaluate every run "
+    "on every set, and write results.md, results.csv and plots. A run finished with the same settings is kept and "
+    "skipped when the comparison is run again; other settings train and evaluate anew."
+)
+
 
 def add_compare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--config", help="JSON file with any of the options below (command-line options override it)")

@@ -11,6 +11,7 @@ from ..fs.outputs import claim_files, refuse_overlap
 from ..weights.loading import MODEL_HELP, LoadOptions
 from .arguments import add_dataclass_arguments, dataclass_from_args, standalone_main
 
+HELP = "WER/CER and real-time factor of a model on a manifest"
 # The command's --help description, the same for `whisper-rope evaluate` and `python -m whisper_rope.evaluation`.
 DESCRIPTION = (
     "Decode every clip of a manifest in batches and score it: WER and CER (with substitutions, deletions, "

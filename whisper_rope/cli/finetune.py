@@ -19,6 +19,7 @@ from ..training.recipes import RECIPES, recipe_defaults
 from ..training.state import MODEL_FILE
 from .arguments import add_dataclass_arguments, dataclass_from_args, standalone_main
 
+HELP = "fine-tune a checkpoint into a variant"
 # The command's --help description, the same for `whisper-rope finetune` and `python -m whisper_rope.training`.
 DESCRIPTION = (
     "Fine-tune pretrained or fine-tuned weights into a positional variant on a manifest or a folder of audio with "

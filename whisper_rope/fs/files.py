@@ -9,6 +9,8 @@ model directory.
   refuses one that leads out of the directory (``../x``, an absolute name, a symlink to elsewhere) or is not a
   regular file. The one layout whose links lead out is Hugging Face's download cache
   (``snapshots/REV/NAME -> ../../blobs/HASH``): links into that repository's ``blobs`` folder are followed.
+* `within` tells whether a path is a folder or lies inside it: the one test of `inside` and
+  `outputs.refuse_overlap`.
 * `append_text` adds to a file a command keeps writing (a training log) without ever following a link at its name.
 """
 
@@ -96,7 +98,8 @@ def append_text(path: PathLike, text: str) -> None:
         handle.write(text.encode("utf-8"))
 
 
-def _within(path: Path, folder: Path) -> bool:
+def within(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it, compared as given (resolve both first to follow links)."""
     return path == folder or folder in path.parents
 
 
@@ -119,7 +122,7 @@ def inside(directory: PathLike, name: object, what: str, fail: Callable[[str], E
     allowed = [root]
     if root.parent.name == "snapshots":
         allowed.append(root.parent.parent / "blobs")
-    if not any(_within(real, folder) for folder in allowed):
+    if not any(within(real, folder) for folder in allowed):
         raise fail(f"{label} leads out of the directory (to {str(real)!r})")
     if not os.path.lexists(real):
         if required:

@@ -31,7 +31,7 @@ import filelock
 
 from ..errors import PathLike, WhisperRopeError
 from .atomic import atomic_write_text, probe_directory
-from .files import read_regular, user_path
+from .files import read_regular, user_path, within
 
 #: The lock file of a claimed directory; it stays behind as the mark of the command that owns the directory.
 LOCK_FILE = ".whisper-rope.lock"
@@ -54,10 +54,6 @@ def _resolved(path: PathLike) -> Path:
     return Path(os.path.realpath(user_path(path)))
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
-
-
 def refuse_overlap(output: PathLike, inputs: Dict[str, Optional[PathLike]], option: str) -> None:
     """Raise `OutputError` when the output ``option`` (a file or a directory) is one of the ``inputs``, or a
     directory holding one. ``inputs`` maps a description (``--model``) to a path; None and paths that do not exist
@@ -67,7 +63,7 @@ def refuse_overlap(output: PathLike, inputs: Dict[str, Optional[PathLike]], opti
         if value is None or not user_path(value).exists():
             continue
         source = _resolved(value)
-        if _inside(source, target):
+        if within(source, target):
             where = "is" if source == target else "holds"
             raise OutputError(
                 f"{option} {os.fspath(output)!r} {where} the {label} {os.fspath(value)!r}: a command never replaces "

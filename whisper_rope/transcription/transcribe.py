@@ -31,21 +31,17 @@ import torch
 from torch import Tensor
 from whisper.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE
 from whisper.decoding import DecodingOptions, DecodingResult
-from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
 from whisper.transcribe import transcribe as upstream_transcribe
-from whisper.utils import format_timestamp, make_safe, optional_float, optional_int
+from whisper.utils import format_timestamp, make_safe
 
 from ..adapted_lengths import warn_outside
 from ..audio import load_audio
 from ..features import first_transcription_window, language_window
-from ..fields import Bounds, PathText, opt
 from ..model import WhisperRope
-from ..option_checks import BATCH, BEAMS
-from ..weights.loading import MODEL_HELP
 from .longform import supports, transcribe_recordings, whole_audio
 from .window_options import transcribe_dtype, window_decoding_options
 
-__all__ = ["TranscribeOptions", "transcribe_many"]
+__all__ = ["transcribe_many"]
 
 AudioInput = Union[str, "os.PathLike[str]", np.ndarray, Tensor]
 
@@ -223,139 +219,3 @@ def _first_decode_given(model: WhisperRope, window: Tensor, options: DecodingOpt
         yield
     finally:
         del model.decode
-
-
-#: Options of the ``transcribe`` command that shape its output files rather than the transcription.
-WRITER_OPTIONS = ("highlight_words", "max_line_count", "max_line_width", "max_words_per_line")
-
-_NEEDS_WORDS = "(needs --word-timestamps) "
-
-
-@dataclass
-class TranscribeOptions:
-    """The ``whisper-rope transcribe`` command: upstream ``whisper``'s options (same names, defaults and meanings;
-    booleans also as bare flags), the files to write, and whisper_rope's own (``batch_size``, ``unpadded``).
-    The model is loaded with `whisper_rope.weights.loading.LoadOptions`."""
-
-    audio: List[PathText] = opt([], "audio files to transcribe", positional=True, nargs="+")
-    model: PathText = opt("turbo", MODEL_HELP)
-    output_dir: PathText = opt(".", "directory for the output files", flags=["-o"])
-    output_format: str = opt(
-        "all",
-        "output format; 'all' writes every format",
-        flags=["-f"],
-        choices=["txt", "vtt", "srt", "tsv", "json", "all"],
-    )
-    verbose: bool = opt(True, "print segments and progress as they are decoded")
-    task: str = opt(
-        "transcribe",
-        "'transcribe' keeps the spoken language, 'translate' produces English",
-        choices=["transcribe", "translate"],
-    )
-    language: Optional[str] = opt(
-        None,
-        "spoken language; detected when not given (English-only models always use English)",
-        choices=sorted(LANGUAGES) + sorted(k.title() for k in TO_LANGUAGE_CODE),
-    )
-    temperature: float = opt(0.0, "sampling temperature of the first attempt", bounds=Bounds.reals(0, 5))
-    best_of: Optional[int] = opt(
-        5, "candidates sampled when the temperature is above zero", type=optional_int, bounds=BEAMS
-    )
-    beam_size: Optional[int] = opt(5, "beams for beam search at temperature zero", type=optional_int, bounds=BEAMS)
-    patience: Optional[float] = opt(
-        None,
-        "beam-search patience factor (1.0 = conventional beam search)",
-        bounds=Bounds.reals(0, 10, low_open=True),
-    )
-    length_penalty: Optional[float] = opt(
-        None,
-        "length-penalty exponent alpha for ranking beams; plain length normalisation when not given",
-        bounds=Bounds.reals(0, 1),
-    )
-    suppress_tokens: str = opt(
-        "-1", "comma-separated token ids never to emit; -1 means most special symbols except common punctuation"
-    )
-    initial_prompt: Optional[str] = opt(None, "text given to the model as the context of the first window")
-    carry_initial_prompt: bool = opt(False, "give the initial prompt to every window")
-    condition_on_previous_text: bool = opt(
-        True, "give each window the previous window's text as context (consistent, but can get stuck in loops)"
-    )
-    fp16: bool = opt(True, "run in half precision (falls back to fp32 on the CPU)")
-    temperature_increment_on_fallback: Optional[float] = opt(
-        0.2,
-        "temperature step of the retries when a window fails the thresholds below",
-        type=optional_float,
-        bounds=Bounds.reals(0.01, 1),
-    )
-    compression_ratio_threshold: Optional[float] = opt(
-        2.4,
-        "a window whose text gzip-compresses better than this ratio is retried",
-        type=optional_float,
-        bounds=Bounds.reals(0),
-    )
-    logprob_threshold: Optional[float] = opt(
-        -1.0,
-        "a window whose mean token log-probability is below this is retried",
-        type=optional_float,
-        bounds=Bounds.reals(None, 0),
-    )
-    no_speech_threshold: Optional[float] = opt(
-        0.6,
-        "a window is silence when P(no speech) is above this and the log-probability test failed",
-        type=optional_float,
-        bounds=Bounds.reals(0, 1),
-    )
-    word_timestamps: bool = opt(False, "compute word-level timestamps (cross-attention alignment)")
-    prepend_punctuations: str = opt("\"'“¿([{-", "with word timestamps: punctuation joined to the next word")
-    append_punctuations: str = opt(
-        "\"'.。,，!！?？:：”)]}、", "with word timestamps: punctuation joined to the previous word"
-    )
-    highlight_words: bool = opt(False, _NEEDS_WORDS + "underline the spoken word in srt/vtt")
-    max_line_width: Optional[int] = opt(
-        None, _NEEDS_WORDS + "characters per subtitle line", type=optional_int, bounds=Bounds.integers(1)
-    )
-    max_line_count: Optional[int] = opt(
-        None, _NEEDS_WORDS + "lines per subtitle segment", type=optional_int, bounds=Bounds.integers(1)
-    )
-    max_words_per_line: Optional[int] = opt(
-        None,
-        "(needs --word-timestamps; ignored with --max-line-width) words per subtitle segment",
-        type=optional_int,
-        bounds=Bounds.integers(1),
-    )
-    batch_size: int = opt(
-        1,
-        "decode up to this many files of at most 30 s together (same results as one by one), and cut longer "
-        "files at pauses (voice-activity detection) into chunks of at most 25 s of speech decoded this many "
-        "at a time, the chunks of several files together (faster; chunks are not conditioned on each other's "
-        "text); 1: upstream's window-by-window loop",
-        bounds=BATCH,
-    )
-    clip_timestamps: str = opt("0", "comma-separated start,end,... seconds of the spans to transcribe")
-    hallucination_silence_threshold: Optional[float] = opt(
-        None,
-        _NEEDS_WORDS + "skip silences longer than this many seconds around suspected hallucinations",
-        type=optional_float,
-        bounds=Bounds.reals(0),
-    )
-    unpadded: Optional[bool] = opt(
-        None,
-        "encode only the real frames of each window (an encoder with a sinusoid table adds its rows 0..n-1: the "
-        "sliced table); default: on for checkpoints fine-tuned unpadded, else off",
-    )
-
-    def temperatures(self) -> Tuple[float, ...]:
-        """The first temperature and its fallbacks, as upstream's command builds them; a first temperature above 1
-        has no fallbacks (upstream's command builds none and then fails)."""
-        if self.temperature_increment_on_fallback is None:
-            return (self.temperature,)
-        return tuple(np.arange(self.temperature, 1.0 + 1e-6, self.temperature_increment_on_fallback)) or (
-            self.temperature,
-        )
-
-    def transcribe_kwargs(self) -> Dict[str, Any]:
-        """The keywords for upstream ``transcribe`` (and the `DecodingOptions` it passes on)."""
-        ours = {"audio", "model", "output_dir", "output_format", "batch_size", "unpadded", "temperature"}
-        ours |= {"temperature_increment_on_fallback", *WRITER_OPTIONS}
-        kwargs = {k: v for k, v in vars(self).items() if k not in ours}
-        return {**kwargs, "temperature": self.temperatures()}
