@@ -4,7 +4,7 @@
 and win when their total probability beats every text token; it checks the rows one at a time in Python (a
 ``tolist`` of the row's tokens, a ``logsumexp`` and a ``max`` per row). With 40 rows (8 clips x 5 beams) that costs a
 sixth of a tiny.en decoding step. `BatchTimestampRules` applies the same masks with a few tensor operations over
-(rows, vocabulary); its logits equal upstream's bit for bit (tests/test_timestamp_rules.py).
+(rows, vocabulary); its logits equal upstream's bit for bit (tests/decoding/test_timestamp_rules.py).
 """
 
 import torch

@@ -9,7 +9,7 @@ from whisper_rope.compute_type import quantize_int8
 from whisper_rope.decoding import task as decoding
 from whisper_rope.features import real_frame_counts
 
-from .speech_helpers import first_window, random_rotary
+from ..speech_helpers import first_window, random_rotary
 
 
 @pytest.mark.parametrize("compute_type", ["float32", "int8"])

@@ -11,7 +11,7 @@ from whisper.utils import get_writer
 import whisper_rope
 from whisper_rope import cli
 
-from .conftest import FIXTURES, randomise_, small_dims
+from ..conftest import FIXTURES, randomise_, small_dims
 
 HELLO = FIXTURES / "hello.flac"
 

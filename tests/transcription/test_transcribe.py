@@ -17,8 +17,8 @@ from whisper_rope.transcription.longform import transcribe_chunked
 from whisper_rope.transcription.speech_chunks import speech_chunks
 from whisper_rope.transcription.transcribe import transcribe_many
 
-from .conftest import FIXTURES, SPEECH_CLIPS, randomise_, small_dims
-from .speech_helpers import EncoderLengths, random_rotary
+from ..conftest import FIXTURES, SPEECH_CLIPS, randomise_, small_dims
+from ..speech_helpers import EncoderLengths, random_rotary
 
 
 @pytest.fixture(scope="module")

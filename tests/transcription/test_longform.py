@@ -26,7 +26,7 @@ from whisper_rope.transcription.longform import (
 from whisper_rope.transcription.speech_chunks import SpeechChunk, pack_chunks, pack_tails, speech_spans
 from whisper_rope.transcription.transcribe import transcribe_many
 
-from .conftest import FIXTURES, randomise_, small_dims
+from ..conftest import FIXTURES, randomise_, small_dims
 
 SPEECH = FIXTURES / "speech"
 NAMES = ["flite_slt", "espeak_en", "flite_kal", "espeak_en_us", "flite_awb", "espeak_en_f3", "espeak_en_m3"] * 2

@@ -12,8 +12,8 @@ import whisper_rope
 import whisper_rope.decoding.task
 from whisper_rope.decoding.beam_search import BatchBeamSearchDecoder
 
-from .conftest import randomise_, small_dims
-from .speech_helpers import first_window
+from ..conftest import randomise_, small_dims
+from ..speech_helpers import first_window
 
 EOT = 7
 VOCAB = 40
