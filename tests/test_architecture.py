@@ -158,7 +158,7 @@ def test_the_weights_layer_is_at_the_bottom():
 #: subpackage not named elsewhere. The command line is on top: no library module imports it.
 LAYERS: List[Tuple[str, Set[str]]] = [
     ("errors and version", {"errors", "version"}),
-    ("files and fields", {"fs", "fs.*", "fields", "option_checks", "progress"}),
+    ("files and fields", {"fs", "fs.*", "fields", "progress"}),
     ("audio, positions, features", {"variants", "positional", "audio", "features", "packing", "adapted_lengths"}),
     ("decoding", {"decoding", "decoding.*"}),
     ("model", {"model"}),

@@ -10,6 +10,8 @@ from whisper.utils import get_writer
 
 import whisper_rope
 from whisper_rope import cli
+from whisper_rope.cli.transcribe import TranscribeOptions
+from whisper_rope.errors import OptionError
 
 from ..conftest import FIXTURES, randomise_, small_dims
 
@@ -100,6 +102,36 @@ def test_bad_model_or_variant_is_one_line(args, message, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and err.startswith("whisper-rope: error:")
+
+
+def test_transcribe_options_validate_writer_options_and_transcript_names_in_one_place():
+    """`TranscribeOptions.validate` holds every check of its options, the writers' and the output names' too."""
+    with pytest.raises(OptionError, match=r"^--highlight-words requires --word-timestamps$"):
+        TranscribeOptions(audio=["a.flac"], highlight_words=True).validate()
+    with pytest.warns(UserWarning, match=r"^--max-line-count has no effect without --max-line-width$"):
+        TranscribeOptions(audio=["a.flac"], word_timestamps=True, max_line_count=2).validate()
+    with pytest.raises(OptionError, match=r"^x/clip\.flac and y/clip\.wav would both be transcribed to out/clip\.txt;"):
+        TranscribeOptions(audio=["x/clip.flac", "y/clip.wav"], output_dir="out").validate()
+    options = TranscribeOptions(audio=["x/clip.flac"], word_timestamps=True, max_line_width=40, max_line_count=2)
+    assert options.validate() is options
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--max_line_width", "40"], "--max-line-width requires --word-timestamps"),
+        (
+            ["--clip_timestamps", "3,1"],
+            "--clip-timestamps/--clip_timestamps: each end must be after its start, got 3,1",
+        ),
+    ],
+)
+def test_a_refused_transcribe_option_is_one_line_before_the_model_loads(args, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _run(HELLO, "--model", tmp_path / "not-loaded.pt", *args, "--output_dir", tmp_path / "out")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [f"whisper-rope: error: {message}"]
+    assert not (tmp_path / "out").exists()
 
 
 def test_help_lists_upstream_options_and_ours():

@@ -12,7 +12,7 @@ Every subcommand's options are built this way, and every option is spelled and b
 * a boolean accepts a bare flag, an explicit value and a negation: ``--fp16``, ``--fp16 False`` (upstream's form),
   ``--fp16=no``, ``--no-fp16`` (also ``--no_fp16``);
 * a number declares the values it accepts (``bounds=Bounds.integers(1, 64)``): its help states them and
-  `option_checks.check_bounds` refuses anything else in one line naming the option;
+  the dataclass's ``validate`` (`fields.check_bounds`) refuses anything else in one line naming the option;
 * the help shows each default once.
 """
 

@@ -58,15 +58,14 @@ def run_evaluate_cli(args: argparse.Namespace) -> int:
     """Run ``whisper-rope evaluate`` from parsed arguments: print the summary, write ``--output``; exit status 0."""
     command = dataclass_from_args(EvaluateCommand, args)
     options = options_from_args(args)
+    loading = dataclass_from_args(LoadOptions, args).validate()  # before the outputs are claimed
     record = None
     if command.output:  # before the model loads: an output never replaces an input, nor a file we did not write
         paths = output_paths(command.output)
         for path, what in zip(paths, ("--output", "--output's per-utterance file")):
             refuse_overlap(path, {"--data": command.data, "--model": command.model}, what)
         record = claim_files(paths, "--output")
-    model = dataclass_from_args(LoadOptions, args).load(
-        command.model, unpadded=options.unpadded, progress=command.progress
-    )
+    model = loading.load(command.model, unpadded=options.unpadded, progress=command.progress)
     result = evaluate(model, command.data, options, progress=command.progress)
     print(result.summary())
     if record is not None:

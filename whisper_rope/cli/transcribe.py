@@ -5,27 +5,27 @@ each atomically, never over a file this command did not write (`OutputRecord`)."
 import argparse
 import io
 import logging
+import math
 import os
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
 from whisper.utils import get_writer, optional_float, optional_int
 
 from ..audio import load_audio
-from ..errors import one_line
-from ..fields import Bounds, PathText, opt
+from ..errors import OptionError, one_line
+from ..fields import BATCH, BEAMS, Bounds, PathText, check_bounds, flags, opt
 from ..fs.atomic import atomic_write_text
 from ..fs.outputs import OutputRecord, check_writable
 from ..model import WhisperRope
-from ..option_checks import BATCH, BEAMS, check_load_options, check_transcribe_options
 from ..transcription.transcribe import transcribe_many
 from ..weights.loading import MODEL_HELP, LoadOptions
 from .arguments import add_dataclass_arguments, dataclass_from_args
-from .runtime import BAD_INPUT, print_error
+from .runtime import print_error
 
 HELP = "transcribe audio files (upstream whisper's options)"
 #: The formats ``--output_format all`` writes (upstream's writers; each file is ``STEM.FORMAT``).
@@ -165,6 +165,62 @@ class TranscribeOptions:
         kwargs = {k: v for k, v in vars(self).items() if k not in ours}
         return {**kwargs, "temperature": self.temperatures()}
 
+    def validate(self) -> "TranscribeOptions":
+        """Refuse, in one line naming the option (`OptionError`), before any model is loaded or any file written:
+        a number outside its declared range, spans and token ids upstream's command cannot parse, a writer option
+        without ``--word-timestamps``, and two inputs whose transcripts would have the same name. Warns of writer
+        options that have no effect together. Returns itself."""
+        check_bounds(self)
+        _check_clip_timestamps(self.clip_timestamps, flags("clip_timestamps"))
+        _check_suppress_tokens(self.suppress_tokens, flags("suppress_tokens"))
+        self._check_writer_options()
+        self._check_distinct_transcripts()
+        return self
+
+    def _check_writer_options(self) -> None:
+        if not self.word_timestamps:
+            for name in WRITER_OPTIONS:
+                if getattr(self, name):
+                    raise OptionError(f"--{name.replace('_', '-')} requires --word-timestamps")
+        if self.max_line_count and not self.max_line_width:
+            warnings.warn("--max-line-count has no effect without --max-line-width", stacklevel=3)
+        if self.max_words_per_line and self.max_line_width:
+            warnings.warn("--max-words-per-line has no effect with --max-line-width", stacklevel=3)
+
+    def _check_distinct_transcripts(self) -> None:
+        """Refuse two inputs whose transcripts would have the same name (``x/clip.flac``, ``y/clip.wav``): the
+        second would replace the first's, written by the same run."""
+        extension = "txt" if self.output_format == "all" else self.output_format
+        first: Dict[str, int] = {}
+        for index, path in enumerate(self.audio):
+            stem = _stem(path)
+            if first.setdefault(stem, index) != index:
+                shown = os.path.join(self.output_dir, f"{stem}.{extension}")
+                raise OptionError(
+                    f"{self.audio[first[stem]]} and {path} would both be transcribed to {shown}; transcribe them "
+                    "into separate --output_dir folders"
+                )
+
+
+def _check_clip_timestamps(text: str, flag: str) -> None:
+    """Upstream's form: ``start,end,start,end,...`` seconds (a last start without an end runs to the end)."""
+    try:
+        times = [float(part) for part in text.split(",")] if text.strip() else []
+    except ValueError:
+        raise OptionError(f"{flag} must be comma-separated seconds (start,end,...), got {text!r}") from None
+    if not all(math.isfinite(t) and t >= 0 for t in times):
+        raise OptionError(f"{flag} must be finite, non-negative seconds, got {text!r}")
+    for start, end in zip(times[::2], times[1::2]):
+        if end <= start:
+            raise OptionError(f"{flag}: each end must be after its start, got {start:g},{end:g}")
+
+
+def _check_suppress_tokens(text: str, flag: str) -> None:
+    try:
+        [int(part) for part in text.split(",")]  # upstream's parse
+    except ValueError:
+        raise OptionError(f"{flag} must be comma-separated token ids (-1: the default set), got {text!r}") from None
+
 
 def add_transcribe_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of ``whisper-rope transcribe``: `TranscribeOptions` fields, then `LoadOptions` fields in a group
@@ -174,33 +230,13 @@ def add_transcribe_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
     return parser
 
 
-def _fail(message: str, status: int = BAD_INPUT) -> NoReturn:
-    print_error(message)
-    raise SystemExit(status)
-
-
-def _check_writer_options(options: TranscribeOptions) -> None:
-    if not options.word_timestamps:
-        for name in WRITER_OPTIONS:
-            if getattr(options, name):
-                _fail(f"--{name.replace('_', '-')} requires --word-timestamps")
-    if options.max_line_count and not options.max_line_width:
-        warnings.warn("--max-line-count has no effect without --max-line-width", stacklevel=2)
-    if options.max_words_per_line and options.max_line_width:
-        warnings.warn("--max-words-per-line has no effect with --max-line-width", stacklevel=2)
-
-
 def run_transcribe_cli(args: argparse.Namespace) -> int:
     """Run ``whisper-rope transcribe`` from parsed arguments: load the model, transcribe in batches, write each
     input's transcripts; exit status 1 when any input failed (each reported in one line), else 0."""
-    options = dataclass_from_args(TranscribeOptions, args, keep_none=True)
-    loading = dataclass_from_args(LoadOptions, args)
-    # Checked before the model is loaded, so that a bad number or output fails in one line, not after a minute of
+    # Validated before the model is loaded, so that a bad number or output fails in one line, not after a minute of
     # loading.
-    check_transcribe_options(options)
-    check_load_options(loading)
-    _check_writer_options(options)
-    _refuse_colliding_transcripts(options)
+    options = dataclass_from_args(TranscribeOptions, args, keep_none=True).validate()
+    loading = dataclass_from_args(LoadOptions, args).validate()
     check_writable(options.output_dir, "--output_dir")
     record = OutputRecord(options.output_dir, "--output_dir")
     if options.verbose:
@@ -231,21 +267,6 @@ def run_transcribe_cli(args: argparse.Namespace) -> int:
 def _stem(audio: str) -> str:
     """The name of an input's transcripts without the format's extension (upstream's writers name them so)."""
     return os.path.splitext(os.path.basename(audio))[0]
-
-
-def _refuse_colliding_transcripts(options: TranscribeOptions) -> None:
-    """Refuse two inputs whose transcripts would have the same name (``x/clip.flac``, ``y/clip.wav``): the second
-    would replace the first's, written by the same run."""
-    extension = "txt" if options.output_format == "all" else options.output_format
-    first: Dict[str, int] = {}
-    for index, path in enumerate(options.audio):
-        stem = _stem(path)
-        if first.setdefault(stem, index) != index:
-            shown = os.path.join(options.output_dir, f"{stem}.{extension}")
-            _fail(
-                f"{options.audio[first[stem]]} and {path} would both be transcribed to {shown}; transcribe them "
-                "into separate --output_dir folders"
-            )
 
 
 def _write_transcript(result: dict, path: str, options: TranscribeOptions, record: OutputRecord) -> bool:

@@ -73,10 +73,9 @@ from ..data import (
     read_manifest,
 )
 from ..errors import AudioError, PathLike
-from ..fields import Bounds, opt
+from ..fields import BATCH, BEAMS, MAX_COUNT, WORKERS, Bounds, check_bounds, opt
 from ..fs.atomic import atomic_write_text
 from ..model import WhisperRope
-from ..option_checks import BATCH, BEAMS, MAX_COUNT, WORKERS, check_bounds
 from ..transcription.longform import transcribe_recordings
 from .metrics import (
     ErrorRates,

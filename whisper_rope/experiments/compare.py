@@ -39,11 +39,10 @@ import whisper
 
 from ..evaluation.evaluate import CAP_FACTOR, EvaluationOptions, evaluate
 from ..evaluation.metrics import length_bucket_table
-from ..fields import Bounds, NamedPath, PathText, opt
+from ..fields import BATCH, SEED, Bounds, NamedPath, PathText, check_bounds, opt
 from ..fs.atomic import atomic_write, atomic_write_text
 from ..fs.files import user_path
 from ..fs.outputs import claim_directory, refuse_overlap, temporary_of
-from ..option_checks import BATCH, SEED, check_bounds
 from ..training.config import FinetuneConfig
 from ..training.loop import finetune
 from ..training.state import step_checkpoints
