@@ -1,7 +1,8 @@
 """whisper_rope: OpenAI Whisper with pluggable positional embeddings, loading pretrained checkpoints.
 
-Every name the README teaches is importable from here; the subpackages (`weights`, `data`, `training`,
-`evaluation`) hold the rest. Importing the package imports no command-line module (`whisper_rope.cli`).
+Every name the README teaches is importable from here; the subpackages, the layers of docs/design.md ("Layout"),
+hold the rest: `fs`, `decoding`, `transcription`, `data`, `evaluation`, `weights`, `training`, `experiments`.
+Importing the package imports no command-line module (`whisper_rope.cli`).
 """
 
 from .audio import load_audio
