@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT))
 import whisper_rope  # noqa: E402
 from whisper_rope.audio import SAMPLE_RATE, load_audio  # noqa: E402
 from whisper_rope.data import read_manifest  # noqa: E402
-from whisper_rope.transcribe import transcribe_many  # noqa: E402
+from whisper_rope.transcription.transcribe import transcribe_many  # noqa: E402
 from whisper_rope.weights import packages  # noqa: E402
 
 SPEECH = ROOT / "tests" / "fixtures" / "speech"

@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 
 from whisper_rope import evaluate, load_model  # noqa: E402
+from whisper_rope.experiments.report import wer_without_capped  # noqa: E402
 from whisper_rope.training.config import FinetuneConfig  # noqa: E402
 from whisper_rope.training.loop import finetune  # noqa: E402
-from whisper_rope.training.report import wer_without_capped  # noqa: E402
 
 EVAL_SPLITS = ("in-domain", "retained", "retained-festival")
 LABEL_FREE = {"distill_only": True, "ce_weight": 0.0, "distill_weight": 0.0, "unpadded": True}

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from whisper_rope.command_runtime import quiet_worker_disconnects
+from whisper_rope.cli.runtime import quiet_worker_disconnects
 
 SHARER = os.path.join(os.sep, "lib", "python3", "multiprocessing", "resource_sharer.py")
 
@@ -69,7 +69,7 @@ def _warns_then(outcome):
 def test_every_entry_point_reports_warnings_and_errors_in_one_line_each(capsys, outcome, status, error_line):
     import warnings
 
-    from whisper_rope.command_runtime import run_command
+    from whisper_rope.cli.runtime import run_command
 
     previous = warnings.formatwarning
 
@@ -89,7 +89,7 @@ def test_every_entry_point_reports_warnings_and_errors_in_one_line_each(capsys, 
 def test_the_standalone_entry_points_report_as_the_whisper_rope_command(tmp_path, capsys):
     """``python -m whisper_rope.evaluation`` returns its status where ``whisper-rope evaluate`` exits with it."""
     from whisper_rope import cli
-    from whisper_rope.evaluation.command import main
+    from whisper_rope.cli.evaluate import main
 
     args = ["--model", str(tmp_path / "missing.pt"), "--data", str(tmp_path), "--no-progress", "--device", "cpu"]
     assert main(args) == 2

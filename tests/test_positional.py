@@ -5,9 +5,11 @@ import torch
 import whisper
 import whisper.decoding
 
+import whisper_rope
 from whisper_rope import positional
 from whisper_rope.positional import RotaryEmbedding, apply_rotary, rotate_half
 
+from .conftest import small_dims
 from .speech_helpers import random_rotary
 
 
@@ -19,6 +21,14 @@ def test_apply_rotary_equals_the_textbook_rotation(dtype, atol):
     angles = torch.cat((angles, angles), dim=-1)[:, None, :]
     textbook = x.float() * angles.cos() + rotate_half(x.float()) * angles.sin()
     torch.testing.assert_close(rotary.rotate(x, offset=5).float(), textbook, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("theta", [1.0, 0.5, float("nan"), float("inf"), 1e10])
+def test_a_rotary_model_is_never_built_with_a_base_outside_the_declared_range(theta):
+    """The library's own guard below `LoadOptions`/`FinetuneConfig` (whose fields declare the same `ROTARY_THETA`):
+    `build_model` and `WhisperRope` take no `rotary_theta` whose tables would be NaN, constant or overflow."""
+    with pytest.raises(ValueError, match=r"rotary theta must be a finite number > 1 and <= 1000000000, got"):
+        whisper_rope.build_model(small_dims(), "rotary", rotary_theta=theta)
 
 
 def test_apply_rotary_keeps_gradients():

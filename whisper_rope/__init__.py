@@ -1,7 +1,8 @@
 """whisper_rope: OpenAI Whisper with pluggable positional embeddings, loading pretrained checkpoints.
 
-Every name the README teaches is importable from here; the subpackages (`weights`, `data`, `training`,
-`evaluation`) hold the rest. Importing the package imports no command-line module (`whisper_rope.cli`).
+Every name the README teaches is importable from here; the subpackages, the layers of docs/design.md ("Layout"),
+hold the rest: `fs`, `decoding`, `transcription`, `data`, `evaluation`, `weights`, `training`, `experiments`.
+Importing the package imports no command-line module (`whisper_rope.cli`).
 """
 
 from .audio import load_audio
@@ -16,11 +17,11 @@ from .errors import (
     WhisperRopeError,
 )
 from .evaluation.evaluate import EvaluationOptions, EvaluationResult, evaluate
-from .longform import transcribe_chunked, transcribe_recordings
 from .model import WhisperRope
 from .training.config import FinetuneConfig
 from .training.loop import finetune
-from .transcribe import transcribe_many
+from .transcription.longform import transcribe_chunked, transcribe_recordings
+from .transcription.transcribe import transcribe_many
 from .variants import available_variants, parse_variant
 from .version import __version__
 from .weights.loading import LoadReport, build_model, load_model, save_checkpoint

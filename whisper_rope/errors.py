@@ -1,5 +1,5 @@
 """Exception types raised by whisper_rope, and the one way their messages are made one line (`one_line`); the
-command line reports them through `whisper_rope.command_runtime`.
+command line reports them through `whisper_rope.cli.runtime`.
 
 Each error carries one sentence naming the input (file, tensor, option) and what was expected.  They subclass
 ``ValueError`` so that callers who already catch bad-input errors from numpy/torch keep working, and the CLI turns

@@ -33,7 +33,7 @@ from whisper.transcribe import transcribe as upstream_transcribe
 
 from .adapted_lengths import warn_outside
 from .audio import load_audio
-from .decoding import BatchDecodingTask
+from .decoding.task import BatchDecodingTask
 from .features import audio_position_mask, cut_trailing_padding
 from .packing import PackedClips, block_diagonal_attention
 from .positional import RotaryEmbedding

@@ -11,8 +11,8 @@ import torch
 
 import whisper_rope
 from tests.conftest import FIXTURES, randomise_, small_dims
+from whisper_rope.cli.evaluate import main
 from whisper_rope.data import DataError
-from whisper_rope.evaluation.command import main
 from whisper_rope.evaluation.evaluate import EvaluationOptions, evaluate, score_texts
 from whisper_rope.training.config import FinetuneConfig
 from whisper_rope.training.loop import finetune

@@ -13,13 +13,13 @@ import whisper_rope
 from tests.conftest import FIXTURES, randomise_, small_dims
 from whisper_rope import cli
 from whisper_rope.audio import load_audio
+from whisper_rope.cli.evaluate import main
 from whisper_rope.data import DataError, check_audio, read_manifest
-from whisper_rope.evaluation.command import main
-from whisper_rope.evaluation.compare import CompareConfig, length_bucket_tables
 from whisper_rope.evaluation.evaluate import evaluate
 from whisper_rope.evaluation.metrics import length_bucket, length_bucket_table, length_buckets
+from whisper_rope.experiments.compare import CompareConfig, length_bucket_tables
+from whisper_rope.experiments.report import _table, final_evaluation
 from whisper_rope.training.config import FinetuneConfig
-from whisper_rope.training.report import _table, final_evaluation
 
 from .test_evaluate import _one_thread  # noqa: F401  (module-scoped, autouse: tiny.en decodes on one thread)
 

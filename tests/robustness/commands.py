@@ -161,8 +161,8 @@ def entry_point_parsers() -> Dict[str, argparse.ArgumentParser]:
     from unittest import mock
 
     from whisper_rope import cli
-    from whisper_rope.evaluation import command as evaluation_command
-    from whisper_rope.training import command as training_command
+    from whisper_rope.cli import evaluate as evaluation_command
+    from whisper_rope.cli import finetune as training_command
 
     captured: Dict[str, argparse.ArgumentParser] = {}
     entry_points = {"whisper-rope": cli.main, "python -m whisper_rope.training": training_command.main,

@@ -240,22 +240,21 @@ def test_toy_dims_are_what_the_tests_assume():
 def test_the_edges_of_what_decoding_options_accept_still_pass():
     """The checks refuse only what upstream cannot decode with: its defaults, None where upstream takes None, and the
     boundary values all pass."""
-    from whisper_rope.option_checks import check_load_options, check_transcribe_options
-    from whisper_rope.transcribe import TranscribeOptions
+    from whisper_rope.cli.transcribe import TranscribeOptions
     from whisper_rope.weights.loading import LoadOptions
 
-    check_transcribe_options(TranscribeOptions())
-    check_load_options(LoadOptions(device="cpu"))
+    TranscribeOptions().validate()
+    LoadOptions(device="cpu").validate()
     edges = TranscribeOptions(temperature=0.0, best_of=1, beam_size=1, patience=0.5, length_penalty=0.0,
                               temperature_increment_on_fallback=None, compression_ratio_threshold=None,
                               logprob_threshold=None, no_speech_threshold=None, hallucination_silence_threshold=0.0,
                               batch_size=1, clip_timestamps="0,2.5,4", suppress_tokens="-1,50257")  # fmt: skip
-    check_transcribe_options(edges)
-    check_transcribe_options(TranscribeOptions(length_penalty=1.0, temperature=1.5, clip_timestamps=""))
-    check_load_options(LoadOptions(device="cpu", threads=0, rotary_theta=1.001, unpadded_margin=0))
-    check_load_options(LoadOptions(device="cpu", threads=1024, rotary_theta=1e9, unpadded_margin=1500))
-    check_transcribe_options(TranscribeOptions(beam_size=64, best_of=64, patience=10.0, batch_size=1024,
-                                               temperature_increment_on_fallback=0.01, temperature=5.0))  # fmt: skip
+    edges.validate()
+    TranscribeOptions(length_penalty=1.0, temperature=1.5, clip_timestamps="").validate()
+    LoadOptions(device="cpu", threads=0, rotary_theta=1.001, unpadded_margin=0).validate()
+    LoadOptions(device="cpu", threads=1024, rotary_theta=1e9, unpadded_margin=1500).validate()
+    TranscribeOptions(beam_size=64, best_of=64, patience=10.0, batch_size=1024,
+                      temperature_increment_on_fallback=0.01, temperature=5.0).validate()  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -384,7 +383,7 @@ def test_the_help_of_every_numeric_option_states_the_range_its_error_names(tmp_p
 
 
 def test_a_first_temperature_above_one_keeps_itself_as_its_only_temperature():
-    from whisper_rope.transcribe import TranscribeOptions
+    from whisper_rope.cli.transcribe import TranscribeOptions
 
     assert TranscribeOptions(temperature=1.5).temperatures() == (1.5,)
     fallbacks = TranscribeOptions(temperature=0.5, temperature_increment_on_fallback=0.25).temperatures()

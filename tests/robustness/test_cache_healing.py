@@ -96,7 +96,7 @@ def test_running_out_of_resources_is_not_reported_as_a_damaged_cache_nor_rewrite
 
 @pytest.mark.parametrize("error", [MemoryError(), MemoryError("out of memory while reading checkpoint 'x.pt'")])
 def test_running_out_of_memory_ends_a_command_in_one_line_with_status_1(capsys, error):
-    from whisper_rope.command_runtime import run_command
+    from whisper_rope.cli.runtime import run_command
 
     def command() -> int:
         raise error

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import whisper_rope
-import whisper_rope.atomic
+import whisper_rope.fs.atomic
 from tests.convert_helpers import SMALL_DIMS, write_model
 
 from . import (
@@ -81,11 +81,11 @@ class FillingFile:
 
 
 def _atomic_os(monkeypatch, **overrides) -> None:
-    """Give whisper_rope.atomic its own ``os`` with some functions replaced (the real ``os`` is untouched)."""
+    """Give whisper_rope.fs.atomic its own ``os`` with some functions replaced (the real ``os`` is untouched)."""
     proxy = types.SimpleNamespace(**vars(os))
     for name, replacement in overrides.items():
         setattr(proxy, name, replacement)
-    monkeypatch.setattr(whisper_rope.atomic, "os", proxy)
+    monkeypatch.setattr(whisper_rope.fs.atomic, "os", proxy)
 
 
 def disk_fills_after(monkeypatch, room: int) -> None:
@@ -96,7 +96,7 @@ def directory_is_read_only(monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(kwargs.get("dir", "")))
 
-    monkeypatch.setattr(whisper_rope.atomic.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(whisper_rope.fs.atomic.tempfile, "mkstemp", refuse)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 import pytest
 
-from whisper_rope.atomic import atomic_write_text
+from whisper_rope.fs.atomic import atomic_write_text
 
 from . import default_sigint, subprocess_env
 from .commands import MANIFEST, SPEECH_DIMS, WHISPER_ROPE, one_error_line, save_model

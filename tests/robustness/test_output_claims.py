@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 import whisper_rope
-import whisper_rope.atomic
-from whisper_rope.atomic import atomic_write_text
-from whisper_rope.outputs import LOCK_FILE, OutputError, claim_directory
+import whisper_rope.fs.atomic
+from whisper_rope.fs.atomic import atomic_write_text
+from whisper_rope.fs.outputs import LOCK_FILE, OutputError, claim_directory
 from whisper_rope.training.log import TrainingLog
 from whisper_rope.weights.loading import LoadOptions
 
@@ -282,7 +282,7 @@ def _atomic_os(monkeypatch, **overrides) -> None:
     proxy = types.SimpleNamespace(**vars(os))
     for name, replacement in overrides.items():
         setattr(proxy, name, replacement)
-    monkeypatch.setattr(whisper_rope.atomic, "os", proxy)
+    monkeypatch.setattr(whisper_rope.fs.atomic, "os", proxy)
 
 
 def test_a_failing_record_write_fails_that_file_and_the_batch_goes_on(tmp_path, capsys, monkeypatch, random_model):
@@ -311,14 +311,14 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_the_model_loa
 ):
     out = tmp_path / "read-only"
     out.mkdir()
-    create = whisper_rope.atomic.tempfile.mkstemp
+    create = whisper_rope.fs.atomic.tempfile.mkstemp
 
     def read_only(*args, dir=None, **kwargs):
         if Path(dir) == out:
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(dir))
         return create(*args, dir=dir, **kwargs)
 
-    monkeypatch.setattr(whisper_rope.atomic.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(whisper_rope.fs.atomic.tempfile, "mkstemp", read_only)
     target = out if exists else out / "transcripts"
     assert transcribe(random_model, [HELLO], target) == 2
     assert_one_line_error(capsys.readouterr().err, str(target), "Read-only file system")

@@ -102,7 +102,7 @@ def test_compare_takes_home_paths_in_every_option(user):
 
 def test_every_path_option_expands_home_in_the_equals_form(monkeypatch, tmp_path):
     """``--option=~/x`` reaches the program unexpanded from every shell: each path option expands it itself."""
-    from whisper_rope.cli import _normalise_argv, build_parser
+    from whisper_rope.cli.main import _normalise_argv, build_parser
 
     monkeypatch.setenv("HOME", str(tmp_path))
     home = str(tmp_path)
@@ -130,7 +130,7 @@ def test_a_config_file_s_home_paths_are_expanded(monkeypatch, tmp_path):
     import json
 
     from whisper_rope.cli import build_parser
-    from whisper_rope.evaluation.compare_command import config_from_args
+    from whisper_rope.cli.compare import config_from_args
 
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "c.json").write_text(json.dumps({"train": "~/clips", "eval": ["a=~/a.jsonl"], "output": "~/cmp"}))

@@ -19,10 +19,10 @@ from whisper.decoding import DecodingOptions
 
 from tests.conftest import FIXTURES, randomise_, small_dims
 from whisper_rope import build_model, load_model, save_checkpoint
+from whisper_rope.cli.finetune import add_finetune_arguments, config_from_args, main
 from whisper_rope.data import IGNORE_INDEX, Collator, load_examples
 from whisper_rope.errors import TrainingError
-from whisper_rope.outputs import LOCK_FILE
-from whisper_rope.training.command import add_finetune_arguments, config_from_args, main
+from whisper_rope.fs.outputs import LOCK_FILE
 from whisper_rope.training.config import FinetuneConfig
 from whisper_rope.training.loop import CURVES_FILE, LOG_FILE, finetune
 from whisper_rope.training.optim import build_optimizer, lr_factor, select_trainable
@@ -326,7 +326,7 @@ def test_resume_refuses_another_variant_or_model_size(tmp_path, capsys):
 DDP_SCRIPT = """
 import shutil, sys
 import torch.distributed as dist
-from whisper_rope.training.command import main
+from whisper_rope.cli.finetune import main
 
 dist.init_process_group("gloo")  # finetune joins the existing group (two runs in one torchrun)
 model, train, out = sys.argv[1:4]
@@ -395,7 +395,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
 
 DDP_DISTILL_SCRIPT = """
 import sys
-from whisper_rope.training.command import main
+from whisper_rope.cli.finetune import main
 
 model, train, out, cache = sys.argv[1:5]
 sys.exit(main(["--model", model, "--variant", "rotary/learned", "--train", train, "--steps", "2", "--batch-size", "2",

@@ -10,11 +10,11 @@ import torch
 import whisper_rope
 from tests.conftest import FIXTURES, randomise_, small_dims
 from tests.training.conftest import audio_folder
-from whisper_rope.training.command import add_finetune_arguments, config_from_args, main
+from whisper_rope.cli.finetune import add_finetune_arguments, config_from_args, main
+from whisper_rope.experiments.report import final_evaluation
 from whisper_rope.training.config import FinetuneConfig
 from whisper_rope.training.loop import finetune
 from whisper_rope.training.recipes import RECIPES, STEP_COUNTS
-from whisper_rope.training.report import final_evaluation
 from whisper_rope.training.transplant import rotary_gates
 
 SPEECH = FIXTURES / "speech"

@@ -26,7 +26,7 @@ from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
 
 from ..audio import audio_duration
 from ..errors import AudioError, DataError, PathLike
-from ..files import read_regular, user_path
+from ..fs.files import read_regular, user_path
 
 __all__ = ["DataError", "Example", "Manifest", "Problem", "check_audio", "language_code", "read_manifest"]
 

@@ -28,7 +28,7 @@ import numpy as np
 from whisper.audio import N_SAMPLES, SAMPLE_RATE
 
 from ..audio import load_audio
-from ..speech_chunks import speech_spans
+from ..transcription.speech_chunks import speech_spans
 from .manifest import MAX_CLIP_SECONDS, Example
 
 logger = logging.getLogger("whisper_rope")

@@ -12,7 +12,7 @@ How clips are decoded:
 * Recordings longer than 30 s are transcribed as ``whisper-rope transcribe`` does it, with the same decoding
   (temperature 0 only, ``beam_size``, ``fp16``, the model's unpadded setting, the language and the row's prompt as
   the initial prompt): through upstream's window-by-window loop (``long_form="loop"``, like ``--batch_size 1``) or
-  cut at pauses into speech chunks decoded in batches of ``batch_size`` (``"batched"``, `whisper_rope.longform`,
+  cut at pauses into speech chunks decoded in batches of ``batch_size`` (``"batched"``, `transcription.longform`,
   like ``--batch_size N``). Both need timestamp tokens (the loop seeks on them, the chunks' segments are cut at
   them); the hypothesis is the transcript's text, capped as below without the one-window limit.
 * Features as in training (`whisper_rope.data`): a 30-s window (the audio padded with silence, then the log-mel)
@@ -59,7 +59,6 @@ from whisper.tokenizer import Tokenizer, get_tokenizer
 from whisper.transcribe import transcribe as upstream_transcribe
 
 from ..adapted_lengths import warn_outside
-from ..atomic import atomic_write_text
 from ..audio import load_audio
 from ..data import (
     IGNORE_INDEX,
@@ -75,10 +74,10 @@ from ..data import (
     read_manifest,
 )
 from ..errors import AudioError, PathLike
-from ..fields import Bounds, opt
-from ..longform import transcribe_recordings
+from ..fields import BATCH, BEAMS, MAX_COUNT, WORKERS, Bounds, check_bounds, opt
+from ..fs.atomic import atomic_write_text
 from ..model import WhisperRope
-from ..option_checks import BATCH, BEAMS, MAX_COUNT, WORKERS, check_bounds
+from ..transcription.longform import transcribe_recordings
 from .metrics import (
     ErrorRates,
     LengthBucket,

@@ -9,10 +9,11 @@
 * `teacher_cache` - the frozen teacher's targets, computed once per clip and kept on disk.
 * `optim` - which parameters train, at which learning rate, on which schedule, in which precision.
 * `holdout` - label-free evaluation on held-out clips against the teacher's transcripts.
-* `report` - the final evaluation table of a recipe run, the adapted model beside the source model.
-* `command` - the ``whisper-rope finetune`` command (``python -m whisper_rope.training``).
 * `state` - step directories and the training state that ``--resume`` continues exactly from.
 * `log` - ``train_log.jsonl`` and the training curves.
 * `distributed` - the DistributedDataParallel context under ``torchrun``.
 * `transplant` - the positional transplant schedule (gated RoPE in, absolute tables out).
+
+The ``whisper-rope finetune`` command is `whisper_rope.cli.finetune` (``python -m whisper_rope.training`` runs it);
+a recipe run's final evaluation table is `whisper_rope.experiments.report`.
 """

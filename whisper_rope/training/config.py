@@ -1,11 +1,10 @@
 """`FinetuneConfig`: every setting of a fine-tuning run, the one declaration that the Python API and the
-``whisper-rope finetune`` options (`whisper_rope.options`) are both built from."""
+``whisper-rope finetune`` options (`whisper_rope.cli.arguments`) are both built from."""
 
 from dataclasses import dataclass
 from typing import Optional
 
-from ..fields import Bounds, PathText, opt
-from ..option_checks import (
+from ..fields import (
     BATCH,
     LEARNING_RATE,
     MAX_COUNT,
@@ -13,8 +12,11 @@ from ..option_checks import (
     THREADS,
     UNPADDED_MARGIN,
     WORKERS,
+    Bounds,
+    PathText,
     check_bounds,
     check_device,
+    opt,
 )
 from ..positional import ROTARY_THETA
 from ..weights.loading import DEVICE_HELP, ROTARY_THETA_HELP, THREADS_HELP

@@ -12,10 +12,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from ..atomic import atomic_write_text
 from ..audio import load_audio
 from ..data import DataError, Example, Manifest, check_audio, load_examples, read_manifest
 from ..errors import AudioError
+from ..fs.atomic import atomic_write_text
 from ..model import WhisperRope
 from .teacher_cache import TargetSpec, TeacherCache
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ..errors import PathLike
-from ..files import append_text
+from ..fs.files import append_text
 
 logger = logging.getLogger("whisper_rope")
 

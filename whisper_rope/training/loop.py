@@ -46,12 +46,12 @@ from torch import Tensor, nn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ..atomic import atomic_torch_save, atomic_write_text
 from ..data import window_seconds
 from ..errors import PathLike, TrainingError, WhisperRopeError
 from ..evaluation.evaluate import validation_metrics
+from ..fs.atomic import atomic_torch_save, atomic_write_text
+from ..fs.outputs import DirectoryClaim, claim_directory, refuse_overlap, temporary_of
 from ..model import WhisperRope
-from ..outputs import DirectoryClaim, claim_directory, refuse_overlap, temporary_of
 from ..variants import parse_variant
 from ..weights.format import read_checkpoint
 from ..weights.loading import checkpoint_dict, load_model
@@ -81,7 +81,6 @@ from .optim import (
     select_trainable,
 )
 from .pipeline import Pipeline, build_pipeline, prepare_batch, teacher_cache
-from .report import JSON_FILE, TABLE_FILE
 from .state import (
     MODEL_FILE,
     SAVE_DTYPES,
@@ -100,6 +99,8 @@ from .state import (
     step_checkpoints,
     sweep_temporary_files,
 )
+from .state import REPORT_JSON_FILE as JSON_FILE
+from .state import REPORT_TABLE_FILE as TABLE_FILE
 from .teacher_cache import TeacherCache
 from .transplant import (
     TransplantSchedule,

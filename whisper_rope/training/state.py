@@ -17,13 +17,16 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ..atomic import atomic_torch_save, fsync_directory
 from ..errors import CheckpointError, PathLike, TrainingError
-from ..outputs import temporary_of
+from ..fs.atomic import atomic_torch_save, fsync_directory
+from ..fs.outputs import temporary_of
 from ..weights.format import load_pt
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "training_state.pt"
+#: The final evaluation of a recipe run (`whisper_rope.experiments.report`), written beside MODEL_FILE.
+REPORT_JSON_FILE = "final_evaluation.json"
+REPORT_TABLE_FILE = "final_evaluation.md"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 #: ``--save-dtype`` choices: the dtype of the weights in a run's model files.
 SAVE_DTYPES = {"float16": torch.float16, "float32": torch.float32}

@@ -36,10 +36,10 @@ from safetensors.torch import save
 from torch import Tensor
 from whisper.decoding import DecodingOptions
 
-from ..atomic import atomic_write, atomic_write_text
 from ..data import IGNORE_INDEX, Collator, DataError, Item, SpeechDataset, make_loader, pad_token_rows, target_sequence
 from ..errors import one_line
 from ..features import real_frame_counts
+from ..fs.atomic import atomic_write, atomic_write_text
 from ..model import WhisperRope
 from ..progress import PhaseProgress
 from .losses import StateRecorder, recorded_modules, stacked_states

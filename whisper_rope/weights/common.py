@@ -13,9 +13,9 @@ from typing import Any, Dict, Iterable, Optional, Sequence
 
 import torch
 
-from whisper_rope.atomic import atomic_torch_save
 from whisper_rope.errors import CheckpointError, PathLike, one_line
-from whisper_rope.files import read_regular
+from whisper_rope.fs.atomic import atomic_torch_save
+from whisper_rope.fs.files import read_regular
 from whisper_rope.variants import UPSTREAM_VARIANT
 
 

@@ -1,4 +1,5 @@
-"""The ``convert`` command: between upstream ``.pt``, CTranslate2 (faster-whisper) and Hugging Face formats.
+"""Converting checkpoints between upstream ``.pt``, CTranslate2 (faster-whisper) and Hugging Face formats (`convert`,
+which the ``whisper-rope convert`` command runs).
 
 CTranslate2 or Hugging Face directory -> upstream ``.pt``, and upstream ``.pt`` (the ``whisper`` variant only) ->
 Hugging Face directory. Everything is expressed in upstream Whisper tensor names; see `ImportedCheckpoint`.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import os
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict
 
@@ -16,8 +17,7 @@ import torch
 import whisper
 
 from whisper_rope.errors import CheckpointError, ModelNotFoundError, PathLike, VariantError
-from whisper_rope.fields import PathText, opt
-from whisper_rope.outputs import refuse_overlap
+from whisper_rope.fs.outputs import refuse_overlap
 from whisper_rope.variants import UPSTREAM_VARIANT, parse_variant
 from whisper_rope.weights.common import ImportedCheckpoint, save_upstream
 from whisper_rope.weights.ctranslate2 import is_ctranslate2_dir, read_ctranslate2
@@ -30,26 +30,6 @@ from whisper_rope.weights.huggingface import (
     write_huggingface,
 )
 from whisper_rope.weights.loading import load_model
-
-
-@dataclass
-class ConvertOptions:
-    """The ``whisper-rope convert`` command: the arguments of `convert`."""
-
-    src: PathText = opt(
-        "",
-        "CTranslate2 directory, Hugging Face directory, .pt file, or a model name (tiny.en ... large-v3-turbo)",
-        positional=True,
-    )
-    dst: PathText = opt(
-        "",
-        "output .pt file (from a directory or a model name) or output directory (from a .pt or a model name)",
-        positional=True,
-    )
-    force: bool = opt(
-        False, "replace an existing destination written by convert (a checkpoint, or an export directory)"
-    )
-    progress: bool = opt(True, "show a progress bar")
 
 
 def convert(src: PathLike, dst: PathLike, progress: bool = True, overwrite: bool = False) -> Path:

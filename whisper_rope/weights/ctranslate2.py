@@ -44,7 +44,7 @@ import torch
 from tqdm import tqdm
 
 from whisper_rope.errors import CheckpointError, ModelNotFoundError, PathLike
-from whisper_rope.files import inside
+from whisper_rope.fs.files import inside
 from whisper_rope.weights.common import (
     ImportedCheckpoint,
     describe_paths,

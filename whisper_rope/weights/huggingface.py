@@ -36,9 +36,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from whisper_rope.atomic import atomic_write, umasked
 from whisper_rope.errors import CheckpointError, ModelNotFoundError, PathLike, one_line
-from whisper_rope.files import inside
+from whisper_rope.fs.atomic import atomic_write, umasked
+from whisper_rope.fs.files import inside
 from whisper_rope.weights.common import (
     MULTILINGUAL_MIN_VOCAB,
     ImportedCheckpoint,

@@ -32,9 +32,9 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 from whisper.model import ModelDimensions
 
-from ..atomic import atomic_write
 from ..compute_type import OUTPUT_PROJECTION, Int8Linear, int8_layer_names, mark_int8, set_submodule
 from ..errors import CheckpointError, one_line
+from ..fs.atomic import atomic_write
 from ..model import WhisperRope, WithoutRandomInit
 from . import packages
 from .common import alignment_pairs

@@ -32,12 +32,11 @@ from torch import Tensor
 from whisper.model import ModelDimensions
 
 from .. import version
-from ..atomic import atomic_torch_save
 from ..compute_type import INT8, apply_compute_type, resolve_compute_type
 from ..errors import CheckpointError, ModelNotFoundError, PathLike, VariantError, first_line, one_line
-from ..fields import PathText, opt
+from ..fields import THREADS, UNPADDED_MARGIN, PathText, check_bounds, check_device, flags, opt
+from ..fs.atomic import atomic_torch_save
 from ..model import DEFAULT_ROTARY_THETA, WhisperRope, WithoutRandomInit
-from ..option_checks import THREADS, UNPADDED_MARGIN, check_load_options
 from ..positional import ROTARY_THETA
 from ..variants import DECODER_SCHEMES, ENCODER_SCHEMES, PRESETS, UPSTREAM_VARIANT, Variant, parse_variant
 from . import int8_cache, packages
@@ -566,12 +565,19 @@ class LoadOptions:
         "are refused",
     )
 
-    def load(self, name_or_path: PathLike, unpadded: Optional[bool] = None, progress: bool = True) -> WhisperRope:
-        """`load_model` with these options (``progress``: a bar while an installed model is converted); a bad
-        variant, device or number is reported before any weights are looked for."""
-        check_load_options(self)
+    def validate(self) -> "LoadOptions":
+        """Refuse a number outside its declared range (``threads``, ``rotary_theta``, ``unpadded_margin``), a device
+        this machine does not have, or an unknown variant, in one line naming the option. Returns itself."""
+        check_bounds(self)
+        check_device(self.device, flags("device"))
         if self.variant is not None:
             parse_variant(self.variant)
+        return self
+
+    def load(self, name_or_path: PathLike, unpadded: Optional[bool] = None, progress: bool = True) -> WhisperRope:
+        """`load_model` with these options (``progress``: a bar while an installed model is converted), validated
+        first: a bad variant, device or number is reported before any weights are looked for."""
+        self.validate()
         if self.threads and self.threads > 0:
             torch.set_num_threads(self.threads)
         return load_model(

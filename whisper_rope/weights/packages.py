@@ -21,9 +21,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-from whisper_rope.atomic import atomic_write
 from whisper_rope.errors import CheckpointError, ModelNotFoundError, PathLike
-from whisper_rope.files import read_regular, user_path
+from whisper_rope.fs.atomic import atomic_write
+from whisper_rope.fs.files import read_regular, user_path
 from whisper_rope.weights.common import save_upstream
 from whisper_rope.weights.ctranslate2 import read_ctranslate2
 
