@@ -280,7 +280,25 @@ def _rotary_embedding(scheme: SideScheme, head_dim: int, theta: float, n_ctx: in
     return RotaryEmbedding(head_dim, theta, n_ctx) if scheme.rotary else None
 
 
-class PositionalAudioEncoder(AudioEncoder):
+class _PositionalSide:
+    """What the encoder and the decoder share about their positions: ``scheme`` (their `SideScheme`), the model's
+    ``settings`` and ``SIDE``, their index in ``settings.table_scales`` (0 encoder, 1 decoder)."""
+
+    SIDE: int
+    scheme: SideScheme
+    settings: ModelSettings
+
+    @property
+    def has_table(self) -> bool:
+        return self.scheme.table is not None
+
+    @property
+    def table_scale(self) -> float:
+        """The factor of the absolute table (``settings.table_scales[SIDE]``)."""
+        return self.settings.table_scales[self.SIDE]
+
+
+class PositionalAudioEncoder(_PositionalSide, AudioEncoder):
     """Upstream's encoder with the sinusoid table optional and RoPE optional; it runs as its model's `ModelSettings`
     (``settings``) say.
 
@@ -289,6 +307,8 @@ class PositionalAudioEncoder(AudioEncoder):
     plus ``settings.unpadded_margin`` positions of that padding, and an absolute table is *sliced*: ``n`` positions
     get its rows ``0 .. n - 1``, as whisper.cpp's ``audio_ctx`` does (at most ``n_ctx`` positions).
     """
+
+    SIDE = 0
 
     def __init__(
         self, dims: ModelDimensions, scheme: SideScheme, rotary_theta: float = DEFAULT_ROTARY_THETA, gated: bool = False
@@ -305,15 +325,6 @@ class PositionalAudioEncoder(AudioEncoder):
             PositionalResidualBlock(n_state, n_head, rotary=self.rotary, gated=gated) for _ in range(dims.n_audio_layer)
         )
         self.settings = ModelSettings()  # the model's, once built into one (`WhisperRope.configure`)
-
-    @property
-    def has_table(self) -> bool:
-        return self.scheme.table is not None
-
-    @property
-    def table_scale(self) -> float:
-        """The factor of the absolute table (``settings.table_scales[0]``)."""
-        return self.settings.table_scales[0]
 
     @property
     def adds_table(self) -> bool:
@@ -393,13 +404,15 @@ class PositionalAudioEncoder(AudioEncoder):
             )
 
 
-class PositionalTextDecoder(TextDecoder):
+class PositionalTextDecoder(_PositionalSide, TextDecoder):
     """Upstream's decoder with the positional table chosen by the scheme and optional RoPE in self-attention; it runs
     as its model's `ModelSettings` (``settings``) say.
 
     Tables: ``learned`` (upstream's parameter), ``learned-sinusoidal`` (a parameter initialised with sinusoids),
     ``sinusoidal`` (a fixed, non-persistent buffer: not in the state dict), or none.
     """
+
+    SIDE = 1
 
     def __init__(
         self, dims: ModelDimensions, scheme: SideScheme, rotary_theta: float = DEFAULT_ROTARY_THETA, gated: bool = False
@@ -428,15 +441,6 @@ class PositionalTextDecoder(TextDecoder):
         self.settings = ModelSettings()  # the model's, once built into one (`WhisperRope.configure`)
         # None: logits through the tied fp32 embedding, as upstream. compute_type.quantize_int8 sets a module.
         self.output_projection: Optional[nn.Module] = None
-
-    @property
-    def has_table(self) -> bool:
-        return self.scheme.table is not None
-
-    @property
-    def table_scale(self) -> float:
-        """The factor of the absolute table (``settings.table_scales[1]``)."""
-        return self.settings.table_scales[1]
 
     def forward(
         self, x: Tensor, xa: Tensor, kv_cache: Optional[dict] = None, xa_mask: Optional[Tensor] = None

@@ -97,17 +97,9 @@ def error_rates(
     n_chars = chars.hits + chars.substitutions + chars.deletions
     word_errors = words.substitutions + words.deletions + words.insertions
     char_errors = chars.substitutions + chars.deletions + chars.insertions
-    return ErrorRates(
-        wer=word_errors / max(n_words, 1),
-        cer=char_errors / max(n_chars, 1),
-        substitutions=words.substitutions,
-        deletions=words.deletions,
-        insertions=words.insertions,
-        hits=words.hits,
-        n_words=n_words,
-        n_chars=n_chars,
-        n_utterances=len(references),
-    )
+    counts = {name: getattr(words, name) for name in ("substitutions", "deletions", "insertions", "hits")}
+    rates = {"wer": word_errors / max(n_words, 1), "cer": char_errors / max(n_chars, 1)}
+    return ErrorRates(**rates, **counts, n_words=n_words, n_chars=n_chars, n_utterances=len(references))
 
 
 #: Length buckets of the per-length report: (name, longest clip in seconds, inclusive). A clip belongs to the first

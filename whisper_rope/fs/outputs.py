@@ -25,7 +25,7 @@ import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import filelock
 
@@ -293,15 +293,19 @@ class OutputRecord:
             return {}
         return data
 
+    def _existing(self, names: Sequence[str]) -> Iterator[Tuple[str, os.stat_result]]:
+        """(name, its lstat) for each of ``names`` that exists in the folder, links not followed."""
+        for name in names:
+            try:
+                yield name, os.lstat(self.folder / name)
+            except FileNotFoundError:
+                continue
+
     def foreign(self, names: Sequence[str]) -> Dict[str, str]:
         """The ``names`` that are something in the folder we did not write (or that changed since), each with why
         it is foreign, in words that follow its path in a message."""
         found = {}
-        for name in names:
-            try:
-                info = os.lstat(self.folder / name)
-            except FileNotFoundError:
-                continue
+        for name, info in self._existing(names):
             if stat.S_ISLNK(info.st_mode):
                 found[name] = "is a symlink (whisper-rope never writes through a link)"
             elif not stat.S_ISREG(info.st_mode):
@@ -314,11 +318,7 @@ class OutputRecord:
         """Record ``names`` as ours in their current state, and save the record. When it cannot be saved: the
         `OSError`, and the record stays as it was, so that it never claims a file the saved record does not."""
         before = dict(self.files)
-        for name in names:
-            try:
-                info = os.lstat(self.folder / name)
-            except FileNotFoundError:
-                continue
+        for name, info in self._existing(names):
             if stat.S_ISREG(info.st_mode):
                 self.files[name] = [info.st_size, info.st_mtime_ns]
         try:
