@@ -175,7 +175,8 @@ class SpeechDataset(torch.utils.data.Dataset):
         return load_audio(example.audio, start=example.start, end=example.end)
 
     def timestamps(self, index: int) -> bool:
-        """Whether example ``index``'s targets carry timestamp tokens (a `Window` that drew them)."""
+        """Whether example ``index``'s targets carry timestamp tokens (a `Window` that drew them; never one over 30 s,
+        whose target is its halves' transcripts joined)."""
         return bool(getattr(self.examples[index], "timestamps", False))
 
     def __getitem__(self, index: int) -> Item:
@@ -301,6 +302,7 @@ class Batch:
     token_lengths: Optional[Tensor] = None  # (b,) decoder input tokens per row, before the EOT padding
     teacher_states: Optional[Dict[str, Tensor]] = None  # padded teacher targets (training.teacher_cache)
     teacher_positions: Optional[Tensor] = None  # (b,) audio positions the teacher's encoder states hold
+    teacher_rows: Optional[Tensor] = None  # (b,) bool: rows with teacher states (not windows over 30 s)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -330,6 +332,7 @@ class Batch:
             token_lengths=move(self.token_lengths),
             teacher_states=states,
             teacher_positions=move(self.teacher_positions),
+            teacher_rows=move(self.teacher_rows),
         )
 
 

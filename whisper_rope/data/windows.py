@@ -123,7 +123,11 @@ def compose_windows(
         drawn = _joined_clips(short, plan, rng) + [
             w for e in long for w in _cut_recording(e, cuts[e.row], cut_plan, rng)
         ]
-        windows += [replace(w, timestamps=allow_timestamps and rng.random() < plan.timestamp_share) for w in drawn]
+        # A window over 30 s has no timestamp targets: its halves' transcripts are joined without them.
+        windows += [
+            replace(w, timestamps=allow_timestamps and rng.random() < plan.timestamp_share and w.split is None)
+            for w in drawn
+        ]
     return windows
 
 

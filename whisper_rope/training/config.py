@@ -192,7 +192,8 @@ class FinetuneConfig:
         30.0,
         "with --windows every-length: the longest window (up to 60 s); above 30 s the student's encoder must add no "
         "absolute table, a window over 30 s is split at a pause for the teacher, which transcribes each half, and "
-        "its loss is cross-entropy on the two transcripts joined",
+        "its loss is cross-entropy on the two transcripts joined (no distillation terms: the teacher never reads the "
+        "whole window)",
         bounds=Bounds.reals(1, 60),
     )
     pad_to_30s: bool = opt(
