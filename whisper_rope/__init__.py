@@ -21,6 +21,7 @@ from .model import WhisperRope
 from .training.config import FinetuneConfig
 from .training.loop import finetune
 from .transcription.longform import transcribe_chunked, transcribe_recordings
+from .transcription.single_window import decode_single_window
 from .transcription.transcribe import transcribe_many
 from .variants import available_variants, parse_variant
 from .version import __version__
@@ -30,7 +31,7 @@ __all__ = [
     # models: load, build, save
     "load_model", "build_model", "save_checkpoint", "WhisperRope", "LoadReport", "available_variants", "parse_variant",
     # transcription
-    "load_audio", "transcribe_many", "transcribe_chunked", "transcribe_recordings",
+    "load_audio", "transcribe_many", "transcribe_chunked", "transcribe_recordings", "decode_single_window",
     # fine-tuning and evaluation
     "finetune", "FinetuneConfig", "evaluate", "EvaluationOptions", "EvaluationResult",
     # errors (each a ValueError, FileNotFoundError or RuntimeError too)

@@ -30,11 +30,12 @@ def longest_adapted_window(model) -> "float | None":
     return max(1.5 * recorded[1], recorded[1] + 5.0)
 
 
-def warn_outside(model, seconds: float, what: str = "the input") -> bool:
+def warn_outside(model, seconds: float, what: str = "the input", whole: bool = False) -> bool:
     """Warn (once per model) when ``what``, of ``seconds`` of audio, gives ``model`` longer windows than it was
-    adapted on; a recording longer than 30 s counts as its 30-s windows. Returns whether it warned."""
+    adapted on; a recording longer than 30 s counts as its 30-s windows, unless it is read ``whole`` (one window,
+    `transcription.single_window`). Returns whether it warned."""
     limit = longest_adapted_window(model)
-    window = min(float(seconds), float(CHUNK_LENGTH))
+    window = float(seconds) if whole else min(float(seconds), float(CHUNK_LENGTH))
     if limit is None or window <= limit or getattr(model, "_warned_outside", False):
         return False
     model._warned_outside = True

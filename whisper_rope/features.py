@@ -69,9 +69,12 @@ def trailing_padding_start(mel: Tensor, min_frames: int = 2) -> int:
     return int(real_frame_counts(mel, min_frames).max())
 
 
-def unpadded_features(audio: np.ndarray, n_mels: int, margin: int = 0) -> Tuple[Tensor, int]:
+def unpadded_features(
+    audio: np.ndarray, n_mels: int, margin: int = 0, max_samples: Optional[int] = N_SAMPLES
+) -> Tuple[Tensor, int]:
     """A clip's log-mel as unpadded transcription feeds it: (n_mels, frames) and frames, with ``margin`` audio
-    positions (2 frames each) of the padding kept after the clip's real frames.
+    positions (2 frames each) of the padding kept after the clip's real frames. ``max_samples`` bounds the padded
+    audio (one 30-s window); None takes the whole clip, however long (a table-free encoder's single window).
 
     Transcription pads the audio with silence and cuts the mel where `real_frame_counts` finds the padding, so a
     clip's own trailing digital silence (often 0.3-0.5 s in TTS output) is dropped with it: it cannot be told apart
@@ -79,7 +82,8 @@ def unpadded_features(audio: np.ndarray, n_mels: int, margin: int = 0) -> Tuple[
     that arrive without it (docs/results.md). One second of padding gives the same frames as the 30-s window at a
     tenth of its cost.
     """
-    padded = pad_or_trim(audio, min(len(audio) + SAMPLE_RATE + 2 * margin * HOP_LENGTH, N_SAMPLES))
+    length = len(audio) + SAMPLE_RATE + 2 * margin * HOP_LENGTH
+    padded = pad_or_trim(audio, length if max_samples is None else min(length, max_samples))
     mel = log_mel_spectrogram(padded, n_mels=n_mels)
     frames = min(int(real_frame_counts(mel)) + 2 * margin, mel.shape[-1])
     return mel[:, :frames], frames

@@ -9,7 +9,15 @@ import soundfile
 from whisper.audio import SAMPLE_RATE
 
 from whisper_rope.audio import load_audio
-from whisper_rope.data import Example, WindowPlan, compose_windows, window_audio, window_seconds
+from whisper_rope.data import (
+    Example,
+    WindowPlan,
+    compose_windows,
+    split_point,
+    window_audio,
+    window_halves,
+    window_seconds,
+)
 
 from .conftest import ROWS, SPEECH
 
@@ -118,3 +126,44 @@ def test_a_long_recording_is_cut_at_its_pauses_into_consecutive_windows(tmp_path
     assert all(w.duration <= 30.0 for w in windows)
     first = window_audio(windows[0])
     np.testing.assert_array_equal(first, load_audio(path)[: len(first)])
+
+
+def test_windows_past_thirty_seconds_split_at_a_pause_near_their_middle():
+    clips = _clips(np.random.default_rng(2).uniform(2, 6, 600))
+    windows = compose_windows(clips, WindowPlan(max_seconds=45.0, sets=1), seed=0)
+    long = [w for w in windows if w.duration > 30.0]
+    assert len(long) > 0.2 * len(windows) and max(w.duration for w in windows) <= 45.0
+    assert all((w.split is None) == (w.duration <= 30.0) for w in windows)
+    for window in long:
+        assert window.split <= 30.0 and window.duration - window.split <= 30.0
+        # the split is the middle of one of the window's pauses: a clip boundary
+        elapsed = np.cumsum([p.seconds for p in window.pieces][:-1]) + np.cumsum((0.0,) + window.pauses[:-1])
+        middles = elapsed + np.array(window.pauses) / 2
+        assert np.min(np.abs(middles - window.split)) < 1e-9
+        assert abs(window.split - window.duration / 2) <= 3.5  # the pause nearest the middle (clips of 2-6 s)
+    assert split_point([25.0, 5.0, 25.0], [1.0, 1.0]) is None  # no pause leaves both halves within 30 s
+    assert split_point([20.0, 15.0], [1.0]) == 20.5
+    with pytest.raises(ValueError, match="window lengths must lie in 0..60 s"):
+        WindowPlan(max_seconds=61.0)
+
+
+def test_a_split_windows_audio_passes_thirty_seconds_and_its_halves_join_to_it():
+    clips = _fixture_clips() * 6
+    clips = [Example(audio=c.audio, text=c.text, row=i + 1, duration=c.duration) for i, c in enumerate(clips)]
+    windows = compose_windows(clips, WindowPlan(min_seconds=35.0, max_seconds=40.0, single_share=0.0, sets=1), seed=0)
+    window = max(windows, key=lambda w: w.duration)
+    assert window.duration > 30.0 and window.split is not None
+    audio = window_audio(window)
+    assert abs(len(audio) / SAMPLE_RATE - window.duration) < 0.01
+    first, second = window_halves(window, audio)
+    assert len(first) == round(window.split * SAMPLE_RATE) and len(first) + len(second) == len(audio)
+    np.testing.assert_array_equal(np.concatenate([first, second]), audio)
+    assert not first[-SAMPLE_RATE // 10 :].any() and not second[: SAMPLE_RATE // 10].any()  # cut inside a pause
+
+
+def test_recordings_are_still_cut_into_windows_of_at_most_thirty_seconds_under_a_longer_plan(tmp_path):
+    spans = [(4 * i * SAMPLE_RATE, (4 * i + 3) * SAMPLE_RATE) for i in range(25)]
+    recording = Example(audio=str(tmp_path / "r.wav"), text=None, row=1, duration=100.0)
+    soundfile.write(recording.audio, np.zeros(100 * SAMPLE_RATE, np.float32), SAMPLE_RATE)
+    windows = compose_windows([recording], WindowPlan(max_seconds=60.0, sets=1), seed=0, find_spans=lambda a: spans)
+    assert all(w.duration <= 30.0 and w.split is None for w in windows)

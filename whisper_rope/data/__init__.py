@@ -34,7 +34,17 @@ from .manifest import (
     language_code,
     read_manifest,
 )
-from .windows import Piece, Window, WindowPlan, compose_windows, window_audio, window_seconds
+from .windows import (
+    MAX_WINDOW_SECONDS,
+    Piece,
+    Window,
+    WindowPlan,
+    compose_windows,
+    split_point,
+    window_audio,
+    window_halves,
+    window_seconds,
+)
 
 __all__ = [
     "AUDIO_SUFFIXES",
@@ -47,6 +57,7 @@ __all__ = [
     "Item",
     "MANIFEST_SUFFIXES",
     "MAX_CLIP_SECONDS",
+    "MAX_WINDOW_SECONDS",
     "MIN_CLIP_SECONDS",
     "Manifest",
     "Problem",
@@ -68,6 +79,8 @@ __all__ = [
     "spec_augment_",
     "target_sequence",
     "unpadded_features",
+    "split_point",
     "window_audio",
+    "window_halves",
     "window_seconds",
 ]

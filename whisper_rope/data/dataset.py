@@ -175,7 +175,8 @@ class SpeechDataset(torch.utils.data.Dataset):
         return load_audio(example.audio, start=example.start, end=example.end)
 
     def timestamps(self, index: int) -> bool:
-        """Whether example ``index``'s targets carry timestamp tokens (a `Window` that drew them)."""
+        """Whether example ``index``'s targets carry timestamp tokens (a `Window` that drew them; never one over 30 s,
+        whose target is its halves' transcripts joined)."""
         return bool(getattr(self.examples[index], "timestamps", False))
 
     def __getitem__(self, index: int) -> Item:
@@ -197,18 +198,21 @@ class SpeechDataset(torch.utils.data.Dataset):
         raise DataError(f"{self.source}: no audio file of the manifest could be decoded")
 
     def _item(self, index: int, audio: np.ndarray) -> Item:
-        audio = audio[:N_SAMPLES]
+        long = getattr(self.examples[index], "split", None) is not None  # a window over 30 s (`Window.split`)
+        if long and self.pad_30s:
+            raise DataError(f"{self.source}: a window of over 30 s cannot be padded to a 30-s window")
+        audio = audio if long else audio[:N_SAMPLES]
         if len(audio) < 2 * HOP_LENGTH:  # shorter than its header said: pad to the two frames every clip has
             audio = np.pad(audio, (0, 2 * HOP_LENGTH - len(audio)))
         window = None
-        if self.pad_30s or self.teacher_30s:
+        if (self.pad_30s or self.teacher_30s) and not long:
             # Upstream pads the *audio* with silence before the log-mel, so padding frames sit at the spectrogram's
             # floor, as in every 30-s window the pretrained model has seen.
             window = padded_window(audio, self.n_mels)
         if self.pad_30s:
             mel, frames = window, min(len(audio) // HOP_LENGTH, N_FRAMES)
         else:
-            mel, frames = unpadded_features(audio, self.n_mels, self.margin)
+            mel, frames = unpadded_features(audio, self.n_mels, self.margin, max_samples=None if long else N_SAMPLES)
         target = self.targets[index]
         return Item(
             index=index,
@@ -298,6 +302,7 @@ class Batch:
     token_lengths: Optional[Tensor] = None  # (b,) decoder input tokens per row, before the EOT padding
     teacher_states: Optional[Dict[str, Tensor]] = None  # padded teacher targets (training.teacher_cache)
     teacher_positions: Optional[Tensor] = None  # (b,) audio positions the teacher's encoder states hold
+    teacher_rows: Optional[Tensor] = None  # (b,) bool: rows with teacher states (not windows over 30 s)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -327,6 +332,7 @@ class Batch:
             token_lengths=move(self.token_lengths),
             teacher_states=states,
             teacher_positions=move(self.teacher_positions),
+            teacher_rows=move(self.teacher_rows),
         )
 
 

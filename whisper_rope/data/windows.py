@@ -1,4 +1,4 @@
-"""Training windows of every length up to 30 s, composed from whatever audio a training folder holds.
+"""Training windows of every length up to 30 s (or 60 s), composed from whatever audio a training folder holds.
 
 A model adapted on one-sentence clips learns "one sentence, then end of text" and drops the rest of a longer input.
 So the windows a run trains on are composed to cover 1-30 s about evenly:
@@ -8,6 +8,12 @@ So the windows a run trains on are composed to cover 1-30 s about evenly:
   windows (`WindowPlan.single_share`) stays one clip;
 * a recording longer than a window is cut inside its pauses (found by the Silero VAD of `speech_chunks`) into
   consecutive windows of drawn lengths.
+
+A plan whose `WindowPlan.max_seconds` passes 30 s (students whose encoder adds no table: nothing else reads such a
+window) joins clips into windows of up to 60 s, each of which records where it splits into two halves of at most
+30 s (`Window.split`: the middle of the pause between two clips nearest the window's middle), so that a teacher
+that reads 30 s at a time can transcribe it half by half (`window_halves`). A clip joined only if the window stays
+splittable; recordings are still cut into windows of at most 30 s.
 
 Each window also draws whether its targets carry timestamp tokens (`WindowPlan.timestamp_share`): upstream's
 ``transcribe`` decodes with timestamps by default and seeks on them, evaluation and short clips decode without.
@@ -31,6 +37,9 @@ from ..audio import load_audio
 from ..transcription.speech_chunks import speech_spans
 from .manifest import MAX_CLIP_SECONDS, Example
 
+#: The longest training window (seconds): two teacher windows of 30 s, joined at a pause.
+MAX_WINDOW_SECONDS = 2 * MAX_CLIP_SECONDS
+
 logger = logging.getLogger("whisper_rope")
 
 
@@ -48,11 +57,14 @@ class Piece:
 class Window(Example):
     """An `Example` whose audio is ``pieces`` joined with ``pauses`` seconds of silence between them (one pause
     fewer than pieces). ``audio``, ``row`` and ``language`` are the first piece's; ``text`` the pieces' texts
-    joined in order (None when any is untranscribed); ``timestamps``: its targets carry timestamp tokens."""
+    joined in order (None when any is untranscribed); ``timestamps``: its targets carry timestamp tokens;
+    ``split``: for a window over 30 s, the seconds into it where its second half (at most 30 s, as the first)
+    begins, in the middle of a pause; None otherwise."""
 
     pieces: Tuple[Piece, ...] = ()
     pauses: Tuple[float, ...] = ()
     timestamps: bool = False
+    split: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -68,7 +80,10 @@ class WindowPlan:
 
     def __post_init__(self) -> None:
         checks = (
-            (0 < self.min_seconds <= self.max_seconds <= MAX_CLIP_SECONDS, "window lengths must lie in 0..30 s"),
+            (
+                0 < self.min_seconds <= self.max_seconds <= MAX_WINDOW_SECONDS,
+                f"window lengths must lie in 0..{MAX_WINDOW_SECONDS:g} s",
+            ),
             (0 <= self.single_share <= 1, "the share of single-clip windows must lie in 0..1"),
             (0 <= self.pause[0] <= self.pause[1], "pauses must be non-negative, shortest first"),
             (0 <= self.timestamp_share <= 1, "the share of windows with timestamp targets must lie in 0..1"),
@@ -97,26 +112,57 @@ def compose_windows(
     ``allow_timestamps`` False gives every window targets without timestamps (e.g. reference transcripts, which
     have none).
     """
-    short = [e for e in examples if (e.duration or 0.0) <= plan.max_seconds]
-    long = [e for e in examples if (e.duration or 0.0) > plan.max_seconds]
+    joined_limit = min(plan.max_seconds, MAX_CLIP_SECONDS)  # a clip over 30 s has no pause to split at: cut it
+    short = [e for e in examples if (e.duration or 0.0) <= joined_limit]
+    long = [e for e in examples if (e.duration or 0.0) > joined_limit]
+    cut_plan = replace(plan, min_seconds=min(plan.min_seconds, joined_limit), max_seconds=joined_limit)
     cuts = _recording_spans(long, find_spans) if long else {}
     windows: List[Window] = []
     for index in range(plan.sets):
         rng = random.Random(f"windows:{seed}:{index}")
-        drawn = _joined_clips(short, plan, rng) + [w for e in long for w in _cut_recording(e, cuts[e.row], plan, rng)]
-        windows += [replace(w, timestamps=allow_timestamps and rng.random() < plan.timestamp_share) for w in drawn]
+        drawn = _joined_clips(short, plan, rng) + [
+            w for e in long for w in _cut_recording(e, cuts[e.row], cut_plan, rng)
+        ]
+        # A window over 30 s has no timestamp targets: its halves' transcripts are joined without them.
+        windows += [
+            replace(w, timestamps=allow_timestamps and rng.random() < plan.timestamp_share and w.split is None)
+            for w in drawn
+        ]
     return windows
 
 
 def window_audio(window: Window) -> np.ndarray:
-    """The window's waveform: its pieces decoded and joined with silence, at most 30 s. Raises `AudioError` when a
-    piece cannot be decoded."""
+    """The window's waveform (n_samples,): its pieces decoded and joined with silence, at most 30 s (60 s for a
+    window with a `Window.split`). Raises `AudioError` when a piece cannot be decoded."""
     parts = []
     for i, piece in enumerate(window.pieces):
         if i:
             parts.append(np.zeros(round(window.pauses[i - 1] * SAMPLE_RATE), dtype=np.float32))
         parts.append(load_audio(piece.audio, start=piece.start, end=piece.end))
-    return np.concatenate(parts)[:N_SAMPLES]
+    limit = N_SAMPLES if window.split is None else 2 * N_SAMPLES
+    return np.concatenate(parts)[:limit]
+
+
+def window_halves(window: Window, audio: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """A split window's waveform (n_samples,) cut at `Window.split`: two waveforms of at most 30 s each."""
+    if window.split is None:
+        raise ValueError(f"window of {window.duration:.1f} s at row {window.row} has no split: it is one 30-s window")
+    cut = round(window.split * SAMPLE_RATE)
+    return audio[:cut][:N_SAMPLES], audio[cut:][:N_SAMPLES]
+
+
+def split_point(durations: Sequence[float], pauses: Sequence[float]) -> Optional[float]:
+    """Where clips of ``durations`` joined with ``pauses`` (one fewer) split into two halves of at most 30 s: the
+    middle of the pause nearest the window's middle among those that allow it, in seconds; None if none does."""
+    length = sum(durations) + sum(pauses)
+    best, elapsed = None, 0.0
+    for duration, pause in zip(durations, pauses):
+        middle = elapsed + duration + pause / 2
+        elapsed += duration + pause
+        fits = middle <= MAX_CLIP_SECONDS and length - middle <= MAX_CLIP_SECONDS
+        if fits and (best is None or abs(middle - length / 2) < abs(best - length / 2)):
+            best = middle
+    return best
 
 
 def window_seconds(windows: Sequence[Example]) -> Tuple[float, float]:
@@ -141,13 +187,23 @@ def _joined_clips(clips: Sequence[Example], plan: WindowPlan, rng: random.Random
             length = float(taken[0].duration or 0.0)
             while order and not single:
                 pause = rng.uniform(*plan.pause)
-                if length + pause + float(order[-1].duration or 0.0) > target:
+                if length + pause + float(order[-1].duration or 0.0) > target or not _splittable(
+                    taken, pauses, pause, order[-1]
+                ):
                     break
                 taken.append(order.pop())
                 pauses.append(pause)
                 length += pause + float(taken[-1].duration or 0.0)
             windows.append(_window(taken, pauses, length))
     return windows
+
+
+def _splittable(taken: Sequence[Example], pauses: Sequence[float], pause: float, clip: Example) -> bool:
+    """Whether ``taken`` joined with ``clip`` after ``pause`` is at most 30 s or splits into two halves of 30 s."""
+    durations = [float(c.duration or 0.0) for c in (*taken, clip)]
+    if sum(durations) + sum(pauses) + pause <= MAX_CLIP_SECONDS:
+        return True
+    return split_point(durations, [*pauses, pause]) is not None
 
 
 def _window(clips: Sequence[Example], pauses: Sequence[float], length: float) -> Window:
@@ -164,6 +220,7 @@ def _window(clips: Sequence[Example], pauses: Sequence[float], length: float) ->
         duration=length,
         pieces=pieces,
         pauses=tuple(pauses),
+        split=split_point([p.seconds for p in pieces], pauses) if length > MAX_CLIP_SECONDS else None,
     )
 
 

@@ -14,7 +14,10 @@ How clips are decoded:
   the initial prompt): through upstream's window-by-window loop (``long_form="loop"``, like ``--batch_size 1``) or
   cut at pauses into speech chunks decoded in batches of ``batch_size`` (``"batched"``, `transcription.longform`,
   like ``--batch_size N``). Both need timestamp tokens (the loop seeks on them, the chunks' segments are cut at
-  them); the hypothesis is the transcript's text, capped as below without the one-window limit.
+  them); the hypothesis is the transcript's text, capped as below without the one-window limit. An encoder that adds
+  no absolute table can instead read a recording of up to 60 s whole (``"single"``,
+  `transcription.single_window`: one encoder pass over all its frames, one decoding without timestamps, as the
+  short clips); a model with a table is refused before any clip is read.
 * Features as in training (`whisper_rope.data`): a 30-s window (the audio padded with silence, then the log-mel)
   for encoders with an absolute table; each clip's own frames, zero-padded to the batch's longest, for unpadded
   encoders (``unpadded``), which encode each clip as if alone and mask the padding. A batch holds one decoding
@@ -78,6 +81,7 @@ from ..fields import BATCH, BEAMS, MAX_COUNT, WORKERS, Bounds, check_bounds, opt
 from ..fs.atomic import atomic_write_text
 from ..model import WhisperRope
 from ..transcription.longform import transcribe_recordings
+from ..transcription.single_window import MAX_SINGLE_SECONDS, check_single_window, decode_single_window
 from .metrics import (
     ErrorRates,
     LengthBucket,
@@ -89,8 +93,9 @@ from .metrics import (
 )
 
 NORMALIZERS = ("auto", "english", "basic", "none")
-#: How recordings longer than 30 s are transcribed: upstream's window-by-window loop, or batched speech chunks.
-LONG_FORMS = ("loop", "batched")
+#: How recordings longer than 30 s are transcribed: upstream's window-by-window loop, batched speech chunks, or
+#: one window for the whole recording (encoders without an absolute table; at most 60 s).
+LONG_FORMS = ("loop", "batched", "single")
 # Audio of long recordings held at once for the batched path (an hour, 230 MB as float32), as `transcribe` does.
 _LONG_AUDIO_HELD = 3600 * SAMPLE_RATE
 #: Hypotheses capped at this many times their reference's tokens (0: no cap); the cap is what keeps a hypothesis
@@ -140,7 +145,8 @@ class EvaluationOptions:
         "loop",
         "how recordings over 30 s are transcribed: loop (upstream's window-by-window loop, as transcribe "
         "--batch_size 1) or batched (speech chunks cut at pauses, decoded --batch-size at a time, as transcribe "
-        "--batch_size N); shorter clips are decoded as one window either way",
+        "--batch_size N) or single (the whole recording, up to 60 s, in one window: encoders without an absolute "
+        "table only); shorter clips are decoded as one window either way",
         choices=LONG_FORMS,
     )
     num_workers: int = opt(0, "processes decoding audio files (0: in the main process)", bounds=WORKERS)
@@ -177,7 +183,7 @@ class UtteranceResult:
     n_tokens: int  # hypothesis tokens
     cap: int  # the decoding-length cap of this utterance, in tokens
     capped: bool  # the hypothesis reached the cap (it may be a loop cut short)
-    long_form: Optional[str] = None  # a recording over 30 s: "loop" or "batched" (how it was transcribed)
+    long_form: Optional[str] = None  # a recording over 30 s: "loop", "batched" or "single" (how it was transcribed)
 
     @property
     def errors(self) -> int:
@@ -241,7 +247,7 @@ class EvaluationResult(ErrorRates):
         ]
         n_long = sum(row.long_form is not None for row in self.rows)
         if n_long:
-            how = "upstream's window-by-window loop" if self.long_form == "loop" else "batched speech chunks"
+            how = _LONG_FORM_NAMES[self.long_form]
             recordings = "recording" if n_long == 1 else "recordings"
             lines.append(f"  {n_long} {recordings} over 30 s transcribed through {how}")
         if self.buckets:
@@ -268,6 +274,13 @@ class EvaluationResult(ErrorRates):
         atomic_write_text(summary_path, json.dumps(self.to_dict(rows=False), indent=2, ensure_ascii=False) + "\n")
         atomic_write_text(rows_path, "".join(json.dumps(asdict(row), ensure_ascii=False) + "\n" for row in self.rows))
         return summary_path, rows_path
+
+
+_LONG_FORM_NAMES = {
+    "loop": "upstream's window-by-window loop",
+    "batched": "batched speech chunks",
+    "single": "a single window each",
+}
 
 
 def output_paths(path: PathLike) -> Tuple[Path, Path]:
@@ -348,6 +361,8 @@ def evaluate(
     ValueError) for an unusable manifest or, without ``skip_invalid``, its first unusable row.
     """
     options = replace(options or EvaluationOptions(), **overrides).validate()
+    if options.long_form == "single":
+        check_single_window(model, "--long-form single")
     started = time.perf_counter()
     device = next(model.parameters()).device
     fp16 = (device.type == "cuda") if options.fp16 is None else options.fp16
@@ -544,6 +559,9 @@ def _decode_long(model, dataset, indices, languages, caps, options: EvaluationOp
     groups: Dict[Tuple[Optional[str], Optional[str]], List[int]] = {}
     for index in indices:
         groups.setdefault((languages[index], dataset.examples[index].prompt), []).append(index)
+    if options.long_form == "single":
+        _decode_single(model, dataset, indices, languages, caps, options, run, bar)
+        return
     for (language, prompt), group in groups.items():
         keywords = long_form_options(options, language, prompt)
         for part in _held_parts(dataset, group):
@@ -556,6 +574,34 @@ def _decode_long(model, dataset, indices, languages, caps, options: EvaluationOp
                 run.results[index] = _long_hypothesis(model, transcript, caps[index])
                 run.long.add(index)
             bar.update(len(part))
+
+
+def _decode_single(model, dataset, indices, languages, caps, options: EvaluationOptions, run: _Decoded, bar) -> None:
+    """Decode each recording of ``indices`` (30-60 s) whole in one window, greedy (or ``options.beam_size``) without
+    timestamps to its cap, as a short clip is decoded (`transcription.single_window`)."""
+    for index in indices:
+        example = dataset.examples[index]
+        if dataset.durations[index] > MAX_SINGLE_SECONDS:
+            raise DataError(
+                f"{dataset.source}, row {example.row}: {dataset.durations[index]:.1f} s is longer than --long-form "
+                f"single reads in one window ({MAX_SINGLE_SECONDS:g} s); use loop or batched"
+            )
+        audio = _long_audio(dataset, index, run)
+        if audio is not None:
+            decoding = DecodingOptions(
+                language=languages[index],
+                without_timestamps=True,
+                fp16=options.fp16,
+                sample_len=caps[index],
+                beam_size=options.beam_size,
+                prompt=example.prompt,
+            )
+            tick = time.perf_counter()
+            result = decode_single_window(model, audio, decoding)
+            run.decode_seconds += time.perf_counter() - tick
+            run.results[index] = (result.language, list(result.tokens), result.text)
+            run.long.add(index)
+        bar.update(1)
 
 
 def long_form_options(options: EvaluationOptions, language: Optional[str], prompt: Optional[str]) -> Dict[str, Any]:

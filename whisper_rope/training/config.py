@@ -19,6 +19,7 @@ from ..fields import (
     opt,
 )
 from ..positional import ROTARY_THETA
+from ..variants import parse_variant
 from ..weights.loading import DEVICE_HELP, ROTARY_THETA_HELP, THREADS_HELP
 from .optim import check_policy
 from .recipes import RECIPES, recipe_defaults
@@ -187,6 +188,14 @@ class FinetuneConfig:
         "tokens (as transcribe decodes), the rest without (as evaluate and short clips)",
         bounds=Bounds.reals(0, 1),
     )
+    max_window_seconds: float = opt(
+        30.0,
+        "with --windows every-length: the longest window (up to 60 s); above 30 s the student's encoder must add no "
+        "absolute table, a window over 30 s is split at a pause for the teacher, which transcribes each half, and "
+        "its loss is cross-entropy on the two transcripts joined (no distillation terms: the teacher never reads the "
+        "whole window)",
+        bounds=Bounds.reals(1, 60),
+    )
     pad_to_30s: bool = opt(
         False, "give rotary-only encoders 30-s padded input too (encoders with an absolute table always get it)"
     )
@@ -354,10 +363,28 @@ class FinetuneConfig:
             )
         if self.pad_to_30s and (self.transplant_unpadded or self.unpadded):
             raise ValueError("--pad-to-30s contradicts --unpadded and --transplant-unpadded")
+        if self.max_window_seconds > 30:
+            self._check_long_windows()
         if self.ce_weight == 0 and not self.uses_teacher:
             raise ValueError(
                 "--ce-weight 0 without a distillation term leaves nothing to learn: give --distill or "
                 "a --distill-... weight"
+            )
+
+    def _check_long_windows(self) -> None:
+        """Windows over 30 s need every-length windows, unpadded input and a student whose encoder adds no table."""
+        flag = f"--max-window-seconds {self.max_window_seconds:g}"
+        if self.windows != "every-length":
+            raise ValueError(f"{flag} needs --windows every-length: only composed windows pass 30 s")
+        if self.transplant or self.pad_to_30s or self.unpadded is False:
+            raise ValueError(
+                f"{flag} needs a student whose encoder adds no absolute table, fed unpadded: not --transplant, "
+                "--pad-to-30s or --no-unpadded (a table positions one 30-s window at most)"
+            )
+        if self.variant is not None and parse_variant(self.variant).encoder.table is not None:
+            raise ValueError(
+                f"{flag} needs a student whose encoder adds no absolute table; --variant {self.variant} adds one, "
+                "which positions one 30-s window at most"
             )
 
     @classmethod

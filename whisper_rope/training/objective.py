@@ -6,7 +6,9 @@ update is that of the whole global batch on one process, and accumulation adds u
 
 The teacher's part comes from the teacher cache (`teacher_cache`): its states on the clip, and its output
 distribution, which is its final decoder state times its (frozen) token embedding — so a distilling run never
-runs the teacher's 30-s encoder after the cache is filled.
+runs the teacher's 30-s encoder after the cache is filled. A training window over 30 s has no teacher states (the
+teacher reads 30 s at a time; its target is its halves' transcripts joined): its rows count in the cross-entropy
+only (``Batch.teacher_rows``), at weight 1 when ``ce`` is 0 (label-free runs), else at ``ce``.
 """
 
 from contextlib import nullcontext
@@ -99,31 +101,32 @@ def micro_batch_loss(
     """
     device = batch.mel.device
     target_mask = batch.labels != IGNORE_INDEX
+    untaught = _untaught(batch.teacher_rows)
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        logits, states = student(batch.mel, batch.tokens, batch.n_frames, logits=objective.needs_logits)
+        needs_logits = objective.needs_logits or untaught is not None
+        logits, states = student(batch.mel, batch.tokens, batch.n_frames, logits=needs_logits)
     zero = torch.zeros((), device=device)
     ce_sum = kl_sum = zero
+    ce_weight = objective.ce
     if objective.ce > 0:
-        ce_sum = F.cross_entropy(
-            logits.float().flatten(0, 1),
-            batch.labels.flatten(),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-            label_smoothing=objective.label_smoothing,
-        )
+        ce_sum = _ce_sum(logits, batch.labels, objective.label_smoothing)
+    elif untaught is not None:  # label-free: the windows the teacher has no states of learn its joined transcripts
+        labels = batch.labels.masked_fill(~untaught[:, None], IGNORE_INDEX)
+        ce_sum, ce_weight = _ce_sum(logits, labels, objective.label_smoothing), 1.0
     if objective.kl > 0:
+        taught = _taught(target_mask, batch.teacher_rows)
         kl_sum = _kl_sum(
-            logits, batch.teacher_states["decoder_layers"][-1], teacher_embedding, target_mask, objective.temperature
+            logits, batch.teacher_states["decoder_layers"][-1], teacher_embedding, taught, objective.temperature
         )
     terms = {}
     if objective.states.active:
-        token_mask = batch.tokens_mask()
+        token_mask = _taught(batch.tokens_mask(), batch.teacher_rows)
         terms = state_terms(states, batch.teacher_states, objective.states, token_mask, batch.teacher_positions)
     counts = [target_mask.sum().double()] + [count for _, count in terms.values()]
     counts = context.all_reduce_sum(torch.stack(counts).to(device=device, dtype=torch.float64)).tolist()
     n_tokens, state_counts = counts[0], dict(zip(terms, counts[1:]))
     scale = context.world_size / grad_accum
-    loss = (objective.ce * ce_sum + objective.kl * kl_sum) / max(n_tokens, 1.0)
+    loss = (ce_weight * ce_sum + objective.kl * kl_sum) / max(n_tokens, 1.0)
     for kind, (total, _) in terms.items():
         loss = loss + getattr(objective.states, kind) * total / max(state_counts[kind], 1.0)
     names = ["ce", "kl", *terms, "loss", "seconds"]
@@ -138,6 +141,27 @@ def micro_batch_loss(
     stats = dict(zip(names, summed))
     stats.update({f"{kind}_count": state_counts[kind] for kind in terms})
     return loss * scale, stats, n_tokens
+
+
+def _ce_sum(logits: Tensor, labels: Tensor, label_smoothing: float) -> Tensor:
+    """Token cross-entropy of ``logits`` (b, t, n_vocab) against ``labels`` (b, t), summed over the labelled ones."""
+    return F.cross_entropy(
+        logits.float().flatten(0, 1),
+        labels.flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+        label_smoothing=label_smoothing,
+    )
+
+
+def _untaught(rows: Optional[Tensor]) -> Optional[Tensor]:
+    """(b,) True for the rows without teacher states (windows over 30 s), or None when every row has them."""
+    return None if rows is None or bool(rows.all()) else ~rows
+
+
+def _taught(mask: Tensor, rows: Optional[Tensor]) -> Tensor:
+    """``mask`` (b, t) without the rows that have no teacher states (``rows`` (b,) False: windows over 30 s)."""
+    return mask if rows is None else mask & rows[:, None]
 
 
 def _kl_sum(

@@ -25,6 +25,7 @@ from ..data import (
     spec_augment_,
 )
 from ..model import WhisperRope
+from ..transcription.single_window import check_single_window
 from ..weights.packages import resolve_cache_dir
 from .config import FinetuneConfig
 from .distributed import DistributedContext
@@ -75,6 +76,11 @@ def build_pipeline(
     """Datasets, teacher targets and loader for one form of input. Raises `DataError` for unusable data."""
     options = dict(strict=config.strict, language=config.language, task=config.task, margin=config.unpadded_margin)
     composing = config.windows == "every-length"
+    if composing and config.max_window_seconds > MAX_CLIP_SECONDS:
+        if not unpadded:
+            raise ValueError(f"--max-window-seconds {config.max_window_seconds:g} needs unpadded input")
+        # The teacher reads such windows half by half (`TeacherCache`): their targets are its transcripts joined.
+        check_single_window(model, f"--max-window-seconds {config.max_window_seconds:g}")
     train_set = load_examples(
         train,
         model,
@@ -110,7 +116,10 @@ def build_pipeline(
 def window_plan(config: FinetuneConfig) -> WindowPlan:
     """How ``--windows every-length`` composes the training windows."""
     return WindowPlan(
-        single_share=config.single_clip_share, timestamp_share=config.timestamp_share, sets=config.window_sets
+        max_seconds=config.max_window_seconds,
+        single_share=config.single_clip_share,
+        timestamp_share=config.timestamp_share,
+        sets=config.window_sets,
     )
 
 

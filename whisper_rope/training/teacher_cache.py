@@ -13,6 +13,10 @@ An entry is one safetensors file (fp16 states, int64 tokens) named by a SHA-256 
 * the options: which states, the unpadded margin, where the transcript comes from, the format version;
 * the clip: its 30-s log-mel window (a function of its audio), its position count and the text it is forced with.
 
+A training window over 30 s (one with a `Window.split`) is read by the teacher half by half, as two ordinary 30-s
+windows (`window_halves`): its entry holds only the two transcripts joined, without timestamps (the teacher has no
+states of the whole window to give), and is named by both halves' log-mel windows and the forced text.
+
 Any change of these gives another name, so a stale entry is never read; writes are atomic. The entry records its
 name and forced text (safetensors metadata), and what a run reads is checked before use (`entry_problem`): that
 record, the tensors' dtypes and shapes against the teacher's dimensions and the clip's position and token counts,
@@ -36,9 +40,19 @@ from safetensors.torch import save
 from torch import Tensor
 from whisper.decoding import DecodingOptions
 
-from ..data import IGNORE_INDEX, Collator, DataError, Item, SpeechDataset, make_loader, pad_token_rows, target_sequence
-from ..errors import one_line
-from ..features import real_frame_counts
+from ..data import (
+    IGNORE_INDEX,
+    Collator,
+    DataError,
+    Item,
+    SpeechDataset,
+    make_loader,
+    pad_token_rows,
+    target_sequence,
+    window_halves,
+)
+from ..errors import AudioError, one_line
+from ..features import padded_window, real_frame_counts
 from ..fs.atomic import atomic_write, atomic_write_text
 from ..model import WhisperRope
 from ..progress import PhaseProgress
@@ -223,7 +237,8 @@ class TeacherCache:
         """The entry of every clip of ``dataset``, computing the missing ones with the teacher.
 
         ``dataset`` must give the student's unpadded frames and the teacher's 30-s window (``teacher_30s``) or be
-        padded to 30 s itself. ``indices`` limits the work to those clips (a rank's share). Returns one path per
+        padded to 30 s itself; a window over 30 s gets its halves' transcripts joined (`_fill_halves`).
+        ``indices`` limits the work to those clips (a rank's share). Returns one path per
         dataset index; None for a clip not filled or whose audio could not be decoded (the dataset stands another
         clip in for it, whose entry is then used). Raises ValueError when the dataset
         cannot give the teacher its window.
@@ -232,12 +247,15 @@ class TeacherCache:
             raise ValueError("the teacher cache needs 30-s windows: load the dataset with teacher_30s=True")
         paths: List[Optional[Path]] = [None] * len(dataset)
         order = list(range(len(dataset))) if indices is None else list(indices)
+        halved = [index for index in order if _split(dataset, index)]
+        order = [index for index in order if not _split(dataset, index)]
         batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
         loader = make_loader(dataset, batches, num_workers=num_workers)
         computed = 0
         self._avoid_links()
-        bar = PhaseProgress(len(order), "teacher targets", "clip", bar=progress)
+        bar = PhaseProgress(len(order) + len(halved), "teacher targets", "clip", bar=progress)
         try:
+            computed += self._fill_halves(dataset, halved, paths, device, bar)
             for batch in loader:
                 windows = batch.mel if batch.padded_30s else batch.teacher_mel
                 positions = self._positions(windows)
@@ -260,6 +278,42 @@ class TeacherCache:
             "teacher targets: %d of %d clips computed, the rest read from %s", computed, len(dataset), self.directory
         )
         return [None if path is None else self.location(path) for path in paths]
+
+    def _fill_halves(self, dataset: SpeechDataset, indices: Sequence[int], paths: list, device, bar) -> int:
+        """Fill ``paths`` with the entries of the windows over 30 s at ``indices``, computing the missing ones (the
+        teacher transcribes each 30-s half); returns how many it computed. A window whose audio cannot be decoded
+        keeps no entry (the dataset stands another in), or raises `DataError` in strict mode."""
+        computed = 0
+        for index in indices:
+            example = dataset.examples[index]
+            try:
+                audio = dataset._audio(example)
+            except AudioError as error:
+                if dataset.strict:
+                    raise DataError(f"{dataset.source}, row {example.row}: {error}") from None
+                logger.warning("%s, row %d: %s", dataset.source, example.row, error)
+                bar.update(1)
+                continue
+            halves = torch.stack([padded_window(half, dataset.n_mels) for half in window_halves(example, audio)])
+            forced = self._forced_key(dataset, index) + ":halves"
+            path = self.entry_path(torch.cat(tuple(halves), dim=-1), forced)  # (n_mels, 6000): both halves
+            paths[index], self._forced[path] = path, forced
+            if self.read(path, self._expectation(dataset, index, path, forced, 0)) is None:
+                tokens = torch.tensor(self._joined(dataset, index, halves.to(device)), dtype=torch.long)
+                self.write(path, {"text_tokens": tokens})
+                computed += 1
+            bar.update(1)
+        return computed
+
+    @torch.no_grad()
+    def _joined(self, dataset: SpeechDataset, index: int, halves: Tensor) -> List[int]:
+        """The text tokens of a window over 30 s: its reference, or the teacher's transcripts of its two 30-s
+        halves ``halves`` (2, n_mels, 3000) joined, cut to what the decoder's context holds after the prompt."""
+        if self.spec.transcripts == "reference":
+            return _text_of(*dataset.targets[index])
+        first, second = self._transcripts(dataset, [index, index], self.teacher.eval().encoder(halves))
+        head = len(dataset.prompts[index]) + len(dataset.tokenizer(index).sot_sequence_including_notimestamps)
+        return (first + second)[: max(dataset.spec.n_text_ctx - head - 1, 0)]  # - 1: the EOT
 
     def _complete(self, entry: Optional[Dict[str, Tensor]]) -> bool:
         """Whether an entry holds every state kind this run needs (it may hold more)."""
@@ -351,6 +405,11 @@ class TeacherCache:
                 head = len(dataset.prompts[index]) + len(sot)
                 transcripts[i] = list(result.tokens)[: max(dataset.spec.n_text_ctx - head, 0)]
         return [transcripts[i] for i in range(len(clips))]
+
+
+def _split(dataset: SpeechDataset, index: int) -> bool:
+    """Whether example ``index`` is a window over 30 s (`Window.split`): the teacher reads it in two halves."""
+    return getattr(dataset.examples[index], "split", None) is not None
 
 
 def _text_of(tokens: Sequence[int], labels: Sequence[int]) -> List[int]:
@@ -514,7 +573,8 @@ class TeacherTargetsDataset(torch.utils.data.Dataset):
 
 class TeacherTargetsCollator:
     """`Collator` plus the teacher states, zero-padded like the batch: decoder states to its token width, encoder
-    states to its audio positions (picklable, for DataLoader workers)."""
+    states to its audio positions (picklable, for DataLoader workers). A window over 30 s has no states: its rows
+    are zeros, and ``teacher_rows`` (b,) is False there, so that only its cross-entropy counts."""
 
     def __init__(self, base: Collator):
         self.base = base
@@ -522,13 +582,17 @@ class TeacherTargetsCollator:
     def __call__(self, items: Sequence[Item]):
         batch = self.base(items)
         n_tokens, n_positions = batch.tokens.shape[1], batch.mel.shape[-1] // 2
+        has = [bool(item.teacher_states) for item in items]
         states: Dict[str, Tensor] = {}
-        for key, first in items[0].teacher_states.items():
+        for key, first in (next((i.teacher_states for i in items if i.teacher_states), {})).items():
             width = n_positions if key.startswith("encoder") else n_tokens
-            states[key] = _pad_states([item.teacher_states[key] for item in items], width, stacked=first.ndim == 3)
-        stored = [_stored_positions(item.teacher_states, n_positions) for item in items]
+            empty = first[..., :0, :]  # a window over 30 s: no positions
+            values = [item.teacher_states.get(key, empty) for item in items]
+            states[key] = _pad_states(values, width, stacked=first.ndim == 3)
+        stored = [_stored_positions(i.teacher_states, n_positions) if h else 0 for i, h in zip(items, has)]
         batch.teacher_states = states
         batch.teacher_positions = torch.tensor(stored, dtype=torch.long)
+        batch.teacher_rows = torch.tensor(has, dtype=torch.bool)
         return batch
 
 
