@@ -169,7 +169,8 @@ class SpeechDataset(torch.utils.data.Dataset):
     def tokenizer(self, index: int) -> Tokenizer:
         return self.spec.tokenizer(self.languages[index])
 
-    def _audio(self, example: Example) -> np.ndarray:
+    def audio(self, example: Example) -> np.ndarray:
+        """The waveform (n_samples,) of ``example``: a composed window's pieces joined, or its stretch of a file."""
         if isinstance(example, Window):
             return window_audio(example)
         return load_audio(example.audio, start=example.start, end=example.end)
@@ -185,7 +186,7 @@ class SpeechDataset(torch.utils.data.Dataset):
         for attempt in range(len(self.examples)):
             candidate = (index + attempt) % len(self.examples)
             try:
-                audio = self._audio(self.examples[candidate])
+                audio = self.audio(self.examples[candidate])
             except AudioError as error:
                 if self.strict:
                     raise DataError(f"{self.source}, row {self.examples[candidate].row}: {error}") from None

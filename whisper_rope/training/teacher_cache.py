@@ -287,7 +287,7 @@ class TeacherCache:
         for index in indices:
             example = dataset.examples[index]
             try:
-                audio = dataset._audio(example)
+                audio = dataset.audio(example)
             except AudioError as error:
                 if dataset.strict:
                     raise DataError(f"{dataset.source}, row {example.row}: {error}") from None
