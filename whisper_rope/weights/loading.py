@@ -330,7 +330,7 @@ def load_model(
         variant = parse_variant(variant)
     cache_file = None
     if resolve_compute_type(compute_type, device) == INT8:
-        cache_file = _int8_cache_file(name_or_path, download_root, variant, rotary_theta, gated_rotary)
+        cache_file = _int8_cache_file(name_or_path, download_root, variant, rotary_theta, gated_rotary, progress)
         cached = int8_cache.cached_or_none(cache_file)
         if cached is not None:
             return _finish_cached(*cached, cache_file, unpadded, unpadded_margin, os.fspath(name_or_path))
@@ -394,16 +394,18 @@ def _int8_cache_file(
     variant: Optional[Variant],
     rotary_theta: Optional[float],
     gated_rotary: Optional[bool],
+    progress: bool,
 ) -> Optional[Path]:
     """Where `int8_cache` keeps the int8 model of a model *name* loaded with these options; None for a path or a
-    name whose weights are not on this machine yet."""
+    name whose weights are not on this machine yet. An installed model package is converted first (with a bar when
+    ``progress``)."""
     text = os.fspath(name_or_path)
     if text not in whisper._MODELS or Path(text).expanduser().exists():
         return None  # a path (`resolve_checkpoint` takes an existing path before a name)
     root = download_root or _default_download_root()
     source = _upstream_cached_file(text, root)
     if source is None and packages.find_installed_model(text) is not None:
-        source = packages.cached_conversion(text)
+        source = packages.cached_conversion(text, progress=progress)
     if source is None:
         return None
     settings = {
