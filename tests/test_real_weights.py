@@ -3,6 +3,8 @@
 These packages are part of the test environment: if they are missing the tests fail (no skips).
 """
 
+import json
+
 import torch
 import whisper
 from whisper.normalizers import EnglishTextNormalizer
@@ -73,3 +75,40 @@ def test_readme_main_command(tmp_path):
         == 0
     )
     assert normalise((tmp_path / "hello.txt").read_text()) == HELLO_WORDS
+
+
+def _transcribe_json(tmp_path, monkeypatch, *flags: str):
+    """``whisper-rope transcribe`` of hello.flac with tiny.en on the CPU and ``flags``: (the compute type of the model
+    it ran, whether any layer of it is an `Int8Linear`, the JSON it wrote)."""
+    from whisper_rope.cli import transcribe as command
+    from whisper_rope.compute_type import Int8Linear
+
+    models = []
+    original = command._transcribe_batch
+
+    def recording(model, *args, **kwargs):
+        models.append(model)
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(command, "_transcribe_batch", recording)
+    out = tmp_path / "-".join(flags or ["default"])
+    argv = ["--model", "tiny.en", "--device", "cpu", "--fp16", "False", "--verbose", "False", "-f", "json"]
+    assert cli.main([*argv, *flags, "--output_dir", str(out), str(FIXTURES / "hello.flac")]) == 0
+    [model] = models
+    int8_layers = any(isinstance(module, Int8Linear) for module in model.modules())
+    return model.compute_type, int8_layers, json.loads((out / "hello.json").read_text())
+
+
+def test_the_command_runs_int8_on_the_cpu_by_default_and_float32_is_upstreams_path(tmp_path, monkeypatch):
+    compute_type, int8_layers, result = _transcribe_json(tmp_path, monkeypatch)
+    assert (compute_type, int8_layers) == ("int8", True)  # --compute_type auto: int8 on the CPU
+    assert normalise(result["text"]) == HELLO_WORDS
+    compute_type, int8_layers, result = _transcribe_json(tmp_path, monkeypatch, "--compute_type", "float32")
+    assert (compute_type, int8_layers) == ("float32", False)
+    # Upstream's command at its defaults (beam 5, best of 5, temperature fallback), token for token.
+    upstream = whisper.load_model(str(packages.cached_conversion("tiny.en", progress=False)), device="cpu")
+    expected = upstream.transcribe(str(FIXTURES / "hello.flac"), fp16=False, beam_size=5, best_of=5, language="en")
+    assert result["text"] == expected["text"]
+    assert [s["tokens"] for s in result["segments"]] == [s["tokens"] for s in expected["segments"]]
+    # The Python API keeps upstream's numerics by default: what the float32 command ran.
+    assert whisper_rope.load_model("tiny.en", device="cpu").compute_type == "float32"

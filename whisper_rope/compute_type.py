@@ -13,6 +13,10 @@ name                          what runs                                         
 ``auto``                      ``int8`` on the CPU, ``float32`` elsewhere                         any
 ============================  =================================================================  ===========
 
+`load_model` defaults to ``default`` (upstream's numerics); the commands that load a model (``transcribe``,
+``evaluate``, through `LoadOptions`) default to ``auto``, as faster-whisper does (benchmarks/README.md, "Defaults:
+int8 against float32 by length bucket").
+
 The other names faster-whisper accepts (``float16``, ``bfloat16``, ``int8_float16``, ``int8_bfloat16``, ``int16``)
 are refused in one line: half precision stays upstream's ``fp16`` decoding option (fp32 weights cast per call on
 CUDA), and PyTorch's int8 kernels used here exist for the CPU only.

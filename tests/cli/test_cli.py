@@ -190,6 +190,29 @@ def test_an_option_shared_by_subcommands_has_one_meaning_and_one_default():
     assert "-o" in compare["output"].option_strings and "-o" in finetune["output"].option_strings
 
 
+def test_compute_type_has_one_default_in_every_command_and_load_model_keeps_upstreams():
+    """``--compute_type`` defaults to ``auto`` wherever a command offers it; fine-tuning and compare offer none (they
+    load through `load_model`, whose default is upstream's float32: training changes weights that int8 would not
+    hold)."""
+    import inspect
+
+    from whisper_rope.compute_type import resolve_compute_type
+    from whisper_rope.weights.loading import LoadOptions
+
+    commands = {name: _subcommand_options(name) for name in ("transcribe", "evaluate", "finetune", "compare")}
+    offered = {name for name, options in commands.items() if "compute_type" in options}
+    assert offered == {"transcribe", "evaluate"}
+    for name in offered:
+        assert commands[name]["compute_type"].default == "auto", name
+        assert commands[name]["compute_type"].help == commands["transcribe"]["compute_type"].help, name
+    shown = commands["evaluate"]["compute_type"].help
+    assert "auto (int8 on the CPU, float32 elsewhere)" in shown and shown.endswith("(default: auto)")
+    assert "float32 (upstream's exact numerics; with --batch_size 1, upstream's exact path)" in shown
+    assert LoadOptions().compute_type == "auto"
+    assert inspect.signature(whisper_rope.load_model).parameters["compute_type"].default == "default"
+    assert [resolve_compute_type("auto", device) for device in ("cpu", "cuda")] == ["int8", "float32"]
+
+
 def test_finetune_help_shows_the_options_each_recipe_sets(capsys):
     from whisper_rope.training.recipes import RECIPES
 

@@ -19,7 +19,8 @@ from whisper_rope.training.loop import finetune
 
 SPEECH = FIXTURES / "speech" / "manifest.jsonl"
 #: What real tiny.en (greedy, fp32, 30-s windows) makes of the committed speech fixtures: 5 substituted words of 64
-#: ("our meeting starts at 3 in the afternoon" -> "our meetings are set free in the afternoon"; "cup" -> "card").
+#: ("our meeting starts at 3 in the afternoon" -> "our meetings are set free in the afternoon"; "cup" -> "card");
+#: int8 (the command's default on the CPU) makes 5 too.
 FIXTURE_ERRORS, FIXTURE_WORDS = 5, 64
 
 
@@ -117,7 +118,9 @@ def test_cli_end_to_end_on_the_speech_fixtures(tmp_path, capsys):
     edits = r"\(\d+ substitutions, \d+ deletions, \d+ insertions; 64 reference words\)"
     assert re.search(r"WER +\d+\.\d\d % +" + edits, printed)
     assert f"wrote {output}" in printed
+    assert "decoding: greedy, int8, 30-s windows" in printed  # --compute_type auto: int8 on the CPU
     summary = json.loads(output.read_text())
+    assert summary["compute_type"] == "int8"
     assert summary["n_utterances"] == 8
     assert summary["n_words"] == FIXTURE_WORDS
     assert summary["wer"] == pytest.approx(FIXTURE_ERRORS / FIXTURE_WORDS, abs=1.5 / FIXTURE_WORDS)

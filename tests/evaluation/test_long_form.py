@@ -146,10 +146,11 @@ def recording(tmp_path_factory):
 
 
 def _transcribe_cli(recording, batch_size: str, tmp_path) -> str:
-    """The text ``whisper-rope transcribe`` writes for the recording, decoding as evaluate does (greedy, fp32,
-    temperature 0 without fallback)."""
+    """The text ``whisper-rope transcribe`` writes for the recording, decoding as evaluate does (greedy, fp32 as
+    `load_model` and ``--compute_type float32``, temperature 0 without fallback)."""
     status = cli.main(
-        ["transcribe", "--model", "tiny.en", "--device", "cpu", "--fp16", "False", "--batch_size", batch_size]
+        ["transcribe", "--model", "tiny.en", "--device", "cpu", "--compute_type", "float32", "--fp16", "False"]
+        + ["--batch_size", batch_size]
         + ["--beam_size", "None", "--temperature", "0", "--temperature_increment_on_fallback", "None"]
         + ["--verbose", "False", "-f", "json", "--output_dir", str(tmp_path), str(recording / "long.wav")]
     )
@@ -160,10 +161,12 @@ def _transcribe_cli(recording, batch_size: str, tmp_path) -> str:
 def test_evaluate_transcribes_a_long_recording_through_upstreams_loop_as_transcribe_does(recording, tmp_path, capsys):
     output = tmp_path / "out.json"
     data = str(recording / "data.jsonl")
-    assert main(["--model", "tiny.en", "--data", data, "-o", str(output), "--no-progress", "--device", "cpu"]) == 0
+    argv = ["--model", "tiny.en", "--compute_type", "float32", "--data", data, "-o", str(output), "--no-progress"]
+    assert main([*argv, "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert "1 recording over 30 s transcribed through upstream's window-by-window loop" in printed
     summary = json.loads(output.read_text())
+    assert summary["compute_type"] == "float32"
     rows = [json.loads(line) for line in output.with_suffix(".jsonl").read_text().splitlines()]
     assert summary["long_form"] == "loop" and summary["n_utterances"] == 2
     assert [row["long_form"] for row in rows] == [None, "loop"]

@@ -26,11 +26,13 @@ def empty_caches(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
 
 
-def test_no_progress_silences_the_bar_of_converting_the_installed_model(tmp_path, empty_caches, capfd):
+@pytest.mark.parametrize("compute_type", ["auto", "float32"])  # the int8 load (auto on the CPU) looks up its cache
+def test_no_progress_silences_the_bar_of_converting_the_installed_model(tmp_path, empty_caches, capfd, compute_type):
     manifest = tmp_path / "one.jsonl"
     row = json.loads((SPEECH / "manifest.jsonl").read_text().splitlines()[0])
     manifest.write_text(json.dumps({**row, "audio": str(SPEECH / row["audio"])}) + "\n")
-    assert run_cli("evaluate", "--model", "tiny.en", "--data", manifest, "--device", "cpu", "--no-progress") == 0
+    options = ["--device", "cpu", "--compute_type", compute_type, "--no-progress"]
+    assert run_cli("evaluate", "--model", "tiny.en", "--data", manifest, *options) == 0
     err = capfd.readouterr().err
     assert "Importing CTranslate2" not in err and "it/s" not in err and "%|" not in err, err
 

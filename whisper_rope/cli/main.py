@@ -1,7 +1,9 @@
 """The ``whisper-rope`` command: its parser and `main`, which runs one subcommand (each a module of this package).
 
 ``whisper-rope transcribe AUDIO ...`` takes every option of upstream's ``whisper`` command with its defaults and
-meanings, plus the positional-variant options; ``whisper-rope AUDIO ...`` means the same. Other subcommands:
+meanings, plus the positional-variant options; ``whisper-rope AUDIO ...`` means the same. Its one default that is
+not upstream's is ``--compute_type auto`` (int8 on the CPU), as in every subcommand that loads a model this way;
+``--compute_type float32`` (with ``--batch_size 1``, the default) is upstream's exact path. Other subcommands:
 ``convert`` (between checkpoint formats), ``variants`` (list presets and schemes), ``finetune``, ``evaluate`` and
 ``compare``.
 

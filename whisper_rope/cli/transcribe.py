@@ -40,7 +40,8 @@ _NEEDS_WORDS = "(needs --word-timestamps) "
 class TranscribeOptions:
     """The ``whisper-rope transcribe`` command: upstream ``whisper``'s options (same names, defaults and meanings;
     booleans also as bare flags), the files to write, and whisper_rope's own (``batch_size``, ``unpadded``).
-    The model is loaded with `whisper_rope.weights.loading.LoadOptions`."""
+    The model is loaded with `whisper_rope.weights.loading.LoadOptions` (``--compute_type auto`` by default: int8
+    on the CPU; ``--compute_type float32`` is upstream's numerics)."""
 
     audio: List[PathText] = opt([], "audio files to transcribe", positional=True, nargs="+")
     model: PathText = opt("turbo", MODEL_HELP)

@@ -198,7 +198,7 @@ class EvaluationResult(ErrorRates):
     audio_seconds: total duration of the clips. decode_seconds: wall time inside the model's ``decode`` calls
     (features and audio reading excluded; ``wall_seconds`` includes them). rtf: decode_seconds / audio_seconds.
     long_form: how recordings over 30 s were (or would be) transcribed. buckets: the scores per clip length
-    (`metrics.length_buckets`).
+    (`metrics.length_buckets`). compute_type: what the model ran in (``float32`` or ``int8``).
     """
 
     model: str
@@ -222,6 +222,7 @@ class EvaluationResult(ErrorRates):
     loss: Optional[float] = None  # teacher-forced loss per target token, when asked for (training's validation)
     long_form: str = "loop"
     buckets: List[LengthBucket] = field(default_factory=list)
+    compute_type: str = "float32"  # the model's ("int8" under the commands' default on the CPU)
 
     def to_dict(self, rows: bool = True) -> Dict[str, Any]:
         """Plain data for JSON; ``rows=False`` leaves out the per-utterance rows."""
@@ -229,6 +230,10 @@ class EvaluationResult(ErrorRates):
         if not rows:
             del data["rows"]
         return data
+
+    def _precision(self) -> str:
+        """``int8``, ``fp16`` or ``fp32``: the weights' compute type, or the activations' with float32 weights."""
+        return "int8" if self.compute_type == "int8" else "fp16" if self.fp16 else "fp32"
 
     def summary(self, worst: int = 3) -> str:
         """A one-screen report: scores, edits, speed, settings and the ``worst`` utterances by word errors."""
@@ -238,7 +243,7 @@ class EvaluationResult(ErrorRates):
             f"  WER {100 * self.wer:6.2f} %  ({self.substitutions} substitutions, {self.deletions} deletions, "
             f"{self.insertions} insertions; {self.n_words} reference words)",
             f"  CER {100 * self.cer:6.2f} %  ({self.n_chars} reference characters)",
-            f"  decoding: {self.decoding}, {'fp16' if self.fp16 else 'fp32'}, "
+            f"  decoding: {self.decoding}, {self._precision()}, "
             f"{'unpadded' if self.unpadded else '30-s windows'}, batches of {self.batch_size}, on {self.device}; "
             f"capped at {self.cap}: {self.n_capped} of {self.n_utterances} reached it",
             f"  speed: {self.decode_seconds:.1f} s decoding ({self.wall_seconds:.1f} s in all) for "
@@ -759,6 +764,7 @@ def _score(model, dataset, options, run: _Decoded, caps, languages, wall_seconds
         rows=rows,
         long_form=options.long_form,
         buckets=length_buckets(rows),
+        compute_type=getattr(model, "compute_type", "float32"),
     )
 
 

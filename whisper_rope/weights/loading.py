@@ -311,7 +311,9 @@ def load_model(
             positions of padding after them.
         compute_type: faster-whisper's names: ``default``/``float32`` (upstream's numerics), ``int8``/``int8_float32``
             (int8 Linear layers but the encoder's first self-attention, int8 output projection, CPU), ``auto``
-            (int8 on the CPU); see `compute_type.py`.
+            (int8 on the CPU, float32 elsewhere); see `compute_type.py`. The default here is ``default``:
+            ``load_model`` gives upstream's ``whisper.load_model`` numerics, while the commands (`LoadOptions`)
+            default to ``auto``.
             An unsupported name or device is refused before any weights are read. A model *name* in int8 is read
             from, or on its first int8 load written to, `int8_cache` (the same model, bit for bit).
         progress: show a bar while an installed model (tiny.en of the faster-whisper packages) is converted on first
@@ -330,7 +332,7 @@ def load_model(
         variant = parse_variant(variant)
     cache_file = None
     if resolve_compute_type(compute_type, device) == INT8:
-        cache_file = _int8_cache_file(name_or_path, download_root, variant, rotary_theta, gated_rotary)
+        cache_file = _int8_cache_file(name_or_path, download_root, variant, rotary_theta, gated_rotary, progress)
         cached = int8_cache.cached_or_none(cache_file)
         if cached is not None:
             return _finish_cached(*cached, cache_file, unpadded, unpadded_margin, os.fspath(name_or_path))
@@ -394,16 +396,18 @@ def _int8_cache_file(
     variant: Optional[Variant],
     rotary_theta: Optional[float],
     gated_rotary: Optional[bool],
+    progress: bool,
 ) -> Optional[Path]:
     """Where `int8_cache` keeps the int8 model of a model *name* loaded with these options; None for a path or a
-    name whose weights are not on this machine yet."""
+    name whose weights are not on this machine yet. An installed model package is converted first (with a bar when
+    ``progress``)."""
     text = os.fspath(name_or_path)
     if text not in whisper._MODELS or Path(text).expanduser().exists():
         return None  # a path (`resolve_checkpoint` takes an existing path before a name)
     root = download_root or _default_download_root()
     source = _upstream_cached_file(text, root)
     if source is None and packages.find_installed_model(text) is not None:
-        source = packages.cached_conversion(text)
+        source = packages.cached_conversion(text, progress=progress)
     if source is None:
         return None
     settings = {
@@ -540,7 +544,8 @@ DEVICE_HELP = "cpu, cuda or cuda:N (default: cuda when available, else cpu)"
 
 @dataclass
 class LoadOptions:
-    """How the ``transcribe`` and ``evaluate`` commands load their ``--model``: one declaration of these options."""
+    """How the ``transcribe`` and ``evaluate`` commands load their ``--model``: one declaration of these options (so
+    one default each: ``compute_type`` ``auto``, where `load_model` itself keeps upstream's ``default``)."""
 
     variant: Optional[str] = opt(
         None,
@@ -558,11 +563,14 @@ class LoadOptions:
         "checkpoint's (0)",
         bounds=UNPADDED_MARGIN,
     )
+    # The commands' default is auto (faster-whisper's habit), load_model's is upstream's float32: on the CPU int8
+    # decodes the length-bucket sets in 5.4x less time for 0.4 points more WER (benchmarks/README.md, "Defaults").
     compute_type: str = opt(
-        "default",
-        "faster-whisper's names: default/float32 (upstream's numerics), int8/int8_float32 (int8 Linear layers but "
-        "the encoder's first attention, int8 output projection, CPU only), auto (int8 on the CPU); other names "
-        "are refused",
+        "auto",
+        "the precision the model runs in, in faster-whisper's names: auto (int8 on the CPU, float32 elsewhere), "
+        "int8/int8_float32 (int8 Linear layers but the encoder's first attention, int8 output projection; CPU "
+        "only), float32 (upstream's exact numerics; with --batch_size 1, upstream's exact path); other names are "
+        "refused",
     )
 
     def validate(self) -> "LoadOptions":
