@@ -180,17 +180,24 @@ class SpeechDataset(torch.utils.data.Dataset):
         whose target is its halves' transcripts joined)."""
         return bool(getattr(self.examples[index], "timestamps", False))
 
+    def decoded(self, index: int) -> Optional[np.ndarray]:
+        """The waveform of example ``index``, or None (with one warning) when its audio cannot be decoded; in strict
+        mode that raises `DataError` naming the row instead."""
+        try:
+            return self.audio(self.examples[index])
+        except AudioError as error:
+            if self.strict:
+                raise DataError(f"{self.source}, row {self.examples[index].row}: {error}") from None
+            logger.warning("%s, row %d: %s", self.source, self.examples[index].row, error)
+            return None
+
     def __getitem__(self, index: int) -> Item:
         # Audio that passed the header check can still fail to decode (a truncated file); outside strict mode the
         # next example stands in, so batches keep their size (every DDP rank needs a non-empty batch).
         for attempt in range(len(self.examples)):
             candidate = (index + attempt) % len(self.examples)
-            try:
-                audio = self.audio(self.examples[candidate])
-            except AudioError as error:
-                if self.strict:
-                    raise DataError(f"{self.source}, row {self.examples[candidate].row}: {error}") from None
-                logger.warning("%s, row %d: %s", self.source, self.examples[candidate].row, error)
+            audio = self.decoded(candidate)
+            if audio is None:
                 continue
             item = self._item(candidate, audio)
             if attempt:

@@ -51,7 +51,7 @@ from ..data import (
     target_sequence,
     window_halves,
 )
-from ..errors import AudioError, one_line
+from ..errors import one_line
 from ..features import padded_window, real_frame_counts
 from ..fs.atomic import atomic_write, atomic_write_text
 from ..model import WhisperRope
@@ -285,16 +285,12 @@ class TeacherCache:
         keeps no entry (the dataset stands another in), or raises `DataError` in strict mode."""
         computed = 0
         for index in indices:
-            example = dataset.examples[index]
-            try:
-                audio = dataset.audio(example)
-            except AudioError as error:
-                if dataset.strict:
-                    raise DataError(f"{dataset.source}, row {example.row}: {error}") from None
-                logger.warning("%s, row %d: %s", dataset.source, example.row, error)
+            audio = dataset.decoded(index)
+            if audio is None:
                 bar.update(1)
                 continue
-            halves = torch.stack([padded_window(half, dataset.n_mels) for half in window_halves(example, audio)])
+            pieces = window_halves(dataset.examples[index], audio)
+            halves = torch.stack([padded_window(half, dataset.n_mels) for half in pieces])
             forced = self._forced_key(dataset, index) + ":halves"
             path = self.entry_path(torch.cat(tuple(halves), dim=-1), forced)  # (n_mels, 6000): both halves
             paths[index], self._forced[path] = path, forced
