@@ -10,9 +10,12 @@ from whisper.audio import SAMPLE_RATE
 
 from whisper_rope.audio import load_audio
 from whisper_rope.data import (
+    CUT_REACH_SECONDS,
+    PART_MAX_SECONDS,
     Example,
     WindowPlan,
     compose_windows,
+    quiet_cut,
     split_point,
     window_audio,
     window_halves,
@@ -167,3 +170,45 @@ def test_recordings_are_still_cut_into_windows_of_at_most_thirty_seconds_under_a
     soundfile.write(recording.audio, np.zeros(100 * SAMPLE_RATE, np.float32), SAMPLE_RATE)
     windows = compose_windows([recording], WindowPlan(max_seconds=60.0, sets=1), seed=0, find_spans=lambda a: spans)
     assert all(w.duration <= 30.0 and w.split is None for w in windows)
+
+
+def _tone_with_gaps(path, seconds, gaps):
+    """A 220-Hz tone of ``seconds`` with silence over each (start, end) of ``gaps``, written to ``path``."""
+    audio = 0.3 * np.sin(2 * np.pi * 220 * np.arange(round(seconds * SAMPLE_RATE)) / SAMPLE_RATE).astype(np.float32)
+    for start, end in gaps:
+        audio[round(start * SAMPLE_RATE) : round(end * SAMPLE_RATE)] = 0.0
+    soundfile.write(path, audio, SAMPLE_RATE)
+    return audio
+
+
+def test_a_part_is_cut_at_the_quietest_point_near_the_drawn_length(tmp_path):
+    _tone_with_gaps(tmp_path / "gaps.wav", 5.0, [(1.8, 2.0), (3.4, 3.5)])
+    clip = Example(audio=str(tmp_path / "gaps.wav"), text="t", row=1, duration=5.0)
+    assert 1.8 <= quiet_cut(clip, 2.1) <= 2.0
+    assert 3.4 <= quiet_cut(clip, 3.3) <= 3.5
+    # an undecodable clip is cut at the drawn length: its window's decoding reports the file
+    assert quiet_cut(Example(audio=str(tmp_path / "missing.wav"), text="t", row=2, duration=5.0), 2.1) == 2.1
+
+
+def test_parts_of_clips_hold_their_clips_audio_and_no_text_and_cover_lengths_under_the_shortest_clip(tmp_path):
+    clips = []
+    for i in range(40):
+        path = tmp_path / f"{i}.wav"
+        _tone_with_gaps(path, 4.0 + i % 3, [(1.0 + 0.1 * (i % 10), 1.2 + 0.1 * (i % 10))])
+        clips.append(Example(audio=str(path), text=f"clip {i}", row=i + 1, duration=4.0 + i % 3))
+    windows = compose_windows(clips, WindowPlan(part_share=0.5, sets=1), seed=3)
+    parts = [w for w in windows if w.text is None]
+    assert 10 <= len(parts) <= 30 and all(len(w.pieces) == 1 for w in parts)
+    assert Counter(p.audio for w in windows for p in w.pieces) == Counter(c.audio for c in clips)  # each clip once
+    for window in parts:
+        piece = window.pieces[0]
+        whole = load_audio(piece.audio)
+        assert 1.0 - CUT_REACH_SECONDS <= window.duration <= PART_MAX_SECONDS + CUT_REACH_SECONDS
+        assert piece.start == 0.0 or piece.end == pytest.approx(len(whole) / SAMPLE_RATE)  # a first or last part
+        audio = window_audio(window)
+        np.testing.assert_array_equal(audio, whole[round(piece.start * SAMPLE_RATE) : round(piece.end * SAMPLE_RATE)])
+    assert min(w.duration for w in parts) < 2.0 < min(c.duration for c in clips)
+    assert compose_windows(clips, WindowPlan(part_share=0.5, sets=1), seed=3) == windows  # deterministic
+    # targets that are the clips' own transcripts have no part to label
+    labelled = compose_windows(clips, WindowPlan(part_share=0.5, sets=1), seed=3, allow_timestamps=False)
+    assert all(w.text is not None for w in labelled)

@@ -35,11 +35,14 @@ from .manifest import (
     read_manifest,
 )
 from .windows import (
+    CUT_REACH_SECONDS,
     MAX_WINDOW_SECONDS,
+    PART_MAX_SECONDS,
     Piece,
     Window,
     WindowPlan,
     compose_windows,
+    quiet_cut,
     split_point,
     window_audio,
     window_halves,
@@ -48,6 +51,7 @@ from .windows import (
 
 __all__ = [
     "AUDIO_SUFFIXES",
+    "CUT_REACH_SECONDS",
     "Batch",
     "BucketBatchSampler",
     "Collator",
@@ -59,6 +63,7 @@ __all__ = [
     "MAX_CLIP_SECONDS",
     "MAX_WINDOW_SECONDS",
     "MIN_CLIP_SECONDS",
+    "PART_MAX_SECONDS",
     "Manifest",
     "Problem",
     "SpeechDataset",
@@ -75,6 +80,7 @@ __all__ = [
     "make_loader",
     "pad_token_rows",
     "prompt_tokens",
+    "quiet_cut",
     "read_manifest",
     "spec_augment_",
     "target_sequence",

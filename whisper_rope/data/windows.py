@@ -6,6 +6,9 @@ So the windows a run trains on are composed to cover 1-30 s about evenly:
 * short clips are joined in a shuffled order, with a pause of silence between two clips (`WindowPlan.pause`), until
   the next clip would pass a length drawn uniformly from `WindowPlan.min_seconds`..`max_seconds`; a share of the
   windows (`WindowPlan.single_share`) stays one clip;
+* a share of the windows (`WindowPlan.part_share`, untranscribed clips only: the teacher labels them) is a part of
+  one clip, its first or last `min_seconds`..`PART_MAX_SECONDS` cut at the quietest point near the drawn length, so
+  that inputs shorter than any whole clip (a 1.5-s answer, a chunk cut by a VAD) are trained on too;
 * a recording longer than a window is cut inside its pauses (found by the Silero VAD of `speech_chunks`) into
   consecutive windows of drawn lengths.
 
@@ -34,11 +37,19 @@ import numpy as np
 from whisper.audio import N_SAMPLES, SAMPLE_RATE
 
 from ..audio import load_audio
+from ..errors import AudioError
 from ..transcription.speech_chunks import speech_spans
 from .manifest import MAX_CLIP_SECONDS, Example
 
 #: The longest training window (seconds): two teacher windows of 30 s, joined at a pause.
 MAX_WINDOW_SECONDS = 2 * MAX_CLIP_SECONDS
+
+#: The longest part of a clip that stands as a window of its own (seconds): clips of 2-6 s leave 1-3 s uncovered.
+PART_MAX_SECONDS = 3.0
+
+#: How far from the drawn length a part's cut may move to reach a quiet point (seconds), and what is left over at
+#: least (a clip shorter than the drawn length plus this stays whole).
+CUT_REACH_SECONDS = 0.3
 
 logger = logging.getLogger("whisper_rope")
 
@@ -74,6 +85,7 @@ class WindowPlan:
     min_seconds: float = 1.0
     max_seconds: float = MAX_CLIP_SECONDS
     single_share: float = 0.15
+    part_share: float = 0.08
     pause: Tuple[float, float] = (0.2, 1.5)
     timestamp_share: float = 0.5
     sets: int = 2
@@ -85,6 +97,7 @@ class WindowPlan:
                 f"window lengths must lie in 0..{MAX_WINDOW_SECONDS:g} s",
             ),
             (0 <= self.single_share <= 1, "the share of single-clip windows must lie in 0..1"),
+            (0 <= self.part_share <= 1, "the share of windows that are part of a clip must lie in 0..1"),
             (0 <= self.pause[0] <= self.pause[1], "pauses must be non-negative, shortest first"),
             (0 <= self.timestamp_share <= 1, "the share of windows with timestamp targets must lie in 0..1"),
             (self.sets >= 1, "at least one set of windows is needed"),
@@ -97,6 +110,9 @@ class WindowPlan:
 #: Finds the speech of a recording: (n_samples,) audio -> (start, end) sample spans in order.
 SpanFinder = Callable[[np.ndarray], List[Tuple[int, int]]]
 
+#: Where to cut a clip near a length: (clip, seconds into it) -> the seconds into it of the cut.
+CutFinder = Callable[[Example, float], float]
+
 
 def compose_windows(
     examples: Sequence[Example],
@@ -104,13 +120,15 @@ def compose_windows(
     seed: int,
     allow_timestamps: bool = True,
     find_spans: Optional[SpanFinder] = None,
+    find_cut: Optional[CutFinder] = None,
 ) -> List[Window]:
     """Every set of windows of ``examples`` (each with ``duration`` filled, as `check_audio` does), set after set.
 
     Clips of at most ``plan.max_seconds`` are joined; longer ones are cut at the spans ``find_spans`` returns
     (default: `speech_chunks.speech_spans`). Clips of different languages or with a prompt are never joined.
     ``allow_timestamps`` False gives every window targets without timestamps (e.g. reference transcripts, which
-    have none).
+    have none) and no parts of clips (a part's text is unknown). ``find_cut`` (default `quiet_cut`) places the cut
+    of a part.
     """
     joined_limit = min(plan.max_seconds, MAX_CLIP_SECONDS)  # a clip over 30 s has no pause to split at: cut it
     short = [e for e in examples if (e.duration or 0.0) <= joined_limit]
@@ -120,7 +138,8 @@ def compose_windows(
     windows: List[Window] = []
     for index in range(plan.sets):
         rng = random.Random(f"windows:{seed}:{index}")
-        drawn = _joined_clips(short, plan, rng) + [
+        parts = plan.part_share if allow_timestamps else 0.0
+        drawn = _joined_clips(short, replace(plan, part_share=parts), rng, find_cut or quiet_cut) + [
             w for e in long for w in _cut_recording(e, cuts[e.row], cut_plan, rng)
         ]
         # A window over 30 s has no timestamp targets: its halves' transcripts are joined without them.
@@ -171,8 +190,25 @@ def window_seconds(windows: Sequence[Example]) -> Tuple[float, float]:
     return (min(lengths), max(lengths)) if lengths else (0.0, 0.0)
 
 
-def _joined_clips(clips: Sequence[Example], plan: WindowPlan, rng: random.Random) -> List[Window]:
-    """One pass over ``clips`` in a shuffled order, each clip in exactly one window."""
+def quiet_cut(clip: Example, seconds: float) -> float:
+    """The quietest 20-ms frame's middle within `CUT_REACH_SECONDS` of ``seconds`` into ``clip``'s audio (seconds
+    into it); ``seconds`` itself when the audio cannot be decoded (the window's own decoding then reports it)."""
+    try:
+        audio = load_audio(clip.audio, start=clip.start, end=clip.end)
+    except AudioError:
+        return seconds
+    frame = SAMPLE_RATE // 50
+    low = max(0, round((seconds - CUT_REACH_SECONDS) * SAMPLE_RATE) // frame)
+    high = min(len(audio) // frame, round((seconds + CUT_REACH_SECONDS) * SAMPLE_RATE) // frame)
+    if high <= low:
+        return seconds
+    frames = audio[low * frame : high * frame].reshape(high - low, frame)
+    quietest = low + int(np.argmin(np.square(frames).mean(axis=1)))
+    return (quietest + 0.5) * frame / SAMPLE_RATE
+
+
+def _joined_clips(clips: Sequence[Example], plan: WindowPlan, rng: random.Random, find_cut: CutFinder) -> List[Window]:
+    """One pass over ``clips`` in a shuffled order, each clip in exactly one window (whole, or a part of it)."""
     groups: Dict[Tuple[Optional[str], bool], List[Example]] = {}
     for clip in clips:
         groups.setdefault((clip.language, bool(clip.prompt)), []).append(clip)
@@ -181,21 +217,47 @@ def _joined_clips(clips: Sequence[Example], plan: WindowPlan, rng: random.Random
         order = list(members)
         rng.shuffle(order)
         while order:
+            if not prompted and plan.part_share > 0 and rng.random() < plan.part_share:
+                part = _clip_part(order[-1], plan, rng, find_cut)
+                if part is not None:
+                    order.pop()
+                    windows.append(part)
+                    continue
             single = prompted or rng.random() < plan.single_share
             target = rng.uniform(plan.min_seconds, plan.max_seconds)
             taken, pauses = [order.pop()], []
             length = float(taken[0].duration or 0.0)
             while order and not single:
                 pause = rng.uniform(*plan.pause)
-                if length + pause + float(order[-1].duration or 0.0) > target or not _splittable(
-                    taken, pauses, pause, order[-1]
-                ):
+                joined = length + pause + float(order[-1].duration or 0.0)
+                # the clip joins when that brings the window nearer its target: lengths centre on the targets
+                # instead of falling short of them (which starved the longest lengths)
+                if abs(joined - target) >= abs(length - target) or joined > plan.max_seconds:
+                    break
+                if not _splittable(taken, pauses, pause, order[-1]):
                     break
                 taken.append(order.pop())
                 pauses.append(pause)
                 length += pause + float(taken[-1].duration or 0.0)
             windows.append(_window(taken, pauses, length))
     return windows
+
+
+def _clip_part(clip: Example, plan: WindowPlan, rng: random.Random, find_cut: CutFinder) -> Optional[Window]:
+    """A window of ``clip``'s first or last part, of a length drawn in ``plan.min_seconds``..`PART_MAX_SECONDS`
+    (less in a clip too short to leave the cut's reach out) and cut at ``find_cut``'s point near it; None when the
+    clip is too short for any."""
+    seconds = float(clip.duration or 0.0)
+    longest = min(PART_MAX_SECONDS, seconds - 2 * CUT_REACH_SECONDS)  # leaves out at least the cut's reach
+    if longest < plan.min_seconds:
+        return None
+    length = rng.uniform(plan.min_seconds, longest)
+    from_start = rng.random() < 0.5
+    cut = find_cut(clip, length if from_start else seconds - length)
+    begin, finish = (0.0, cut) if from_start else (cut, seconds)
+    offset = clip.start or 0.0
+    part = replace(clip, text=None, start=offset + begin, end=offset + finish, duration=finish - begin)
+    return _window([part], [], finish - begin)
 
 
 def _splittable(taken: Sequence[Example], pauses: Sequence[float], pause: float, clip: Example) -> bool:

@@ -171,11 +171,17 @@ class FinetuneConfig:
         "clips",
         "what a training example is: clips (each clip of --train, as given) or every-length (clips joined with "
         "pauses and recordings over 30 s cut at their pauses into windows of 1-30 s, the lengths drawn evenly; "
-        "see --single-clip-share, --window-sets)",
+        "see --single-clip-share, --clip-part-share, --window-sets)",
         choices=("clips", "every-length"),
     )
     single_clip_share: float = opt(
         0.15, "with --windows every-length: the share of windows that stay one clip", bounds=Bounds.reals(0, 1)
+    )
+    clip_part_share: float = opt(
+        0.08,
+        "with --windows every-length and teacher transcripts: the share of windows that are the first or last 1-3 s "
+        "of one clip, cut at a quiet point (inputs shorter than whole clips)",
+        bounds=Bounds.reals(0, 1),
     )
     window_sets: int = opt(
         2,

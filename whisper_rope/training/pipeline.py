@@ -118,6 +118,7 @@ def window_plan(config: FinetuneConfig) -> WindowPlan:
     return WindowPlan(
         max_seconds=config.max_window_seconds,
         single_share=config.single_clip_share,
+        part_share=config.clip_part_share,
         timestamp_share=config.timestamp_share,
         sets=config.window_sets,
     )
