@@ -2,6 +2,7 @@
 long recordings are cut."""
 
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from whisper_rope.data import (
     window_audio,
     window_halves,
     window_seconds,
+    with_previous_text,
 )
 
 from .conftest import ROWS, SPEECH
@@ -212,3 +214,35 @@ def test_parts_of_clips_hold_their_clips_audio_and_no_text_and_cover_lengths_und
     # targets that are the clips' own transcripts have no part to label
     labelled = compose_windows(clips, WindowPlan(part_share=0.5, sets=1), seed=3, allow_timestamps=False)
     assert all(w.text is not None for w in labelled)
+
+
+def test_a_share_of_windows_follows_an_earlier_window_and_the_compositions_stay_the_same():
+    clips = _clips(np.random.default_rng(4).uniform(2, 6, 400))
+    plain = compose_windows(clips, WindowPlan(previous_share=0.0, sets=2), seed=1)
+    marked = compose_windows(clips, WindowPlan(previous_share=0.3, sets=2), seed=1)
+    assert [replace(w, after=None) for w in marked] == plain  # same windows, same timestamp draws
+    assert not any(w.after is not None for w in plain)
+    following = [i for i, w in enumerate(marked) if w.after is not None]
+    assert 0.2 < len(following) / len(marked) < 0.4
+    first_set = len(compose_windows(clips, WindowPlan(previous_share=0.0, sets=1), seed=1))
+    for i in following:
+        assert marked[i].after < i and marked[marked[i].after].after is None  # an earlier window that follows none
+        assert (marked[i].after < first_set) == (i < first_set)  # of its own set
+    # windows over 30 s (read half by half) and labelled targets never follow one
+    longer = compose_windows(clips, WindowPlan(max_seconds=45.0, previous_share=1.0, sets=1), seed=1)
+    assert all(w.after is None for w in longer if w.split is not None)
+    assert any(w.after is not None for w in longer)
+    labelled = compose_windows(clips, WindowPlan(previous_share=1.0, sets=1), seed=1, allow_timestamps=False)
+    assert all(w.after is None for w in labelled)
+
+
+def test_with_previous_text_gives_each_following_window_its_predecessors_transcript_as_prompt():
+    windows = compose_windows(_clips([3.0] * 30), WindowPlan(previous_share=0.5, single_share=1.0, sets=1), seed=0)
+    untranscribed = next(w.after for w in windows if w.after is not None)  # e.g. its audio could not be decoded
+    transcripts = {i: f"text of window {i}" for i in range(len(windows)) if i != untranscribed}
+    prompted = with_previous_text(windows, transcripts)
+    for window, before in zip(prompted, windows):
+        expected = transcripts.get(before.after) if before.after is not None else None
+        assert window.prompt == expected
+        assert replace(window, prompt=None) == before
+    assert any(w.prompt for w in prompted) and any(w.after is not None and not w.prompt for w in prompted)

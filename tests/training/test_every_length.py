@@ -7,15 +7,27 @@ from pathlib import Path
 
 import pytest
 import torch
+from whisper.audio import log_mel_spectrogram, pad_or_trim
+from whisper.decoding import DecodingOptions
 from whisper.normalizers import EnglishTextNormalizer
 
 import whisper_rope
 from tests.conftest import FIXTURES, randomise_, small_dims
 from tests.training.conftest import audio_folder
 from whisper_rope.adapted_lengths import UNRECORDED_LIMIT_S, warn_outside
-from whisper_rope.data import WindowPlan, composed_dataset, load_examples, target_sequence
+from whisper_rope.data import (
+    IGNORE_INDEX,
+    WindowPlan,
+    composed_dataset,
+    load_examples,
+    prompt_tokens,
+    target_sequence,
+    window_audio,
+)
 from whisper_rope.training.config import FinetuneConfig
+from whisper_rope.training.distributed import DistributedContext
 from whisper_rope.training.loop import finetune
+from whisper_rope.training.pipeline import _with_previous_texts
 from whisper_rope.training.teacher_cache import TargetSpec, TeacherCache, TeacherTargetsDataset
 
 SPEECH = FIXTURES / "speech"
@@ -113,3 +125,30 @@ def test_unpadded_input_far_longer_than_the_adapted_windows_is_warned_about_once
     padded = whisper_rope.build_model(small_dims(), "whisper")
     padded.adapted_seconds = (2.0, 6.0)  # padded decoding: the 30-s window it always had
     assert not warn_outside(padded, 30.0)
+
+
+def test_windows_after_a_previous_text_are_labelled_after_the_teachers_transcript_of_it(tmp_path, tiny_en):
+    windows = _windows(tiny_en, audio_folder(tmp_path), WindowPlan(previous_share=1.0, timestamp_share=0.0, sets=1))
+    following = [i for i, w in enumerate(windows.examples) if w.after is not None]
+    assert following
+    cache = TeacherCache(tmp_path / "cache", tiny_en, TargetSpec(kinds=("decoder_layers",), transcripts="teacher"))
+    config = FinetuneConfig(model="tiny.en", train="unused", output=str(tmp_path / "run"), batch_size=2, num_workers=0)
+    prompted = _with_previous_texts(cache, windows, DistributedContext(), config, progress=False)
+    entries = cache.fill(prompted, torch.device("cpu"), batch_size=2, progress=False)
+    assert cache.computed == len(following)  # the windows they follow were transcribed first, and are read now
+    tokenizer = prompted.tokenizer(0)
+    for i in following:
+        window = prompted.examples[i]
+        before = tokenizer.decode(cache.read(entries[window.after])["text_tokens"].tolist())
+        assert window.prompt == before and before.strip()
+        item = TeacherTargetsDataset(prompted, entries, "teacher", ("decoder_layers",))[i]
+        tokens = item.tokens.tolist()
+        # <|startofprev|> and the previous transcript lead the sequence, without loss on them, then the window's own
+        head = prompt_tokens(tokenizer, before, tiny_en.dims.n_text_ctx)
+        assert tokens[: len(head)] == head and head[0] == tokenizer.sot_prev
+        assert (item.labels[: len(head)] == IGNORE_INDEX).all()
+        # the teacher's transcript is the one it writes when it decodes the window after that prompt
+        mel = log_mel_spectrogram(pad_or_trim(torch.from_numpy(window_audio(window))))  # the teacher's 30-s window
+        alone = tiny_en.decode(mel, DecodingOptions(language="en", without_timestamps=True, prompt=before, fp16=False))
+        said = tokenizer.decode(cache.read(entries[i])["text_tokens"].tolist())
+        assert EnglishTextNormalizer()(said) == EnglishTextNormalizer()(alone.text)

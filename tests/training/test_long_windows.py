@@ -160,6 +160,7 @@ def test_a_label_free_run_on_45_s_windows_records_them_and_reads_its_cache_again
             "unpadded-rotary", model=str(source), train=str(folder), output=str(tmp_path / name), steps=4,
             batch_size=4, warmup_steps=1, eval_holdout=2, num_workers=0, progress=False, device="cpu",
             teacher_cache=str(tmp_path / "cache"), windows="every-length", max_window_seconds=45.0, window_sets=1,
+            previous_text_share=0.0,
             transplant=False,
         )  # fmt: skip
         return finetune(config=config, teacher=_teacher())

@@ -20,6 +20,7 @@ from .dataset import (
     prompt_tokens,
     spec_augment_,
     target_sequence,
+    with_examples,
 )
 from .manifest import (
     AUDIO_SUFFIXES,
@@ -47,6 +48,7 @@ from .windows import (
     window_audio,
     window_halves,
     window_seconds,
+    with_previous_text,
 )
 
 __all__ = [
@@ -74,6 +76,7 @@ __all__ = [
     "check_audio",
     "compose_windows",
     "composed_dataset",
+    "with_examples",
     "eval_batches",
     "language_code",
     "load_examples",
@@ -89,4 +92,5 @@ __all__ = [
     "window_audio",
     "window_halves",
     "window_seconds",
+    "with_previous_text",
 ]

@@ -269,17 +269,7 @@ def composed_dataset(dataset: SpeechDataset, plan: WindowPlan, seed: int) -> Spe
     """``dataset``'s clips composed into `windows.compose_windows`'s windows of every length (same options).
     Untranscribed windows draw timestamp targets (the teacher writes them); transcribed ones have none."""
     windows = compose_windows(dataset.examples, plan, seed, allow_timestamps=not dataset.require_text)
-    manifest = Manifest(dataset.source, windows, list(dataset.problems))
-    composed = SpeechDataset(
-        manifest,
-        dataset.spec,
-        dataset.n_mels,
-        dataset.pad_30s,
-        dataset.teacher_30s,
-        dataset.strict,
-        dataset.require_text,
-        dataset.margin,
-    )
+    composed = with_examples(dataset, windows)
     low, high = window_seconds(composed.examples)
     logger.info(
         "%s: %d clips composed into %d windows of %.1f-%.1f s (%d sets)",
@@ -291,6 +281,22 @@ def composed_dataset(dataset: SpeechDataset, plan: WindowPlan, seed: int) -> Spe
         plan.sets,
     )
     return composed
+
+
+def with_examples(dataset: SpeechDataset, examples: Sequence[Example]) -> SpeechDataset:
+    """A `SpeechDataset` of ``examples`` read with ``dataset``'s options (tokenizer, features, strictness), its
+    skipped rows carried over."""
+    manifest = Manifest(dataset.source, list(examples), list(dataset.problems))
+    return SpeechDataset(
+        manifest,
+        dataset.spec,
+        dataset.n_mels,
+        dataset.pad_30s,
+        dataset.teacher_30s,
+        dataset.strict,
+        dataset.require_text,
+        dataset.margin,
+    )
 
 
 @dataclass

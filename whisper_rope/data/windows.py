@@ -20,6 +20,10 @@ splittable; recordings are still cut into windows of at most 30 s.
 
 Each window also draws whether its targets carry timestamp tokens (`WindowPlan.timestamp_share`): upstream's
 ``transcribe`` decodes with timestamps by default and seeks on them, evaluation and short clips decode without.
+And a share of the windows (`WindowPlan.previous_share`, teacher-labelled windows of at most 30 s) is decoded after
+the transcript of the window before it (`Window.after`, filled in by `with_previous_text` once the teacher has
+written it) as a ``<|startofprev|>`` prompt: upstream's loop conditions every window after the first on the text
+before it, and a student never trained so can fall into repeating a sentence there.
 
 A plan is a pure function of the clips, the seed and the set index (`compose_windows`), so the teacher's targets of
 a window, cached under its audio, are computed once and read in every later epoch and run. Several sets
@@ -70,12 +74,14 @@ class Window(Example):
     fewer than pieces). ``audio``, ``row`` and ``language`` are the first piece's; ``text`` the pieces' texts
     joined in order (None when any is untranscribed); ``timestamps``: its targets carry timestamp tokens;
     ``split``: for a window over 30 s, the seconds into it where its second half (at most 30 s, as the first)
-    begins, in the middle of a pause; None otherwise."""
+    begins, in the middle of a pause; None otherwise. ``after``: the index (in `compose_windows`' list) of the
+    window whose transcript becomes this window's prompt (`with_previous_text`); None: no such prompt."""
 
     pieces: Tuple[Piece, ...] = ()
     pauses: Tuple[float, ...] = ()
     timestamps: bool = False
     split: Optional[float] = None
+    after: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,7 @@ class WindowPlan:
     part_share: float = 0.08
     pause: Tuple[float, float] = (0.2, 1.5)
     timestamp_share: float = 0.5
+    previous_share: float = 0.3
     sets: int = 2
 
     def __post_init__(self) -> None:
@@ -100,6 +107,7 @@ class WindowPlan:
             (0 <= self.part_share <= 1, "the share of windows that are part of a clip must lie in 0..1"),
             (0 <= self.pause[0] <= self.pause[1], "pauses must be non-negative, shortest first"),
             (0 <= self.timestamp_share <= 1, "the share of windows with timestamp targets must lie in 0..1"),
+            (0 <= self.previous_share <= 1, "the share of windows after a previous text must lie in 0..1"),
             (self.sets >= 1, "at least one set of windows is needed"),
         )
         for ok, message in checks:
@@ -143,11 +151,23 @@ def compose_windows(
             w for e in long for w in _cut_recording(e, cuts[e.row], cut_plan, rng)
         ]
         # A window over 30 s has no timestamp targets: its halves' transcripts are joined without them.
-        windows += [
+        drawn = [
             replace(w, timestamps=allow_timestamps and rng.random() < plan.timestamp_share and w.split is None)
             for w in drawn
         ]
+        # Its own generator: the compositions and timestamp draws stay those of a plan without previous texts.
+        previous = plan.previous_share if allow_timestamps else 0.0
+        windows += _after_previous(drawn, previous, random.Random(f"previous:{seed}:{index}"), offset=len(windows))
     return windows
+
+
+def with_previous_text(windows: Sequence[Window], transcripts: Dict[int, str]) -> List[Window]:
+    """``windows`` with each `Window.after` turned into its prompt: ``transcripts[after]``, the teacher's text of
+    that window (a window whose previous text is empty or missing gets no prompt)."""
+    return [
+        w if w.after is None or not transcripts.get(w.after, "").strip() else replace(w, prompt=transcripts[w.after])
+        for w in windows
+    ]
 
 
 def window_audio(window: Window) -> np.ndarray:
@@ -258,6 +278,23 @@ def _clip_part(clip: Example, plan: WindowPlan, rng: random.Random, find_cut: Cu
     offset = clip.start or 0.0
     part = replace(clip, text=None, start=offset + begin, end=offset + finish, duration=finish - begin)
     return _window([part], [], finish - begin)
+
+
+def _after_previous(windows: List[Window], share: float, rng: random.Random, offset: int) -> List[Window]:
+    """``windows`` (one set, in order) with a ``share`` of them marked to follow the text of the nearest window
+    before them that follows none (so that every previous text is known after one teacher pass): for the windows
+    of a cut recording, the stretch just before; for joined clips, other speech, as a loop's earlier window may
+    be. Windows over 30 s and windows with a prompt of their own are never marked."""
+    marked: List[Window] = []
+    last_free: Optional[int] = None
+    for i, window in enumerate(windows):
+        eligible = window.split is None and not window.prompt and last_free is not None
+        if share > 0 and eligible and rng.random() < share:
+            marked.append(replace(window, after=offset + last_free))
+            continue
+        marked.append(window)
+        last_free = i
+    return marked
 
 
 def _splittable(taken: Sequence[Example], pauses: Sequence[float], pause: float, clip: Example) -> bool:

@@ -194,6 +194,13 @@ class FinetuneConfig:
         "tokens (as transcribe decodes), the rest without (as evaluate and short clips)",
         bounds=Bounds.reals(0, 1),
     )
+    previous_text_share: float = opt(
+        0.3,
+        "with --windows every-length and teacher transcripts: the share of windows decoded after the teacher's "
+        "transcript of the window before them as a prompt, as transcribe conditions each 30-s window on the text "
+        "before it",
+        bounds=Bounds.reals(0, 1),
+    )
     max_window_seconds: float = opt(
         30.0,
         "with --windows every-length: the longest window (up to 60 s); above 30 s the student's encoder must add no "

@@ -6,6 +6,7 @@ When the run learns from the teacher, its targets are filled into the cache befo
 its share of the clips), and the DataLoader workers read them with the audio.
 """
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -23,13 +24,17 @@ from ..data import (
     load_examples,
     make_loader,
     spec_augment_,
+    with_examples,
+    with_previous_text,
 )
 from ..model import WhisperRope
 from ..transcription.single_window import check_single_window
 from ..weights.packages import resolve_cache_dir
 from .config import FinetuneConfig
 from .distributed import DistributedContext
-from .teacher_cache import TargetSpec, TeacherCache, TeacherTargetsCollator, TeacherTargetsDataset
+from .teacher_cache import TargetSpec, TeacherCache, TeacherTargetsCollator, TeacherTargetsDataset, read_entry
+
+logger = logging.getLogger("whisper_rope")
 
 
 @dataclass
@@ -95,6 +100,8 @@ def build_pipeline(
     eval_set = None if eval is None else load_examples(eval, model, pad_30s=not unpadded, **options)
     collate = Collator(train_set.tokenizer(0).eot, not unpadded)
     if cache is not None:
+        if composing:
+            train_set = _with_previous_texts(cache, train_set, context, config, progress)
         entries = _filled_entries(cache, train_set, context, config, progress)
         train_set.teacher_30s = False  # the cache holds all the teacher says: no 30-s window per item any more
         train_set = TeacherTargetsDataset(train_set, entries, cache.spec.transcripts, cache.spec.kinds)
@@ -119,9 +126,37 @@ def window_plan(config: FinetuneConfig) -> WindowPlan:
         max_seconds=config.max_window_seconds,
         single_share=config.single_clip_share,
         part_share=config.clip_part_share,
+        previous_share=config.previous_text_share,
         timestamp_share=config.timestamp_share,
         sets=config.window_sets,
     )
+
+
+def _with_previous_texts(
+    cache: TeacherCache, dataset: SpeechDataset, context: DistributedContext, config: FinetuneConfig, progress: bool
+) -> SpeechDataset:
+    """``dataset`` with each window that follows a previous text (`Window.after`) given that window's teacher
+    transcript as its prompt. The teacher transcribes the followed windows first (cached: the full fill reads them),
+    then labels the following ones after their prompts, as upstream's loop decodes."""
+    windows = dataset.examples
+    followed = sorted({w.after for w in windows if getattr(w, "after", None) is not None})
+    if not followed or cache.spec.transcripts != "teacher":
+        return dataset
+    subset = with_examples(dataset, [windows[i] for i in followed])
+    entries = _filled_entries(cache, subset, context, config, progress)
+    texts = {}
+    for position, (index, path) in enumerate(zip(followed, entries)):
+        entry = None if path is None else read_entry(path, frozenset())
+        if entry is not None:
+            tokenizer = subset.tokenizer(position)
+            texts[index] = tokenizer.decode([t for t in entry["text_tokens"].tolist() if t < tokenizer.eot])
+    prompted = with_previous_text(windows, texts)
+    logger.info(
+        "%s: %d windows follow the teacher's transcript of the window before them",
+        dataset.source,
+        sum(w.prompt is not None and w.after is not None for w in prompted),
+    )
+    return with_examples(dataset, prompted)
 
 
 def _filled_entries(
