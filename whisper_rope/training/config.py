@@ -73,7 +73,12 @@ class FinetuneConfig:
     model: PathText = opt(
         "tiny.en",
         "pretrained or fine-tuned weights: a model name (tiny.en ... large-v3-turbo), a .pt checkpoint, or a "
-        "faster-whisper / Hugging Face directory; also the distillation teacher",
+        "faster-whisper / Hugging Face directory; also the distillation teacher unless --teacher names one",
+    )
+    teacher: Optional[PathText] = opt(
+        None,
+        "the distillation teacher, loaded as upstream's whisper variant (default: --model): e.g. the source model "
+        "when --model is a checkpoint already adapted that is to adapt further",
     )
     variant: Optional[str] = opt(
         None, "positional variant to train (a preset such as rotary, or ENCODER/DECODER); default: the checkpoint's own"

@@ -204,7 +204,8 @@ def finetune(
         model: the model to train, in place; it stays on the training device.
         train, eval: manifests or folders of audio (default ``config.train`` / ``config.eval``); ``eval`` may be None.
         config: every other setting (`FinetuneConfig`).
-        teacher: the distillation teacher (default: ``config.model`` loaded as the upstream ``whisper`` variant).
+        teacher: the distillation teacher (default: ``config.teacher``, else ``config.model``, loaded as the
+            upstream ``whisper`` variant).
 
     Under ``torchrun`` every process calls this; rank 0 logs, evaluates and writes files.
     Raises ValueError / `WhisperRopeError` for bad settings or data, `TrainingError` when the loss becomes
@@ -278,6 +279,8 @@ def _setup(model, train, eval, config: FinetuneConfig, teacher, context: Distrib
     model.configure(unpadded=unpadded, unpadded_margin=config.unpadded_margin)
     objective = _objective(config)
     cache, teacher_embedding = _teacher(config, teacher, objective, eval, context.device)
+    if cache is not None:
+        _check_teacher_fits(cache.teacher, model, config)
     kept = _kept_holdout(state, output) if state is not None and config.eval_holdout and eval is None else None
     if kept is not None:
         config = replace(config, eval_holdout=len(kept))  # the resumed run's hold-out, whatever the folder holds now
@@ -337,7 +340,7 @@ def _prepare_output(config: FinetuneConfig, context: DistributedContext, recogni
     writes' temporary files) are swept, and a fresh start in a directory of an earlier run that never saved starts
     its log afresh.
     """
-    inputs = {"--model": config.model, "--train": config.train, "--eval": config.eval}
+    inputs = {"--model": config.model, "--teacher": config.teacher, "--train": config.train, "--eval": config.eval}
     refuse_overlap(config.output, inputs, "--output")
     output = Path(config.output).expanduser()
     if not context.is_main:
@@ -494,11 +497,27 @@ def _teacher(config: FinetuneConfig, teacher: Optional[WhisperRope], objective: 
     if not (_learns_from_teacher(config, objective) or holdout):
         return None, None
     if teacher is None:
-        teacher = load_model(config.model, variant="whisper", device="cpu", progress=config.progress)
+        teacher = load_model(config.teacher or config.model, variant="whisper", device="cpu", progress=config.progress)
     teacher = teacher.to(device).eval().requires_grad_(False)
     cache = teacher_cache(config, teacher, objective.cached_kinds)
     embedding = teacher.decoder.token_embedding.weight.detach() if objective.kl > 0 else None
     return cache, embedding
+
+
+def _check_teacher_fits(teacher: WhisperRope, student: WhisperRope, config: FinetuneConfig) -> None:
+    """Raise `TrainingError` when the teacher's sizes differ from the student's (its states, transcripts and
+    distribution are matched position by position and token by token)."""
+    differ = {
+        name: (value, getattr(student.dims, name))
+        for name, value in vars(teacher.dims).items()
+        if name != "n_audio_ctx" and value != getattr(student.dims, name)
+    }
+    if differ:
+        shown = ", ".join(f"{name} {theirs} against {ours}" for name, (theirs, ours) in sorted(differ.items()))
+        raise TrainingError(
+            f"--teacher {str(config.teacher or config.model)!r} is not the student's size ({shown}): distillation "
+            "needs a teacher of the same dimensions and vocabulary"
+        )
 
 
 def _holdout_split(
