@@ -54,7 +54,9 @@ def bucket_windows(clips: Sequence[Example], low: float, high: float, count: int
     ``low``..``high`` (at least 1 s); windows that came out shorter than ``low`` (the next clip did not fit), and
     windows of the same clips as an earlier one, are left out; the passes (other orders) give the first ``count``.
     Raises ValueError when the clips cannot fill the bucket."""
-    plan = WindowPlan(min_seconds=max(low, 1.0), max_seconds=high, single_share=0.0, pause=PAUSE, sets=MAX_PASSES)
+    plan = WindowPlan(
+        min_seconds=max(low, 1.0), max_seconds=high, single_share=0.0, pause=PAUSE, sets=MAX_PASSES, centred=False
+    )
     chosen, seen = [], set()
     for window in compose_windows(clips, plan, seed, allow_timestamps=False):
         if low < window.duration <= high and window.pieces not in seen:
@@ -73,7 +75,9 @@ def long_recordings(
 ) -> List[Tuple[List[Window], List[float]]]:
     """``count`` long recordings, each (windows, pauses between them): consecutive windows of `LONG_PARTS` seconds
     from one pass over ``clips``, until a recording reaches ``seconds``. Raises ValueError when the clips run out."""
-    plan = WindowPlan(min_seconds=LONG_PARTS[0], max_seconds=LONG_PARTS[1], single_share=0.0, pause=PAUSE, sets=1)
+    plan = WindowPlan(
+        min_seconds=LONG_PARTS[0], max_seconds=LONG_PARTS[1], single_share=0.0, pause=PAUSE, sets=1, centred=False
+    )
     windows = compose_windows(clips, plan, seed, allow_timestamps=False)
     rng = random.Random(f"long:{seed}")
     recordings, parts, pauses, length = [], [], [], 0.0

@@ -86,7 +86,9 @@ class Window(Example):
 
 @dataclass(frozen=True)
 class WindowPlan:
-    """How windows are drawn. Lengths in seconds; shares in 0..1."""
+    """How windows are drawn. Lengths in seconds; shares in 0..1. ``centred``: a clip joins a window while that
+    brings it nearer its drawn length (False: only while the window stays within it, which leaves the longest
+    lengths rarer; the fixed evaluation sets of ``benchmarks/length_buckets.py`` were composed so)."""
 
     min_seconds: float = 1.0
     max_seconds: float = MAX_CLIP_SECONDS
@@ -96,6 +98,7 @@ class WindowPlan:
     timestamp_share: float = 0.5
     previous_share: float = 0.3
     sets: int = 2
+    centred: bool = True
 
     def __post_init__(self) -> None:
         checks = (
@@ -252,7 +255,8 @@ def _joined_clips(clips: Sequence[Example], plan: WindowPlan, rng: random.Random
                 joined = length + pause + float(order[-1].duration or 0.0)
                 # the clip joins when that brings the window nearer its target: lengths centre on the targets
                 # instead of falling short of them (which starved the longest lengths)
-                if abs(joined - target) >= abs(length - target) or joined > plan.max_seconds:
+                nearer = abs(joined - target) < abs(length - target) if plan.centred else joined <= target
+                if not nearer or joined > plan.max_seconds:
                     break
                 if not _splittable(taken, pauses, pause, order[-1]):
                     break
