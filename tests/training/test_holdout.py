@@ -6,14 +6,24 @@ import os
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from whisper.audio import SAMPLE_RATE
 
 import whisper_rope
 from tests.conftest import FIXTURES, randomise_, small_dims
+from whisper_rope.audio import load_audio
 from whisper_rope.data import DataError
 from whisper_rope.training.config import FinetuneConfig
-from whisper_rope.training.holdout import HOLDOUT_MANIFEST, TRAIN_MANIFEST, split_holdout
+from whisper_rope.training.holdout import (
+    EVERY_LENGTH_MANIFEST,
+    HOLDOUT_MANIFEST,
+    TRAIN_MANIFEST,
+    WINDOW_BUCKETS,
+    every_length_holdout,
+    split_holdout,
+)
 from whisper_rope.training.loop import finetune
 from whisper_rope.training.state import STATE_FILE, latest_checkpoint
 
@@ -87,3 +97,33 @@ def test_a_resume_whose_stored_hold_out_is_unusable_keeps_the_runs_holdout_manif
     for manifest in ("{not json\n", "[1]\n"):
         (tmp_path / HOLDOUT_MANIFEST).write_text(manifest)
         assert _kept_holdout({}, tmp_path) is None  # drawn again
+
+
+def test_the_final_evaluation_scores_held_out_clips_joined_into_every_length_and_one_long_recording(tmp_path):
+    rows = [json.loads(line) for line in (SPEECH / "manifest.jsonl").read_text().splitlines()]
+    clips = [{"audio": str(SPEECH / row["audio"]), "text": row["text"]} for row in rows * 2]  # 16 clips, ~55 s
+    (tmp_path / HOLDOUT_MANIFEST).write_text("".join(json.dumps(clip) + "\n" for clip in clips))
+    manifest = every_length_holdout(tmp_path / HOLDOUT_MANIFEST, tmp_path, seed=0)
+    assert manifest == tmp_path / EVERY_LENGTH_MANIFEST
+    written = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert written[: len(clips)] == clips  # the clips themselves first
+    composed = written[len(clips) :]
+    assert composed[-1]["audio"].endswith("all-clips.flac")
+    everything = load_audio(composed[-1]["audio"])
+    assert len(everything) / SAMPLE_RATE > 30.0  # read through the long-form paths
+    assert composed[-1]["text"] == " ".join(clip["text"] for clip in clips)
+    position = 0  # the recording is every clip in order, with silence between
+    for clip in clips:
+        audio = load_audio(clip["audio"])
+        lead = int(np.flatnonzero(audio)[0])  # the clip's own leading silence
+        start = position + int(np.flatnonzero(everything[position:])[0]) - lead
+        gap = start - position
+        assert gap == 0 if position == 0 else 0.3 * SAMPLE_RATE - 2 <= gap <= 1.0 * SAMPLE_RATE + 2
+        np.testing.assert_array_equal(everything[start : start + len(audio)], audio)
+        position = start + len(audio)
+    lengths = [len(load_audio(row["audio"])) / SAMPLE_RATE for row in composed[:-1]]
+    assert {next(i for i, (low, high) in enumerate(WINDOW_BUCKETS) if low < s <= high) for s in lengths} == {0, 1, 2}
+    by_audio = {clip["audio"]: clip["text"] for clip in clips}
+    for row in composed[:-1]:  # each window's reference is a run of the clips' texts joined
+        assert len(row["text"].split()) > max(len(t.split()) for t in by_audio.values())
+        assert set(row["text"].split()) <= {word for text in by_audio.values() for word in text.split()}

@@ -65,6 +65,10 @@ def test_the_label_free_recipe_turns_a_folder_of_audio_into_a_loadable_unpadded_
     assert all("text" in row for row in holdout)  # the teacher's transcripts are the references
     table = final_evaluation(result, config, progress=False)
     assert "| fine-tuned | rotary/learned | unpadded |" in table and "teacher's 30-s transcripts" in table
+    # beside it the source (the teacher) on 30-s windows, scored on the clips and on windows of them joined
+    assert "| source | sinusoidal/learned | 30-s windows |" in table
+    scored = (tmp_path / "run" / "holdout-every-length.jsonl").read_text().splitlines()
+    assert len(scored) > len(holdout) and "all-clips.flac" in scored[-1]
     assert (tmp_path / "run" / "final_evaluation.md").read_text().strip() == table.strip()
 
 

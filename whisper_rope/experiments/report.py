@@ -1,5 +1,9 @@
 """The final evaluation of a recipe run: the adapted model as it will be used, next to the source model as it was.
 
+The data: ``--eval``, or for a label-free run its held-out clips with the teacher's transcripts, joined also into
+windows of 5-30 s and one recording of them all (`holdout.every_length_holdout`), so that every length bucket and
+the long-form paths are scored, not only clips shaped like the training clips.
+
 Each row: WER, how many hypotheses ran into the length cap (loops) and the WER of the others — on a small set one
 looping hypothesis can add tens of points, so both are shown — and the real-time factor. Below it, a row per clip
 length bucket (`metrics.LENGTH_BUCKETS`) with each model's WER and capped hypotheses side by side; recordings over
@@ -17,7 +21,7 @@ from ..evaluation.evaluate import EvaluationResult, evaluate
 from ..evaluation.metrics import length_bucket_table
 from ..fs.atomic import atomic_write_text
 from ..training.config import FinetuneConfig
-from ..training.holdout import HOLDOUT_MANIFEST
+from ..training.holdout import HOLDOUT_MANIFEST, every_length_holdout
 from ..training.state import REPORT_JSON_FILE, REPORT_TABLE_FILE
 from ..weights.loading import load_model
 
@@ -41,10 +45,19 @@ def final_evaluation(result, config: FinetuneConfig, progress: bool = True) -> O
         return None
     model = result.model
     rows = [_row("fine-tuned", model, *_evaluations(model, data, config.batch_size, progress))]
-    if not teacher_references:
-        source = load_model(config.model, device=next(model.parameters()).device, progress=progress)
-        rows.insert(0, _row("source", source, *_evaluations(source, data, config.batch_size, progress)))
-    references = "the teacher's 30-s transcripts (held-out clips)" if teacher_references else "the manifest's text"
+    # Against the teacher's transcripts the teacher scores 0 % on the clips it transcribed, but not on windows
+    # of several clips or the recording of them all: the row the adapted model is to be compared with.
+    source_name = (config.teacher or config.model) if teacher_references else config.model
+    device = next(model.parameters()).device
+    source = load_model(
+        source_name, variant="whisper" if teacher_references else None, device=device, progress=progress
+    )
+    rows.insert(0, _row("source", source, *_evaluations(source, data, config.batch_size, progress)))
+    references = (
+        "the teacher's 30-s transcripts of the held-out clips, joined in order for windows of several of them"
+        if teacher_references
+        else "the manifest's text"
+    )
     table = _table(rows, data, references)
     atomic_write_text(
         output / REPORT_JSON_FILE,
@@ -60,7 +73,7 @@ def _evaluation_data(config: FinetuneConfig, output: Path):
         return config.eval, False
     holdout = output / HOLDOUT_MANIFEST
     if config.eval_holdout != 0 and holdout.is_file():  # None: a recipe's share of the clips
-        return holdout, True
+        return every_length_holdout(holdout, output, config.seed), True
     return None, False
 
 

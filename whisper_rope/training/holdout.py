@@ -4,23 +4,51 @@ A run that adapts a checkpoint from untranscribed audio has no references to com
 keep is what the source model says about the audio when fed the 30-s window it was trained on; so some clips are
 kept out of training, the teacher transcribes them (cached like every teacher target), and the student is scored
 against those transcripts: 0 % means it says exactly what the source model says.
+
+Held-out clips are as short as the training clips, and a model is only as general as the lengths it is scored on;
+so the final evaluation (`every_length_holdout`) also joins them, with pauses, into windows of 5-30 s and into one
+recording of them all (over 30 s when they allow it, read through the long-form paths), whose references are their
+clips' transcripts joined in order. On those the source model, fed 30-s windows, scores above 0 % too.
 """
 
 import json
 import random
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
+import soundfile
+from whisper.audio import SAMPLE_RATE
+
 from ..audio import load_audio
-from ..data import DataError, Example, Manifest, check_audio, load_examples, read_manifest
+from ..data import (
+    DataError,
+    Example,
+    Manifest,
+    Piece,
+    Window,
+    WindowPlan,
+    check_audio,
+    compose_windows,
+    load_examples,
+    read_manifest,
+)
 from ..errors import AudioError
-from ..fs.atomic import atomic_write_text
+from ..fs.atomic import atomic_write, atomic_write_text
 from ..model import WhisperRope
 from .teacher_cache import TargetSpec, TeacherCache
 
 TRAIN_MANIFEST = "train-without-holdout.jsonl"
 HOLDOUT_MANIFEST = "holdout.jsonl"
+#: The held-out clips, windows of several of them and one recording of them all (`every_length_holdout`).
+EVERY_LENGTH_MANIFEST = "holdout-every-length.jsonl"
+EVERY_LENGTH_AUDIO = "holdout-audio"
+#: The length buckets over 5 s (seconds) that windows of joined held-out clips fill, and how many each at most.
+WINDOW_BUCKETS = ((5.0, 10.0), (10.0, 20.0), (20.0, 30.0))
+WINDOWS_PER_BUCKET = 3
+#: Pauses between joined held-out clips (seconds).
+HOLDOUT_PAUSE = (0.3, 1.0)
 #: The most clips a recipe holds out by default.
 MAX_DEFAULT_HOLDOUT = 24
 #: The fields of a held-out clip written to its manifest and stored in the run's training state.
@@ -153,6 +181,66 @@ def teacher_references(
         texts.append(dataset.tokenizer(index).decode(tokens).strip())
     labelled = [Example(**{**asdict(e), "text": text}) for e, text in zip(dataset.examples, texts)]
     return _write_manifest(output / HOLDOUT_MANIFEST, labelled)
+
+
+def every_length_holdout(holdout: Path, output: Path, seed: int) -> Path:
+    """``output/EVERY_LENGTH_MANIFEST``: the labelled held-out clips of ``holdout``, up to `WINDOWS_PER_BUCKET`
+    windows of several of them per bucket of `WINDOW_BUCKETS`, and one recording of all of them in order (pauses
+    of 0.3-1 s between), the joined audio written under ``output/EVERY_LENGTH_AUDIO``; references joined in the
+    clips' order."""
+    clips = check_audio(Manifest(str(holdout), read_holdout(holdout)), max_seconds=None).examples
+    clips = [replace(clip, row=i + 1) for i, clip in enumerate(clips)]
+    rng = random.Random(f"holdout-recording:{seed}")
+    everything = _window_of(clips, [rng.uniform(*HOLDOUT_PAUSE) for _ in clips[1:]])
+    folder = output / EVERY_LENGTH_AUDIO
+    folder.mkdir(exist_ok=True)
+    rows = [_row(clip) for clip in clips]
+    named = [*((f"window-{i:02d}", w) for i, w in enumerate(_bucket_windows(clips, seed))), ("all-clips", everything)]
+    for name, window in named:
+        path = folder / f"{name}.flac"
+        audio = _joined_audio(window)
+        atomic_write(path, lambda handle, audio=audio: soundfile.write(handle, audio, SAMPLE_RATE, format="FLAC"))
+        rows.append({"audio": str(path.resolve()), "text": window.text, **_language_of(window)})
+    return atomic_write_text(
+        output / EVERY_LENGTH_MANIFEST, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    )
+
+
+def _bucket_windows(clips: Sequence[Example], seed: int) -> List[Window]:
+    """Up to `WINDOWS_PER_BUCKET` windows of two or more ``clips`` in each of `WINDOW_BUCKETS`, bucket by bucket."""
+    plan = WindowPlan(
+        min_seconds=5.0, single_share=0.0, part_share=0.0, previous_share=0.0, pause=HOLDOUT_PAUSE, sets=4
+    )
+    chosen: Dict[Tuple[float, float], List[Window]] = {bucket: [] for bucket in WINDOW_BUCKETS}
+    for window in compose_windows(clips, plan, seed, allow_timestamps=False):
+        for low, high in WINDOW_BUCKETS:
+            taken = chosen[(low, high)]
+            if low < window.duration <= high and len(window.pieces) > 1 and len(taken) < WINDOWS_PER_BUCKET:
+                taken.append(window)
+    return [window for bucket in WINDOW_BUCKETS for window in chosen[bucket]]
+
+
+def _window_of(clips: Sequence[Example], pauses: Sequence[float]) -> Window:
+    """All ``clips`` joined in order with ``pauses``, as one window (any length)."""
+    pieces = tuple(Piece(c.audio, c.start, c.end, float(c.duration or 0.0)) for c in clips)
+    text = " ".join((c.text or "").strip() for c in clips)
+    duration = sum(p.seconds for p in pieces) + sum(pauses)
+    return Window(audio=clips[0].audio, text=text, row=1, language=clips[0].language, duration=duration,
+                  pieces=pieces, pauses=tuple(pauses))  # fmt: skip
+
+
+def _joined_audio(window: Window):
+    """The window's pieces joined with its pauses, however long (`window_audio` stops at 30 or 60 s)."""
+    parts = []
+    for i, piece in enumerate(window.pieces):
+        if i:
+            parts.append(np.zeros(round(window.pauses[i - 1] * SAMPLE_RATE), dtype=np.float32))
+        parts.append(load_audio(piece.audio, start=piece.start, end=piece.end))
+    return np.concatenate(parts)
+
+
+def _language_of(window: Window) -> Dict[str, str]:
+    return {"language": window.language} if window.language else {}
 
 
 def _without_text(example: Example) -> Example:

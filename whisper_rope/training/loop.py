@@ -59,6 +59,8 @@ from .config import BOOKKEEPING, FIXED_ON_RESUME, FinetuneConfig
 from .distributed import DistributedContext, from_environment
 from .footprint import disk_estimate
 from .holdout import (
+    EVERY_LENGTH_AUDIO,
+    EVERY_LENGTH_MANIFEST,
     HOLDOUT_MANIFEST,
     ROW_FIELDS,
     TRAIN_MANIFEST,
@@ -116,7 +118,18 @@ logger = logging.getLogger("whisper_rope")
 LOG_FILE = "train_log.jsonl"
 CURVES_FILE = "training_curves.png"
 #: Every name a fine-tune writes into its --output, besides step-N/ and their staging directories.
-RUN_FILES = (MODEL_FILE, LOG_FILE, CURVES_FILE, "best", TRAIN_MANIFEST, HOLDOUT_MANIFEST, JSON_FILE, TABLE_FILE)
+RUN_FILES = (
+    MODEL_FILE,
+    LOG_FILE,
+    CURVES_FILE,
+    "best",
+    TRAIN_MANIFEST,
+    HOLDOUT_MANIFEST,
+    EVERY_LENGTH_MANIFEST,
+    EVERY_LENGTH_AUDIO,
+    JSON_FILE,
+    TABLE_FILE,
+)
 
 
 @dataclass
