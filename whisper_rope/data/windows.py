@@ -173,16 +173,17 @@ def with_previous_text(windows: Sequence[Window], transcripts: Dict[int, str]) -
     ]
 
 
-def window_audio(window: Window) -> np.ndarray:
+def window_audio(window: Window, whole: bool = False) -> np.ndarray:
     """The window's waveform (n_samples,): its pieces decoded and joined with silence, at most 30 s (60 s for a
-    window with a `Window.split`). Raises `AudioError` when a piece cannot be decoded."""
+    window with a `Window.split`; any length when ``whole``, e.g. a recording joined for evaluation). Raises
+    `AudioError` when a piece cannot be decoded."""
     parts = []
     for i, piece in enumerate(window.pieces):
         if i:
             parts.append(np.zeros(round(window.pauses[i - 1] * SAMPLE_RATE), dtype=np.float32))
         parts.append(load_audio(piece.audio, start=piece.start, end=piece.end))
-    limit = N_SAMPLES if window.split is None else 2 * N_SAMPLES
-    return np.concatenate(parts)[:limit]
+    audio = np.concatenate(parts)
+    return audio if whole else audio[: N_SAMPLES if window.split is None else 2 * N_SAMPLES]
 
 
 def window_halves(window: Window, audio: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:

@@ -17,7 +17,6 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import soundfile
 from whisper.audio import SAMPLE_RATE
 
@@ -33,6 +32,7 @@ from ..data import (
     compose_windows,
     load_examples,
     read_manifest,
+    window_audio,
 )
 from ..errors import AudioError
 from ..fs.atomic import atomic_write, atomic_write_text
@@ -198,7 +198,7 @@ def every_length_holdout(holdout: Path, output: Path, seed: int) -> Path:
     named = [*((f"window-{i:02d}", w) for i, w in enumerate(_bucket_windows(clips, seed))), ("all-clips", everything)]
     for name, window in named:
         path = folder / f"{name}.flac"
-        audio = _joined_audio(window)
+        audio = window_audio(window, whole=True)
         atomic_write(path, lambda handle, audio=audio: soundfile.write(handle, audio, SAMPLE_RATE, format="FLAC"))
         rows.append({"audio": str(path.resolve()), "text": window.text, **_language_of(window)})
     return atomic_write_text(
@@ -227,16 +227,6 @@ def _window_of(clips: Sequence[Example], pauses: Sequence[float]) -> Window:
     duration = sum(p.seconds for p in pieces) + sum(pauses)
     return Window(audio=clips[0].audio, text=text, row=1, language=clips[0].language, duration=duration,
                   pieces=pieces, pauses=tuple(pauses))  # fmt: skip
-
-
-def _joined_audio(window: Window):
-    """The window's pieces joined with its pauses, however long (`window_audio` stops at 30 or 60 s)."""
-    parts = []
-    for i, piece in enumerate(window.pieces):
-        if i:
-            parts.append(np.zeros(round(window.pauses[i - 1] * SAMPLE_RATE), dtype=np.float32))
-        parts.append(load_audio(piece.audio, start=piece.start, end=piece.end))
-    return np.concatenate(parts)
 
 
 def _language_of(window: Window) -> Dict[str, str]:
