@@ -120,6 +120,13 @@ def test_the_teacher_transcribes_each_half_of_a_long_window_and_a_second_fill_re
     assert cache.computed == 0 and again == entries
 
 
+def both_rows_ce(student, batch) -> torch.Tensor:
+    """The summed token cross-entropy of every row of ``batch`` against its labels."""
+    with torch.no_grad():
+        logits = student.model(batch.mel, batch.tokens, batch.frames).float()
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), reduction="sum")
+
+
 def test_rows_without_teacher_states_count_in_the_cross_entropy_only():
     torch.manual_seed(0)
     student = StudentForward(randomise_(whisper_rope.build_model(small_dims(), "rotary/learned")), ("decoder_layers",))
@@ -147,6 +154,14 @@ def test_rows_without_teacher_states_count_in_the_cross_entropy_only():
             student.model(batch.mel[:1], tokens[:1], batch.frames[:1]).float()[0], labels[0], reduction="sum"
         )
     assert one[1]["ce"] == pytest.approx(float(ce_row0), rel=1e-4)
+    # a batch of windows over 30 s only (length-bucketed batches make it common) has no teacher states at all
+    none = micro_batch_loss(
+        student, None, replace(batch, teacher_states={}, teacher_rows=torch.tensor([False, False])), objective,
+        context, 1,
+    )  # fmt: skip
+    assert none[1]["decoder_layers"] == 0.0 and none[1]["decoder_layers_count"] == 0.0
+    assert none[1]["ce"] == pytest.approx(float(both_rows_ce(student, batch)), rel=1e-4)
+    assert torch.isfinite(none[0]) and none[0] > 0
 
 
 def test_a_label_free_run_on_45_s_windows_records_them_and_reads_its_cache_again(tmp_path, caplog):

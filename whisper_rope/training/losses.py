@@ -166,11 +166,15 @@ def state_terms(
     """Per active kind, (squared-error sum, count) between student and teacher states.
 
     student: `stacked_states` of the student's forward; teacher: the same keys, padded like the student's
-    (teacher encoder states cut to the clip's positions). token_mask: (b, t) True where a decoder position is
+    (teacher encoder states cut to the clip's positions), or {} when no row of the batch has any (each term then
+    sums nothing over nothing). token_mask: (b, t) True where a decoder position is
     compared (the teacher-forced sequence, without padding). audio_positions: (b,) positions compared per clip.
     Encoder states are compared on ``min(student, teacher)`` positions of the batch's widths: the student of an
     unpadded clip has only the clip's positions, the teacher's 30-s window has them first.
     """
+    if not teacher:  # no row has teacher states (every window over 30 s): no state to compare, each term zero
+        zero = torch.zeros((), device=token_mask.device)
+        return {kind: (zero, zero.to(torch.float64)) for kind in weights.active}
     terms: Dict[str, Tuple[Tensor, Tensor]] = {}
     if weights.decoder_layers > 0:
         terms["decoder_layers"] = masked_mse(student["decoder_layers"], teacher["decoder_layers"], token_mask)
