@@ -310,6 +310,11 @@ def _splittable(taken: Sequence[Example], pauses: Sequence[float], pause: float,
     return split_point(durations, [*pauses, pause]) is not None
 
 
+def joined_window(clips: Sequence[Example], pauses: Sequence[float]) -> Window:
+    """``clips`` (durations filled) joined in order with ``pauses`` (one fewer) as one `Window` of any length."""
+    return _window(clips, pauses, sum(float(c.duration or 0.0) for c in clips) + sum(pauses))
+
+
 def _window(clips: Sequence[Example], pauses: Sequence[float], length: float) -> Window:
     pieces = tuple(Piece(c.audio, c.start, c.end, float(c.duration or 0.0)) for c in clips)
     texts = [c.text for c in clips]

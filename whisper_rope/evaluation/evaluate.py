@@ -561,12 +561,12 @@ def _decode_batch(model, dataset, wanted, batch, language, caps, options, run: _
 def _decode_long(model, dataset, indices, languages, caps, options: EvaluationOptions, run: _Decoded, bar) -> None:
     """Transcribe the recordings ``indices`` (over 30 s) through ``options.long_form``; each hypothesis is its
     transcript's text, cut to its cap. Recordings of one language and prompt share the batched path's batches."""
-    groups: Dict[Tuple[Optional[str], Optional[str]], List[int]] = {}
-    for index in indices:
-        groups.setdefault((languages[index], dataset.examples[index].prompt), []).append(index)
     if options.long_form == "single":
         _decode_single(model, dataset, indices, languages, caps, options, run, bar)
         return
+    groups: Dict[Tuple[Optional[str], Optional[str]], List[int]] = {}
+    for index in indices:
+        groups.setdefault((languages[index], dataset.examples[index].prompt), []).append(index)
     for (language, prompt), group in groups.items():
         keywords = long_form_options(options, language, prompt)
         for part in _held_parts(dataset, group):

@@ -25,11 +25,11 @@ from ..data import (
     DataError,
     Example,
     Manifest,
-    Piece,
     Window,
     WindowPlan,
     check_audio,
     compose_windows,
+    joined_window,
     load_examples,
     read_manifest,
     window_audio,
@@ -191,7 +191,7 @@ def every_length_holdout(holdout: Path, output: Path, seed: int) -> Path:
     clips = check_audio(Manifest(str(holdout), read_holdout(holdout)), max_seconds=None).examples
     clips = [replace(clip, row=i + 1) for i, clip in enumerate(clips)]
     rng = random.Random(f"holdout-recording:{seed}")
-    everything = _window_of(clips, [rng.uniform(*HOLDOUT_PAUSE) for _ in clips[1:]])
+    everything = joined_window(clips, [rng.uniform(*HOLDOUT_PAUSE) for _ in clips[1:]])
     folder = output / EVERY_LENGTH_AUDIO
     folder.mkdir(exist_ok=True)
     rows = [_row(clip) for clip in clips]
@@ -218,15 +218,6 @@ def _bucket_windows(clips: Sequence[Example], seed: int) -> List[Window]:
             if low < window.duration <= high and len(window.pieces) > 1 and len(taken) < WINDOWS_PER_BUCKET:
                 taken.append(window)
     return [window for bucket in WINDOW_BUCKETS for window in chosen[bucket]]
-
-
-def _window_of(clips: Sequence[Example], pauses: Sequence[float]) -> Window:
-    """All ``clips`` joined in order with ``pauses``, as one window (any length)."""
-    pieces = tuple(Piece(c.audio, c.start, c.end, float(c.duration or 0.0)) for c in clips)
-    text = " ".join((c.text or "").strip() for c in clips)
-    duration = sum(p.seconds for p in pieces) + sum(pauses)
-    return Window(audio=clips[0].audio, text=text, row=1, language=clips[0].language, duration=duration,
-                  pieces=pieces, pauses=tuple(pauses))  # fmt: skip
 
 
 def _language_of(window: Window) -> Dict[str, str]:
