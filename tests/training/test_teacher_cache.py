@@ -75,7 +75,11 @@ def test_a_second_fill_reads_and_any_change_invalidates(tmp_path, teacher):
     paths = first.fill(dataset, torch.device("cpu"), progress=False)
     again = TeacherCache(tmp_path / "cache", teacher, spec)
     assert again.fill(dataset, torch.device("cpu"), progress=False) == paths and again.computed == 0
-    changed = TeacherCache(tmp_path / "cache", teacher, TargetSpec(kinds=("decoder_layers",), margin=4))
+    # Decoder states do not depend on the student's margin: a run with another margin reads the same entries.
+    margin = TeacherCache(tmp_path / "cache", teacher, TargetSpec(kinds=("decoder_layers",), margin=4))
+    assert margin.fill(dataset, torch.device("cpu"), progress=False) == paths and margin.computed == 0
+    assert margin.spec.margin == 0
+    changed = TeacherCache(tmp_path / "cache", teacher, TargetSpec(kinds=("encoder_output",), margin=4))
     assert set(changed.fill(dataset, torch.device("cpu"), progress=False)).isdisjoint(paths)
     # A run that needs another kind completes the same entries, keeping what they held.
     more = TeacherCache(tmp_path / "cache", teacher, TargetSpec(kinds=("encoder_output",), transcripts="reference"))

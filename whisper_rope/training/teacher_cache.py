@@ -10,7 +10,8 @@ DataLoader workers.
 An entry is one safetensors file (fp16 states, int64 tokens) named by a SHA-256 over
 
 * the teacher: its variant, dims, table scales and every tensor of its state dict (`teacher_fingerprint`);
-* the options: which states, the unpadded margin, where the transcript comes from, the format version;
+* the options: the unpadded margin (0 for runs that keep only decoder states, which do not depend on it),
+  where the transcript comes from, the format version;
 * the clip: its 30-s log-mel window (a function of its audio), its position count and the text it is forced with.
 
 A training window over 30 s (one with a `Window.split`) is read by the teacher half by half, as two ordinary 30-s
@@ -30,7 +31,7 @@ import hashlib
 import json
 import logging
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import AbstractSet, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -71,6 +72,8 @@ STORED_KEYS = {
     "encoder_layers": ("encoder_layers",),
     "attention": ("encoder_attention", "decoder_attention"),
 }
+#: Kinds whose stored tensors have no encoder-position axis, so they do not depend on the unpadded margin.
+MARGIN_FREE_KINDS = frozenset({"decoder_layers"})
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,11 @@ class TeacherCache:
     """
 
     def __init__(self, root: Path, teacher: WhisperRope, spec: TargetSpec):
+        if set(spec.kinds) <= MARGIN_FREE_KINDS:
+            # The teacher reads the 30-s window whatever the student's margin: runs that differ only in their
+            # margin share decoder-only entries. Held at 0 so that an entry completed with encoder kinds (another
+            # run's) keeps the positions this directory's scope says.
+            spec = replace(spec, margin=0)
         self.teacher = teacher
         self.spec = spec
         self.root = Path(root).expanduser()
