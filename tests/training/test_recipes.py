@@ -10,8 +10,10 @@ import torch
 import whisper_rope
 from tests.conftest import FIXTURES, randomise_, small_dims
 from tests.training.conftest import audio_folder
+from whisper_rope.audio import load_audio
 from whisper_rope.cli.finetune import add_finetune_arguments, config_from_args, main
 from whisper_rope.experiments.report import final_evaluation
+from whisper_rope.features import padded_window, real_frame_counts
 from whisper_rope.training.config import FinetuneConfig
 from whisper_rope.training.loop import finetune
 from whisper_rope.training.recipes import RECIPES, STEP_COUNTS
@@ -144,6 +146,25 @@ def test_a_recipe_run_shortened_with_steps_ends_as_the_model_the_recipe_promises
     # The recipe's own hold-out (a fifth of the clips) is what the final evaluation scores.
     assert len((tmp_path / "run" / "holdout.jsonl").read_text().splitlines()) == len(list(SPEECH.glob("*.flac"))) // 5
     assert "teacher's 30-s transcripts" in final_evaluation(result, config, progress=False)
+
+
+def test_the_sliced_recipes_model_keeps_its_margin_of_padding_after_each_input(tmp_path, source):
+    config = FinetuneConfig.from_recipe(
+        "unpadded-sliced", model=str(source), train=str(audio_folder(tmp_path)), output=str(tmp_path / "run"),
+        steps=1, batch_size=2, eval_holdout=2, num_workers=0, progress=False, device="cpu",
+        teacher_cache=str(tmp_path / "cache"),
+    )  # fmt: skip
+    margin = RECIPES["unpadded-sliced"].defaults["unpadded_margin"]
+    assert config.unpadded_margin == margin == 50
+    loaded = whisper_rope.load_model(finetune(config=config).model_path, device="cpu")
+    assert loaded.unpadded and loaded.unpadded_margin == margin
+    clip = load_audio(sorted(SPEECH.glob("*.flac"))[0])
+    mel = padded_window(clip, loaded.dims.n_mels)[None]
+    real = (int(real_frame_counts(mel)) + 1) // 2  # audio positions of the clip's own frames
+    assert 0 < real < 1500 - margin
+    with torch.no_grad():
+        encoded = loaded.embed_audio(mel)
+    assert encoded.shape[1] == real + margin  # its frames and 1 s of the padding, not 30 s
 
 
 def test_the_warm_up_warning_names_what_is_wrong_in_numbers_that_add_up():
