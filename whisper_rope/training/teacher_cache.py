@@ -12,7 +12,8 @@ An entry is one safetensors file (fp16 states, int64 tokens) named by a SHA-256 
 * the teacher: its variant, dims, table scales and every tensor of its state dict (`teacher_fingerprint`);
 * the options: the unpadded margin (0 for runs that keep only decoder states, which do not depend on it),
   where the transcript comes from, the format version;
-* the clip: its 30-s log-mel window (a function of its audio), its position count and the text it is forced with.
+* the clip: its 30-s log-mel window (a function of its audio, and of its position count) and the text it is forced
+  with.
 
 A training window over 30 s (one with a `Window.split`) is read by the teacher half by half, as two ordinary 30-s
 windows (`window_halves`): its entry holds only the two transcripts joined, without timestamps (the teacher has no
