@@ -148,7 +148,7 @@ def test_a_recipe_run_shortened_with_steps_ends_as_the_model_the_recipe_promises
     assert "teacher's 30-s transcripts" in final_evaluation(result, config, progress=False)
 
 
-def test_the_sliced_recipes_model_keeps_its_margin_of_padding_after_each_input(tmp_path, source):
+def test_the_sliced_recipe_learns_the_teachers_token_distributions_and_keeps_a_margin_of_padding(tmp_path, source):
     config = FinetuneConfig.from_recipe(
         "unpadded-sliced", model=str(source), train=str(audio_folder(tmp_path)), output=str(tmp_path / "run"),
         steps=1, batch_size=2, eval_holdout=2, num_workers=0, progress=False, device="cpu",
@@ -156,7 +156,11 @@ def test_the_sliced_recipes_model_keeps_its_margin_of_padding_after_each_input(t
     )  # fmt: skip
     margin = RECIPES["unpadded-sliced"].defaults["unpadded_margin"]
     assert config.unpadded_margin == margin == 50
-    loaded = whisper_rope.load_model(finetune(config=config).model_path, device="cpu")
+    result = finetune(config=config)
+    start = json.loads((tmp_path / "run" / "train_log.jsonl").read_text().splitlines()[0])
+    assert start["objective"]["kl"] == 1.0 and start["objective"]["decoder_layers"] == 1.0  # hidden states and KL
+    assert start["objective"]["ce"] == 0.0 and config.distill_temperature == 2.0  # label-free: no hard targets
+    loaded = whisper_rope.load_model(result.model_path, device="cpu")
     assert loaded.unpadded and loaded.unpadded_margin == margin
     clip = load_audio(sorted(SPEECH.glob("*.flac"))[0])
     mel = padded_window(clip, loaded.dims.n_mels)[None]

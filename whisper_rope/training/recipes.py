@@ -8,8 +8,9 @@ same shape that still ends as the model the recipe promises; its hold-out is a s
 
 Both recipes here adapt a checkpoint to *unpadded* decoding (each clip's own frames instead of a 30-s window) from
 untranscribed audio: the frozen source model, fed the 30-s window, is the teacher; its transcript is the target
-sequence, and the student matches its hidden states (every decoder layer on the teacher-forced tokens, and the
-encoder's output on the clip's own positions) — no labels anywhere.
+sequence, and the student matches its hidden states (every decoder layer on the teacher-forced tokens; for the rotary
+recipe also the encoder's output on the clip's own positions, for the sliced one also the teacher's token
+distributions) — no labels anywhere.
 """
 
 from dataclasses import dataclass, field
@@ -74,8 +75,17 @@ RECIPES: Dict[str, Recipe] = {
             "unpadded input from untranscribed audio: the baseline a rotary encoder must match"
         ),
         # A margin of 1 s of the padding after each input: fed only its own frames, a sliced model (tiny.en too)
-        # loops on a 1.55-s real clip; with the margin it does not (docs/results.md, "The margin").
-        defaults={**_LABEL_FREE, "variant": "whisper", "steps": 300, "lr": 3e-5, "unpadded_margin": 50},
+        # loops on a 1.55-s real clip; with the margin it does not (docs/results.md, "The margin"). The KL term on
+        # the teacher's token distributions (temperature 2) keeps the second sentence of 5-10-s windows that the
+        # hidden states alone let the student end early on (docs/results.md, "A fresh draw").
+        defaults={
+            **_LABEL_FREE,
+            "variant": "whisper",
+            "steps": 300,
+            "lr": 3e-5,
+            "unpadded_margin": 50,
+            "distill_weight": 1.0,
+        },
         shares={"warmup_steps": 20 / 300},
     ),
 }
