@@ -76,8 +76,8 @@ RECIPES: Dict[str, Recipe] = {
         ),
         # A margin of 1 s of the padding after each input: fed only its own frames, a sliced model (tiny.en too)
         # loops on a 1.55-s real clip; with the margin it does not (docs/results.md, "The margin"). The KL term on
-        # the teacher's token distributions (temperature 2) keeps the second sentence of 5-10-s windows that the
-        # hidden states alone let the student end early on (docs/results.md, "A fresh draw").
+        # the teacher's token distributions (temperature 2) makes the student end fewer 5-20-s windows after their
+        # first sentence than the hidden states alone (docs/results.md, "A fresh draw").
         defaults={
             **_LABEL_FREE,
             "variant": "whisper",
