@@ -148,9 +148,14 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_the_weights_layer_is_at_the_bottom():
     """weights/format.py reads and validates .pt files and imports nothing above it in the package: the error types,
-    and the range of RoPE's base from positional.py (a stored theta is checked by the bounds the model enforces)."""
+    and the ranges the model enforces, so that a stored option is checked by the same bounds (RoPE's base from
+    positional.py, the end-of-text penalty from fields.py)."""
     graph = _import_edges()
-    assert graph["whisper_rope.weights.format"] <= {"whisper_rope.errors", "whisper_rope.positional"}
+    assert graph["whisper_rope.weights.format"] <= {
+        "whisper_rope.errors",
+        "whisper_rope.positional",
+        "whisper_rope.fields",
+    }
 
 
 #: The layers of docs/design.md, bottom first: a module imports only modules of its own layer or of layers before

@@ -35,6 +35,7 @@ from .adapted_lengths import warn_outside
 from .audio import load_audio
 from .decoding.task import BatchDecodingTask
 from .features import audio_position_mask, cut_trailing_padding
+from .fields import EOT_PENALTY
 from .packing import PackedClips, block_diagonal_attention
 from .positional import RotaryEmbedding
 from .variants import SideScheme, Variant, parse_variant
@@ -50,6 +51,10 @@ class ModelSettings:
     unpadded: the encoder drops the 30-s padding upstream's ``transcribe`` appends and encodes each clip's own
         frames (`PositionalAudioEncoder`); an absolute table is then sliced.
     unpadded_margin: padding positions an unpadded encoder keeps after each clip's real frames.
+    eot_penalty: nats taken off the end-of-text logit at every step of decoding without timestamps
+        (`decoding.end_of_text.EndOfTextPenalty`): a model adapted to unpadded input ends the text a little more
+        eagerly than its source at sentence ends (docs/results.md, "Why windows still end early"); 0 decodes as
+        upstream.
     table_scales: (encoder, decoder) factors of the absolute tables: 1 as trained, annealed towards 0 by positional
         transplant schedules (`training/transplant.py`).
     one_clip_per_call: the encoder takes a batch's clips one at a time, each at its own frames (int8 models:
@@ -60,6 +65,7 @@ class ModelSettings:
 
     unpadded: bool = False
     unpadded_margin: int = 0
+    eot_penalty: float = 0.0
     table_scales: Tuple[float, float] = (1.0, 1.0)
     one_clip_per_call: bool = False
     audio_kv_dtype: Optional[torch.dtype] = None
@@ -510,7 +516,7 @@ class WhisperRope(Whisper):
     Attributes:
         variant: canonical ``ENCODER/DECODER`` string.
         rotary_options: options stored in checkpoints (``theta``, ``gated``, ``unpadded``, ``unpadded_margin``, and
-            ``adapted_seconds`` once set).
+            ``eot_penalty`` and ``adapted_seconds`` once set).
         adapted_seconds: (shortest, longest) training window in seconds of the run that fine-tuned the model
             (None: not recorded); unpadded input far outside it is warned about (`adaptation.warn_outside`).
         load_report: set by `whisper_rope.load_model` (what was loaded, dropped, newly initialised).
@@ -572,7 +578,8 @@ class WhisperRope(Whisper):
     def configure(self, **changes: object) -> "WhisperRope":
         """Replace the named fields of `settings` (``model.configure(unpadded=True, unpadded_margin=4)``) for good.
 
-        Raises ValueError for an unpadded margin outside 0..n_audio_ctx, TypeError for a name that is no field.
+        Raises ValueError for an unpadded margin outside 0..n_audio_ctx or an end-of-text penalty outside
+        `EOT_PENALTY`, TypeError for a name that is no field.
         Returns the model.
         """
         settings = replace(self._settings, **changes)
@@ -581,7 +588,9 @@ class WhisperRope(Whisper):
             raise ValueError(
                 f"unpadded margin must be an integer in 0..{self.dims.n_audio_ctx} positions, got {margin!r}"
             )
-        self._install(replace(settings, unpadded=bool(settings.unpadded)))
+        if not EOT_PENALTY.accepts(settings.eot_penalty):
+            raise ValueError(f"end-of-text penalty must be {EOT_PENALTY} nats, got {settings.eot_penalty!r}")
+        self._install(replace(settings, unpadded=bool(settings.unpadded), eot_penalty=float(settings.eot_penalty)))
         return self
 
     @contextmanager
@@ -626,12 +635,23 @@ class WhisperRope(Whisper):
         self.configure(unpadded_margin=value)
 
     @property
+    def eot_penalty(self) -> float:
+        """Nats taken off the end-of-text logit when decoding without timestamps: ``settings.eot_penalty``;
+        assigning it is `configure`."""
+        return self._settings.eot_penalty
+
+    @eot_penalty.setter
+    def eot_penalty(self, value: float) -> None:
+        self.configure(eot_penalty=value)
+
+    @property
     def rotary_options(self) -> Dict[str, object]:
         return {
             "theta": self.rotary_theta,
             "gated": self.gated_rotary,
             "unpadded": self.unpadded,
             "unpadded_margin": self.unpadded_margin,
+            **({"eot_penalty": self.eot_penalty} if self.eot_penalty else {}),
             **({} if self.adapted_seconds is None else {"adapted_seconds": list(self.adapted_seconds)}),
         }
 

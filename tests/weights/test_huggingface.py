@@ -189,24 +189,24 @@ def test_an_unpadded_model_keeps_its_setting_through_hugging_face_and_back(tmp_p
     from whisper_rope import build_model, load_model, save_checkpoint
 
     model = build_model(whisper.model.ModelDimensions(**SMALL_DIMS), "whisper")
-    model.unpadded, model.unpadded_margin = True, 3  # as `finetune --recipe unpadded-sliced` saves it
+    model.configure(unpadded=True, unpadded_margin=3, eot_penalty=1.5)  # as `finetune --recipe unpadded-sliced`
     pt = save_checkpoint(model, tmp_path / "sliced.pt")
     hf = convert(pt, tmp_path / "hf")
     config = json.loads((hf / "config.json").read_text())
-    assert config["whisper_rope"] == {"unpadded": True, "unpadded_margin": 3}
+    assert config["whisper_rope"] == {"unpadded": True, "unpadded_margin": 3, "eot_penalty": 1.5}
     exported = load_model(hf, device="cpu")
-    assert (exported.unpadded, exported.unpadded_margin) == (True, 3)
+    assert (exported.unpadded, exported.unpadded_margin, exported.eot_penalty) == (True, 3, 1.5)
     back = load_model(convert(hf, tmp_path / "back.pt"), device="cpu")
-    assert (back.unpadded, back.unpadded_margin) == (True, 3)
+    assert (back.unpadded, back.unpadded_margin, back.eot_penalty) == (True, 3, 1.5)
     assert whisper.load_model(tmp_path / "back.pt", device="cpu").dims == exported.dims  # still upstream's file
     # A padded model's export carries no such key: upstream's config, as before.
-    model.unpadded, model.unpadded_margin = False, 0
+    model.configure(unpadded=False, unpadded_margin=0, eot_penalty=0.0)
     plain = convert(save_checkpoint(model, tmp_path / "plain.pt"), tmp_path / "plain-hf")
     assert "whisper_rope" not in json.loads((plain / "config.json").read_text())
     assert load_model(plain, device="cpu").unpadded is False
 
 
-@pytest.mark.parametrize("value", [{"unpadded": "yes"}, {"rotary_theta": 5.0}, [True]])
+@pytest.mark.parametrize("value", [{"unpadded": "yes"}, {"rotary_theta": 5.0}, [True], {"eot_penalty": -1}])
 def test_a_config_with_a_bad_whisper_rope_entry_is_refused_naming_it(tmp_path: Path, value) -> None:
     _, out = _write(tmp_path)
     config = json.loads((out / "config.json").read_text())

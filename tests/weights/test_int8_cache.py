@@ -89,6 +89,8 @@ def test_load_model_caches_a_named_int8_model_and_reads_it_back_with_the_same_tr
     cached = whisper_rope.load_model("tiny.en", device="cpu", compute_type="int8")
     assert "as the cached int8 model" in cached.load_report.source and str(cached_file) in cached.load_report.source
     assert "cached int8" not in fresh.load_report.source
+    assert cached.eot_penalty == fresh.eot_penalty == 0.0  # a named model has none; a load can set one
+    assert whisper_rope.load_model("tiny.en", device="cpu", compute_type="int8", eot_penalty=2.0).eot_penalty == 2.0
     assert cached.load_report.loaded == fresh.load_report.loaded
     for (name, a), (_, b) in zip(fresh.named_modules(), cached.named_modules()):
         if isinstance(a, Int8Linear):

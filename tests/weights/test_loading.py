@@ -97,6 +97,17 @@ def test_save_load_round_trip_restores_variant_options_and_tensors(tmp_path, dim
     assert raw["rotary"]["theta"] == 5000.0
 
 
+def test_an_end_of_text_penalty_is_stored_restored_and_overridden_at_load(tmp_path, dims):
+    model = whisper_rope.build_model(dims, "whisper").configure(unpadded=True, eot_penalty=1.5)
+    path = whisper_rope.save_checkpoint(model, tmp_path / "m.pt")
+    assert torch.load(path, weights_only=True)["rotary"]["eot_penalty"] == 1.5
+    assert whisper_rope.load_model(path, device="cpu").eot_penalty == 1.5
+    assert whisper_rope.load_model(path, device="cpu", eot_penalty=0).eot_penalty == 0.0
+    plain = whisper_rope.save_checkpoint(whisper_rope.build_model(dims, "whisper"), tmp_path / "plain.pt")
+    assert "eot_penalty" not in torch.load(plain, weights_only=True)["rotary"]  # older readers see what they knew
+    assert whisper_rope.load_model(plain, device="cpu").eot_penalty == 0.0
+
+
 def test_whisper_variant_file_loads_in_upstream(tmp_path, dims):
     model = randomise_(whisper_rope.build_model(dims, "whisper")).eval()
     path = whisper_rope.save_checkpoint(model, tmp_path / "w.pt")

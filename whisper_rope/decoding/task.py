@@ -18,6 +18,7 @@ from whisper.model import Whisper
 
 from ..features import audio_position_mask, cut_trailing_padding
 from .beam_search import BatchBeamSearchDecoder
+from .end_of_text import EndOfTextPenalty
 from .timestamp_rules import BatchTimestampRules
 
 
@@ -94,6 +95,8 @@ class BatchDecodingTask(DecodingTask):
     * The per-step bookkeeping that upstream does row by row in Python runs as tensor operations over all rows,
       with upstream's results: beam search (`BatchBeamSearchDecoder`), the timestamp rules (`BatchTimestampRules`)
       and the beams' self-attention cache reordering (`ClipMaskedInference.rearrange_kv_cache`).
+    * A model with an end-of-text penalty (``model.eot_penalty``) has it taken off the end-of-text logit at every
+      step when decoding without timestamps (`EndOfTextPenalty`); with timestamps it decodes as upstream.
     """
 
     def __init__(self, model: Whisper, options: DecodingOptions):
@@ -107,6 +110,9 @@ class BatchDecodingTask(DecodingTask):
             _batch_timestamp_rules(rules) if type(rules) is ApplyTimestampRules else rules
             for rules in self.logit_filters
         ]
+        penalty = getattr(model, "eot_penalty", 0.0)
+        if penalty and options.without_timestamps:
+            self.logit_filters.append(EndOfTextPenalty(self.tokenizer.eot, penalty))
         self.rows_per_clip = 1
         self.audio_lengths: Optional[List[int]] = None
 

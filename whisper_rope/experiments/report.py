@@ -4,6 +4,10 @@ The data: ``--eval``, or for a label-free run its held-out clips with the teache
 windows of 5-30 s and one recording of them all (`holdout.every_length_holdout`), so that every length bucket and
 the long-form paths are scored, not only clips shaped like the training clips.
 
+A model with an end-of-text penalty (``eot_penalty``, `decoding.end_of_text`) gets a third row: the source decoded
+with the same penalty, on the windows up to 30 s (the penalty leaves decoding with timestamps, so the long-form
+paths, as they are).
+
 Each row: WER, how many hypotheses ran into the length cap (loops) and the WER of the others — on a small set one
 looping hypothesis can add tens of points, so both are shown — and the real-time factor. Below it, a row per clip
 length bucket (`metrics.LENGTH_BUCKETS`) with each model's WER and capped hypotheses side by side; recordings over
@@ -24,6 +28,9 @@ from ..training.config import FinetuneConfig
 from ..training.holdout import HOLDOUT_MANIFEST, every_length_holdout
 from ..training.state import REPORT_JSON_FILE, REPORT_TABLE_FILE
 from ..weights.loading import load_model
+
+#: The name of the row of the source decoded with the adapted model's end-of-text penalty (then its nats).
+PENALISED_SOURCE = "source, end-of-text penalty"
 
 
 def wer_without_capped(result: EvaluationResult) -> Optional[float]:
@@ -52,7 +59,10 @@ def final_evaluation(result, config: FinetuneConfig, progress: bool = True) -> O
     source = load_model(
         source_name, variant="whisper" if teacher_references else None, device=device, progress=progress
     )
-    rows.insert(0, _row("source", source, *_evaluations(source, data, config.batch_size, progress)))
+    source_evaluations = _evaluations(source, data, config.batch_size, progress)
+    rows.insert(0, _row("source", source, *source_evaluations))
+    if getattr(model, "eot_penalty", 0.0):
+        rows.insert(1, _penalised_source_row(source, model.eot_penalty, data, source_evaluations[0], config, progress))
     references = (
         "the teacher's 30-s transcripts of the held-out clips, joined in order for windows of several of them"
         if teacher_references
@@ -89,6 +99,20 @@ def _evaluations(model, data, batch_size: int, progress: bool) -> Tuple[Evaluati
     return evaluation, evaluate(model, long, batch_size=batch_size, long_form="batched", progress=progress)
 
 
+def _penalised_source_row(
+    source, penalty: float, data, evaluation: EvaluationResult, config: FinetuneConfig, progress: bool
+) -> Dict[str, Any]:
+    """The source decoded with the adapted model's end-of-text penalty: how much of the adapted model's result the
+    penalty gives alone. Recordings over 30 s decode with timestamps, which the penalty leaves as they are, so only
+    the windows up to 30 s are decoded again."""
+    source.configure(eot_penalty=penalty)
+    manifest = read_manifest(data, require_text=False)
+    long_rows = {row.row for row in evaluation.rows if row.long_form is not None}
+    windows = Manifest(manifest.source, [example for example in manifest.examples if example.row not in long_rows])
+    again = evaluate(source, windows, batch_size=config.batch_size, progress=progress)
+    return _row(f"{PENALISED_SOURCE} {penalty:g}", source, again)
+
+
 def _row(name: str, model, evaluation: EvaluationResult, batched: Optional[EvaluationResult] = None) -> Dict[str, Any]:
     """The table's row of one model; ``batched``: its recordings over 30 s through the batched long-form path, shown
     as the bucket ``> 30 s, batched``."""
@@ -123,4 +147,6 @@ def _table(rows: List[Dict[str, Any]], data, references: str) -> str:
         )
     columns = {f"{row['model']} ({row['input']})": row["buckets"] for row in rows}
     lines += ["", "WER per clip length:", "", length_bucket_table(columns)]
+    if any(row["model"].startswith(PENALISED_SOURCE) for row in rows):
+        lines += ["", "The end-of-text penalty leaves decoding with timestamps (recordings over 30 s) as it is."]
     return "\n".join(lines)

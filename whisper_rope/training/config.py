@@ -6,6 +6,7 @@ from typing import Optional
 
 from ..fields import (
     BATCH,
+    EOT_PENALTY,
     LEARNING_RATE,
     MAX_COUNT,
     SEED,
@@ -171,6 +172,13 @@ class FinetuneConfig:
     )
     unpadded_margin: int = opt(
         0, "padding positions (20 ms each) an unpadded encoder keeps after each clip", bounds=UNPADDED_MARGIN
+    )
+    eot_penalty: float = opt(
+        0.0,
+        "nats the model takes off the end-of-text logit when decoding without timestamps, stored in its "
+        "checkpoint: an adapted model ends the text a little more eagerly than its source at sentence ends "
+        "(training itself is unchanged; validation and the final table decode with it)",
+        bounds=EOT_PENALTY,
     )
     windows: str = opt(
         "clips",

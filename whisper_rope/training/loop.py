@@ -289,7 +289,7 @@ def _setup(model, train, eval, config: FinetuneConfig, teacher, context: Distrib
     if schedule is not None:
         apply_schedule(model, schedule, int(state["step"]) if state else 0)
     unpadded = _starts_unpadded(model, config, schedule, state)
-    model.configure(unpadded=unpadded, unpadded_margin=config.unpadded_margin)
+    model.configure(unpadded=unpadded, unpadded_margin=config.unpadded_margin, eot_penalty=config.eot_penalty)
     objective = _objective(config)
     cache, teacher_embedding = _teacher(config, teacher, objective, eval, context.device)
     if cache is not None:
@@ -694,6 +694,7 @@ def _log_start(run: RunState) -> None:
             "skipped_eval_rows": [str(p) for p in eval_set.problems] if eval_set else [],
             "unpadded": run.unpadded,
             "unpadded_margin": run.config.unpadded_margin,
+            "eot_penalty": run.config.eot_penalty,
             "objective": {"ce": run.objective.ce, "kl": run.objective.kl, **asdict(run.objective.states)},
             "world_size": run.context.world_size,
             "resumed_from": str(run.resumed_from) if run.resumed_from else None,

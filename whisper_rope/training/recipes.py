@@ -77,7 +77,9 @@ RECIPES: Dict[str, Recipe] = {
         # A margin of 1 s of the padding after each input: fed only its own frames, a sliced model (tiny.en too)
         # loops on a 1.55-s real clip; with the margin it does not (docs/results.md, "The margin"). The KL term on
         # the teacher's token distributions (temperature 2) makes the student end fewer 5-20-s windows after their
-        # first sentence than the hidden states alone (docs/results.md, "A fresh draw").
+        # first sentence than the hidden states alone (docs/results.md, "A fresh draw"); still, it ends the text a
+        # fifth of a nat more eagerly than the source at sentence ends, and the 1-nat end-of-text penalty of
+        # decoding without timestamps moves those ends back (docs/results.md, "Why windows still end early").
         defaults={
             **_LABEL_FREE,
             "variant": "whisper",
@@ -85,6 +87,7 @@ RECIPES: Dict[str, Recipe] = {
             "lr": 3e-5,
             "unpadded_margin": 50,
             "distill_weight": 1.0,
+            "eot_penalty": 1.0,
         },
         shares={"warmup_steps": 20 / 300},
     ),

@@ -165,6 +165,6 @@ def finalize_transplant(model: WhisperRope, tolerance: float = 1e-3) -> Tuple[Wh
     state, report = adapt_state_dict(source, model.variant, plain, source="finished transplant")
     plain.load_state_dict(state, strict=True)
     plain.register_buffer("alignment_heads", model.alignment_heads.clone(), persistent=False)
-    plain.configure(unpadded=model.unpadded, unpadded_margin=model.unpadded_margin)
+    plain.configure(unpadded=model.unpadded, unpadded_margin=model.unpadded_margin, eot_penalty=model.eot_penalty)
     plain.load_report = report
     return plain, report

@@ -49,7 +49,8 @@ class ImportedCheckpoint:
         source: a one-line human description of where the weights came from.
         extra: other facts the source carried (e.g. ``lang_ids``, ``suppress_ids``), for information only.
         input_options: whisper_rope's input settings the source carried (``unpadded``, ``unpadded_margin``: how the
-            model was fine-tuned to be fed), which loading restores; empty for upstream's padded input.
+            model was fine-tuned to be fed; ``eot_penalty``: how it is to be decoded), which loading restores; empty
+            for upstream's padded input.
     """
 
     dims: Dict[str, int]

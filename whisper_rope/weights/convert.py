@@ -154,7 +154,7 @@ def _input_options(checkpoint: Dict[str, Any]) -> Dict[str, Any]:
     """The input settings of a model fine-tuned for unpadded input, which the export keeps in its config.json; {}
     for upstream's padded input."""
     stored = checkpoint.get("rotary") or {}
-    if not stored.get("unpadded") and not stored.get("unpadded_margin"):
+    if not any(stored.get(key) for key in INPUT_OPTIONS):
         return {}
     return {key: stored[key] for key in INPUT_OPTIONS if key in stored}
 

@@ -26,6 +26,7 @@ from ..errors import (
     one_line,
     out_of_resources,
 )
+from ..fields import EOT_PENALTY
 from ..positional import ROTARY_THETA
 
 # The fields of ``whisper.model.ModelDimensions``, in its order.
@@ -442,6 +443,10 @@ _ROTARY_OPTIONS = {
         lambda value, dims: (
             isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= dims["n_audio_ctx"]
         ),
+    ),
+    "eot_penalty": (
+        str(EOT_PENALTY) + " nats",
+        lambda value, dims: EOT_PENALTY.accepts(value),
     ),
     "table_scale": (
         "[encoder, decoder] numbers in [0, 1]",

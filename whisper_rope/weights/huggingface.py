@@ -15,9 +15,10 @@ The tensors are upstream Whisper's under other names::
 
 Both sides keep the query unscaled (Hugging Face scales at run time too), so tensors carry over unchanged.
 
-A model fine-tuned for unpadded input (each clip's own frames, its sinusoid table sliced) keeps that setting in
-``config.json`` under ``whisper_rope`` (``{"unpadded": true, "unpadded_margin": 0}``), which `read_huggingface`
-restores; transformers keeps unknown config keys as they are, but pads every input to 30 s itself.
+A model fine-tuned for unpadded input (each clip's own frames, its sinusoid table sliced) keeps those settings in
+``config.json`` under ``whisper_rope`` (``{"unpadded": true, "unpadded_margin": 50, "eot_penalty": 1.0}``), which
+`read_huggingface` restores; transformers keeps unknown config keys as they are, but pads every input to 30 s itself
+and does not apply the end-of-text penalty.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ PYTORCH_BIN = "pytorch_model.bin"
 TIED_OUTPUT = "proj_out.weight"
 #: The config.json key of whisper_rope's input settings, and the settings it may hold.
 INPUT_OPTIONS_KEY = "whisper_rope"
-INPUT_OPTIONS = ("unpadded", "unpadded_margin")
+INPUT_OPTIONS = ("unpadded", "unpadded_margin", "eot_penalty")
 
 # (pattern on an upstream name, replacement) applied in order; the first group of rules renames whole names.
 _TO_HF = [
@@ -421,7 +422,8 @@ def write_huggingface(
         out_dir: directory to create; must not exist (or be empty) unless ``overwrite``.
         alignment_heads: bool (n_text_layer, n_text_head) mask, stored as [layer, head] pairs.
         overwrite: replace an existing ``out_dir``.
-        input_options: whisper_rope's input settings to keep in config.json (``unpadded``, ``unpadded_margin``).
+        input_options: whisper_rope's input settings to keep in config.json (``unpadded``, ``unpadded_margin``,
+            ``eot_penalty``).
 
     Returns:
         ``out_dir`` as a Path.

@@ -34,7 +34,7 @@ from whisper.model import ModelDimensions
 from .. import version
 from ..compute_type import INT8, apply_compute_type, resolve_compute_type
 from ..errors import CheckpointError, ModelNotFoundError, PathLike, VariantError, first_line, one_line
-from ..fields import THREADS, UNPADDED_MARGIN, PathText, check_bounds, check_device, flags, opt
+from ..fields import EOT_PENALTY, THREADS, UNPADDED_MARGIN, PathText, check_bounds, check_device, flags, opt
 from ..fs.atomic import atomic_torch_save
 from ..model import DEFAULT_ROTARY_THETA, WhisperRope, WithoutRandomInit
 from ..positional import ROTARY_THETA
@@ -292,6 +292,7 @@ def load_model(
     gated_rotary: Optional[bool] = None,
     unpadded: Optional[bool] = None,
     unpadded_margin: Optional[int] = None,
+    eot_penalty: Optional[float] = None,
     compute_type: str = "default",
     progress: bool = True,
 ) -> WhisperRope:
@@ -305,17 +306,16 @@ def load_model(
         device: where to put the model (default: CUDA if available, else CPU).
         download_root: upstream's download/cache directory (default ``~/.cache/whisper``).
         in_memory: read the checkpoint file into memory before loading (as upstream).
-        rotary_theta, gated_rotary, unpadded, unpadded_margin: rotary and input options; None keeps the
-            checkpoint's (default 10000, False, False, 0). ``unpadded`` encodes each clip's own frames (an encoder
-            with a sinusoid table adds its rows 0..n-1: the sliced table); ``unpadded_margin`` keeps that many
-            positions of padding after them.
+        rotary_theta, gated_rotary, unpadded, unpadded_margin, eot_penalty: None keeps the checkpoint's (default
+            10000, False, False, 0, 0). ``unpadded`` encodes each clip's own frames (an encoder with a sinusoid table
+            adds its rows 0..n-1: the sliced table), ``unpadded_margin`` keeps that many positions of padding after
+            them, ``eot_penalty`` nats come off the end-of-text logit when decoding without timestamps.
         compute_type: faster-whisper's names: ``default``/``float32`` (upstream's numerics), ``int8``/``int8_float32``
             (int8 Linear layers but the encoder's first self-attention, int8 output projection, CPU), ``auto``
             (int8 on the CPU, float32 elsewhere); see `compute_type.py`. The default here is ``default``:
             ``load_model`` gives upstream's ``whisper.load_model`` numerics, while the commands (`LoadOptions`)
-            default to ``auto``.
-            An unsupported name or device is refused before any weights are read. A model *name* in int8 is read
-            from, or on its first int8 load written to, `int8_cache` (the same model, bit for bit).
+            default to ``auto``. An unsupported name or device is refused before any weights are read. A model
+            *name* in int8 is read from, or on its first int8 load written to, `int8_cache` (the same model).
         progress: show a bar while an installed model (tiny.en of the faster-whisper packages) is converted on first
             use (``--no-progress`` turns it off).
 
@@ -335,7 +335,7 @@ def load_model(
         cache_file = _int8_cache_file(name_or_path, download_root, variant, rotary_theta, gated_rotary, progress)
         cached = int8_cache.cached_or_none(cache_file)
         if cached is not None:
-            return _finish_cached(*cached, cache_file, unpadded, unpadded_margin, os.fspath(name_or_path))
+            return _finish_cached(*cached, cache_file, unpadded, unpadded_margin, eot_penalty, os.fspath(name_or_path))
     checkpoint, heads, source = resolve_checkpoint(name_or_path, download_root, in_memory, progress)
     stored_variant = checkpoint.get("variant", UPSTREAM_VARIANT)  # both checked by validate_checkpoint
     stored_options = checkpoint.get("rotary") or {}
@@ -353,7 +353,7 @@ def load_model(
     model.load_state_dict(state, strict=True)
     _set_alignment_heads(model, heads)
     _restore_table_scales(model, stored_options.get("table_scale"), parse_variant(stored_variant))
-    trained_unpadded = _restore_input_options(model, stored_options, unpadded, unpadded_margin)
+    trained_unpadded = _restore_input_options(model, stored_options, unpadded, unpadded_margin, eot_penalty)
     _warn_untrained_positions(model, parse_variant(stored_variant), report, trained_unpadded, os.fspath(name_or_path))
     model.load_report = report
     logger.info("%s", report.summary())
@@ -365,15 +365,20 @@ def load_model(
 
 
 def _restore_input_options(
-    model: WhisperRope, stored: dict, unpadded: Optional[bool], unpadded_margin: Optional[int]
+    model: WhisperRope,
+    stored: dict,
+    unpadded: Optional[bool],
+    unpadded_margin: Optional[int],
+    eot_penalty: Optional[float],
 ) -> bool:
-    """Set the model's input options from the checkpoint's ``rotary`` entry ``stored`` (``unpadded`` and
-    ``unpadded_margin`` when not given; the window lengths it was adapted on). Returns whether it was trained
-    unpadded."""
+    """Set the model's input options from the checkpoint's ``rotary`` entry ``stored`` (``unpadded``,
+    ``unpadded_margin`` and ``eot_penalty`` when not given; the window lengths it was adapted on). Returns whether
+    it was trained unpadded."""
     trained = bool(stored.get("unpadded", False))
     model.configure(
         unpadded=trained if unpadded is None else unpadded,
         unpadded_margin=int(stored.get("unpadded_margin", 0) if unpadded_margin is None else unpadded_margin),
+        eot_penalty=float(stored.get("eot_penalty", 0.0) if eot_penalty is None else eot_penalty),
     )
     model.trained_unpadded = trained
     adapted = stored.get("adapted_seconds")
@@ -440,12 +445,15 @@ def _finish_cached(
     path: Path,
     unpadded: Optional[bool],
     unpadded_margin: Optional[int],
+    eot_penalty: Optional[float],
     name: str,
 ) -> WhisperRope:
-    """Set on a model read from the int8 cache what `load_model` sets on a freshly loaded one."""
+    """Set on a model read from the int8 cache what `load_model` sets on a freshly loaded one (the cache holds
+    named upstream models only, which have no end-of-text penalty of their own)."""
     model.configure(
         unpadded=info.trained_unpadded if unpadded is None else unpadded,
         unpadded_margin=int(info.unpadded_margin if unpadded_margin is None else unpadded_margin),
+        eot_penalty=float(eot_penalty or 0.0),
     )
     report = LoadReport(**info.report)
     report.source = f"{report.source}, as the cached int8 model {path}"
@@ -563,6 +571,14 @@ class LoadOptions:
         "checkpoint's (0)",
         bounds=UNPADDED_MARGIN,
     )
+    eot_penalty: Optional[float] = opt(
+        None,
+        "nats taken off the end-of-text logit at each step of decoding without timestamps (the evaluate "
+        "command; decode with without_timestamps=True), so that a model adapted to unpadded input does not end "
+        "the text after a window's first sentence; decoding with timestamps (transcribe's default) is unchanged. "
+        "Default: the checkpoint's (1 for a model of --recipe unpadded-sliced, else 0)",
+        bounds=EOT_PENALTY,
+    )
     # The commands' default is auto (faster-whisper's habit), load_model's is upstream's float32: on the CPU int8
     # decodes the length-bucket sets in 5.4x less time for 0.4 points more WER (benchmarks/README.md, "Defaults").
     compute_type: str = opt(
@@ -574,8 +590,9 @@ class LoadOptions:
     )
 
     def validate(self) -> "LoadOptions":
-        """Refuse a number outside its declared range (``threads``, ``rotary_theta``, ``unpadded_margin``), a device
-        this machine does not have, or an unknown variant, in one line naming the option. Returns itself."""
+        """Refuse a number outside its declared range (``threads``, ``rotary_theta``, ``unpadded_margin``,
+        ``eot_penalty``), a device this machine does not have, or an unknown variant, in one line naming the option.
+        Returns itself."""
         check_bounds(self)
         check_device(self.device, flags("device"))
         if self.variant is not None:
@@ -596,6 +613,7 @@ class LoadOptions:
             rotary_theta=self.rotary_theta,
             unpadded=unpadded,
             unpadded_margin=self.unpadded_margin,
+            eot_penalty=self.eot_penalty,
             compute_type=self.compute_type,
             progress=progress,
         )
