@@ -253,5 +253,7 @@ def test_rotary_options_of_a_later_version_are_left_alone_and_the_margin_is_boun
 @pytest.mark.parametrize("penalty", [-1.0, 21, float("inf"), "1", None])
 def test_a_stored_end_of_text_penalty_outside_its_range_is_refused_naming_it(penalty):
     validate_checkpoint(_ours("whisper", rotary={"eot_penalty": 1.5}), "f")
-    with pytest.raises(CheckpointError, match=r"'f': rotary.eot_penalty is .*, expected a finite number from 0 to 20 nats"):
+    with pytest.raises(
+        CheckpointError, match=r"'f': rotary.eot_penalty is .*, expected a finite number from 0 to 20 nats"
+    ):
         validate_checkpoint(_ours("whisper", rotary={"eot_penalty": penalty}), "f")

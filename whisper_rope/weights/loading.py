@@ -573,10 +573,10 @@ class LoadOptions:
     )
     eot_penalty: Optional[float] = opt(
         None,
-        "nats taken off the end-of-text logit at each step of decoding without timestamps (the evaluate "
-        "command; decode with without_timestamps=True), so that a model adapted to unpadded input does not end "
-        "the text after a window's first sentence; decoding with timestamps (transcribe's default) is unchanged. "
-        "Default: the checkpoint's (1 for a model of --recipe unpadded-sliced, else 0)",
+        "nats taken off the end-of-text logit at each step of decoding without timestamps (what evaluate does), "
+        "so that a model adapted to unpadded input does not end the text after a window's first sentence; "
+        "decoding with timestamps (transcribe, upstream's loop) is left as it is. Default: the checkpoint's (1 "
+        "for a model of --recipe unpadded-sliced, else 0)",
         bounds=EOT_PENALTY,
     )
     # The commands' default is auto (faster-whisper's habit), load_model's is upstream's float32: on the CPU int8
