@@ -64,6 +64,19 @@ def real_frame_counts(mel: Tensor, min_frames: int = 2) -> Tensor:
     return (n_real + n_real % 2).clamp(min_frames, mel.shape[-1])
 
 
+def holds_audio_end(mel: Tensor) -> Tensor:
+    """Per clip, whether its audio ends inside the window: padding follows its real frames (`real_frame_counts`), or
+    the window is not upstream's 30 s (a clip's own frames, a whole recording read at once). A full 30-s window of
+    real frames is taken as cut out of a longer recording (upstream's loop), whose speech may go on past its end.
+
+    mel: (b, n_mels, n_frames) or (n_mels, n_frames). Returns (b,) bool.
+    """
+    mel = mel.reshape(-1, *mel.shape[-2:])
+    if mel.shape[-1] != N_FRAMES:
+        return torch.ones(mel.shape[0], dtype=torch.bool, device=mel.device)
+    return real_frame_counts(mel) < N_FRAMES
+
+
 def trailing_padding_start(mel: Tensor, min_frames: int = 2) -> int:
     """Frames to keep so that no clip of a padded batch loses audio: the largest of `real_frame_counts`."""
     return int(real_frame_counts(mel, min_frames).max())

@@ -94,8 +94,8 @@ SEED = Bounds.integers(0, 2**32 - 1)
 LEARNING_RATE = Bounds.reals(0, 1, low_open=True)
 #: Padding positions (20 ms each) an unpadded encoder keeps after a clip: at most a whole 30-s window.
 UNPADDED_MARGIN = Bounds.integers(0, 1500)
-#: Nats taken off the end-of-text logit when decoding without timestamps (`decoding/end_of_text.py`): 20 makes end of
-#: text 5e8 times less likely; more is a typo, not a setting.
+#: Nats taken off the end-of-text logit of windows that hold their audio's end (`decoding/end_of_text.py`): 20 makes
+#: end of text 5e8 times less likely; more is a typo, not a setting.
 EOT_PENALTY = Bounds.reals(0, 20)
 
 

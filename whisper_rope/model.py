@@ -51,10 +51,10 @@ class ModelSettings:
     unpadded: the encoder drops the 30-s padding upstream's ``transcribe`` appends and encodes each clip's own
         frames (`PositionalAudioEncoder`); an absolute table is then sliced.
     unpadded_margin: padding positions an unpadded encoder keeps after each clip's real frames.
-    eot_penalty: nats taken off the end-of-text logit at every step of decoding without timestamps
-        (`decoding.end_of_text.EndOfTextPenalty`): a model adapted to unpadded input ends the text a little more
-        eagerly than its source at sentence ends (docs/results.md, "Why windows still end early"); 0 decodes as
-        upstream.
+    eot_penalty: nats taken off the end-of-text logit at every decoding step of a window that holds the end of its
+        audio (`decoding.end_of_text.EndOfTextPenalty`): a model adapted to unpadded input ends the text a little
+        more eagerly than its source at sentence ends (docs/results.md, "Why windows still end early"); 0 decodes
+        as upstream.
     table_scales: (encoder, decoder) factors of the absolute tables: 1 as trained, annealed towards 0 by positional
         transplant schedules (`training/transplant.py`).
     one_clip_per_call: the encoder takes a batch's clips one at a time, each at its own frames (int8 models:
@@ -636,7 +636,7 @@ class WhisperRope(Whisper):
 
     @property
     def eot_penalty(self) -> float:
-        """Nats taken off the end-of-text logit when decoding without timestamps: ``settings.eot_penalty``;
+        """Nats taken off the end-of-text logit of windows that hold their audio's end: ``settings.eot_penalty``;
         assigning it is `configure`."""
         return self._settings.eot_penalty
 

@@ -1,21 +1,28 @@
-"""The end-of-text penalty of a model adapted to unpadded input: exactly its nats off the end-of-text logit when
-decoding without timestamps, nothing with timestamps."""
+"""The end-of-text penalty of a model adapted to unpadded input: exactly its nats off the end-of-text logit of each
+window that holds the end of its audio, nothing on a full window cut out of a longer recording."""
 
+import numpy as np
 import pytest
 import torch
 import whisper
+from whisper.audio import N_FRAMES
 
 from whisper_rope.decoding.end_of_text import EndOfTextPenalty
+from whisper_rope.features import holds_audio_end
 
 from ..speech_helpers import first_window, random_rotary
 
 EOT = 50256  # the English-only vocabulary's end of text
 
 
-def test_the_penalty_lowers_only_the_end_of_text_logit_and_keeps_a_forbidden_end_forbidden():
-    logits = torch.tensor([[0.5, 2.0, -1.0], [1.0, float("-inf"), 3.0]])
-    EndOfTextPenalty(eot=1, penalty=1.25).apply(logits, torch.zeros(2, 3, dtype=torch.long))
-    assert logits.tolist() == [[0.5, 0.75, -1.0], [1.0, float("-inf"), 3.0]]
+def test_the_penalty_lowers_only_the_end_of_text_logit_of_its_rows_and_keeps_a_forbidden_end_forbidden():
+    logits = torch.tensor([[0.5, 2.0, -1.0], [1.0, float("-inf"), 3.0], [0.0, 1.0, 0.0]])
+    penalty = EndOfTextPenalty(eot=1, penalty=1.25)
+    penalty.apply(logits, torch.zeros(3, 3, dtype=torch.long))
+    assert logits.tolist() == [[0.5, 0.75, -1.0], [1.0, float("-inf"), 3.0], [0.0, -0.25, 0.0]]
+    penalty.rows = torch.tensor([False, True, True])
+    penalty.apply(logits, torch.zeros(3, 3, dtype=torch.long))
+    assert logits.tolist() == [[0.5, 0.75, -1.0], [1.0, float("-inf"), 3.0], [0.0, -1.5, 0.0]]
 
 
 def _eager(model, nats: float):
@@ -28,30 +35,47 @@ def _eager(model, nats: float):
     return model.decoder.register_forward_hook(raise_end)
 
 
+@pytest.mark.parametrize("without_timestamps", [True, False])
 @pytest.mark.parametrize("beam_size", [None, 3])
-def test_a_penalty_undoes_exactly_an_eagerness_of_the_same_nats_without_timestamps(speech, beam_size):
-    """A model made 8 nats more eager ends after its first token; the same model decoded with an 8-nat penalty gives
-    the tokens and log-probabilities of the model as it was. With timestamps the penalty changes nothing."""
+def test_a_penalty_undoes_exactly_an_eagerness_of_the_same_nats(speech, beam_size, without_timestamps):
+    """A model made 8 nats more eager ends its text early; the same model decoded with an 8-nat penalty gives the
+    tokens and log-probabilities of the model as it was, with timestamps or without (each clip ends inside its
+    window)."""
     model = random_rotary(n_text_ctx=448)
     windows = torch.stack([first_window(audio) for audio in speech[:3]])
     options = whisper.DecodingOptions(
-        language="en", without_timestamps=True, beam_size=beam_size, sample_len=10, fp16=False
+        language="en", without_timestamps=without_timestamps, beam_size=beam_size, sample_len=10, fp16=False
     )
     plain = model.decode(windows, options)
-    assert all(len(result.tokens) > 1 for result in plain)
     hook = _eager(model, 8.0)
     eager = model.decode(windows, options)
-    assert [len(result.tokens) for result in eager] == [1, 1, 1]  # a blank start is forbidden, then it ends
+    assert all(len(e.tokens) < len(p.tokens) for e, p in zip(eager, plain))
     model.eot_penalty = 8.0
     undone = model.decode(windows, options)
+    hook.remove()
     for before, after in zip(plain, undone):
         assert after.tokens == before.tokens
         assert after.avg_logprob == pytest.approx(before.avg_logprob, abs=1e-5)
-    timed = whisper.DecodingOptions(language="en", beam_size=beam_size, sample_len=10, fp16=False)
-    with_penalty = model.decode(windows, timed)
-    model.eot_penalty = 0.0
-    assert [r.tokens for r in with_penalty] == [r.tokens for r in model.decode(windows, timed)]
+
+
+def test_a_full_window_of_audio_cut_from_a_longer_recording_is_not_penalised(speech):
+    """Upstream's loop cuts 30-s windows out of a longer recording: where its speech goes on past the window's end,
+    the model's end of text stands. In one batch, the clip that ends inside its window is penalised, the full
+    window is not."""
+    model = random_rotary(n_text_ctx=448)
+    recording = np.concatenate([speech[i % len(speech)] for i in range(20)])  # over 30 s
+    full = whisper.log_mel_spectrogram(recording)[:, :N_FRAMES]
+    windows = torch.stack([full, first_window(speech[0])])
+    assert holds_audio_end(windows).tolist() == [False, True]
+    options = whisper.DecodingOptions(language="en", sample_len=10, fp16=False)
+    plain = model.decode(windows, options)
+    hook = _eager(model, 8.0)
+    eager = model.decode(windows, options)
+    model.eot_penalty = 8.0
+    penalised = model.decode(windows, options)
     hook.remove()
+    assert penalised[0].tokens == eager[0].tokens != plain[0].tokens
+    assert penalised[1].tokens == plain[1].tokens != eager[1].tokens
 
 
 def test_the_penalty_is_a_model_setting_checked_and_stored_only_when_set(dims):

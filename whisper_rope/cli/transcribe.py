@@ -225,10 +225,9 @@ def _check_suppress_tokens(text: str, flag: str) -> None:
 
 def add_transcribe_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of ``whisper-rope transcribe``: `TranscribeOptions` fields, then `LoadOptions` fields in a group
-    of their own, but ``--eot-penalty``: transcribe decodes with timestamps, which the penalty leaves as they are."""
+    of their own."""
     add_dataclass_arguments(parser, TranscribeOptions)
-    group = parser.add_argument_group("loading the model (whisper_rope)")
-    add_dataclass_arguments(group, LoadOptions, skip=("eot_penalty",))
+    add_dataclass_arguments(parser.add_argument_group("loading the model (whisper_rope)"), LoadOptions)
     return parser
 
 

@@ -5,19 +5,25 @@ the teacher where a sentence ends and more speech follows: on average 0.2 nats m
 likeliest other token, enough to tip the few boundaries where the teacher itself hesitates (docs/results.md, "Why
 windows still end early"). Taking a fixed number of nats off the end-of-text logit moves those boundaries back.
 
-Only decoding without timestamps takes it (`BatchDecodingTask`): with timestamps a window ends at a timestamp
-pair, upstream's loop seeks on it, and the same penalty there only trades one word for another (measured: more
-errors through upstream's loop, for the source model as for the adapted one).
+Only windows that hold the end of their audio take it (`features.holds_audio_end`; `BatchDecodingTask` says which):
+a full 30-s window of upstream's loop is cut out of a longer recording, and a model that ends its text before a
+sentence cut at the window's edge is right to, since the loop reads that sentence again from the next window.
+Penalised there too, both models write the cut sentence's first words and lose them (measured: more errors on long
+recordings, for the source model as for the adapted one).
 """
+
+from typing import Optional
 
 from torch import Tensor
 from whisper.decoding import LogitFilter
 
 
 class EndOfTextPenalty(LogitFilter):
-    """Subtract ``penalty`` nats from the end-of-text logit of every row at every step.
+    """Subtract ``penalty`` nats from the end-of-text logit of the rows ``rows`` marks (None: every row), each step.
 
-    Applied after upstream's filters: where they forbid end of text (-inf: a blank first token) it stays forbidden.
+    Applied before upstream's filters, as if the model's own logit were lower: the timestamp rules count end of
+    text among the text tokens they weigh against the timestamps, and where they forbid it (a blank first token) it
+    is forbidden as before.
     The penalty also lowers the end-of-text token's share of a hypothesis's summed log-probability, which
     transcribe's ``logprob_threshold`` fallback reads.
     """
@@ -25,7 +31,11 @@ class EndOfTextPenalty(LogitFilter):
     def __init__(self, eot: int, penalty: float):
         self.eot = eot
         self.penalty = float(penalty)
+        self.rows: Optional[Tensor] = None  # (rows,) bool, set per batch by the decoding task
 
     def apply(self, logits: Tensor, tokens: Tensor) -> None:
         """logits: (rows, n_vocab), changed in place; tokens: (rows, n_tokens), unused."""
-        logits[:, self.eot] -= self.penalty
+        if self.rows is None:
+            logits[:, self.eot] -= self.penalty
+        else:
+            logits[self.rows.to(logits.device), self.eot] -= self.penalty

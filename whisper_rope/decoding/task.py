@@ -16,7 +16,7 @@ from whisper.decoding import ApplyTimestampRules, BeamSearchDecoder, DecodingOpt
 from whisper.decoding import detect_language as upstream_detect_language
 from whisper.model import Whisper
 
-from ..features import audio_position_mask, cut_trailing_padding
+from ..features import audio_position_mask, cut_trailing_padding, holds_audio_end
 from .beam_search import BatchBeamSearchDecoder
 from .end_of_text import EndOfTextPenalty
 from .timestamp_rules import BatchTimestampRules
@@ -96,7 +96,8 @@ class BatchDecodingTask(DecodingTask):
       with upstream's results: beam search (`BatchBeamSearchDecoder`), the timestamp rules (`BatchTimestampRules`)
       and the beams' self-attention cache reordering (`ClipMaskedInference.rearrange_kv_cache`).
     * A model with an end-of-text penalty (``model.eot_penalty``) has it taken off the end-of-text logit at every
-      step when decoding without timestamps (`EndOfTextPenalty`); with timestamps it decodes as upstream.
+      step of the clips whose audio ends inside their window (`EndOfTextPenalty`, `holds_audio_end`); a full 30-s
+      window of audio, which upstream's loop cuts out of a longer recording, decodes as upstream.
     """
 
     def __init__(self, model: Whisper, options: DecodingOptions):
@@ -111,14 +112,17 @@ class BatchDecodingTask(DecodingTask):
             for rules in self.logit_filters
         ]
         penalty = getattr(model, "eot_penalty", 0.0)
-        if penalty and options.without_timestamps:
-            self.logit_filters.append(EndOfTextPenalty(self.tokenizer.eot, penalty))
+        self.end_of_text_penalty = EndOfTextPenalty(self.tokenizer.eot, penalty) if penalty else None
+        if self.end_of_text_penalty is not None:  # first: the timestamp rules weigh end of text against timestamps
+            self.logit_filters.insert(0, self.end_of_text_penalty)
         self.rows_per_clip = 1
         self.audio_lengths: Optional[List[int]] = None
 
     def _get_audio_features(self, mel: Tensor) -> Tensor:
         dims = self.model.dims
         n_frames = None
+        if self.end_of_text_penalty is not None and mel.shape[-2:] != (dims.n_audio_ctx, dims.n_audio_state):
+            self.end_of_text_penalty.rows = holds_audio_end(mel).repeat_interleave(self.n_group)
         if self.model.unpadded and mel.shape[0] > 1 and mel.shape[-2:] != (dims.n_audio_ctx, dims.n_audio_state):
             mel, n_frames = cut_trailing_padding(mel, self.model.unpadded_margin)
         if n_frames is None:

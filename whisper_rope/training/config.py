@@ -175,8 +175,8 @@ class FinetuneConfig:
     )
     eot_penalty: float = opt(
         0.0,
-        "nats the model takes off the end-of-text logit when decoding without timestamps, stored in its "
-        "checkpoint: an adapted model ends the text a little more eagerly than its source at sentence ends "
+        "nats the model takes off the end-of-text logit when decoding a window that holds its audio's end, stored "
+        "in its checkpoint: an adapted model ends the text a little more eagerly than its source at sentence ends "
         "(training itself is unchanged; validation and the final table decode with it)",
         bounds=EOT_PENALTY,
     )

@@ -78,8 +78,8 @@ RECIPES: Dict[str, Recipe] = {
         # loops on a 1.55-s real clip; with the margin it does not (docs/results.md, "The margin"). The KL term on
         # the teacher's token distributions (temperature 2) makes the student end fewer 5-20-s windows after their
         # first sentence than the hidden states alone (docs/results.md, "A fresh draw"); still, it ends the text a
-        # fifth of a nat more eagerly than the source at sentence ends, and the 1-nat end-of-text penalty of
-        # decoding without timestamps moves those ends back (docs/results.md, "Why windows still end early").
+        # fifth of a nat more eagerly than the source at sentence ends, and a 1-nat end-of-text penalty at decoding
+        # (windows that hold their audio's end) moves those ends back (docs/results.md, "The end-of-text penalty").
         defaults={
             **_LABEL_FREE,
             "variant": "whisper",

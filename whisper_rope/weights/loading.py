@@ -309,7 +309,7 @@ def load_model(
         rotary_theta, gated_rotary, unpadded, unpadded_margin, eot_penalty: None keeps the checkpoint's (default
             10000, False, False, 0, 0). ``unpadded`` encodes each clip's own frames (an encoder with a sinusoid table
             adds its rows 0..n-1: the sliced table), ``unpadded_margin`` keeps that many positions of padding after
-            them, ``eot_penalty`` nats come off the end-of-text logit when decoding without timestamps.
+            them, ``eot_penalty`` nats come off the end-of-text logit of windows that hold their audio's end.
         compute_type: faster-whisper's names: ``default``/``float32`` (upstream's numerics), ``int8``/``int8_float32``
             (int8 Linear layers but the encoder's first self-attention, int8 output projection, CPU), ``auto``
             (int8 on the CPU, float32 elsewhere); see `compute_type.py`. The default here is ``default``:
@@ -573,10 +573,10 @@ class LoadOptions:
     )
     eot_penalty: Optional[float] = opt(
         None,
-        "nats taken off the end-of-text logit at each step of decoding without timestamps (what evaluate does), "
-        "so that a model adapted to unpadded input does not end the text after a window's first sentence; "
-        "decoding with timestamps (transcribe, upstream's loop) is left as it is. Default: the checkpoint's (1 "
-        "for a model of --recipe unpadded-sliced, else 0)",
+        "nats taken off the end-of-text logit at each decoding step of a window that holds the end of its audio "
+        "(a clip up to 30 s, a recording's last window; not a full 30-s window cut out of a longer recording), "
+        "so that a model adapted to unpadded input does not end the text after a window's first sentence. "
+        "Default: the checkpoint's (1 for a model of --recipe unpadded-sliced, else 0)",
         bounds=EOT_PENALTY,
     )
     # The commands' default is auto (faster-whisper's habit), load_model's is upstream's float32: on the CPU int8
