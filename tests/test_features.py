@@ -5,7 +5,7 @@ import whisper
 import whisper.decoding
 from whisper.audio import N_FRAMES, N_SAMPLES
 
-from whisper_rope.features import holds_audio_end, real_frame_counts, trailing_padding_start
+from whisper_rope.features import holds_audio_end, padded_window, real_frame_counts, trailing_padding_start
 
 from .speech_helpers import first_window
 
@@ -24,9 +24,10 @@ def test_real_frame_counts_find_silence_and_zero_padding(speech):
     assert trailing_padding_start(full) == 3000
 
 
-def test_a_window_holds_its_audios_end_unless_it_is_30_s_of_audio(speech):
-    padded = first_window(speech[0])  # a clip, or the last window of upstream's loop
+def test_a_window_holds_its_audios_end_when_zero_frames_follow_it_or_it_is_not_30_s(speech):
+    padded = first_window(speech[0])  # a clip as upstream transcribe reads it, or a recording's last window
     full = whisper.log_mel_spectrogram(torch.randn(N_SAMPLES) * 0.1)[:, :N_FRAMES]  # cut from a longer recording
-    assert holds_audio_end(torch.stack([padded, full, padded])).tolist() == [True, False, True]
+    silent_end = padded_window(speech[0], 80)  # a file's own frames that end in silence (a pause of a recording)
+    assert holds_audio_end(torch.stack([padded, full, silent_end])).tolist() == [True, False, False]
     assert holds_audio_end(full[:, :1200]).tolist() == [True]  # a clip's own frames: all there is
     assert holds_audio_end(whisper.log_mel_spectrogram(torch.randn(2 * N_SAMPLES) * 0.1)).tolist() == [True]

@@ -65,16 +65,17 @@ def real_frame_counts(mel: Tensor, min_frames: int = 2) -> Tensor:
 
 
 def holds_audio_end(mel: Tensor) -> Tensor:
-    """Per clip, whether its audio ends inside the window: padding follows its real frames (`real_frame_counts`), or
-    the window is not upstream's 30 s (a clip's own frames, a whole recording read at once). A full 30-s window of
-    real frames is taken as cut out of a longer recording (upstream's loop), whose speech may go on past its end.
+    """Per window, whether it holds the end of its audio as upstream ``transcribe`` marks it: zero frames after the
+    audio (`pad_or_trim` of a file's last window, and so of every clip up to 30 s), or a window other than 30 s (a
+    clip's own frames, a whole recording read at once). A full 30-s window of a file's frames, speech or silence,
+    is taken as cut out of a longer recording, whose speech may go on past its end.
 
     mel: (b, n_mels, n_frames) or (n_mels, n_frames). Returns (b,) bool.
     """
     mel = mel.reshape(-1, *mel.shape[-2:])
     if mel.shape[-1] != N_FRAMES:
         return torch.ones(mel.shape[0], dtype=torch.bool, device=mel.device)
-    return real_frame_counts(mel) < N_FRAMES
+    return (mel[..., -1] == 0).all(dim=-1)
 
 
 def trailing_padding_start(mel: Tensor, min_frames: int = 2) -> int:

@@ -1,5 +1,6 @@
 """The end-of-text penalty of a model adapted to unpadded input: exactly its nats off the end-of-text logit of each
-window that holds the end of its audio, nothing on a full window cut out of a longer recording."""
+window that holds the end of its audio (of every window without timestamps), nothing on a full window cut out of a
+longer recording and decoded with timestamps."""
 
 import numpy as np
 import pytest
@@ -59,9 +60,9 @@ def test_a_penalty_undoes_exactly_an_eagerness_of_the_same_nats(speech, beam_siz
 
 
 def test_a_full_window_of_audio_cut_from_a_longer_recording_is_not_penalised(speech):
-    """Upstream's loop cuts 30-s windows out of a longer recording: where its speech goes on past the window's end,
-    the model's end of text stands. In one batch, the clip that ends inside its window is penalised, the full
-    window is not."""
+    """Upstream's loop cuts 30-s windows out of a longer recording and, with timestamps, reads again what follows a
+    window's last timestamp: the model's end of text stands there. In one batch, the clip that ends inside its
+    window is penalised, the full window is not."""
     model = random_rotary(n_text_ctx=448)
     recording = np.concatenate([speech[i % len(speech)] for i in range(20)])  # over 30 s
     full = whisper.log_mel_spectrogram(recording)[:, :N_FRAMES]
@@ -76,6 +77,13 @@ def test_a_full_window_of_audio_cut_from_a_longer_recording_is_not_penalised(spe
     hook.remove()
     assert penalised[0].tokens == eager[0].tokens != plain[0].tokens
     assert penalised[1].tokens == plain[1].tokens != eager[1].tokens
+    # Without timestamps the loop cannot read the rest again: every window is penalised.
+    without = whisper.DecodingOptions(language="en", sample_len=10, fp16=False, without_timestamps=True)
+    hook = _eager(model, 8.0)
+    penalised = model.decode(windows, without)
+    hook.remove()
+    model.eot_penalty = 0.0
+    assert [result.tokens for result in penalised] == [result.tokens for result in model.decode(windows, without)]
 
 
 def test_the_penalty_is_a_model_setting_checked_and_stored_only_when_set(dims):

@@ -5,11 +5,12 @@ the teacher where a sentence ends and more speech follows: on average 0.2 nats m
 likeliest other token, enough to tip the few boundaries where the teacher itself hesitates (docs/results.md, "Why
 windows still end early"). Taking a fixed number of nats off the end-of-text logit moves those boundaries back.
 
-Only windows that hold the end of their audio take it (`features.holds_audio_end`; `BatchDecodingTask` says which):
-a full 30-s window of upstream's loop is cut out of a longer recording, and a model that ends its text before a
-sentence cut at the window's edge is right to, since the loop reads that sentence again from the next window.
-Penalised there too, both models write the cut sentence's first words and lose them (measured: more errors on long
-recordings, for the source model as for the adapted one).
+Decoding without timestamps takes it on every window: the text ends where the model ends it. With timestamps only
+the windows that hold the end of their audio take it (`features.holds_audio_end`; `BatchDecodingTask` says which):
+upstream's loop cuts full 30-s windows out of a longer recording and reads again whatever follows a window's last
+timestamp, so a model that ends its text before a sentence cut at the window's edge is right to. Penalised there
+too, both models write the cut sentence's first words and lose them (measured: more errors on long recordings, for
+the source model as for the adapted one).
 """
 
 from typing import Optional

@@ -96,8 +96,9 @@ class BatchDecodingTask(DecodingTask):
       with upstream's results: beam search (`BatchBeamSearchDecoder`), the timestamp rules (`BatchTimestampRules`)
       and the beams' self-attention cache reordering (`ClipMaskedInference.rearrange_kv_cache`).
     * A model with an end-of-text penalty (``model.eot_penalty``) has it taken off the end-of-text logit at every
-      step of the clips whose audio ends inside their window (`EndOfTextPenalty`, `holds_audio_end`); a full 30-s
-      window of audio, which upstream's loop cuts out of a longer recording, decodes as upstream.
+      step (`EndOfTextPenalty`): of every clip without timestamps, of the clips that hold the end of their audio
+      with timestamps (`holds_audio_end`). A full 30-s window that upstream's loop cuts out of a longer recording
+      decodes with timestamps as upstream: the loop reads again whatever follows the window's last timestamp.
     """
 
     def __init__(self, model: Whisper, options: DecodingOptions):
@@ -121,7 +122,8 @@ class BatchDecodingTask(DecodingTask):
     def _get_audio_features(self, mel: Tensor) -> Tensor:
         dims = self.model.dims
         n_frames = None
-        if self.end_of_text_penalty is not None and mel.shape[-2:] != (dims.n_audio_ctx, dims.n_audio_state):
+        features_given = mel.shape[-2:] == (dims.n_audio_ctx, dims.n_audio_state)
+        if self.end_of_text_penalty is not None and not (self.options.without_timestamps or features_given):
             self.end_of_text_penalty.rows = holds_audio_end(mel).repeat_interleave(self.n_group)
         if self.model.unpadded and mel.shape[0] > 1 and mel.shape[-2:] != (dims.n_audio_ctx, dims.n_audio_state):
             mel, n_frames = cut_trailing_padding(mel, self.model.unpadded_margin)
