@@ -162,7 +162,8 @@ def test_the_sliced_recipe_learns_the_teachers_token_distributions_and_keeps_a_m
     assert start["objective"]["ce"] == 0.0 and config.distill_temperature == 2.0  # label-free: no hard targets
     loaded = whisper_rope.load_model(result.model_path, device="cpu")
     assert loaded.unpadded and loaded.unpadded_margin == margin
-    assert loaded.eot_penalty == config.eot_penalty == start["eot_penalty"] == 1.0  # decoding without timestamps
+    penalty = RECIPES["unpadded-sliced"].defaults["eot_penalty"]
+    assert loaded.eot_penalty == config.eot_penalty == start["eot_penalty"] == penalty == 2.0  # at decoding only
     clip = load_audio(sorted(SPEECH.glob("*.flac"))[0])
     mel = padded_window(clip, loaded.dims.n_mels)[None]
     real = (int(real_frame_counts(mel)) + 1) // 2  # audio positions of the clip's own frames

@@ -78,8 +78,9 @@ RECIPES: Dict[str, Recipe] = {
         # loops on a 1.55-s real clip; with the margin it does not (docs/results.md, "The margin"). The KL term on
         # the teacher's token distributions (temperature 2) makes the student end fewer 5-20-s windows after their
         # first sentence than the hidden states alone (docs/results.md, "A fresh draw"); still, it ends the text a
-        # fifth of a nat more eagerly than the source at sentence ends, and a 1-nat end-of-text penalty at decoding
-        # (windows that hold their audio's end) moves those ends back (docs/results.md, "The end-of-text penalty").
+        # fifth of a nat more eagerly than the source at sentence ends, and an end-of-text penalty at decoding
+        # (windows that hold their audio's end) moves those ends back: 1 nat greedily, 2 under transcribe's beam
+        # search as well (docs/results.md, "The end-of-text penalty").
         defaults={
             **_LABEL_FREE,
             "variant": "whisper",
@@ -87,7 +88,7 @@ RECIPES: Dict[str, Recipe] = {
             "lr": 3e-5,
             "unpadded_margin": 50,
             "distill_weight": 1.0,
-            "eot_penalty": 1.0,
+            "eot_penalty": 2.0,
         },
         shares={"warmup_steps": 20 / 300},
     ),

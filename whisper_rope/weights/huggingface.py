@@ -16,7 +16,7 @@ The tensors are upstream Whisper's under other names::
 Both sides keep the query unscaled (Hugging Face scales at run time too), so tensors carry over unchanged.
 
 A model fine-tuned for unpadded input (each clip's own frames, its sinusoid table sliced) keeps those settings in
-``config.json`` under ``whisper_rope`` (``{"unpadded": true, "unpadded_margin": 50, "eot_penalty": 1.0}``), which
+``config.json`` under ``whisper_rope`` (``{"unpadded": true, "unpadded_margin": 50, "eot_penalty": 2.0}``), which
 `read_huggingface` restores; transformers keeps unknown config keys as they are, but pads every input to 30 s itself
 and applies no end-of-text penalty.
 """

@@ -576,7 +576,7 @@ class LoadOptions:
         "nats taken off the end-of-text logit at each decoding step of a window that holds the end of its audio "
         "(a clip up to 30 s, a recording's last window; not a full 30-s window cut out of a longer recording), "
         "so that a model adapted to unpadded input does not end the text after a window's first sentence. "
-        "Default: the checkpoint's (1 for a model of --recipe unpadded-sliced, else 0)",
+        "Default: the checkpoint's (2 for a model of --recipe unpadded-sliced, else 0)",
         bounds=EOT_PENALTY,
     )
     # The commands' default is auto (faster-whisper's habit), load_model's is upstream's float32: on the CPU int8
