@@ -24,9 +24,8 @@ class EndOfTextPenalty(LogitFilter):
 
     Applied before upstream's filters, as if the model's own logit were lower: the timestamp rules count end of
     text among the text tokens they weigh against the timestamps, and where they forbid it (a blank first token) it
-    is forbidden as before.
-    The penalty also lowers the end-of-text token's share of a hypothesis's summed log-probability, which
-    transcribe's ``logprob_threshold`` fallback reads.
+    is forbidden as before. The penalty also lowers the end-of-text token's share of a hypothesis's summed
+    log-probability, which transcribe's ``logprob_threshold`` fallback reads.
     """
 
     def __init__(self, eot: int, penalty: float):

@@ -125,7 +125,7 @@ class BatchDecodingTask(DecodingTask):
         features_given = mel.shape[-2:] == (dims.n_audio_ctx, dims.n_audio_state)
         if self.end_of_text_penalty is not None and not (self.options.without_timestamps or features_given):
             self.end_of_text_penalty.rows = holds_audio_end(mel).repeat_interleave(self.n_group)
-        if self.model.unpadded and mel.shape[0] > 1 and mel.shape[-2:] != (dims.n_audio_ctx, dims.n_audio_state):
+        if self.model.unpadded and mel.shape[0] > 1 and not features_given:
             mel, n_frames = cut_trailing_padding(mel, self.model.unpadded_margin)
         if n_frames is None:
             features = super()._get_audio_features(mel)
