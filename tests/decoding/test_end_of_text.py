@@ -1,6 +1,6 @@
 """The end-of-text penalty of a model adapted to unpadded input: exactly its nats off the end-of-text logit of each
 window that holds the end of its audio (of every window without timestamps), nothing on a full window cut out of a
-longer recording and decoded with timestamps."""
+longer recording and decoded with timestamps, nothing once a row's last timestamp has reached its audio's end."""
 
 import numpy as np
 import pytest
@@ -8,8 +8,9 @@ import torch
 import whisper
 from whisper.audio import N_FRAMES
 
+from whisper_rope.decoding import end_of_text
 from whisper_rope.decoding.end_of_text import EndOfTextPenalty
-from whisper_rope.features import holds_audio_end
+from whisper_rope.features import holds_audio_end, real_frame_counts
 
 from ..speech_helpers import first_window, random_rotary
 
@@ -26,6 +27,39 @@ def test_the_penalty_lowers_only_the_end_of_text_logit_of_its_rows_and_keeps_a_f
     assert logits.tolist() == [[0.5, 0.75, -1.0], [1.0, float("-inf"), 3.0], [0.0, -1.5, 0.0]]
 
 
+def test_a_row_whose_last_timestamp_reached_its_audios_end_is_not_penalised():
+    """Timestamp tokens from 10 (step 0); audio ends at step 100, so the slack of 1 s (50 steps) starts at step 50.
+    Row 0 sampled a timestamp at step 60: not penalised. Row 1 only at step 40: penalised. Row 2's step-90 timestamp
+    is in the prompt (before sample_begin = 2), not sampled: penalised. Row 3 sampled none: penalised."""
+    penalty = EndOfTextPenalty(eot=1, penalty=2.0, sample_begin=2, timestamp_begin=10)
+    penalty.audio_end = torch.tensor([100, 100, 100, 100])
+    tokens = torch.tensor([[0, 3, 10, 4, 70], [0, 3, 10, 4, 50], [0, 100, 3, 4, 5], [0, 3, 4, 5, 6]])
+    logits = torch.zeros(4, 3)
+    penalty.apply(logits, tokens)
+    assert logits[:, 1].tolist() == [0.0, -2.0, -2.0, -2.0]
+    assert end_of_text.END_SLACK_SECONDS * 50 == 50  # 50 timestamp steps of 20 ms
+    penalty.audio_end = torch.tensor([111, 111, 111, 111])  # the slack now starts at step 61: row 0 penalised too
+    penalty.apply(logits, tokens)
+    assert logits[:, 1].tolist() == [-2.0, -4.0, -4.0, -4.0]
+
+
+def test_with_timestamps_each_decoding_row_is_given_its_own_audios_end(speech, monkeypatch):
+    """The task gives the penalty, per decoding row (each clip's beams), its clip's end in timestamp steps of 20 ms:
+    its real mel frames (`real_frame_counts`: before digital silence, the floor, or zero frames) halved."""
+    seen = []
+    monkeypatch.setattr(EndOfTextPenalty, "apply", lambda self, logits, tokens: seen.append(self.audio_end.clone()))
+    model = random_rotary(n_text_ctx=448)
+    model.eot_penalty = 1.0
+    clips = speech[:2]
+    windows = torch.stack([first_window(audio) for audio in clips])
+    model.decode(windows, whisper.DecodingOptions(language="en", beam_size=3, sample_len=3, fp16=False))
+    ends = [int(real_frame_counts(window)) // 2 for window in windows]
+    assert ends[0] != ends[1] and seen
+    assert seen[0].tolist() == [ends[0]] * 3 + [ends[1]] * 3
+    # The first fixture ends in 0.43 s of digital silence: its end is its last sample that is not silence.
+    assert abs(ends[0] - np.flatnonzero(clips[0])[-1] / whisper.audio.SAMPLE_RATE * 50) <= 2
+
+
 def _eager(model, nats: float):
     """Make ``model`` end the text ``nats`` more eagerly: its decoder's end-of-text logit raised at every step."""
 
@@ -38,10 +72,12 @@ def _eager(model, nats: float):
 
 @pytest.mark.parametrize("without_timestamps", [True, False])
 @pytest.mark.parametrize("beam_size", [None, 3])
-def test_a_penalty_undoes_exactly_an_eagerness_of_the_same_nats(speech, beam_size, without_timestamps):
+def test_a_penalty_undoes_exactly_an_eagerness_of_the_same_nats(speech, beam_size, without_timestamps, monkeypatch):
     """A model made 8 nats more eager ends its text early; the same model decoded with an 8-nat penalty gives the
     tokens and log-probabilities of the model as it was, with timestamps or without (each clip ends inside its
-    window)."""
+    window). A random model's timestamps fall anywhere, so the slack is moved past the window here: no row counts
+    as having reached its audio's end."""
+    monkeypatch.setattr(end_of_text, "END_SLACK_SECONDS", -60.0)
     model = random_rotary(n_text_ctx=448)
     windows = torch.stack([first_window(audio) for audio in speech[:3]])
     options = whisper.DecodingOptions(
@@ -59,10 +95,11 @@ def test_a_penalty_undoes_exactly_an_eagerness_of_the_same_nats(speech, beam_siz
         assert after.avg_logprob == pytest.approx(before.avg_logprob, abs=1e-5)
 
 
-def test_a_full_window_of_audio_cut_from_a_longer_recording_is_not_penalised(speech):
+def test_a_full_window_of_audio_cut_from_a_longer_recording_is_not_penalised(speech, monkeypatch):
     """Upstream's loop cuts 30-s windows out of a longer recording and, with timestamps, reads again what follows a
     window's last timestamp: the model's end of text stands there. In one batch, the clip that ends inside its
-    window is penalised, the full window is not."""
+    window is penalised, the full window is not (the slack moved past the window, as above)."""
+    monkeypatch.setattr(end_of_text, "END_SLACK_SECONDS", -60.0)
     model = random_rotary(n_text_ctx=448)
     recording = np.concatenate([speech[i % len(speech)] for i in range(20)])  # over 30 s
     full = whisper.log_mel_spectrogram(recording)[:, :N_FRAMES]

@@ -12,11 +12,12 @@ from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
+from whisper.audio import FRAMES_PER_SECOND, TOKENS_PER_SECOND
 from whisper.decoding import ApplyTimestampRules, BeamSearchDecoder, DecodingOptions, DecodingTask, PyTorchInference
 from whisper.decoding import detect_language as upstream_detect_language
 from whisper.model import Whisper
 
-from ..features import audio_position_mask, cut_trailing_padding, holds_audio_end
+from ..features import audio_position_mask, cut_trailing_padding, holds_audio_end, real_frame_counts
 from .beam_search import BatchBeamSearchDecoder
 from .end_of_text import EndOfTextPenalty
 from .timestamp_rules import BatchTimestampRules
@@ -97,8 +98,9 @@ class BatchDecodingTask(DecodingTask):
       and the beams' self-attention cache reordering (`ClipMaskedInference.rearrange_kv_cache`).
     * A model with an end-of-text penalty (``model.eot_penalty``) has it taken off the end-of-text logit at every
       step (`EndOfTextPenalty`): of every clip without timestamps, of the clips that hold the end of their audio
-      with timestamps (`holds_audio_end`). A full 30-s window that upstream's loop cuts out of a longer recording
-      decodes with timestamps as upstream: the loop reads again whatever follows the window's last timestamp.
+      with timestamps (`holds_audio_end`) until their last timestamp reaches their audio's end. A full 30-s window
+      that upstream's loop cuts out of a longer recording decodes with timestamps as upstream: the loop reads again
+      whatever follows the window's last timestamp.
     """
 
     def __init__(self, model: Whisper, options: DecodingOptions):
@@ -113,7 +115,10 @@ class BatchDecodingTask(DecodingTask):
             for rules in self.logit_filters
         ]
         penalty = getattr(model, "eot_penalty", 0.0)
-        self.end_of_text_penalty = EndOfTextPenalty(self.tokenizer.eot, penalty) if penalty else None
+        timestamp_begin = None if options.without_timestamps else self.tokenizer.timestamp_begin
+        self.end_of_text_penalty = (
+            EndOfTextPenalty(self.tokenizer.eot, penalty, self.sample_begin, timestamp_begin) if penalty else None
+        )
         if self.end_of_text_penalty is not None:  # first: the timestamp rules weigh end of text against timestamps
             self.logit_filters.insert(0, self.end_of_text_penalty)
         self.rows_per_clip = 1
@@ -125,6 +130,8 @@ class BatchDecodingTask(DecodingTask):
         features_given = mel.shape[-2:] == (dims.n_audio_ctx, dims.n_audio_state)
         if self.end_of_text_penalty is not None and not (self.options.without_timestamps or features_given):
             self.end_of_text_penalty.rows = holds_audio_end(mel).repeat_interleave(self.n_group)
+            audio_end = real_frame_counts(mel) // (FRAMES_PER_SECOND // TOKENS_PER_SECOND)  # in timestamp steps
+            self.end_of_text_penalty.audio_end = audio_end.repeat_interleave(self.n_group)
         if self.model.unpadded and mel.shape[0] > 1 and not features_given:
             mel, n_frames = cut_trailing_padding(mel, self.model.unpadded_margin)
         if n_frames is None:

@@ -574,8 +574,9 @@ class LoadOptions:
     eot_penalty: Optional[float] = opt(
         None,
         "nats taken off the end-of-text logit at each decoding step of a window that holds the end of its audio "
-        "(a clip up to 30 s, a recording's last window; not a full 30-s window cut out of a longer recording), "
-        "so that a model adapted to unpadded input does not end the text after a window's first sentence. "
+        "(a clip up to 30 s, a recording's last window; not a full 30-s window cut out of a longer recording; with "
+        "timestamps, until the last timestamp is within 1 s of the audio's end), so that a model adapted to "
+        "unpadded input does not end the text after a window's first sentence. "
         "Default: the checkpoint's (2 for a model of --recipe unpadded-sliced, else 0)",
         bounds=EOT_PENALTY,
     )
