@@ -12,8 +12,8 @@ timestamp, so a model that ends its text before a sentence cut at the window's e
 too, both models write the cut sentence's first words and lose them (measured: more errors on long recordings, for
 the source model as for the adapted one). And with timestamps a row whose last timestamp has reached its audio's end
 (within `END_SLACK_SECONDS`) takes no penalty: its speech is written, and a model pushed on past it fills the rest of
-the window with made-up segments (measured under ``transcribe``: "// //" and "da da da" after the last sentence of
-4 clips in 120, docs/results.md, "The penalty stops at the audio's end").
+the window with made-up segments (measured under ``transcribe``: "// //" or "da da da" after the last sentence;
+docs/results.md, "The penalty stops at the audio's end").
 """
 
 from typing import Optional
