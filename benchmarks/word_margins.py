@@ -30,6 +30,7 @@ from whisper.transcribe import transcribe  # noqa: E402
 
 from whisper_rope import load_model  # noqa: E402
 from whisper_rope.audio import load_audio  # noqa: E402
+from whisper_rope.evaluation.evaluate import EvaluationOptions, long_form_options  # noqa: E402
 
 
 class Site(NamedTuple):
@@ -49,8 +50,8 @@ def single_token(tokenizer, text: str, option: str) -> int:
 
 
 def sites_of(model, audio: np.ndarray, candidates: Sequence[int]) -> List[Site]:
-    """Transcribe ``audio`` through upstream's loop (greedy, temperature 0, previous text as the prompt) and return
-    every place a window's tokens hold one of ``candidates``."""
+    """Transcribe ``audio`` through upstream's loop with the keywords `evaluate --long-form loop` passes (greedy,
+    temperature 0, previous text as the prompt) and return every place a window's tokens hold one of ``candidates``."""
     windows = []
     decode = model.decode
 
@@ -61,7 +62,7 @@ def sites_of(model, audio: np.ndarray, candidates: Sequence[int]) -> List[Site]:
 
     model.decode = recording_decode  # an instance attribute: the class's method is untouched
     try:
-        transcribe(model, audio, temperature=0.0, fp16=False, verbose=None)
+        transcribe(model, audio, **long_form_options(EvaluationOptions(), language=None, prompt=None))
     finally:
         del model.decode
     return [
