@@ -1,20 +1,34 @@
 """Tabulate and draw models' WER on the length-bucket sets of ``benchmarks/length_buckets.py``.
 
-    python benchmarks/length_bucket_report.py --results DIR --models source=SOURCE_TAG adapted=ADAPTED_TAG \
-        [--out REPORT.md] [--plot REPORT.png]
+    python benchmarks/length_bucket_report.py --results DIR [DIR ...] --models source=SOURCE_TAG adapted=ADAPTED_TAG \
+        [--bootstrap 2000] [--out REPORT.md] [--plot REPORT.png]
 
-``DIR`` holds ``whisper-rope evaluate --output DIR/<tag>-<set>.json`` summaries, one per model tag and set (the long
-recordings through the batched path as ``<tag>-batched-<set>.json``). The report has one row per set (each split's
+``DIR`` holds what ``whisper-rope evaluate --output DIR/<tag>-<set>.json`` writes for one draw of the sets: the
+summary and, beside it, the per-utterance rows (``DIR/<tag>-<set>.jsonl``), which the report reads; the long
+recordings through the batched path are ``<tag>-batched-<set>.json``. The report has one row per set (each split's
 buckets, real-dev and the long recordings through both long-form paths) and one column per model: WER in %, with the
 count of hypotheses that reached evaluate's decoding cap, and whether the model is within 10 % relative (or 1
-point) of the first model's WER — the target of the label-free recipes. The plot draws WER against window length
-for every split and model.
+point) of the first model's WER — the target of the label-free recipes.
+
+Several ``DIR``s (draws of the sets with other seeds, so other windows and recordings) are pooled: a set's row counts
+every unit (window, or whole long recording) of every draw the first model was evaluated on, and the other models
+are compared on exactly those. Pass each draw once: a draw that holds another (``--long 5`` and ``--long 2`` of one
+seed share their first recordings) would count those units twice.
+
+``--bootstrap N`` adds, for each other model, the 95 % interval of its WER minus the first model's, in points, from N
+paired resamples of the set's units (each resample draws units with replacement and scores both models on the same
+ones). A row whose verdict turns on one or two words shows it there: its interval reaches past the allowance.
+
+The plot draws WER against window length for every split and model.
 """
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
 
 SPLITS = ("in-domain", "retained", "retained-festival")
 BUCKETS = ("0-5s", "5-10s", "10-20s", "20-30s")
@@ -27,11 +41,72 @@ SETS = (
     + [(f"{name} long, batched", f"batched-{name}-long") for name in SPLITS]
     + [("real-dev joined (52 s), batched", "batched-real-dev-long")]
 )
+#: Seed of the bootstrap's resamples, so that a report is the same every time it is made.
+BOOTSTRAP_SEED = 0
 
 
-def read(results: Path, tag: str, stem: str) -> Optional[dict]:
-    path = results / f"{tag}-{stem}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+@dataclass
+class Scores:
+    """One model on one set, pooled over draws: per unit (a window, or a whole long recording) in draw order.
+
+    units: (draw folder, audio path) of each unit, to pair models unit by unit. errors, words: (n_units,) word
+    errors and normalised reference words. capped: units whose hypothesis reached evaluate's cap. seconds: audio."""
+
+    units: List[Tuple[str, str]]
+    errors: np.ndarray
+    words: np.ndarray
+    capped: int
+    seconds: float
+
+    @property
+    def wer(self) -> float:
+        """Corpus WER: every unit's errors over every unit's reference words (as evaluate scores one set)."""
+        return float(self.errors.sum()) / max(int(self.words.sum()), 1)
+
+
+def has_result(results: Path, tag: str, stem: str) -> bool:
+    """Whether ``results`` holds evaluate's per-utterance rows of ``tag`` on set ``stem``. Raises ValueError when the
+    summary is there but its rows are not (the report pools and resamples the rows)."""
+    summary, rows = results / f"{tag}-{stem}.json", results / f"{tag}-{stem}.jsonl"
+    if summary.is_file() and not rows.is_file():
+        raise ValueError(f"{rows}: missing; the report reads the per-utterance rows evaluate writes beside {summary}")
+    return rows.is_file()
+
+
+def read_rows(results: Path, tag: str, stem: str) -> List[dict]:
+    """The per-utterance rows evaluate wrote for ``tag`` on set ``stem`` in ``results``, in manifest order."""
+    text = (results / f"{tag}-{stem}.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def pooled(folders: Sequence[Path], tag: str, stem: str) -> Optional[Scores]:
+    """``tag``'s rows on set ``stem`` from every folder of ``folders`` in order; None when a folder lacks them."""
+    if not folders or not all(has_result(folder, tag, stem) for folder in folders):
+        return None
+    rows = [(str(folder), row) for folder in folders for row in read_rows(folder, tag, stem)]
+    return Scores(
+        units=[(folder, row["audio"]) for folder, row in rows],
+        errors=np.array([row["substitutions"] + row["deletions"] + row["insertions"] for _, row in rows], dtype=int),
+        words=np.array([row["n_words"] for _, row in rows], dtype=int),
+        capped=sum(bool(row["capped"]) for _, row in rows),
+        seconds=float(sum(row["seconds"] for _, row in rows)),
+    )
+
+
+def scores_of(folders: Sequence[Path], models: Dict[str, str], stem: str) -> List[Optional[Scores]]:
+    """Each model's pooled scores on ``stem``, over the folders that hold the first model's result (over the folders
+    that hold its own when the first model has none). Raises ValueError when a model was scored on other units."""
+    reference = [folder for folder in folders if has_result(folder, next(iter(models.values())), stem)]
+    found: List[Optional[Scores]] = []
+    for tag in models.values():
+        scores = pooled(reference or [f for f in folders if has_result(f, tag, stem)], tag, stem)
+        first = found[0] if found and reference else None
+        if first is not None and scores is not None and scores.units != first.units:
+            raise ValueError(f"{tag}-{stem}: its rows are other audio than the first model's; evaluate both on one set")
+        if first is not None and scores is not None and not np.array_equal(scores.words, first.words):
+            raise ValueError(f"{tag}-{stem}: its references differ from the first model's; evaluate both on one set")
+        found.append(scores)
+    return found
 
 
 def within_target(wer: float, reference: float) -> bool:
@@ -39,23 +114,44 @@ def within_target(wer: float, reference: float) -> bool:
     return wer <= reference + max(0.1 * reference, 0.01) + 1e-12  # the bound itself counts as within
 
 
-def table(results: Path, models: Dict[str, str]) -> str:
+def difference_interval(reference: Scores, other: Scores, resamples: int) -> Tuple[float, float]:
+    """The 95 % interval of ``other``'s WER minus ``reference``'s (WER fractions) over ``resamples`` paired bootstrap
+    resamples of the units (`scores_of` has checked that both were scored on the same ones)."""
+    picks = np.random.default_rng(BOOTSTRAP_SEED).integers(0, len(reference.units), (resamples, len(reference.units)))
+    words = np.maximum(reference.words[picks].sum(axis=1), 1)
+    differences = (other.errors[picks].sum(axis=1) - reference.errors[picks].sum(axis=1)) / words
+    low, high = np.percentile(differences, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def table(results: Sequence[Path], models: Dict[str, str], bootstrap: int = 0) -> str:
+    """The markdown table: one row per set that any model has a result for (pooled over ``results``)."""
     names = list(models)
-    head = "| set | " + " | ".join(f"{name} WER % (capped)" for name in names) + " | within target |"
-    lines = [head, "|" + "---|" * (len(names) + 2)]
+    head = "| set | units | words | " + " | ".join(f"{name} WER % (capped)" for name in names) + " | within target |"
+    head += "".join(f" {name} − {names[0]}, points (95 % interval) |" for name in names[1:]) if bootstrap else ""
+    columns = len(names) + 4 + (len(names) - 1 if bootstrap else 0)
+    lines = [head, "|" + "---|" * columns]
     for label, stem in SETS:
-        found = [read(results, models[name], stem) for name in names]
-        if all(f is None for f in found):
+        found = scores_of(results, models, stem)
+        present = [f for f in found if f is not None]
+        if not present:
             continue
-        cells = ["–" if f is None else f"{100 * f['wer']:.1f} ({f['n_capped']})" for f in found]
-        verdict = ""
-        if found[0] is not None and all(f is not None for f in found[1:]):
-            verdict = ", ".join("yes" if within_target(f["wer"], found[0]["wer"]) else "no" for f in found[1:])
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {verdict} |")
+        cells = ["–" if f is None else f"{100 * f.wer:.1f} ({f.capped})" for f in found]
+        paired = all(f is not None for f in found)
+        verdict = ", ".join("yes" if within_target(f.wer, found[0].wer) else "no" for f in found[1:]) if paired else ""
+        line = f"| {label} | {len(present[0].units)} | {int(present[0].words.sum())} | " + " | ".join(cells)
+        line += f" | {verdict} |"
+        for other in found[1:] if bootstrap else []:
+            if paired:
+                low, high = difference_interval(found[0], other, bootstrap)
+                line += f" {100 * (other.wer - found[0].wer):+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] |"
+            else:
+                line += "  |"
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 
-def plot(results: Path, models: Dict[str, str], path: Path) -> None:
+def plot(results: Sequence[Path], models: Dict[str, str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,12 +159,12 @@ def plot(results: Path, models: Dict[str, str], path: Path) -> None:
 
     figure, axes = plt.subplots(1, len(SPLITS), figsize=(4 * len(SPLITS), 3.2), sharey=True)
     for axis, split in zip(axes, SPLITS):
-        for name, tag in models.items():
+        for column, name in enumerate(models):
             points: List[tuple] = []
             for bucket in BUCKETS:
-                found = read(results, tag, f"{split}-{bucket}")
+                found = scores_of(results, models, f"{split}-{bucket}")[column]
                 if found is not None:
-                    points.append((found["audio_seconds"] / found["n_utterances"], 100 * found["wer"]))
+                    points.append((found.seconds / len(found.units), 100 * found.wer))
             if points:
                 axis.plot(*zip(*points), marker="o", label=name)
         axis.set_title(split)
@@ -81,13 +177,25 @@ def plot(results: Path, models: Dict[str, str], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--results", type=Path, required=True, help="folder of evaluate's JSON summaries")
+    parser.add_argument(
+        "--results", type=Path, nargs="+", required=True, help="folders of evaluate's results, one per draw (pooled)"
+    )
     parser.add_argument("--models", nargs="+", required=True, help="NAME=TAG pairs; the first is the reference")
+    parser.add_argument(
+        "--bootstrap", type=int, default=0, help="paired resamples for each difference's 95 %% interval (0: none)"
+    )
     parser.add_argument("--out", type=Path, help="write the table here (markdown)")
     parser.add_argument("--plot", type=Path, help="draw WER against window length here (PNG)")
     args = parser.parse_args()
+    if args.bootstrap < 0:
+        parser.error("--bootstrap must be 0 or more")
+    if not all("=" in pair for pair in args.models):
+        parser.error(f"--models takes NAME=TAG pairs, got {' '.join(args.models)!r}")
     models = dict(pair.split("=", 1) for pair in args.models)
-    report = table(args.results, models)
+    try:
+        report = table(args.results, models, args.bootstrap)
+    except ValueError as error:
+        parser.error(str(error))
     print(report, end="")
     if args.out:
         args.out.write_text(report)
