@@ -124,6 +124,11 @@ def difference_interval(reference: Scores, other: Scores, resamples: int) -> Tup
     return float(low), float(high)
 
 
+def _points(difference: float) -> str:
+    """A WER difference in signed points to one decimal; a difference that rounds to zero is "+0.0", not "-0.0"."""
+    return f"{round(100 * difference, 1) + 0.0:+.1f}"
+
+
 def table(results: Sequence[Path], models: Dict[str, str], bootstrap: int = 0) -> str:
     """The markdown table: one row per set that any model has a result for (pooled over ``results``)."""
     names = list(models)
@@ -144,7 +149,7 @@ def table(results: Sequence[Path], models: Dict[str, str], bootstrap: int = 0) -
         for other in found[1:] if bootstrap else []:
             if paired:
                 low, high = difference_interval(found[0], other, bootstrap)
-                line += f" {100 * (other.wer - found[0].wer):+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] |"
+                line += f" {_points(other.wer - found[0].wer)} [{_points(low)}, {_points(high)}] |"
             else:
                 line += "  |"
         lines.append(line)

@@ -95,6 +95,7 @@ def test_the_bootstrap_interval_is_the_spread_of_paired_resamples(tmp_path):
     _rows(tmp_path, "new", "retained-10-20s", [4, 1, 6, 2, 3, 1, 5])
     source, adapted = length_bucket_report.scores_of([tmp_path], MODELS, "retained-10-20s")
     assert length_bucket_report.difference_interval(source, adapted, 500) == pytest.approx((0.1, 0.1))
+    assert length_bucket_report._points(-0.0004) == "+0.0" and length_bucket_report._points(-0.0006) == "-0.1"
     # The interval of a real spread covers its point and narrows as the set grows (same per-unit errors, 16x the units).
     rng = np.random.default_rng(1)
     errors = rng.integers(0, 4, 40)
