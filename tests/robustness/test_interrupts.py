@@ -196,3 +196,29 @@ def test_a_ctrl_c_inside_mkstemp_stops_an_atomic_write_and_leaves_no_file(tmp_pa
     finally:
         signal.signal(signal.SIGINT, previous)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_ctrl_c_as_fdopen_takes_the_descriptor_stays_an_interrupt_and_leaves_no_file(tmp_path, monkeypatch):
+    """SIGINT after ``os.fdopen`` made the file object but before the write holds it (how a Ctrl-C in `convert` once
+    came out as "[Errno 9] Bad file descriptor": the dropped file object closed the descriptor, then the clean-up
+    closed it again): the write stops with KeyboardInterrupt and leaves nothing."""
+    opened = os.fdopen
+
+    def interrupted_after_opening(*args, **kwargs):
+        handle = opened(*args, **kwargs)
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # Python's handler runs by here, before fdopen has returned the file object
+        except KeyboardInterrupt:
+            handle.close()  # as the file object the interrupt drops on its way out closes the descriptor
+            raise
+        return handle
+
+    monkeypatch.setattr(os, "fdopen", interrupted_after_opening)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            atomic_write_text(tmp_path / "record.json", "{}")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert list(tmp_path.iterdir()) == []

@@ -32,10 +32,11 @@ def atomic_write(path: PathLike, write: Callable[[BinaryIO], object]) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     fd = tmp_name = handle = None
     try:
-        # A Ctrl-C inside mkstemp, after it created the file, would leave a file whose name never reached us.
+        # A Ctrl-C inside mkstemp, after it created the file, would leave a file whose name never reached us; one
+        # inside fdopen, after its file object took the descriptor, would leave us a descriptor already closed.
         with _interrupts_held():
             fd, tmp_name = _create_temporary(directory, path.name)
-        handle = os.fdopen(fd, "wb")
+            handle = os.fdopen(fd, "wb")
         with handle:
             write(handle)
             handle.flush()
@@ -44,7 +45,9 @@ def atomic_write(path: PathLike, write: Callable[[BinaryIO], object]) -> Path:
         os.replace(tmp_name, path)
     except BaseException as error:
         if handle is None and fd is not None:
-            os.close(fd)  # no file object took the descriptor (a Ctrl-C held through mkstemp came out first)
+            os.close(fd)  # no file object took the descriptor
+        elif handle is not None and getattr(handle, "closed", True) is False:
+            handle.close()  # a Ctrl-C held through fdopen came out before `with handle` could close it
         try:
             if tmp_name is not None:
                 os.unlink(tmp_name)
