@@ -176,6 +176,18 @@ def test_ctrl_c_during_transcription_exits_130(tmp_path, speech_pt):
     assert _leftovers(out) == []
 
 
+def _assert_the_write_stops_as_an_interrupt_and_leaves_no_file(folder: Path) -> None:
+    """An atomic write into the empty ``folder`` under Python's own SIGINT handler, as under a terminal (a suite
+    started in the background inherits SIGINT ignored), raises KeyboardInterrupt and leaves the folder empty."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            atomic_write_text(folder / "record.json", "{}")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert list(folder.iterdir()) == []
+
+
 def test_a_ctrl_c_inside_mkstemp_stops_an_atomic_write_and_leaves_no_file(tmp_path, monkeypatch):
     """SIGINT while the temporary file is being created, after it exists (how a Ctrl-C once left the transcript
     record's temporary behind): the write stops with KeyboardInterrupt and leaves nothing."""
@@ -188,14 +200,7 @@ def test_a_ctrl_c_inside_mkstemp_stops_an_atomic_write_and_leaves_no_file(tmp_pa
         return created
 
     monkeypatch.setattr(tempfile, "mkstemp", interrupted_after_creating)
-    # Python's own handler, as under a terminal (a suite started in the background inherits SIGINT ignored).
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            atomic_write_text(tmp_path / "record.json", "{}")
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    assert list(tmp_path.iterdir()) == []
+    _assert_the_write_stops_as_an_interrupt_and_leaves_no_file(tmp_path)
 
 
 def test_a_ctrl_c_as_fdopen_takes_the_descriptor_stays_an_interrupt_and_leaves_no_file(tmp_path, monkeypatch):
@@ -215,10 +220,4 @@ def test_a_ctrl_c_as_fdopen_takes_the_descriptor_stays_an_interrupt_and_leaves_n
         return handle
 
     monkeypatch.setattr(os, "fdopen", interrupted_after_opening)
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            atomic_write_text(tmp_path / "record.json", "{}")
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    assert list(tmp_path.iterdir()) == []
+    _assert_the_write_stops_as_an_interrupt_and_leaves_no_file(tmp_path)
