@@ -30,6 +30,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from whisper_rope.evaluation.evaluate import output_paths
+
 SPLITS = ("in-domain", "retained", "retained-festival")
 BUCKETS = ("0-5s", "5-10s", "10-20s", "20-30s")
 #: Every set in report order: (label, file stem after the tag).
@@ -67,7 +69,7 @@ class Scores:
 def has_result(results: Path, tag: str, stem: str) -> bool:
     """Whether ``results`` holds evaluate's per-utterance rows of ``tag`` on set ``stem``. Raises ValueError when the
     summary is there but its rows are not (the report pools and resamples the rows)."""
-    summary, rows = results / f"{tag}-{stem}.json", results / f"{tag}-{stem}.jsonl"
+    summary, rows = output_paths(results / f"{tag}-{stem}.json")
     if summary.is_file() and not rows.is_file():
         raise ValueError(f"{rows}: missing; the report reads the per-utterance rows evaluate writes beside {summary}")
     return rows.is_file()
@@ -75,7 +77,7 @@ def has_result(results: Path, tag: str, stem: str) -> bool:
 
 def read_rows(results: Path, tag: str, stem: str) -> List[dict]:
     """The per-utterance rows evaluate wrote for ``tag`` on set ``stem`` in ``results``, in manifest order."""
-    text = (results / f"{tag}-{stem}.jsonl").read_text(encoding="utf-8")
+    text = output_paths(results / f"{tag}-{stem}.json")[1].read_text(encoding="utf-8")
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
@@ -164,12 +166,10 @@ def plot(results: Sequence[Path], models: Dict[str, str], path: Path) -> None:
 
     figure, axes = plt.subplots(1, len(SPLITS), figsize=(4 * len(SPLITS), 3.2), sharey=True)
     for axis, split in zip(axes, SPLITS):
+        buckets = [scores_of(results, models, f"{split}-{bucket}") for bucket in BUCKETS]  # [bucket][model]
         for column, name in enumerate(models):
-            points: List[tuple] = []
-            for bucket in BUCKETS:
-                found = scores_of(results, models, f"{split}-{bucket}")[column]
-                if found is not None:
-                    points.append((found.seconds / len(found.units), 100 * found.wer))
+            found = [scores[column] for scores in buckets if scores[column] is not None]
+            points = [(f.seconds / len(f.units), 100 * f.wer) for f in found]
             if points:
                 axis.plot(*zip(*points), marker="o", label=name)
         axis.set_title(split)
