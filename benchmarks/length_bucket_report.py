@@ -66,10 +66,15 @@ class Scores:
         return float(self.errors.sum()) / max(int(self.words.sum()), 1)
 
 
+def result_files(results: Path, tag: str, stem: str) -> Tuple[Path, Path]:
+    """(summary, per-utterance rows) of ``evaluate --output RESULTS/TAG-STEM.json``."""
+    return output_paths(results / f"{tag}-{stem}.json")
+
+
 def has_result(results: Path, tag: str, stem: str) -> bool:
     """Whether ``results`` holds evaluate's per-utterance rows of ``tag`` on set ``stem``. Raises ValueError when the
     summary is there but its rows are not (the report pools and resamples the rows)."""
-    summary, rows = output_paths(results / f"{tag}-{stem}.json")
+    summary, rows = result_files(results, tag, stem)
     if summary.is_file() and not rows.is_file():
         raise ValueError(f"{rows}: missing; the report reads the per-utterance rows evaluate writes beside {summary}")
     return rows.is_file()
@@ -77,7 +82,8 @@ def has_result(results: Path, tag: str, stem: str) -> bool:
 
 def read_rows(results: Path, tag: str, stem: str) -> List[dict]:
     """The per-utterance rows evaluate wrote for ``tag`` on set ``stem`` in ``results``, in manifest order."""
-    text = output_paths(results / f"{tag}-{stem}.json")[1].read_text(encoding="utf-8")
+    _, rows = result_files(results, tag, stem)
+    text = rows.read_text(encoding="utf-8")
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
