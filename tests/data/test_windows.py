@@ -240,6 +240,24 @@ def test_a_share_of_windows_follows_an_earlier_window_and_the_compositions_stay_
     assert all(w.after is None for w in labelled)
 
 
+def test_a_share_of_windows_without_timestamps_branches_and_the_compositions_stay_the_same():
+    clips = _clips(np.random.default_rng(5).uniform(2, 6, 400))
+    plain = compose_windows(clips, WindowPlan(sets=2), seed=3)
+    branched = compose_windows(clips, WindowPlan(branch_share=0.5, sets=2), seed=3)
+    assert [replace(w, branch=None) for w in branched] == plain  # same windows, timestamps and previous texts
+    assert all(w.branch is None for w in plain)
+    followed = {w.after for w in branched if w.after is not None}
+    eligible = [i for i, w in enumerate(branched) if not w.timestamps and i not in followed]
+    marked = [i for i, w in enumerate(branched) if w.branch is not None]
+    assert set(marked) <= set(eligible)  # never a window with timestamp targets, nor one whose text is a prompt
+    assert 0.35 < len(marked) / len(eligible) < 0.65
+    assert all(0.0 <= branched[i].branch < 1.0 for i in marked)
+    assert len({round(branched[i].branch, 2) for i in marked}) > 20  # drawn all along the text
+    assert compose_windows(clips, WindowPlan(branch_share=0.5, sets=2), seed=3) == branched
+    labelled = compose_windows(clips, WindowPlan(branch_share=1.0, sets=1), seed=3, allow_timestamps=False)
+    assert all(w.branch is None for w in labelled)  # a reference transcript has no second choice to take
+
+
 def test_with_previous_text_gives_each_following_window_its_predecessors_transcript_as_prompt():
     windows = compose_windows(_clips([3.0] * 30), WindowPlan(previous_share=0.5, single_share=1.0, sets=1), seed=0)
     untranscribed = next(w.after for w in windows if w.after is not None)  # e.g. its audio could not be decoded

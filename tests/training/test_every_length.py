@@ -3,6 +3,7 @@ and the window lengths a checkpoint records."""
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from whisper_rope.data import (
     prompt_tokens,
     target_sequence,
     window_audio,
+    with_examples,
 )
 from whisper_rope.training.config import FinetuneConfig
 from whisper_rope.training.distributed import DistributedContext
@@ -152,3 +154,37 @@ def test_windows_after_a_previous_text_are_labelled_after_the_teachers_transcrip
         alone = tiny_en.decode(mel, DecodingOptions(language="en", without_timestamps=True, prompt=before, fp16=False))
         said = tokenizer.decode(cache.read(entries[i])["text_tokens"].tolist())
         assert EnglishTextNormalizer()(said) == EnglishTextNormalizer()(alone.text)
+
+
+def test_a_branched_window_is_labelled_with_the_teachers_second_choice_and_what_it_decodes_after_it(tmp_path, tiny_en):
+    plan = WindowPlan(branch_share=1.0, single_share=0.0, timestamp_share=0.0, previous_share=0.0, sets=1)
+    windows = _windows(tiny_en, audio_folder(tmp_path), plan)
+    assert all(w.branch is not None for w in windows.examples)
+    greedy = with_examples(windows, [replace(w, branch=None) for w in windows.examples])
+    cache = TeacherCache(tmp_path / "cache", tiny_en, TargetSpec(kinds=("decoder_layers",), transcripts="teacher"))
+    plain = cache.fill(greedy, torch.device("cpu"), batch_size=4, progress=False)
+    entries = cache.fill(windows, torch.device("cpu"), batch_size=4, progress=False)
+    assert cache.computed == len(windows) and not set(plain) & set(entries)  # entries of their own
+    tokenizer = windows.tokenizer(0)
+    for i, window in enumerate(windows.examples):
+        first = cache.read(plain[i])["text_tokens"].tolist()
+        said = cache.read(entries[i])["text_tokens"].tolist()
+        words = [j for j, t in enumerate(first) if t < tokenizer.eot]
+        at = words[int(window.branch * len(words))]
+        assert said[:at] == first[:at] and said[at] != first[at] and said[at] < tokenizer.eot
+        # the second choice is the teacher's best other word there
+        tokens = torch.tensor([target_sequence(tokenizer, first)[0]])
+        mel = log_mel_spectrogram(pad_or_trim(torch.from_numpy(window_audio(window))))[None]
+        scores = tiny_en.logits(tokens, tiny_en.embed_audio(mel))[
+            0, len(tokenizer.sot_sequence_including_notimestamps) - 1 + at
+        ]
+        scores[tokenizer.eot :], scores[first[at]] = float("-inf"), float("-inf")
+        assert said[at] == int(scores.argmax())
+        # and the rest is what the teacher writes after that prefix
+        after = tiny_en.decode(
+            mel[0], DecodingOptions(language="en", without_timestamps=True, fp16=False, prefix=said[: at + 1])
+        )
+        assert said[at + 1 :] == list(after.tokens)
+        item = TeacherTargetsDataset(windows, entries, "teacher", ("decoder_layers",))[i]
+        assert item.tokens.tolist() == target_sequence(tokenizer, said)[0]  # trained on the branched sequence
+        assert cache.read(entries[i])["decoder_layers"].shape[1] == len(item.tokens)

@@ -180,6 +180,11 @@ class SpeechDataset(torch.utils.data.Dataset):
         whose target is its halves' transcripts joined)."""
         return bool(getattr(self.examples[index], "timestamps", False))
 
+    def branch(self, index: int) -> Optional[float]:
+        """Where (0..1 of its text) the teacher's transcript of example ``index`` takes its second choice (a branched
+        `Window`); None for the teacher's greedy transcript."""
+        return getattr(self.examples[index], "branch", None)
+
     def decoded(self, index: int) -> Optional[np.ndarray]:
         """The waveform of example ``index``, or None (with one warning) when its audio cannot be decoded; in strict
         mode that raises `DataError` naming the row instead."""

@@ -25,6 +25,13 @@ the transcript of the window before it (`Window.after`, filled in by `with_previ
 written it) as a ``<|startofprev|>`` prompt: upstream's loop conditions every window after the first on the text
 before it, and a student never trained so can fall into repeating a sentence there.
 
+A share of the teacher-labelled windows without timestamps (`WindowPlan.branch_share`) is *branched*: the teacher's
+transcript takes, at one drawn text token (`Window.branch`, the fraction of the way through its text), the teacher's
+second choice instead of its first, and goes on as the teacher decodes after that word (`TeacherCache`). Trained
+only on the teacher's own greedy path, a student never sees a prefix that went wrong, and can loop after one where
+the teacher recovers (docs/results.md, "Recovering from a wrong word"). Windows another window follows keep their
+own transcript (it is that window's prompt).
+
 A plan is a pure function of the clips, the seed and the set index (`compose_windows`), so the teacher's targets of
 a window, cached under its audio, are computed once and read in every later epoch and run. Several sets
 (`WindowPlan.sets`) give the same clips in other combinations.
@@ -75,13 +82,16 @@ class Window(Example):
     joined in order (None when any is untranscribed); ``timestamps``: its targets carry timestamp tokens;
     ``split``: for a window over 30 s, the seconds into it where its second half (at most 30 s, as the first)
     begins, in the middle of a pause; None otherwise. ``after``: the index (in `compose_windows`' list) of the
-    window whose transcript becomes this window's prompt (`with_previous_text`); None: no such prompt."""
+    window whose transcript becomes this window's prompt (`with_previous_text`); None: no such prompt.
+    ``branch``: for a branched window, where in its text (0..1) the teacher's transcript takes its second choice;
+    None: the teacher's greedy transcript."""
 
     pieces: Tuple[Piece, ...] = ()
     pauses: Tuple[float, ...] = ()
     timestamps: bool = False
     split: Optional[float] = None
     after: Optional[int] = None
+    branch: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +109,7 @@ class WindowPlan:
     previous_share: float = 0.3
     sets: int = 2
     centred: bool = True
+    branch_share: float = 0.0
 
     def __post_init__(self) -> None:
         checks = (
@@ -111,6 +122,7 @@ class WindowPlan:
             (0 <= self.pause[0] <= self.pause[1], "pauses must be non-negative, shortest first"),
             (0 <= self.timestamp_share <= 1, "the share of windows with timestamp targets must lie in 0..1"),
             (0 <= self.previous_share <= 1, "the share of windows after a previous text must lie in 0..1"),
+            (0 <= self.branch_share <= 1, "the share of branched windows must lie in 0..1"),
             (self.sets >= 1, "at least one set of windows is needed"),
         )
         for ok, message in checks:
@@ -161,7 +173,8 @@ def compose_windows(
         # Its own generator: the compositions and timestamp draws stay those of a plan without previous texts.
         previous = plan.previous_share if allow_timestamps else 0.0
         windows += _after_previous(drawn, previous, random.Random(f"previous:{seed}:{index}"), offset=len(windows))
-    return windows
+    branched = plan.branch_share if allow_timestamps else 0.0
+    return _branched(windows, branched, random.Random(f"branch:{seed}")) if branched else windows
 
 
 def with_previous_text(windows: Sequence[Window], transcripts: Dict[int, str]) -> List[Window]:
@@ -299,6 +312,19 @@ def _after_previous(windows: List[Window], share: float, rng: random.Random, off
             continue
         marked.append(window)
         last_free = i
+    return marked
+
+
+def _branched(windows: List[Window], share: float, rng: random.Random) -> List[Window]:
+    """``windows`` (every set) with a ``share`` of those that may branch given a `Window.branch`: windows without
+    timestamp targets, at most 30 s, that no other window follows. Two draws per window, eligible or not, so that
+    one window's draw does not move with another's eligibility."""
+    followed = {w.after for w in windows if w.after is not None}
+    marked = []
+    for i, window in enumerate(windows):
+        chosen, where = rng.random() < share, rng.random()
+        eligible = not window.timestamps and window.split is None and i not in followed
+        marked.append(replace(window, branch=where) if chosen and eligible else window)
     return marked
 
 

@@ -214,6 +214,13 @@ class FinetuneConfig:
         "before it",
         bounds=Bounds.reals(0, 1),
     )
+    branch_share: float = opt(
+        0.0,
+        "with --windows every-length and teacher transcripts: the share of windows without timestamp targets whose "
+        "transcript takes the teacher's second choice at one drawn word and goes on as the teacher decodes after it, "
+        "so that the student learns the teacher's recovery from a wrong word, not only its greedy path",
+        bounds=Bounds.reals(0, 1),
+    )
     max_window_seconds: float = opt(
         30.0,
         "with --windows every-length: the longest window (up to 60 s); above 30 s the student's encoder must add no "

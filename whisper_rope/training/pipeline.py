@@ -129,6 +129,7 @@ def window_plan(config: FinetuneConfig) -> WindowPlan:
         previous_share=config.previous_text_share,
         timestamp_share=config.timestamp_share,
         sets=config.window_sets,
+        branch_share=config.branch_share,
     )
 
 

@@ -354,7 +354,9 @@ class TeacherCache:
         if self.spec.transcripts == "teacher":
             # Windows that draw timestamp targets are transcribed with timestamps: another key, another entry.
             stamps = ":timestamps" if dataset.timestamps(index) else ""
-            return f"teacher:{dataset.languages[index]}:{dataset.spec.task}:{prompt}{stamps}"
+            branch = dataset.branch(index)
+            branched = "" if branch is None else f":branch{branch:.9f}"
+            return f"teacher:{dataset.languages[index]}:{dataset.spec.task}:{prompt}{stamps}{branched}"
         return f"reference:{dataset.targets[index][0]}"
 
     @torch.no_grad()
@@ -376,6 +378,10 @@ class TeacherCache:
         # Decoding takes the encoded windows as they are (upstream skips its encoder for features of this shape).
         if self.spec.transcripts == "teacher":
             text_tokens = self._transcripts(dataset, clips, audio)
+            text_tokens = [
+                text if dataset.branch(index) is None else self._branched(dataset, index, audio[i : i + 1], text)
+                for i, (index, text) in enumerate(zip(clips, text_tokens))
+            ]
         else:
             text_tokens = [_text_of(*dataset.targets[index]) for index in clips]
         sequences = [
@@ -410,6 +416,34 @@ class TeacherCache:
                 head = len(dataset.prompts[index]) + len(sot)
                 transcripts[i] = list(result.tokens)[: max(dataset.spec.n_text_ctx - head, 0)]
         return [transcripts[i] for i in range(len(clips))]
+
+    @torch.no_grad()
+    def _branched(self, dataset: SpeechDataset, index: int, audio: Tensor, text: List[int]) -> List[int]:
+        """The teacher's transcript of a branched window (`Window.branch`; targets without timestamps): its greedy
+        ``text`` up to the drawn text token, there the teacher's best other text token, then what the teacher
+        decodes after that prefix. ``audio``: (1, n_audio_ctx, d), the window encoded. A transcript without text
+        tokens stays as it is."""
+        tokenizer = dataset.tokenizer(index)
+        words = [j for j, token in enumerate(text) if token < tokenizer.eot]
+        if not words:
+            return text
+        at = words[min(int(dataset.branch(index) * len(words)), len(words) - 1)]
+        tokens, _ = target_sequence(tokenizer, text, dataset.prompts[index])
+        head = len(tokens) - len(text)  # prompt and SOT sequence: position head - 1 + j predicts text[j]
+        scores = self.teacher.decoder(torch.tensor([tokens], device=audio.device), audio)[0, head - 1 + at].float()
+        scores[tokenizer.eot :] = float("-inf")  # a word, not an end or a timestamp
+        scores[text[at]] = float("-inf")
+        prefix = text[:at] + [int(scores.argmax())]
+        options = DecodingOptions(
+            language=dataset.languages[index],
+            task=dataset.spec.task,
+            without_timestamps=True,
+            fp16=False,
+            prompt=dataset.examples[index].prompt,
+            prefix=prefix,
+        )
+        after = list(self.teacher.decode(audio, options)[0].tokens)
+        return (prefix + after)[: max(dataset.spec.n_text_ctx - head, 0)]
 
 
 def _split(dataset: SpeechDataset, index: int) -> bool:
