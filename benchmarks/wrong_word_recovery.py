@@ -22,8 +22,9 @@ length-bucket sets of ``benchmarks/length_buckets.py``. Prints a markdown table,
 import argparse
 import json
 import sys
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence, TextIO
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -94,14 +95,19 @@ def decode(model, window: Window, tokenizer, forced: bool) -> Dict[str, object]:
     return {"errors": errors, "words": rates.n_words, "repeats": bool(repeats), "text": text}
 
 
-def measure(models: Dict[str, object], windows: List[Window], tokenizer, progress: bool = True) -> List[dict]:
-    """One row per model, window and way (free, forced)."""
+def measure(
+    models: Dict[str, object], windows: List[Window], tokenizer, progress: bool = True, sink: Optional[TextIO] = None
+) -> List[dict]:
+    """One row per model, window and way (free, forced); each also written to ``sink`` (JSON lines) as it comes."""
     rows = []
     for label, model in models.items():
         for window in tqdm(windows, desc=label, disable=not progress):
             for forced in (False, True):
                 scored = decode(model, window, tokenizer, forced)
                 rows.append({"model": label, "window": window.name, "forced": forced, **scored})
+                if sink is not None:
+                    sink.write(json.dumps(rows[-1]) + "\n")
+                    sink.flush()
     return rows
 
 
@@ -130,7 +136,7 @@ def main(argv: "Sequence[str] | None" = None) -> int:
         "--models", nargs="+", required=True, help="LABEL=MODEL (a name or checkpoint); the first gives the forced word"
     )
     parser.add_argument("--out", type=Path, help="also write the table here")
-    parser.add_argument("--rows", type=Path, help="write every hypothesis here (JSON lines)")
+    parser.add_argument("--rows", type=Path, help="write every hypothesis here as it comes (JSON lines)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     args = parser.parse_args(argv)
@@ -141,13 +147,12 @@ def main(argv: "Sequence[str] | None" = None) -> int:
     models = {label: load_model(spec, device="cpu").eval() for label, spec in pairs}
     source = next(iter(models.values()))
     tokenizer = get_tokenizer(source.is_multilingual, num_languages=source.num_languages)
-    rows = measure(models, read_windows(args.data, source, tokenizer), tokenizer, args.progress)
-    report = table(rows)
+    windows = read_windows(args.data, source, tokenizer)
+    with open(args.rows, "w") if args.rows else nullcontext() as sink:
+        report = table(measure(models, windows, tokenizer, args.progress, sink))
     print(report)
     if args.out:
         args.out.write_text(report + "\n")
-    if args.rows:
-        args.rows.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return 0
 
 
