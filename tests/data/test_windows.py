@@ -256,6 +256,11 @@ def test_a_share_of_windows_without_timestamps_branches_and_the_compositions_sta
     assert compose_windows(clips, WindowPlan(branch_share=0.5, sets=2), seed=3) == branched
     labelled = compose_windows(clips, WindowPlan(branch_share=1.0, sets=1), seed=3, allow_timestamps=False)
     assert all(w.branch is None for w in labelled)  # a reference transcript has no second choice to take
+    first = compose_windows(clips, WindowPlan(branch_share=0.5, branch_first_share=0.5, sets=2), seed=3)
+    at_first = [i for i, w in enumerate(first) if w.branch == 0.0]
+    assert [w.branch is None for w in first] == [w.branch is None for w in branched]  # the same windows branch
+    assert 0.35 < len(at_first) / len(marked) < 0.65  # half of them at the first word
+    assert all(first[i].branch == branched[i].branch for i in marked if i not in at_first)  # the rest where they were
 
 
 def test_with_previous_text_gives_each_following_window_its_predecessors_transcript_as_prompt():

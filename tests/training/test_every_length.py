@@ -158,8 +158,9 @@ def test_windows_after_a_previous_text_are_labelled_after_the_teachers_transcrip
 
 def test_a_branched_window_is_labelled_with_the_teachers_second_choice_and_what_it_decodes_after_it(tmp_path, tiny_en):
     plan = WindowPlan(branch_share=1.0, single_share=0.0, timestamp_share=0.0, previous_share=0.0, sets=1)
-    windows = _windows(tiny_en, audio_folder(tmp_path), plan)
-    assert all(w.branch is not None for w in windows.examples)
+    drawn = _windows(tiny_en, audio_folder(tmp_path), plan)
+    assert all(w.branch is not None for w in drawn.examples)
+    windows = with_examples(drawn, [replace(drawn.examples[0], branch=0.0), *drawn.examples[1:]])  # one first word
     greedy = with_examples(windows, [replace(w, branch=None) for w in windows.examples])
     cache = TeacherCache(tmp_path / "cache", tiny_en, TargetSpec(kinds=("decoder_layers",), transcripts="teacher"))
     plain = cache.fill(greedy, torch.device("cpu"), batch_size=4, progress=False)

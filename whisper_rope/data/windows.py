@@ -26,8 +26,9 @@ written it) as a ``<|startofprev|>`` prompt: upstream's loop conditions every wi
 before it, and a student never trained so can fall into repeating a sentence there.
 
 A share of the teacher-labelled windows without timestamps (`WindowPlan.branch_share`) is *branched*: the teacher's
-transcript takes, at one drawn text token (`Window.branch`, the fraction of the way through its text), the teacher's
-second choice instead of its first, and goes on as the teacher decodes after that word (`TeacherCache`). Trained
+transcript takes, at one drawn text token (`Window.branch`, the fraction of the way through its text; the first word
+for a share `WindowPlan.branch_first_share` of them), the teacher's second choice instead of its first, and goes on
+as the teacher decodes after that word (`TeacherCache`). Trained
 only on the teacher's own greedy path, a student never sees a prefix that went wrong, and can loop after one where
 the teacher recovers (docs/results.md, "Recovering from a wrong word"). Windows another window follows keep their
 own transcript (it is that window's prompt).
@@ -110,6 +111,7 @@ class WindowPlan:
     sets: int = 2
     centred: bool = True
     branch_share: float = 0.0
+    branch_first_share: float = 0.0
 
     def __post_init__(self) -> None:
         checks = (
@@ -123,6 +125,7 @@ class WindowPlan:
             (0 <= self.timestamp_share <= 1, "the share of windows with timestamp targets must lie in 0..1"),
             (0 <= self.previous_share <= 1, "the share of windows after a previous text must lie in 0..1"),
             (0 <= self.branch_share <= 1, "the share of branched windows must lie in 0..1"),
+            (0 <= self.branch_first_share <= 1, "the share of branches at the first word must lie in 0..1"),
             (self.sets >= 1, "at least one set of windows is needed"),
         )
         for ok, message in checks:
@@ -174,7 +177,11 @@ def compose_windows(
         previous = plan.previous_share if allow_timestamps else 0.0
         windows += _after_previous(drawn, previous, random.Random(f"previous:{seed}:{index}"), offset=len(windows))
     branched = plan.branch_share if allow_timestamps else 0.0
-    return _branched(windows, branched, random.Random(f"branch:{seed}")) if branched else windows
+    if not branched:
+        return windows
+    # The first-word draws have a generator of their own: without them the branches are those drawn before them.
+    draws = (random.Random(f"branch:{seed}"), random.Random(f"branch-first:{seed}"))
+    return _branched(windows, branched, plan.branch_first_share, draws)
 
 
 def with_previous_text(windows: Sequence[Window], transcripts: Dict[int, str]) -> List[Window]:
@@ -315,14 +322,20 @@ def _after_previous(windows: List[Window], share: float, rng: random.Random, off
     return marked
 
 
-def _branched(windows: List[Window], share: float, rng: random.Random) -> List[Window]:
+def _branched(
+    windows: List[Window], share: float, first_share: float, draws: Tuple[random.Random, random.Random]
+) -> List[Window]:
     """``windows`` (every set) with a ``share`` of those that may branch given a `Window.branch`: windows without
-    timestamp targets, at most 30 s, that no other window follows. Two draws per window, eligible or not, so that
-    one window's draw does not move with another's eligibility."""
+    timestamp targets, at most 30 s, that no other window follows. A ``first_share`` of the branches are at the first
+    word (0.0), the rest anywhere in the text. The draws are made for every window, eligible or not, so that one
+    window's draw does not move with another's eligibility; ``draws``: the generators of the branches and of the
+    first-word choice."""
+    rng, first = draws
     followed = {w.after for w in windows if w.after is not None}
     marked = []
     for i, window in enumerate(windows):
         chosen, where = rng.random() < share, rng.random()
+        where = 0.0 if first.random() < first_share else where
         eligible = not window.timestamps and window.split is None and i not in followed
         marked.append(replace(window, branch=where) if chosen and eligible else window)
     return marked

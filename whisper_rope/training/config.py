@@ -221,6 +221,13 @@ class FinetuneConfig:
         "so that the student learns the teacher's recovery from a wrong word, not only its greedy path",
         bounds=Bounds.reals(0, 1),
     )
+    branch_first_share: float = opt(
+        0.0,
+        "with --branch-share: the share of the branched windows that take the second choice at their first word (the "
+        "rest at a word drawn anywhere in the text); a first word is a near-tie most often, and no text before it "
+        "steers what follows",
+        bounds=Bounds.reals(0, 1),
+    )
     max_window_seconds: float = opt(
         30.0,
         "with --windows every-length: the longest window (up to 60 s); above 30 s the student's encoder must add no "

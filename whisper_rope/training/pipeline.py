@@ -130,6 +130,7 @@ def window_plan(config: FinetuneConfig) -> WindowPlan:
         timestamp_share=config.timestamp_share,
         sets=config.window_sets,
         branch_share=config.branch_share,
+        branch_first_share=config.branch_first_share,
     )
 
 
