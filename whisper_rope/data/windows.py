@@ -28,10 +28,10 @@ before it, and a student never trained so can fall into repeating a sentence the
 A share of the teacher-labelled windows without timestamps (`WindowPlan.branch_share`) is *branched*: the teacher's
 transcript takes, at one drawn text token (`Window.branch`, the fraction of the way through its text; the first word
 for a share `WindowPlan.branch_first_share` of them), the teacher's second choice instead of its first, and goes on
-as the teacher decodes after that word (`TeacherCache`). Trained
-only on the teacher's own greedy path, a student never sees a prefix that went wrong, and can loop after one where
-the teacher recovers (docs/results.md, "Recovering from a wrong word"). Windows another window follows keep their
-own transcript (it is that window's prompt).
+as the teacher decodes after that word (`TeacherCache`). Trained only on the teacher's own greedy path, a student
+never sees a prefix that went wrong, and can loop after one where the teacher recovers (docs/results.md,
+"Recovering from a wrong word"). Windows another window follows keep their own transcript (it is that window's
+prompt).
 
 A plan is a pure function of the clips, the seed and the set index (`compose_windows`), so the teacher's targets of
 a window, cached under its audio, are computed once and read in every later epoch and run. Several sets

@@ -224,8 +224,7 @@ class FinetuneConfig:
     branch_first_share: float = opt(
         0.0,
         "with --branch-share: the share of the branched windows that take the second choice at their first word (the "
-        "rest at a word drawn anywhere in the text); a first word is a near-tie most often, and no text before it "
-        "steers what follows",
+        "rest at a word drawn anywhere in the text): a wrong first word has no text before it to steer what follows",
         bounds=Bounds.reals(0, 1),
     )
     max_window_seconds: float = opt(
