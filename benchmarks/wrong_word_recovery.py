@@ -15,12 +15,14 @@ when it reached the decoding cap (``3 x reference tokens + 10``, as ``evaluate``
 passes 2.4 (upstream's test for a looping text). A model that recovers as the source does has about the source's
 forced errors: the wrong word and what the source also changes after it.
 
-Manifests are JSON lines with ``audio`` (relative to the manifest's folder, or absolute) and ``text``, as the
-length-bucket sets of ``benchmarks/length_buckets.py``. Prints a markdown table, one row per model.
+Manifests are any transcribed manifest ``whisper-rope evaluate`` reads (e.g. the length-bucket sets of
+``benchmarks/length_buckets.py``); a bad row stops the run with a ``DataError`` naming it. Prints a markdown table, one
+row per model.
 """
 
 import argparse
 import json
+import math
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -37,6 +39,8 @@ from whisper.utils import compression_ratio  # noqa: E402
 
 from whisper_rope import load_model  # noqa: E402
 from whisper_rope.audio import load_audio  # noqa: E402
+from whisper_rope.data import read_manifest  # noqa: E402
+from whisper_rope.evaluation.evaluate import EvaluationOptions  # noqa: E402
 from whisper_rope.evaluation.metrics import error_rates, normalizer_for  # noqa: E402
 
 #: upstream's ``compression_ratio_threshold``: a text that gzip shrinks more than this repeats itself.
@@ -51,20 +55,25 @@ class Window(NamedTuple):
     name: str
     mel: torch.Tensor  # (n_mels, 3000)
     text: str
-    cap: int  # decoding cap in sampled tokens, as evaluate's: 3 x reference tokens + 10, at most 224
+    cap: int  # decoding cap in sampled tokens, evaluate's default: 3 x reference tokens + 10, at most 224
     forced: int  # the first model's best first text token that is another word than its own
 
 
 def read_windows(manifests: Sequence[Path], source, tokenizer) -> List[Window]:
-    """Every utterance of ``manifests`` with its forced token, from ``source``'s first step on its 30-s window."""
+    """Every utterance of ``manifests`` (as `read_manifest` reads them, strictly) with its forced token, from
+    ``source``'s first step on its 30-s window."""
     windows = []
+    defaults = EvaluationOptions()  # evaluate's cap: cap_factor x reference tokens + cap_offset
     for manifest in manifests:
-        for line in manifest.read_text().splitlines():
-            row = json.loads(line)
-            audio = Path(row["audio"]) if Path(row["audio"]).is_absolute() else manifest.parent / row["audio"]
-            mel = log_mel_spectrogram(pad_or_trim(torch.from_numpy(load_audio(audio))), source.dims.n_mels)
-            cap = min(3 * len(tokenizer.encode(" " + row["text"].strip())) + 10, source.dims.n_text_ctx // 2)
-            windows.append(Window(str(audio), mel, row["text"], cap, second_choice(source, tokenizer, mel)))
+        for example in read_manifest(manifest, strict=True).examples:
+            mel = log_mel_spectrogram(
+                pad_or_trim(torch.from_numpy(load_audio(example.audio, start=example.start, end=example.end))),
+                source.dims.n_mels,
+            )
+            reference = len(tokenizer.encode(" " + example.text.strip()))
+            tokens = math.ceil(defaults.cap_factor * reference) + defaults.cap_offset
+            limit = min(tokens, source.dims.n_text_ctx // 2)
+            windows.append(Window(example.audio, mel, example.text, limit, second_choice(source, tokenizer, mel)))
     return windows
 
 
@@ -131,7 +140,9 @@ def table(rows: List[dict]) -> str:
 
 def main(argv: "Sequence[str] | None" = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, nargs="+", required=True, help="JSON-lines manifests (audio, text)")
+    parser.add_argument(
+        "--data", type=Path, nargs="+", required=True, help="transcribed manifests (JSONL, CSV, TSV or folders)"
+    )
     parser.add_argument(
         "--models", nargs="+", required=True, help="LABEL=MODEL (a name or checkpoint); the first gives the forced word"
     )
