@@ -20,10 +20,11 @@ EOT = 50256  # the English-only vocabulary's end of text
 def test_the_penalty_lowers_only_the_end_of_text_logit_of_its_rows_and_keeps_a_forbidden_end_forbidden():
     logits = torch.tensor([[0.5, 2.0, -1.0], [1.0, float("-inf"), 3.0], [0.0, 1.0, 0.0]])
     penalty = EndOfTextPenalty(eot=1, penalty=1.25)
-    penalty.apply(logits, torch.zeros(3, 3, dtype=torch.long))
+    tokens = torch.arange(9).reshape(3, 3)  # no row repeats itself
+    penalty.apply(logits, tokens)
     assert logits.tolist() == [[0.5, 0.75, -1.0], [1.0, float("-inf"), 3.0], [0.0, -0.25, 0.0]]
     penalty.rows = torch.tensor([False, True, True])
-    penalty.apply(logits, torch.zeros(3, 3, dtype=torch.long))
+    penalty.apply(logits, tokens)
     assert logits.tolist() == [[0.5, 0.75, -1.0], [1.0, float("-inf"), 3.0], [0.0, -1.5, 0.0]]
 
 
@@ -76,8 +77,9 @@ def test_a_penalty_undoes_exactly_an_eagerness_of_the_same_nats(speech, beam_siz
     """A model made 8 nats more eager ends its text early; the same model decoded with an 8-nat penalty gives the
     tokens and log-probabilities of the model as it was, with timestamps or without (each clip ends inside its
     window). A random model's timestamps fall anywhere, so the slack is moved past the window here: no row counts
-    as having reached its audio's end."""
+    as having reached its audio's end; and it repeats its tokens, so the loop rule is off here too."""
     monkeypatch.setattr(end_of_text, "END_SLACK_SECONDS", -60.0)
+    monkeypatch.setattr(end_of_text, "MAX_REPEAT_TOKENS", 0)
     model = random_rotary(n_text_ctx=448)
     windows = torch.stack([first_window(audio) for audio in speech[:3]])
     options = whisper.DecodingOptions(
@@ -98,8 +100,9 @@ def test_a_penalty_undoes_exactly_an_eagerness_of_the_same_nats(speech, beam_siz
 def test_a_full_window_of_audio_cut_from_a_longer_recording_is_not_penalised(speech, monkeypatch):
     """Upstream's loop cuts 30-s windows out of a longer recording and, with timestamps, reads again what follows a
     window's last timestamp: the model's end of text stands there. In one batch, the clip that ends inside its
-    window is penalised, the full window is not (the slack moved past the window, as above)."""
+    window is penalised, the full window is not (the slack and the loops as above)."""
     monkeypatch.setattr(end_of_text, "END_SLACK_SECONDS", -60.0)
+    monkeypatch.setattr(end_of_text, "MAX_REPEAT_TOKENS", 0)
     model = random_rotary(n_text_ctx=448)
     recording = np.concatenate([speech[i % len(speech)] for i in range(20)])  # over 30 s
     full = whisper.log_mel_spectrogram(recording)[:, :N_FRAMES]
@@ -138,3 +141,65 @@ def test_the_penalty_is_a_model_setting_checked_and_stored_only_when_set(dims):
     with model.using(eot_penalty=0.0):
         assert "eot_penalty" not in model.rotary_options
     assert model.settings.eot_penalty == 1.0
+
+
+def test_a_text_that_ends_in_a_span_written_twice_in_a_row_counts_as_a_loop():
+    rows = torch.tensor(
+        [
+            [9, 1, 2, 3, 1, 2, 3],  # "1 2 3" twice: a loop of 3 tokens
+            [9, 9, 4, 1, 2, 1, 2],  # "1 2" twice
+            [9, 9, 9, 9, 9, 4, 4],  # one token twice
+            [1, 2, 3, 4, 1, 2, 3],  # 1 2 3 again, but not right after itself
+            [1, 2, 3, 9, 1, 2, 3],
+        ]
+    )
+    assert end_of_text.ends_in_a_repeat(rows, 32).tolist() == [True, True, True, False, False]
+    assert end_of_text.ends_in_a_repeat(rows, 2).tolist() == [False, True, True, False, False]
+    assert end_of_text.ends_in_a_repeat(rows[:, :1], 32).tolist() == [False] * 5  # one token cannot repeat
+    assert end_of_text.ends_in_a_repeat(rows[:, :0], 32).tolist() == [False] * 5
+
+
+def test_a_looping_row_takes_no_penalty_and_a_prompt_does_not_make_a_loop():
+    """Row 0 has sampled "5 6 5 6"; row 1 sampled "5 6" after a prompt that ends "5 6" (sample_begin = 2): only
+    its sampled tokens count, so it is penalised; row 2 never repeats."""
+    penalty = EndOfTextPenalty(eot=1, penalty=2.0, sample_begin=2)
+    tokens = torch.tensor([[0, 3, 5, 6, 5, 6], [5, 6, 7, 8, 5, 6], [0, 3, 5, 6, 7, 8]])
+    logits = torch.zeros(3, 3)
+    penalty.apply(logits, tokens)
+    assert logits[:, 1].tolist() == [0.0, -2.0, -2.0]
+    assert end_of_text.MAX_REPEAT_TOKENS == 32
+
+
+def _scripted(model, first: int, second: int):
+    """Make ``model`` write ``first second first second …``, with end of text 1 nat likelier than the next word at
+    every step after the first: an eager model whose text, held open by a penalty, loops."""
+    words = {first: second, second: first}
+
+    def script(module, args, output):
+        last = args[0][:, -1]  # (rows,) the token each row read last
+        logits = torch.full_like(output[:, -1], -30.0)
+        for row, token in enumerate(last.tolist()):
+            logits[row, words.get(token, first)] = 0.0
+            logits[row, EOT] = 1.0 if token in words else -30.0
+        output[:, -1] = logits
+        return output
+
+    return model.decoder.register_forward_hook(script)
+
+
+def test_the_penalty_does_not_hold_open_a_text_that_loops(monkeypatch):
+    """The eager scripted model ends after its first word; a 2-nat penalty keeps it writing, "no yes no yes", and
+    once the text ends in a span written twice the penalty lifts and the model's own end of text stands. Without
+    the loop rule the same penalty holds the loop open to the length cap."""
+    model = random_rotary(n_text_ctx=448)
+    tokenizer = whisper.tokenizer.get_tokenizer(multilingual=False)
+    no, yes = tokenizer.encode(" no")[0], tokenizer.encode(" yes")[0]
+    window = first_window((0.01 * np.random.default_rng(0).standard_normal(16000)).astype(np.float32))  # 1 s
+    options = whisper.DecodingOptions(language="en", without_timestamps=True, sample_len=12, fp16=False)
+    hook = _scripted(model, no, yes)
+    assert model.decode(window, options).tokens == [no]
+    model.eot_penalty = 2.0
+    assert model.decode(window, options).tokens == [no, yes, no, yes]
+    monkeypatch.setattr(end_of_text, "MAX_REPEAT_TOKENS", 0)
+    assert model.decode(window, options).tokens == [no, yes] * 6
+    hook.remove()

@@ -14,6 +14,11 @@ the source model as for the adapted one). And with timestamps a row whose last t
 (within `END_SLACK_SECONDS`) takes no penalty: its speech is written, and a model pushed on past it fills the rest of
 the window with made-up segments (measured under ``transcribe``: "// //" or "da da da" after the last sentence;
 docs/results.md, "The penalty stops at the audio's end").
+
+Nor does a row whose text has begun to repeat itself (it ends in a span of tokens written twice in a row): the
+penalty is there to keep sentences that follow, and a loop is not one. Without timestamps, where nothing else
+says the speech is written, the penalty turned a model's few repeats of a misheard last sentence into a loop to
+the length cap (docs/results.md, "A loop the penalty made").
 """
 
 from typing import Optional
@@ -27,6 +32,10 @@ from whisper.decoding import LogitFilter
 #: model's last end timestamp falls within a few tenths of a second of its speech's end.
 END_SLACK_SECONDS = 1.0
 
+#: The longest span (tokens) whose immediate repeat counts as a loop: a sentence of tiny.en's vocabulary is rarely
+#: longer, and a loop of a longer span has written it twice only after twice as many steps.
+MAX_REPEAT_TOKENS = 32
+
 
 class EndOfTextPenalty(LogitFilter):
     """Subtract ``penalty`` nats from the end-of-text logit of the rows ``rows`` marks (None: every row), each step.
@@ -39,7 +48,8 @@ class EndOfTextPenalty(LogitFilter):
     With ``audio_end`` set (per row, the audio's end in timestamp steps from the window's start), a row whose last
     sampled timestamp token is at most `END_SLACK_SECONDS` before it takes no penalty; ``timestamp_begin`` is the
     tokenizer's first timestamp token and ``sample_begin`` the index of the first sampled token (prompts may hold
-    timestamps of earlier windows).
+    timestamps of earlier windows). A row whose sampled tokens end in a repeat (`ends_in_a_repeat`) takes no
+    penalty either.
     """
 
     def __init__(self, eot: int, penalty: float, sample_begin: int = 0, timestamp_begin: Optional[int] = None):
@@ -57,6 +67,7 @@ class EndOfTextPenalty(LogitFilter):
             rows &= self.rows.to(logits.device)
         if self.audio_end is not None and self.timestamp_begin is not None:
             rows &= ~self.reached_audio_end(tokens).to(logits.device)
+        rows &= ~ends_in_a_repeat(tokens[:, self.sample_begin :], MAX_REPEAT_TOKENS).to(logits.device)
         logits[rows, self.eot] -= self.penalty
 
     def reached_audio_end(self, tokens: Tensor) -> Tensor:
@@ -66,3 +77,16 @@ class EndOfTextPenalty(LogitFilter):
         last = steps.amax(dim=-1) if sampled.shape[-1] else torch.full_like(tokens[:, 0], -1)
         slack = round(END_SLACK_SECONDS * TOKENS_PER_SECOND)  # timestamp steps (one per audio position, 20 ms)
         return (last >= 0) & (last >= self.audio_end.to(last.device) - slack)
+
+
+def ends_in_a_repeat(sampled: Tensor, max_span: int) -> Tensor:
+    """(rows,) bool: whether the row's tokens (``sampled``: (rows, n_tokens)) end in a span of 1 to ``max_span``
+    tokens written twice in a row ("…, sir? Did you hear that, sir?" ending "Did you hear that, sir?" twice).
+
+    A periodic text ends in such a repeat at every step once it has written its span twice, so a row stays marked
+    for as long as it loops and no longer.
+    """
+    repeats = torch.zeros(sampled.shape[0], dtype=torch.bool, device=sampled.device)
+    for span in range(1, min(max_span, sampled.shape[-1] // 2) + 1):
+        repeats |= (sampled[:, -span:] == sampled[:, -2 * span : -span]).all(dim=-1)
+    return repeats
