@@ -159,6 +159,20 @@ def test_a_text_that_ends_in_a_span_written_twice_in_a_row_counts_as_a_loop():
     assert end_of_text.ends_in_a_repeat(rows[:, :0], 32).tolist() == [False] * 5
 
 
+@pytest.mark.parametrize("length", [2, 5, 9, 16, 40])
+def test_the_loop_test_agrees_with_comparing_every_span(length):
+    """Rows of a 3-token vocabulary repeat often: the one-comparison shortcut for the spans worth comparing must
+    mark exactly the rows that comparing every span of up to 6 tokens marks."""
+    rows = torch.randint(0, 3, (400, length), generator=torch.Generator().manual_seed(length))
+
+    def every_span(row):
+        return any(row[-span:] == row[-2 * span : -span] for span in range(1, min(6, len(row) // 2) + 1))
+
+    expected = [every_span(row) for row in rows.tolist()]
+    assert 0 < sum(expected) < len(expected)
+    assert end_of_text.ends_in_a_repeat(rows, 6).tolist() == expected
+
+
 def test_a_looping_row_takes_no_penalty_and_a_prompt_does_not_make_a_loop():
     """Row 0 has sampled "5 6 5 6"; row 1 sampled "5 6" after a prompt that ends "5 6" (sample_begin = 2): only
     its sampled tokens count, so it is penalised; row 2 never repeats."""

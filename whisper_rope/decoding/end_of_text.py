@@ -87,6 +87,12 @@ def ends_in_a_repeat(sampled: Tensor, max_span: int) -> Tensor:
     for as long as it loops and no longer.
     """
     repeats = torch.zeros(sampled.shape[0], dtype=torch.bool, device=sampled.device)
-    for span in range(1, min(max_span, sampled.shape[-1] // 2) + 1):
+    longest = min(max_span, sampled.shape[-1] // 2)
+    if longest < 1:
+        return repeats
+    # A span can repeat only where the token that many places back equals the last one: one comparison finds
+    # those spans, so a text that does not loop costs one operation a step, not one a span.
+    back = sampled[:, -1 - longest : -1].flip(-1) == sampled[:, -1:]  # (rows, longest): column s - 1 is span s
+    for span in (back.any(dim=0).nonzero().flatten() + 1).tolist():
         repeats |= (sampled[:, -span:] == sampled[:, -2 * span : -span]).all(dim=-1)
     return repeats
