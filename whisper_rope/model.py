@@ -52,9 +52,10 @@ class ModelSettings:
         frames (`PositionalAudioEncoder`); an absolute table is then sliced.
     unpadded_margin: padding positions an unpadded encoder keeps after each clip's real frames.
     eot_penalty: nats taken off the end-of-text logit at every decoding step of a window that holds the end of its
-        audio (`decoding.end_of_text.EndOfTextPenalty`): a model adapted to unpadded input ends the text a little
-        more eagerly than its source at sentence ends (docs/results.md, "Why windows still end early"); 0 decodes
-        as upstream.
+        audio, except where the text already loops or its timestamps reached the audio's end
+        (`decoding.end_of_text.EndOfTextPenalty`): a model adapted to unpadded input ends the text a little more
+        eagerly than its source at sentence ends (docs/results.md, "Why windows still end early"); 0 decodes as
+        upstream.
     table_scales: (encoder, decoder) factors of the absolute tables: 1 as trained, annealed towards 0 by positional
         transplant schedules (`training/transplant.py`).
     one_clip_per_call: the encoder takes a batch's clips one at a time, each at its own frames (int8 models:
